@@ -1,0 +1,29 @@
+/* tcpstates.h - the one event record the kernel stage hands to user space.
+ *
+ * The layout is mirrored by EVENT_FORMAT in core/events.py; keep both in step
+ * (tests/test_events.py compiles nothing, it checks the size constant).
+ * Natural alignment, no padding holes: 96 bytes.
+ */
+#ifndef TCPSTATES_H
+#define TCPSTATES_H
+
+#define TCPSTATES_SPAN_UNKNOWN 0xffffffffffffffffULL
+
+struct tcpstates_event {
+    u64 ts_ns;        /* bpf_ktime_get_ns() of the transition (CLOCK_MONOTONIC) */
+    u64 skaddr;       /* struct sock * as a number: the socket's identity */
+    u64 span_ns;      /* time spent in oldstate, TCPSTATES_SPAN_UNKNOWN if not seen */
+    u64 cgroup_id;    /* cgroup v2 id of the on-CPU task */
+    u32 pid;          /* on-CPU TGID (bcc's C-PID) */
+    u32 tid;          /* on-CPU thread id */
+    u16 sport;        /* host order, as the tracepoint gives it */
+    u16 dport;
+    u16 family;       /* AF_INET or AF_INET6 */
+    u8 oldstate;
+    u8 newstate;
+    u8 saddr[16];     /* IPv4 in the first 4 bytes */
+    u8 daddr[16];
+    char comm[16];    /* on-CPU thread name (bcc's C-COMM) */
+};
+
+#endif

@@ -1,0 +1,201 @@
+"""The public API for stages: Source, Filter, Enricher and Sink base classes.
+
+A plugin registers stage *classes* by name through the hooks in
+`tcpstates.hookspecs`; the pipeline instantiates them with their validated
+options and a RunContext. The per-event path is plain method calls over
+batches (lists of Events), never a pluggy hook call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+from typing import Any, ClassVar, TextIO
+
+from tcpstates.events import Event
+from tcpstates.options import NoOptions
+
+FILTER_POLICIES = ("skip", "drop", "fail")
+SINK_POLICIES = ("ignore", "disable", "fail")
+
+
+@dataclasses.dataclass
+class KernelConstraints:
+    """What a filter lets the kernel stage drop early.
+
+    Each field narrows the traced set; None means "no constraint". A user
+    space filter that implies one of these is pushed into the kernel
+    automatically (its own check still runs, so correctness never depends on
+    the kernel honouring it).
+    """
+
+    local_ports: frozenset[int] | None = None
+    remote_ports: frozenset[int] | None = None
+    family: int | None = None   # socket.AF_INET or AF_INET6
+
+
+class Warner:
+    """Prints each distinct warning once to stderr, prefixed `tcpstates:`."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._seen: set[str] = set()
+
+    def warn(self, message: str, *, once_key: str | None = None) -> None:
+        key = once_key or message
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        stream = self._stream or sys.stderr
+        try:
+            stream.write(f"tcpstates: {message}\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass   # stderr itself is gone: nothing left to tell
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Facts shared by every stage of one run."""
+
+    hostname: str = dataclasses.field(default_factory=socket.gethostname)
+    # wall-clock ns = monotonic ns + clock_offset_ns (measured at start)
+    clock_offset_ns: int = 0
+    strict: bool = False
+    warner: Warner = dataclasses.field(default_factory=Warner)
+    # lost records and kernel misses seen so far, by kind
+    loss: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def measure_clock_offset() -> int:
+        """Offset from CLOCK_MONOTONIC to CLOCK_REALTIME, in ns.
+
+        Read as realtime bracketed by two monotonic reads, taking the
+        tightest of a few tries, so the error is well under a microsecond.
+        """
+        best = None
+        for _ in range(5):
+            m1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            r = time.clock_gettime_ns(time.CLOCK_REALTIME)
+            m2 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            if best is None or m2 - m1 < best[0]:
+                best = (m2 - m1, r - (m1 + m2) // 2)
+        assert best is not None
+        return best[1]
+
+    def wall_ns(self, ts_ns: int) -> int:
+        return ts_ns + self.clock_offset_ns
+
+    def warn(self, message: str, *, once_key: str | None = None) -> None:
+        self.warner.warn(message, once_key=once_key)
+
+
+class Stage:
+    """Common to all stages: a name, a description, an options dataclass."""
+
+    kind: ClassVar[str] = "stage"
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    default_on_error: ClassVar[str] = "skip"
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        self.options = options
+        self.context = context
+
+
+class Filter(Stage):
+    """Decides which events go on. Override `keep` (or `filter_batch`)."""
+
+    kind = "filter"
+    default_on_error = "skip"
+
+    def keep(self, event: Event) -> bool:
+        raise NotImplementedError
+
+    def filter_batch(self, batch: list[Event]) -> list[Event]:
+        keep = self.keep
+        return [e for e in batch if keep(e)]
+
+    def kernel_constraints(self) -> KernelConstraints | None:
+        """Conditions the kernel stage can evaluate for this filter, if any."""
+        return None
+
+
+class Enricher(Stage):
+    """Adds fields to `event.extra`. Override `enrich` (or `enrich_batch`)."""
+
+    kind = "enricher"
+    default_on_error = "skip"
+
+    def enrich(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def enrich_batch(self, batch: list[Event]) -> None:
+        enrich = self.enrich
+        for e in batch:
+            enrich(e)
+
+
+class Sink(Stage):
+    """Writes events somewhere. `write` gets each batch after the chain."""
+
+    kind = "sink"
+    default_on_error = "ignore"
+
+    def open(self) -> None:
+        """Called once the source is attached and reading: print headers here."""
+
+    def write(self, batch: list[Event]) -> None:
+        raise NotImplementedError
+
+    def write_loss(self, kind: str, count: int, total: int) -> None:
+        """`count` new records were lost (`kind`: "dropped" or "kernel_misses")."""
+
+    def flush(self) -> None:
+        """Called after every batch and before close."""
+
+    def reopen(self) -> None:
+        """SIGHUP: reopen files (logrotate)."""
+
+    def close(self) -> None:
+        """Called once at the end, after the last flush."""
+
+
+class Source(Stage):
+    """Produces batches of events. The kernel probe and replay are sources."""
+
+    kind = "source"
+    #: True when the source needs root and bcc (the kernel probe)
+    needs_kernel: ClassVar[bool] = False
+
+    def start(self, constraints: list[KernelConstraints]) -> None:
+        """Attach and begin buffering; called before any sink opens."""
+
+    def read(self, timeout: float) -> list[Event] | None:
+        """The next batch (possibly empty), or None when the source is done."""
+        raise NotImplementedError
+
+    def loss_counters(self) -> dict[str, int]:
+        """Cumulative counts of lost records by kind ("dropped", "kernel_misses")."""
+        return {}
+
+    def wakeup_fd(self, fd: int) -> None:
+        """Make `read` return early when `fd` becomes readable (signals)."""
+
+    def close(self) -> None:
+        pass
+
+
+def stdout_fd() -> int:
+    return sys.stdout.fileno() if sys.stdout is not None else 1
+
+
+def is_tty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False

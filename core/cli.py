@@ -1,0 +1,265 @@
+"""The command line: bcc tcpstates' flags plus sinks, config, replay and subcommands.
+
+    tcpstates [-h] [-T] [-t] [-w] [-s] [-L PORTS] [-D PORTS] [-Y] [-4 | -6]
+              [--sink NAME]... [--config PATH] [-o KEY=VALUE]... [--replay FILE]
+    tcpstates plugins [--json]
+
+Bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any, NoReturn, Sequence
+
+import tcpstates
+from tcpstates import config as cfg
+from tcpstates.api import RunContext, Warner
+from tcpstates.errors import EnvironmentProblem, StageError, UsageError
+from tcpstates.ports import parse_port_list
+
+EXAMPLES = """examples:
+    ./tcpstates           # trace all TCP state changes
+    ./tcpstates -t        # include timestamp column
+    ./tcpstates -T        # include time column (HH:MM:SS)
+    ./tcpstates -w        # wider columns (fit IPv6)
+    ./tcpstates -stT      # csv output, with times & timestamps
+    ./tcpstates -Y        # log events to the systemd journal
+    ./tcpstates -L 80     # only trace local port 80
+    ./tcpstates -L 80,81  # only trace local ports 80 and 81
+    ./tcpstates -D 80     # only trace remote port 80
+    ./tcpstates -4        # trace IPv4 family only
+    ./tcpstates -6        # trace IPv6 family only
+    ./tcpstates --sink jsonl --sink journal     # JSON Lines on stdout and the journal
+    ./tcpstates --replay trace.jsonl -s         # re-process a recording, no root needed
+    ./tcpstates plugins                         # list filters, enrichers, sinks, sources
+"""
+
+SUBCOMMANDS = ("plugins",)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line (usage stays available with -h)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} -h')")
+
+
+def _ports(what: str) -> Any:
+    def parse(text: str) -> frozenset[int]:
+        try:
+            return parse_port_list(text, what)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="tcpstates", description="Trace TCP session state changes and durations",
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p.add_argument("-T", "--time", action="store_true", help="include time column on output (HH:MM:SS)")
+    p.add_argument("-t", "--timestamp", action="store_true", help="include timestamp on output (seconds)")
+    p.add_argument("-w", "--wide", action="store_true", help="wide column output (fits IPv6 addresses)")
+    p.add_argument("-s", "--csv", action="store_true", help="comma separated values output")
+    p.add_argument("-L", "--localport", type=_ports("-L"), help="comma-separated list of local ports to trace.")
+    p.add_argument("-D", "--remoteport", type=_ports("-D"), help="comma-separated list of remote ports to trace.")
+    p.add_argument("-Y", "--journal", action="store_true", help="log session state changes to the systemd journal")
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", "--ipv4", action="store_true", help="trace IPv4 family only")
+    fam.add_argument("-6", "--ipv6", action="store_true", help="trace IPv6 family only")
+    p.add_argument("--sink", action="append", metavar="NAME", default=None,
+                   help="send events to this sink (repeatable): a sink type (text, csv, jsonl, "
+                        "journal, ...) or a sink named in the config")
+    p.add_argument("--config", metavar="PATH", help="config file (default: $TCPSTATES_CONFIG, "
+                   "~/.config/tcpstates/tcpstates.toml, /etc/tcpstates/tcpstates.toml)")
+    p.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. -o sinks.text.wide=true (repeatable)")
+    p.add_argument("--replay", metavar="FILE", help="replay recorded JSON Lines ('-' for stdin) "
+                   "instead of tracing; needs neither root nor bcc")
+    p.add_argument("--strict", action="store_true", help="make plugin import failures, stage "
+                   "errors and skipped replay records fatal")
+    p.add_argument("--allow-insecure-config", action="store_true",
+                   help="as root, accept a config file writable by others")
+    p.add_argument("--no-summary", action="store_true", help="do not print the exit summary on stderr")
+    p.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"tcpstates {tcpstates.__version__}")
+    return p
+
+
+def _sink_table(config: dict[str, Any], name: str) -> dict[str, Any]:
+    sinks = config.setdefault("sinks", {})
+    if not isinstance(sinks, dict):
+        raise UsageError("sinks: expected a table")
+    table = sinks.setdefault(name, {})
+    if not isinstance(table, dict):
+        raise UsageError(f"sinks.{name}: expected a table")
+    return table
+
+
+def apply_flags(args: argparse.Namespace, config: dict[str, Any], general: cfg.General,
+                registry: Any) -> list[str]:
+    """Fold bcc's flags into the config; returns the active sink names."""
+    if args.sink is not None:
+        names = []
+        for name in args.sink:
+            if not name:
+                raise UsageError("--sink: empty name; e.g. --sink text")
+            if name in names:
+                raise UsageError(f"--sink {name} given twice; name each sink once")
+            names.append(name)
+    else:
+        names = list(general.sinks)
+    if args.csv:
+        if "text" in names:
+            names[names.index("text")] = "csv"
+        elif "csv" not in names:
+            names.append("csv")
+    if args.journal and "journal" not in names:
+        names.append("journal")
+    if not names:
+        raise UsageError("no sinks: give --sink NAME or set tcpstates.sinks in the config")
+    for name in names:
+        type_name = config.get("sinks", {}).get(name, {}).get("type", name) \
+            if isinstance(config.get("sinks", {}).get(name), dict) else name
+        info = registry.get("sink", type_name)
+        if info is None:
+            continue   # reported with its config path by sink_spec
+        fields = {f for f in getattr(info.cls.Options, "__dataclass_fields__", {})}
+        for flag, field in (("time", "time"), ("timestamp", "timestamp"), ("wide", "wide")):
+            if getattr(args, flag) and field in fields:
+                _sink_table(config, name)[field] = True
+    chain = config.get("chain", [])
+    if not isinstance(chain, list):
+        raise UsageError("chain: expected an array of tables ([[chain]])")
+    front = []
+    if args.localport or args.remoteport:
+        entry: dict[str, Any] = {"use": "ports"}
+        if args.localport:
+            entry["local"] = sorted(args.localport)
+        if args.remoteport:
+            entry["remote"] = sorted(args.remoteport)
+        front.append(entry)
+    if args.ipv4 or args.ipv6:
+        front.append({"use": "family", "family": "ipv4" if args.ipv4 else "ipv6"})
+    config["chain"] = front + chain
+    if args.replay is not None:
+        if args.replay == "":
+            raise UsageError("--replay: empty path; give a .jsonl file or '-' for stdin")
+        config.setdefault("tcpstates", {})["source"] = "replay"
+        sources = config.setdefault("sources", {})
+        sources.setdefault("replay", {})["path"] = args.replay
+    return names
+
+
+def print_ebpf() -> int:
+    from tcpstates.kernel_probe import bpf_source_dir
+    d = bpf_source_dir()
+    sys.stdout.write((d / "tcpstates.h").read_text() + (d / "tcpstates.bpf.c").read_text())
+    return 0
+
+
+def install_signals(pipeline: Any) -> int:
+    """SIGINT/SIGTERM: stop and drain; SIGHUP: reopen files. Returns a wake-up fd."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def stop(signum: int, frame: Any) -> None:
+        pipeline.stopping = True
+
+    def hup(signum: int, frame: Any) -> None:
+        pipeline.reopen_requested = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, hup)
+    return r
+
+
+def run(argv: Sequence[str]) -> int:
+    from tcpstates.pipeline import Pipeline, summary_line
+    from tcpstates.registry import make_plugin_manager
+
+    args = build_parser().parse_args(argv)
+    if args.ebpf:
+        return print_ebpf()
+    config, _path = cfg.find_config(args.config, allow_insecure=args.allow_insecure_config)
+    for text in args.overrides:
+        parts, value = cfg.parse_override(text)
+        cfg.apply_override(config, parts, value)
+    general = cfg.general_section(config)
+    plugins = cfg.plugins_section(config)
+    strict = args.strict or general.strict
+    warner = Warner()
+    registry = make_plugin_manager(blocked=plugins.disable, warner=warner, strict=strict)
+    sink_names = apply_flags(args, config, general, registry)
+    general = cfg.general_section(config)
+    source = cfg.source_spec(config, registry, general.source)
+    chain = cfg.chain_specs(config, registry)
+    sinks = [cfg.sink_spec(config, registry, name) for name in sink_names]
+    cfg.validate_all_sinks(config, registry)
+
+    context = RunContext(strict=strict, warner=warner)
+    pipeline = Pipeline(source, chain, sinks, context)
+    pipeline.source.wakeup_fd(install_signals(pipeline))
+    from tcpstates.notify import sd_notify
+    from tcpstates.registry import call_lifecycle
+    try:
+        pipeline.start(on_started=lambda: sd_notify("READY=1"))
+        call_lifecycle(registry, "tcpstates_pipeline_started", warner, strict, pipeline=pipeline)
+        pipeline.run()
+    finally:
+        pipeline.close()
+    summary = pipeline.summary()
+    call_lifecycle(registry, "tcpstates_pipeline_stopped", warner, strict, pipeline=pipeline,
+                   summary=summary)
+    # `tcpstates | head -3`: the reader left on purpose; exit quietly.
+    if not args.no_summary and not pipeline.readers_gone:
+        warner.warn(summary_line(summary)[len("tcpstates: "):])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            from tcpstates.commands import run_subcommand
+            return run_subcommand(argv[0], argv[1:])
+        return run(argv)
+    except UsageError as exc:
+        _fatal(f"error: {exc}", exc.exit_status)
+    except EnvironmentProblem as exc:
+        _fatal(f"error: {exc}", exc.exit_status)
+    except StageError as exc:
+        _fatal(f"error: {exc}; --strict or on_error=fail ended the run", exc.exit_status)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:   # a bug: still one line, the traceback on request
+        if os.environ.get("TCPSTATES_DEBUG"):
+            raise
+        _fatal(f"internal error: {type(exc).__name__}: {exc} (rerun with TCPSTATES_DEBUG=1 "
+               f"for the traceback and report it)", 1)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    return 0
+
+
+def _quiet_stdout() -> None:
+    # Python flushes sys.stdout at exit; after EPIPE that would print a traceback.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def _fatal(message: str, status: int) -> NoReturn:
+    try:
+        sys.stderr.write(f"tcpstates: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    raise SystemExit(status)

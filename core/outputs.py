@@ -1,0 +1,83 @@
+"""Where line-oriented sinks write: stdout or an append-only file.
+
+Files are opened O_APPEND|O_CREAT|O_NOFOLLOW with mode 0640, never truncated,
+and reopened on SIGHUP (logrotate's rename-and-reopen). Optional size-based
+rotation renames FILE to FILE.1 (shifting older ones) before a write would
+pass the limit, so Fluent Bit's tail input sees a clean rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+from tcpstates.errors import UsageError
+
+FILE_MODE = 0o640
+
+
+class LineOutput:
+    """A text destination taking whole lines; `path` "-" means stdout."""
+
+    def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 5) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.fd = -1
+        self.size = 0
+
+    @property
+    def is_stdout(self) -> bool:
+        return self.path == "-"
+
+    def open(self) -> None:
+        if self.is_stdout:
+            self.fd = sys.stdout.fileno() if sys.stdout is not None else 1
+            return
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{self.path}: is a symbolic link; tcpstates never writes "
+                                 f"through links, give the real path") from None
+            raise UsageError(f"{self.path}: cannot open for appending ({exc.strerror}); "
+                             f"check the directory exists and is writable") from None
+        st = os.fstat(self.fd)
+        if not (st.st_mode & 0o170000) == 0o100000:
+            os.close(self.fd)
+            self.fd = -1
+            raise UsageError(f"{self.path}: not a regular file; give a file path or '-' for stdout")
+        self.size = st.st_size
+
+    def write(self, data: bytes) -> None:
+        if self.max_bytes and not self.is_stdout and self.size and self.size + len(data) > self.max_bytes:
+            self.rotate()
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.size += n
+
+    def rotate(self) -> None:
+        for i in range(self.keep - 1, 0, -1):
+            src = f"{self.path}.{i}"
+            if os.path.lexists(src):
+                os.replace(src, f"{self.path}.{i + 1}")
+        if os.path.lexists(self.path):
+            os.replace(self.path, f"{self.path}.1")
+        self.reopen()
+
+    def reopen(self) -> None:
+        if self.is_stdout:
+            return
+        old = self.fd
+        self.open()
+        if old >= 0:
+            os.close(old)
+
+    def close(self) -> None:
+        if not self.is_stdout and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1

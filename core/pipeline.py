@@ -1,0 +1,268 @@
+"""The bus: source → filters/enrichers (config order) → every sink, in batches.
+
+Stages are plain objects called once per batch. Failures are isolated per
+stage with its `on_error` policy and counted for the exit summary:
+filters/enrichers `skip` (let the event through untouched), `drop` (drop the
+event) or `fail` (end the run); sinks `ignore` (count and carry on),
+`disable` (stop using that sink) or `fail`. `--strict` turns every policy
+into `fail`. A sink whose reader went away (EPIPE) is closed quietly; the run
+ends when no sink is left.
+
+Back-pressure policy: sinks are called synchronously. A sink that blocks
+stalls the reader, the kernel buffer fills, and the kernel stage counts
+every record it cannot hand over ("dropped") — reported in-band and at exit.
+Nothing is lost without being counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from tcpstates.api import Filter, KernelConstraints, RunContext, Sink, Source, Stage
+from tcpstates.config import StageSpec
+from tcpstates.errors import StageError
+from tcpstates.events import Event
+
+LOSS_POLL_INTERVAL = 0.5
+DRAIN_BUDGET_S = 1.5
+
+
+@dataclasses.dataclass
+class ChainStage:
+    label: str
+    stage: Stage
+    on_error: str
+    is_filter: bool
+    errors: int = 0
+    removed: int = 0
+
+
+@dataclasses.dataclass
+class SinkSlot:
+    label: str
+    name: str
+    sink: Sink
+    on_error: str
+    written: int = 0
+    errors: int = 0
+    active: bool = True
+
+
+class Pipeline:
+    def __init__(self, source: StageSpec, chain: list[StageSpec], sinks: list[StageSpec],
+                 context: RunContext) -> None:
+        self.context = context
+        self.source: Source = source.info.cls(source.options, context)
+        self.chain = [ChainStage(s.label, s.info.cls(s.options, context),
+                                 "fail" if context.strict else s.on_error,
+                                 issubclass(s.info.cls, Filter)) for s in chain]
+        self.sinks = [SinkSlot(s.label, s.name, s.info.cls(s.options, context),
+                               "fail" if context.strict else s.on_error) for s in sinks]
+        self.seen = 0
+        self.kept = 0
+        self.loss: dict[str, int] = {"dropped": 0, "kernel_misses": 0}
+        self.stopping = False
+        self.reopen_requested = False
+        self.readers_gone = False
+        self._started = False
+
+    # -- set-up ---------------------------------------------------------------
+    def kernel_constraints(self) -> list[KernelConstraints]:
+        out = []
+        for c in self.chain:
+            if c.is_filter:
+                kc = c.stage.kernel_constraints()   # type: ignore[attr-defined]
+                if kc is not None:
+                    out.append(kc)
+        return out
+
+    def start(self, on_started: Callable[[], None] | None = None) -> None:
+        """Attach the source, then open sinks: nothing is printed before we trace."""
+        self.source.start(self.kernel_constraints())
+        for slot in self.sinks:
+            try:
+                slot.sink.open()
+            except BrokenPipeError:
+                slot.active = False
+        self._started = True
+        if on_started is not None:
+            on_started()
+
+    # -- per batch --------------------------------------------------------------
+    def _run_chain(self, batch: list[Event]) -> list[Event]:
+        for c in self.chain:
+            if not batch:
+                break
+            try:
+                if c.is_filter:
+                    before = len(batch)
+                    batch = c.stage.filter_batch(batch)   # type: ignore[attr-defined]
+                    c.removed += before - len(batch)
+                else:
+                    c.stage.enrich_batch(batch)           # type: ignore[attr-defined]
+            except Exception as exc:
+                batch = self._chain_per_event(c, batch, exc)
+        return batch
+
+    def _chain_per_event(self, c: ChainStage, batch: list[Event], first: Exception) -> list[Event]:
+        """A batch call failed: redo it event by event so only bad events suffer."""
+        out = []
+        for e in batch:
+            try:
+                if c.is_filter:
+                    if c.stage.keep(e):   # type: ignore[attr-defined]
+                        out.append(e)
+                    else:
+                        c.removed += 1
+                    continue
+                c.stage.enrich(e)         # type: ignore[attr-defined]
+                out.append(e)
+            except Exception as exc:
+                c.errors += 1
+                if c.on_error == "fail":
+                    raise StageError(f"{c.label} ({c.stage.name}) failed: {type(exc).__name__}: {exc}") from exc
+                self.context.warn(f"{c.label} ({c.stage.name}) raised {type(exc).__name__}: {exc}; "
+                                  f"on_error={c.on_error}, counting further errors silently",
+                                  once_key=f"chain:{c.label}")
+                if c.on_error == "skip":
+                    out.append(e)
+                else:
+                    c.removed += 1
+        return out
+
+    def _write(self, batch: list[Event]) -> None:
+        for slot in self.sinks:
+            if not slot.active:
+                continue
+            try:
+                slot.sink.write(batch)
+                slot.sink.flush()
+                slot.written += len(batch)
+            except BrokenPipeError:
+                self._reader_gone(slot)
+            except Exception as exc:
+                self._sink_failed(slot, exc)
+
+    def _reader_gone(self, slot: SinkSlot) -> None:
+        slot.active = False
+        try:
+            slot.sink.close()
+        except Exception:
+            pass
+        if not any(s.active for s in self.sinks):
+            self.stopping = True
+            self.readers_gone = True
+
+    def _sink_failed(self, slot: SinkSlot, exc: Exception) -> None:
+        slot.errors += 1
+        what = f"sink {slot.name} ({slot.sink.name}) failed: {type(exc).__name__}: {exc}"
+        if slot.on_error == "fail":
+            raise StageError(what) from exc
+        if slot.on_error == "disable":
+            slot.active = False
+            self.context.warn(f"{what}; disabled (on_error=disable); the other sinks continue")
+            if not any(s.active for s in self.sinks):
+                self.stopping = True
+        else:
+            self.context.warn(f"{what}; its events are counted as errors until it recovers "
+                              f"(on_error=ignore)", once_key=f"sink:{slot.name}:{type(exc).__name__}")
+
+    def process(self, batch: list[Event]) -> None:
+        self.seen += len(batch)
+        batch = self._run_chain(batch)
+        if batch:
+            self.kept += len(batch)
+            self._write(batch)
+
+    def check_loss(self) -> None:
+        counters = self.source.loss_counters()
+        for kind, total in counters.items():
+            new = total - self.loss.get(kind, 0)
+            if new > 0:
+                self.loss[kind] = total
+                self.context.loss[kind] = total
+                for slot in self.sinks:
+                    if slot.active:
+                        try:
+                            slot.sink.write_loss(kind, new, total)
+                            slot.sink.flush()
+                        except BrokenPipeError:
+                            self._reader_gone(slot)
+                        except Exception as exc:
+                            self._sink_failed(slot, exc)
+
+    def reopen(self) -> None:
+        for slot in self.sinks:
+            if slot.active:
+                try:
+                    slot.sink.reopen()
+                except Exception as exc:
+                    self._sink_failed(slot, exc)
+
+    # -- the loop -------------------------------------------------------------------
+    def run(self, poll_timeout: float = 0.25) -> None:
+        next_loss = time.monotonic() + LOSS_POLL_INTERVAL
+        while not self.stopping:
+            batch = self.source.read(poll_timeout)
+            if batch is None:
+                break
+            if batch:
+                self.process(batch)
+            if self.reopen_requested:
+                self.reopen_requested = False
+                self.reopen()
+            now = time.monotonic()
+            if now >= next_loss:
+                next_loss = now + LOSS_POLL_INTERVAL
+                self.check_loss()
+        self.drain()
+
+    def drain(self) -> None:
+        """After a stop request: take what the kernel already buffered, bounded in time."""
+        deadline = time.monotonic() + DRAIN_BUDGET_S
+        while any(s.active for s in self.sinks) and time.monotonic() < deadline:
+            batch = self.source.read(0)
+            if not batch:
+                break
+            self.process(batch)
+        self.check_loss()
+
+    def close(self) -> None:
+        for slot in self.sinks:
+            if slot.active:
+                try:
+                    slot.sink.flush()
+                except BrokenPipeError:
+                    pass
+                except Exception as exc:
+                    self._sink_failed(slot, exc)
+                try:
+                    slot.sink.close()
+                except Exception:
+                    pass
+                slot.active = False
+        self.source.close()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "events": self.seen,
+            "kept": self.kept,
+            "written": {s.name: s.written for s in self.sinks},
+            "dropped": self.loss.get("dropped", 0),
+            "kernel_misses": self.loss.get("kernel_misses", 0),
+            "filtered": sum(c.removed for c in self.chain if c.is_filter),
+            "errors": {**{c.label: c.errors for c in self.chain if c.errors},
+                       **{f"sinks.{s.name}": s.errors for s in self.sinks if s.errors}},
+        }
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    written = ", ".join(f"{k} {v}" for k, v in summary["written"].items()) or "none"
+    line = (f"tcpstates: {summary['events']} events seen, {summary['kept']} kept, "
+            f"written: {written}; {summary['dropped']} dropped, "
+            f"{summary['kernel_misses']} kernel misses")
+    if summary["errors"]:
+        line += "; errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
+    return line

@@ -1,0 +1,126 @@
+"""The JSON Lines record format (docs/events.md, docs/event.schema.json).
+
+Shared by the jsonl sink (writing) and the replay source (reading), so a
+recorded trace replays into exactly the events that produced it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tcpstates.events import AF_INET, AF_INET6, STATE_NAMES, STATE_NUMBERS, Event
+
+SCHEMA_VERSION = 1
+FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
+FAMILY_NUMBERS = {v: k for k, v in FAMILY_NAMES.items()}
+CORE_FIELDS = ("type", "v", "seq", "time", "time_ns", "mono_ns", "host", "skaddr", "family",
+               "laddr", "lport", "raddr", "rport", "oldstate", "newstate", "span_us", "pid",
+               "tid", "comm", "cgroup_id")
+
+
+class Rfc3339:
+    """Formats epoch ns as RFC 3339 UTC with nanoseconds, caching the seconds part."""
+
+    def __init__(self) -> None:
+        self._sec = -1
+        self._prefix = ""
+
+    def __call__(self, ns: int) -> str:
+        sec, frac = divmod(ns, 1_000_000_000)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{frac:09d}Z"
+
+
+def event_record(e: Event, seq: int, wall_ns: int, host: str, rfc3339: Rfc3339) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "type": "state_change",
+        "v": SCHEMA_VERSION,
+        "seq": seq,
+        "time": rfc3339(wall_ns),
+        "time_ns": wall_ns,
+        "mono_ns": e.ts_ns,
+        "host": host,
+        "skaddr": "%x" % e.skaddr,
+        "family": FAMILY_NAMES.get(e.family, str(e.family)),
+        "laddr": e.saddr,
+        "lport": e.sport,
+        "raddr": e.daddr,
+        "rport": e.dport,
+        "oldstate": STATE_NAMES.get(e.oldstate) or str(e.oldstate),
+        "newstate": STATE_NAMES.get(e.newstate) or str(e.newstate),
+        "span_us": None if e.span_ns is None else e.span_ns // 1000,
+        "pid": e.pid,
+        "tid": e.tid,
+        "comm": e.comm,
+        "cgroup_id": e.cgroup_id,
+    }
+    if e.extra:
+        for key, value in e.extra.items():
+            rec.setdefault(key, value)   # enrichers never overwrite core fields
+    return rec
+
+
+def loss_record(kind: str, count: int, total: int, seq: int, wall_ns: int, host: str,
+                rfc3339: Rfc3339) -> dict[str, Any]:
+    return {"type": "lost", "v": SCHEMA_VERSION, "seq": seq, "time": rfc3339(wall_ns),
+            "time_ns": wall_ns, "host": host, "kind": kind, "count": count, "total": total}
+
+
+class RecordError(ValueError):
+    """A replay record that cannot become an Event; the message says why."""
+
+
+def _int(rec: dict[str, Any], key: str, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+    value = rec.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise RecordError(f"field {key!r} must be an integer in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _str(rec: dict[str, Any], key: str) -> str:
+    value = rec.get(key)
+    if not isinstance(value, str):
+        raise RecordError(f"field {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _state(rec: dict[str, Any], key: str) -> int:
+    value = rec.get(key)
+    if isinstance(value, str):
+        if value in STATE_NUMBERS:
+            return STATE_NUMBERS[value]
+        if value.isdigit():
+            return int(value)
+    raise RecordError(f"field {key!r} must be a TCP state name, got {value!r}")
+
+
+def record_event(rec: Any) -> Event:
+    """Rebuild an Event from a state_change record (extra fields kept in `extra`)."""
+    if not isinstance(rec, dict):
+        raise RecordError("not a JSON object")
+    family = FAMILY_NUMBERS.get(rec.get("family"))  # type: ignore[arg-type]
+    if family is None:
+        raise RecordError(f"field 'family' must be ipv4 or ipv6, got {rec.get('family')!r}")
+    span = rec.get("span_us")
+    if span is not None and (not isinstance(span, int) or isinstance(span, bool) or span < 0):
+        raise RecordError(f"field 'span_us' must be a non-negative integer or null, got {span!r}")
+    time_ns = _int(rec, "time_ns")
+    mono = rec.get("mono_ns", time_ns)
+    if not isinstance(mono, int) or isinstance(mono, bool) or mono < 0:
+        raise RecordError(f"field 'mono_ns' must be a non-negative integer, got {mono!r}")
+    skaddr_text = _str(rec, "skaddr")
+    try:
+        skaddr = int(skaddr_text, 16)
+    except ValueError:
+        raise RecordError(f"field 'skaddr' must be hexadecimal, got {skaddr_text!r}") from None
+    extra = {k: v for k, v in rec.items() if k not in CORE_FIELDS}
+    return Event(
+        ts_ns=mono, skaddr=skaddr, span_ns=None if span is None else span * 1000,
+        pid=_int(rec, "pid", 0, 2**32 - 1), tid=int(rec.get("tid") or 0) if isinstance(rec.get("tid", 0), int) else 0,
+        comm=_str(rec, "comm"), family=family, saddr=_str(rec, "laddr"),
+        sport=_int(rec, "lport", 0, 65535), daddr=_str(rec, "raddr"), dport=_int(rec, "rport", 0, 65535),
+        oldstate=_state(rec, "oldstate"), newstate=_state(rec, "newstate"),
+        cgroup_id=rec["cgroup_id"] if isinstance(rec.get("cgroup_id"), int) else 0, extra=extra)

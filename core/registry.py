@@ -1,0 +1,176 @@
+"""Plugin discovery: the pluggy manager factory and the name → stage-class table.
+
+Built-in stages are registered through the very hooks a third-party package
+uses (`tcpstates.plugins.DEFAULT_PLUGINS`). Third-party packages are found
+through the `tcpstates` entry-point group of installed distributions only;
+one that fails to import is reported and skipped. The core owns the name
+table and refuses two stages of the same kind and name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata as metadata
+from typing import Any, Iterable
+
+import pluggy
+
+import tcpstates
+from tcpstates import hookspecs
+from tcpstates.api import Enricher, Filter, Sink, Source, Stage, Warner
+from tcpstates.errors import UsageError
+
+KINDS = {"source": Source, "filter": Filter, "enricher": Enricher, "sink": Sink}
+ENTRY_POINT_GROUP = "tcpstates"
+
+
+@dataclasses.dataclass
+class StageInfo:
+    name: str
+    kind: str
+    cls: type
+    plugin: str          # pluggy plugin name that registered it
+    distribution: str
+    version: str
+
+    @property
+    def description(self) -> str:
+        return getattr(self.cls, "description", "") or (self.cls.__doc__ or "").strip().split("\n")[0]
+
+
+class Registry:
+    """All known stages by kind and name, with where each came from."""
+
+    def __init__(self, pm: pluggy.PluginManager, dists: dict[str, tuple[str, str]]) -> None:
+        self.pm = pm
+        self._dists = dists
+        self.stages: dict[tuple[str, str], StageInfo] = {}
+        self.disabled: set[str] = set()
+
+    def _register_from(self, kind: str, hook: Any) -> None:
+        base = KINDS[kind]
+        for impl in hook.get_hookimpls():
+            plugin = impl.plugin_name
+            dist, version = self._dists.get(plugin, ("tcpstates", tcpstates.__version__))
+
+            def register(cls: type, _plugin: str = plugin, _dist: str = dist,
+                         _version: str = version) -> None:
+                if not (isinstance(cls, type) and issubclass(cls, base)):
+                    raise UsageError(f"plugin {_plugin!r} ({_dist}) registered {cls!r} as a "
+                                     f"{kind}, but it is not a subclass of tcpstates.api.{base.__name__}")
+                name = getattr(cls, "name", "")
+                if not name:
+                    raise UsageError(f"plugin {_plugin!r} ({_dist}) registered a {kind} "
+                                     f"{cls.__name__} without a name")
+                prior = self.stages.get((kind, name))
+                if prior is not None:
+                    raise UsageError(
+                        f"{kind} {name!r} is provided by both {prior.distribution} "
+                        f"{prior.version} and {_dist} {_version}; uninstall one, or disable "
+                        f"one with [plugins] disable = [\"<distribution>\"]")
+                self.stages[(kind, name)] = StageInfo(name, kind, cls, _plugin, _dist, _version)
+
+            impl.function(register=register)
+
+    def collect(self) -> None:
+        hook = self.pm.hook
+        self._register_from("source", hook.tcpstates_register_sources)
+        self._register_from("filter", hook.tcpstates_register_filters)
+        self._register_from("enricher", hook.tcpstates_register_enrichers)
+        self._register_from("sink", hook.tcpstates_register_sinks)
+
+    def disable(self, names: Iterable[str]) -> None:
+        """Disable stages by name (any kind)."""
+        self.disabled.update(names)
+
+    def get(self, kind: str, name: str) -> StageInfo | None:
+        if name in self.disabled:
+            return None
+        return self.stages.get((kind, name))
+
+    def find(self, name: str, kinds: Iterable[str]) -> StageInfo | None:
+        for kind in kinds:
+            info = self.get(kind, name)
+            if info is not None:
+                return info
+        return None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(n for (k, n) in self.stages if k == kind and n not in self.disabled)
+
+    def all(self) -> list[StageInfo]:
+        order = list(KINDS)
+        return sorted((i for i in self.stages.values() if i.name not in self.disabled),
+                      key=lambda i: (order.index(i.kind), i.name))
+
+
+def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str]],
+                       blocked: set[str], warner: Warner, strict: bool) -> None:
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist
+        dist_name = dist.metadata["Name"] if dist is not None else "unknown distribution"
+        version = dist.version if dist is not None else "?"
+        if ep.name in blocked or dist_name in blocked:
+            continue
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:   # any import-time error of foreign code
+            message = (f"plugin {ep.name!r} from distribution {dist_name} {version} failed to "
+                       f"import ({type(exc).__name__}: {exc}); reinstall or uninstall it")
+            if strict:
+                raise UsageError(message) from None
+            warner.warn(f"warning: {message}; continuing without it")
+            continue
+        pm.register(plugin, name=ep.name)
+        dists[ep.name] = (dist_name, version)
+
+
+def make_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = (),
+                        extra_plugins: Iterable[Any] = (), warner: Warner | None = None,
+                        strict: bool = False) -> Registry:
+    """Build a fresh plugin manager and collect every stage it provides.
+
+    Never done at import time, so tests and embedders get independent
+    registries. `blocked` names plugins or distributions not to load at all.
+    """
+    from tcpstates.plugins import DEFAULT_PLUGINS
+
+    blocked = set(blocked)
+    pm = pluggy.PluginManager("tcpstates")
+    pm.add_hookspecs(hookspecs)
+    dists: dict[str, tuple[str, str]] = {}
+    for modname in DEFAULT_PLUGINS:
+        short = modname.rsplit(".", 1)[-1]
+        if short in blocked:
+            continue
+        pm.register(importlib.import_module(modname), name=modname)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    if entry_points:
+        _load_entry_points(pm, dists, blocked, warner or Warner(), strict)
+    registry = Registry(pm, dists)
+    registry.collect()
+    registry.disable(blocked)
+    return registry
+
+
+def call_lifecycle(registry: Registry, hook_name: str, warner: Warner, strict: bool,
+                   **kwargs: Any) -> None:
+    """Call a lifecycle hook implementation by implementation, so one that
+    raises is reported (or fatal with --strict) and never stops the others."""
+    hook: Any = getattr(registry.pm.hook, hook_name)
+    for impl in reversed(hook.get_hookimpls()):   # pluggy's own call order
+        try:
+            impl.function(**{k: kwargs[k] for k in impl.argnames})
+        except Exception as exc:
+            message = f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+            if strict:
+                raise UsageError(message) from exc
+            warner.warn(f"warning: {message}")
+
+
+def stage_kinds(cls: type[Stage]) -> str:
+    return cls.kind

@@ -1,0 +1,275 @@
+"""Built-in user-space filters: ports, family, state/transition, duration,
+process, address.
+
+The ports and family filters also tell the kernel stage what it may drop
+before an event is ever copied to user space (the -L, -D, -4 and -6 flags
+are these filters). Each filter still checks in user space, so replayed
+events are filtered the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import ipaddress
+import socket
+from typing import Any
+
+from tcpstates.api import Filter, KernelConstraints, RunContext
+from tcpstates.events import STATE_NUMBERS, Event
+from tcpstates.hookspecs import hookimpl
+from tcpstates.options import option
+from tcpstates.ports import parse_ports
+
+
+@dataclasses.dataclass
+class PortsOptions:
+    local: list[int | str] = option([], "local ports or ranges to keep, e.g. [80, \"8000-8100\"]")
+    remote: list[int | str] = option([], "remote ports or ranges to keep")
+
+    def validate(self) -> None:
+        self.local_set = parse_ports(self.local, "local") if self.local else None
+        self.remote_set = parse_ports(self.remote, "remote") if self.remote else None
+
+
+class PortsFilter(Filter):
+    """Keep events whose local and remote ports are in the given sets."""
+
+    name = "ports"
+    description = "keep only the given local/remote ports or ranges (pushed into the kernel)"
+    Options = PortsOptions
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        super().__init__(options, context)
+        self.local = options.local_set
+        self.remote = options.remote_set
+
+    def keep(self, event: Event) -> bool:
+        return ((self.local is None or event.sport in self.local) and
+                (self.remote is None or event.dport in self.remote))
+
+    def filter_batch(self, batch: list[Event]) -> list[Event]:
+        local, remote = self.local, self.remote
+        if local is not None:
+            batch = [e for e in batch if e.sport in local]
+        if remote is not None:
+            batch = [e for e in batch if e.dport in remote]
+        return batch
+
+    def kernel_constraints(self) -> KernelConstraints:
+        return KernelConstraints(local_ports=self.local, remote_ports=self.remote)
+
+
+FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+
+
+@dataclasses.dataclass
+class FamilyOptions:
+    family: str = option("ipv4", "ipv4 or ipv6 (the socket's family: IPv4-mapped IPv6 is ipv6)")
+
+    def validate(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: expected ipv4 or ipv6, got {self.family!r}")
+
+
+class FamilyFilter(Filter):
+    """Keep one address family."""
+
+    name = "family"
+    description = "keep only IPv4 or IPv6 sockets (pushed into the kernel)"
+    Options = FamilyOptions
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        super().__init__(options, context)
+        self.family = FAMILIES[options.family]
+
+    def keep(self, event: Event) -> bool:
+        return event.family == self.family
+
+    def kernel_constraints(self) -> KernelConstraints:
+        return KernelConstraints(family=self.family)
+
+
+def _states(names: list[str], where: str) -> frozenset[int]:
+    out = set()
+    for n in names:
+        key = n.strip().upper()
+        if key not in STATE_NUMBERS:
+            raise ValueError(f"{where}: unknown TCP state {n!r} (known: {', '.join(STATE_NUMBERS)})")
+        out.add(STATE_NUMBERS[key])
+    return frozenset(out)
+
+
+@dataclasses.dataclass
+class StateOptions:
+    old: list[str] = option([], "keep events leaving one of these states")
+    new: list[str] = option([], "keep events entering one of these states")
+    transitions: list[str] = option([], "keep these transitions, e.g. \"SYN_SENT->CLOSE\" (failed connects)")
+    exclude: bool = option(False, "invert: drop the matching events instead")
+
+    def validate(self) -> None:
+        self.old_set = _states(self.old, "old")
+        self.new_set = _states(self.new, "new")
+        pairs = set()
+        for t in self.transitions:
+            parts = t.replace("→", "->").split("->")
+            if len(parts) != 2:
+                raise ValueError(f"transitions: {t!r} is not OLD->NEW")
+            (o,), (n,) = _states([parts[0]], "transitions"), _states([parts[1]], "transitions")
+            pairs.add((o, n))
+        self.pairs = frozenset(pairs)
+
+
+class StateFilter(Filter):
+    """Keep events by old state, new state or exact transition."""
+
+    name = "state"
+    description = "keep events by old/new state or transition (e.g. SYN_SENT->CLOSE)"
+    Options = StateOptions
+
+    def keep(self, event: Event) -> bool:
+        o = self.options
+        match = ((not o.old_set or event.oldstate in o.old_set) and
+                 (not o.new_set or event.newstate in o.new_set) and
+                 (not o.pairs or (event.oldstate, event.newstate) in o.pairs))
+        return match != o.exclude
+
+
+@dataclasses.dataclass
+class DurationOptions:
+    min_ms: float = option(0.0, "keep events that spent at least this long in the old state")
+    max_ms: float | None = option(None, "and at most this long (unset: no limit)")
+    states: list[str] = option([], "only judge events leaving these states; others pass")
+    unknown: str = option("drop", "events whose time in the old state is unknown: keep or drop")
+
+    def validate(self) -> None:
+        if self.min_ms < 0:
+            raise ValueError("min_ms: must not be negative")
+        if self.max_ms is not None and self.max_ms < self.min_ms:
+            raise ValueError("max_ms: must be at least min_ms")
+        if self.unknown not in ("keep", "drop"):
+            raise ValueError(f"unknown: expected keep or drop, got {self.unknown!r}")
+        self.state_set = _states(self.states, "states")
+
+
+class DurationFilter(Filter):
+    """Keep events by the time spent in the old state (e.g. slow handshakes)."""
+
+    name = "duration"
+    description = "keep events by time spent in the old state (e.g. handshakes over 100 ms)"
+    Options = DurationOptions
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        super().__init__(options, context)
+        self.lo = int(options.min_ms * 1_000_000)
+        self.hi = None if options.max_ms is None else int(options.max_ms * 1_000_000)
+        self.keep_unknown = options.unknown == "keep"
+
+    def keep(self, event: Event) -> bool:
+        if self.options.state_set and event.oldstate not in self.options.state_set:
+            return True
+        span = event.span_ns
+        if span is None:
+            return self.keep_unknown
+        return span >= self.lo and (self.hi is None or span <= self.hi)
+
+
+@dataclasses.dataclass
+class ProcessOptions:
+    pid: list[int] = option([], "keep events of these PIDs")
+    comm: list[str] = option([], "keep events of these command names (shell globs allowed)")
+    field: str = option("cpu", "which process to judge: cpu (C-PID/C-COMM) or owner (owner enricher)")
+    exclude: bool = option(False, "invert: drop the matching events instead")
+
+    def validate(self) -> None:
+        if self.field not in ("cpu", "owner"):
+            raise ValueError(f"field: expected cpu or owner, got {self.field!r}")
+        if not self.pid and not self.comm:
+            raise ValueError("give pid or comm (or both)")
+
+
+class ProcessFilter(Filter):
+    """Keep events by PID and/or command name."""
+
+    name = "process"
+    description = "keep events by PID and/or command name (on-CPU or owner)"
+    Options = ProcessOptions
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        super().__init__(options, context)
+        self.pids = frozenset(options.pid)
+        self.exact = frozenset(c for c in options.comm if not any(ch in c for ch in "*?["))
+        self.globs = [c for c in options.comm if c not in self.exact]
+        self.owner = options.field == "owner"
+
+    def _comm_ok(self, comm: str | None) -> bool:
+        if comm is None:
+            return False
+        return comm in self.exact or any(fnmatch.fnmatchcase(comm, g) for g in self.globs)
+
+    def keep(self, event: Event) -> bool:
+        if self.owner:
+            pid, comm = event.extra.get("owner_pid"), event.extra.get("owner_comm")
+        else:
+            pid, comm = event.pid, event.comm
+        match = ((not self.pids or pid in self.pids) and
+                 (not self.options.comm or self._comm_ok(comm)))
+        return match != self.options.exclude
+
+
+@dataclasses.dataclass
+class AddressOptions:
+    local: list[str] = option([], "keep local addresses in these networks (CIDR, IPv4 or IPv6)")
+    remote: list[str] = option([], "keep remote addresses in these networks (CIDR, IPv4 or IPv6)")
+    exclude: bool = option(False, "invert: drop the matching events instead")
+
+    def validate(self) -> None:
+        def nets(items: list[str], where: str) -> list[Any]:
+            out = []
+            for item in items:
+                try:
+                    out.append(ipaddress.ip_network(item, strict=False))
+                except ValueError:
+                    raise ValueError(f"{where}: {item!r} is not an address or CIDR network") from None
+            return out
+        self.local_nets = nets(self.local, "local")
+        self.remote_nets = nets(self.remote, "remote")
+        if not self.local_nets and not self.remote_nets:
+            raise ValueError("give local or remote networks (or both)")
+
+
+class AddressFilter(Filter):
+    """Keep events by local/remote address (CIDR). IPv4-mapped IPv6 matches IPv4 networks."""
+
+    name = "address"
+    description = "keep events by local/remote address in CIDR networks (IPv4 and IPv6)"
+    Options = AddressOptions
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        super().__init__(options, context)
+        self._cache: dict[tuple[str, bool], bool] = {}
+
+    def _in(self, addr: str, local: bool) -> bool:
+        key = (addr, local)
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) > 65536:
+                self._cache.clear()
+            ip: Any = ipaddress.ip_address(addr)
+            mapped = getattr(ip, "ipv4_mapped", None)
+            nets = self.options.local_nets if local else self.options.remote_nets
+            hit = any(ip in n or (mapped is not None and mapped in n) for n in nets)
+            self._cache[key] = hit
+        return hit
+
+    def keep(self, event: Event) -> bool:
+        o = self.options
+        match = ((not o.local_nets or self._in(event.saddr, True)) and
+                 (not o.remote_nets or self._in(event.daddr, False)))
+        return match != o.exclude
+
+
+@hookimpl
+def tcpstates_register_filters(register: Any) -> None:
+    for cls in (PortsFilter, FamilyFilter, StateFilter, DurationFilter, ProcessFilter, AddressFilter):
+        register(cls)

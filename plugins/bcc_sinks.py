@@ -1,0 +1,100 @@
+"""The `text` and `csv` sinks: bcc tcpstates' output, byte for byte.
+
+CSV adds RFC 4180 quoting only where a value needs it (a command name with a
+comma), otherwise it is bcc's `-s` output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tcpstates.api import RunContext, Sink
+from tcpstates.bccformat import BccFormatter
+from tcpstates.events import Event
+from tcpstates.hookspecs import hookimpl
+from tcpstates.options import option
+from tcpstates.outputs import LineOutput
+
+
+@dataclasses.dataclass
+class TextOptions:
+    path: str = option("-", "file to append to, '-' for stdout")
+    time: bool = option(False, "prefix a TIME column, HH:MM:SS (-T)")
+    timestamp: bool = option(False, "prefix a TIME(s) column, seconds since the first event (-t)")
+    wide: bool = option(False, "wide columns with an IP column, fits IPv6 (-w)")
+    header: bool = option(True, "print the header line first")
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("path: empty; give a file path or '-' for stdout")
+
+
+class _BccSink(Sink):
+    csv = False
+    default_on_error = "ignore"
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        super().__init__(options, context)
+        self.output = LineOutput(options.path)
+        self.formatter = BccFormatter(csv=self.csv, wide=getattr(options, "wide", False),
+                                      time_col=options.time, timestamp_col=options.timestamp,
+                                      wall_ns=context.wall_ns)
+
+    def open(self) -> None:
+        self.output.open()
+        if self.options.header:
+            self.output.write((self.formatter.header() + "\n").encode())
+
+    def write(self, batch: list[Event]) -> None:
+        lines = self.formatter.lines(batch)
+        if lines:
+            lines.append("")
+            self.output.write("\n".join(lines).encode("utf-8", "surrogateescape"))
+
+    def write_loss(self, kind: str, count: int, total: int) -> None:
+        # bcc/libbcc report losses on stderr; stdout stays pure table/CSV.
+        what = "records dropped (kernel buffer full)" if kind == "dropped" else \
+            "events missed by the kernel (BPF recursion)"
+        self.context.warn(f"{count} {what}, {total} in total", once_key=None)
+
+    def reopen(self) -> None:
+        self.output.reopen()
+
+    def close(self) -> None:
+        self.output.close()
+
+
+class TextSink(_BccSink):
+    """bcc tcpstates' table: default, -w, -T and -t layouts."""
+
+    name = "text"
+    description = "bcc tcpstates table (default, -w wide, -T time, -t timestamp)"
+    Options = TextOptions
+
+
+@dataclasses.dataclass
+class CsvOptions:
+    path: str = option("-", "file to append to, '-' for stdout")
+    time: bool = option(False, "prefix a TIME column, HH:MM:SS (-T)")
+    timestamp: bool = option(False, "prefix a TIME(s) column, seconds since the first event (-t)")
+    header: bool = option(True, "print the header line first")
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("path: empty; give a file path or '-' for stdout")
+
+
+class CsvSink(_BccSink):
+    """bcc tcpstates -s output, with RFC 4180 quoting where needed."""
+
+    name = "csv"
+    description = "bcc tcpstates -s comma-separated values (RFC 4180 quoting where needed)"
+    Options = CsvOptions
+    csv = True
+
+
+@hookimpl
+def tcpstates_register_sinks(register: Any) -> None:
+    register(TextSink)
+    register(CsvSink)

@@ -1,0 +1,159 @@
+"""The `journal` sink (`--sink journal`, `-Y`): structured entries for systemd-journald.
+
+Field names (docs/journal.md):
+  MESSAGE               "COMM LADDR LPORT → RADDR RPORT OLD → NEW" (bcc's wording)
+  MESSAGE_ID            fixed per record type (state change, lost records)
+  PRIORITY              5 (notice, as bcc) for transitions, 4 (warning) for a failed
+                        connect (SYN_SENT → CLOSE) and for lost records
+  SYSLOG_IDENTIFIER     tcpstates
+  OBJECT_*              bcc's field names, kept so existing queries work
+  TCP_*                 our structured fields, including the event's own time
+No CODE_* fields (they would point into this sink), no `_`-prefixed fields
+(journald discards them from clients). Sent with `sendv`, which encodes
+values with newlines safely; libsystemd silently drops entries when the
+socket is missing, so we check for it and say so once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+from tcpstates.api import RunContext, Sink
+from tcpstates.errors import UsageError
+from tcpstates.events import AF_INET, STATE_NAMES, Event
+from tcpstates.hookspecs import hookimpl
+from tcpstates.options import option
+from tcpstates.records import Rfc3339
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+MESSAGE_ID_STATE_CHANGE = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f50"
+MESSAGE_ID_LOST = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f51"
+PRIORITY_NORMAL = 5
+PRIORITY_WARNING = 4
+SYN_SENT, CLOSE = 2, 7
+FIELD_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+
+
+def journal_field_name(key: str, prefix: str = "TCP_") -> str | None:
+    """An enricher's key as a valid journal field name, or None if it cannot be."""
+    name = prefix + re.sub(r"[^A-Z0-9_]", "_", key.upper())
+    return name if FIELD_NAME.match(name) else None
+
+
+@dataclasses.dataclass
+class JournalOptions:
+    identifier: str = option("tcpstates", "SYSLOG_IDENTIFIER of every entry")
+    bcc_fields: bool = option(True, "also send bcc's OBJECT_* fields")
+
+    def validate(self) -> None:
+        if not self.identifier or any(c in self.identifier for c in "\n\0"):
+            raise ValueError("identifier: must be a non-empty single line")
+
+
+class JournalSink(Sink):
+    """Structured entries in the systemd journal."""
+
+    name = "journal"
+    description = "systemd journal entries with TCP_* and bcc's OBJECT_* fields (-Y)"
+    Options = JournalOptions
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        super().__init__(options, context)
+        try:
+            from systemd import journal
+        except ImportError:
+            raise UsageError("the journal sink needs systemd-python: apt-get install python3-systemd "
+                             "(Debian/Ubuntu), dnf install python3-systemd (Fedora), "
+                             "pacman -S python-systemd (Arch), or pip install systemd-python") from None
+        self._sendv = journal.sendv
+        self._root = os.geteuid() == 0
+        self.rfc3339 = Rfc3339()
+        self.sent = 0
+        self.bad_fields = 0
+
+    def _check_socket(self) -> bool:
+        if os.path.exists(JOURNAL_SOCKET):
+            return True
+        self.context.warn(f"journal sink: {JOURNAL_SOCKET} does not exist, so journald is not "
+                          f"running here and entries are lost (libsystemd would drop them "
+                          f"silently); start systemd-journald or use another sink",
+                          once_key="journal-socket")
+        return False
+
+    def open(self) -> None:
+        self._check_socket()
+
+    def _fields(self, e: Event) -> list[str]:
+        old = STATE_NAMES.get(e.oldstate) or str(e.oldstate)
+        new = STATE_NAMES.get(e.newstate) or str(e.newstate)
+        v = "IPV4" if e.family == AF_INET else "IPV6"
+        wall = e.ts_ns + self.context.clock_offset_ns
+        priority = PRIORITY_WARNING if (e.oldstate, e.newstate) == (SYN_SENT, CLOSE) else PRIORITY_NORMAL
+        f = [
+            f"MESSAGE={e.comm} {e.saddr} {e.sport} → {e.daddr} {e.dport} {old} → {new}",
+            f"MESSAGE_ID={MESSAGE_ID_STATE_CHANGE}",
+            f"PRIORITY={priority}",
+            f"SYSLOG_IDENTIFIER={self.options.identifier}",
+            f"TCP_EVENT_TIME={self.rfc3339(wall)}",
+            f"TCP_EVENT_TIME_USEC={wall // 1000}",
+            f"TCP_SKADDR={e.skaddr:x}",
+            f"TCP_FAMILY={'ipv4' if e.family == AF_INET else 'ipv6'}",
+            f"TCP_LOCAL_ADDRESS={e.saddr}",
+            f"TCP_LOCAL_PORT={e.sport}",
+            f"TCP_REMOTE_ADDRESS={e.daddr}",
+            f"TCP_REMOTE_PORT={e.dport}",
+            f"TCP_OLD_STATE={old}",
+            f"TCP_NEW_STATE={new}",
+            f"TCP_CPU_PID={e.pid}",
+            f"TCP_CPU_TID={e.tid}",
+            f"TCP_CPU_COMM={e.comm}",
+            f"TCP_CGROUP_ID={e.cgroup_id}",
+        ]
+        if e.span_ns is not None:
+            f.append(f"TCP_SPAN_US={e.span_ns // 1000}")
+        if self.options.bcc_fields:
+            f += [
+                f"OBJECT_PID={e.pid}",
+                f"OBJECT_{v}_SOURCE_ADDRESS={e.saddr}",
+                f"OBJECT_TCP_SOURCE_PORT={e.sport}",
+                f"OBJECT_{v}_DESTINATION_ADDRESS={e.daddr}",
+                f"OBJECT_TCP_DESTINATION_PORT={e.dport}",
+                f"OBJECT_TCP_OLD_STATE={old}",
+                f"OBJECT_TCP_NEW_STATE={new}",
+                f"OBJECT_TCP_SPAN_TIME={0 if e.span_ns is None else e.span_ns // 1000}",
+            ]
+            if not self._root:   # as bcc: journald fills OBJECT_COMM itself for root senders
+                f.append(f"OBJECT_COMM={e.comm}")
+        for key, value in e.extra.items():
+            name = journal_field_name(key)
+            if name is None:
+                self.bad_fields += 1
+                continue
+            if value is not None:
+                f.append(f"{name}={value}")
+        return f
+
+    def write(self, batch: list[Event]) -> None:
+        if not self._check_socket():
+            return
+        sendv, fields = self._sendv, self._fields
+        for e in batch:
+            sendv(*fields(e))
+        self.sent += len(batch)
+
+    def write_loss(self, kind: str, count: int, total: int) -> None:
+        if not self._check_socket():
+            return
+        what = "dropped (kernel buffer full)" if kind == "dropped" else kind.replace("_", " ")
+        self._sendv(f"MESSAGE=tcpstates lost {count} events: {what}; {total} in total",
+                    f"MESSAGE_ID={MESSAGE_ID_LOST}", f"PRIORITY={PRIORITY_WARNING}",
+                    f"SYSLOG_IDENTIFIER={self.options.identifier}", f"TCP_LOST_KIND={kind}",
+                    f"TCP_LOST_COUNT={count}", f"TCP_LOST_TOTAL={total}")
+
+
+@hookimpl
+def tcpstates_register_sinks(register: Any) -> None:
+    register(JournalSink)
