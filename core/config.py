@@ -184,9 +184,13 @@ def _policy(table: dict[str, Any], path: str, cls: type, allowed: tuple[str, ...
 
 def source_spec(config: dict[str, Any], registry: Any, name: str) -> StageSpec:
     sources = _table(config, "sources", "sources")
-    for key in sources:
-        if registry.get("source", key) is None:
+    for key, table in sources.items():
+        other = registry.get("source", key)
+        if other is None:
             raise ConfigError(f"sources.{key}", f"unknown source (available: {', '.join(registry.names('source'))})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"sources.{key}", "expected a table")
+        build_options(other.cls.Options, dict(table), f"sources.{key}")   # inactive ones too
     info = registry.get("source", name)
     if info is None:
         raise ConfigError("tcpstates.source", f"unknown source {name!r} (available: {', '.join(registry.names('source'))})")

@@ -1,0 +1,44 @@
+"""Shared fixtures. Kernel tests (marked `kernel`) need root and run serially:
+the tracepoint is global, so each test filters on ports it chose itself."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS / "helpers"))
+
+from tracer import Tracer  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root: drives the real tracepoint (CI runs as root)")
+    for item in items:
+        if "kernel" in item.keywords or "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tracer(tmp_path: Path):
+    """Start the real CLI in a subprocess; every tracer is stopped at the end."""
+    started: list[Tracer] = []
+
+    def start(*args: str, **kw) -> Tracer:
+        t = Tracer(list(args), workdir=tmp_path / f"tracer{len(started)}", **kw)
+        started.append(t)
+        return t
+
+    yield start
+    for t in started:
+        t.kill()
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return TESTS / "fixtures"

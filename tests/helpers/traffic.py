@@ -1,0 +1,92 @@
+"""Loopback TCP traffic with known shape, on ports the test chooses.
+
+The shape follows the bcc fixtures: the client holds the connection
+`hold` seconds then closes first; the server closes `server_delay` later;
+the listener closes `listener_delay` after that.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    """A port nobody listens on now (bind to 0 and release)."""
+    addr = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def session(family: int, port: int, hold: float = 0.1, server_delay: float = 0.05,
+            listener_delay: float = 0.02) -> int:
+    """One full connection; returns the client's ephemeral port."""
+    addr = "127.0.0.1" if family == socket.AF_INET else "::1"
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((addr, port))
+    listener.listen(8)
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(16)
+        conn.sendall(b"hi")
+        conn.recv(16)          # returns b"" once the client has closed
+        time.sleep(server_delay)
+        conn.close()
+        done.set()
+
+    t = threading.Thread(target=serve, name="tcps-srv")
+    t.start()
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.connect((addr, port))
+    cport = client.getsockname()[1]
+    client.sendall(b"hello")
+    client.recv(16)
+    time.sleep(hold)
+    client.close()
+    done.wait(10)
+    t.join(10)
+    time.sleep(listener_delay)
+    listener.close()
+    return cport
+
+
+def refused(port: int, family: int = socket.AF_INET) -> None:
+    addr = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with socket.socket(family, socket.SOCK_STREAM) as c:
+        try:
+            c.connect((addr, port))
+        except ConnectionRefusedError:
+            return
+    raise AssertionError(f"connect to {addr}:{port} was not refused")
+
+
+def parse_csv(text: str) -> list[dict[str, str]]:
+    lines = [l for l in text.splitlines() if l]
+    if not lines:
+        return []
+    header = lines[0].split(",")
+    return [dict(zip(header, l.split(","))) for l in lines[1:]]
+
+
+def by_socket(rows: list[dict], ports: set[int]) -> list[list[dict]]:
+    """Rows touching `ports`, grouped into socket lifetimes (SKADDR until CLOSE)."""
+    open_: dict[str, list[dict]] = {}
+    out: list[list[dict]] = []
+    for r in rows:
+        if int(r["LPORT"]) not in ports and int(r["RPORT"]) not in ports:
+            continue
+        life = open_.setdefault(r["SKADDR"], [])
+        life.append(r)
+        if r["NEWSTATE"] == "CLOSE":
+            out.append(open_.pop(r["SKADDR"]))
+    out.extend(open_.values())
+    return out
+
+
+def transitions(life: list[dict]) -> list[str]:
+    return [life[0]["OLDSTATE"]] + [r["NEWSTATE"] for r in life]
