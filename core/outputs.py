@@ -52,8 +52,26 @@ class LineOutput:
         self.size = st.st_size
 
     def write(self, data: bytes) -> None:
-        if self.max_bytes and not self.is_stdout and self.size and self.size + len(data) > self.max_bytes:
-            self.rotate()
+        """Write whole lines; with rotation, split so no file passes max_bytes."""
+        if self.max_bytes and not self.is_stdout and self.size + len(data) > self.max_bytes:
+            self._write_rotating(data)
+            return
+        self._write_all(data)
+
+    def _write_rotating(self, data: bytes) -> None:
+        start = 0
+        while start < len(data):
+            room = self.max_bytes - self.size
+            end = len(data) if len(data) - start <= room else data.rfind(b"\n", start, start + room) + 1
+            if end <= start:
+                if self.size:
+                    self.rotate()
+                    continue
+                end = data.find(b"\n", start) + 1 or len(data)   # one line bigger than the limit
+            self._write_all(data[start:end])
+            start = end
+
+    def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)

@@ -1,0 +1,151 @@
+"""The jsonl sink on real kernel events: schema, sequence, wall-clock time,
+file handling (mode, symlinks, append), SIGHUP and size rotation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import orjson
+import pytest
+from traffic import free_port, refused, session
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((ROOT / "docs" / "event.schema.json").read_text())
+
+
+def _records(*paths: Path) -> list[dict]:
+    out = []
+    for p in paths:
+        for line in p.read_bytes().splitlines():
+            out.append(orjson.loads(line))    # a torn line would raise here
+    return out
+
+
+@pytest.mark.kernel
+def test_real_events_validate_and_carry_every_field(tracer, tmp_path):
+    out = tmp_path / "events.jsonl"
+    port6 = free_port(socket.AF_INET6)
+    t = tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    before = time.time_ns()
+    refused(free_port())
+    after = time.time_ns()
+    session(socket.AF_INET6, port6, hold=0.05, server_delay=0.0)
+    rc, _, err = t.stop()
+    assert rc == 0, err
+    recs = _records(out)
+    for r in recs:
+        jsonschema.validate(r, SCHEMA)
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    syn = [r for r in recs if r["newstate"] == "SYN_SENT" and r["family"] == "ipv4"
+           and r["comm"] and r["pid"] == os.getpid()]
+    assert syn, "our own connect must be there with our PID"
+    first = syn[0]
+    # wall clock from the kernel's monotonic clock: within a few ms of the call
+    assert before - 5_000_000 <= first["time_ns"] <= after + 5_000_000
+    assert first["time"].endswith("Z") and first["time"][:19] == time.strftime(
+        "%Y-%m-%dT%H:%M:%S", time.gmtime(first["time_ns"] // 10**9))
+    assert first["span_us"] is None          # first transition seen: unknown, not 0
+    v6 = [r for r in recs if r["family"] == "ipv6" and port6 in (r["lport"], r["rport"])]
+    assert len(v6) == 12 and all(r["laddr"] == "::1" for r in v6)
+    held = [r for r in v6 if r["oldstate"] == "ESTABLISHED" and r["newstate"] == "FIN_WAIT1"]
+    assert 50_000 <= held[0]["span_us"] < 90_000
+
+
+def test_file_is_created_0640_appended_and_never_through_a_symlink(tmp_path):
+    from tracer import run_cli
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(orjson.dumps(_sample()) + b"\n")
+    out = tmp_path / "out.jsonl"
+    os.umask(0o022)
+    for _ in range(2):
+        r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+        assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert len(out.read_bytes().splitlines()) == 2       # appended, not truncated
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={link}")
+    assert r.returncode == 2 and b"symbolic link" in r.stderr and b"Traceback" not in r.stderr
+    assert len(out.read_bytes().splitlines()) == 2
+
+
+def _sample(**kw) -> dict:
+    rec = {"type": "state_change", "v": 1, "seq": 1, "time": "2026-11-27T08:00:00.000000000Z",
+           "time_ns": 1795766400 * 10**9, "mono_ns": 10**9, "host": "h", "skaddr": "ffff1",
+           "family": "ipv4", "laddr": "10.0.0.1", "lport": 22, "raddr": "10.0.0.2", "rport": 5000,
+           "oldstate": "ESTABLISHED", "newstate": "FIN_WAIT1", "span_us": 1500, "pid": 1, "tid": 1,
+           "comm": "sshd", "cgroup_id": 0}
+    rec.update(kw)
+    return rec
+
+
+def test_replay_round_trip_keeps_every_field(tmp_path):
+    from tracer import run_cli
+    recs = [_sample(seq=i + 1, mono_ns=10**9 + i * 1000, time_ns=1795766400 * 10**9 + i * 1000,
+                    time=f"2026-11-27T08:00:00.{i * 1000:09d}Z", span_us=None if i == 0 else i)
+            for i in range(5)]
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "--no-summary")
+    assert r.returncode == 0, r.stderr
+    out = [orjson.loads(l) for l in r.stdout.splitlines()]
+    for o in out:
+        o["host"] = "h"
+    assert out == recs
+
+
+@pytest.mark.kernel
+def test_sighup_reopens_for_logrotate_without_losing_or_tearing(tracer, tmp_path):
+    out = tmp_path / "events.jsonl"
+    port = free_port()
+    t = tracer("--sink", "jsonl", "-D", str(port), "-o", f"sinks.jsonl.path={out}")
+    stop = threading.Event()
+    count = [0]
+
+    def load() -> None:
+        while not stop.is_set() and count[0] < 3000:
+            refused(port)
+            count[0] += 1
+
+    th = threading.Thread(target=load)
+    th.start()
+    while count[0] < 200:
+        time.sleep(0.01)
+    os.rename(out, tmp_path / "events.jsonl.1")       # logrotate's rename...
+    t.proc.send_signal(signal.SIGHUP)                  # ...and postrotate
+    while count[0] < 400:
+        time.sleep(0.01)
+    stop.set()
+    th.join()
+    rc, _, err = t.stop()
+    assert rc == 0, err
+    old, new = _records(tmp_path / "events.jsonl.1"), _records(out)
+    assert old and new, "both files got records"
+    recs = old + new
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    assert len(recs) == 2 * count[0]                   # every event of every connect
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+def test_size_rotation(tmp_path):
+    from tracer import run_cli
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(orjson.dumps(_sample(seq=i + 1, mono_ns=10**9 + i)) + b"\n"
+                               for i in range(300)))
+    out = tmp_path / "r.jsonl"
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
+                "-o", "sinks.jsonl.max_bytes=20000", "-o", "sinks.jsonl.keep=50")
+    assert r.returncode == 0, r.stderr
+    files = sorted(tmp_path.glob("r.jsonl*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    assert len(files) > 2
+    assert all(f.stat().st_size <= 20000 for f in files)
+    recs = _records(*files)
+    assert [x["seq"] for x in recs] == list(range(1, 301))
