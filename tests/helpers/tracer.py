@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def tcpstates_argv(*args: str) -> list[str]:
@@ -28,7 +29,8 @@ def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
 
 class Tracer:
     def __init__(self, args: list[str], workdir: Path, env: dict | None = None,
-                 ready_timeout: float = 60, stdin: int | None = subprocess.DEVNULL) -> None:
+                 ready_timeout: float = 60, stdin: int | None = subprocess.DEVNULL,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.stdout_path = workdir / "stdout"
@@ -38,7 +40,8 @@ class Tracer:
         self.notify.bind(self.notify_path)
         full_env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, **(env or {})}
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(tcpstates_argv(*args), stdout=out, stderr=err,
+            argv = tcpstates_argv(*args)
+            self.proc = subprocess.Popen(wrap(argv) if wrap else argv, stdout=out, stderr=err,
                                          stdin=stdin, env=full_env)
         self.started_at = time.monotonic()
         self.ready_after = self._wait_ready(ready_timeout)

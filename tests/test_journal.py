@@ -1,0 +1,91 @@
+"""The journal sink against a real systemd-journald started by the tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from journald import PrivateJournald
+from traffic import free_port, refused, session
+
+from tcpstates.plugins.journal_sink import MESSAGE_ID_STATE_CHANGE, journal_field_name
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def journald(tmp_path):
+    j = PrivateJournald(tmp_path / "journald").start()
+    yield j
+    j.stop()
+
+
+def test_dash_Y_journals_ipv4_and_ipv6_and_keeps_stdout(tracer, journald):
+    port4, port6 = free_port(), free_port(socket.AF_INET6)
+    t = tracer("-Y", "-D", f"{port4},{port6}", wrap=journald.argv)
+    before = time.time_ns()
+    refused(port4)
+    session(socket.AF_INET6, port6, hold=0.02, server_delay=0.0)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    # stdout is the plain bcc table, unchanged by -Y
+    lines = out.splitlines()
+    assert lines[0].startswith("SKADDR") and len(lines) == 1 + 2 + 5
+    journald.sync()
+    entries = journald.read("SYSLOG_IDENTIFIER=tcpstates")
+    assert len(entries) == 7
+    failed = [e for e in entries if e["TCP_OLD_STATE"] == "SYN_SENT" and e["TCP_NEW_STATE"] == "CLOSE"]
+    (f,) = failed
+    assert f["PRIORITY"] == "4"            # a failed connect is louder
+    assert f["MESSAGE_ID"] == MESSAGE_ID_STATE_CHANGE
+    assert f["OBJECT_IPV4_DESTINATION_ADDRESS"] == "127.0.0.1"
+    assert f["OBJECT_TCP_DESTINATION_PORT"] == str(port4)
+    assert f["TCP_REMOTE_PORT"] == str(port4) and f["TCP_FAMILY"] == "ipv4"
+    assert f["MESSAGE"].endswith(f"127.0.0.1 {port4} SYN_SENT → CLOSE")
+    assert int(f["TCP_SPAN_US"]) >= 0 and f["OBJECT_TCP_SPAN_TIME"] == f["TCP_SPAN_US"]
+    assert before // 1000 - 5000 <= int(f["TCP_EVENT_TIME_USEC"]) <= time.time_ns() // 1000
+    v6 = [e for e in entries if e.get("TCP_FAMILY") == "ipv6"]
+    assert len(v6) == 5 and all(e["PRIORITY"] == "5" for e in v6)
+    assert all(e["OBJECT_IPV6_DESTINATION_ADDRESS"] == "::1" for e in v6)
+    for e in entries:
+        assert not any(k.startswith("CODE_") for k in e), "CODE_* would point into the sink"
+        assert "_SOURCE_REALTIME_TIMESTAMP" not in e or e["_SOURCE_REALTIME_TIMESTAMP"] != e.get("TCP_EVENT_TIME_USEC")
+    syn = [e for e in entries if e["TCP_NEW_STATE"] == "SYN_SENT" and e["TCP_FAMILY"] == "ipv4"]
+    assert "TCP_SPAN_US" not in syn[0]     # unknown time in CLOSE is absent, not 0
+    assert syn[0]["OBJECT_TCP_SPAN_TIME"] == "0"   # bcc's field keeps bcc's 0
+
+
+def test_missing_journal_socket_is_said_once(tracer, tmp_path):
+    port = free_port()
+    # a private /run without a journal socket, whatever the host runs
+    wrap = lambda argv: ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                         'mount -t tmpfs tmpfs /run && exec "$@"', "sh", *argv]
+    t = tracer("--sink", "journal", "--sink", "csv", "-D", str(port), wrap=wrap)
+    for _ in range(5):
+        refused(port)
+    rc, out, err = t.stop()
+    assert rc == 0
+    warnings = [l for l in err.splitlines() if "does not exist" in l]
+    assert len(warnings) == 1 and "/run/systemd/journal/socket" in warnings[0]
+    assert len(out.splitlines()) == 11   # the other sink got everything
+
+
+def test_missing_systemd_python_exits_2_with_what_to_install(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = ("import sys; sys.modules['systemd'] = None\n"   # as if systemd-python were absent
+            "from tcpstates.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "--replay", str(empty), "--sink", "journal"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "python3-systemd" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_journal_field_names_are_validated():
+    assert journal_field_name("owner_pid") == "TCP_OWNER_PID"
+    assert journal_field_name("container.id") == "TCP_CONTAINER_ID"
+    assert journal_field_name("x" * 80) is None
