@@ -179,8 +179,10 @@ def install_signals(pipeline: Any) -> int:
 
 
 def run(argv: Sequence[str]) -> int:
-    from tcpstates.pipeline import Pipeline, summary_line
+    from tcpstates.notify import sd_notify
+    from tcpstates.pipeline import summary_line
     from tcpstates.registry import make_plugin_manager
+    from tcpstates.session import build_pipeline, execute
 
     args = build_parser().parse_args(argv)
     if args.ebpf:
@@ -195,26 +197,10 @@ def run(argv: Sequence[str]) -> int:
     warner = Warner()
     registry = make_plugin_manager(blocked=plugins.disable, warner=warner, strict=strict)
     sink_names = apply_flags(args, config, general, registry)
-    general = cfg.general_section(config)
-    source = cfg.source_spec(config, registry, general.source)
-    chain = cfg.chain_specs(config, registry)
-    sinks = [cfg.sink_spec(config, registry, name) for name in sink_names]
-    cfg.validate_all_sinks(config, registry)
-
     context = RunContext(strict=strict, warner=warner)
-    pipeline = Pipeline(source, chain, sinks, context)
+    pipeline = build_pipeline(config, registry, context, sink_names)
     pipeline.source.wakeup_fd(install_signals(pipeline))
-    from tcpstates.notify import sd_notify
-    from tcpstates.registry import call_lifecycle
-    try:
-        pipeline.start(on_started=lambda: sd_notify("READY=1"))
-        call_lifecycle(registry, "tcpstates_pipeline_started", warner, strict, pipeline=pipeline)
-        pipeline.run()
-    finally:
-        pipeline.close()
-    summary = pipeline.summary()
-    call_lifecycle(registry, "tcpstates_pipeline_stopped", warner, strict, pipeline=pipeline,
-                   summary=summary)
+    summary = execute(pipeline, registry, context, on_started=lambda: sd_notify("READY=1"))
     # `tcpstates | head -3`: the reader left on purpose; exit quietly.
     if not args.no_summary and not pipeline.readers_gone:
         warner.warn(summary_line(summary)[len("tcpstates: "):])

@@ -253,6 +253,7 @@ class Pipeline:
             "dropped": self.loss.get("dropped", 0),
             "kernel_misses": self.loss.get("kernel_misses", 0),
             "filtered": sum(c.removed for c in self.chain if c.is_filter),
+            "skipped": self.loss.get("replay_skipped", 0),
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
                        **{f"sinks.{s.name}": s.errors for s in self.sinks if s.errors}},
         }
@@ -263,6 +264,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     line = (f"tcpstates: {summary['events']} events seen, {summary['kept']} kept, "
             f"written: {written}; {summary['dropped']} dropped, "
             f"{summary['kernel_misses']} kernel misses")
+    if summary.get("skipped"):
+        line += f"; {summary['skipped']} unreadable records skipped"
     if summary["errors"]:
         line += "; errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
     return line

@@ -54,9 +54,11 @@ class _BccSink(Sink):
 
     def write_loss(self, kind: str, count: int, total: int) -> None:
         # bcc/libbcc report losses on stderr; stdout stays pure table/CSV.
+        if kind == "replay_skipped":
+            return   # already reported line by line, and in the exit summary
         what = "records dropped (kernel buffer full)" if kind == "dropped" else \
             "events missed by the kernel (BPF recursion)"
-        self.context.warn(f"{count} {what}, {total} in total", once_key=None)
+        self.context.warn(f"{count} {what}, {total} in total")
 
     def reopen(self) -> None:
         self.output.reopen()

@@ -23,8 +23,9 @@ command -v apt-get >/dev/null || die "no apt-get: install bcc's Python bindings,
 # --- OS packages --------------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc python3-systemd ca-certificates)
 if [ "$want_test" = yes ]; then
-    # journald + journalctl for the private test journal, unshare/nsenter, ss, make
-    pkgs+=(systemd util-linux iproute2 procps)
+    # journald + journalctl for the private test journal, unshare/nsenter, ss,
+    # /etc/services for the example plugin
+    pkgs+=(systemd util-linux iproute2 procps netbase)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,35 @@
+"""tcpstates-services, tested with tcpstates.testing (no root, no bcc)."""
+
+from tcpstates.testing import make_event, run_pipeline
+
+
+def test_services_names_well_known_ports():
+    result = run_pipeline('[[chain]]\nuse = "services"\n',
+                          [make_event(sport=22, dport=443), make_event(sport=40000, dport=3)])
+    first, second = result.events
+    assert first.extra == {"lservice": "ssh", "rservice": "https"}
+    assert "lservice" not in second.extra
+
+
+def test_unknown_ports_can_be_labelled():
+    result = run_pipeline('[[chain]]\nuse = "services"\nunknown = "?"\n', [make_event(sport=40001, dport=22)])
+    assert result.events[0].extra == {"lservice": "?", "rservice": "ssh"}
+
+
+def test_slow_handshake_keeps_slow_and_failed_connects():
+    events = [
+        make_event(oldstate="SYN_SENT", newstate="ESTABLISHED", span_ns=250_000_000),
+        make_event(oldstate="SYN_SENT", newstate="ESTABLISHED", span_ns=50_000),
+        make_event(oldstate="SYN_SENT", newstate="CLOSE", span_ns=1_000),
+        make_event(oldstate="ESTABLISHED", newstate="FIN_WAIT1", span_ns=900_000_000),
+    ]
+    result = run_pipeline('[[chain]]\nuse = "slow_handshake"\nmin_ms = 200.0\n', events)
+    assert [(e.newstate, e.span_ns) for e in result.events] == [(1, 250_000_000), (7, 1_000)]
+    assert result.summary["filtered"] == 2
+
+
+def test_options_are_validated():
+    import pytest
+    from tcpstates.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"chain\[0\].*min_ms"):
+        run_pipeline('[[chain]]\nuse = "slow_handshake"\nmin_ms = -1.0\n', [])
