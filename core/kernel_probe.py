@@ -25,7 +25,10 @@ from tcpstates.ringbuf import RingBufferReader
 
 TRACEPOINT = ("sock", "inet_sock_set_state")
 PROG_NAME = b"tracepoint__sock__inet_sock_set_state"
-TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+# TCPSTATES_TRACEFS names another tracefs root (for tests of a kernel without
+# the tracepoint, which cannot be had otherwise on a modern machine).
+TRACEFS_CANDIDATES = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
+    "/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BCC_PACKAGES = ("Debian/Ubuntu: apt-get install python3-bpfcc; Fedora: dnf install python3-bcc; "
                 "Arch: pacman -S python-bcc")
 
@@ -76,17 +79,22 @@ def import_bcc() -> Any:
 
 
 @contextlib.contextmanager
-def captured_stderr() -> Iterator[list[str]]:
-    """Capture fd 2 (clang and libbcc print there directly) into a list."""
+def captured_output() -> Iterator[list[str]]:
+    """Capture fds 1 and 2 while bcc compiles: clang and libbcc print there
+    directly (libbcc's header warnings even go to stdout), and nothing may
+    reach stdout before the header."""
     out: list[str] = []
     with tempfile.TemporaryFile() as tmp:
-        saved = os.dup(2)
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(tmp.fileno(), 1)
         os.dup2(tmp.fileno(), 2)
         try:
             yield out
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
             tmp.seek(0)
             out.append(tmp.read().decode("utf-8", "replace"))
 
@@ -147,7 +155,7 @@ class KernelProbe:
             cflags.append("-DTCPSTATES_FILTER_DPORT=1")
         if family is not None:
             cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
-        with captured_stderr() as err:
+        with captured_output() as err:
             try:
                 self.bpf = self.bcc.BPF(src_file=str(src_dir / "tcpstates.bpf.c").encode(),
                                         cflags=cflags)

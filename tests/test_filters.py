@@ -1,0 +1,123 @@
+"""Every built-in filter on replayed events and on real kernel events, and the
+automatic push-down of port and family conditions into the kernel."""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from pathlib import Path
+
+import orjson
+import pytest
+from tracer import run_cli
+from traffic import by_socket, free_port, parse_csv, refused, session, transitions
+
+from tcpstates.testing import make_event, run_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EVENTS = [
+    make_event(sport=0, dport=80, oldstate="CLOSE", newstate="SYN_SENT", pid=10, comm="curl"),
+    make_event(sport=41000, dport=80, oldstate="SYN_SENT", newstate="ESTABLISHED", span_ns=150_000_000,
+               pid=0, comm="swapper/0"),
+    make_event(sport=41001, dport=81, oldstate="SYN_SENT", newstate="CLOSE", span_ns=40_000, pid=11,
+               comm="wget"),
+    make_event(family=10, saddr="2001:db8::5", daddr="2001:db8:1::9", sport=8443, dport=50000,
+               oldstate="LISTEN", newstate="SYN_RECV", pid=12, comm="nginx: worker"),
+    make_event(family=10, saddr="::ffff:10.1.2.3", daddr="::ffff:192.168.7.7", sport=8080, dport=50001,
+               oldstate="ESTABLISHED", newstate="CLOSE_WAIT", span_ns=2_000_000_000, pid=13, comm="java"),
+]
+
+
+def _kept(config: str) -> list[int]:
+    return [EVENTS.index(e) for e in run_pipeline(config, EVENTS, entry_points=False).events]
+
+
+@pytest.mark.parametrize("config,kept", [
+    ('use="state"\ntransitions=["SYN_SENT->CLOSE"]', [2]),
+    ('use="state"\ntransitions=["SYN_SENT→CLOSE"]', [2]),
+    ('use="state"\nold=["SYN_SENT"]', [1, 2]),
+    ('use="state"\nnew=["close_wait", "SYN_RECV"]', [3, 4]),
+    ('use="state"\nold=["SYN_SENT"]\nexclude=true', [0, 3, 4]),
+    ('use="duration"\nmin_ms=100.0', [1, 4]),
+    ('use="duration"\nmin_ms=100.0\nmax_ms=1000.0', [1]),
+    ('use="duration"\nstates=["SYN_SENT"]\nmin_ms=100.0', [0, 1, 3, 4]),
+    ('use="duration"\nmin_ms=0.0\nunknown="keep"', [0, 1, 2, 3, 4]),
+    ('use="duration"\nmin_ms=0.0', [1, 2, 4]),
+    ('use="process"\npid=[10, 12]', [0, 3]),
+    ('use="process"\ncomm=["w*", "java"]', [2, 4]),
+    ('use="process"\ncomm=["swapper/*"]\nexclude=true', [0, 2, 3, 4]),
+    ('use="address"\nlocal=["2001:db8::/32"]', [3]),
+    ('use="address"\nremote=["192.168.0.0/16"]', [4]),       # IPv4-mapped matches IPv4 nets
+    ('use="address"\nlocal=["127.0.0.0/8", "10.0.0.0/8"]', [0, 1, 2, 4]),
+    ('use="ports"\nlocal=["8000-8999"]', [3, 4]),
+    ('use="ports"\nremote=[80]', [0, 1]),
+    ('use="ports"\nlocal=["41000-41001"]\nremote=["81-90"]', [2]),
+    ('use="family"\nfamily="ipv6"', [3, 4]),
+])
+def test_filter_on_replayed_events(config, kept):
+    assert _kept("[[chain]]\n" + config + "\n") == kept
+
+
+def test_filters_chain_in_order():
+    assert _kept('[[chain]]\nuse="family"\nfamily="ipv4"\n[[chain]]\nuse="state"\nnew=["CLOSE"]\n') == [2]
+
+
+def test_filters_through_the_real_cli_replay(tmp_path):
+    from tcpstates.records import Rfc3339, event_record
+    fmt = Rfc3339()
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(b"".join(orjson.dumps(event_record(e, i + 1, e.ts_ns, "h", fmt)) + b"\n"
+                               for i, e in enumerate(EVENTS)))
+    r = run_cli("--replay", str(trace), "-s", "--no-summary", "-o",
+                'chain=[{use="duration", states=["SYN_SENT"], min_ms=100.0}, {use="state", old=["SYN_SENT"]}]')
+    assert r.returncode == 0, r.stderr
+    rows = parse_csv(r.stdout.decode())
+    assert [(x["OLDSTATE"], x["NEWSTATE"], x["MS"]) for x in rows] == [("SYN_SENT", "ESTABLISHED", "150.000")]
+
+
+def test_repository_config_is_valid_including_its_commented_examples(tmp_path):
+    text = (ROOT / "tcpstates.toml").read_text()
+    tomllib.loads(text)
+    # the commented [[chain]] examples must be valid too: uncomment and load
+    uncommented = re.sub(r"^# (\[\[chain\]\]|[a-z_]+ = .*)$", r"\1", text, flags=re.M)
+    assert uncommented.count("[[chain]]") > text.count("\n[[chain]]")
+    cfg = tmp_path / "tcpstates.toml"
+    cfg.write_text(uncommented.replace("/var/log/tcpstates/events.jsonl", str(tmp_path / "e.jsonl")))
+    r = run_cli("--config", str(cfg), "--replay", "/dev/null", "--no-summary")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(b"SKADDR ")
+
+
+@pytest.mark.kernel
+def test_every_filter_on_real_kernel_events(tracer):
+    port, other = free_port(), free_port()
+    chain = ('chain=[{use="ports", remote=[%d, %d]}, {use="state", transitions=["SYN_SENT->CLOSE"]},'
+             ' {use="address", remote=["127.0.0.0/8"]}, {use="process", comm=["no-such-*"], exclude=true},'
+             ' {use="duration", min_ms=0.0}, {use="family", family="ipv4"}]') % (port, other)
+    t = tracer("-s", "-o", chain)
+    refused(port)
+    refused(other)
+    session(socket.AF_INET, port, hold=0.01, server_delay=0.0)   # no failed connect in here
+    refused(port, socket.AF_INET6)                                 # family filter drops it
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    rows = parse_csv(out)
+    assert sorted(int(r["RPORT"]) for r in rows) == sorted([port, other])
+    assert all((r["OLDSTATE"], r["NEWSTATE"], r["IP"]) == ("SYN_SENT", "CLOSE", "4") for r in rows)
+
+
+@pytest.mark.kernel
+def test_port_and_family_conditions_are_pushed_into_the_kernel(tracer):
+    port = free_port()
+    t = tracer("-s", "-o", f'chain=[{{use="ports", local=["{port}-{port}"]}}, {{use="family", family="ipv4"}}]')
+    session(socket.AF_INET, port, hold=0.01, server_delay=0.0)
+    session(socket.AF_INET, free_port(), hold=0.01, server_delay=0.0)
+    session(socket.AF_INET6, free_port(socket.AF_INET6), hold=0.01, server_delay=0.0)
+    rc, out, err = t.stop()
+    lives = by_socket(parse_csv(out), {port})
+    assert sorted(transitions(l)[1] for l in lives) == ["LISTEN", "SYN_RECV"]
+    # the other sessions never reached user space: seen == kept, nothing filtered there
+    m = re.search(r"(\d+) events seen, (\d+) kept", err)
+    assert m and m.group(1) == m.group(2) == str(len(parse_csv(out)))
