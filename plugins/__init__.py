@@ -6,5 +6,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "tcpstates.plugins.bcc_sinks",
     "tcpstates.plugins.jsonl_sink",
     "tcpstates.plugins.journal_sink",
+    "tcpstates.plugins.forward_sink",
     "tcpstates.plugins.basic_filters",
 )
