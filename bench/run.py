@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""tcpstates benchmark: load rate, fidelity, CPU, startup and memory, vs bcc.
+
+For each load rate it runs, in one invocation and one after the other:
+  untraced         the load alone
+  tcpstates        ours, text sink to a file, no filter
+  tcpstates -L     ours with an in-kernel port filter that removes every load event
+  bcc              Debian's tcpstates-bpfcc, when installed
+and reports per run: load rate and its ratio to untraced, events printed for
+the load's port vs the kernel's own count (bench/truth.py), reported drops
+and kernel misses, tracer CPU per event, startup time, peak RSS.
+
+    sudo .venv/bin/python bench/run.py                         # default rates
+    sudo .venv/bin/python bench/run.py --rates max,5000 --seconds 5 --json out.json
+    sudo .venv/bin/python bench/run.py --smoke                 # CI: tiny, no timing claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from truth import TracepointCounter  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BCC_TOOL = shutil.which("tcpstates-bpfcc") or "/usr/sbin/tcpstates-bpfcc"
+OURS = [sys.executable, "-m", "tcpstates"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK     # utime + stime
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_load(port: int, connections: int, rate: float, seconds: float) -> dict:
+    out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), "--port", str(port),
+                          "--connections", str(connections), "--rate", str(rate),
+                          "--seconds", str(seconds)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+class TracerRun:
+    """A tracer subprocess writing its table to a file."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict) -> None:
+        self.name = name
+        self.out_path = workdir / f"{name}.out"
+        self.err_path = workdir / f"{name}.err"
+        self.notify_path = workdir / f"{name}.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(0.05)
+        t0 = time.monotonic()
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         env={**env, "NOTIFY_SOCKET": str(self.notify_path)})
+        self.startup = self._wait_ready(t0)
+
+    def _wait_ready(self, t0: float, timeout: float = 60) -> float:
+        while time.monotonic() - t0 < timeout:
+            try:
+                if b"READY=1" in self.notify.recv(64):
+                    return time.monotonic() - t0       # ours: attached and reading
+            except socket.timeout:
+                pass
+            if self.out_path.stat().st_size > 0 and self.name.startswith("bcc"):
+                # bcc prints its header before opening its buffers; that is its "ready"
+                return time.monotonic() - t0
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.err_path.read_text()[-500:]}")
+        raise RuntimeError(f"{self.name} not ready after {timeout}s")
+
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until the output stops growing (the tracer caught up)."""
+        last, still = -1, 0.0
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            size = self.out_path.stat().st_size
+            if size == last:
+                still += 0.1
+                if still >= 0.5:
+                    return
+            else:
+                last, still = size, 0.0
+            time.sleep(0.1)
+
+    def stop(self) -> float:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()      # bcc can swallow SIGINT under load
+            self.proc.wait()
+        self.notify.close()
+        self.notify_path.unlink()
+        return 0.0
+
+
+def count_port_lines(path: Path, port: int) -> int:
+    needle = f" {port} ".encode()
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if needle in line:
+                n += 1
+    return n
+
+
+def reported_losses(name: str, err: str) -> tuple[int, int]:
+    if name.startswith("bcc"):
+        return sum(int(m) for m in re.findall(r"Possibly lost (\d+) samples", err)), 0
+    m = re.search(r"(\d+) dropped, (\d+) kernel misses", err)
+    return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+
+
+def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple[str, list[str]]],
+                workdir: Path, env: dict) -> list[dict]:
+    conns = max_conns if rate == 0 else min(max_conns, int(rate * seconds))
+    results = []
+    port = free_port()
+    base = run_load(port, conns, rate, seconds * 3)
+    results.append({"tracer": "untraced", "rate": base["rate"], "ratio": 1.0,
+                    "connections": base["connections"]})
+    for name, argv in tracers:
+        port = free_port()
+        full = [a.replace("{OTHER}", str(free_port())) for a in argv]
+        t = TracerRun(name, full, workdir, env)
+        truth = TracepointCounter(port, conns * 10 + 10)
+        cpu0 = cpu_seconds(t.proc.pid)
+        load = run_load(port, conns, rate, seconds * 3)
+        recorded, overrun = truth.stop()
+        t.settle()
+        cpu = cpu_seconds(t.proc.pid) - cpu0
+        rss = peak_rss_mb(t.proc.pid)
+        t.stop()
+        truth.close()
+        err = t.err_path.read_text(errors="replace")
+        printed = count_port_lines(t.out_path, port)
+        dropped, misses = reported_losses(name, err)
+        filtered = "-L" in argv
+        results.append({
+            "tracer": name, "rate": load["rate"], "ratio": round(load["rate"] / base["rate"], 3),
+            "connections": load["connections"], "truth": recorded, "truth_overrun": overrun,
+            "printed": printed, "missing": recorded - printed if not filtered else None,
+            "dropped": dropped, "kernel_misses": misses,
+            "cpu_us_per_event": round(cpu * 1e6 / recorded, 2) if recorded and not filtered else None,
+            "startup_s": round(t.startup, 3), "peak_rss_mb": round(rss, 1),
+        })
+        for p in (t.out_path, t.err_path):
+            p.unlink()
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["point", "tracer", "rate", "ratio", "truth", "printed", "missing", "dropped",
+            "kernel_misses", "cpu_us_per_event", "startup_s", "peak_rss_mb"]
+    widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    for r in rows:
+        lines.append("  ".join(("" if r.get(c) is None else str(r.get(c))).ljust(widths[c]) for c in cols))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default="max,1000,3000,5000", help="connections/s, 'max' = unthrottled")
+    p.add_argument("--seconds", type=float, default=4.0, help="load duration per point (bounded)")
+    p.add_argument("--max-connections", type=int, default=40000, help="cap per run")
+    p.add_argument("--no-bcc", action="store_true", help="skip bcc even when installed")
+    p.add_argument("--sink", default="text", help="our sink for the main run (text or jsonl)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny run for CI: checks the harness, claims nothing")
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        p.error("needs root (tracing, ftrace instance)")
+    if a.smoke:
+        a.rates, a.seconds, a.max_connections = "max,500", 0.5, 300
+    if not 0 < a.seconds <= 600 or not 1 <= a.max_connections <= 2_000_000:
+        p.error("bounds: --seconds 0..600, --max-connections 1..2000000")
+    from tcpstates.headers import choose_header_tree
+    tree, _ = choose_header_tree()
+    env = dict(os.environ)
+    if tree is not None:
+        env["BCC_KERNEL_SOURCE"] = str(tree)      # bcc's own tool needs a header tree too
+    ours = OURS + (["--sink", a.sink] if a.sink != "text" else [])
+    tracers = [("tcpstates", ours), ("tcpstates -L", OURS + ["-L", "{OTHER}"])]
+    if not a.no_bcc and os.path.exists(BCC_TOOL):
+        tracers.append(("bcc", [BCC_TOOL]))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tcpstates-bench-") as tmp:
+        for spec in a.rates.split(","):
+            rate = 0.0 if spec == "max" else float(spec)
+            for r in bench_point(rate, a.seconds, a.max_connections, tracers, Path(tmp), env):
+                r["point"] = spec
+                rows.append(r)
+                print(f"bench: {spec} {r['tracer']}: rate {r['rate']}/s", file=sys.stderr, flush=True)
+    print(format_table(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
