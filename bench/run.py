@@ -143,9 +143,12 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
     conns = max_conns if rate == 0 else min(max_conns, int(rate * seconds))
     results = []
     port = free_port()
+    truth = TracepointCounter(port, conns * 10 + 10)     # on in every run: same cost for all
     base = run_load(port, conns, rate, seconds * 3)
+    recorded, overrun = truth.stop()
+    truth.close()
     results.append({"tracer": "untraced", "rate": base["rate"], "ratio": 1.0,
-                    "connections": base["connections"]})
+                    "connections": base["connections"], "truth": recorded, "truth_overrun": overrun})
     for name, argv in tracers:
         port = free_port()
         full = [a.replace("{OTHER}", str(free_port())) for a in argv]

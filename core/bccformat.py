@@ -21,8 +21,15 @@ WIDE_ROW = "%-16x %-5d %-16.16s %-2s %-39s %-5s %-39s %-5d %-11s -> %-11s %.3f"
 CSV_HEADER = "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s"
 CSV_ROW = "%x,%d,%s,%s,%s,%s,%s,%d,%s,%s,%.3f"
 
-# bcc prints an unknown state number as str(n); precompute all 256.
+# bcc prints an unknown state number as str(n); precompute all 256 × 256
+# "OLDSTATE    -> NEWSTATE    " (text) pairs, so a row costs one % operation.
 _STATE = [STATE_NAMES.get(i) or str(i) for i in range(256)]
+_PAIRS_TEXT = [["%-11s -> %-11s" % (o, n) for n in _STATE[:16]] for o in _STATE[:16]]
+_PAIRS_CSV = [["%s,%s" % (o, n) for n in _STATE[:16]] for o in _STATE[:16]]
+# The bcc rows above with "%-11s -> %-11s" (or "%s,%s") replaced by one %s.
+_ROW_DEFAULT = "%-16x %-5d %-10.10s %s%-15s %-5d %-15s %-5d %s %.3f"
+_ROW_WIDE = "%-16x %-5d %-16.16s %-2s %-39s %-5s %-39s %-5d %s %.3f"
+_ROW_CSV = "%x,%d,%s,%s,%s,%s,%s,%d,%s,%.3f"
 
 
 def csv_field(value: str) -> str:
@@ -48,6 +55,7 @@ class BccFormatter:
         self.timestamp_col = timestamp_col
         self.wall_ns = wall_ns
         self.first_ts_us: int | None = None
+        self._row = _ROW_CSV if self.csv else _ROW_WIDE if self.wide else _ROW_DEFAULT
         self._clock_sec = -1
         self._clock_text = ""
 
@@ -76,34 +84,37 @@ class BccFormatter:
         return self._clock_text
 
     def lines(self, batch: list[Event]) -> list[str]:
+        """One bcc line per event (no newline)."""
+        row = self._row
+        csv = self.csv
+        pairs = _PAIRS_CSV if csv else _PAIRS_TEXT
+        pair_fmt = "%s,%s" if csv else "%-11s -> %-11s"
+        ipcol = self.csv or self.wide
         out = []
         append = out.append
-        state = _STATE
-        csv, wide, tcol, tscol = self.csv, self.wide, self.time_col, self.timestamp_col
         for e in batch:
-            span_us = (e.span_ns // 1000) if e.span_ns is not None else 0
-            ms = span_us / 1000
-            ip = "4" if e.family == AF_INET else "6"
-            old, new = state[e.oldstate & 255], state[e.newstate & 255]
-            if csv:
-                line = CSV_ROW % (e.skaddr, e.pid, csv_field(e.comm), ip, e.saddr, e.sport,
-                                  e.daddr, e.dport, old, new, ms)
-            elif wide:
-                line = WIDE_ROW % (e.skaddr, e.pid, e.comm, ip, e.saddr, e.sport,
-                                   e.daddr, e.dport, old, new, ms)
-            else:
-                line = DEFAULT_ROW % (e.skaddr, e.pid, e.comm, "", e.saddr, e.sport,
-                                      e.daddr, e.dport, old, new, ms)
-            if tscol or tcol:
-                prefix = ""
-                if tcol:
-                    prefix = (self._clock(e.ts_ns) + ",") if csv else ("%-8s " % self._clock(e.ts_ns))
-                if tscol:
-                    ts_us = e.ts_ns // 1000
-                    if self.first_ts_us is None:
-                        self.first_ts_us = ts_us
-                    delta = (ts_us - self.first_ts_us) / 1000000
-                    prefix += ("%.6f," % delta) if csv else ("%-9.6f " % delta)
-                line = prefix + line
-            append(line)
+            span = e.span_ns
+            ms = span // 1000 / 1000 if span is not None else 0.0   # bcc: whole µs, then ms
+            comm = e.comm
+            if csv and ("," in comm or '"' in comm):
+                comm = csv_field(comm)
+            args = (e.skaddr, e.pid, comm, ("4" if e.family == AF_INET else "6") if ipcol else "",
+                    e.saddr, e.sport, e.daddr, e.dport,
+                    pairs[e.oldstate][e.newstate] if e.oldstate < 16 and e.newstate < 16 else
+                    pair_fmt % (_STATE[e.oldstate & 255], _STATE[e.newstate & 255]), ms)
+            append(row % args)
+        if self.time_col or self.timestamp_col:
+            out = [self._prefix(e) + line for e, line in zip(batch, out)]
         return out
+
+    def _prefix(self, e: Event) -> str:
+        prefix = ""
+        if self.time_col:
+            prefix = (self._clock(e.ts_ns) + ",") if self.csv else ("%-8s " % self._clock(e.ts_ns))
+        if self.timestamp_col:
+            ts_us = e.ts_ns // 1000
+            if self.first_ts_us is None:
+                self.first_ts_us = ts_us
+            delta = (ts_us - self.first_ts_us) / 1000000
+            prefix += ("%.6f," % delta) if self.csv else ("%-9.6f " % delta)
+        return prefix

@@ -79,6 +79,11 @@ class Event:
 # struct tcpstates_event in bpf/tcpstates.h
 EVENT_STRUCT = struct.Struct("<QQQQIIHHHBB16s16s16s")
 EVENT_SIZE = EVENT_STRUCT.size
+# A ring-buffer record: u32 length (busy/discard bits), u32 page offset, event.
+# 8 + 96 = 104 is a multiple of 8, so records sit back to back.
+RING_RECORD = struct.Struct("<II" + EVENT_STRUCT.format[1:])
+RING_RECORD_SIZE = RING_RECORD.size
+assert RING_RECORD_SIZE % 8 == 0
 SPAN_UNKNOWN = (1 << 64) - 1
 
 
@@ -133,8 +138,42 @@ class Decoder:
             text = self._comm[raw] = sanitize_text(text)
         return text
 
-    def decode(self, buf: Any, offsets: list[int]) -> list[Event]:
-        """Decode the records at `offsets` in `buf` (a mapping or bytes)."""
+    def _slow_addr(self, family: int, raw: bytes) -> str:
+        cache = self._addr4 if family == AF_INET else self._addr6
+        if len(cache) >= self.CACHE_LIMIT:
+            cache.clear()
+        text = cache[raw] = socket.inet_ntop(family, raw[:4] if family == AF_INET else raw)
+        return text
+
+    def decode_block(self, data: bytes) -> tuple[list[Event], int]:
+        """Decode back-to-back ring records (8-byte header + event) from `data`.
+
+        Stops at the first record whose header is not exactly ours (a busy,
+        not yet submitted reservation, or a foreign record) and returns the
+        events with the number of bytes they occupied.
+        """
+        usable = len(data) - len(data) % RING_RECORD_SIZE
+        a4, a6, comms = self._addr4, self._addr6, self._comm
+        slow_addr, slow_comm = self._slow_addr, self.comm
+        out: list[Event] = []
+        append = out.append
+        for (hdr, _pgoff, ts, sk, span, cg, pid, tid, sport, dport, fam, old, new,
+             saddr, daddr, rawcomm) in RING_RECORD.iter_unpack(data[:usable] if usable != len(data) else data):
+            if hdr != EVENT_SIZE:
+                break
+            if fam == AF_INET:
+                s = a4.get(saddr) or slow_addr(fam, saddr)
+                d = a4.get(daddr) or slow_addr(fam, daddr)
+            else:
+                s = a6.get(saddr) or slow_addr(fam, saddr)
+                d = a6.get(daddr) or slow_addr(fam, daddr)
+            append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid,
+                         comms.get(rawcomm) or slow_comm(rawcomm), fam, s, sport, d, dport,
+                         old, new, cg, {}))
+        return out, len(out) * RING_RECORD_SIZE
+
+    def decode(self, buf: Any, offsets: Any) -> list[Event]:
+        """Decode records at `offsets` in `buf` (perf-buffer path, tests)."""
         unpack = EVENT_STRUCT.unpack_from
         v4, v6, comm = self._v4, self._v6, self.comm
         out = []

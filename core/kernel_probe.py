@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tcpstates.errors import EnvironmentProblem
-from tcpstates.events import EVENT_SIZE, Decoder, Event
+from tcpstates.events import EVENT_SIZE, RING_RECORD_SIZE, Decoder, Event
 from tcpstates.headers import choose_header_tree
 from tcpstates.ringbuf import RingBufferReader
 
@@ -116,12 +116,17 @@ def recursion_misses(prog_fd: int) -> int:
     return 0
 
 
+def _by_time(event: Event) -> int:
+    return event.ts_ns
+
+
 class KernelProbe:
     """Compiled, attached program plus its reader."""
 
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
-                 family: int | None, batch_size: int = 8192) -> None:
+                 family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
+                 poll_s: float = 0.02) -> None:
         if os.geteuid() != 0:
             raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_PERFMON): run it with sudo")
         self.bcc = import_bcc()
@@ -141,6 +146,7 @@ class KernelProbe:
                                      f"use buffer = \"perf\"")
         self.buffer = buffer
         self.batch_size = batch_size
+        self.max_block = batch_size * RING_RECORD_SIZE
         tree, self.header_source = choose_header_tree()
         if tree is not None:
             os.environ["BCC_KERNEL_SOURCE"] = str(tree)
@@ -155,6 +161,9 @@ class KernelProbe:
             cflags.append("-DTCPSTATES_FILTER_DPORT=1")
         if family is not None:
             cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
+        self.poll_s = poll_s if timer_wakeup and buffer == "ring" else None
+        if self.poll_s is not None:
+            cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
         with captured_output() as err:
             try:
                 self.bpf = self.bcc.BPF(src_file=str(src_dir / "tcpstates.bpf.c").encode(),
@@ -177,9 +186,13 @@ class KernelProbe:
         self._drops = self.bpf["drops"]
         self._perf_lost = 0
         self._pending: list[bytes] = []
+        self.spilled = 0
         if buffer == "ring":
             self.reader: RingBufferReader | None = RingBufferReader(
                 self.bpf["events"].map_fd, ring_pages * os.sysconf("SC_PAGE_SIZE"))
+            # records the ring refused land here (see the BPF source); small
+            self.bpf["spill"].open_perf_buffer(self._perf_event, page_cnt=64,
+                                               lost_cb=self._perf_lost_cb)
         else:
             self.reader = None
             self.bpf["events"].open_perf_buffer(self._perf_event, page_cnt=ring_pages,
@@ -212,13 +225,19 @@ class KernelProbe:
             raw, self._pending = self._pending, []
             return self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
         if reader.pending() == 0:
-            reader.wait(timeout)
-        buf, offsets = reader.read(EVENT_SIZE, self.batch_size)
-        if not offsets:
-            reader.commit()
-            return []
-        events = self.decoder.decode(buf, offsets)
-        reader.commit()
+            # timer mode: the kernel never signals; sleep one poll interval
+            # (a signal's wake-up fd still ends the sleep at once)
+            reader.wait(timeout if self.poll_s is None else min(timeout, self.poll_s))
+        events, used = self.decoder.decode_block(reader.read_block(self.max_block))
+        reader.consume(used)
+        self.bpf.perf_buffer_poll(0)      # spilled records, if any (non-blocking)
+        if self._pending:
+            raw, self._pending = self._pending, []
+            self.spilled += len(raw)
+            late = self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
+            events = sorted(events + late, key=_by_time)   # back into time order
+        if not events and reader.skip_foreign():
+            return self.read(0)
         return events
 
     def loss_counters(self) -> dict[str, int]:

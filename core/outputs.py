@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 
 from tcpstates.errors import UsageError
@@ -26,6 +27,7 @@ class LineOutput:
         self.keep = keep
         self.fd = -1
         self.size = 0
+        self.regular = False
 
     @property
     def is_stdout(self) -> bool:
@@ -45,15 +47,17 @@ class LineOutput:
             raise UsageError(f"{self.path}: cannot open for appending ({exc.strerror}); "
                              f"check the directory exists and is writable") from None
         st = os.fstat(self.fd)
-        if not (st.st_mode & 0o170000) == 0o100000:
+        # regular files, FIFOs (a shipper reading a pipe) and character devices (/dev/null)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             os.close(self.fd)
             self.fd = -1
-            raise UsageError(f"{self.path}: not a regular file; give a file path or '-' for stdout")
+            raise UsageError(f"{self.path}: not a file, FIFO or device; give a file path or '-' for stdout")
+        self.regular = stat.S_ISREG(st.st_mode)
         self.size = st.st_size
 
     def write(self, data: bytes) -> None:
         """Write whole lines; with rotation, split so no file passes max_bytes."""
-        if self.max_bytes and not self.is_stdout and self.size + len(data) > self.max_bytes:
+        if self.max_bytes and self.regular and self.size + len(data) > self.max_bytes:
             self._write_rotating(data)
             return
         self._write_all(data)

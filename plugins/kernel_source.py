@@ -18,6 +18,9 @@ class KernelOptions:
     buffer_pages: int = option(2048, "kernel buffer size in pages, a power of two (ring: total; perf: per CPU)")
     max_sockets: int = option(65536, "sockets tracked for durations (LRU map entries)")
     batch_size: int = option(8192, "most events read per batch")
+    wakeup: str = option("timer", "timer: the kernel never wakes the reader, which polls every "
+                         "poll_ms (cheapest for the traced load); adaptive: woken per batch (lowest latency)")
+    poll_ms: int = option(20, "reader poll interval with wakeup = \"timer\" (latency bound)")
 
     def validate(self) -> None:
         if self.buffer not in ("auto", "ring", "perf"):
@@ -28,6 +31,10 @@ class KernelOptions:
             raise ValueError(f"max_sockets: expected 1024 to 16777216, got {self.max_sockets}")
         if not 1 <= self.batch_size <= 1 << 20:
             raise ValueError(f"batch_size: expected 1 to 1048576, got {self.batch_size}")
+        if self.wakeup not in ("timer", "adaptive"):
+            raise ValueError(f"wakeup: expected timer or adaptive, got {self.wakeup!r}")
+        if not 1 <= self.poll_ms <= 1000:
+            raise ValueError(f"poll_ms: expected 1 to 1000, got {self.poll_ms}")
 
 
 def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints:
@@ -67,7 +74,8 @@ class KernelSource(Source):
         self.probe = KernelProbe(ring_pages=o.buffer_pages, max_sockets=o.max_sockets,
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
-                                 batch_size=o.batch_size)
+                                 batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
+                                 poll_s=o.poll_ms / 1000)
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
         # measured after the (slow) compile so drift over the run starts small
