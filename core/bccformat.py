@@ -1,7 +1,10 @@
 """bcc tcpstates' text and CSV layouts, byte for byte (upstream HEAD).
 
-Header and row strings are bcc's own `%` formats (see docs/bcc-compat.md).
-Formatting works on a whole batch and caches the HH:MM:SS string per second.
+bcc's own `%` formats (kept below for reference) are rewritten with two
+extra `%s` slots: the state pair pre-rendered (one `%` per row), and the
+optional owner columns (empty unless `owner` is on, so the default output
+is bcc's to the byte; tests/test_bcc_format.py proves it). Formatting works
+on a whole batch and caches the HH:MM:SS string per second.
 """
 
 from __future__ import annotations
@@ -11,25 +14,27 @@ from typing import Callable
 
 from tcpstates.events import AF_INET, STATE_NAMES, Event
 
-HEADER_ARGS = ("SKADDR", "C-PID", "C-COMM", "IP", "LADDR", "LPORT", "RADDR", "RPORT",
-               "OLDSTATE", "NEWSTATE", "MS")
-
-DEFAULT_HEADER = "%-16s %-5s %-10.10s %s%-15s %-5s %-15s %-5s %-11s -> %-11s %s"
-DEFAULT_ROW = "%-16x %-5d %-10.10s %s%-15s %-5d %-15s %-5d %-11s -> %-11s %.3f"
-WIDE_HEADER = "%-16s %-5s %-16.16s %-2s %-39s %-5s %-39s %-5s %-11s -> %-11s %s"
-WIDE_ROW = "%-16x %-5d %-16.16s %-2s %-39s %-5s %-39s %-5d %-11s -> %-11s %.3f"
-CSV_HEADER = "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s"
-CSV_ROW = "%x,%d,%s,%s,%s,%s,%s,%d,%s,%s,%.3f"
+# bcc's formats, for reference:
+#   default "%-16x %-5d %-10.10s %s%-15s %-5d %-15s %-5d %-11s -> %-11s %.3f"  (%s: empty IP)
+#   -w      "%-16x %-5d %-16.16s %-2s %-39s %-5s %-39s %-5d %-11s -> %-11s %.3f"
+#   -s      "%x,%d,%s,%s,%s,%s,%s,%d,%s,%s,%.3f"
+# headers: the same with %s for every column.
 
 # bcc prints an unknown state number as str(n); precompute all 256 × 256
 # "OLDSTATE    -> NEWSTATE    " (text) pairs, so a row costs one % operation.
 _STATE = [STATE_NAMES.get(i) or str(i) for i in range(256)]
 _PAIRS_TEXT = [["%-11s -> %-11s" % (o, n) for n in _STATE[:16]] for o in _STATE[:16]]
 _PAIRS_CSV = [["%s,%s" % (o, n) for n in _STATE[:16]] for o in _STATE[:16]]
-# The bcc rows above with "%-11s -> %-11s" (or "%s,%s") replaced by one %s.
-_ROW_DEFAULT = "%-16x %-5d %-10.10s %s%-15s %-5d %-15s %-5d %s %.3f"
-_ROW_WIDE = "%-16x %-5d %-16.16s %-2s %-39s %-5s %-39s %-5d %s %.3f"
-_ROW_CSV = "%x,%d,%s,%s,%s,%s,%s,%d,%s,%.3f"
+# The rows: the state pair is one %s; `%s` after C-COMM (text) or at the end
+# (CSV) holds the owner columns.
+_ROW_DEFAULT = "%-16x %-5d %-10.10s %s%s%-15s %-5d %-15s %-5d %s %.3f"
+_ROW_WIDE = "%-16x %-5d %-16.16s %s%-2s %-39s %-5s %-39s %-5d %s %.3f"
+_ROW_CSV = "%x,%d,%s,%s,%s,%s,%s,%s,%s,%.3f%s"
+_HEADER_DEFAULT = "%-16s %-5s %-10.10s %s%s%-15s %-5s %-15s %-5s %s %s"
+_HEADER_WIDE = "%-16s %-5s %-16.16s %s%-2s %-39s %-5s %-39s %-5s %s %s"
+_HEADER_CSV = "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s%s"
+_OWNER_DEFAULT = "%-7s %-10.10s "
+_OWNER_WIDE = "%-7s %-16.16s "
 
 
 def csv_field(value: str) -> str:
@@ -48,33 +53,39 @@ class BccFormatter:
     """
 
     def __init__(self, *, csv: bool, wide: bool, time_col: bool, timestamp_col: bool,
-                 wall_ns: Callable[[int], int]) -> None:
+                 wall_ns: Callable[[int], int], owner: bool = False) -> None:
         self.csv = csv
         self.wide = wide and not csv    # bcc: -s wins over -w
         self.time_col = time_col
         self.timestamp_col = timestamp_col
         self.wall_ns = wall_ns
         self.first_ts_us: int | None = None
+        self.owner = owner
         self._row = _ROW_CSV if self.csv else _ROW_WIDE if self.wide else _ROW_DEFAULT
         self._clock_sec = -1
         self._clock_text = ""
 
     def header(self) -> str:
-        prefix = ""
+        pair = "OLDSTATE,NEWSTATE" if self.csv else "%-11s -> %-11s" % ("OLDSTATE", "NEWSTATE")
         if self.csv:
-            if self.time_col:
-                prefix += "TIME,"
-            if self.timestamp_col:
-                prefix += "TIME(s),"
-            return prefix + CSV_HEADER % HEADER_ARGS
-        if self.time_col:
-            prefix += "%-8s " % "TIME"
-        if self.timestamp_col:
-            prefix += "%-9s " % "TIME(s)"
+            prefix = ("TIME," if self.time_col else "") + ("TIME(s)," if self.timestamp_col else "")
+            return prefix + _HEADER_CSV % ("SKADDR", "C-PID", "C-COMM", "IP", "LADDR", "LPORT", "RADDR",
+                                           "RPORT", pair, "MS", ",O-PID,O-COMM" if self.owner else "")
+        prefix = ("%-8s " % "TIME" if self.time_col else "") + ("%-9s " % "TIME(s)" if self.timestamp_col else "")
+        owner = ((_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % ("O-PID", "O-COMM")) if self.owner else ""
         if self.wide:
-            return prefix + WIDE_HEADER % HEADER_ARGS
-        args = HEADER_ARGS[:3] + ("",) + HEADER_ARGS[4:]
-        return prefix + DEFAULT_HEADER % args
+            return prefix + _HEADER_WIDE % ("SKADDR", "C-PID", "C-COMM", owner, "IP", "LADDR", "LPORT",
+                                            "RADDR", "RPORT", pair, "MS")
+        return prefix + _HEADER_DEFAULT % ("SKADDR", "C-PID", "C-COMM", owner, "", "LADDR", "LPORT",
+                                           "RADDR", "RPORT", pair, "MS")
+
+    def _owner(self, e: Event) -> str:
+        pid, comm = e.extra.get("owner_pid"), e.extra.get("owner_comm")
+        pid_text = "?" if pid is None else str(pid)
+        comm = "?" if comm is None else comm
+        if self.csv:
+            return ",%s,%s" % ("" if pid is None else pid_text, csv_field(comm) if pid is not None else "")
+        return (_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % (pid_text, comm)
 
     def _clock(self, ts_ns: int) -> str:
         sec = self.wall_ns(ts_ns) // 1_000_000_000
@@ -90,6 +101,7 @@ class BccFormatter:
         pairs = _PAIRS_CSV if csv else _PAIRS_TEXT
         pair_fmt = "%s,%s" if csv else "%-11s -> %-11s"
         ipcol = self.csv or self.wide
+        owner_of = self._owner if self.owner else None
         out = []
         append = out.append
         for e in batch:
@@ -98,10 +110,14 @@ class BccFormatter:
             comm = e.comm
             if csv and ("," in comm or '"' in comm):
                 comm = csv_field(comm)
-            args = (e.skaddr, e.pid, comm, ("4" if e.family == AF_INET else "6") if ipcol else "",
-                    e.saddr, e.sport, e.daddr, e.dport,
-                    pairs[e.oldstate][e.newstate] if e.oldstate < 16 and e.newstate < 16 else
-                    pair_fmt % (_STATE[e.oldstate & 255], _STATE[e.newstate & 255]), ms)
+            pair = (pairs[e.oldstate][e.newstate] if e.oldstate < 16 and e.newstate < 16 else
+                    pair_fmt % (_STATE[e.oldstate & 255], _STATE[e.newstate & 255]))
+            ip = ("4" if e.family == AF_INET else "6") if ipcol else ""
+            owner = owner_of(e) if owner_of else ""
+            if csv:
+                args = (e.skaddr, e.pid, comm, ip, e.saddr, e.sport, e.daddr, e.dport, pair, ms, owner)
+            else:
+                args = (e.skaddr, e.pid, comm, owner, ip, e.saddr, e.sport, e.daddr, e.dport, pair, ms)
             append(row % args)
         if self.time_col or self.timestamp_col:
             out = [self._prefix(e) + line for e, line in zip(batch, out)]

@@ -70,6 +70,8 @@ def build_parser() -> OneLineParser:
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", "--ipv4", action="store_true", help="trace IPv4 family only")
     fam.add_argument("-6", "--ipv6", action="store_true", help="trace IPv6 family only")
+    p.add_argument("--owner", action="store_true", help="name the process owning each socket "
+                   "(O-PID/O-COMM columns), not only the on-CPU one (C-PID/C-COMM)")
     p.add_argument("--sink", action="append", metavar="NAME", default=None,
                    help="send events to this sink (repeatable): a sink type (text, csv, jsonl, "
                         "journal, ...) or a sink named in the config")
@@ -99,6 +101,11 @@ def _sink_table(config: dict[str, Any], name: str) -> dict[str, Any]:
     return table
 
 
+def _sink_type(config: dict[str, Any], name: str) -> str:
+    table = config.get("sinks", {}).get(name) if isinstance(config.get("sinks"), dict) else None
+    return table.get("type", name) if isinstance(table, dict) else name
+
+
 def apply_flags(args: argparse.Namespace, config: dict[str, Any], general: cfg.General,
                 registry: Any) -> list[str]:
     """Fold bcc's flags into the config; returns the active sink names."""
@@ -122,13 +129,12 @@ def apply_flags(args: argparse.Namespace, config: dict[str, Any], general: cfg.G
     if not names:
         raise UsageError("no sinks: give --sink NAME or set tcpstates.sinks in the config")
     for name in names:
-        type_name = config.get("sinks", {}).get(name, {}).get("type", name) \
-            if isinstance(config.get("sinks", {}).get(name), dict) else name
-        info = registry.get("sink", type_name)
+        info = registry.get("sink", _sink_type(config, name))
         if info is None:
             continue   # reported with its config path by sink_spec
         fields = {f for f in getattr(info.cls.Options, "__dataclass_fields__", {})}
-        for flag, field in (("time", "time"), ("timestamp", "timestamp"), ("wide", "wide")):
+        for flag, field in (("time", "time"), ("timestamp", "timestamp"), ("wide", "wide"),
+                            ("owner", "owner")):
             if getattr(args, flag) and field in fields:
                 _sink_table(config, name)[field] = True
     chain = config.get("chain", [])
@@ -144,6 +150,15 @@ def apply_flags(args: argparse.Namespace, config: dict[str, Any], general: cfg.G
         front.append(entry)
     if args.ipv4 or args.ipv6:
         front.append({"use": "family", "family": "ipv4" if args.ipv4 else "ipv6"})
+    uses = {e.get("use") for e in chain if isinstance(e, dict)}
+    bcc_tables = {"text", "csv"}
+    structured = any(_sink_type(config, n) not in bcc_tables for n in names)
+    live = args.replay is None and general.source == "kernel"
+    # a recording keeps the owner fields it was made with; tracking owners of
+    # replayed events against this machine's /proc would be wrong
+    if "owner" not in uses and live and (general.owner == "on" or args.owner or
+                                         (general.owner == "auto" and structured)):
+        front.append({"use": "owner"})
     config["chain"] = front + chain
     if args.replay is not None:
         if args.replay == "":

@@ -135,6 +135,13 @@ class General:
     sinks: list[str] = dataclasses.field(default_factory=lambda: ["text"])
     source: str = "kernel"
     strict: bool = False
+    # owner enricher: "auto" = on when a structured sink (jsonl, journal,
+    # forward, ...) is active or --owner is given; "on"; "off"
+    owner: str = "auto"
+
+    def validate(self) -> None:
+        if self.owner not in ("auto", "on", "off"):
+            raise ValueError(f"owner: expected auto, on or off, got {self.owner!r}")
 
 
 @dataclasses.dataclass
@@ -223,6 +230,17 @@ def chain_specs(config: dict[str, Any], registry: Any) -> list[StageSpec]:
                               f"(available: {', '.join(sorted(avail))}; see 'tcpstates plugins')")
         on_error = _policy(table, path, info.cls, FILTER_POLICIES)
         options = build_options(info.cls.Options, table, path)
+        # a stage that needs another's fields (container needs owner) gets it
+        # inserted just before it, with default options, if the chain lacks it
+        for need in getattr(info.cls, "requires", ()):
+            if not any(s.name == need for s in specs):
+                dep = registry.find(need, ("enricher", "filter"))
+                if dep is None:
+                    raise ConfigError(f"{path}.use", f"{name!r} needs {need!r}, which is disabled or "
+                                      f"not installed")
+                specs.append(StageSpec(f"{path}(needs {need})", need, dep,
+                                       build_options(dep.cls.Options, {}, f"{path}(needs {need})"),
+                                       dep.cls.default_on_error))
         specs.append(StageSpec(path, name, info, options, on_error))
     return specs
 

@@ -59,6 +59,9 @@ class Pipeline:
         self.chain = [ChainStage(s.label, s.info.cls(s.options, context),
                                  "fail" if context.strict else s.on_error,
                                  issubclass(s.info.cls, Filter)) for s in chain]
+        # stages that must see every event the source delivers (e.g. owner
+        # tracking), whatever filters come before them in the chain
+        self.observers = [c for c in self.chain if hasattr(c.stage, "observe_batch")]
         self.sinks = [SinkSlot(s.label, s.name, s.info.cls(s.options, context),
                                "fail" if context.strict else s.on_error) for s in sinks]
         self.seen = 0
@@ -99,6 +102,15 @@ class Pipeline:
 
     # -- per batch --------------------------------------------------------------
     def _run_chain(self, batch: list[Event]) -> list[Event]:
+        for c in self.observers:
+            try:
+                c.stage.observe_batch(batch)   # type: ignore[attr-defined]
+            except Exception as exc:
+                c.errors += 1
+                if c.on_error == "fail":
+                    raise StageError(f"{c.label} ({c.stage.name}) failed: {type(exc).__name__}: {exc}") from exc
+                self.context.warn(f"{c.label} ({c.stage.name}) raised {type(exc).__name__}: {exc} while "
+                                  f"observing; on_error={c.on_error}", once_key=f"observe:{c.label}")
         for c in self.chain:
             if not batch:
                 break

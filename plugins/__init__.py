@@ -8,4 +8,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "tcpstates.plugins.journal_sink",
     "tcpstates.plugins.forward_sink",
     "tcpstates.plugins.basic_filters",
+    "tcpstates.plugins.owner_enricher",
+    "tcpstates.plugins.container_enricher",
 )

@@ -24,6 +24,7 @@ class TextOptions:
     timestamp: bool = option(False, "prefix a TIME(s) column, seconds since the first event (-t)")
     wide: bool = option(False, "wide columns with an IP column, fits IPv6 (-w)")
     header: bool = option(True, "print the header line first")
+    owner: bool = option(False, "add O-PID/O-COMM columns: the socket's owner (--owner)")
 
     def validate(self) -> None:
         if not self.path:
@@ -39,7 +40,7 @@ class _BccSink(Sink):
         self.output = LineOutput(options.path)
         self.formatter = BccFormatter(csv=self.csv, wide=getattr(options, "wide", False),
                                       time_col=options.time, timestamp_col=options.timestamp,
-                                      wall_ns=context.wall_ns)
+                                      wall_ns=context.wall_ns, owner=options.owner)
 
     def open(self) -> None:
         self.output.open()
@@ -81,6 +82,7 @@ class CsvOptions:
     time: bool = option(False, "prefix a TIME column, HH:MM:SS (-T)")
     timestamp: bool = option(False, "prefix a TIME(s) column, seconds since the first event (-t)")
     header: bool = option(True, "print the header line first")
+    owner: bool = option(False, "append O-PID,O-COMM columns: the socket's owner (--owner)")
 
     def validate(self) -> None:
         if not self.path:
