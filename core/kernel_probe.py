@@ -14,6 +14,7 @@ import platform
 import re
 import socket
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -126,7 +127,7 @@ class KernelProbe:
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
-                 poll_s: float = 0.02) -> None:
+                 poll_s: float = 0.05) -> None:
         if os.geteuid() != 0:
             raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_PERFMON): run it with sudo")
         self.bcc = import_bcc()
@@ -187,12 +188,19 @@ class KernelProbe:
         self._perf_lost = 0
         self._pending: list[bytes] = []
         self.spilled = 0
+        self._spill_fds: set[int] = set()
+        self._next_spill_check = 0.0
         if buffer == "ring":
             self.reader: RingBufferReader | None = RingBufferReader(
                 self.bpf["events"].map_fd, ring_pages * os.sysconf("SC_PAGE_SIZE"))
-            # records the ring refused land here (see the BPF source); small
+            # records the ring refused land here (see the BPF source); small.
+            # Its per-CPU fds join our epoll, so it is only polled when it has data.
             self.bpf["spill"].open_perf_buffer(self._perf_event, page_cnt=64,
                                                lost_cb=self._perf_lost_cb)
+            from bcc.libbcc import lib as libbcc
+            self._spill_fds = {libbcc.perf_reader_fd(r) for r in self.bpf.perf_buffers.values()}
+            for fd in self._spill_fds:
+                self.reader.register_wakeup_fd(fd, drain=False)
         else:
             self.reader = None
             self.bpf["events"].open_perf_buffer(self._perf_event, page_cnt=ring_pages,
@@ -224,13 +232,16 @@ class KernelProbe:
             self.bpf.perf_buffer_poll(int(timeout * 1000))
             raw, self._pending = self._pending, []
             return self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
+        spill_ready = False
         if reader.pending() == 0:
             # timer mode: the kernel never signals; sleep one poll interval
             # (a signal's wake-up fd still ends the sleep at once)
-            reader.wait(timeout if self.poll_s is None else min(timeout, self.poll_s))
+            ready = reader.wait(timeout if self.poll_s is None else min(timeout, self.poll_s))
+            spill_ready = not ready.isdisjoint(self._spill_fds)
         events, used = self.decoder.decode_block(reader.read_block(self.max_block))
         reader.consume(used)
-        self.bpf.perf_buffer_poll(0)      # spilled records, if any (non-blocking)
+        if spill_ready or self._spill_check_due():
+            self.bpf.perf_buffer_poll(0)      # spilled records (non-blocking)
         if self._pending:
             raw, self._pending = self._pending, []
             self.spilled += len(raw)
@@ -239,6 +250,15 @@ class KernelProbe:
         if not events and reader.skip_foreign():
             return self.read(0)
         return events
+
+    def _spill_check_due(self) -> bool:
+        """While events flow the reader rarely sleeps in epoll; look at the
+        spill buffer at least every 100 ms anyway."""
+        now = time.monotonic()
+        if now >= self._next_spill_check:
+            self._next_spill_check = now + 0.1
+            return True
+        return False
 
     def loss_counters(self) -> dict[str, int]:
         dropped = sum(int(getattr(v, "value", v)) for v in self._drops.getvalue(self._drops.Key(0)))

@@ -47,22 +47,30 @@ class RingBufferReader:
         self._data_start = page
         self.foreign = 0
         self._epoll = select.epoll()
+        self._drain_fds: set[int] = set()
         self._epoll.register(map_fd, select.EPOLLIN)
 
-    def register_wakeup_fd(self, fd: int) -> None:
-        """Also wake `wait` when `fd` becomes readable (signal wake-up pipe)."""
+    def register_wakeup_fd(self, fd: int, drain: bool = True) -> None:
+        """Also wake `wait` when `fd` becomes readable. `drain`: it is a
+        non-blocking pipe (signal wake-ups) to empty after each wake."""
         self._epoll.register(fd, select.EPOLLIN)
+        if drain:
+            self._drain_fds.add(fd)
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until the kernel signals data, a wake-up fd fires, or timeout."""
+    def wait(self, timeout: float) -> set[int]:
+        """Sleep until the kernel signals data, a wake-up fd fires, or timeout;
+        the fds that fired."""
+        fired = set()
         for fd, _ in self._epoll.poll(timeout):
-            if fd != self.fd:
-                # drain the (non-blocking) wake-up pipe, or epoll stays ready
+            fired.add(fd)
+            if fd in self._drain_fds:
+                # empty the wake-up pipe, or epoll stays ready
                 try:
                     while os.read(fd, 4096):
                         pass
                 except BlockingIOError:
                     pass
+        return fired
 
     def pending(self) -> int:
         """Bytes published by the producer and not yet consumed."""

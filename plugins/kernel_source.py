@@ -20,7 +20,7 @@ class KernelOptions:
     batch_size: int = option(8192, "most events read per batch")
     wakeup: str = option("timer", "timer: the kernel never wakes the reader, which polls every "
                          "poll_ms (cheapest for the traced load); adaptive: woken per batch (lowest latency)")
-    poll_ms: int = option(20, "reader poll interval with wakeup = \"timer\" (latency bound)")
+    poll_ms: int = option(50, "reader poll interval with wakeup = \"timer\" (latency bound)")
 
     def validate(self) -> None:
         if self.buffer not in ("auto", "ring", "perf"):
