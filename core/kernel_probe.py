@@ -238,16 +238,19 @@ class KernelProbe:
             # (a signal's wake-up fd still ends the sleep at once)
             ready = reader.wait(timeout if self.poll_s is None else min(timeout, self.poll_s))
             spill_ready = not ready.isdisjoint(self._spill_fds)
-        events, used = self.decoder.decode_block(reader.read_block(self.max_block))
+        events, used = self.decoder.decode_block(reader.read_block(self.max_block, EVENT_SIZE))
         reader.consume(used)
-        if spill_ready or self._spill_check_due():
-            self.bpf.perf_buffer_poll(0)      # spilled records (non-blocking)
+        # timeout 0 is the final drain: never leave spilled records behind
+        if spill_ready or timeout == 0 or self._spill_check_due():
+            # consume, not poll: a perf fd's readiness is reset by whoever
+            # polls it first (our epoll), so poll() here could miss records
+            self.bpf.perf_buffer_consume()
         if self._pending:
             raw, self._pending = self._pending, []
             self.spilled += len(raw)
             late = self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
             events = sorted(events + late, key=_by_time)   # back into time order
-        if not events and reader.skip_foreign():
+        if not events and reader.skip_foreign(EVENT_SIZE):
             return self.read(0)
         return events
 

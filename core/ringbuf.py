@@ -76,19 +76,34 @@ class RingBufferReader:
         """Bytes published by the producer and not yet consumed."""
         return _U64.unpack_from(self._producer, 0)[0] - _U64.unpack_from(self._consumer, 0)[0]
 
-    def read_block(self, max_bytes: int) -> bytes:
-        """A copy of the published, unconsumed bytes (record headers included).
+    def read_block(self, max_bytes: int, record_size: int) -> bytes:
+        """A copy of the committed records at the consumer position, back to back.
 
-        Thanks to the double mapping the block is contiguous even across the
-        end of the ring. It may end in records that are reserved but not yet
-        submitted (busy bit set); the decoder stops at the first of those.
+        For rings whose records all have `record_size` bytes (ours): the
+        block ends before the first record that is reserved but not yet
+        submitted. Two copies, on purpose: the first finds which headers are
+        committed; only then is the data copied. A single copy is not safe:
+        memcpy may load a record's tail before its header (glibc loads the
+        last vector first), so a record committed during the copy could pair
+        a fresh header with stale data — a silently wrong event.
         """
         cons = _U64.unpack_from(self._consumer, 0)[0]
         prod = _U64.unpack_from(self._producer, 0)[0]
+        step = record_size + HEADER_SIZE
         n = min(prod - cons, max_bytes)
+        n -= n % step
         if n <= 0:
             return b""
         start = self._data_start + (cons & self._mask)
+        first = self._producer[start:start + n]
+        lengths = memoryview(first).cast("I")[::step // 4].tolist()
+        if lengths.count(record_size) != len(lengths):
+            committed = 0
+            for length in lengths:
+                if length != record_size:
+                    break
+                committed += 1
+            n = committed * step
         return self._producer[start:start + n]
 
     def consume(self, nbytes: int) -> None:
@@ -99,18 +114,17 @@ class RingBufferReader:
             # x86 and arm64; the kernel reads consumer_pos with acquire semantics
             _U64.pack_into(self._consumer, 0, cons + nbytes)
 
-    def skip_foreign(self) -> bool:
-        """At a record that is not ours (discarded or another size): skip it.
-
-        Returns True if something was skipped, False if the next record is
-        busy (not submitted yet) or there is none.
+    def skip_foreign(self, record_size: int) -> bool:
+        """At a record that is not ours (discarded, or not `record_size`
+        bytes): skip it and return True. A record of ours — busy, or
+        committed since the caller looked — is never skipped: False.
         """
         cons = _U64.unpack_from(self._consumer, 0)[0]
         prod = _U64.unpack_from(self._producer, 0)[0]
         if cons >= prod:
             return False
         length = _U32.unpack_from(self._producer, self._data_start + (cons & self._mask))[0]
-        if length & BUSY_BIT:
+        if length & BUSY_BIT or length == record_size:
             return False
         real = length & ~(BUSY_BIT | DISCARD_BIT)
         self.consume((real + HEADER_SIZE + 7) & ~7)
