@@ -38,7 +38,7 @@ EXAMPLES = """examples:
     ./tcpstates plugins                         # list filters, enrichers, sinks, sources
 """
 
-SUBCOMMANDS = ("plugins",)
+SUBCOMMANDS = ("plugins", "doctor")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -85,6 +85,10 @@ def build_parser() -> OneLineParser:
                    "errors and skipped replay records fatal")
     p.add_argument("--allow-insecure-config", action="store_true",
                    help="as root, accept a config file writable by others")
+    p.add_argument("--allow-insecure-plugins", action="store_true",
+                   help="as root, load plugins from locations writable by others")
+    p.add_argument("--user", metavar="NAME", help="drop root to this user once the probe is "
+                   "attached and the outputs are open (files are not reopened afterwards as root)")
     p.add_argument("--no-summary", action="store_true", help="do not print the exit summary on stderr")
     p.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--version", action="version", version=f"tcpstates {tcpstates.__version__}")
@@ -197,11 +201,14 @@ def run(argv: Sequence[str]) -> int:
     from tcpstates.notify import sd_notify
     from tcpstates.pipeline import summary_line
     from tcpstates.registry import make_plugin_manager
+    from tcpstates.security import drop_privileges
     from tcpstates.session import build_pipeline, execute
 
     args = build_parser().parse_args(argv)
     if args.ebpf:
         return print_ebpf()
+    if args.user is not None and not args.user:
+        raise UsageError("--user: empty name")
     config, _path = cfg.find_config(args.config, allow_insecure=args.allow_insecure_config)
     for text in args.overrides:
         parts, value = cfg.parse_override(text)
@@ -210,12 +217,19 @@ def run(argv: Sequence[str]) -> int:
     plugins = cfg.plugins_section(config)
     strict = args.strict or general.strict
     warner = Warner()
-    registry = make_plugin_manager(blocked=plugins.disable, warner=warner, strict=strict)
+    registry = make_plugin_manager(blocked=plugins.disable, warner=warner, strict=strict,
+                                   allow_insecure=args.allow_insecure_plugins)
+    cfg.validate_as_written(config, registry)
     sink_names = apply_flags(args, config, general, registry)
     context = RunContext(strict=strict, warner=warner)
     pipeline = build_pipeline(config, registry, context, sink_names)
     pipeline.source.wakeup_fd(install_signals(pipeline))
-    summary = execute(pipeline, registry, context, on_started=lambda: sd_notify("READY=1"))
+    def started() -> None:
+        if args.user:
+            drop_privileges(args.user)
+        sd_notify("READY=1")
+
+    summary = execute(pipeline, registry, context, on_started=started)
     # `tcpstates | head -3`: the reader left on purpose; exit quietly.
     if not args.no_summary and not pipeline.readers_gone:
         warner.warn(summary_line(summary)[len("tcpstates: "):])
@@ -224,6 +238,8 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from tcpstates.security import sanitize_sys_path
+    sanitize_sys_path()
     try:
         if argv and argv[0] in SUBCOMMANDS:
             from tcpstates.commands import run_subcommand

@@ -44,4 +44,5 @@ def plugins_command(argv: Sequence[str]) -> int:
 
 
 def run_subcommand(name: str, argv: Sequence[str]) -> int:
-    return {"plugins": plugins_command}[name](argv)
+    from tcpstates.doctor import doctor_command
+    return {"plugins": plugins_command, "doctor": doctor_command}[name](argv)

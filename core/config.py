@@ -14,7 +14,6 @@ Every problem is a ConfigError naming its TOML path.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import tomllib
@@ -46,15 +45,17 @@ def default_search_path() -> list[Path]:
 
 def _check_owner(path: Path, allow_insecure: bool) -> None:
     """As root, refuse a file others could have written (as sshd and sudo do)."""
+    from tcpstates.security import writable_by_others
+
     if os.geteuid() != 0 or allow_insecure:
         return
-    for p in [path, *path.resolve().parents][:1] + [path.resolve().parent]:
-        st = p.stat()
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise UsageError(
-                f"{path}: refusing to read as root because {p} is writable by someone other "
-                f"than root (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}); fix it with "
-                f"'chown root {p} && chmod go-w {p}', or pass --allow-insecure-config")
+    bad = writable_by_others(path)
+    if bad is not None:
+        st = bad.stat()
+        raise UsageError(
+            f"{path}: refusing to read as root because {bad} is writable by someone other "
+            f"than root (owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}); fix it with "
+            f"'chown root {bad} && chmod go-w {bad}', or pass --allow-insecure-config")
 
 
 def read_config_file(path: Path, *, allow_insecure: bool = False) -> dict[str, Any]:
@@ -276,5 +277,10 @@ def validate_all_sinks(config: dict[str, Any], registry: Any) -> None:
         sink_spec(config, registry, name)
 
 
-def deep_copy(config: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(config)
+def validate_as_written(config: dict[str, Any], registry: Any) -> None:
+    """Check the file (+ -o overrides) before command-line flags change it,
+    so a bad value is an error even where a flag would override it."""
+    general = general_section(config)
+    source_spec(config, registry, general.source)
+    chain_specs(config, registry)
+    validate_all_sinks(config, registry)

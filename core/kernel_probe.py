@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import socket
+import sys
 import tempfile
 import time
 from importlib import resources
@@ -186,6 +187,8 @@ class KernelProbe:
         self.decoder = Decoder()
         self._drops = self.bpf["drops"]
         self._perf_lost = 0
+        self._dropped = 0
+        self._drops_unreadable = False
         self._pending: list[bytes] = []
         self.spilled = 0
         self._spill_fds: set[int] = set()
@@ -264,8 +267,15 @@ class KernelProbe:
         return False
 
     def loss_counters(self) -> dict[str, int]:
-        dropped = sum(int(getattr(v, "value", v)) for v in self._drops.getvalue(self._drops.Key(0)))
-        return {"dropped": dropped + self._perf_lost,
+        try:
+            self._dropped = sum(int(getattr(v, "value", v))
+                                for v in self._drops.getvalue(self._drops.Key(0)))
+        except Exception as exc:   # e.g. EPERM once root is dropped on a locked-down kernel
+            if not self._drops_unreadable:
+                self._drops_unreadable = True
+                sys.stderr.write(f"tcpstates: warning: cannot read the kernel drop counter any more "
+                                 f"({exc}); drops after this point are not reported\n")
+        return {"dropped": self._dropped + self._perf_lost,
                 "kernel_misses": recursion_misses(self.prog_fd)}
 
     def close(self) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata as metadata
+import importlib.util
+from pathlib import Path
 from typing import Any, Iterable
 
 import pluggy
@@ -20,6 +22,7 @@ import tcpstates
 from tcpstates import hookspecs
 from tcpstates.api import Enricher, Filter, Sink, Source, Stage, Warner
 from tcpstates.errors import UsageError
+from tcpstates.security import check_plugin_file
 
 KINDS = {"source": Source, "filter": Filter, "enricher": Enricher, "sink": Sink}
 ENTRY_POINT_GROUP = "tcpstates"
@@ -105,8 +108,20 @@ class Registry:
                       key=lambda i: (order.index(i.kind), i.name))
 
 
+def _entry_point_location(ep: Any) -> Path | None:
+    """Where an entry point's module lives, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(ep.module.split(".")[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+        return None
+    return Path(spec.origin)
+
+
 def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str]],
-                       blocked: set[str], warner: Warner, strict: bool) -> None:
+                       blocked: set[str], warner: Warner, strict: bool,
+                       allow_insecure: bool = False) -> None:
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist
         dist_name = dist.metadata["Name"] if dist is not None else "unknown distribution"
@@ -115,6 +130,9 @@ def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str
             continue
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
+        location = _entry_point_location(ep)
+        if location is not None:
+            check_plugin_file(location, f"plugin {ep.name!r} ({dist_name} {version})", allow_insecure)
         try:
             plugin = ep.load()
         except Exception as exc:   # any import-time error of foreign code
@@ -130,7 +148,7 @@ def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str
 
 def make_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = (),
                         extra_plugins: Iterable[Any] = (), warner: Warner | None = None,
-                        strict: bool = False) -> Registry:
+                        strict: bool = False, allow_insecure: bool = False) -> Registry:
     """Build a fresh plugin manager and collect every stage it provides.
 
     Never done at import time, so tests and embedders get independent
@@ -150,7 +168,7 @@ def make_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = (
     for plugin in extra_plugins:
         pm.register(plugin)
     if entry_points:
-        _load_entry_points(pm, dists, blocked, warner or Warner(), strict)
+        _load_entry_points(pm, dists, blocked, warner or Warner(), strict, allow_insecure)
     registry = Registry(pm, dists)
     registry.collect()
     registry.disable(blocked)

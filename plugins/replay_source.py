@@ -52,6 +52,7 @@ class ReplaySource(Source):
         self.line_no = 0
         self.skipped = 0
         self._offset_set = False
+        self._fatal: UsageError | None = None
 
     def start(self, constraints: list[KernelConstraints]) -> None:
         if self.options.path == "-":
@@ -72,17 +73,21 @@ class ReplaySource(Source):
         self.skipped += 1
         message = f"{self.options.path}:{self.line_no}: skipped record: {why}"
         if self.context.strict:
-            raise UsageError(message)
+            # records before this one still go out; the run ends on the next read
+            self._fatal = UsageError(message)
+            return
         if self.skipped <= REPORTED_SKIPS:
             self.context.warn(message + (" (further skips are only counted)" if self.skipped == REPORTED_SKIPS else ""))
 
     def read(self, timeout: float) -> list[Event] | None:
         stream = self.stream
+        if self._fatal is not None:
+            raise self._fatal
         if stream is None:
             return None
         out: list[Event] = []
         limit = self.options.max_line_bytes
-        while len(out) < self.options.batch_size:
+        while len(out) < self.options.batch_size and self._fatal is None:
             line = stream.readline(limit + 1)
             if not line:
                 if not out:

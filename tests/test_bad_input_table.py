@@ -1,0 +1,171 @@
+"""Every option of every built-in stage, fed values of the wrong type, out of
+range, empty and unknown — through the real CLI config path; and hostile
+replay input. One line, exit status 2 (or counted skips), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import typing
+
+import orjson
+import pytest
+from tracer import run_cli
+
+from tcpstates.api import Warner
+from tcpstates.options import option_fields
+from tcpstates.registry import make_plugin_manager
+
+REGISTRY = make_plugin_manager(entry_points=False, warner=Warner())
+
+
+def _wrong_values(tp) -> list:
+    """Values that can never be valid for a field of type `tp`."""
+    text = str(tp)
+    if tp is bool:
+        return ["yes", 1, [True]]
+    if tp is int:
+        return ["12", 1.5, True, [1]]
+    if tp is float:
+        return ["fast", True, [1.0]]
+    if tp is str:
+        return [5, True, ["a"], {"a": 1}]
+    if "list" in text:
+        return ["notalist", 5, {"a": 1}, [{"nested": "table"}]]
+    if "float" in text and "None" in text:
+        return ["x", [1]]
+    return [object()]
+
+
+def _cases():
+    for info in REGISTRY.all():
+        if info.kind == "source" and info.name != "kernel" and info.name != "replay":
+            continue
+        hints = typing.get_type_hints(info.cls.Options)
+        for f in option_fields(info.cls.Options):
+            for value in _wrong_values(hints[f.name]):
+                yield info.kind, info.name, f.name, value
+
+
+def _toml(kind: str, name: str, key: str, value) -> tuple[str, str]:
+    literal = orjson.dumps(value).decode().replace(":", "=") if not isinstance(value, dict) else "{a = 1}"
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        literal = "[{nested = \"table\"}]"
+    if kind == "sink":
+        return f"[sinks.{name}]\n{key} = {literal}\n", f"sinks.{name}.{key}"
+    if kind == "source":
+        return f"[sources.{name}]\n{key} = {literal}\n", f"sources.{name}.{key}"
+    return f'[[chain]]\nuse = "{name}"\n{key} = {literal}\n', f"chain[0].{key}"
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("kind,name,key,value", CASES,
+                         ids=[f"{k}:{n}.{o}={v!r}"[:60] for k, n, o, v in CASES])
+def test_every_option_rejects_wrong_types(tmp_path, kind, name, key, value):
+    text, where = _toml(kind, name, key, value)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    r = run_cli("--config", str(cfg), "--replay", os.devnull)
+    err = r.stderr.decode()
+    assert r.returncode == 2, (text, err)
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"tcpstates: error: {where}"), (where, err)
+
+
+OUT_OF_RANGE = [
+    ("[sources.kernel]\nbuffer_pages = 0\n", "buffer_pages"),
+    ("[sources.kernel]\nbuffer_pages = 1048576\n", "buffer_pages"),
+    ("[sources.kernel]\npoll_ms = 0\n", "poll_ms"),
+    ("[sources.kernel]\nbuffer = \"huge\"\n", "buffer"),
+    ("[sources.replay]\nmax_line_bytes = 1\n", "max_line_bytes"),
+    ("[sinks.jsonl]\nmax_bytes = -1\n", "max_bytes"),
+    ("[sinks.jsonl]\nkeep = 0\n", "keep"),
+    ("[sinks.jsonl]\npath = \"\"\n", "path: empty"),
+    ("[sinks.text]\npath = \"\"\n", "path: empty"),
+    ("[sinks.forward]\naddress = \"nohost\"\n", "address"),
+    ("[sinks.forward]\nmode = \"fast\"\n", "mode"),
+    ("[sinks.forward]\nchunk_events = 0\n", "chunk_events"),
+    ("[sinks.forward]\nbuffer_events = 5\n", "buffer_events"),
+    ("[sinks.forward]\nack_timeout = 0.0\n", "ack_timeout"),
+    ("[sinks.journal]\nidentifier = \"\"\n", "identifier"),
+    ("[[chain]]\nuse = \"duration\"\nmin_ms = -1.0\n", "min_ms"),
+    ("[[chain]]\nuse = \"duration\"\nmin_ms = 10.0\nmax_ms = 5.0\n", "max_ms"),
+    ("[[chain]]\nuse = \"duration\"\nunknown = \"maybe\"\n", "unknown"),
+    ("[[chain]]\nuse = \"ports\"\nlocal = [0]\n", "out of range"),
+    ("[[chain]]\nuse = \"ports\"\nremote = [\"\"]\n", "empty entry"),
+    ("[[chain]]\nuse = \"family\"\nfamily = \"ipx\"\n", "family"),
+    ("[[chain]]\nuse = \"state\"\nold = [\"SLEEPING\"]\n", "unknown TCP state"),
+    ("[[chain]]\nuse = \"process\"\n", "give pid or comm"),
+    ("[[chain]]\nuse = \"process\"\npid = [1]\nfield = \"other\"\n", "field"),
+    ("[[chain]]\nuse = \"address\"\n", "give local or remote"),
+    ("[[chain]]\nuse = \"workload\"\n", "give container_id"),
+    ("[[chain]]\nuse = \"workload\"\ncontainer_id = [\"\"]\n", "empty prefix"),
+    ("[[chain]]\nuse = \"owner\"\nmax_sockets = 1\n", "max_sockets"),
+    ("[[chain]]\nuse = \"family\"\nfamily = \"ipv4\"\n[[chain]]\nuse = \"family\"\nfamily = \"ipv6\"\n", None),
+    ("[tcpstates]\nowner = \"sometimes\"\n", "owner"),
+    ("[tcpstates]\nsource = \"nosuch\"\n", "unknown source"),
+    ("[tcpstates]\nsinks = [\"text\", \"text\"]\n", None),
+    ("[sinks.a]\ntype = \"jsonl\"\ntype2 = 1\n", "sinks.a.type2: unknown option"),
+]
+
+
+@pytest.mark.parametrize("text,needle", OUT_OF_RANGE, ids=[t.replace("\n", " ")[:50] for t, _ in OUT_OF_RANGE])
+def test_out_of_range_empty_conflicting_values(tmp_path, text, needle):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    r = run_cli("--config", str(cfg), "--replay", os.devnull, "--sink", "text")
+    if needle is None:
+        # conflicting but harmless combinations must still not crash
+        assert r.returncode in (0, 2) and b"Traceback" not in r.stderr
+        return
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err and needle in err, err
+
+
+def _good(**kw) -> bytes:
+    rec = {"type": "state_change", "v": 1, "seq": 1, "time": "t", "time_ns": 1795766400 * 10**9,
+           "mono_ns": 10**9, "host": "h", "skaddr": "ff", "family": "ipv4", "laddr": "10.0.0.1",
+           "lport": 1, "raddr": "10.0.0.2", "rport": 2, "oldstate": "LISTEN", "newstate": "CLOSE",
+           "span_us": 5, "pid": 1, "tid": 1, "comm": "x", "cgroup_id": 0}
+    rec.update(kw)
+    return orjson.dumps(rec)
+
+
+HOSTILE = [
+    b'{"type":"state_change","v":1,"seq":1,"time_n',            # truncated line
+    b"\xff\xfe not utf-8 at all \xc3\x28",                       # invalid UTF-8
+    b"[1, 2, 3]",                                                # not an object
+    _good(lport="80"),                                           # wrong types
+    _good(lport=70000),
+    _good(family="ipx"),
+    _good(oldstate="SLEEPING"),
+    _good(span_us=-1),
+    _good(skaddr="xyz"),
+    _good(pid=None),
+    b"x" * (2 << 20),                                            # a huge line (2 MiB)
+]
+
+
+def test_hostile_replay_input_is_skipped_counted_and_reported(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(b"\n".join([_good(seq=1)] + HOSTILE + [_good(seq=2), b""]))
+    r = run_cli("--replay", str(trace), "-s")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "Traceback" not in err
+    assert len(r.stdout.splitlines()) == 3            # header + the two good records
+    assert f"{len(HOSTILE)} unreadable records skipped" in err.splitlines()[-1]
+    reported = [l for l in err.splitlines() if "skipped record" in l]
+    assert len(reported) == 5 and reported[0].startswith(f"tcpstates: {trace}:2: skipped record: not valid JSON")
+    assert any(":13: skipped record: line longer than" in l for l in err.splitlines()) or len(reported) == 5
+
+
+def test_hostile_replay_with_strict_stops_at_the_first_bad_record(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(_good() + b"\n" + HOSTILE[3] + b"\n" + _good() + b"\n")
+    r = run_cli("--replay", str(trace), "-s", "--strict")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and ":2: skipped record: field 'lport'" in err
+    assert r.stdout.decode().count("\n") == 2          # what was already written stays

@@ -1,0 +1,97 @@
+"""Security as root: no imports from the working directory, no plugins others
+could have written, dropping root once attached, and `tcpstates doctor`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tracer import run_cli, tcpstates_argv
+from traffic import free_port, refused
+
+PLUGIN = """
+from tcpstates.api import Sink
+from tcpstates.hookspecs import hookimpl
+class Planted(Sink):
+    name = "planted"
+    def write(self, batch): pass
+@hookimpl
+def tcpstates_register_sinks(register):
+    register(Planted)
+"""
+
+
+def _plant(root: Path) -> None:
+    (root / "planted_plugin").mkdir()
+    (root / "planted_plugin" / "__init__.py").write_text(PLUGIN)
+    info = root / "tcpstates_planted-6.6.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tcpstates-planted\nVersion: 6.6\n")
+    (info / "entry_points.txt").write_text("[tcpstates]\nplanted = planted_plugin\n")
+
+
+def test_plugins_are_never_picked_up_from_the_working_directory(tmp_path):
+    _plant(tmp_path)
+    here = subprocess.run(tcpstates_argv("plugins"), cwd=tmp_path, capture_output=True, text=True)
+    assert here.returncode == 0
+    assert "planted" not in here.stdout
+    # the planted package is a working plugin: on the real path it would load
+    installed = run_cli("plugins", env={"PYTHONPATH": str(tmp_path)})
+    assert "planted (sink) from tcpstates-planted 6.6" in installed.stdout.decode()
+
+
+@pytest.mark.root
+def test_plugin_location_writable_by_others_is_refused_as_root(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _plant(shared)
+    shared.chmod(0o777)
+    r = run_cli("--replay", os.devnull, env={"PYTHONPATH": str(shared)})
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "writable by someone other than root" in err and err.count("\n") == 1
+    ok = run_cli("--replay", os.devnull, "--allow-insecure-plugins", "--sink", "planted", "--no-summary",
+                 env={"PYTHONPATH": str(shared)})
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.kernel
+def test_user_drops_root_after_attaching_and_keeps_tracing(tracer, tmp_path):
+    out = tmp_path / "o.csv"
+    tmp_path.chmod(0o755)
+    port = free_port()
+    t = tracer("-s", "--user", "nobody", "-D", str(port))
+    status = Path(f"/proc/{t.proc.pid}/status").read_text()
+    uid_line = next(l for l in status.splitlines() if l.startswith("Uid:"))
+    assert uid_line.split()[1:] == ["65534"] * 4            # real, effective, saved, fs
+    for _ in range(3):
+        refused(port)
+    rc, out_text, err = t.stop()
+    assert rc == 0, err
+    assert len(out_text.splitlines()) == 7
+    assert "0 dropped, 0 kernel misses" in err
+
+
+def test_user_that_does_not_exist():
+    r = run_cli("--user", "no-such-user-xyz", "--replay", os.devnull)
+    assert r.returncode == 2 and b"no such user" in r.stderr
+
+
+@pytest.mark.root
+def test_doctor_passes_here_and_fails_without_the_tracepoint(tmp_path):
+    ok = run_cli("doctor")
+    assert ok.returncode == 0, ok.stdout
+    lines = ok.stdout.decode().splitlines()
+    for name in ("kernel", "root", "tracefs", "tracepoint", "bpf", "ring buffer", "btf", "bcc",
+                 "kernel headers", "journal socket", "systemd-python"):
+        assert any(l[5:].startswith(name) for l in lines), name
+    assert lines[-1] == "tracing can work"
+    (tmp_path / "events").mkdir()
+    bad = run_cli("doctor", env={"TCPSTATES_TRACEFS": str(tmp_path)})
+    assert bad.returncode == 1
+    out = bad.stdout.decode()
+    assert "FAIL tracepoint" in out and out.splitlines()[-1].startswith("tracing cannot work")
