@@ -72,6 +72,8 @@ def build_parser() -> OneLineParser:
     fam.add_argument("-6", "--ipv6", action="store_true", help="trace IPv6 family only")
     p.add_argument("--owner", action="store_true", help="name the process owning each socket "
                    "(O-PID/O-COMM columns), not only the on-CPU one (C-PID/C-COMM)")
+    p.add_argument("--summary", action="store_true", help="at exit and on SIGUSR1, print log2 "
+                   "histograms of the time spent in each state and the busiest ports (stderr)")
     p.add_argument("--sink", action="append", metavar="NAME", default=None,
                    help="send events to this sink (repeatable): a sink type (text, csv, jsonl, "
                         "journal, ...) or a sink named in the config")
@@ -130,6 +132,8 @@ def apply_flags(args: argparse.Namespace, config: dict[str, Any], general: cfg.G
             names.append("csv")
     if args.journal and "journal" not in names:
         names.append("journal")
+    if args.summary and "summary" not in names:
+        names.append("summary")
     if not names:
         raise UsageError("no sinks: give --sink NAME or set tcpstates.sinks in the config")
     for name in names:
@@ -155,7 +159,7 @@ def apply_flags(args: argparse.Namespace, config: dict[str, Any], general: cfg.G
     if args.ipv4 or args.ipv6:
         front.append({"use": "family", "family": "ipv4" if args.ipv4 else "ipv6"})
     uses = {e.get("use") for e in chain if isinstance(e, dict)}
-    bcc_tables = {"text", "csv"}
+    bcc_tables = {"text", "csv", "summary"}
     structured = any(_sink_type(config, n) not in bcc_tables for n in names)
     live = args.replay is None and general.source == "kernel"
     # a recording keeps the owner fields it was made with; tracking owners of
@@ -181,7 +185,8 @@ def print_ebpf() -> int:
 
 
 def install_signals(pipeline: Any) -> int:
-    """SIGINT/SIGTERM: stop and drain; SIGHUP: reopen files. Returns a wake-up fd."""
+    """SIGINT/SIGTERM: stop and drain; SIGHUP: reopen files; SIGUSR1: print
+    the summary now. Returns a wake-up fd."""
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
 
@@ -193,7 +198,11 @@ def install_signals(pipeline: Any) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    def usr1(signum: int, frame: Any) -> None:
+        pipeline.report_requested = True
+
     signal.signal(signal.SIGHUP, hup)
+    signal.signal(signal.SIGUSR1, usr1)
     return r
 
 

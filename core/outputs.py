@@ -77,10 +77,22 @@ class LineOutput:
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.size += n
+        before = self.size
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self.size += n
+        except OSError:
+            # e.g. ENOSPC halfway: take back our own partial append, so the
+            # file never holds a torn line (what was there before stays)
+            if self.regular and self.size != before:
+                try:
+                    os.ftruncate(self.fd, before)
+                    self.size = before
+                except OSError:
+                    pass
+            raise
 
     def rotate(self) -> None:
         for i in range(self.keep - 1, 0, -1):

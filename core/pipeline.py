@@ -48,6 +48,9 @@ class SinkSlot:
     on_error: str
     written: int = 0
     errors: int = 0
+    lost: int = 0          # events this sink failed to write
+    failing: bool = False
+    episodes: int = 0      # failure episodes: one warning each
     active: bool = True
 
 
@@ -69,6 +72,7 @@ class Pipeline:
         self.loss: dict[str, int] = {"dropped": 0, "kernel_misses": 0}
         self.stopping = False
         self.reopen_requested = False
+        self.report_requested = False
         self.readers_gone = False
         self._started = False
 
@@ -159,9 +163,14 @@ class Pipeline:
                 slot.sink.write(batch)
                 slot.sink.flush()
                 slot.written += len(batch)
+                if slot.failing:
+                    slot.failing = False
+                    self.context.warn(f"sink {slot.name} ({slot.sink.name}) works again after losing "
+                                      f"{slot.lost} events", once_key=f"recovered:{slot.name}:{slot.lost}")
             except BrokenPipeError:
                 self._reader_gone(slot)
             except Exception as exc:
+                slot.lost += len(batch)
                 self._sink_failed(slot, exc)
 
     def _reader_gone(self, slot: SinkSlot) -> None:
@@ -176,6 +185,9 @@ class Pipeline:
 
     def _sink_failed(self, slot: SinkSlot, exc: Exception) -> None:
         slot.errors += 1
+        if not slot.failing:
+            slot.failing = True
+            slot.episodes += 1
         what = f"sink {slot.name} ({slot.sink.name}) failed: {type(exc).__name__}: {exc}"
         if slot.on_error == "fail":
             raise StageError(what) from exc
@@ -185,8 +197,9 @@ class Pipeline:
             if not any(s.active for s in self.sinks):
                 self.stopping = True
         else:
-            self.context.warn(f"{what}; its events are counted as errors until it recovers "
-                              f"(on_error=ignore)", once_key=f"sink:{slot.name}:{type(exc).__name__}")
+            self.context.warn(f"{what}; the other sinks continue, its lost events are counted and "
+                              f"it is retried with every batch (on_error=ignore)",
+                              once_key=f"sink:{slot.name}:{slot.episodes}")
 
     def process(self, batch: list[Event]) -> None:
         self.seen += len(batch)
@@ -232,6 +245,12 @@ class Pipeline:
             if self.reopen_requested:
                 self.reopen_requested = False
                 self.reopen()
+            if self.report_requested:
+                self.report_requested = False
+                for slot in self.sinks:
+                    report = getattr(slot.sink, "report", None)
+                    if slot.active and report is not None:
+                        report()
             now = time.monotonic()
             if now >= next_loss:
                 next_loss = now + LOSS_POLL_INTERVAL
@@ -275,6 +294,7 @@ class Pipeline:
             "skipped": self.loss.get("replay_skipped", 0),
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
                        **{f"sinks.{s.name}": s.errors for s in self.sinks if s.errors}},
+            "lost_by_sink": {s.name: s.lost for s in self.sinks if s.lost},
         }
 
 
@@ -287,4 +307,6 @@ def summary_line(summary: dict[str, Any]) -> str:
         line += f"; {summary['skipped']} unreadable records skipped"
     if summary["errors"]:
         line += "; errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
+    if summary.get("lost_by_sink"):
+        line += "; not written: " + ", ".join(f"{k} {v}" for k, v in summary["lost_by_sink"].items())
     return line

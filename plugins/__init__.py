@@ -7,6 +7,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "tcpstates.plugins.jsonl_sink",
     "tcpstates.plugins.journal_sink",
     "tcpstates.plugins.forward_sink",
+    "tcpstates.plugins.summary_sink",
+    "tcpstates.plugins.metrics_sink",
     "tcpstates.plugins.basic_filters",
     "tcpstates.plugins.owner_enricher",
     "tcpstates.plugins.container_enricher",

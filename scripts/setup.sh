@@ -83,8 +83,8 @@ if [ ! -x "$venv/bin/python" ]; then
     say "creating $venv"
     /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
-extras=journal
-[ "$want_test" = yes ] && extras=journal,test
+extras=journal,metrics
+[ "$want_test" = yes ] && extras=journal,metrics,test
 stamp="$venv/.tcpstates-installed-$extras"
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
     say "installing tcpstates[$extras] into $venv"

@@ -1,0 +1,118 @@
+"""The `metrics` sink: a Prometheus endpoint (prometheus-client).
+
+Exposes, on `listen` (default 127.0.0.1:9464, path /metrics):
+  tcpstates_transitions_total{old,new}          state changes by transition
+  tcpstates_handshake_seconds                   SYN_SENT → ESTABLISHED (active opens)
+  tcpstates_connection_lifetime_seconds         ESTABLISHED entered → CLOSE, per socket
+  tcpstates_close_wait_seconds                  time spent in CLOSE_WAIT (slow app close)
+  tcpstates_lost_events_total{kind}             dropped records and kernel misses
+Per-socket state for lifetimes is bounded (oldest forgotten first).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+from tcpstates.api import RunContext, Sink
+from tcpstates.errors import UsageError
+from tcpstates.events import STATE_NAMES, STATE_NUMBERS, Event
+from tcpstates.hookspecs import hookimpl
+from tcpstates.options import option
+
+S = STATE_NUMBERS
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+           1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
+
+
+@dataclasses.dataclass
+class MetricsOptions:
+    listen: str = option("127.0.0.1:9464", "HOST:PORT of the HTTP endpoint (/metrics)")
+    max_sockets: int = option(262144, "sockets tracked for connection lifetimes")
+
+    def validate(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"listen: expected HOST:PORT, got {self.listen!r}")
+        if not 1024 <= self.max_sockets <= 1 << 24:
+            raise ValueError("max_sockets: expected 1024 to 16777216")
+
+
+class MetricsSink(Sink):
+    """Prometheus counters and histograms of TCP state changes."""
+
+    name = "metrics"
+    description = "Prometheus endpoint: transitions, handshake/lifetime/CLOSE_WAIT histograms, losses"
+    Options = MetricsOptions
+
+    def __init__(self, options: Any, context: RunContext) -> None:
+        super().__init__(options, context)
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            raise UsageError("the metrics sink needs prometheus-client: pip install prometheus-client "
+                             "(./run.sh installs it)") from None
+        self.prom = prom
+        self.registry = prom.CollectorRegistry()
+        self.transitions = prom.Counter("tcpstates_transitions", "TCP state changes",
+                                        ["old", "new"], registry=self.registry)
+        self.handshake = prom.Histogram("tcpstates_handshake_seconds", "SYN_SENT to ESTABLISHED",
+                                        buckets=BUCKETS, registry=self.registry)
+        self.lifetime = prom.Histogram("tcpstates_connection_lifetime_seconds",
+                                       "from entering ESTABLISHED to CLOSE", buckets=BUCKETS,
+                                       registry=self.registry)
+        self.close_wait = prom.Histogram("tcpstates_close_wait_seconds", "time spent in CLOSE_WAIT",
+                                         buckets=BUCKETS, registry=self.registry)
+        self.lost = prom.Counter("tcpstates_lost_events", "records dropped or missed",
+                                 ["kind"], registry=self.registry)
+        self.established: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._children: dict[tuple[int, int], Any] = {}
+        self.server: Any = None
+
+    def open(self) -> None:
+        host, _, port = self.options.listen.rpartition(":")
+        try:
+            self.server, self._thread = self.prom.start_http_server(int(port), addr=host.strip("[]"),
+                                                                   registry=self.registry)
+        except OSError as exc:
+            raise UsageError(f"metrics sink: cannot listen on {self.options.listen} ({exc.strerror}); "
+                             f"pick another with -o sinks.metrics.listen=HOST:PORT") from None
+
+    def write(self, batch: list[Event]) -> None:
+        counts: collections.Counter[tuple[int, int]] = collections.Counter()
+        est = self.established
+        for e in batch:
+            counts[(e.oldstate, e.newstate)] += 1
+            span = e.span_ns
+            if e.newstate == S["ESTABLISHED"]:
+                est[e.skaddr] = e.ts_ns
+                if len(est) > self.options.max_sockets:
+                    est.popitem(last=False)
+                if e.oldstate == S["SYN_SENT"] and span is not None:
+                    self.handshake.observe(span / 1e9)
+            elif e.oldstate == S["CLOSE_WAIT"] and span is not None:
+                self.close_wait.observe(span / 1e9)
+            if e.newstate == S["CLOSE"]:
+                start = est.pop(e.skaddr, None)
+                if start is not None:
+                    self.lifetime.observe((e.ts_ns - start) / 1e9)
+        for key, n in counts.items():
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self.transitions.labels(
+                    STATE_NAMES.get(key[0], str(key[0])), STATE_NAMES.get(key[1], str(key[1])))
+            child.inc(n)
+
+    def write_loss(self, kind: str, count: int, total: int) -> None:
+        self.lost.labels(kind).inc(count)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@hookimpl
+def tcpstates_register_sinks(register: Any) -> None:
+    register(MetricsSink)

@@ -1,0 +1,132 @@
+"""The `summary` sink (`--summary`): log2 histograms of the time spent in each
+state, the busiest local and remote ports, printed to stderr at exit and on
+SIGUSR1 — the way bcc's histogram tools print — plus a live status line
+(events/s, drops) while stderr is a terminal and stdout is not.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from tcpstates.api import RunContext, Sink
+from tcpstates.events import STATE_NAMES, Event
+from tcpstates.hookspecs import hookimpl
+from tcpstates.options import option
+
+
+def log2_histogram(counts: dict[int, int], unit: str = "usecs") -> list[str]:
+    """bcc's print_log2_hist layout: bucket i holds values in [2^i, 2^(i+1)-1]."""
+    if not counts:
+        return []
+    top = max(counts)
+    peak = max(counts.values())
+    lines = ["     %-19s : count     distribution" % unit]
+    for i in range(top + 1):
+        low = (1 << i) >> 1
+        high = (1 << i) - 1
+        if i == 0:
+            low = high = 0
+        n = counts.get(i, 0)
+        stars = int(n * 40 / peak) if peak else 0
+        lines.append("%10d -> %-10d : %-8d |%-40s|" % (low, high, n, "*" * stars))
+    return lines
+
+
+@dataclasses.dataclass
+class SummaryOptions:
+    top_ports: int = option(10, "how many of the busiest local and remote ports to list")
+    status: str = option("auto", "live status line on stderr: auto (terminal, stdout not), on, off")
+
+    def validate(self) -> None:
+        if not 0 <= self.top_ports <= 1000:
+            raise ValueError("top_ports: expected 0 to 1000")
+        if self.status not in ("auto", "on", "off"):
+            raise ValueError("status: expected auto, on or off")
+
+
+class SummarySink(Sink):
+    """Histograms of time per state and busiest ports (--summary)."""
+
+    name = "summary"
+    description = "log2 histograms of time in each state and busiest ports, at exit and on SIGUSR1"
+    Options = SummaryOptions
+
+    def __init__(self, options: Any, context: RunContext, stream: TextIO | None = None) -> None:
+        super().__init__(options, context)
+        self.stream = stream
+        self.hists: dict[int, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+        self.lports: collections.Counter[int] = collections.Counter()
+        self.rports: collections.Counter[int] = collections.Counter()
+        self.events = 0
+        self.loss: dict[str, int] = {}
+        err = sys.stderr
+        if options.status == "on":
+            self.live = True
+        elif options.status == "off":
+            self.live = False
+        else:
+            self.live = _isatty(err) and not _isatty(sys.stdout)
+        self._last_status = 0.0
+        self._last_events = 0
+
+    def write(self, batch: list[Event]) -> None:
+        hists, lports, rports = self.hists, self.lports, self.rports
+        for e in batch:
+            if e.span_ns is not None:
+                hists[e.oldstate][(e.span_ns // 1000).bit_length()] += 1
+            if e.sport:
+                lports[e.sport] += 1
+            if e.dport:
+                rports[e.dport] += 1
+        self.events += len(batch)
+        if self.live:
+            self._status()
+
+    def write_loss(self, kind: str, count: int, total: int) -> None:
+        self.loss[kind] = total
+
+    def _status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_status < 0.5:
+            return
+        rate = (self.events - self._last_events) / (now - self._last_status) if self._last_status else 0
+        self._last_status, self._last_events = now, self.events
+        out = self.stream or sys.stderr
+        out.write(f"\r\x1b[Ktcpstates: {self.events} events, {rate:,.0f}/s, "
+                  f"{self.loss.get('dropped', 0)} dropped, {self.loss.get('kernel_misses', 0)} kernel misses")
+        out.flush()
+
+    def report(self) -> None:
+        out = self.stream or sys.stderr
+        lines = []
+        if self.live:
+            lines.append("\r\x1b[K")          # the status line disappears
+        for state in sorted(self.hists, key=lambda s: STATE_NAMES.get(s, str(s))):
+            lines.append(f"\nstate = {STATE_NAMES.get(state, str(state))} (time spent in it)")
+            lines.extend(log2_histogram(self.hists[state]))
+        for title, counter in (("LPORT", self.lports), ("RPORT", self.rports)):
+            if self.options.top_ports and counter:
+                lines.append(f"\n{title:<7s} EVENTS")
+                lines.extend(f"{port:<7d} {n}" for port, n in counter.most_common(self.options.top_ports))
+        out.write("\n".join(lines).lstrip("\n") + "\n")
+        out.flush()
+
+    def close(self) -> None:
+        self.report()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return stream is not None and os.isatty(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@hookimpl
+def tcpstates_register_sinks(register: Any) -> None:
+    register(SummarySink)

@@ -1,0 +1,100 @@
+"""Operations: the Prometheus metrics sink scraped during real traffic, the
+--summary histograms (exit and SIGUSR1), and the status line rules."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import socket
+import time
+import urllib.request
+
+import pytest
+from traffic import free_port, refused, session
+
+from tcpstates.api import RunContext
+from tcpstates.plugins.summary_sink import SummaryOptions, SummarySink, log2_histogram
+from tcpstates.testing import make_event
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+@pytest.mark.kernel
+def test_metrics_scraped_during_real_traffic(tracer):
+    mport, port = free_port(), free_port()
+    t = tracer("--sink", "metrics", "-o", f"sinks.metrics.listen=127.0.0.1:{mport}", "-D", f"{port}")
+    for _ in range(3):
+        session(socket.AF_INET, port, hold=0.05, server_delay=0.0, listener_delay=0.0)
+    refused(port)
+    time.sleep(0.3)                               # one reader poll
+    m = _scrape(mport)
+    t.stop()
+    assert m['tcpstates_transitions_total{new="SYN_SENT",old="CLOSE"}'] == 4
+    assert m['tcpstates_transitions_total{new="ESTABLISHED",old="SYN_SENT"}'] == 3
+    assert m['tcpstates_transitions_total{new="CLOSE",old="SYN_SENT"}'] == 1
+    assert m["tcpstates_handshake_seconds_count"] == 3
+    assert m['tcpstates_handshake_seconds_bucket{le="0.01"}'] == 3        # loopback: fast
+    assert m["tcpstates_connection_lifetime_seconds_count"] == 3          # client sockets (-D)
+    assert m['tcpstates_connection_lifetime_seconds_bucket{le="0.025"}'] == 0
+    assert m['tcpstates_connection_lifetime_seconds_bucket{le="0.25"}'] == 3   # held 50 ms
+
+
+def test_metrics_port_in_use_is_a_clear_error(tmp_path):
+    from tracer import run_cli
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        empty = tmp_path / "e.jsonl"
+        empty.write_text("")
+        r = run_cli("--replay", str(empty), "--sink", "metrics", "-o", f"sinks.metrics.listen=127.0.0.1:{port}")
+    assert r.returncode == 2 and b"cannot listen" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_log2_histogram_matches_bcc_layout():
+    lines = log2_histogram({1: 2, 3: 8})
+    assert lines[0] == "     usecs               : count     distribution"
+    assert lines[1] == "         0 -> 0          : 0        |                                        |"
+    assert lines[2] == "         1 -> 1          : 2        |**********                              |"
+    assert lines[4] == "         4 -> 7          : 8        |****************************************|"
+
+
+def test_summary_sink_histograms_and_ports():
+    out = io.StringIO()
+    sink = SummarySink(SummaryOptions(status="off"), RunContext(), stream=out)
+    sink.write([make_event(oldstate="ESTABLISHED", newstate="FIN_WAIT1", span_ns=100_000_000, sport=80),
+                make_event(oldstate="ESTABLISHED", newstate="FIN_WAIT1", span_ns=3_000, sport=80),
+                make_event(oldstate="SYN_SENT", newstate="ESTABLISHED", span_ns=50_000, dport=443)])
+    sink.close()
+    text = out.getvalue()
+    assert "state = ESTABLISHED (time spent in it)" in text and "state = SYN_SENT" in text
+    assert re.search(r"65536 -> 131071\s+: 1 ", text)                  # 100 ms = 100000 µs
+    assert re.search(r"^80\s+2$", text, re.M) and re.search(r"^443\s+1$", text, re.M)
+
+
+@pytest.mark.kernel
+def test_summary_at_exit_and_on_sigusr1(tracer):
+    port = free_port()
+    t = tracer("-s", "--summary", "-D", str(port))
+    for _ in range(3):
+        refused(port)
+    time.sleep(0.3)
+    t.proc.send_signal(signal.SIGUSR1)
+    end = time.monotonic() + 10
+    while "state = SYN_SENT" not in t.stderr_path.read_text():
+        assert time.monotonic() < end, "no summary on SIGUSR1"
+        time.sleep(0.05)
+    rc, out, err = t.stop()
+    assert rc == 0
+    assert err.count("state = SYN_SENT") == 2              # SIGUSR1 and exit
+    assert f"{port}" in err and "\x1b[K" not in err        # no status line: stderr is a file
+    assert len(out.splitlines()) == 7                      # stdout unchanged by --summary
