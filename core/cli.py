@@ -207,7 +207,7 @@ def install_signals(pipeline: Any) -> int:
 
 
 def run(argv: Sequence[str]) -> int:
-    from tcpstates.notify import sd_notify
+    from tcpstates.notify import Notifier
     from tcpstates.pipeline import summary_line
     from tcpstates.registry import make_plugin_manager
     from tcpstates.security import drop_privileges
@@ -233,10 +233,12 @@ def run(argv: Sequence[str]) -> int:
     context = RunContext(strict=strict, warner=warner)
     pipeline = build_pipeline(config, registry, context, sink_names)
     pipeline.source.wakeup_fd(install_signals(pipeline))
+    notifier = Notifier()
+
     def started() -> None:
         if args.user:
             drop_privileges(args.user)
-        sd_notify("READY=1")
+        notifier.notify("READY=1")
 
     summary = execute(pipeline, registry, context, on_started=started)
     # `tcpstates | head -3`: the reader left on purpose; exit quietly.
