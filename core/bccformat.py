@@ -10,7 +10,7 @@ on a whole batch and caches the HH:MM:SS string per second.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from tcpstates.events import AF_INET, STATE_NAMES, Event
 
@@ -102,8 +102,9 @@ class BccFormatter:
         pair_fmt = "%s,%s" if csv else "%-11s -> %-11s"
         ipcol = self.csv or self.wide
         owner_of = self._owner if self.owner else None
-        out = []
+        out: list[str] = []
         append = out.append
+        args: tuple[Any, ...]
         for e in batch:
             span = e.span_ns
             ms = span // 1000 / 1000 if span is not None else 0.0   # bcc: whole µs, then ms

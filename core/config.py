@@ -184,7 +184,7 @@ def plugins_section(config: dict[str, Any]) -> PluginsSection:
 
 
 def _policy(table: dict[str, Any], path: str, cls: type, allowed: tuple[str, ...]) -> str:
-    value = table.pop("on_error", cls.default_on_error)
+    value = table.pop("on_error", getattr(cls, "default_on_error", "skip"))
     if value not in allowed:
         raise ConfigError(f"{path}.on_error", f"expected one of {', '.join(allowed)}, got {value!r}")
     return value
@@ -215,7 +215,7 @@ def chain_specs(config: dict[str, Any], registry: Any) -> list[StageSpec]:
     chain = config.get("chain", [])
     if not isinstance(chain, list):
         raise ConfigError("chain", "expected an array of tables ([[chain]])")
-    specs = []
+    specs: list[StageSpec] = []
     for i, entry in enumerate(chain):
         path = f"chain[{i}]"
         if not isinstance(entry, dict):

@@ -6,7 +6,6 @@ Optional checks (journal, systemd-python, BTF) only warn.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys

@@ -113,22 +113,6 @@ class Decoder:
         self._addr6: dict[bytes, str] = {}
         self._comm: dict[bytes, str] = {}
 
-    def _v4(self, raw: bytes) -> str:
-        text = self._addr4.get(raw)
-        if text is None:
-            if len(self._addr4) >= self.CACHE_LIMIT:
-                self._addr4.clear()
-            text = self._addr4[raw] = socket.inet_ntop(AF_INET, raw[:4])
-        return text
-
-    def _v6(self, raw: bytes) -> str:
-        text = self._addr6.get(raw)
-        if text is None:
-            if len(self._addr6) >= self.CACHE_LIMIT:
-                self._addr6.clear()
-            text = self._addr6[raw] = socket.inet_ntop(AF_INET6, raw)
-        return text
-
     def comm(self, raw: bytes) -> str:
         text = self._comm.get(raw)
         if text is None:
@@ -175,16 +159,13 @@ class Decoder:
     def decode(self, buf: Any, offsets: Any) -> list[Event]:
         """Decode records at `offsets` in `buf` (perf-buffer path, tests)."""
         unpack = EVENT_STRUCT.unpack_from
-        v4, v6, comm = self._v4, self._v6, self.comm
         out = []
-        append = out.append
         for off in offsets:
             (ts, sk, span, cg, pid, tid, sport, dport, fam, old, new,
              saddr, daddr, rawcomm) = unpack(buf, off)
-            if fam == AF_INET:
-                s, d = v4(saddr), v4(daddr)
-            else:
-                s, d = v6(saddr), v6(daddr)
-            append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid,
-                         comm(rawcomm), fam, s, sport, d, dport, old, new, cg, {}))
+            cache = self._addr4 if fam == AF_INET else self._addr6
+            s = cache.get(saddr) or self._slow_addr(fam, saddr)
+            d = cache.get(daddr) or self._slow_addr(fam, daddr)
+            out.append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid,
+                             self.comm(rawcomm), fam, s, sport, d, dport, old, new, cg, {}))
         return out

@@ -40,7 +40,7 @@ def _version_key(path: Path) -> tuple[int, ...]:
 
 def generic_trees(src: Path = Path("/usr/src")) -> list[tuple[Path, Path | None]]:
     """(arch dir, common dir or None) pairs of installed generic headers, newest first."""
-    out = []
+    out: list[tuple[Path, Path | None]] = []
     for arch_dir in sorted(src.glob("linux-headers-*"), key=_version_key, reverse=True):
         if arch_dir.name.endswith("-common") or not arch_dir.is_dir():
             continue

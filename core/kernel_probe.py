@@ -166,14 +166,13 @@ class KernelProbe:
         self.poll_s = poll_s if timer_wakeup and buffer == "ring" else None
         if self.poll_s is not None:
             cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
+        compile_error: Exception | None = None
         with captured_output() as err:
             try:
                 self.bpf = self.bcc.BPF(src_file=str(src_dir / "tcpstates.bpf.c").encode(),
                                         cflags=cflags)
             except Exception as exc:
                 compile_error = exc
-            else:
-                compile_error = None
         if compile_error is not None:
             message = " | ".join(l for l in err[0].strip().splitlines()[-6:] if l.strip())
             hint = ("install kernel headers (linux-headers-$(uname -r), or the generic "

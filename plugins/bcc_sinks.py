@@ -18,17 +18,21 @@ from tcpstates.outputs import LineOutput
 
 
 @dataclasses.dataclass
-class TextOptions:
+class CsvOptions:
     path: str = option("-", "file to append to, '-' for stdout")
     time: bool = option(False, "prefix a TIME column, HH:MM:SS (-T)")
     timestamp: bool = option(False, "prefix a TIME(s) column, seconds since the first event (-t)")
-    wide: bool = option(False, "wide columns with an IP column, fits IPv6 (-w)")
     header: bool = option(True, "print the header line first")
     owner: bool = option(False, "add O-PID/O-COMM columns: the socket's owner (--owner)")
 
     def validate(self) -> None:
         if not self.path:
             raise ValueError("path: empty; give a file path or '-' for stdout")
+
+
+@dataclasses.dataclass
+class TextOptions(CsvOptions):
+    wide: bool = option(False, "wide columns with an IP column, fits IPv6 (-w)")
 
 
 class _BccSink(Sink):
@@ -74,19 +78,6 @@ class TextSink(_BccSink):
     name = "text"
     description = "bcc tcpstates table (default, -w wide, -T time, -t timestamp)"
     Options = TextOptions
-
-
-@dataclasses.dataclass
-class CsvOptions:
-    path: str = option("-", "file to append to, '-' for stdout")
-    time: bool = option(False, "prefix a TIME column, HH:MM:SS (-T)")
-    timestamp: bool = option(False, "prefix a TIME(s) column, seconds since the first event (-t)")
-    header: bool = option(True, "print the header line first")
-    owner: bool = option(False, "append O-PID,O-COMM columns: the socket's owner (--owner)")
-
-    def validate(self) -> None:
-        if not self.path:
-            raise ValueError("path: empty; give a file path or '-' for stdout")
 
 
 class CsvSink(_BccSink):

@@ -89,7 +89,7 @@ class OwnerEnricher(Enricher):
             self.sockets.popitem(last=False)
 
     def _listener(self, e: Event) -> Owner | None:
-        for addr in (e.saddr, WILDCARD.get(e.family)):
+        for addr in (e.saddr, WILDCARD.get(e.family, "")):
             o = self.listeners.get((e.family, addr, e.sport))
             if o is not None:
                 return o

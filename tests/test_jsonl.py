@@ -111,18 +111,16 @@ def test_sighup_reopens_for_logrotate_without_losing_or_tearing(tracer, tmp_path
     count = [0]
 
     def load() -> None:
-        while not stop.is_set() and count[0] < 3000:
+        while not stop.is_set() and count[0] < 20000:
             refused(port)
             count[0] += 1
 
     th = threading.Thread(target=load)
     th.start()
-    while count[0] < 200:
-        time.sleep(0.01)
+    _wait_for_lines(out, 100)                          # records are arriving
     os.rename(out, tmp_path / "events.jsonl.1")       # logrotate's rename...
     t.proc.send_signal(signal.SIGHUP)                  # ...and postrotate
-    while count[0] < 400:
-        time.sleep(0.01)
+    _wait_for_lines(out, 100)                          # the new file fills
     stop.set()
     th.join()
     rc, _, err = t.stop()
@@ -133,6 +131,15 @@ def test_sighup_reopens_for_logrotate_without_losing_or_tearing(tracer, tmp_path
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
     assert len(recs) == 2 * count[0]                   # every event of every connect
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+def _wait_for_lines(path: Path, n: int, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path}: fewer than {n} lines after {timeout}s")
 
 
 def test_size_rotation(tmp_path):

@@ -5,10 +5,8 @@ named the way a container runtime names one."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import orjson
 import pytest

@@ -8,13 +8,12 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import orjson
 import pytest
+from fakedist import fake_dist, sink_plugin
 from tracer import run_cli
-from traffic import free_port
 
 from tcpstates import hookspecs
 from tcpstates.api import Filter, Sink
@@ -110,30 +109,12 @@ def test_example_package_own_tests_pass(example_installed):
     assert "4 passed" in r.stdout
 
 
-def _fake_dist(root: Path, dist: str, version: str, module: str, source: str) -> None:
-    (root / module).mkdir(parents=True)
-    (root / module / "__init__.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[tcpstates]\n{module} = {module}\n")
-
-
-SINK_PLUGIN = """
-from tcpstates.api import Sink
-from tcpstates.hookspecs import hookimpl
-class Dup(Sink):
-    name = "dup"
-    def write(self, batch): pass
-@hookimpl
-def tcpstates_register_sinks(register):
-    register(Dup)
-"""
+SINK_PLUGIN = sink_plugin("dup")
 
 
 def test_plugin_failing_to_import_is_a_warning_and_others_still_load(tmp_path):
-    _fake_dist(tmp_path, "tcpstates-broken", "0.3", "broken_plugin", "raise RuntimeError('boom at import')\n")
-    _fake_dist(tmp_path, "tcpstates-good", "2.0", "good_plugin", SINK_PLUGIN)
+    fake_dist(tmp_path, "tcpstates-broken", "0.3", "broken_plugin", "raise RuntimeError('boom at import')\n")
+    fake_dist(tmp_path, "tcpstates-good", "2.0", "good_plugin", SINK_PLUGIN)
     env = {"PYTHONPATH": str(tmp_path)}
     r = run_cli("plugins", env=env)
     assert r.returncode == 0
@@ -146,8 +127,8 @@ def test_plugin_failing_to_import_is_a_warning_and_others_still_load(tmp_path):
 
 
 def test_duplicate_stage_names_name_both_distributions(tmp_path):
-    _fake_dist(tmp_path, "tcpstates-one", "1.0", "dup_one", SINK_PLUGIN)
-    _fake_dist(tmp_path, "tcpstates-two", "2.5", "dup_two", SINK_PLUGIN)
+    fake_dist(tmp_path, "tcpstates-one", "1.0", "dup_one", SINK_PLUGIN)
+    fake_dist(tmp_path, "tcpstates-two", "2.5", "dup_two", SINK_PLUGIN)
     r = run_cli("--replay", os.devnull, env={"PYTHONPATH": str(tmp_path)})
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from tracer import tcpstates_argv
-from traffic import free_port, refused, session
+from traffic import free_port, refused
 
 pytestmark = pytest.mark.kernel
 SUMMARY = re.compile(r"^tcpstates: (\d+) events seen, (\d+) kept, written: (.*); (\d+) dropped, "

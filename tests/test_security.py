@@ -4,35 +4,16 @@ could have written, dropping root once attached, and `tcpstates doctor`."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from fakedist import fake_dist, sink_plugin
 from tracer import run_cli, tcpstates_argv
 from traffic import free_port, refused
 
-PLUGIN = """
-from tcpstates.api import Sink
-from tcpstates.hookspecs import hookimpl
-class Planted(Sink):
-    name = "planted"
-    def write(self, batch): pass
-@hookimpl
-def tcpstates_register_sinks(register):
-    register(Planted)
-"""
-
-
 def _plant(root: Path) -> None:
-    (root / "planted_plugin").mkdir()
-    (root / "planted_plugin" / "__init__.py").write_text(PLUGIN)
-    info = root / "tcpstates_planted-6.6.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tcpstates-planted\nVersion: 6.6\n")
-    (info / "entry_points.txt").write_text("[tcpstates]\nplanted = planted_plugin\n")
+    fake_dist(root, "tcpstates-planted", "6.6", "planted_plugin", sink_plugin("planted"))
 
 
 def test_plugins_are_never_picked_up_from_the_working_directory(tmp_path):
@@ -61,7 +42,6 @@ def test_plugin_location_writable_by_others_is_refused_as_root(tmp_path):
 
 @pytest.mark.kernel
 def test_user_drops_root_after_attaching_and_keeps_tracing(tracer, tmp_path):
-    out = tmp_path / "o.csv"
     tmp_path.chmod(0o755)
     port = free_port()
     t = tracer("-s", "--user", "nobody", "-D", str(port))
