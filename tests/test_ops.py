@@ -98,3 +98,41 @@ def test_summary_at_exit_and_on_sigusr1(tracer):
     assert err.count("state = SYN_SENT") == 2              # SIGUSR1 and exit
     assert f"{port}" in err and "\x1b[K" not in err        # no status line: stderr is a file
     assert len(out.splitlines()) == 7                      # stdout unchanged by --summary
+
+
+def test_status_line_on_a_terminal_and_not_when_piped(tmp_path):
+    import os
+    import pty
+    import subprocess
+
+    from tracer import tcpstates_argv
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(b"".join(
+        b'{"type":"state_change","v":1,"seq":%d,"time":"t","time_ns":1795766400000000000,"mono_ns":%d,'
+        b'"host":"h","skaddr":"ff","family":"ipv4","laddr":"10.0.0.1","lport":22,"raddr":"10.0.0.2",'
+        b'"rport":5000,"oldstate":"ESTABLISHED","newstate":"FIN_WAIT1","span_us":7,"pid":1,"tid":1,'
+        b'"comm":"sshd","cgroup_id":0}\n' % (i + 1, 10**9 + i) for i in range(50)))
+    master, slave = pty.openpty()
+    with open(tmp_path / "out.csv", "wb") as out:
+        proc = subprocess.Popen(tcpstates_argv("--replay", str(trace), "-s", "--summary"),
+                                stdout=out, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:              # EIO: the other side closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(10)
+    os.close(master)
+    text = seen.decode()
+    assert "\x1b[Ktcpstates: 50 events" in text            # the live line...
+    after_last_erase = text.rsplit("\r\x1b[K", 1)[1]
+    assert text.count("\r\x1b[K") >= 2 and "events, " not in after_last_erase   # ...erased at the end
+    assert "state = ESTABLISHED" in text
+    piped = subprocess.run(tcpstates_argv("--replay", str(trace), "-s", "--summary"), capture_output=True)
+    assert b"\x1b[K" not in piped.stderr and b"state = ESTABLISHED" in piped.stderr
