@@ -118,7 +118,7 @@ def test_journald_stopped_and_restarted(tracer, tmp_path):
         _wait_lines(tmp_path / "all.csv", 9)
         # ...and comes back in the same mount namespace (the tracer's)
         log = open(tmp_path / "j2.log", "wb")
-        again = subprocess.Popen(["nsenter", "--target", str(t.proc.pid), "--mount", "--", JOURNALD],
+        again = subprocess.Popen(["nsenter", "--target", str(t.proc.pid), "--mount", "--root", "--wd", "--", JOURNALD],
                                  stdout=log, stderr=log)
         end = time.monotonic() + 10
         while not list((j.journal_dir).glob("*/system.journal")) or not j.socket.exists():
@@ -127,7 +127,7 @@ def test_journald_stopped_and_restarted(tracer, tmp_path):
         time.sleep(0.3)
         refused(port)
         _wait_lines(tmp_path / "all.csv", 11)
-        subprocess.run(["nsenter", "--target", str(t.proc.pid), "--mount", "--", "journalctl", "--sync"],
+        subprocess.run(["nsenter", "--target", str(t.proc.pid), "--mount", "--root", "--wd", "--", "journalctl", "--sync"],
                        check=True, timeout=30)
         rc, _, err = t.stop()
         again.terminate()

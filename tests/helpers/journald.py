@@ -65,7 +65,9 @@ class PrivateJournald:
 
     def argv(self, argv: list[str]) -> list[str]:
         assert self.proc is not None
-        return ["nsenter", "--target", str(self.proc.pid), "--mount", "--", *argv]
+        # --root/--wd: keep the target's root (entering a mount namespace resets it
+        # to the namespace's, which differs from ours inside a chroot)
+        return ["nsenter", "--target", str(self.proc.pid), "--mount", "--root", "--wd", "--", *argv]
 
     def sync(self) -> None:
         subprocess.run(self.argv(["journalctl", "--sync"]), check=True, timeout=30)
