@@ -115,16 +115,14 @@ def _sink_type(config: dict[str, Any], name: str) -> str:
 def apply_flags(args: argparse.Namespace, config: dict[str, Any], general: cfg.General,
                 registry: Any) -> list[str]:
     """Fold bcc's flags into the config; returns the active sink names."""
-    if args.sink is not None:
-        names = []
-        for name in args.sink:
-            if not name:
-                raise UsageError("--sink: empty name; e.g. --sink text")
-            if name in names:
-                raise UsageError(f"--sink {name} given twice; name each sink once")
-            names.append(name)
-    else:
-        names = list(general.sinks)
+    where = "--sink" if args.sink is not None else "tcpstates.sinks"
+    names: list[str] = []
+    for name in args.sink if args.sink is not None else general.sinks:
+        if not name:
+            raise UsageError(f"{where}: empty sink name; e.g. text")
+        if name in names:
+            raise UsageError(f"{where}: sink {name!r} given twice; name each sink once")
+        names.append(name)
     if args.csv:
         if "text" in names:
             names[names.index("text")] = "csv"
@@ -141,10 +139,10 @@ def apply_flags(args: argparse.Namespace, config: dict[str, Any], general: cfg.G
         if info is None:
             continue   # reported with its config path by sink_spec
         fields = {f for f in getattr(info.cls.Options, "__dataclass_fields__", {})}
-        for flag, field in (("time", "time"), ("timestamp", "timestamp"), ("wide", "wide"),
-                            ("owner", "owner")):
-            if getattr(args, flag) and field in fields:
-                _sink_table(config, name)[field] = True
+        # -T -t -w --owner set the option of the same name on every sink that has it
+        for flag in ("time", "timestamp", "wide", "owner"):
+            if getattr(args, flag) and flag in fields:
+                _sink_table(config, name)[flag] = True
     chain = config.get("chain", [])
     if not isinstance(chain, list):
         raise UsageError("chain: expected an array of tables ([[chain]])")
