@@ -24,8 +24,8 @@ command -v apt-get >/dev/null || die "no apt-get: install bcc's Python bindings,
 pkgs=(python3 python3-venv python3-bpfcc python3-systemd ca-certificates)
 if [ "$want_test" = yes ]; then
     # journald + journalctl for the private test journal, unshare/nsenter, ss,
-    # /etc/services for the example plugin
-    pkgs+=(systemd util-linux iproute2 procps netbase)
+    # /etc/services for the example plugin, bcc's own tcpstates for the benchmark
+    pkgs+=(systemd util-linux iproute2 procps netbase bpfcc-tools)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
