@@ -47,6 +47,10 @@ def main() -> None:
     best = min(_timed(lambda: decoder.decode_block(data)) for _ in range(5))
     print(f"decode          {best / n * 1e6:.2f} µs/event")
     events, _ = decoder.decode_block(data)
+    from tcpstates.plugins.owner_enricher import OwnerEnricher, OwnerOptions
+    owner = OwnerEnricher(OwnerOptions(scan_existing=False), ctx)
+    per = min(_timed(lambda: owner.observe_batch(decoder.decode_block(data)[0])) for _ in range(5))
+    print(f"decode + owner  {per / n * 1e6:.2f} µs/event")
     for name, sink in sinks.items():
         sink.open()
         per = min(_timed(lambda: sink.write(events)) for _ in range(5))

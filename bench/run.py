@@ -122,11 +122,12 @@ class TracerRun:
 
 
 def count_port_lines(path: Path, port: int) -> int:
-    needle = f" {port} ".encode()
+    """Output lines about `port`: text table rows or JSON Lines records."""
+    needles = (f" {port} ".encode(), f'"lport":{port},'.encode(), f'"rport":{port},'.encode())
     n = 0
     with open(path, "rb") as f:
         for line in f:
-            if needle in line:
+            if any(needle in line for needle in needles):
                 n += 1
     return n
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import TracerRun, free_port, run_load  # noqa: E402
+from run import TracerRun, count_port_lines, free_port, run_load  # noqa: E402
 from truth import TracepointCounter  # noqa: E402
 
 
@@ -59,10 +59,7 @@ def main() -> int:
         t.settle(60)
         t.stop()
         err = t.err_path.read_text()
-        needles = ([f" {port} ".encode()] if a.sink == "text" else
-                   [f'"lport":{port},'.encode(), f'"rport":{port},'.encode()])
-        with open(t.out_path, "rb") as f:
-            printed = sum(1 for line in f if any(n in line for n in needles))
+        printed = count_port_lines(t.out_path, port)
     m = re.search(r"(\d+) dropped, (\d+) kernel misses", err)
     dropped, misses = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
     first, last = samples[0], samples[-1]

@@ -57,9 +57,12 @@ def event_record(e: Event, seq: int, wall_ns: int, host: str, rfc3339: Rfc3339) 
         "comm": e.comm,
         "cgroup_id": e.cgroup_id,
     }
-    if e.extra:
-        for key, value in e.extra.items():
-            rec.setdefault(key, value)   # enrichers never overwrite core fields
+    extra = e.extra
+    if extra:
+        if _CORE.isdisjoint(extra):
+            rec.update(extra)
+        else:   # enrichers never overwrite core fields
+            rec.update((k, v) for k, v in extra.items() if k not in _CORE)
     return rec
 
 
@@ -67,6 +70,9 @@ def loss_record(kind: str, count: int, total: int, seq: int, wall_ns: int, host:
                 rfc3339: Rfc3339) -> dict[str, Any]:
     return {"type": "lost", "v": SCHEMA_VERSION, "seq": seq, "time": rfc3339(wall_ns),
             "time_ns": wall_ns, "host": host, "kind": kind, "count": count, "total": total}
+
+
+_CORE = frozenset(CORE_FIELDS)
 
 
 class RecordError(ValueError):

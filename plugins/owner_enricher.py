@@ -22,8 +22,8 @@ filter drops), so its place in the chain does not matter.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import itertools
 from typing import Any
 
 from tcpstates.api import Enricher, RunContext
@@ -63,11 +63,10 @@ class OwnerEnricher(Enricher):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.sockets: collections.OrderedDict[int, Owner] = collections.OrderedDict()
+        self.sockets: dict[int, Owner] = {}
         self.listeners: dict[tuple[int, str, int], Owner] = {}
         self.existing: dict[tuple[int, str, int, str, int], int] = {}
         self.comms: dict[int, str] = {}
-        self.attributed: dict[int, Owner] = {}   # per event id, set by observe, read by enrich
         if options.scan_existing:
             by_tuple, listeners = snapshot()
             self.existing = by_tuple
@@ -83,10 +82,12 @@ class OwnerEnricher(Enricher):
         return comm
 
     def _remember(self, sk: int, owner: Owner) -> None:
-        self.sockets[sk] = owner
-        self.sockets.move_to_end(sk)
-        if len(self.sockets) > self.options.max_sockets:
-            self.sockets.popitem(last=False)
+        sockets = self.sockets
+        sockets[sk] = owner
+        if len(sockets) > self.options.max_sockets:
+            # forget the oldest tenth at once (insertion order), not one per event
+            for key in list(itertools.islice(sockets, len(sockets) // 10)):
+                del sockets[key]
 
     def _listener(self, e: Event) -> Owner | None:
         for addr in (e.saddr, WILDCARD.get(e.family, "")):
@@ -99,17 +100,18 @@ class OwnerEnricher(Enricher):
         return self.listeners.get((AF_INET6, "::", e.sport))
 
     def observe_batch(self, batch: list[Event]) -> None:
+        """Learn owners from every event the source delivered, and label each
+        event right away (a later filter may still drop it)."""
         sockets, remember = self.sockets, self._remember
-        attributed = self.attributed
-        attributed.clear()
+        syscall = SYSCALL_TRANSITIONS
         for e in batch:
             key = (e.oldstate, e.newstate)
-            owner: Owner | None = None
-            if key in SYSCALL_TRANSITIONS and e.pid != 0:
+            owner: Owner | None
+            if key in syscall and e.pid != 0:
                 prior = sockets.get(e.skaddr)
                 # a close by the process that already owns it keeps the process's comm
-                owner = (e.pid, self._comm(e.pid, e.comm) if prior is None or prior[0] != e.pid else prior[1],
-                         e.cgroup_id, "syscall")
+                comm = prior[1] if prior is not None and prior[0] == e.pid else self._comm(e.pid, e.comm)
+                owner = (e.pid, comm, e.cgroup_id, "syscall")
                 if key == (CLOSE, LISTEN):
                     self.listeners[(e.family, e.saddr, e.sport)] = owner
                 elif key == (LISTEN, CLOSE):
@@ -118,29 +120,32 @@ class OwnerEnricher(Enricher):
                 lo = self._listener(e)
                 owner = (lo[0], lo[1], lo[2], "listener") if lo else None
             else:
-                known = sockets.get(e.skaddr)
-                if known is not None:
-                    owner = (known[0], known[1], known[2], "remembered")
-                else:
+                owner = sockets.get(e.skaddr)
+                if owner is not None:
+                    if owner[3] != "remembered":
+                        owner = (owner[0], owner[1], owner[2], "remembered")
+                elif self.existing:
                     pid = self.existing.pop((e.family, e.saddr, e.sport, e.daddr, e.dport), None)
                     if pid is not None:
                         owner = (pid, self._comm(pid, "?"), 0, "proc")
-            if owner is not None:
-                attributed[id(e)] = owner
+            extra = e.extra
+            if owner is None:
+                extra["owner_pid"] = extra["owner_comm"] = None
+                extra["owner_source"] = "unknown"
                 if e.newstate == CLOSE:
                     sockets.pop(e.skaddr, None)
-                else:
-                    remember(e.skaddr, owner)
-            elif e.newstate == CLOSE:
+                continue
+            extra["owner_pid"], extra["owner_comm"], extra["owner_cgroup_id"], extra["owner_source"] = owner
+            if e.newstate == CLOSE:
                 sockets.pop(e.skaddr, None)
+            elif owner[3] != "remembered" or e.skaddr not in sockets:
+                remember(e.skaddr, owner)
+
+    def enrich_batch(self, batch: list[Event]) -> None:
+        """Nothing left to do: observe_batch labelled every event."""
 
     def enrich(self, event: Event) -> None:
-        owner = self.attributed.get(id(event))
-        if owner is None:
-            event.extra.update(owner_pid=None, owner_comm=None, owner_source="unknown")
-        else:
-            event.extra.update(owner_pid=owner[0], owner_comm=owner[1], owner_cgroup_id=owner[2],
-                               owner_source=owner[3])
+        self.observe_batch([event])
 
 
 @hookimpl
