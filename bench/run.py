@@ -197,6 +197,8 @@ def main() -> int:
     p.add_argument("--max-connections", type=int, default=40000, help="cap per run")
     p.add_argument("--no-bcc", action="store_true", help="skip bcc even when installed")
     p.add_argument("--sink", default="text", help="our sink for the main run (text or jsonl)")
+    p.add_argument("--extra", action="append", default=[], metavar="ARG",
+                   help="extra argument for our tracer (repeatable), e.g. --extra=-o --extra=tcpstates.owner=off")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: checks the harness, claims nothing")
     a = p.parse_args()
@@ -211,7 +213,7 @@ def main() -> int:
     env = dict(os.environ)
     if tree is not None:
         env["BCC_KERNEL_SOURCE"] = str(tree)      # bcc's own tool needs a header tree too
-    ours = OURS + (["--sink", a.sink] if a.sink != "text" else [])
+    ours = OURS + (["--sink", a.sink] if a.sink != "text" else []) + a.extra
     tracers = [("tcpstates", ours), ("tcpstates -L", OURS + ["-L", "{OTHER}"])]
     if not a.no_bcc and os.path.exists(BCC_TOOL):
         tracers.append(("bcc", [BCC_TOOL]))
