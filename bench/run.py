@@ -75,6 +75,7 @@ class TracerRun:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(0.05)
+        self.helper_peak_mb: float | None = None
         t0 = time.monotonic()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
@@ -84,7 +85,10 @@ class TracerRun:
     def _wait_ready(self, t0: float, timeout: float = 60) -> float:
         while time.monotonic() - t0 < timeout:
             try:
-                if b"READY=1" in self.notify.recv(64):
+                message = self.notify.recv(4096)
+                if b"READY=1" in message:
+                    m = re.search(rb"peak RSS (\d+) MB", message)
+                    self.helper_peak_mb = float(m.group(1)) if m else None
                     return time.monotonic() - t0       # ours: attached and reading
             except socket.timeout:
                 pass
@@ -174,6 +178,7 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
             "dropped": dropped, "kernel_misses": misses,
             "cpu_us_per_event": round(cpu * 1e6 / recorded, 2) if recorded and not filtered else None,
             "startup_s": round(t.startup, 3), "peak_rss_mb": round(rss, 1),
+            "helper_peak_mb": t.helper_peak_mb,
         })
         for p in (t.out_path, t.err_path):
             p.unlink()
@@ -182,7 +187,7 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
 
 def format_table(rows: list[dict]) -> str:
     cols = ["point", "tracer", "rate", "ratio", "truth", "printed", "missing", "dropped",
-            "kernel_misses", "cpu_us_per_event", "startup_s", "peak_rss_mb"]
+            "kernel_misses", "cpu_us_per_event", "startup_s", "peak_rss_mb", "helper_peak_mb"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     for r in rows:

@@ -183,6 +183,10 @@ class Source(Stage):
         """Cumulative counts of lost records by kind ("dropped", "kernel_misses")."""
         return {}
 
+    def status(self) -> str:
+        """One line for the service manager (sd_notify STATUS=) once started."""
+        return f"reading from {self.name}"
+
     def wakeup_fd(self, fd: int) -> None:
         """Make `read` return early when `fd` becomes readable (signals)."""
 

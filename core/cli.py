@@ -236,7 +236,7 @@ def run(argv: Sequence[str]) -> int:
     def started() -> None:
         if args.user:
             drop_privileges(args.user)
-        notifier.notify("READY=1")
+        notifier.notify(f"READY=1\nSTATUS={pipeline.source.status()}")
 
     summary = execute(pipeline, registry, context, on_started=started)
     # `tcpstates | head -3`: the reader left on purpose; exit quietly.

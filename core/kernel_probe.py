@@ -8,11 +8,9 @@ EnvironmentProblem with the one thing to do next.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import platform
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -26,7 +24,6 @@ from tcpstates.headers import choose_header_tree
 from tcpstates.ringbuf import RingBufferReader
 
 TRACEPOINT = ("sock", "inet_sock_set_state")
-PROG_NAME = b"tracepoint__sock__inet_sock_set_state"
 # TCPSTATES_TRACEFS names another tracefs root (for tests of a kernel without
 # the tracepoint, which cannot be had otherwise on a modern machine).
 TRACEFS_CANDIDATES = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
@@ -123,15 +120,18 @@ def _by_time(event: Event) -> int:
 
 
 class KernelProbe:
-    """Compiled, attached program plus its reader."""
+    """The attached program (loaded by a helper process, see core/loader.py)
+    and the readers of its buffers. No bcc in this process."""
 
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
                  poll_s: float = 0.05) -> None:
+        from tcpstates.bpfsys import PerCpuCounter
+        from tcpstates.loader import LoadRequest, load
+
         if os.geteuid() != 0:
             raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_PERFMON): run it with sudo")
-        self.bcc = import_bcc()
         tracefs = find_tracefs()
         if tracefs is None:
             raise EnvironmentProblem(
@@ -150,8 +150,6 @@ class KernelProbe:
         self.batch_size = batch_size
         self.max_block = batch_size * RING_RECORD_SIZE
         tree, self.header_source = choose_header_tree()
-        if tree is not None:
-            os.environ["BCC_KERNEL_SOURCE"] = str(tree)
         src_dir = bpf_source_dir()
         cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={max_sockets}",
                   f"-DTCPSTATES_RINGBUF_PAGES={ring_pages}", "-Wno-macro-redefined"]
@@ -166,92 +164,75 @@ class KernelProbe:
         self.poll_s = poll_s if timer_wakeup and buffer == "ring" else None
         if self.poll_s is not None:
             cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
-        compile_error: Exception | None = None
-        with captured_output() as err:
-            try:
-                self.bpf = self.bcc.BPF(src_file=str(src_dir / "tcpstates.bpf.c").encode(),
-                                        cflags=cflags)
-            except Exception as exc:
-                compile_error = exc
-        if compile_error is not None:
-            message = " | ".join(l for l in err[0].strip().splitlines()[-6:] if l.strip())
-            hint = ("install kernel headers (linux-headers-$(uname -r), or the generic "
-                    "linux-headers package) and retry" if "kconfig.h" in message or
-                    "kernel headers" in message.lower() else "run 'tcpstates doctor' for details")
-            raise EnvironmentProblem(f"BPF compile/load failed ({compile_error}): "
-                                     f"{message or 'no compiler output'}; {hint}")
-        self._fill_port_map("lport_allowed", local_ports)
-        self._fill_port_map("dport_allowed", remote_ports)
-        self.prog_fd = self.bpf.funcs[PROG_NAME].fd
+        self.loaded = load(LoadRequest(
+            cflags=cflags, src_file=str(src_dir / "tcpstates.bpf.c"),
+            header_tree=str(tree) if tree is not None else None, perf_mode=buffer == "perf",
+            buffer_pages=ring_pages, local_ports=sorted(local_ports) if local_ports is not None else None,
+            remote_ports=sorted(remote_ports) if remote_ports is not None else None))
+        self.prog_fd = self.loaded.prog_fd
         self.decoder = Decoder()
-        self._drops = self.bpf["drops"]
-        self._perf_lost = 0
+        self._drops = PerCpuCounter(self.loaded.drops_fd)
         self._dropped = 0
         self._drops_unreadable = False
-        self._pending: list[bytes] = []
         self.spilled = 0
-        self._spill_fds: set[int] = set()
         self._next_spill_check = 0.0
+        # ring mode: the perf buffers are the spill; perf mode: the event stream
+        self.perf = self.loaded.perf
+        self._perf_fds = set(self.loaded.perf_fds.values())
         if buffer == "ring":
             self.reader: RingBufferReader | None = RingBufferReader(
-                self.bpf["events"].map_fd, ring_pages * os.sysconf("SC_PAGE_SIZE"))
-            # records the ring refused land here (see the BPF source); small.
-            # Its per-CPU fds join our epoll, so it is only polled when it has data.
-            self.bpf["spill"].open_perf_buffer(self._perf_event, page_cnt=64,
-                                               lost_cb=self._perf_lost_cb)
-            from bcc.libbcc import lib as libbcc
-            self._spill_fds = {libbcc.perf_reader_fd(r) for r in self.bpf.perf_buffers.values()}
-            for fd in self._spill_fds:
+                self.loaded.events_fd, ring_pages * os.sysconf("SC_PAGE_SIZE"))
+            # its per-CPU fds join our epoll, so it is only read when it has data
+            for fd in self._perf_fds:
                 self.reader.register_wakeup_fd(fd, drain=False)
         else:
             self.reader = None
-            self.bpf["events"].open_perf_buffer(self._perf_event, page_cnt=ring_pages,
-                                                lost_cb=self._perf_lost_cb)
-
-    def _fill_port_map(self, name: str, ports: frozenset[int] | None) -> None:
-        if ports is None:
-            return
-        table = self.bpf[name]
-        one = ctypes.c_uint8(1)
-        for port in ports:
-            table[ctypes.c_int(port)] = one
-
-    # perf-buffer fallback: libbcc calls back per record; we only copy bytes.
-    def _perf_event(self, cpu: int, data: Any, size: int) -> None:
-        if size >= EVENT_SIZE:
-            self._pending.append(ctypes.string_at(data, EVENT_SIZE))
-
-    def _perf_lost_cb(self, lost: int) -> None:
-        self._perf_lost += lost
+            import select
+            self._epoll = select.epoll()
+            for fd in self._perf_fds:
+                self._epoll.register(fd, select.EPOLLIN)
 
     def add_wakeup_fd(self, fd: int) -> None:
         if self.reader is not None:
             self.reader.register_wakeup_fd(fd)
+        else:
+            import select
+            self._epoll.register(fd, select.EPOLLIN)
+
+    def _perf_events(self) -> list[Event]:
+        raw = self.perf.read(EVENT_SIZE)
+        if not raw:
+            return []
+        return self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
 
     def read(self, timeout: float) -> list[Event]:
         reader = self.reader
         if reader is None:
-            self.bpf.perf_buffer_poll(int(timeout * 1000))
-            raw, self._pending = self._pending, []
-            return self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
+            events = self._perf_events()
+            if not events and timeout:
+                for fd, _ in self._epoll.poll(timeout):
+                    if fd not in self._perf_fds:
+                        try:
+                            while os.read(fd, 4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                events = self._perf_events()
+            return sorted(events, key=_by_time)   # per-CPU buffers: merge by time
         spill_ready = False
         if reader.pending() == 0:
             # timer mode: the kernel never signals; sleep one poll interval
             # (a signal's wake-up fd still ends the sleep at once)
             ready = reader.wait(timeout if self.poll_s is None else min(timeout, self.poll_s))
-            spill_ready = not ready.isdisjoint(self._spill_fds)
+            spill_ready = not ready.isdisjoint(self._perf_fds)
         events, used = self.decoder.decode_block(reader.read_block(self.max_block, EVENT_SIZE))
         reader.consume(used)
         # timeout 0 is the final drain: never leave spilled records behind
         if spill_ready or timeout == 0 or self._spill_check_due():
-            # consume, not poll: a perf fd's readiness is reset by whoever
-            # polls it first (our epoll), so poll() here could miss records
-            self.bpf.perf_buffer_consume()
-        if self._pending:
-            raw, self._pending = self._pending, []
-            self.spilled += len(raw)
-            late = self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
-            events = sorted(events + late, key=_by_time)   # back into time order
+            late = self._perf_events()
+            if late:
+                self.spilled += len(late)
+                events = sorted(events + late, key=_by_time)   # back into time order
         if not events and reader.skip_foreign(EVENT_SIZE):
             return self.read(0)
         return events
@@ -267,21 +248,17 @@ class KernelProbe:
 
     def loss_counters(self) -> dict[str, int]:
         try:
-            self._dropped = sum(int(getattr(v, "value", v))
-                                for v in self._drops.getvalue(self._drops.Key(0)))
-        except Exception as exc:   # e.g. EPERM once root is dropped on a locked-down kernel
+            self._dropped = self._drops.total()
+        except OSError as exc:   # e.g. EPERM once root is dropped on a locked-down kernel
             if not self._drops_unreadable:
                 self._drops_unreadable = True
                 sys.stderr.write(f"tcpstates: warning: cannot read the kernel drop counter any more "
                                  f"({exc}); drops after this point are not reported\n")
-        return {"dropped": self._dropped + self._perf_lost,
+        return {"dropped": self._dropped + self.perf.lost,
                 "kernel_misses": recursion_misses(self.prog_fd)}
 
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
-        with contextlib.suppress(Exception):
-            self.bpf.cleanup()
-
-
-AF_BY_NAME = {"all": None, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+        self.perf.close()
+        self.loaded.close()      # closing the attachment's fd detaches the program

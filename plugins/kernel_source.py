@@ -92,6 +92,12 @@ class KernelSource(Source):
     def loss_counters(self) -> dict[str, int]:
         return self.probe.loss_counters() if self.probe is not None else {}
 
+    def status(self) -> str:
+        if self.probe is None:
+            return "not attached"
+        return (f"tracing sock:inet_sock_set_state ({self.probe.buffer} buffer); BPF compiled by a "
+                f"helper process, peak RSS {self.probe.loaded.helper_peak_rss_kb // 1024} MB")
+
     def close(self) -> None:
         if self.probe is not None:
             self.probe.close()

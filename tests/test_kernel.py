@@ -135,3 +135,29 @@ def test_started_as_console_script_and_module_alike(tracer):
     assert shutil.which(script), "console script not installed"
     out = subprocess.run([script, "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("tcpstates ")
+
+
+def test_perf_buffer_fallback_gives_the_same_sequences(tracer):
+    """buffer = "perf" is what kernels before 5.8 get; it must be as exact."""
+    port = free_port()
+    t = tracer("-s", "-o", "sources.kernel.buffer=perf")
+    session(socket.AF_INET, port, hold=0.02, server_delay=0.0)
+    refused(free_port())
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    lives = _classify(by_socket(parse_csv(out), {port}), port)
+    assert transitions(lives["client"]) == CLIENT
+    assert transitions(lives["child"]) == SERVER_CHILD
+    assert transitions(lives["listener"]) == LISTENER
+    assert "0 dropped, 0 kernel misses" in err
+
+
+def test_tracer_process_stays_small_after_the_helper_compiled(tracer):
+    # bcc/LLVM live only in the short-lived loader process (see core/loader.py)
+    t = tracer("-L", "1")
+    status = open(f"/proc/{t.proc.pid}/status").read()
+    hwm_kb = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1])
+    maps = open(f"/proc/{t.proc.pid}/maps").read()
+    t.stop()
+    assert "libLLVM" not in maps and "libbcc" not in maps
+    assert hwm_kb < 100 * 1024

@@ -1,0 +1,161 @@
+"""Compiling and attaching the BPF program in a short-lived child process.
+
+bcc compiles C with an embedded clang/LLVM: importing and running it costs
+the process ~130 MB that it never gives back. The tracer only needs the
+result — the program, its maps, the tracepoint attachment and the perf
+buffers, all of which are file descriptors. So a forked child does the
+compile, attach and buffer set-up, hands the descriptors to the tracer over
+a unix socket (SCM_RIGHTS) and leaves with os._exit: skipping bcc's atexit
+clean-up, which would disable the perf events it shares with the tracer.
+The tracer itself never imports bcc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+from typing import Any
+
+from tcpstates.errors import EnvironmentProblem, UsageError
+from tcpstates.perfbuf import PerfBufferReader
+
+PROG_NAME = b"tracepoint__sock__inet_sock_set_state"
+TRACEPOINT = b"sock:inet_sock_set_state"
+SPILL_PAGES = 64
+
+
+@dataclasses.dataclass
+class LoadRequest:
+    cflags: list[str]
+    src_file: str
+    header_tree: str | None
+    perf_mode: bool
+    buffer_pages: int
+    local_ports: list[int] | None
+    remote_ports: list[int] | None
+
+
+@dataclasses.dataclass
+class Loaded:
+    prog_fd: int
+    attach_fd: int
+    events_fd: int                   # ring buffer map (ring mode), -1 in perf mode
+    drops_fd: int
+    perf_fds: dict[int, int]         # cpu → perf event fd: spill (ring mode) or events (perf mode)
+    perf: PerfBufferReader           # mapped before the helper left
+    helper_peak_rss_kb: int
+    all_fds: list[int]
+
+    def close(self) -> None:
+        for fd in self.all_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _peak_rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
+    from tcpstates.kernel_probe import captured_output, import_bcc
+
+    bcc = import_bcc()
+    if req.header_tree:
+        os.environ["BCC_KERNEL_SOURCE"] = req.header_tree
+    compile_error: Exception | None = None
+    with captured_output() as err:
+        try:
+            bpf = bcc.BPF(src_file=req.src_file.encode(), cflags=req.cflags)
+        except Exception as exc:
+            compile_error = exc
+    if compile_error is not None:
+        message = " | ".join(l for l in err[0].strip().splitlines()[-6:] if l.strip())
+        hint = ("install kernel headers (linux-headers-$(uname -r), or the generic "
+                "linux-headers package) and retry" if "kconfig.h" in message or
+                "kernel headers" in message.lower() else "run 'tcpstates doctor' for details")
+        raise EnvironmentProblem(f"BPF compile/load failed ({compile_error}): "
+                                 f"{message or 'no compiler output'}; {hint}")
+    import ctypes
+    for name, ports in (("lport_allowed", req.local_ports), ("dport_allowed", req.remote_ports)):
+        if ports is not None:
+            table = bpf[name]
+            for port in ports:
+                table[ctypes.c_int(port)] = ctypes.c_uint8(1)
+    perf_table = bpf["events"] if req.perf_mode else bpf["spill"]
+    pages = req.buffer_pages if req.perf_mode else SPILL_PAGES
+    perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None)
+    from bcc.libbcc import lib as libbcc
+    perf_fds = {cpu: libbcc.perf_reader_fd(reader)               # cpu → perf event fd
+                for (table_id, cpu), reader in bpf.perf_buffers.items() if table_id == id(perf_table)}
+    # the perf-event array's own fd goes too: the kernel empties such a map
+    # when the last user-space reference to it closes (even while programs use it)
+    fds = [bpf.funcs[PROG_NAME].fd, bpf.tracepoint_fds[TRACEPOINT],
+           -1 if req.perf_mode else bpf["events"].map_fd, bpf["drops"].map_fd, perf_table.map_fd]
+    msg = {"slots": [i for i, fd in enumerate(fds) if fd >= 0],
+           "perf_cpus": list(perf_fds), "perf_pages": pages, "peak_rss_kb": _peak_rss_kb()}
+    # the BPF object is kept alive until the tracer has everything: bcc's
+    # table objects empty the perf-event map when they are garbage-collected
+    return msg, [fd for fd in fds if fd >= 0] + list(perf_fds.values()), bpf
+
+
+def load(req: LoadRequest) -> Loaded:
+    """Fork, load in the child, receive the descriptors; raise its errors here."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:   # ---- child ----
+        try:
+            ours.close()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)     # Ctrl-C during compile ends it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            try:
+                msg, fds, _keepalive = _child(req)
+                socket.send_fds(theirs, [json.dumps(msg).encode()], fds)
+                # Stay until the tracer has mapped the perf buffers: if our
+                # mappings went first, the kernel would tear the buffers down.
+                theirs.recv(1)
+            except BaseException as exc:
+                kind = "usage" if isinstance(exc, UsageError) else "environment"
+                text = str(exc) if isinstance(exc, (EnvironmentProblem, UsageError)) else \
+                    f"BPF loader failed: {type(exc).__name__}: {exc}"
+                theirs.send(json.dumps({"error": text, "kind": kind}).encode())
+        finally:
+            os._exit(0)   # no atexit: bcc's clean-up would disable the shared perf events
+    theirs.close()
+    perf: PerfBufferReader | None = None
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(ours, 1 << 16, 1024)
+        if data:
+            msg = json.loads(data)
+            if "error" not in msg:
+                perf_fds = dict(zip(msg["perf_cpus"], fds[len(msg["slots"]):]))
+                perf = PerfBufferReader(perf_fds, msg["perf_pages"])
+                ours.send(b"k")
+    finally:
+        ours.close()
+        _, _, usage = os.wait4(pid, 0)
+    helper_peak_kb = usage.ru_maxrss
+    if not data:
+        raise EnvironmentProblem("the BPF loader exited without an answer (killed?); "
+                                 "run 'tcpstates doctor' for details")
+    if "error" in msg:
+        for fd in fds:
+            os.close(fd)
+        raise (UsageError if msg["kind"] == "usage" else EnvironmentProblem)(msg["error"])
+    slots = dict.fromkeys(range(5), -1)
+    for slot, fd in zip(msg["slots"], fds):
+        slots[slot] = fd
+    rest = fds[len(msg["slots"]):]
+    assert perf is not None
+    return Loaded(prog_fd=slots[0], attach_fd=slots[1], events_fd=slots[2], drops_fd=slots[3],
+                  perf_fds=dict(zip(msg["perf_cpus"], rest)), perf=perf,
+                  helper_peak_rss_kb=max(msg["peak_rss_kb"], helper_peak_kb), all_fds=list(fds))

@@ -1,0 +1,68 @@
+"""Reading BPF perf-event buffers (one per CPU) from their memory mappings.
+
+Used for the spill buffer (records the ring refused) and, on kernels older
+than 5.8, for the main event stream. Layout (include/uapi/linux/perf_event.h):
+the first page is struct perf_event_mmap_page (data_head at 1024, data_tail
+at 1032, data_offset/data_size at 1040/1048), then 2^n data pages. Records
+start with struct perf_event_header {u32 type; u16 misc; u16 size} and may
+wrap around the end of the data area.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+PERF_RECORD_LOST = 2
+PERF_RECORD_SAMPLE = 9
+_U64 = struct.Struct("<Q")
+_HEADER = struct.Struct("<IHH")
+
+
+class PerfBufferReader:
+    def __init__(self, fds: dict[int, int], page_cnt: int) -> None:
+        page = mmap.PAGESIZE
+        self.fds = dict(fds)
+        self.maps = []
+        for fd in self.fds.values():
+            mm = mmap.mmap(fd, (page_cnt + 1) * page, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
+            offset = _U64.unpack_from(mm, 1040)[0] or page
+            size = _U64.unpack_from(mm, 1048)[0] or page_cnt * page
+            self.maps.append((mm, offset, size))
+        self.lost = 0
+
+    def read(self, sample_size: int) -> list[bytes]:
+        """Every pending sample's first `sample_size` bytes; lost counts accumulate."""
+        out = []
+        for mm, offset, size in self.maps:
+            head = _U64.unpack_from(mm, 1024)[0]
+            tail = _U64.unpack_from(mm, 1032)[0]
+            if head == tail:
+                continue
+            # read everything between tail and head (wrapping) in one copy
+            start = tail % size
+            n = head - tail
+            if start + n <= size:
+                data = mm[offset + start:offset + start + n]
+            else:
+                data = mm[offset + start:offset + size] + mm[offset:offset + (start + n - size)]
+            pos = 0
+            while pos + 8 <= len(data):
+                rtype, _misc, rsize = _HEADER.unpack_from(data, pos)
+                if rsize < 8:
+                    break   # corrupt: never loop forever
+                if rtype == PERF_RECORD_SAMPLE:
+                    raw_size = struct.unpack_from("<I", data, pos + 8)[0]
+                    if raw_size >= sample_size:
+                        out.append(data[pos + 12:pos + 12 + sample_size])
+                elif rtype == PERF_RECORD_LOST:
+                    self.lost += _U64.unpack_from(data, pos + 16)[0]
+                pos += rsize
+            _U64.pack_into(mm, 1032, head)
+        return out
+
+    def close(self) -> None:
+        for mm, _, _ in self.maps:
+            mm.close()
+        self.maps = []
