@@ -56,7 +56,7 @@ def test_real_events_validate_and_carry_every_field(tracer, tmp_path):
     v6 = [r for r in recs if r["family"] == "ipv6" and port6 in (r["lport"], r["rport"])]
     assert len(v6) == 12 and all(r["laddr"] == "::1" for r in v6)
     held = [r for r in v6 if r["oldstate"] == "ESTABLISHED" and r["newstate"] == "FIN_WAIT1"]
-    assert 50_000 <= held[0]["span_us"] < 90_000
+    assert 50_000 <= held[0]["span_us"] < 150_000
 
 
 def test_file_is_created_0640_appended_and_never_through_a_symlink(tmp_path):

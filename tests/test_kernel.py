@@ -55,10 +55,10 @@ def test_full_session_sequences_ports_addresses_and_durations(tracer, family, ad
     for r in client + child:
         assert (r["IP"], r["LADDR"], r["RADDR"]) == (ip, addr, addr)
     # durations follow the traffic's own pauses
-    assert 100 <= _ms(client, "ESTABLISHED") < 140
-    assert 100 <= _ms(child, "ESTABLISHED") < 140
-    assert 50 <= _ms(child, "CLOSE_WAIT") < 90
-    assert 170 <= _ms(listener, "LISTEN") < 260
+    assert 100 <= _ms(client, "ESTABLISHED") < 200   # sleep() overshoots on a busy CI machine
+    assert 100 <= _ms(child, "ESTABLISHED") < 200
+    assert 50 <= _ms(child, "CLOSE_WAIT") < 150
+    assert 170 <= _ms(listener, "LISTEN") < 400
     assert _ms(client, "SYN_SENT") < 20
     assert "0 dropped, 0 kernel misses" in err
 
