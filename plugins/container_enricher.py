@@ -17,6 +17,7 @@ from typing import Any
 
 from tcpstates.api import Enricher, Filter, RunContext
 from tcpstates.cgroups import CgroupIdResolver, CgroupInfo, classify, proc_cgroup_path
+from tcpstates.docker_api import DockerNames
 from tcpstates.events import Event
 from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
@@ -26,6 +27,8 @@ from tcpstates.options import option
 class ContainerOptions:
     cache_size: int = option(16384, "processes and cgroups remembered")
     cgroup_path: bool = option(True, "also add the raw cgroup path as `cgroup`")
+    docker_socket: str = option("/var/run/docker.sock", "Docker Engine API socket for container "
+                                "name and image (skipped when absent; \"\" disables)")
 
     def validate(self) -> None:
         if not 16 <= self.cache_size <= 1 << 20:
@@ -57,6 +60,7 @@ class ContainerEnricher(Enricher):
         self.by_pid: _Lru = _Lru(options.cache_size)
         self.by_cgroup: _Lru = _Lru(options.cache_size)
         self.resolver = CgroupIdResolver()
+        self.docker = DockerNames(options.docker_socket) if options.docker_socket else None
 
     def lookup(self, pid: int | None, cgroup_id: int | None) -> CgroupInfo | None:
         if pid:
@@ -87,6 +91,10 @@ class ContainerEnricher(Enricher):
             fields = info.fields()
             if not self.options.cgroup_path:
                 fields.pop("cgroup", None)
+            if self.docker is not None and info.runtime == "docker" and info.container_id:
+                names = self.docker.lookup(info.container_id)
+                if names:
+                    fields.update(names)
             extra.update(fields)
 
     def forget(self, pid: int) -> None:

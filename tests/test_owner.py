@@ -124,3 +124,66 @@ def test_workload_filter_keeps_only_that_container(tracer, tmp_path, docker_like
     rows = parse_csv(out)
     assert len(rows) == 4 and len({r["O-PID"] for r in rows}) == 1
     assert str(os.getpid()) not in {r["O-PID"] for r in rows}
+
+
+class FakeDockerEngine:
+    """The Docker Engine API's /containers/ID/json on a unix socket. A fake:
+    no container engine can run on this machine (see the README)."""
+
+    def __init__(self, path, containers):
+        import http.server
+        import json
+        import socketserver
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                cid = self.path.split("/")[2] if self.path.startswith("/containers/") else ""
+                if cid in containers:
+                    body = json.dumps({"Id": cid, "Name": "/" + containers[cid][0],
+                                       "Config": {"Image": containers[cid][1]}}).encode()
+                    self.send_response(200)
+                else:
+                    body = b'{"message":"No such container"}'
+                    self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        self.server = Server(str(path), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_docker_name_and_image_when_the_engine_socket_exists(tracer, tmp_path, docker_like_cgroup):
+    cid, path = docker_like_cgroup
+    sock = tmp_path / "docker.sock"
+    engine = FakeDockerEngine(sock, {cid: ("web-1", "nginx:1.27")})
+    port = free_port()
+    out = tmp_path / "e.jsonl"
+    try:
+        t = tracer("--sink", "jsonl", "-D", str(port), "-o", f"sinks.jsonl.path={out}",
+                   "-o", f'chain=[{{use="container", docker_socket="{sock}"}}]')
+        subprocess.run([sys.executable, "-c", MOVE_AND_CONNECT, str(path), str(port), "1"], check=True)
+        rc, _, err = t.stop()
+    finally:
+        engine.stop()
+    assert rc == 0, err
+    recs = [orjson.loads(l) for l in out.read_bytes().splitlines()]
+    assert recs and all((r["container_name"], r["container_image"]) == ("web-1", "nginx:1.27") for r in recs)
+
+
+def test_no_engine_socket_no_names_no_noise(tmp_path):
+    from tcpstates.docker_api import DockerNames
+    names = DockerNames(str(tmp_path / "absent.sock"))
+    assert names.lookup("ab" * 32) is None and not names.available()
