@@ -9,7 +9,6 @@ batches (lists of Events), never a pluggy hook call.
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import sys
 import time
@@ -193,13 +192,3 @@ class Source(Stage):
     def close(self) -> None:
         pass
 
-
-def stdout_fd() -> int:
-    return sys.stdout.fileno() if sys.stdout is not None else 1
-
-
-def is_tty(fd: int) -> bool:
-    try:
-        return os.isatty(fd)
-    except OSError:
-        return False

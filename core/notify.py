@@ -34,6 +34,3 @@ class Notifier:
         except OSError:
             return False
 
-
-def sd_notify(state: str) -> bool:
-    return Notifier().notify(state)

@@ -20,7 +20,7 @@ import pluggy
 
 import tcpstates
 from tcpstates import hookspecs
-from tcpstates.api import Enricher, Filter, Sink, Source, Stage, Warner
+from tcpstates.api import Enricher, Filter, Sink, Source, Warner
 from tcpstates.errors import UsageError
 from tcpstates.security import check_plugin_file
 
@@ -189,6 +189,3 @@ def call_lifecycle(registry: Registry, hook_name: str, warner: Warner, strict: b
                 raise UsageError(message) from exc
             warner.warn(f"warning: {message}")
 
-
-def stage_kinds(cls: type[Stage]) -> str:
-    return cls.kind
