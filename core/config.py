@@ -225,6 +225,10 @@ def chain_specs(config: dict[str, Any], registry: Any) -> list[StageSpec]:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{path}.use", "missing: name the filter or enricher to use")
         info = registry.find(name, ("filter", "enricher"))
+        both = registry.get("filter", name), registry.get("enricher", name)
+        if all(both):
+            raise ConfigError(f"{path}.use", f"{name!r} is both a filter ({both[0].distribution}) and "
+                              f"an enricher ({both[1].distribution}); disable one in [plugins]")
         if info is None:
             avail = registry.names("filter") + registry.names("enricher")
             raise ConfigError(f"{path}.use", f"unknown filter or enricher {name!r} "
