@@ -16,7 +16,7 @@ import sys
 import time
 
 from tcpstates.api import RunContext
-from tcpstates.events import EVENT_STRUCT, Decoder
+from tcpstates.plugins.kernel.decoder import EVENT_STRUCT, Decoder
 
 
 def records(n: int) -> bytes:
@@ -31,8 +31,8 @@ def records(n: int) -> bytes:
 
 
 def main() -> None:
-    from tcpstates.plugins.bcc_sinks import CsvOptions, CsvSink, TextOptions, TextSink
-    from tcpstates.plugins.jsonl_sink import JsonlOptions, JsonlSink
+    from tcpstates.plugins.bcc_table.sinks import CsvOptions, CsvSink, TextOptions, TextSink
+    from tcpstates.plugins.jsonl.sink import JsonlOptions, JsonlSink
     n = 100_000
     data = records(n)
     gc.freeze()
@@ -47,7 +47,7 @@ def main() -> None:
     best = min(_timed(lambda: decoder.decode_block(data)) for _ in range(5))
     print(f"decode          {best / n * 1e6:.2f} µs/event")
     events, _ = decoder.decode_block(data)
-    from tcpstates.plugins.owner_enricher import OwnerEnricher, OwnerOptions
+    from tcpstates.plugins.owner.enricher import OwnerEnricher, OwnerOptions
     owner = OwnerEnricher(OwnerOptions(scan_existing=False), ctx)
     per = min(_timed(lambda: owner.observe_batch(decoder.decode_block(data)[0])) for _ in range(5))
     print(f"decode + owner  {per / n * 1e6:.2f} µs/event")

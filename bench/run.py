@@ -213,7 +213,7 @@ def main() -> int:
         a.rates, a.seconds, a.max_connections = "max,500", 0.5, 300
     if not 0 < a.seconds <= 600 or not 1 <= a.max_connections <= 2_000_000:
         p.error("bounds: --seconds 0..600, --max-connections 1..2000000")
-    from tcpstates.headers import choose_header_tree
+    from tcpstates.plugins.kernel.headers import choose_header_tree
     tree, _ = choose_header_tree()
     env = dict(os.environ)
     if tree is not None:

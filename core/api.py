@@ -65,8 +65,6 @@ class RunContext:
     clock_offset_ns: int = 0
     strict: bool = False
     warner: Warner = dataclasses.field(default_factory=Warner)
-    # lost records and kernel misses seen so far, by kind
-    loss: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @staticmethod
     def measure_clock_offset() -> int:
@@ -100,13 +98,30 @@ class Stage:
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     default_on_error: ClassVar[str] = "skip"
+    #: chain stages this one needs before it (inserted with default options when missing)
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any, context: RunContext) -> None:
         self.options = options
         self.context = context
 
 
-class Filter(Stage):
+class ChainStage(Stage):
+    """A filter or an enricher: a link of the [[chain]]."""
+
+    def observe_batch(self, batch: list[Event]) -> None:
+        """Override to see every event the source delivers, before any filter.
+
+        Called only when a subclass overrides it (state tracking such as socket
+        ownership must not miss events that an earlier filter drops).
+        """
+
+    @classmethod
+    def observes(cls) -> bool:
+        return cls.observe_batch is not ChainStage.observe_batch
+
+
+class Filter(ChainStage):
     """Decides which events go on. Override `keep` (or `filter_batch`)."""
 
     kind = "filter"
@@ -124,7 +139,7 @@ class Filter(Stage):
         return None
 
 
-class Enricher(Stage):
+class Enricher(ChainStage):
     """Adds fields to `event.extra`. Override `enrich` (or `enrich_batch`)."""
 
     kind = "enricher"
@@ -144,6 +159,9 @@ class Sink(Stage):
 
     kind = "sink"
     default_on_error = "ignore"
+    #: True for sinks that write every field of the event (JSON, journal, forward):
+    #: enrichers that are on "auto" (the owner) turn themselves on for them.
+    structured: ClassVar[bool] = False
 
     def open(self) -> None:
         """Called once the source is attached and reading: print headers here."""
@@ -159,6 +177,9 @@ class Sink(Stage):
 
     def reopen(self) -> None:
         """SIGHUP: reopen files (logrotate)."""
+
+    def report(self) -> None:
+        """SIGUSR1: print an interim report (the summary sink does)."""
 
     def close(self) -> None:
         """Called once at the end, after the last flush."""

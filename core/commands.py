@@ -1,4 +1,4 @@
-"""Subcommands: `tcpstates plugins` lists every stage with its options."""
+"""Subcommands: `tcpstates plugins` lists every stage with its options; `tcpstates doctor`."""
 
 from __future__ import annotations
 
@@ -8,21 +8,32 @@ from typing import Any, Sequence
 import orjson
 
 from tcpstates.api import Warner
+from tcpstates.parsing import OneLineParser
+from tcpstates.config import find_config
+from tcpstates.doctor import doctor_command
 from tcpstates.options import describe_options
+from tcpstates.registry import make_plugin_manager
+from tcpstates.runconfig import plugins_section
+
+
+def _describe(opt: dict[str, Any]) -> str:
+    default = orjson.dumps(opt["default"]).decode()
+    bounds = []
+    if "choices" in opt:
+        bounds.append("one of " + ", ".join(map(str, opt["choices"])))
+    if "min" in opt or "max" in opt:
+        bounds.append(f"{opt.get('min', '')}..{opt.get('max', '')}")
+    extra = f" [{'; '.join(bounds)}]" if bounds else ""
+    return f"    {opt['name']} = {default}  ({opt['type']}){extra} {opt['help']}"
 
 
 def plugins_command(argv: Sequence[str]) -> int:
-    from tcpstates.cli import OneLineParser
-    from tcpstates.config import find_config, plugins_section
-    from tcpstates.registry import make_plugin_manager
-
     p = OneLineParser(prog="tcpstates plugins", description="list filters, enrichers, sinks and sources")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config", metavar="PATH", help="config whose [plugins] disable list applies")
     args = p.parse_args(argv)
     config, _ = find_config(args.config)
-    disabled = plugins_section(config).disable
-    registry = make_plugin_manager(blocked=disabled, warner=Warner())
+    registry = make_plugin_manager(blocked=plugins_section(config).disable, warner=Warner())
     rows: list[dict[str, Any]] = []
     for info in registry.all():
         rows.append({"name": info.name, "kind": info.kind, "distribution": info.distribution,
@@ -30,18 +41,17 @@ def plugins_command(argv: Sequence[str]) -> int:
                      "options": describe_options(info.cls.Options)})
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.flush()
         return 0
     out = []
     for row in rows:
         out.append(f"{row['name']} ({row['kind']}) from {row['distribution']} {row['version']}: "
                    f"{row['description']}")
-        for opt in row["options"]:
-            default = orjson.dumps(opt["default"]).decode()
-            out.append(f"    {opt['name']} = {default}  ({opt['type']}) {opt['help']}")
+        out.extend(_describe(opt) for opt in row["options"])
     sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.flush()
     return 0
 
 
 def run_subcommand(name: str, argv: Sequence[str]) -> int:
-    from tcpstates.doctor import doctor_command
     return {"plugins": plugins_command, "doctor": doctor_command}[name](argv)

@@ -1,4 +1,7 @@
-"""tcpstates.toml: finding, reading, overriding and validating the config.
+"""tcpstates.toml: finding, reading and overriding the config file.
+
+Validation and the typed run configuration built from it live in
+`tcpstates.runconfig`.
 
 Precedence: command-line flags > `-o key=value` overrides > config file >
 built-in defaults. The file is plain TOML:
@@ -21,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from tcpstates.errors import ConfigError, UsageError
-from tcpstates.options import build_options
 
 CONFIG_ENV = "TCPSTATES_CONFIG"
 
@@ -87,7 +89,13 @@ def find_config(explicit: str | None, *, allow_insecure: bool = False) -> tuple[
         path = Path(explicit)
         return read_config_file(path, allow_insecure=allow_insecure), path
     for path in default_search_path():
-        if path.exists():
+        try:
+            present = path.exists()
+        except OSError as exc:
+            # e.g. HOME unreadable for this user: name it, rather than guess past it
+            raise UsageError(f"{path}: cannot look for a config file here ({exc.strerror}); pass "
+                             f"--config PATH or set {CONFIG_ENV}") from None
+        if present:
             return read_config_file(path, allow_insecure=allow_insecure), path
     return {}, None
 
@@ -129,162 +137,3 @@ def apply_override(config: dict[str, Any], parts: list[str], value: Any) -> None
     if isinstance(node, list):
         raise UsageError(f"-o {'.'.join(parts)}: cannot set a value on an array")
     node[parts[-1]] = value
-
-
-@dataclasses.dataclass
-class General:
-    sinks: list[str] = dataclasses.field(default_factory=lambda: ["text"])
-    source: str = "kernel"
-    strict: bool = False
-    # owner enricher: "auto" = on when a structured sink (jsonl, journal,
-    # forward, ...) is active or --owner is given; "on"; "off"
-    owner: str = "auto"
-
-    def validate(self) -> None:
-        if self.owner not in ("auto", "on", "off"):
-            raise ValueError(f"owner: expected auto, on or off, got {self.owner!r}")
-
-
-@dataclasses.dataclass
-class PluginsSection:
-    disable: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class StageSpec:
-    """One configured stage: which class, its options, its error policy."""
-
-    label: str            # TOML path used in messages, e.g. "chain[2]" or "sinks.audit"
-    name: str             # instance name (sink name, or stage name for the chain)
-    info: Any             # registry.StageInfo
-    options: Any
-    on_error: str
-
-
-TOP_LEVEL = {"tcpstates", "plugins", "sources", "chain", "sinks"}
-
-
-def _table(config: dict[str, Any], key: str, path: str) -> dict[str, Any]:
-    value = config.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(path, "expected a table")
-    return value
-
-
-def general_section(config: dict[str, Any]) -> General:
-    unknown = set(config) - TOP_LEVEL
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(key, f"unknown section (valid: {', '.join(sorted(TOP_LEVEL))})")
-    return build_options(General, _table(config, "tcpstates", "tcpstates"), "tcpstates")
-
-
-def plugins_section(config: dict[str, Any]) -> PluginsSection:
-    return build_options(PluginsSection, _table(config, "plugins", "plugins"), "plugins")
-
-
-def _policy(table: dict[str, Any], path: str, cls: type, allowed: tuple[str, ...]) -> str:
-    value = table.pop("on_error", getattr(cls, "default_on_error", "skip"))
-    if value not in allowed:
-        raise ConfigError(f"{path}.on_error", f"expected one of {', '.join(allowed)}, got {value!r}")
-    return value
-
-
-def source_spec(config: dict[str, Any], registry: Any, name: str) -> StageSpec:
-    sources = _table(config, "sources", "sources")
-    for key, table in sources.items():
-        other = registry.get("source", key)
-        if other is None:
-            raise ConfigError(f"sources.{key}", f"unknown source (available: {', '.join(registry.names('source'))})")
-        if not isinstance(table, dict):
-            raise ConfigError(f"sources.{key}", "expected a table")
-        build_options(other.cls.Options, dict(table), f"sources.{key}")   # inactive ones too
-    info = registry.get("source", name)
-    if info is None:
-        raise ConfigError("tcpstates.source", f"unknown source {name!r} (available: {', '.join(registry.names('source'))})")
-    table = sources.get(name, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"sources.{name}", "expected a table")
-    options = build_options(info.cls.Options, dict(table), f"sources.{name}")
-    return StageSpec(f"sources.{name}", name, info, options, "fail")
-
-
-def chain_specs(config: dict[str, Any], registry: Any) -> list[StageSpec]:
-    from tcpstates.api import FILTER_POLICIES
-
-    chain = config.get("chain", [])
-    if not isinstance(chain, list):
-        raise ConfigError("chain", "expected an array of tables ([[chain]])")
-    specs: list[StageSpec] = []
-    for i, entry in enumerate(chain):
-        path = f"chain[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(path, "expected a table with use = \"NAME\"")
-        table = dict(entry)
-        name = table.pop("use", None)
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{path}.use", "missing: name the filter or enricher to use")
-        info = registry.find(name, ("filter", "enricher"))
-        both = registry.get("filter", name), registry.get("enricher", name)
-        if all(both):
-            raise ConfigError(f"{path}.use", f"{name!r} is both a filter ({both[0].distribution}) and "
-                              f"an enricher ({both[1].distribution}); disable one in [plugins]")
-        if info is None:
-            avail = registry.names("filter") + registry.names("enricher")
-            raise ConfigError(f"{path}.use", f"unknown filter or enricher {name!r} "
-                              f"(available: {', '.join(sorted(avail))}; see 'tcpstates plugins')")
-        on_error = _policy(table, path, info.cls, FILTER_POLICIES)
-        options = build_options(info.cls.Options, table, path)
-        # a stage that needs another's fields (container needs owner) gets it
-        # inserted just before it, with default options, if the chain lacks it
-        for need in getattr(info.cls, "requires", ()):
-            if not any(s.name == need for s in specs):
-                dep = registry.find(need, ("enricher", "filter"))
-                if dep is None:
-                    raise ConfigError(f"{path}.use", f"{name!r} needs {need!r}, which is disabled or "
-                                      f"not installed")
-                specs.append(StageSpec(f"{path}(needs {need})", need, dep,
-                                       build_options(dep.cls.Options, {}, f"{path}(needs {need})"),
-                                       dep.cls.default_on_error))
-        specs.append(StageSpec(path, name, info, options, on_error))
-    return specs
-
-
-def sink_spec(config: dict[str, Any], registry: Any, name: str) -> StageSpec:
-    from tcpstates.api import SINK_POLICIES
-
-    sinks = _table(config, "sinks", "sinks")
-    table = sinks.get(name)
-    path = f"sinks.{name}"
-    if table is None:
-        table = {}
-    elif not isinstance(table, dict):
-        raise ConfigError(path, "expected a table")
-    table = dict(table)
-    type_name = table.pop("type", name)
-    if not isinstance(type_name, str):
-        raise ConfigError(f"{path}.type", "expected a string")
-    info = registry.get("sink", type_name)
-    if info is None:
-        where = f"{path}.type" if name in sinks else "--sink"
-        raise ConfigError(where, f"unknown sink {type_name!r} (available: "
-                          f"{', '.join(registry.names('sink'))}; named sinks from the config: "
-                          f"{', '.join(sorted(sinks)) or 'none'})")
-    on_error = _policy(table, path, info.cls, SINK_POLICIES)
-    options = build_options(info.cls.Options, table, path)
-    return StageSpec(path, name, info, options, on_error)
-
-
-def validate_all_sinks(config: dict[str, Any], registry: Any) -> None:
-    """Check every [sinks.*] table, active or not, so typos surface early."""
-    for name in _table(config, "sinks", "sinks"):
-        sink_spec(config, registry, name)
-
-
-def validate_as_written(config: dict[str, Any], registry: Any) -> None:
-    """Check the file (+ -o overrides) before command-line flags change it,
-    so a bad value is an error even where a flag would override it."""
-    general = general_section(config)
-    source_spec(config, registry, general.source)
-    chain_specs(config, registry)
-    validate_all_sinks(config, registry)

@@ -1,4 +1,4 @@
-"""The Event record every stage sees, TCP state names, and the bulk decoder.
+"""The Event record every stage sees, TCP states, and text escaping for outputs.
 
 One Event per state change, whatever the source (kernel or replay). Addresses
 are kept as strings (orjson and the formatters want strings; `ipaddress`
@@ -7,26 +7,32 @@ objects are slow to build and orjson cannot serialise them).
 
 from __future__ import annotations
 
+import enum
 import socket
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-# Numbering from include/net/tcp_states.h; the tracepoint reports these values.
-STATE_NAMES: dict[int, str] = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-}
+
+
+class TcpState(enum.IntEnum):
+    """TCP states, numbered as in include/net/tcp_states.h (the tracepoint's values)."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+
+# Plain dicts for the hot path (an IntEnum lookup costs ~10x a dict lookup).
+STATE_NAMES: dict[int, str] = {s.value: s.name for s in TcpState}
 STATE_NUMBERS: dict[str, int] = {name: num for num, name in STATE_NAMES.items()}
 TCP_CLOSE = 7
 AF_INET = socket.AF_INET
@@ -66,26 +72,6 @@ class Event:
     cgroup_id: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def ip(self) -> int:
-        """4 or 6, as bcc's IP column."""
-        return 4 if self.family == AF_INET else 6
-
-    @property
-    def transition(self) -> str:
-        return f"{state_name(self.oldstate)}->{state_name(self.newstate)}"
-
-
-# struct tcpstates_event in bpf/tcpstates.h
-EVENT_STRUCT = struct.Struct("<QQQQIIHHHBB16s16s16s")
-EVENT_SIZE = EVENT_STRUCT.size
-# A ring-buffer record: u32 length (busy/discard bits), u32 page offset, event.
-# 8 + 96 = 104 is a multiple of 8, so records sit back to back.
-RING_RECORD = struct.Struct("<II" + EVENT_STRUCT.format[1:])
-RING_RECORD_SIZE = RING_RECORD.size
-assert RING_RECORD_SIZE % 8 == 0
-SPAN_UNKNOWN = (1 << 64) - 1
-
 
 def sanitize_text(raw: str) -> str:
     """Make an attacker-chosen string (a comm) safe for line-oriented output.
@@ -98,74 +84,3 @@ def sanitize_text(raw: str) -> str:
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in raw)
 
 
-class Decoder:
-    """Turns raw kernel records into Events, with small caches.
-
-    Addresses and thread names repeat heavily (a busy server talks to few
-    peers), so formatting each distinct value once is most of the saving.
-    The caches are bounded: they are simply cleared when they grow too big.
-    """
-
-    CACHE_LIMIT = 8192
-
-    def __init__(self) -> None:
-        self._addr4: dict[bytes, str] = {}
-        self._addr6: dict[bytes, str] = {}
-        self._comm: dict[bytes, str] = {}
-
-    def comm(self, raw: bytes) -> str:
-        text = self._comm.get(raw)
-        if text is None:
-            if len(self._comm) >= self.CACHE_LIMIT:
-                self._comm.clear()
-            text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-            text = self._comm[raw] = sanitize_text(text)
-        return text
-
-    def _slow_addr(self, family: int, raw: bytes) -> str:
-        cache = self._addr4 if family == AF_INET else self._addr6
-        if len(cache) >= self.CACHE_LIMIT:
-            cache.clear()
-        text = cache[raw] = socket.inet_ntop(family, raw[:4] if family == AF_INET else raw)
-        return text
-
-    def decode_block(self, data: bytes) -> tuple[list[Event], int]:
-        """Decode back-to-back ring records (8-byte header + event) from `data`.
-
-        Stops at the first record whose header is not exactly ours (a busy,
-        not yet submitted reservation, or a foreign record) and returns the
-        events with the number of bytes they occupied.
-        """
-        usable = len(data) - len(data) % RING_RECORD_SIZE
-        a4, a6, comms = self._addr4, self._addr6, self._comm
-        slow_addr, slow_comm = self._slow_addr, self.comm
-        out: list[Event] = []
-        append = out.append
-        for (hdr, _pgoff, ts, sk, span, cg, pid, tid, sport, dport, fam, old, new,
-             saddr, daddr, rawcomm) in RING_RECORD.iter_unpack(data[:usable] if usable != len(data) else data):
-            if hdr != EVENT_SIZE:
-                break
-            if fam == AF_INET:
-                s = a4.get(saddr) or slow_addr(fam, saddr)
-                d = a4.get(daddr) or slow_addr(fam, daddr)
-            else:
-                s = a6.get(saddr) or slow_addr(fam, saddr)
-                d = a6.get(daddr) or slow_addr(fam, daddr)
-            append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid,
-                         comms.get(rawcomm) or slow_comm(rawcomm), fam, s, sport, d, dport,
-                         old, new, cg, {}))
-        return out, len(out) * RING_RECORD_SIZE
-
-    def decode(self, buf: Any, offsets: Any) -> list[Event]:
-        """Decode records at `offsets` in `buf` (perf-buffer path, tests)."""
-        unpack = EVENT_STRUCT.unpack_from
-        out = []
-        for off in offsets:
-            (ts, sk, span, cg, pid, tid, sport, dport, fam, old, new,
-             saddr, daddr, rawcomm) = unpack(buf, off)
-            cache = self._addr4 if fam == AF_INET else self._addr6
-            s = cache.get(saddr) or self._slow_addr(fam, saddr)
-            d = cache.get(daddr) or self._slow_addr(fam, daddr)
-            out.append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid,
-                             self.comm(rawcomm), fam, s, sport, d, dport, old, new, cg, {}))
-        return out

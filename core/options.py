@@ -9,9 +9,10 @@ first problem. Field metadata `help` is the one-line documentation shown by
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 from tcpstates.errors import ConfigError
 
@@ -21,12 +22,20 @@ class NoOptions:
     """For stages without options."""
 
 
-def option(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help string (mutable defaults handled)."""
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None,
+           min: float | None = None, max: float | None = None, **kw: Any) -> Any:
+    """A stage option: a dataclass field with its help, and the values it accepts.
+
+    `choices` lists the allowed values (of a string option, or of each item of
+    a list option); `min`/`max` bound a number (or each number of a list),
+    inclusive. Numbers are always finite: NaN and infinities are refused for
+    every float option. `tcpstates plugins` shows all of it.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
+            "min": min, "max": max, **kw}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default),
-                                 metadata={"help": help, **kw})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def _type_name(tp: Any) -> str:
@@ -68,7 +77,13 @@ def _check(tp: Any, value: Any, path: str) -> Any:
             return None
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:   # an integer too big for a float
+                raise ConfigError(path, f"{value} is out of range") from None
+            if not math.isfinite(number):
+                raise ConfigError(path, f"expected a finite number, got {number}")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -78,6 +93,26 @@ def _check(tp: Any, value: Any, path: str) -> Any:
     elif isinstance(value, tp):
         return value
     raise ConfigError(path, f"expected {_type_name(tp)}, got {_value_name(value)}")
+
+
+def _check_bounds(field: dataclasses.Field, value: Any, path: str) -> None:
+    """The schema's `choices`, `min` and `max` for one value (each item of a list)."""
+    meta = field.metadata
+    choices, low, high = meta.get("choices"), meta.get("min"), meta.get("max")
+    items = value if isinstance(value, list) else [value]
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]" if isinstance(value, list) else path
+        if choices is not None and item not in choices:
+            raise ConfigError(where, f"expected one of {', '.join(map(str, choices))}, got {item!r}")
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            if low is not None and item < low:
+                raise ConfigError(where, f"expected at least {_num(low)}, got {_num(item)}")
+            if high is not None and item > high:
+                raise ConfigError(where, f"expected at most {_num(high)}, got {_num(item)}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() and abs(x) < 1e18 else str(x)
 
 
 def option_fields(options_cls: type) -> list[dataclasses.Field]:
@@ -95,6 +130,7 @@ def build_options(options_cls: type, table: dict[str, Any], path: str) -> Any:
             choices = ", ".join(sorted(known)) or "none"
             raise ConfigError(where, f"unknown option (valid options: {choices})")
         values[key] = _check(hints[key], value, where)
+        _check_bounds(known[key], values[key], where)
     try:
         instance = options_cls(**values)
     except (TypeError, ValueError) as exc:
@@ -119,6 +155,10 @@ def describe_options(options_cls: type) -> list[dict[str, Any]]:
             default = f.default_factory()
         else:
             default = None
-        out.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
-                    "help": f.metadata.get("help", "")})
+        row = {"name": f.name, "type": _type_name(hints[f.name]), "default": default,
+               "help": f.metadata.get("help", "")}
+        for key in ("choices", "min", "max"):
+            if f.metadata.get(key) is not None:
+                row[key] = list(f.metadata[key]) if key == "choices" else f.metadata[key]
+        out.append(row)
     return out

@@ -17,12 +17,12 @@ Nothing is lost without being counted.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import time
 from typing import Any, Callable
 
-from tcpstates.api import Filter, KernelConstraints, RunContext, Sink, Source, Stage
-from tcpstates.config import StageSpec
+from tcpstates.api import ChainStage as ChainStageBase
+from tcpstates.api import Enricher, Filter, KernelConstraints, RunContext, Sink, Source
+from tcpstates.runconfig import StageSpec
 from tcpstates.errors import StageError
 from tcpstates.events import Event
 
@@ -31,9 +31,9 @@ DRAIN_BUDGET_S = 1.5
 
 
 @dataclasses.dataclass
-class ChainStage:
+class ChainLink:
     label: str
-    stage: Stage
+    stage: ChainStageBase
     on_error: str
     is_filter: bool
     errors: int = 0
@@ -59,12 +59,12 @@ class Pipeline:
                  context: RunContext) -> None:
         self.context = context
         self.source: Source = source.info.cls(source.options, context)
-        self.chain = [ChainStage(s.label, s.info.cls(s.options, context),
+        self.chain = [ChainLink(s.label, s.info.cls(s.options, context),
                                  "fail" if context.strict else s.on_error,
                                  issubclass(s.info.cls, Filter)) for s in chain]
         # stages that must see every event the source delivers (e.g. owner
         # tracking), whatever filters come before them in the chain
-        self.observers = [c for c in self.chain if hasattr(c.stage, "observe_batch")]
+        self.observers = [c for c in self.chain if type(c.stage).observes()]
         self.sinks = [SinkSlot(s.label, s.name, s.info.cls(s.options, context),
                                "fail" if context.strict else s.on_error) for s in sinks]
         self.seen = 0
@@ -81,7 +81,8 @@ class Pipeline:
         out = []
         for c in self.chain:
             if c.is_filter:
-                kc = c.stage.kernel_constraints()   # type: ignore[attr-defined]
+                assert isinstance(c.stage, Filter)
+                kc = c.stage.kernel_constraints()
                 if kc is not None:
                     out.append(kc)
         return out
@@ -89,12 +90,6 @@ class Pipeline:
     def start(self, on_started: Callable[[], None] | None = None) -> None:
         """Attach the source, then open sinks: nothing is printed before we trace."""
         self.source.start(self.kernel_constraints())
-        # Events are many short-lived small containers, almost never cyclic:
-        # collect the young generation rarely, and move everything built at
-        # start-up (bcc, plugins) out of the collector's way.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(100_000, 50, 1000)
         for slot in self.sinks:
             try:
                 slot.sink.open()
@@ -108,7 +103,7 @@ class Pipeline:
     def _run_chain(self, batch: list[Event]) -> list[Event]:
         for c in self.observers:
             try:
-                c.stage.observe_batch(batch)   # type: ignore[attr-defined]
+                c.stage.observe_batch(batch)
             except Exception as exc:
                 c.errors += 1
                 if c.on_error == "fail":
@@ -118,29 +113,32 @@ class Pipeline:
         for c in self.chain:
             if not batch:
                 break
+            stage = c.stage
             try:
-                if c.is_filter:
+                if isinstance(stage, Filter):
                     before = len(batch)
-                    batch = c.stage.filter_batch(batch)   # type: ignore[attr-defined]
+                    batch = stage.filter_batch(batch)
                     c.removed += before - len(batch)
-                else:
-                    c.stage.enrich_batch(batch)           # type: ignore[attr-defined]
+                elif isinstance(stage, Enricher):
+                    stage.enrich_batch(batch)
             except Exception as exc:
                 batch = self._chain_per_event(c, batch, exc)
         return batch
 
-    def _chain_per_event(self, c: ChainStage, batch: list[Event], first: Exception) -> list[Event]:
+    def _chain_per_event(self, c: ChainLink, batch: list[Event], first: Exception) -> list[Event]:
         """A batch call failed: redo it event by event so only bad events suffer."""
         out = []
+        stage = c.stage
         for e in batch:
             try:
-                if c.is_filter:
-                    if c.stage.keep(e):   # type: ignore[attr-defined]
+                if isinstance(stage, Filter):
+                    if stage.keep(e):
                         out.append(e)
                     else:
                         c.removed += 1
                     continue
-                c.stage.enrich(e)         # type: ignore[attr-defined]
+                if isinstance(stage, Enricher):
+                    stage.enrich(e)
                 out.append(e)
             except Exception as exc:
                 c.errors += 1
@@ -214,7 +212,6 @@ class Pipeline:
             new = total - self.loss.get(kind, 0)
             if new > 0:
                 self.loss[kind] = total
-                self.context.loss[kind] = total
                 for slot in self.sinks:
                     if slot.active:
                         try:
@@ -248,9 +245,8 @@ class Pipeline:
             if self.report_requested:
                 self.report_requested = False
                 for slot in self.sinks:
-                    report = getattr(slot.sink, "report", None)
-                    if slot.active and report is not None:
-                        report()
+                    if slot.active:
+                        slot.sink.report()
             now = time.monotonic()
             if now >= next_loss:
                 next_loss = now + LOSS_POLL_INTERVAL

@@ -13,8 +13,9 @@ import dataclasses
 import importlib
 import importlib.metadata as metadata
 import importlib.util
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pluggy
 
@@ -51,37 +52,75 @@ class Registry:
         self.stages: dict[tuple[str, str], StageInfo] = {}
         self.disabled: set[str] = set()
 
-    def _register_from(self, kind: str, hook: Any) -> None:
+    def plugin_of(self, hook_name: str) -> Callable[[], str]:
+        """Which plugin's implementation of `hook_name` is running now.
+
+        pluggy calls the implementations itself; the registration callback
+        finds its caller by matching the frames on the stack against the
+        implementations' code objects (a plugin may call `register` from a
+        helper of its own).
+        """
+        # by identity: equal code objects (the same plugin source in two
+        # distributions) compare equal
+        codes = {id(impl.function.__code__): impl.plugin_name
+                 for impl in getattr(self.pm.hook, hook_name).get_hookimpls()}
+
+        def current() -> str:
+            frame = sys._getframe(1)
+            while frame is not None:
+                name = codes.get(id(frame.f_code))
+                if name is not None:
+                    return name
+                frame = frame.f_back   # type: ignore[assignment]
+            return "unknown plugin"
+        return current
+
+    def where(self, plugin: str) -> tuple[str, str]:
+        return self._dists.get(plugin, ("tcpstates", tcpstates.__version__))
+
+    def _register_from(self, kind: str, hook_name: str) -> None:
         base = KINDS[kind]
-        for impl in hook.get_hookimpls():
-            plugin = impl.plugin_name
-            dist, version = self._dists.get(plugin, ("tcpstates", tcpstates.__version__))
+        current = self.plugin_of(hook_name)
 
-            def register(cls: type, _plugin: str = plugin, _dist: str = dist,
-                         _version: str = version) -> None:
-                if not (isinstance(cls, type) and issubclass(cls, base)):
-                    raise UsageError(f"plugin {_plugin!r} ({_dist}) registered {cls!r} as a "
-                                     f"{kind}, but it is not a subclass of tcpstates.api.{base.__name__}")
-                name = getattr(cls, "name", "")
-                if not name:
-                    raise UsageError(f"plugin {_plugin!r} ({_dist}) registered a {kind} "
-                                     f"{cls.__name__} without a name")
-                prior = self.stages.get((kind, name))
-                if prior is not None:
-                    raise UsageError(
-                        f"{kind} {name!r} is provided by both {prior.distribution} "
-                        f"{prior.version} and {_dist} {_version}; uninstall one, or disable "
-                        f"one with [plugins] disable = [\"<distribution>\"]")
-                self.stages[(kind, name)] = StageInfo(name, kind, cls, _plugin, _dist, _version)
+        def register(cls: type) -> None:
+            plugin = current()
+            dist, version = self.where(plugin)
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise UsageError(f"plugin {plugin!r} ({dist}) registered {cls!r} as a "
+                                 f"{kind}, but it is not a subclass of tcpstates.{base.__name__}")
+            name = getattr(cls, "name", "")
+            if not name:
+                raise UsageError(f"plugin {plugin!r} ({dist}) registered a {kind} "
+                                 f"{cls.__name__} without a name")
+            prior = self.stages.get((kind, name))
+            if prior is not None:
+                raise UsageError(
+                    f"{kind} {name!r} is provided by both {prior.distribution} "
+                    f"{prior.version} and {dist} {version}; uninstall one, or disable "
+                    f"one with [plugins] disable = [\"<distribution>\"]")
+            self.stages[(kind, name)] = StageInfo(name, kind, cls, plugin, dist, version)
 
-            impl.function(register=register)
+        self.call(hook_name, register=register)
+
+    def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
+        """Call a hook through pluggy; a plugin that raises is named in a one-line error."""
+        hook = getattr(self.pm.hook, hook_name)
+        current = self.plugin_of(hook_name)
+        try:
+            return hook(**kwargs)
+        except (UsageError, SystemExit):
+            raise
+        except Exception as exc:
+            plugin = _raising_plugin(exc, hook) or current()
+            dist, version = self.where(plugin)
+            raise UsageError(f"plugin {plugin!r} ({dist} {version}) failed in {hook_name}: "
+                             f"{type(exc).__name__}: {exc}; fix or disable it in [plugins]") from exc
 
     def collect(self) -> None:
-        hook = self.pm.hook
-        self._register_from("source", hook.tcpstates_register_sources)
-        self._register_from("filter", hook.tcpstates_register_filters)
-        self._register_from("enricher", hook.tcpstates_register_enrichers)
-        self._register_from("sink", hook.tcpstates_register_sinks)
+        self._register_from("source", "tcpstates_register_sources")
+        self._register_from("filter", "tcpstates_register_filters")
+        self._register_from("enricher", "tcpstates_register_enrichers")
+        self._register_from("sink", "tcpstates_register_sinks")
 
     def disable(self, names: Iterable[str]) -> None:
         """Disable stages by name (any kind)."""
@@ -106,6 +145,17 @@ class Registry:
         order = list(KINDS)
         return sorted((i for i in self.stages.values() if i.name not in self.disabled),
                       key=lambda i: (order.index(i.kind), i.name))
+
+
+def _raising_plugin(exc: BaseException, hook: Any) -> str | None:
+    """The plugin whose hook implementation appears deepest in the traceback."""
+    codes = {id(impl.function.__code__): impl.plugin_name for impl in hook.get_hookimpls()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        found = codes.get(id(tb.tb_frame.f_code), found)
+        tb = tb.tb_next
+    return found
 
 
 def _entry_point_location(ep: Any) -> Path | None:
@@ -160,15 +210,25 @@ def make_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = (
     pm = pluggy.PluginManager("tcpstates")
     pm.add_hookspecs(hookspecs)
     dists: dict[str, tuple[str, str]] = {}
-    for modname in DEFAULT_PLUGINS:
-        short = modname.rsplit(".", 1)[-1]
-        if short in blocked:
-            continue
-        pm.register(importlib.import_module(modname), name=modname)
+    # pluggy calls the last registered first: register the others before the
+    # built-ins (in reverse) so built-in hooks run in DEFAULT_PLUGINS order,
+    # and a built-in's flags come first in --help.
     for plugin in extra_plugins:
         pm.register(plugin)
     if entry_points:
         _load_entry_points(pm, dists, blocked, warner or Warner(), strict, allow_insecure)
+    for modname in reversed(DEFAULT_PLUGINS):
+        short = modname.rsplit(".", 1)[-1]
+        if short in blocked:
+            continue
+        pm.register(importlib.import_module(modname), name=modname)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        plugin = pm.get_name(exc.plugin) or repr(exc.plugin)
+        dist, version = dists.get(plugin, ("tcpstates", tcpstates.__version__))
+        raise UsageError(f"plugin {plugin!r} ({dist} {version}) implements a hook tcpstates does not "
+                         f"have: {exc}; check the hook name against docs/plugins.md") from None
     registry = Registry(pm, dists)
     registry.collect()
     registry.disable(blocked)
@@ -178,7 +238,10 @@ def make_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = (
 def call_lifecycle(registry: Registry, hook_name: str, warner: Warner, strict: bool,
                    **kwargs: Any) -> None:
     """Call a lifecycle hook implementation by implementation, so one that
-    raises is reported (or fatal with --strict) and never stops the others."""
+    raises is reported (or fatal with --strict) and never stops the others.
+
+    (A plain pluggy call stops at the first exception; after the pipeline has
+    started, one observer's bug must not cost the others their notification.)"""
     hook: Any = getattr(registry.pm.hook, hook_name)
     for impl in reversed(hook.get_hookimpls()):   # pluggy's own call order
         try:

@@ -1,4 +1,4 @@
-"""One run: validated config + registry → pipeline started, run, closed, summarised.
+"""One run: a RunPlan → pipeline started, run, closed, summarised.
 
 Shared by the command line and `tcpstates.testing.run_pipeline`, so plugin
 authors' tests go through exactly what `tcpstates` does.
@@ -8,20 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from tcpstates import config as cfg
 from tcpstates.api import RunContext
 from tcpstates.pipeline import Pipeline
 from tcpstates.registry import Registry, call_lifecycle
+from tcpstates.runconfig import RunPlan
 
 
-def build_pipeline(config: dict[str, Any], registry: Registry, context: RunContext,
-                   sink_names: list[str]) -> Pipeline:
-    general = cfg.general_section(config)
-    source = cfg.source_spec(config, registry, general.source)
-    chain = cfg.chain_specs(config, registry)
-    sinks = [cfg.sink_spec(config, registry, name) for name in sink_names]
-    cfg.validate_all_sinks(config, registry)
-    return Pipeline(source, chain, sinks, context)
+def build_pipeline(plan: RunPlan, context: RunContext) -> Pipeline:
+    return Pipeline(plan.source, plan.chain, plan.sinks, context)
 
 
 def execute(pipeline: Pipeline, registry: Registry, context: RunContext,

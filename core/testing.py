@@ -45,14 +45,12 @@ class MemorySink(Sink):
     name = "memory"
     description = "keeps events in memory (tcpstates.testing)"
     Options = NoOptions
-    instances: list["MemorySink"] = []
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
         self.events: list[Event] = []
         self.losses: list[tuple[str, int, int]] = []
         self.calls: list[str] = []
-        MemorySink.instances.append(self)
 
     def open(self) -> None:
         self.calls.append("open")
@@ -72,29 +70,48 @@ class MemorySink(Sink):
 
 
 class ListSource(Source):
-    """Yields preset events in batches (set by run_pipeline)."""
+    """Yields preset events in batches (given by run_pipeline)."""
 
     name = "events"
     description = "preset events (tcpstates.testing)"
     Options = NoOptions
-    pending: list[list[Event]] = []
+    batches: list[list[Event]]   # set on the per-run subclass by run_pipeline
 
     def start(self, constraints: list[KernelConstraints]) -> None:
         self.constraints = constraints
-        self.batches = list(ListSource.pending)
+        self.pending = list(self.batches)
 
     def read(self, timeout: float) -> list[Event] | None:
-        return self.batches.pop(0) if self.batches else None
+        return self.pending.pop(0) if self.pending else None
 
 
 class _TestingPlugin:
+    """Registers one run's own source and sink classes (no state shared between runs)."""
+
+    def __init__(self, batches: list[list[Event]]) -> None:
+        self.sinks: list[MemorySink] = []
+        made = self.sinks
+
+        class RunSink(MemorySink):
+            def __init__(self, options: Any, context: RunContext) -> None:
+                super().__init__(options, context)
+                made.append(self)
+
+        class RunSource(ListSource):
+            pass
+
+        RunSource.batches = batches
+        RunSink.__name__ = RunSink.__qualname__ = "MemorySink"
+        RunSource.__name__ = RunSource.__qualname__ = "ListSource"
+        self.sink_cls, self.source_cls = RunSink, RunSource
+
     @hookimpl
     def tcpstates_register_sinks(self, register: Any) -> None:
-        register(MemorySink)
+        register(self.sink_cls)
 
     @hookimpl
     def tcpstates_register_sources(self, register: Any) -> None:
-        register(ListSource)
+        register(self.source_cls)
 
 
 @dataclasses.dataclass
@@ -107,15 +124,19 @@ class RunResult:
 
 def run_pipeline(config_text: str, events: Iterable[Event], *, plugins: Iterable[Any] = (),
                  entry_points: bool = True, batch_size: int = 1000,
-                 strict: bool = False) -> RunResult:
+                 strict: bool = False, argv: Iterable[str] = ()) -> RunResult:
     """Run `events` through the pipeline `config_text` configures.
 
     The source is always the in-memory one; the sinks are those the config
     activates (default: one "memory" sink). Installed plugin packages are
-    loaded (entry_points=True) as the command line would load them.
+    loaded (entry_points=True) as the command line would load them, and
+    `argv` holds command-line flags (e.g. a plugin's own) folded in as the
+    command line folds them. Nothing process-wide is changed (no GC tuning,
+    no signal handlers).
     """
-    from tcpstates import config as cfg
+    from tcpstates.cli import build_parser, configure
     from tcpstates.registry import make_plugin_manager
+    from tcpstates.runconfig import plugins_section
     from tcpstates.session import build_pipeline, execute
 
     config = tomllib.loads(config_text)
@@ -123,16 +144,14 @@ def run_pipeline(config_text: str, events: Iterable[Event], *, plugins: Iterable
     general["source"] = "events"
     general.setdefault("sinks", ["memory"])
     warner = Warner()
-    blocked = cfg.plugins_section(config).disable
-    registry = make_plugin_manager(entry_points=entry_points, blocked=blocked,
-                                   extra_plugins=[_TestingPlugin(), *plugins], warner=warner,
-                                   strict=strict)
     items = list(events)
-    ListSource.pending = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    MemorySink.instances = []
-    context = RunContext(strict=strict or cfg.general_section(config).strict, warner=warner)
-    pipeline = build_pipeline(config, registry, context, cfg.general_section(config).sinks)
-    summary = execute(pipeline, registry, context)
-    sinks = list(MemorySink.instances)
+    plugin = _TestingPlugin([items[i:i + batch_size] for i in range(0, len(items), batch_size)])
+    registry = make_plugin_manager(entry_points=entry_points, blocked=plugins_section(config).disable,
+                                   extra_plugins=[plugin, *plugins], warner=warner, strict=strict)
+    args = build_parser(registry).parse_args([*argv, *(["--strict"] if strict else [])])
+    plan = configure(args, config, registry)
+    context = RunContext(strict=plan.strict, warner=warner)
+    summary = execute(build_pipeline(plan, context), registry, context)
+    sinks = list(plugin.sinks)
     first = sinks[0] if sinks else None
     return RunResult(first.events if first else [], first.losses if first else [], summary, sinks)

@@ -1,15 +1,19 @@
-"""Built-in stages, registered through the same hooks third-party plugins use."""
+"""Built-in stages: each package is an ordinary plugin, registered through the
+same hooks a third-party package uses (its flags and rules included).
+
+The order is the order in which their flags appear in `tcpstates -h`.
+"""
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "tcpstates.plugins.kernel_source",
-    "tcpstates.plugins.replay_source",
-    "tcpstates.plugins.bcc_sinks",
-    "tcpstates.plugins.jsonl_sink",
-    "tcpstates.plugins.journal_sink",
-    "tcpstates.plugins.forward_sink",
-    "tcpstates.plugins.summary_sink",
-    "tcpstates.plugins.metrics_sink",
-    "tcpstates.plugins.basic_filters",
-    "tcpstates.plugins.owner_enricher",
-    "tcpstates.plugins.container_enricher",
+    "tcpstates.plugins.bcc_table",
+    "tcpstates.plugins.filters",
+    "tcpstates.plugins.journal",
+    "tcpstates.plugins.owner",
+    "tcpstates.plugins.summary",
+    "tcpstates.plugins.replay",
+    "tcpstates.plugins.kernel",
+    "tcpstates.plugins.jsonl",
+    "tcpstates.plugins.forward",
+    "tcpstates.plugins.metrics",
+    "tcpstates.plugins.container",
 )

@@ -15,7 +15,7 @@ import pytest
 from bccfixtures import MODES, fixture_records
 from tracer import run_cli
 
-from tcpstates.bccformat import BccFormatter
+from tcpstates.plugins.bcc_table.format import BccFormatter
 from tcpstates.events import Event
 
 UTC = {"TZ": "UTC"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcpstates.cgroups import classify, proc_cgroup_path
+from tcpstates.plugins.container.cgroups import classify, proc_cgroup_path
 
 A = "4f1e9a1c2b3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789ab"
 B = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"

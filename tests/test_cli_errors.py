@@ -60,7 +60,7 @@ BAD_CONFIGS = [
     ("[[chain]]\nuse = \"state\"\ntransitions = [\"SYN_SENT-CLOSE\"]\n", "not OLD->NEW"),
     ("[[chain]]\nuse = \"address\"\nlocal = [\"300.1.1.1/8\"]\n", "not an address or CIDR"),
     ("[[chain]]\nuse = \"ports\"\nlocal = [\"9-2\"]\n", "backwards"),
-    ("[sources.kernel]\nmax_sockets = 1\n", "sources.kernel: max_sockets"),
+    ("[sources.kernel]\nmax_sockets = 1\n", "sources.kernel.max_sockets"),
     ("[sources.nosuch]\n", "sources.nosuch: unknown source"),
     ("[tcpstates]\nsinks = []\n", "no sinks"),
     ("[plugins]\ndisable = \"x\"\n", "plugins.disable: expected a list"),

@@ -12,7 +12,7 @@ from fluent_receiver import ForwardReceiver
 from tracer import run_cli
 from traffic import free_port, session
 
-from tcpstates.plugins.forward_sink import parse_address
+from tcpstates.plugins.forward.sink import parse_address
 
 
 def _trace(tmp_path, n: int) -> str:

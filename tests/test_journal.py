@@ -11,7 +11,7 @@ import pytest
 from journald import PrivateJournald
 from traffic import free_port, refused, session
 
-from tcpstates.plugins.journal_sink import MESSAGE_ID_STATE_CHANGE, journal_field_name
+from tcpstates.plugins.journal.sink import MESSAGE_ID_STATE_CHANGE, journal_field_name
 
 pytestmark = pytest.mark.kernel
 

@@ -14,7 +14,7 @@ import pytest
 from traffic import free_port, refused, session
 
 from tcpstates.api import RunContext
-from tcpstates.plugins.summary_sink import SummaryOptions, SummarySink, log2_histogram
+from tcpstates.plugins.summary.sink import SummaryOptions, SummarySink, log2_histogram
 from tcpstates.testing import make_event
 
 

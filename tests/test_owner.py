@@ -13,7 +13,7 @@ import pytest
 from procs import CLIENT, SERVER, start
 from traffic import free_port, parse_csv, refused
 
-from tcpstates.cgroups import cgroup2_root
+from tcpstates.plugins.container.cgroups import cgroup2_root
 
 pytestmark = pytest.mark.kernel
 N = 100
@@ -184,6 +184,6 @@ def test_docker_name_and_image_when_the_engine_socket_exists(tracer, tmp_path, d
 
 
 def test_no_engine_socket_no_names_no_noise(tmp_path):
-    from tcpstates.docker_api import DockerNames
+    from tcpstates.plugins.container.docker_api import DockerNames
     names = DockerNames(str(tmp_path / "absent.sock"))
     assert names.lookup("ab" * 32) is None and not names.available()

@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tcpstates.cli import build_parser
+from tcpstates.cli import build_parser as _build_parser
+from tcpstates.registry import make_plugin_manager
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_parser():
+    """The full command line: the core's flags and every built-in plugin's."""
+    return _build_parser(make_plugin_manager(entry_points=False))
 
 
 def test_wheel_holds_one_tcpstates_package_with_the_bpf_sources(tmp_path):
@@ -24,7 +30,8 @@ def test_wheel_holds_one_tcpstates_package_with_the_bpf_sources(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("tcpstates-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("tcpstates/__init__.py", "tcpstates/cli.py", "tcpstates/plugins/bcc_sinks.py",
+    for needed in ("tcpstates/__init__.py", "tcpstates/cli.py", "tcpstates/plugins/bcc_table/sinks.py",
+                   "tcpstates/plugins/kernel/ringbuf.py",
                    "tcpstates/bpf/tcpstates.bpf.c", "tcpstates/bpf/tcpstates.h", "tcpstates/testing.py"):
         assert needed in names, needed
     tops = {n.split("/")[0] for n in names}

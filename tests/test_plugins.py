@@ -145,7 +145,10 @@ def test_duplicate_stage_names_name_both_distributions(tmp_path):
 def test_disabling_a_builtin(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[plugins]\ndisable = ["journal"]\n')
+    # the journal plugin owns -Y: disabled, the flag is gone with it
     r = run_cli("--config", str(cfg), "--replay", os.devnull, "-Y")
+    assert r.returncode == 2 and b"unrecognized arguments: -Y" in r.stderr
+    r = run_cli("--config", str(cfg), "--replay", os.devnull, "--sink", "journal")
     assert r.returncode == 2 and b"unknown sink 'journal'" in r.stderr
     listing = run_cli("plugins", "--config", str(cfg)).stdout.decode()
     assert "journal (sink)" not in listing and "text (sink)" in listing
@@ -154,7 +157,7 @@ def test_disabling_a_builtin(tmp_path):
 def test_every_hookspec_is_documented_with_its_real_signature():
     doc = (ROOT / "docs" / "plugins.md").read_text()
     specs = [f for name, f in vars(hookspecs).items() if name.startswith("tcpstates_")]
-    assert len(specs) == 6
+    assert len(specs) == 9
     for f in specs:
         sig = str(inspect.signature(f)).replace("'", "")
         assert f"def {f.__name__}{sig}" in doc, f"{f.__name__}{sig} not in docs/plugins.md"
@@ -182,11 +185,11 @@ class Recorder:
 
     @hookimpl
     def tcpstates_pipeline_started(self, pipeline):
-        self.calls.append("started:" + ",".join(MemorySink.instances[0].calls))
+        self.calls.append("started:" + ",".join(pipeline.sinks[0].sink.calls))
 
     @hookimpl
     def tcpstates_pipeline_stopped(self, pipeline, summary):
-        self.calls.append(f"stopped:{summary['events']}:" + ",".join(MemorySink.instances[0].calls))
+        self.calls.append(f"stopped:{summary['events']}:" + ",".join(pipeline.sinks[0].sink.calls))
 
 
 def test_hook_call_order_of_a_full_run():

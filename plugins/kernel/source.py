@@ -8,33 +8,27 @@ from typing import Any
 from tcpstates.api import KernelConstraints, RunContext, Source
 from tcpstates.errors import UsageError
 from tcpstates.events import Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
 
 
 @dataclasses.dataclass
 class KernelOptions:
-    buffer: str = option("auto", "auto, ring (BPF ring buffer, Linux >= 5.8) or perf (perf buffer)")
-    buffer_pages: int = option(2048, "kernel buffer size in pages, a power of two (ring: total; perf: per CPU)")
-    max_sockets: int = option(65536, "sockets tracked for durations (LRU map entries)")
-    batch_size: int = option(8192, "most events read per batch")
+    buffer: str = option("auto", "auto, ring (BPF ring buffer, Linux >= 5.8) or perf (perf buffer)",
+                         choices=("auto", "ring", "perf"))
+    buffer_pages: int = option(2048, "kernel buffer size in pages, a power of two (ring: total; perf: per CPU)",
+                              min=1, max=1 << 18)
+    max_sockets: int = option(65536, "sockets tracked for durations (LRU map entries)",
+                              min=1024, max=1 << 24)
+    batch_size: int = option(8192, "most events read per batch", min=1, max=1 << 20)
     wakeup: str = option("timer", "timer: the kernel never wakes the reader, which polls every "
-                         "poll_ms (cheapest for the traced load); adaptive: woken per batch (lowest latency)")
-    poll_ms: int = option(50, "reader poll interval with wakeup = \"timer\" (latency bound)")
+                         "poll_ms (cheapest for the traced load); adaptive: woken per batch (lowest latency)",
+                         choices=("timer", "adaptive"))
+    poll_ms: int = option(50, "reader poll interval with wakeup = \"timer\" (latency bound)",
+                          min=1, max=1000)
 
     def validate(self) -> None:
-        if self.buffer not in ("auto", "ring", "perf"):
-            raise ValueError(f"buffer: expected auto, ring or perf, got {self.buffer!r}")
-        if self.buffer_pages < 1 or self.buffer_pages & (self.buffer_pages - 1) or self.buffer_pages > 1 << 18:
-            raise ValueError(f"buffer_pages: expected a power of two from 1 to 262144, got {self.buffer_pages}")
-        if not 1024 <= self.max_sockets <= 1 << 24:
-            raise ValueError(f"max_sockets: expected 1024 to 16777216, got {self.max_sockets}")
-        if not 1 <= self.batch_size <= 1 << 20:
-            raise ValueError(f"batch_size: expected 1 to 1048576, got {self.batch_size}")
-        if self.wakeup not in ("timer", "adaptive"):
-            raise ValueError(f"wakeup: expected timer or adaptive, got {self.wakeup!r}")
-        if not 1 <= self.poll_ms <= 1000:
-            raise ValueError(f"poll_ms: expected 1 to 1000, got {self.poll_ms}")
+        if self.buffer_pages & (self.buffer_pages - 1):
+            raise ValueError(f"buffer_pages: expected a power of two, got {self.buffer_pages}")
 
 
 def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints:
@@ -67,7 +61,7 @@ class KernelSource(Source):
         self._wakeup_fd: int | None = None
 
     def start(self, constraints: list[KernelConstraints]) -> None:
-        from tcpstates.kernel_probe import KernelProbe
+        from tcpstates.plugins.kernel.probe import KernelProbe
 
         merged = merge_constraints(constraints)
         o = self.options
@@ -102,8 +96,3 @@ class KernelSource(Source):
         if self.probe is not None:
             self.probe.close()
             self.probe = None
-
-
-@hookimpl
-def tcpstates_register_sources(register: Any) -> None:
-    register(KernelSource)

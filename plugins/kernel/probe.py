@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tcpstates.errors import EnvironmentProblem
-from tcpstates.events import EVENT_SIZE, RING_RECORD_SIZE, Decoder, Event
-from tcpstates.headers import choose_header_tree
-from tcpstates.ringbuf import RingBufferReader
+from tcpstates.events import Event
+from tcpstates.plugins.kernel.decoder import EVENT_SIZE, RING_RECORD_SIZE, Decoder
+from tcpstates.plugins.kernel.headers import choose_header_tree
+from tcpstates.plugins.kernel.ringbuf import RingBufferReader
 
 TRACEPOINT = ("sock", "inet_sock_set_state")
 # TCPSTATES_TRACEFS names another tracefs root (for tests of a kernel without
@@ -127,8 +128,8 @@ class KernelProbe:
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
                  poll_s: float = 0.05) -> None:
-        from tcpstates.bpfsys import PerCpuCounter
-        from tcpstates.loader import LoadRequest, load
+        from tcpstates.plugins.kernel.bpfsys import PerCpuCounter
+        from tcpstates.plugins.kernel.loader import LoadRequest, load
 
         if os.geteuid() != 0:
             raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_PERFMON): run it with sudo")

@@ -20,7 +20,7 @@ import socket
 from typing import Any
 
 from tcpstates.errors import EnvironmentProblem, UsageError
-from tcpstates.perfbuf import PerfBufferReader
+from tcpstates.plugins.kernel.perfbuf import PerfBufferReader
 
 PROG_NAME = b"tracepoint__sock__inet_sock_set_state"
 TRACEPOINT = b"sock:inet_sock_set_state"
@@ -66,7 +66,7 @@ def _peak_rss_kb() -> int:
 
 
 def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
-    from tcpstates.kernel_probe import captured_output, import_bcc
+    from tcpstates.plugins.kernel.probe import captured_output, import_bcc
 
     bcc = import_bcc()
     if req.header_tree:

@@ -13,7 +13,6 @@ import orjson
 
 from tcpstates.api import RunContext, Sink
 from tcpstates.events import Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
 from tcpstates.outputs import LineOutput
 from tcpstates.records import Rfc3339, event_record, loss_record
@@ -22,16 +21,13 @@ from tcpstates.records import Rfc3339, event_record, loss_record
 @dataclasses.dataclass
 class JsonlOptions:
     path: str = option("-", "file to append to (created 0640, never through a symlink), '-' for stdout")
-    max_bytes: int = option(0, "rotate to PATH.1 ... before the file would exceed this size (0: never)")
-    keep: int = option(5, "rotated files to keep")
+    max_bytes: int = option(0, "rotate to PATH.1 ... before the file would exceed this size (0: never)",
+                            min=0, max=1 << 50)
+    keep: int = option(5, "rotated files to keep", min=1, max=1000)
 
     def validate(self) -> None:
         if not self.path:
             raise ValueError("path: empty; give a file path or '-' for stdout")
-        if self.max_bytes < 0:
-            raise ValueError("max_bytes: must not be negative")
-        if not 1 <= self.keep <= 1000:
-            raise ValueError("keep: expected 1 to 1000")
 
 
 class JsonlSink(Sink):
@@ -40,6 +36,7 @@ class JsonlSink(Sink):
     name = "jsonl"
     description = "JSON Lines, one object per event, with in-band lost-event records"
     Options = JsonlOptions
+    structured = True
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
@@ -78,8 +75,3 @@ class JsonlSink(Sink):
 
     def close(self) -> None:
         self.output.close()
-
-
-@hookimpl
-def tcpstates_register_sinks(register: Any) -> None:
-    register(JsonlSink)

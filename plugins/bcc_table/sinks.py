@@ -10,9 +10,8 @@ import dataclasses
 from typing import Any
 
 from tcpstates.api import RunContext, Sink
-from tcpstates.bccformat import BccFormatter
+from tcpstates.plugins.bcc_table.format import BccFormatter
 from tcpstates.events import Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
 from tcpstates.outputs import LineOutput
 
@@ -87,9 +86,3 @@ class CsvSink(_BccSink):
     description = "bcc tcpstates -s comma-separated values (RFC 4180 quoting where needed)"
     Options = CsvOptions
     csv = True
-
-
-@hookimpl
-def tcpstates_register_sinks(register: Any) -> None:
-    register(TextSink)
-    register(CsvSink)

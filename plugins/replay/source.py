@@ -17,7 +17,6 @@ import orjson
 from tcpstates.api import KernelConstraints, RunContext, Source
 from tcpstates.errors import UsageError
 from tcpstates.events import Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
 from tcpstates.records import RecordError, record_event
 
@@ -27,16 +26,12 @@ REPORTED_SKIPS = 5
 @dataclasses.dataclass
 class ReplayOptions:
     path: str = option("-", "JSON Lines file to replay, '-' for stdin")
-    batch_size: int = option(4096, "records per batch")
-    max_line_bytes: int = option(1 << 20, "longer lines are skipped and counted")
+    batch_size: int = option(4096, "records per batch", min=1, max=1 << 20)
+    max_line_bytes: int = option(1 << 20, "longer lines are skipped and counted", min=64, max=1 << 30)
 
     def validate(self) -> None:
         if not self.path:
             raise ValueError("path: empty; give a file or '-' for stdin")
-        if not 1 <= self.batch_size <= 1 << 20:
-            raise ValueError("batch_size: expected 1 to 1048576")
-        if self.max_line_bytes < 64:
-            raise ValueError("max_line_bytes: expected at least 64")
 
 
 class ReplaySource(Source):
@@ -126,8 +121,3 @@ class ReplaySource(Source):
         if self.stream is not None and self.stream is not getattr(sys.stdin, "buffer", None):
             self.stream.close()
         self.stream = None
-
-
-@hookimpl
-def tcpstates_register_sources(register: Any) -> None:
-    register(ReplaySource)

@@ -25,6 +25,9 @@ def parse_ports(items: Iterable[int | str], what: str) -> frozenset[int]:
                 raise ValueError(f"{what}: empty entry in port list; remove the extra comma")
             lo_s, sep, hi_s = text.partition("-")
             try:
+                # ASCII digits only: int() would also take "٨٠" (Arabic-Indic 80)
+                if not all(p.isascii() and p.strip().isdigit() for p in ((lo_s, hi_s) if sep else (lo_s,))):
+                    raise ValueError
                 lo = int(lo_s, 10)
                 hi = int(hi_s, 10) if sep else lo
             except ValueError:

@@ -17,9 +17,8 @@ from typing import Any
 
 from tcpstates.api import Filter, KernelConstraints, RunContext
 from tcpstates.events import STATE_NUMBERS, Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
-from tcpstates.ports import parse_ports
+from tcpstates.plugins.filters.ports import parse_ports
 
 
 @dataclasses.dataclass
@@ -65,11 +64,8 @@ FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
 @dataclasses.dataclass
 class FamilyOptions:
-    family: str = option("ipv4", "ipv4 or ipv6 (the socket's family: IPv4-mapped IPv6 is ipv6)")
-
-    def validate(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"family: expected ipv4 or ipv6, got {self.family!r}")
+    family: str = option("ipv4", "ipv4 or ipv6 (the socket's family: IPv4-mapped IPv6 is ipv6)",
+                         choices=("ipv4", "ipv6"))
 
 
 class FamilyFilter(Filter):
@@ -137,18 +133,16 @@ class StateFilter(Filter):
 
 @dataclasses.dataclass
 class DurationOptions:
-    min_ms: float = option(0.0, "keep events that spent at least this long in the old state")
-    max_ms: float | None = option(None, "and at most this long (unset: no limit)")
+    min_ms: float = option(0.0, "keep events that spent at least this long in the old state",
+                           min=0, max=1e12)
+    max_ms: float | None = option(None, "and at most this long (unset: no limit)", min=0, max=1e12)
     states: list[str] = option([], "only judge events leaving these states; others pass")
-    unknown: str = option("drop", "events whose time in the old state is unknown: keep or drop")
+    unknown: str = option("drop", "events whose time in the old state is unknown: keep or drop",
+                          choices=("keep", "drop"))
 
     def validate(self) -> None:
-        if self.min_ms < 0:
-            raise ValueError("min_ms: must not be negative")
         if self.max_ms is not None and self.max_ms < self.min_ms:
             raise ValueError("max_ms: must be at least min_ms")
-        if self.unknown not in ("keep", "drop"):
-            raise ValueError(f"unknown: expected keep or drop, got {self.unknown!r}")
         self.state_set = _states(self.states, "states")
 
 
@@ -176,14 +170,13 @@ class DurationFilter(Filter):
 
 @dataclasses.dataclass
 class ProcessOptions:
-    pid: list[int] = option([], "keep events of these PIDs")
+    pid: list[int] = option([], "keep events of these PIDs", min=1, max=(1 << 22))
     comm: list[str] = option([], "keep events of these command names (shell globs allowed)")
-    field: str = option("cpu", "which process to judge: cpu (C-PID/C-COMM) or owner (owner enricher)")
+    field: str = option("cpu", "which process to judge: cpu (C-PID/C-COMM) or owner (owner enricher)",
+                        choices=("cpu", "owner"))
     exclude: bool = option(False, "invert: drop the matching events instead")
 
     def validate(self) -> None:
-        if self.field not in ("cpu", "owner"):
-            raise ValueError(f"field: expected cpu or owner, got {self.field!r}")
         if not self.pid and not self.comm:
             raise ValueError("give pid or comm (or both)")
 
@@ -267,9 +260,3 @@ class AddressFilter(Filter):
         match = ((not o.local_nets or self._in(event.saddr, True)) and
                  (not o.remote_nets or self._in(event.daddr, False)))
         return match != o.exclude
-
-
-@hookimpl
-def tcpstates_register_filters(register: Any) -> None:
-    for cls in (PortsFilter, FamilyFilter, StateFilter, DurationFilter, ProcessFilter, AddressFilter):
-        register(cls)

@@ -28,9 +28,8 @@ from typing import Any
 
 from tcpstates.api import Enricher, RunContext
 from tcpstates.events import AF_INET6, STATE_NUMBERS, Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
-from tcpstates.sockowners import process_comm, snapshot
+from tcpstates.plugins.owner.sockowners import process_comm, snapshot
 
 S = STATE_NUMBERS
 SYSCALL_TRANSITIONS = frozenset({
@@ -44,11 +43,8 @@ WILDCARD = {2: "0.0.0.0", 10: "::"}
 @dataclasses.dataclass
 class OwnerOptions:
     scan_existing: bool = option(True, "at start, find owners of existing sockets in /proc (as ss -p)")
-    max_sockets: int = option(262144, "sockets remembered at most (oldest forgotten first)")
-
-    def validate(self) -> None:
-        if not 1024 <= self.max_sockets <= 1 << 24:
-            raise ValueError("max_sockets: expected 1024 to 16777216")
+    max_sockets: int = option(262144, "sockets remembered at most (oldest forgotten first)",
+                              min=1024, max=1 << 24)
 
 
 Owner = tuple[int, str, int, str]     # pid, comm, cgroup id, source
@@ -146,8 +142,3 @@ class OwnerEnricher(Enricher):
 
     def enrich(self, event: Event) -> None:
         self.observe_batch([event])
-
-
-@hookimpl
-def tcpstates_register_enrichers(register: Any) -> None:
-    register(OwnerEnricher)

@@ -24,7 +24,6 @@ from typing import Any
 from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
 from tcpstates.events import AF_INET, STATE_NAMES, Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
 from tcpstates.records import Rfc3339
 
@@ -59,6 +58,7 @@ class JournalSink(Sink):
     name = "journal"
     description = "systemd journal entries with TCP_* and bcc's OBJECT_* fields (-Y)"
     Options = JournalOptions
+    structured = True
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
@@ -152,8 +152,3 @@ class JournalSink(Sink):
                     f"MESSAGE_ID={MESSAGE_ID_LOST}", f"PRIORITY={PRIORITY_WARNING}",
                     f"SYSLOG_IDENTIFIER={self.options.identifier}", f"TCP_LOST_KIND={kind}",
                     f"TCP_LOST_COUNT={count}", f"TCP_LOST_TOTAL={total}")
-
-
-@hookimpl
-def tcpstates_register_sinks(register: Any) -> None:
-    register(JournalSink)

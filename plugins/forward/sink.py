@@ -31,7 +31,6 @@ import msgpack
 
 from tcpstates.api import RunContext, Sink
 from tcpstates.events import Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
 from tcpstates.records import Rfc3339, event_record, loss_record
 
@@ -61,28 +60,26 @@ def parse_address(text: str) -> tuple[int, Any]:
 class ForwardOptions:
     address: str = option("127.0.0.1:24224", "receiver: HOST:PORT, [IPv6]:PORT or unix:///PATH")
     tag: str = option("tcpstates", "Fluent tag of every record")
-    mode: str = option("forward", "forward (array of entries) or packed (PackedForward)")
+    mode: str = option("forward", "forward (array of entries) or packed (PackedForward)",
+                       choices=("forward", "packed"))
     ack: bool = option(True, "send a chunk id and wait for the receiver's ack (at-least-once)")
-    chunk_events: int = option(1000, "most events per chunk")
-    buffer_events: int = option(100000, "events held while the receiver is slow or down; more are dropped and counted")
-    ack_timeout: float = option(10.0, "seconds to wait for an ack before resending the chunk")
-    retry_min: float = option(0.2, "first reconnect delay, seconds (doubles up to retry_max)")
-    retry_max: float = option(30.0, "longest reconnect delay, seconds")
-    exit_timeout: float = option(5.0, "seconds to keep delivering at exit")
+    chunk_events: int = option(1000, "most events per chunk", min=1, max=100000)
+    buffer_events: int = option(100000, "events held while the receiver is slow or down; more are dropped and counted",
+                                min=1, max=10_000_000)
+    ack_timeout: float = option(10.0, "seconds to wait for an ack before resending the chunk",
+                                min=0.001, max=86400)
+    retry_min: float = option(0.2, "first reconnect delay, seconds (doubles up to retry_max)",
+                              min=0.001, max=3600)
+    retry_max: float = option(30.0, "longest reconnect delay, seconds", min=0.001, max=3600)
+    exit_timeout: float = option(5.0, "seconds to keep delivering at exit", min=0.001, max=3600)
 
     def validate(self) -> None:
         parse_address(self.address)
-        if self.mode not in ("forward", "packed"):
-            raise ValueError(f"mode: expected forward or packed, got {self.mode!r}")
         if not self.tag:
             raise ValueError("tag: must not be empty")
-        if not 1 <= self.chunk_events <= 100000:
-            raise ValueError("chunk_events: expected 1 to 100000")
         if self.buffer_events < self.chunk_events:
             raise ValueError("buffer_events: must be at least chunk_events")
-        for name in ("ack_timeout", "retry_min", "retry_max", "exit_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be positive")
+
 
 
 class ForwardSink(Sink):
@@ -91,6 +88,7 @@ class ForwardSink(Sink):
     name = "forward"
     description = "Fluent Forward protocol v1 (Fluent Bit/fluentd forward input), acked, buffered"
     Options = ForwardOptions
+    structured = True
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
@@ -254,8 +252,3 @@ class ForwardSink(Sink):
             if outage:
                 outage = False
                 self.context.warn(f"forward sink: {self.options.address} reachable again", once_key=None)
-
-
-@hookimpl
-def tcpstates_register_sinks(register: Any) -> None:
-    register(ForwardSink)

@@ -4,7 +4,7 @@ From the owner's cgroup (the `owner` enricher's owner_pid, read from
 /proc/PID/cgroup; for a process that has already exited, the cgroup id the
 kernel captured in the owner's context, resolved through the cgroup v2
 tree) it derives container_id, container_runtime, pod_uid, pod_qos, and for
-processes outside containers systemd_unit (see tcpstates.cgroups). Results
+processes outside containers systemd_unit (see tcpstates.plugins.container.cgroups). Results
 are cached with bounded memory; an exited process is not an error.
 """
 
@@ -16,23 +16,18 @@ import fnmatch
 from typing import Any
 
 from tcpstates.api import Enricher, Filter, RunContext
-from tcpstates.cgroups import CgroupIdResolver, CgroupInfo, classify, proc_cgroup_path
-from tcpstates.docker_api import DockerNames
+from tcpstates.plugins.container.cgroups import CgroupIdResolver, CgroupInfo, classify, proc_cgroup_path
+from tcpstates.plugins.container.docker_api import DockerNames
 from tcpstates.events import Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
 
 
 @dataclasses.dataclass
 class ContainerOptions:
-    cache_size: int = option(16384, "processes and cgroups remembered")
+    cache_size: int = option(16384, "processes and cgroups remembered", min=16, max=1 << 20)
     cgroup_path: bool = option(True, "also add the raw cgroup path as `cgroup`")
     docker_socket: str = option("/var/run/docker.sock", "Docker Engine API socket for container "
                                 "name and image (skipped when absent; \"\" disables)")
-
-    def validate(self) -> None:
-        if not 16 <= self.cache_size <= 1 << 20:
-            raise ValueError("cache_size: expected 16 to 1048576")
 
 
 class _Lru(collections.OrderedDict):
@@ -133,13 +128,3 @@ class WorkloadFilter(Filter):
                  (not o.systemd_unit or any(fnmatch.fnmatchcase(x.get("systemd_unit") or "", u)
                                             for u in o.systemd_unit)))
         return match != o.exclude
-
-
-@hookimpl
-def tcpstates_register_enrichers(register: Any) -> None:
-    register(ContainerEnricher)
-
-
-@hookimpl
-def tcpstates_register_filters(register: Any) -> None:
-    register(WorkloadFilter)

@@ -15,7 +15,6 @@ from typing import Any, TextIO
 
 from tcpstates.api import RunContext, Sink
 from tcpstates.events import STATE_NAMES, Event
-from tcpstates.hookspecs import hookimpl
 from tcpstates.options import option
 
 
@@ -39,14 +38,9 @@ def log2_histogram(counts: dict[int, int], unit: str = "usecs") -> list[str]:
 
 @dataclasses.dataclass
 class SummaryOptions:
-    top_ports: int = option(10, "how many of the busiest local and remote ports to list")
-    status: str = option("auto", "live status line on stderr: auto (terminal, stdout not), on, off")
-
-    def validate(self) -> None:
-        if not 0 <= self.top_ports <= 1000:
-            raise ValueError("top_ports: expected 0 to 1000")
-        if self.status not in ("auto", "on", "off"):
-            raise ValueError("status: expected auto, on or off")
+    top_ports: int = option(10, "how many of the busiest local and remote ports to list", min=0, max=1000)
+    status: str = option("auto", "live status line on stderr: auto (terminal, stdout not), on, off",
+                         choices=("auto", "on", "off"))
 
 
 class SummarySink(Sink):
@@ -125,8 +119,3 @@ def _isatty(stream: Any) -> bool:
         return stream is not None and os.isatty(stream.fileno())
     except (OSError, ValueError, AttributeError):
         return False
-
-
-@hookimpl
-def tcpstates_register_sinks(register: Any) -> None:
-    register(SummarySink)

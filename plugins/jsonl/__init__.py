@@ -1,0 +1,13 @@
+"""The `jsonl` stage: the JSON Lines sink (files with rotation, stdout)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tcpstates import hookimpl
+from tcpstates.plugins.jsonl.sink import JsonlSink
+
+
+@hookimpl
+def tcpstates_register_sinks(register: Any) -> None:
+    register(JsonlSink)

@@ -1,0 +1,48 @@
+"""The kernel stage: bpf/tcpstates.bpf.c on sock:inet_sock_set_state, compiled by bcc
+in a helper process, read from a BPF ring (or perf) buffer in whole batches.
+
+    source.py    the `kernel` Source: options, kernel constraints merged from filters
+    probe.py     compile/attach through the loader, read and decode batches
+    loader.py    the short-lived helper that runs bcc and hands the fds over
+    ringbuf.py   the ring buffer reader (mmap walk);  perfbuf.py  the perf buffer reader
+    decoder.py   raw records → Events;  bpfsys.py  bpf() map lookups without bcc
+    headers.py   a header tree for bcc when none matches the running kernel
+    doctor.py    this stage's `tcpstates doctor` checks
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tcpstates import hookimpl
+from tcpstates.plugins.kernel import doctor
+from tcpstates.plugins.kernel.source import KernelSource
+from tcpstates.runconfig import RunConfig
+
+
+@hookimpl
+def tcpstates_register_sources(register: Any) -> None:
+    register(KernelSource)
+
+
+@hookimpl
+def tcpstates_add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+
+
+@hookimpl(tryfirst=True)
+def tcpstates_configure(config: RunConfig, args: argparse.Namespace) -> None:
+    if args.ebpf:   # bcc's hidden flag: print the BPF program and exit
+        from tcpstates.plugins.kernel.probe import bpf_source_dir
+        d = bpf_source_dir()
+        sys.stdout.write((d / "tcpstates.h").read_text() + (d / "tcpstates.bpf.c").read_text())
+        sys.stdout.flush()
+        raise SystemExit(0)
+
+
+@hookimpl
+def tcpstates_doctor_checks(register: Any) -> None:
+    for check in doctor.checks():
+        register(check)

@@ -1,0 +1,89 @@
+"""The kernel stage's `tcpstates doctor` checks: kernel, root, tracefs, BPF, bcc, headers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Callable
+
+from tcpstates.doctor import Check
+from tcpstates.plugins.kernel.headers import choose_header_tree
+from tcpstates.plugins.kernel.probe import find_tracefs, kernel_version, tracepoint_exists
+
+Row = tuple[str, bool, bool, str]   # name, required, ok, detail / what to do
+
+
+def _kernel() -> Row:
+    v = kernel_version()
+    ok = v >= (4, 16)
+    return ("kernel", True, ok, f"Linux {platform.release()}" + ("" if ok else
+            " — the sock:inet_sock_set_state tracepoint needs Linux 4.16 or newer"))
+
+
+def _root() -> Row:
+    ok = os.geteuid() == 0
+    return ("root", True, ok, "running as root" if ok else "run as root (sudo): BPF needs CAP_BPF/CAP_PERFMON")
+
+
+def _tracefs() -> Row:
+    tf = find_tracefs(mount=os.geteuid() == 0)
+    return ("tracefs", True, tf is not None, str(tf) if tf else
+            "not mounted: mount -t tracefs tracefs /sys/kernel/tracing")
+
+
+def _tracepoint() -> Row:
+    tf = find_tracefs(mount=False)
+    ok = tf is not None and tracepoint_exists(tf)
+    return ("tracepoint", True, ok, "sock:inet_sock_set_state present" if ok else
+            "sock:inet_sock_set_state missing (Linux < 4.16, or tracefs not mounted)")
+
+
+def _bpf() -> Row:
+    ok = Path("/sys/fs/bpf").exists() or Path("/proc/sys/kernel/unprivileged_bpf_disabled").exists()
+    return ("bpf", True, ok, "BPF syscall available" if ok else "kernel without CONFIG_BPF_SYSCALL")
+
+
+def _ringbuf() -> Row:
+    ok = kernel_version() >= (5, 8)
+    return ("ring buffer", False, ok, "BPF ring buffer (Linux >= 5.8)" if ok else
+            "no BPF ring buffer before Linux 5.8: the slower perf buffer is used")
+
+
+def _btf() -> Row:
+    ok = Path("/sys/kernel/btf/vmlinux").exists()
+    return ("btf", False, ok, "/sys/kernel/btf/vmlinux present" if ok else
+            "no BTF: not needed by tcpstates (bcc compiles against headers)")
+
+
+def _bcc() -> Row:
+    try:
+        import bcc
+        ok = hasattr(bcc, "BPF")
+        detail = f"bcc {getattr(bcc, '__version__', '?')} at {Path(bcc.__file__).parent}" if ok else \
+            "the 'bcc' module is the unrelated PyPI package: pip uninstall bcc; apt-get install python3-bpfcc"
+    except ImportError:
+        ok, detail = False, (f"not importable from {sys.executable}: apt-get install python3-bpfcc "
+                             f"(Fedora python3-bcc, Arch python-bcc); venvs need --system-site-packages")
+    return ("bcc", True, ok, detail)
+
+
+def _headers() -> Row:
+    try:
+        tree, how = choose_header_tree()
+    except OSError as exc:
+        return ("kernel headers", True, False, f"cannot prepare generic headers: {exc}")
+    ok = how != "none found"
+    return ("kernel headers", True, ok, how + (f" → {tree}" if tree else "") if ok else
+            "none: apt-get install linux-headers-$(uname -r) (or the generic linux-headers-<arch>)")
+
+
+ROWS: list[tuple[str, bool, Callable[[], Row]]] = [
+    ("kernel", True, _kernel), ("root", True, _root), ("tracefs", True, _tracefs),
+    ("tracepoint", True, _tracepoint), ("bpf", True, _bpf), ("ring buffer", False, _ringbuf),
+    ("btf", False, _btf), ("bcc", True, _bcc), ("kernel headers", True, _headers)]
+
+
+def checks() -> list[Check]:
+    return [Check(name, required, lambda fn=fn: fn()[2:4]) for name, required, fn in ROWS]   # type: ignore[misc]
