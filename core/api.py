@@ -34,6 +34,10 @@ class KernelConstraints:
     local_ports: frozenset[int] | None = None
     remote_ports: frozenset[int] | None = None
     family: int | None = None   # socket.AF_INET or AF_INET6
+    #: (oldstate, newstate) pairs to keep (kernel state numbers 1..12)
+    transitions: frozenset[tuple[int, int]] | None = None
+    #: drop events whose *known* time in the old state is shorter (unknown passes)
+    min_span_ns: int | None = None
 
 
 class Warner:

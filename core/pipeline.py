@@ -209,7 +209,8 @@ class Pipeline:
     def check_loss(self) -> None:
         counters = self.source.loss_counters()
         for kind, total in counters.items():
-            new = total - self.loss.get(kind, 0)
+            self.loss.setdefault(kind, 0)   # a kind reported as 0 is still shown
+            new = total - self.loss[kind]
             if new > 0:
                 self.loss[kind] = total
                 for slot in self.sinks:
@@ -286,6 +287,7 @@ class Pipeline:
             "written": {s.name: s.written for s in self.sinks},
             "dropped": self.loss.get("dropped", 0),
             "kernel_misses": self.loss.get("kernel_misses", 0),
+            **({"unaccounted": self.loss.get("unaccounted", 0)} if "unaccounted" in self.loss else {}),
             "filtered": sum(c.removed for c in self.chain if c.is_filter),
             "skipped": self.loss.get("replay_skipped", 0),
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
@@ -299,6 +301,9 @@ def summary_line(summary: dict[str, Any]) -> str:
     line = (f"tcpstates: {summary['events']} events seen, {summary['kept']} kept, "
             f"written: {written}; {summary['dropped']} dropped, "
             f"{summary['kernel_misses']} kernel misses")
+    if "unaccounted" in summary:
+        # the in-kernel cross-check ran: every silent loss shows here
+        line += f", {summary['unaccounted']} unaccounted"
     if summary.get("skipped"):
         line += f"; {summary['skipped']} unreadable records skipped"
     if summary["errors"]:

@@ -32,6 +32,11 @@ class PerfBufferReader:
             self.maps.append((mm, offset, size))
         self.lost = 0
 
+    def pending(self) -> bool:
+        """Any buffer holds unread records."""
+        u64 = _U64.unpack_from
+        return any(u64(mm, 1024)[0] != u64(mm, 1032)[0] for mm, _, _ in self.maps)
+
     def read(self, sample_size: int) -> list[bytes]:
         """Every pending sample's first `sample_size` bytes; lost counts accumulate."""
         out = []
@@ -40,6 +45,8 @@ class PerfBufferReader:
             tail = _U64.unpack_from(mm, 1032)[0]
             if head == tail:
                 continue
+            # (x86/arm64: the kernel publishes data_head after the data with a
+            # release store; this load sees the data it covers)
             # read everything between tail and head (wrapping) in one copy
             start = tail % size
             n = head - tail

@@ -25,6 +25,9 @@ class KernelOptions:
                          choices=("timer", "adaptive"))
     poll_ms: int = option(50, "reader poll interval with wakeup = \"timer\" (latency bound)",
                           min=1, max=1000)
+    crosscheck: bool = option(True, "count the tracepoint's hits independently in the kernel (a private "
+                              "ftrace instance) and report every event neither seen nor counted as "
+                              "'unaccounted'")
 
     def validate(self) -> None:
         if self.buffer_pages & (self.buffer_pages - 1):
@@ -35,7 +38,7 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
     """AND every filter's constraints together (intersection of port sets)."""
     merged = KernelConstraints()
     for c in constraints:
-        for attr in ("local_ports", "remote_ports"):
+        for attr in ("local_ports", "remote_ports", "transitions"):
             mine, theirs = getattr(merged, attr), getattr(c, attr)
             if theirs is not None:
                 setattr(merged, attr, theirs if mine is None else mine & theirs)
@@ -44,6 +47,8 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
                 raise UsageError("the chain keeps only IPv4 and only IPv6 at once: nothing could "
                                  "pass; drop one of the family filters (-4/-6)")
             merged.family = c.family
+        if c.min_span_ns is not None:
+            merged.min_span_ns = max(merged.min_span_ns or 0, c.min_span_ns)
     return merged
 
 
@@ -68,6 +73,8 @@ class KernelSource(Source):
         self.probe = KernelProbe(ring_pages=o.buffer_pages, max_sockets=o.max_sockets,
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
+                                 transitions=merged.transitions, min_span_ns=merged.min_span_ns,
+                                 crosscheck=o.crosscheck, warn=self.context.warn,
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
                                  poll_s=o.poll_ms / 1000)
         if self._wakeup_fd is not None:
