@@ -110,6 +110,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (!c)
         return 0;   /* cannot happen (sized for every possible CPU); the
                        in-kernel cross-check would report it as unaccounted */
+#ifdef TCPSTATES_TEST_LOSE_EVERY
+    /* fault injection for the tests only: vanish without a trace, like a
+     * tracepoint hit the program never got to see */
+    if (++c->reserved % TCPSTATES_TEST_LOSE_EVERY == 0)
+        return 0;
+#endif
     /* A locked add: a full barrier, so the run is marked in flight before
      * the clock is read (the reader's time-order merge relies on it). */
     __sync_fetch_and_add(&c->hits, 1);

@@ -207,6 +207,11 @@ class Source(Stage):
         """Cumulative counts of lost records by kind ("dropped", "kernel_misses")."""
         return {}
 
+    def notes(self) -> dict[str, int]:
+        """Source facts for the exit summary that are not losses (e.g. records
+        that took a slower path); shown only when non-zero."""
+        return {}
+
     def status(self) -> str:
         """One line for the service manager (sd_notify STATUS=) once started."""
         return f"reading from {self.name}"

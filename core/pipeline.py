@@ -293,6 +293,7 @@ class Pipeline:
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
                        **{f"sinks.{s.name}": s.errors for s in self.sinks if s.errors}},
             "lost_by_sink": {s.name: s.lost for s in self.sinks if s.lost},
+            "source_notes": {k: v for k, v in self.source.notes().items() if v},
         }
 
 
@@ -304,6 +305,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     if "unaccounted" in summary:
         # the in-kernel cross-check ran: every silent loss shows here
         line += f", {summary['unaccounted']} unaccounted"
+    for key, value in summary.get("source_notes", {}).items():
+        line += f"; {value} {key.replace('_', ' ')}"
     if summary.get("skipped"):
         line += f"; {summary['skipped']} unreadable records skipped"
     if summary["errors"]:

@@ -37,6 +37,7 @@ class LoadRequest:
     local_ports: list[int] | None
     remote_ports: list[int] | None
     ncpus: int = 128
+    wakeup_events: int = 1                 # perf buffer: samples per reader wake-up
     transitions: list[int] | None = None   # (old << 4) | new keys to keep
 
 
@@ -97,7 +98,8 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
                 table[ctypes.c_int(key)] = ctypes.c_uint8(1)
     perf_table = bpf["events"] if req.perf_mode else bpf["spill"]
     pages = req.buffer_pages if req.perf_mode else SPILL_PAGES
-    perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None)
+    perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None,
+                                wakeup_events=req.wakeup_events)
     from bcc.libbcc import lib as libbcc
     perf_fds = {cpu: libbcc.perf_reader_fd(reader)               # cpu → perf event fd
                 for (table_id, cpu), reader in bpf.perf_buffers.items() if table_id == id(perf_table)}

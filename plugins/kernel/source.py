@@ -64,6 +64,7 @@ class KernelSource(Source):
         super().__init__(options, context)
         self.probe: Any = None
         self._wakeup_fd: int | None = None
+        self._final_notes: dict[str, int] = {}
 
     def start(self, constraints: list[KernelConstraints]) -> None:
         from tcpstates.plugins.kernel.probe import KernelProbe
@@ -93,6 +94,12 @@ class KernelSource(Source):
     def loss_counters(self) -> dict[str, int]:
         return self.probe.loss_counters() if self.probe is not None else {}
 
+    def notes(self) -> dict[str, int]:
+        if self.probe is None:
+            return self._final_notes
+        counts = self.probe.kernel_counts()
+        return {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
+
     def status(self) -> str:
         if self.probe is None:
             return "not attached"
@@ -101,5 +108,6 @@ class KernelSource(Source):
 
     def close(self) -> None:
         if self.probe is not None:
+            self._final_notes = self.notes()   # the summary is made after close
             self.probe.close()
             self.probe = None
