@@ -127,7 +127,7 @@ class KernelProbe:
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
-                 poll_s: float = 0.05) -> None:
+                 poll_s: float = 0.05, extra_cflags: list[str] | None = None) -> None:
         from tcpstates.plugins.kernel.bpfsys import PerCpuCounter
         from tcpstates.plugins.kernel.loader import LoadRequest, load
 
@@ -162,6 +162,7 @@ class KernelProbe:
             cflags.append("-DTCPSTATES_FILTER_DPORT=1")
         if family is not None:
             cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
+        cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         self.poll_s = poll_s if timer_wakeup and buffer == "ring" else None
         if self.poll_s is not None:
             cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP

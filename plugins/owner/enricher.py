@@ -26,7 +26,7 @@ import dataclasses
 import itertools
 from typing import Any
 
-from tcpstates.api import Enricher, RunContext
+from tcpstates.api import Enricher, KernelConstraints, RunContext
 from tcpstates.events import AF_INET6, STATE_NUMBERS, Event
 from tcpstates.options import option
 from tcpstates.plugins.owner.sockowners import process_comm, snapshot
@@ -101,6 +101,7 @@ class OwnerEnricher(Enricher):
         sockets, remember = self.sockets, self._remember
         syscall = SYSCALL_TRANSITIONS
         for e in batch:
+            e.extra.pop("_kernel_owner", None)     # (used from the next commit on)
             key = (e.oldstate, e.newstate)
             owner: Owner | None
             if key in syscall and e.pid != 0:
@@ -136,6 +137,13 @@ class OwnerEnricher(Enricher):
                 sockets.pop(e.skaddr, None)
             elif owner[3] != "remembered" or e.skaddr not in sockets:
                 remember(e.skaddr, owner)
+
+    def kernel_constraints(self) -> KernelConstraints | None:
+        from tcpstates.plugins.owner.kernel import owner_support
+        support = owner_support(self.options.max_sockets)
+        for why in support.missing:
+            self.context.warn(f"owner: {why}")
+        return KernelConstraints(cflags=tuple(support.cflags))
 
     def enrich_batch(self, batch: list[Event]) -> None:
         """Nothing left to do: observe_batch labelled every event."""
