@@ -24,6 +24,13 @@ struct tcpstates_event {
     u8 saddr[16];     /* IPv4 in the first 4 bytes */
     u8 daddr[16];
     char comm[16];    /* on-CPU thread name (bcc's C-COMM) */
+    /* The socket's owner as the kernel knows it (bpf/owner.bpf.h); all zero
+     * unless compiled with TCPSTATES_OWNER or when no owner is known. */
+    u64 owner_start_ns;   /* owner's start time (boottime ns): PID + this = identity */
+    u64 owner_cgroup_id;  /* owner's cgroup v2 id, captured in the owner's context */
+    u32 owner_pid;        /* owner TGID */
+    u32 owner_how;        /* 0 unknown, 1 syscall transition, 2 accept, 3 send/recv */
+    char owner_comm[16];  /* owner's thread-group leader name */
 };
 
 /* One per CPU, in a memory-mappable array: user space reads it without a

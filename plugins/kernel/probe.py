@@ -142,7 +142,8 @@ class KernelProbe:
                  family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
                  poll_s: float = 0.05, transitions: frozenset[tuple[int, int]] | None = None,
                  min_span_ns: int | None = None, crosscheck: bool = False,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None,
+                 extra_cflags: list[str] | None = None) -> None:
         from tcpstates.plugins.kernel.bpfsys import possible_cpus
         from tcpstates.plugins.kernel.cpustate import CpuState
         from tcpstates.plugins.kernel.loader import LoadRequest, load
@@ -181,6 +182,7 @@ class KernelProbe:
             cflags.append("-DTCPSTATES_FILTER_DPORT=1")
         if family is not None:
             cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
+        cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         if transitions is not None:
             cflags.append("-DTCPSTATES_FILTER_TRANSITION=1")
         if min_span_ns:

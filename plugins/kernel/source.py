@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from tcpstates.api import KernelConstraints, RunContext, Source
@@ -34,6 +35,9 @@ class KernelOptions:
             raise ValueError(f"buffer_pages: expected a power of two, got {self.buffer_pages}")
 
 
+CFLAG = re.compile(r"-D[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+-]*)?")
+
+
 def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints:
     """AND every filter's constraints together (intersection of port sets)."""
     merged = KernelConstraints()
@@ -49,6 +53,12 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
             merged.family = c.family
         if c.min_span_ns is not None:
             merged.min_span_ns = max(merged.min_span_ns or 0, c.min_span_ns)
+        for flag in c.cflags:    # optional parts asked for by chain stages (union)
+            if not CFLAG.fullmatch(flag):
+                raise UsageError(f"a chain stage asked the kernel stage for {flag!r}: "
+                                 f"only -DNAME or -DNAME=VALUE switches are accepted")
+            if flag not in merged.cflags:
+                merged.cflags += (flag,)
     return merged
 
 
@@ -77,7 +87,7 @@ class KernelSource(Source):
                                  transitions=merged.transitions, min_span_ns=merged.min_span_ns,
                                  crosscheck=o.crosscheck, warn=self.context.warn,
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
-                                 poll_s=o.poll_ms / 1000)
+                                 poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags))
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
         # measured after the (slow) compile so drift over the run starts small
