@@ -290,6 +290,7 @@ class Pipeline:
             "dropped": self.loss.get("dropped", 0),
             "kernel_misses": self.loss.get("kernel_misses", 0),
             **({"unaccounted": self.loss.get("unaccounted", 0)} if "unaccounted" in self.loss else {}),
+            **({"unread_at_exit": self.loss["unread_at_exit"]} if self.loss.get("unread_at_exit") else {}),
             "filtered": sum(c.removed for c in self.chain if c.is_filter),
             "skipped": self.loss.get("replay_skipped", 0),
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
@@ -304,6 +305,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     line = (f"tcpstates: {summary['events']} events seen, {summary['kept']} kept, "
             f"written: {written}; {summary['dropped']} dropped, "
             f"{summary['kernel_misses']} kernel misses")
+    if summary.get("unread_at_exit"):
+        line += f", {summary['unread_at_exit']} unread at exit"
     if "unaccounted" in summary:
         # the in-kernel cross-check ran: every silent loss shows here
         line += f", {summary['unaccounted']} unaccounted"

@@ -61,6 +61,7 @@ class _BccSink(Sink):
         if kind == "replay_skipped":
             return   # already reported line by line, and in the exit summary
         what = {"dropped": "records dropped (kernel buffer full)",
+                "unread_at_exit": "records still in the kernel buffers when the exit drain ran out of time",
                 "unaccounted": "events the tracepoint fired for but tcpstates neither saw nor "
                                "counted (in-kernel cross-check)"}.get(
             kind, "events missed by the kernel (BPF recursion)")

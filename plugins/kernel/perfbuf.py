@@ -37,6 +37,19 @@ class PerfBufferReader:
         u64 = _U64.unpack_from
         return any(u64(mm, 1024)[0] != u64(mm, 1032)[0] for mm, _, _ in self.maps)
 
+    def pending_samples(self) -> int:
+        """How many samples are waiting (for the exit count of unread records)."""
+        n = 0
+        for mm, offset, size in self.maps:
+            head, tail = _U64.unpack_from(mm, 1024)[0], _U64.unpack_from(mm, 1032)[0]
+            while tail < head:
+                rtype, _misc, rsize = _HEADER.unpack_from(mm, offset + tail % size)
+                if rsize < 8 or tail % size + 8 > size:
+                    break
+                n += rtype == PERF_RECORD_SAMPLE
+                tail += rsize
+        return n
+
     def read(self, sample_size: int) -> list[bytes]:
         """Every pending sample's first `sample_size` bytes; lost counts accumulate."""
         out = []

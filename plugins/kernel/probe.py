@@ -236,6 +236,8 @@ class KernelProbe:
         self.unaccounted = 0
         self.accounting = "off"
         self._final = False
+        self._draining = False
+        self.unread_at_exit = 0
         if crosscheck:
             self._start_crosscheck(tracefs)
 
@@ -352,6 +354,8 @@ class KernelProbe:
         if self._final:
             return []
         self._wait(timeout)
+        if timeout == 0:
+            self._draining = True
         return self._read(timeout == 0)
 
     def _read(self, draining: bool) -> list[Event]:
@@ -408,11 +412,30 @@ class KernelProbe:
         self._crosscheck(final=True, delivered_late=sum(1 for e in late if e.ts_ns < self._cut_clock))
         self._after_final = late
 
+    def _abandon(self) -> None:
+        """The drain ran out of time with records still buffered: count them
+        (they are lost, and must not vanish silently), then take the final cut."""
+        pending = self.perf.pending_samples() + len(self._held)
+        if self.reader is not None:
+            pending += self.reader.pending() // RING_RECORD_SIZE
+        self.unread_at_exit = pending
+        self._held = []
+        self._final = True
+        self._after_final = []
+        if self.truth is not None:
+            self._received_at_cut = self.received + pending
+            self._final_cut = self._cut()
+            self._crosscheck(final=True)
+
     def loss_counters(self) -> dict[str, int]:
+        if self._draining and not self._final:
+            self._abandon()
         t = self.cpu.totals()
         # a record the perf buffer had no room for failed its submit and is in
         # `drops`; the buffer's own lost count is the same records again
         out = {"dropped": t["drops"], "kernel_misses": recursion_misses(self.prog_fd)}
+        if self.unread_at_exit:
+            out["unread_at_exit"] = self.unread_at_exit
         if self.truth is not None:
             if not self._final and time.monotonic() >= self._next_check:
                 self._next_check = time.monotonic() + CROSSCHECK_INTERVAL_S
