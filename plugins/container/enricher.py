@@ -75,7 +75,7 @@ class ContainerEnricher(Enricher):
             if options.names else None
         # CLOCK_BOOTTIME (where /proc start times live) minus CLOCK_MONOTONIC (event times)
         self.boot_offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
-        self._batch: dict[int, ProcessCgroups | None] = {}
+        self._batch: dict[int, ProcessCgroups | None] | None = None    # per-batch memo, in enrich_batch only
 
     # -- resolution --------------------------------------------------------------------
     def _by_id(self, cgroup_id: int) -> CgroupInfo | None:
@@ -88,9 +88,12 @@ class ContainerEnricher(Enricher):
 
     def _process(self, pid: int) -> ProcessCgroups | None:
         # one read per PID per batch: a PID cannot be reused in between and matter
-        if pid not in self._batch:
-            self._batch[pid] = read_process(pid, self.proc)
-        return self._batch[pid]
+        memo = self._batch
+        if memo is None:
+            return read_process(pid, self.proc)
+        if pid not in memo:
+            memo[pid] = read_process(pid, self.proc)
+        return memo[pid]
 
     def _by_process(self, pid: int, event_ns: int) -> CgroupInfo | None:
         p = self._process(pid)
@@ -153,4 +156,4 @@ class ContainerEnricher(Enricher):
             for e in batch:
                 self.enrich(e)
         finally:
-            self._batch = {}
+            self._batch = None
