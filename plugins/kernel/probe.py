@@ -1,8 +1,8 @@
-"""The kernel stage: compile and attach bpf/tcpstates.bpf.c with bcc, read its records.
+"""The kernel probe: attach bpf/tcpstates.bpf.c (through the loader's helper
+process) and read its records in batches from the ring and spill buffers.
 
-Everything that touches bcc lives here, so the rest of tcpstates (replay,
-formatting, plugins) works without root or bcc. Failures become
-EnvironmentProblem with the one thing to do next.
+bcc itself runs only in the helper (loader.py); this module needs no bcc.
+Failures become EnvironmentProblem with the one thing to do next.
 """
 
 from __future__ import annotations
@@ -116,12 +116,31 @@ def recursion_misses(prog_fd: int) -> int:
     return 0
 
 
+def build_cflags(src_dir: Path, *, max_sockets: int, ring_pages: int, buffer: str,
+                 filter_lport: bool, filter_dport: bool, family: int | None,
+                 no_wakeup: bool) -> list[str]:
+    """The -D switches of bpf/tcpstates.bpf.c for one run (its header lists them)."""
+    cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={int(max_sockets)}",
+              f"-DTCPSTATES_RINGBUF_PAGES={int(ring_pages)}", "-Wno-macro-redefined"]
+    if buffer == "perf":
+        cflags.append("-DTCPSTATES_PERF_BUFFER=1")
+    if filter_lport:
+        cflags.append("-DTCPSTATES_FILTER_LPORT=1")
+    if filter_dport:
+        cflags.append("-DTCPSTATES_FILTER_DPORT=1")
+    if family is not None:
+        cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
+    if no_wakeup:
+        cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
+    return cflags
+
+
 def _by_time(event: Event) -> int:
     return event.ts_ns
 
 
 class KernelProbe:
-    """The attached program (loaded by a helper process, see core/loader.py)
+    """The attached program (loaded by a helper process, see loader.py)
     and the readers of its buffers. No bcc in this process."""
 
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
@@ -152,19 +171,11 @@ class KernelProbe:
         self.max_block = batch_size * RING_RECORD_SIZE
         tree, self.header_source = choose_header_tree()
         src_dir = bpf_source_dir()
-        cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={max_sockets}",
-                  f"-DTCPSTATES_RINGBUF_PAGES={ring_pages}", "-Wno-macro-redefined"]
-        if buffer == "perf":
-            cflags.append("-DTCPSTATES_PERF_BUFFER=1")
-        if local_ports is not None:
-            cflags.append("-DTCPSTATES_FILTER_LPORT=1")
-        if remote_ports is not None:
-            cflags.append("-DTCPSTATES_FILTER_DPORT=1")
-        if family is not None:
-            cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
         self.poll_s = poll_s if timer_wakeup and buffer == "ring" else None
-        if self.poll_s is not None:
-            cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
+        cflags = build_cflags(src_dir, max_sockets=max_sockets, ring_pages=ring_pages, buffer=buffer,
+                              filter_lport=local_ports is not None,
+                              filter_dport=remote_ports is not None, family=family,
+                              no_wakeup=self.poll_s is not None)
         self.loaded = load(LoadRequest(
             cflags=cflags, src_file=str(src_dir / "tcpstates.bpf.c"),
             header_tree=str(tree) if tree is not None else None, perf_mode=buffer == "perf",
