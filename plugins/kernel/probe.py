@@ -12,11 +12,9 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
 
 from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
@@ -29,8 +27,6 @@ TRACEPOINT = ("sock", "inet_sock_set_state")
 # the tracepoint, which cannot be had otherwise on a modern machine).
 TRACEFS_CANDIDATES = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
     "/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-BCC_PACKAGES = ("Debian/Ubuntu: apt-get install python3-bpfcc; Fedora: dnf install python3-bcc; "
-                "Arch: pacman -S python-bcc")
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -60,43 +56,6 @@ def find_tracefs(mount: bool = True) -> Path | None:
 
 def tracepoint_exists(tracefs: Path) -> bool:
     return (tracefs / "events" / TRACEPOINT[0] / TRACEPOINT[1] / "format").is_file()
-
-
-def import_bcc() -> Any:
-    try:
-        import bcc
-    except ImportError as exc:
-        raise EnvironmentProblem(
-            f"bcc's Python module cannot be imported ({exc}); install it from your OS "
-            f"({BCC_PACKAGES}) and use a Python that sees it (a venv needs "
-            f"--system-site-packages). The PyPI package named 'bcc' is unrelated.") from None
-    if not hasattr(bcc, "BPF"):
-        raise EnvironmentProblem(
-            f"the 'bcc' module at {getattr(bcc, '__file__', '?')} is not BPF Compiler "
-            f"Collection (the unrelated PyPI package 'bcc'?); pip uninstall bcc and install "
-            f"the OS package ({BCC_PACKAGES})")
-    return bcc
-
-
-@contextlib.contextmanager
-def captured_output() -> Iterator[list[str]]:
-    """Capture fds 1 and 2 while bcc compiles: clang and libbcc print there
-    directly (libbcc's header warnings even go to stdout), and nothing may
-    reach stdout before the header."""
-    out: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        saved = [os.dup(1), os.dup(2)]
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            tmp.seek(0)
-            out.append(tmp.read().decode("utf-8", "replace"))
 
 
 def bpf_source_dir() -> Path:
