@@ -95,7 +95,7 @@ def test_a_third_party_sink_is_never_taken_for_a_structured_builtin(example_inst
         return [s.name for s in configure(args, {}, registry).chain]
     assert chain("--sink", "service_counts") == []
     assert chain("--sink", "service_counts", "--sink", "jsonl") == ["owner"]
-    assert chain("--sink", "service_counts", "--owner") == ["owner"]
+    assert chain("--sink", "service_counts", "--owner") == ["owner", "container"]   # WORKLOAD column
     assert chain("--sink", "jsonl", "--replay", "x.jsonl") == [], "a replay keeps its recorded owners"
 
 
