@@ -30,12 +30,26 @@ def test_the_import_contract_catches_each_kind_of_violation(tmp_path):
     # a plugin importing another plugin and a core internal
     (tmp_path / "plugins" / "jsonl" / "bad.py").write_text(
         "from tcpstates.plugins.forward import sink\nfrom tcpstates.pipeline import Pipeline\n")
-    # a cycle through function-local imports
+    # a cycle through function-local imports, one hidden behind a fake TYPE_CHECKING
     (tmp_path / "core" / "cyc_a.py").write_text("def f():\n    import tcpstates.cyc_b\n")
-    (tmp_path / "core" / "cyc_b.py").write_text("import tcpstates.cyc_a\n")
+    (tmp_path / "core" / "cyc_b.py").write_text("TYPE_CHECKING = True\nif TYPE_CHECKING:\n"
+                                                "    import tcpstates.cyc_a\n")
+    # imports by name, and through an attribute chain
+    (tmp_path / "core" / "byname.py").write_text(
+        "import importlib\nimport tcpstates\n"
+        "def f():\n    importlib.import_module('tcpstates.plugins.owner.enricher')\n"
+        "    __import__('tcpstates.plugins.container')\n")
+    (tmp_path / "plugins" / "summary" / "attr.py").write_text(
+        "import tcpstates\ndef f():\n    return tcpstates.registry.make_plugin_manager\n")
+    (tmp_path / "plugins" / "__init__.py").write_text(
+        (ROOT / "plugins" / "__init__.py").read_text() + "from tcpstates.pipeline import Pipeline\n")
     problems = "\n".join(check(tmp_path))
+    assert "core module tcpstates.byname imports plugin module tcpstates.plugins.owner.enricher" in problems
+    assert "core module tcpstates.byname imports plugin module tcpstates.plugins.container" in problems
+    assert "plugin tcpstates.plugins.summary imports tcpstates.registry" in problems
+    assert "the default-plugin list imports tcpstates.pipeline" in problems
     assert "core module tcpstates.badcore imports plugin module tcpstates.plugins.kernel.probe" in problems
     assert "plugin tcpstates.plugins.jsonl imports another plugin's tcpstates.plugins.forward.sink" in problems
     assert "plugin tcpstates.plugins.jsonl imports tcpstates.pipeline, which is not in the plugin API" in problems
     assert "import cycle: tcpstates.cyc_a -> tcpstates.cyc_b" in problems
-    assert len(check(tmp_path)) == 4, problems
+    assert len(check(tmp_path)) == 8, problems

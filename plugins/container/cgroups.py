@@ -139,11 +139,11 @@ class CgroupIdResolver:
             return None
         if self._open_by_handle is not None:
             got = self._by_handle(cgroup_id)
-            if got is not False:
-                if got is None:
-                    self.missing.put(cgroup_id, True)
-                else:
-                    self.paths.put(cgroup_id, got)
+            if got is None:
+                self.missing.put(cgroup_id, True)
+                return None
+            if isinstance(got, str):
+                self.paths.put(cgroup_id, got)
                 return got
             self._open_by_handle = None         # not supported here: walk from now on
         if cgroup_id <= self._max_seen:

@@ -221,8 +221,10 @@ class RuntimeMetadata:
         doc = read_json(os.path.join(self.roots.docker_root, "containers", cid, "config.v2.json"))
         if not isinstance(doc, dict):
             return {}
-        config = doc.get("Config") if isinstance(doc.get("Config"), dict) else {}
-        labels = config.get("Labels") if isinstance(config.get("Labels"), dict) else {}
+        raw_config = doc.get("Config")
+        config: dict[str, Any] = raw_config if isinstance(raw_config, dict) else {}
+        raw_labels = config.get("Labels")
+        labels: dict[str, Any] = raw_labels if isinstance(raw_labels, dict) else {}
         name = doc.get("Name")
         name = name[1:] if isinstance(name, str) and name.startswith("/") else name
         names = _names(container_name=name, container_image=config.get("Image"))

@@ -10,8 +10,13 @@ import-linter do not follow; so the rules are checked here, from the files:
 - a plugin package imports only the public modules listed in `plugin_api` and its
   own package (never another plugin, never the core's internals);
 - no import cycles, counting imports inside functions (a cycle hidden in a
-  function is still a cycle); imports under `if TYPE_CHECKING:` are type-only and
-  do not count for cycles.
+  function is still a cycle); imports under `if TYPE_CHECKING:` (typing's) are
+  type-only and do not count for cycles.
+
+Imports are found in `import`/`from` statements anywhere, in calls of
+`importlib.import_module("...")` and `__import__("...")` with a literal name,
+and in attribute chains such as `tcpstates.registry.make_plugin_manager` after
+`import tcpstates`. (Computed module names cannot be checked statically.)
 """
 
 from __future__ import annotations
@@ -42,15 +47,38 @@ def module_names(root: Path) -> dict[str, Path]:
     return out
 
 
-def _is_type_checking(node: ast.If) -> bool:
+def _typing_names(tree: ast.Module) -> set[str]:
+    """Names under which this module sees typing.TYPE_CHECKING (a local
+    `TYPE_CHECKING = True` is not it)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "typing":
+            names |= {a.asname or a.name for a in node.names if a.name == "TYPE_CHECKING"}
+    return names
+
+
+def _is_type_checking(node: ast.If, typing_names: set[str]) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id in typing_names) or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        and isinstance(test.value, ast.Name) and test.value.id == "typing")
+
+
+def _dotted(node: ast.AST) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> list[Import]:
     tree = ast.parse(path.read_text(), str(path))
     is_package = path.name == "__init__.py"
+    typing_names = _typing_names(tree)
     found: list[Import] = []
 
     def resolve(module: str) -> str | None:
@@ -63,7 +91,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> list[Import]:
 
     def visit(node: ast.AST, type_only: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
+            if isinstance(child, ast.If) and _is_type_checking(child, typing_names):
                 for sub in child.body:
                     visit_one(sub, True)
                 for sub in child.orelse:
@@ -88,6 +116,20 @@ def imports_of(name: str, path: Path, known: set[str]) -> list[Import]:
                 target = resolve(f"{base}.{alias.name}") or resolve(base)
                 if target:
                     found.append(Import(name, target, node.lineno, type_only))
+        elif isinstance(node, ast.Call):
+            func = _dotted(node.func) or ""
+            if (func.endswith("import_module") or func == "__import__") and node.args \
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                target = resolve(node.args[0].value)
+                if target:
+                    found.append(Import(name, target, node.lineno, type_only))
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            dotted = _dotted(node)
+            if dotted and dotted.startswith("tcpstates."):
+                target = resolve(dotted)
+                if target and target != "tcpstates":
+                    found.append(Import(name, target, node.lineno, type_only))
+                return   # its inner attributes are prefixes of the same chain
         visit(node, type_only)
 
     visit(tree, False)
@@ -111,7 +153,9 @@ def check(root: Path) -> list[str]:
     for imp in edges:
         where = f"{modules[imp.source].relative_to(root)}:{imp.line}"
         src_plugin, dst_plugin = plugin_package(imp.source), plugin_package(imp.target)
-        if src_plugin is None and imp.source != "tcpstates.plugins":
+        if imp.source == "tcpstates.plugins":   # the list of default plugins: imports nothing
+            problems.append(f"{where}: the default-plugin list imports {imp.target}")
+        elif src_plugin is None:
             if imp.target == "tcpstates.plugins":
                 if imp.source not in may_list:
                     problems.append(f"{where}: core module {imp.source} imports the plugin list")

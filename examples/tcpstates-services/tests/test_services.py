@@ -30,7 +30,7 @@ def test_slow_handshake_keeps_slow_and_failed_connects():
 
 def test_options_are_validated():
     import pytest
-    from tcpstates.errors import ConfigError
+    from tcpstates import ConfigError
     with pytest.raises(ConfigError, match=r"chain\[0\].*min_ms"):
         run_pipeline('[[chain]]\nuse = "slow_handshake"\nmin_ms = -1.0\n', [])
 
