@@ -178,3 +178,42 @@ def test_refused_connects(tracer, tmp_path):
     assert all(r["owner_pid"] == p.pid and r["owner_source"] == "syscall" for r in recs), recs[0]
     print(f"\nowner right {len(recs)}/{len(recs)}; bcc on-CPU C-PID right "
           f"{sum(r['pid'] == p.pid for r in recs)}/{len(recs)}")
+
+
+NAMED_CONNECT = r"""
+import socket, sys
+open("/proc/self/comm", "w").write(sys.argv[2])
+c = socket.socket()
+try:
+    c.connect(("127.0.0.1", int(sys.argv[1])))
+except ConnectionRefusedError:
+    pass
+"""
+
+
+def _named(port: int, name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", NAMED_CONNECT, str(port), name])
+
+
+def test_reused_pid_never_carries_the_old_process_name(tracer, tmp_path):
+    port = free_port()
+    t, out = trace(tracer, tmp_path)
+    old = _named(port, "oldproc")
+    assert old.wait(10) == 0
+    for _ in range(50):       # ask the kernel for the same PID again (root PID namespace)
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(old.pid - 1))
+        new = _named(port, "newproc")
+        assert new.wait(10) == 0
+        if new.pid == old.pid:
+            break
+    else:
+        pytest.fail("could not get the PID reused (other processes kept taking it)")
+    recs = records(t, out, port)
+    by_name = {}
+    for r in recs:
+        assert r["owner_pid"] == old.pid
+        by_name.setdefault(r["owner_comm"], set()).add(r["owner_start"])
+    # the last connection is the new process's: its own name and start time
+    assert recs[-1]["owner_comm"] == "newproc" and recs[0]["owner_comm"] == "oldproc"
+    assert by_name["oldproc"].isdisjoint(by_name["newproc"])
