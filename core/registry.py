@@ -21,7 +21,7 @@ import pluggy
 
 import tcpstates
 from tcpstates import hookspecs
-from tcpstates.api import Enricher, Filter, Sink, Source, Warner
+from tcpstates.api import Enricher, Filter, Sink, Source, Stage, Warner
 from tcpstates.errors import UsageError
 from tcpstates.security import check_plugin_file
 
@@ -33,7 +33,7 @@ ENTRY_POINT_GROUP = "tcpstates"
 class StageInfo:
     name: str
     kind: str
-    cls: type
+    cls: type[Stage]
     plugin: str          # pluggy plugin name that registered it
     distribution: str
     version: str
@@ -98,7 +98,7 @@ class Registry:
                     f"{kind} {name!r} is provided by both {prior.distribution} "
                     f"{prior.version} and {dist} {version}; uninstall one, or disable "
                     f"one with [plugins] disable = [\"<distribution>\"]")
-            self.stages[(kind, name)] = StageInfo(name, kind, cls, plugin, dist, version)
+            self.stages[(kind, name)] = StageInfo(name, kind, cls, plugin, dist, version)   # type: ignore[arg-type]
 
         self.call(hook_name, register=register)
 

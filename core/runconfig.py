@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Sequence
 
-from tcpstates.api import FILTER_POLICIES, SINK_POLICIES, Source
+from tcpstates.api import FILTER_POLICIES, SINK_POLICIES, Source, Stage
 from tcpstates.errors import ConfigError, UsageError
 from tcpstates.options import build_options
 
@@ -55,7 +55,7 @@ class StageSpec:
     table: dict[str, Any] = dataclasses.field(default_factory=dict)   # as written, minus type/on_error
 
     @property
-    def cls(self) -> type:
+    def cls(self) -> type[Stage]:
         return self.info.cls
 
 
@@ -204,7 +204,8 @@ class RunConfig:
 
     def source_is_live(self) -> bool:
         """Tracing this machine now (not replaying or feeding preset events)."""
-        return issubclass(self.source.cls, Source) and self.source.cls.needs_kernel
+        cls = self.source.cls
+        return issubclass(cls, Source) and cls.needs_kernel
 
     # -- what plugins may change -------------------------------------------------------
     def set_sinks(self, names: Sequence[str], *, where: str) -> None:
