@@ -38,6 +38,9 @@
 #define TCPSTATES_AF_INET 2
 #define TCPSTATES_TCP_CLOSE 7
 
+/* the owner map and probes (-DTCPSTATES_OWNER); otherwise zeroes owner fields */
+#include "owner.bpf.h"
+
 /* ns timestamp of each live socket's last transition. LRU, so a full map
  * evicts the oldest socket instead of silently refusing new ones. */
 BPF_TABLE("lru_hash", u64, u64, last_change, TCPSTATES_MAX_SOCKETS);
@@ -105,6 +108,7 @@ static __always_inline void count_drop(void)
         bpf_probe_read_kernel((e)->daddr, 16, (args)->daddr_v6);         \
     }                                                                    \
     bpf_get_current_comm((e)->comm, sizeof((e)->comm));                  \
+    TCPSTATES_OWNER_FILL(e, args, sk);                                   \
 } while (0)
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)

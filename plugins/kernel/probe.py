@@ -105,7 +105,7 @@ class KernelProbe:
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
-                 poll_s: float = 0.05) -> None:
+                 poll_s: float = 0.05, extra_cflags: list[str] | None = None) -> None:
         from tcpstates.plugins.kernel.bpfsys import PerCpuCounter
         from tcpstates.plugins.kernel.loader import LoadRequest, load
 
@@ -135,6 +135,7 @@ class KernelProbe:
                               filter_lport=local_ports is not None,
                               filter_dport=remote_ports is not None, family=family,
                               no_wakeup=self.poll_s is not None)
+        cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         self.loaded = load(LoadRequest(
             cflags=cflags, src_file=str(src_dir / "tcpstates.bpf.c"),
             header_tree=str(tree) if tree is not None else None, perf_mode=buffer == "perf",
