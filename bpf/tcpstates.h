@@ -1,8 +1,11 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* tcpstates.h - the records the kernel stage shares with user space.
  *
- * The event layout is mirrored by EVENT_STRUCT in plugins/kernel/decoder.py;
- * the per-CPU state by CPU_STATE in plugins/kernel/cpustate.py. Keep them in
- * step (tests check the sizes). Natural alignment, no padding holes.
+ * The event layout is mirrored by EVENT_STRUCT in plugins/kernel/decoder.py
+ * (tests/test_kernel_units.py compiles this header with the C compiler and
+ * compares every field's offset and size with the decoder's); the per-CPU
+ * state by CPU_STATE in plugins/kernel/cpustate.py. Natural alignment, no
+ * padding holes: the event is 136 bytes, the per-CPU state 64.
  */
 #ifndef TCPSTATES_H
 #define TCPSTATES_H

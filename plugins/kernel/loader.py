@@ -96,7 +96,7 @@ def inline_local_includes(src_file: str) -> str:
 
 
 def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
-    from tcpstates.plugins.kernel.probe import captured_output, import_bcc
+    from tcpstates.plugins.kernel.bccimport import captured_output, import_bcc
 
     bcc = import_bcc()
     if req.header_tree:

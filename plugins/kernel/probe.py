@@ -1,8 +1,8 @@
-"""The kernel stage: compile and attach bpf/tcpstates.bpf.c with bcc, read its records.
+"""The kernel probe: attach bpf/tcpstates.bpf.c (through the loader's helper
+process) and read its records in batches from the ring and spill buffers.
 
-Everything that touches bcc lives here, so the rest of tcpstates (replay,
-formatting, plugins) works without root or bcc. Failures become
-EnvironmentProblem with the one thing to do next.
+bcc itself runs only in the helper (loader.py); this module needs no bcc.
+Failures become EnvironmentProblem with the one thing to do next.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
@@ -29,8 +28,6 @@ TRACEPOINT = ("sock", "inet_sock_set_state")
 # the tracepoint, which cannot be had otherwise on a modern machine).
 TRACEFS_CANDIDATES = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
     "/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-BCC_PACKAGES = ("Debian/Ubuntu: apt-get install python3-bpfcc; Fedora: dnf install python3-bcc; "
-                "Arch: pacman -S python-bcc")
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -62,43 +59,6 @@ def tracepoint_exists(tracefs: Path) -> bool:
     return (tracefs / "events" / TRACEPOINT[0] / TRACEPOINT[1] / "format").is_file()
 
 
-def import_bcc() -> Any:
-    try:
-        import bcc
-    except ImportError as exc:
-        raise EnvironmentProblem(
-            f"bcc's Python module cannot be imported ({exc}); install it from your OS "
-            f"({BCC_PACKAGES}) and use a Python that sees it (a venv needs "
-            f"--system-site-packages). The PyPI package named 'bcc' is unrelated.") from None
-    if not hasattr(bcc, "BPF"):
-        raise EnvironmentProblem(
-            f"the 'bcc' module at {getattr(bcc, '__file__', '?')} is not BPF Compiler "
-            f"Collection (the unrelated PyPI package 'bcc'?); pip uninstall bcc and install "
-            f"the OS package ({BCC_PACKAGES})")
-    return bcc
-
-
-@contextlib.contextmanager
-def captured_output() -> Iterator[list[str]]:
-    """Capture fds 1 and 2 while bcc compiles: clang and libbcc print there
-    directly (libbcc's header warnings even go to stdout), and nothing may
-    reach stdout before the header."""
-    out: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        saved = [os.dup(1), os.dup(2)]
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            tmp.seek(0)
-            out.append(tmp.read().decode("utf-8", "replace"))
-
-
 def bpf_source_dir() -> Path:
     return Path(str(resources.files("tcpstates.bpf")))
 
@@ -114,6 +74,32 @@ def recursion_misses(prog_fd: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def build_cflags(src_dir: Path, *, max_sockets: int, ring_pages: int, buffer: str,
+                 filter_lport: bool, filter_dport: bool, family: int | None,
+                 no_wakeup: bool, ncpus: int | None = None, filter_transition: bool = False,
+                 min_span_ns: int | None = None) -> list[str]:
+    """The -D switches of bpf/tcpstates.bpf.c for one run (its header lists them)."""
+    cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={int(max_sockets)}",
+              f"-DTCPSTATES_RINGBUF_PAGES={int(ring_pages)}", "-Wno-macro-redefined"]
+    if ncpus is not None:
+        cflags.append(f"-DTCPSTATES_NCPUS={int(ncpus)}")
+    if filter_transition:
+        cflags.append("-DTCPSTATES_FILTER_TRANSITION=1")
+    if min_span_ns:
+        cflags.append(f"-DTCPSTATES_MIN_SPAN_NS={int(min_span_ns)}ULL")
+    if buffer == "perf":
+        cflags.append("-DTCPSTATES_PERF_BUFFER=1")
+    if filter_lport:
+        cflags.append("-DTCPSTATES_FILTER_LPORT=1")
+    if filter_dport:
+        cflags.append("-DTCPSTATES_FILTER_DPORT=1")
+    if family is not None:
+        cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
+    if no_wakeup:
+        cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
+    return cflags
 
 
 def _by_time(event: Event) -> int:
@@ -171,28 +157,16 @@ class KernelProbe:
         tree, self.header_source = choose_header_tree()
         src_dir = bpf_source_dir()
         ncpus = possible_cpus()
-        cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={max_sockets}",
-                  f"-DTCPSTATES_RINGBUF_PAGES={ring_pages}", f"-DTCPSTATES_NCPUS={ncpus}",
-                  "-Wno-macro-redefined"]
-        if buffer == "perf":
-            cflags.append("-DTCPSTATES_PERF_BUFFER=1")
-        if local_ports is not None:
-            cflags.append("-DTCPSTATES_FILTER_LPORT=1")
-        if remote_ports is not None:
-            cflags.append("-DTCPSTATES_FILTER_DPORT=1")
-        if family is not None:
-            cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
+        self.poll_s = poll_s if timer_wakeup else None
+        cflags = build_cflags(src_dir, max_sockets=max_sockets, ring_pages=ring_pages, buffer=buffer,
+                              filter_lport=local_ports is not None,
+                              filter_dport=remote_ports is not None, family=family,
+                              no_wakeup=self.poll_s is not None and buffer == "ring", ncpus=ncpus,
+                              filter_transition=transitions is not None, min_span_ns=min_span_ns)
         cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
-        if transitions is not None:
-            cflags.append("-DTCPSTATES_FILTER_TRANSITION=1")
-        if min_span_ns:
-            cflags.append(f"-DTCPSTATES_MIN_SPAN_NS={int(min_span_ns)}ULL")
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
         if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
             cflags.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
-        self.poll_s = poll_s if timer_wakeup else None
-        if self.poll_s is not None and buffer == "ring":
-            cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
         # A perf buffer wake-up is an irq_work: a self-interrupt raised inside
         # the program, on whose exit pending softirqs (the loopback's packets)
         # run — and their tracepoint hits find the program busy (counted
