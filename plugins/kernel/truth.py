@@ -91,7 +91,10 @@ class TruthCounter:
             (event / "filter").write_text("protocol == 6")
             (event / "enable").write_text("1")
             (self.dir / "tracing_on").write_text("1")
-            self._stats = sorted((self.dir / "per_cpu").glob("cpu*/stats"))
+            # opened now, read with pread later: still readable after the
+            # tracer drops root (--user), and no path is looked up again
+            self._stats = [os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                           for path in sorted((self.dir / "per_cpu").glob("cpu*/stats"))]
             self._event = event
         except BaseException:
             self.close()
@@ -100,9 +103,9 @@ class TruthCounter:
     def read(self) -> tuple[int, int]:
         """(events recorded, events ftrace itself lost)."""
         total = lost = 0
-        for path in self._stats:
-            with open(path, "rb") as f:
-                for line in f.read().decode().splitlines():
+        for fd in self._stats:
+            if True:
+                for line in os.pread(fd, 4096, 0).decode().splitlines():
                     key, _, value = line.partition(":")
                     value = value.strip()
                     if not value.isdigit():
@@ -114,6 +117,34 @@ class TruthCounter:
         return total, lost
 
     def close(self) -> None:
+        """Stop recording at once; remove the instance in a detached child.
+
+        Disabling the event and removing the instance wait for RCU grace
+        periods (the tracepoint's probe list changes), which can take seconds
+        on a busy host; the tracer's exit must not wait for that."""
+        for fd in getattr(self, "_stats", []):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._stats = []
+        with contextlib.suppress(OSError):
+            (self.dir / "tracing_on").write_text("0")
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = 0
+            self._remove()
+            return
+        if pid == 0:
+            try:
+                os.setsid()
+                if os.fork() == 0:   # the grandchild, re-parented: nobody waits for it
+                    self._remove()
+            finally:
+                os._exit(0)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)      # the first child exits at once
+
+    def _remove(self) -> None:
         with contextlib.suppress(OSError, AttributeError):
             (self._event / "enable").write_text("0")
         with contextlib.suppress(OSError):
