@@ -51,6 +51,7 @@
 #ifndef TCPSTATES_OWNER
 
 #define TCPSTATES_OWNER_FILL(e, args, sk) TCPSTATES_OWNER_ZERO(e)
+#define TCPSTATES_OWNER_TRACK(args, sk) do { } while (0)
 
 #else /* TCPSTATES_OWNER */
 
@@ -111,13 +112,19 @@ static __always_inline int owner_is_syscall_transition(int old, int new)
         || (old == 10 && new == 7);      /* LISTEN->CLOSE: close */
 }
 
-/* Fill the owner fields of record e for socket sk at transition old->new. */
-static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int old, int new)
+/* Learn the owner from transition old->new of socket sk (no record). */
+static __always_inline void owner_track(u64 sk, int old, int new)
 {
     if (owner_is_syscall_transition(old, new) && (bpf_get_current_pid_tgid() >> 32) != 0)
         owner_set_current(sk, TCPSTATES_OWNER_SYSCALL);
     else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */
         sk_owner.delete(&sk);            /* (a stale entry of a freed socket at this address) */
+}
+
+/* Fill the owner fields of record e for socket sk at transition old->new. */
+static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int old, int new)
+{
+    owner_track(sk, old, new);
     struct tcpstates_owner *o = sk_owner.lookup(&sk);
     if (o) {
         e->owner_start_ns = o->start_ns;
@@ -133,6 +140,8 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
 }
 
 #define TCPSTATES_OWNER_FILL(e, args, sk) owner_fill((e), (sk), (args)->oldstate, (args)->newstate)
+/* connection-record mode: transitions that make no record still teach the owner */
+#define TCPSTATES_OWNER_TRACK(args, sk) owner_track((sk), (args)->oldstate, (args)->newstate)
 
 #ifdef TCPSTATES_OWNER_IO
 /* Runs in the sending/receiving process for every send/recv on any socket:

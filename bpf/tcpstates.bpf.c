@@ -22,6 +22,10 @@
  *   TCPSTATES_NCPUS           entries of cpu_state (possible CPUs)
  *   TCPSTATES_WAKEUP_FLAGS    ring submit flags: 0 adaptive wake-ups, 1
  *                             (BPF_RB_NO_WAKEUP) when the reader polls on a timer
+ *   TCPSTATES_CONNECTIONS     connection records: accumulate per socket (conns
+ *                             map) and emit one struct tcpstates_conn_event when
+ *                             it closes, nothing per state change (the
+ *                             transition and duration filters are not used)
  * The port sets themselves live in maps filled from Python after load, so the
  * C text never changes with the user's ports.
  */
@@ -43,6 +47,9 @@
 #define TCPSTATES_IPPROTO_TCP 6
 #define TCPSTATES_AF_INET 2
 #define TCPSTATES_TCP_CLOSE 7
+#define TCPSTATES_TCP_SYN_SENT 2
+#define TCPSTATES_TCP_SYN_RECV 3
+#define TCPSTATES_TCP_LISTEN 10
 
 /* the owner map and probes (-DTCPSTATES_OWNER); otherwise zeroes owner fields */
 #include "owner.bpf.h"
@@ -54,6 +61,28 @@ BPF_TABLE("lru_hash", u64, u64, last_change, TCPSTATES_MAX_SOCKETS);
 /* Per-CPU counters and the in-flight marker (struct tcpstates_cpu), indexed
  * by CPU number; BPF_F_MMAPABLE (1 << 10) so user space reads it from memory. */
 BPF_F_TABLE("array", u32, struct tcpstates_cpu, cpu_state, TCPSTATES_NCPUS, (1U << 10));
+
+#ifdef TCPSTATES_CONNECTIONS
+/* What a live connection has accumulated so far (connection-record mode). */
+struct tcpstates_conn {
+    u64 start_ns;
+    u64 last_ns;
+    u64 cgroup_id;
+    u32 pid;
+    u32 tid;
+    char comm[16];
+    u64 state_ns[TCPSTATES_NSTATES];
+    u8 first_state;
+    u8 complete;
+    u8 pad[6];
+};
+/* LRU for the same reason as last_change; sized by the same switch */
+BPF_TABLE("lru_hash", u64, struct tcpstates_conn, conns, TCPSTATES_MAX_SOCKETS);
+/* staging of a new entry (too big for the stack next to the record); the
+ * program never runs nested on one CPU (the kernel skips and counts such
+ * runs), so one slot per CPU cannot be overwritten under us */
+BPF_PERCPU_ARRAY(conn_scratch, struct tcpstates_conn, 1);
+#endif
 
 #ifdef TCPSTATES_FILTER_LPORT
 BPF_ARRAY(lport_allowed, u8, 65536);
@@ -110,6 +139,20 @@ static __always_inline int port_allowed(void *map_lookup_result)
     TCPSTATES_OWNER_FILL(e, args, sk);                                   \
 } while (0)
 
+/* A connection record from the socket's accumulated entry cn. */
+#define FILL_CONN(r, args, ts, sk, span, cn) do {                        \
+    FILL_EVENT(&(r)->ev, args, ts, sk, span);                            \
+    (r)->ev.pid = (cn)->pid;                                             \
+    (r)->ev.tid = (cn)->tid;                                             \
+    (r)->ev.cgroup_id = (cn)->cgroup_id;                                 \
+    __builtin_memcpy((r)->ev.comm, (cn)->comm, sizeof((r)->ev.comm));    \
+    (r)->start_ns = (cn)->start_ns;                                      \
+    __builtin_memcpy((r)->state_ns, (cn)->state_ns, sizeof((r)->state_ns)); \
+    (r)->first_state = (cn)->first_state;                                \
+    (r)->complete = (cn)->complete;                                      \
+    __builtin_memset((r)->pad, 0, sizeof((r)->pad));                     \
+} while (0)
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != TCPSTATES_IPPROTO_TCP)
@@ -133,8 +176,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     u64 sk = (u64)args->skaddr;
     u64 ts, span = TCPSTATES_SPAN_UNKNOWN;
     u64 *prev;
+#ifndef TCPSTATES_CONNECTIONS
     struct tcpstates_event *e = NULL;
     struct tcpstates_event local;
+#endif
 #ifdef TCPSTATES_FILTER_LPORT
     u32 lport = args->sport;
 #endif
@@ -160,6 +205,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         goto filtered;
 #endif
 
+#ifdef TCPSTATES_CONNECTIONS
+    goto connection;
+#else
 #ifndef TCPSTATES_PERF_BUFFER
     e = events.ringbuf_reserve(sizeof(*e));
 #endif
@@ -221,6 +269,75 @@ update:
     else
         last_change.update(&sk, &ts);
     goto out;
+#endif /* !TCPSTATES_CONNECTIONS */
+
+#ifdef TCPSTATES_CONNECTIONS
+connection: {
+    u32 old = args->oldstate, new = args->newstate;
+    if (new == TCPSTATES_TCP_LISTEN || (old == TCPSTATES_TCP_LISTEN && new == TCPSTATES_TCP_CLOSE)) {
+        TCPSTATES_OWNER_TRACK(args, sk);
+        goto filtered;        /* a listener is not a connection */
+    }
+    ts = bpf_ktime_get_ns();
+    /* a new connection at this address starts afresh, whatever is left there */
+    int fresh = (old == TCPSTATES_TCP_CLOSE && new == TCPSTATES_TCP_SYN_SENT)
+             || (old == TCPSTATES_TCP_LISTEN && new == TCPSTATES_TCP_SYN_RECV);
+    struct tcpstates_conn *cn = fresh ? NULL : conns.lookup(&sk);
+    if (cn) {
+        span = ts - cn->last_ns;
+        cn->state_ns[old & (TCPSTATES_NSTATES - 1)] += span;
+        cn->last_ns = ts;
+    } else {
+        u32 zero = 0;
+        cn = conn_scratch.lookup(&zero);
+        if (!cn) {
+            c->drops++;
+            goto out;
+        }
+        __builtin_memset(cn, 0, sizeof(*cn));
+        u64 pid_tgid = bpf_get_current_pid_tgid();
+        cn->start_ns = ts;
+        cn->last_ns = ts;
+        cn->cgroup_id = bpf_get_current_cgroup_id();
+        cn->pid = pid_tgid >> 32;
+        cn->tid = (u32)pid_tgid;
+        bpf_get_current_comm(cn->comm, sizeof(cn->comm));
+        cn->first_state = old;
+        cn->complete = fresh;
+        if (new != TCPSTATES_TCP_CLOSE)
+            conns.update(&sk, cn);
+    }
+    if (new != TCPSTATES_TCP_CLOSE) {
+        TCPSTATES_OWNER_TRACK(args, sk);
+        goto out;             /* folded into the entry: nothing to hand over */
+    }
+    struct tcpstates_conn_event *r = NULL;
+#ifndef TCPSTATES_PERF_BUFFER
+    r = events.ringbuf_reserve(sizeof(*r));
+    if (r) {
+        FILL_CONN(r, args, ts, sk, span, cn);
+        events.ringbuf_submit(r, TCPSTATES_WAKEUP_FLAGS);
+        c->ringed++;
+    } else {
+        struct tcpstates_conn_event local_conn;
+        FILL_CONN(&local_conn, args, ts, sk, span, cn);
+        if (spill.perf_submit(args, &local_conn, sizeof(local_conn)) == 0)
+            c->spilled++;
+        else
+            c->drops++;
+    }
+#else
+    struct tcpstates_conn_event local_conn;
+    FILL_CONN(&local_conn, args, ts, sk, span, cn);
+    if (events.perf_submit(args, &local_conn, sizeof(local_conn)) == 0)
+        c->ringed++;
+    else
+        c->drops++;
+#endif
+    conns.delete(&sk);
+    goto out;
+}
+#endif /* TCPSTATES_CONNECTIONS */
 
 filtered:
     c->filtered++;

@@ -36,6 +36,23 @@ struct tcpstates_event {
     char owner_comm[16];  /* owner's thread-group leader name */
 };
 
+/* Connection-record mode (-DTCPSTATES_CONNECTIONS): one record per socket
+ * when it closes, instead of one per state change. Mirrored by CONN_STRUCT in
+ * plugins/kernel/decoder.py. 280 bytes. */
+#define TCPSTATES_NSTATES 16      /* state_ns is indexed by state number & 15 */
+
+struct tcpstates_conn_event {
+    struct tcpstates_event ev;    /* the ->CLOSE transition; span_ns is the time in
+                                     its old state; pid/tid/comm/cgroup_id are
+                                     the on-CPU task at the socket's first sight */
+    u64 start_ns;                 /* bpf_ktime_get_ns() at the first transition seen */
+    u64 state_ns[TCPSTATES_NSTATES];  /* ns spent in each state, by state number */
+    u8 first_state;               /* old state of the first transition seen */
+    u8 complete;                  /* 1: seen from connect()/the SYN (CLOSE->SYN_SENT,
+                                     LISTEN->SYN_RECV); 0: it began before tracing */
+    u8 pad[6];
+};
+
 /* One per CPU, in a memory-mappable array: user space reads it without a
  * bpf() syscall (a map syscall blocks tracepoint programs on that CPU for
  * its duration, which the kernel counts as misses). 64 bytes: one cache line.

@@ -77,6 +77,10 @@ class RunContext:
     clock_offset_ns: int = 0
     strict: bool = False
     warner: Warner = dataclasses.field(default_factory=Warner)
+    # what the source's Events are: "state_change" (one per transition) or
+    # "connection" (one per closed connection, events.CONNECTION in extra);
+    # set by the source when it is built, read by sinks when they open
+    records: str = "state_change"
 
     @staticmethod
     def measure_clock_offset() -> int:

@@ -73,6 +73,46 @@ class Event:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Connection records (the kernel source's `mode = "connections"`): one Event per
+# closed connection, its ->CLOSE transition, with a Connection in
+# extra[CONNECTION]. pid/tid/comm/cgroup_id are then the on-CPU task at the
+# socket's first sight, span_ns the time in the last state before CLOSE.
+CONNECTION = "connection"
+ENDINGS = ("normal", "refused", "reset")
+
+
+def connection_ending(last_state: int) -> str:
+    """How a connection that went last_state -> CLOSE ended: `refused` (a
+    connect that got a RST or timed out: SYN_SENT), `reset` (closed from
+    SYN_RECV, ESTABLISHED or CLOSE_WAIT: no FIN exchange, an abort or RST),
+    else `normal` (through the FIN states)."""
+    if last_state == TcpState.SYN_SENT:
+        return "refused"
+    if last_state in (TcpState.ESTABLISHED, TcpState.SYN_RECV, TcpState.CLOSE_WAIT):
+        return "reset"
+    return "normal"
+
+
+@dataclass(slots=True)
+class Connection:
+    """What a connection record adds to its closing Event (extra[CONNECTION])."""
+
+    start_ns: int                # CLOCK_MONOTONIC ns of the first transition seen
+    end_ns: int                  # of the ->CLOSE transition (the Event's ts_ns)
+    state_ns: dict[int, int]     # ns spent in each state it passed through
+    first_state: int             # old state of the first transition seen
+    last_state: int              # the state it left for CLOSE
+    complete: bool               # seen from its start (connect, or the SYN)
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    @property
+    def ending(self) -> str:
+        return connection_ending(self.last_state)
+
+
 def sanitize_text(raw: str) -> str:
     """Make an attacker-chosen string (a comm) safe for line-oriented output.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tcpstates.events import AF_INET, AF_INET6, STATE_NAMES, STATE_NUMBERS, Event
+from tcpstates.events import AF_INET, AF_INET6, CONNECTION, STATE_NAMES, STATE_NUMBERS, Connection, Event
 
 SCHEMA_VERSION = 1
 FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
@@ -35,6 +35,11 @@ class Rfc3339:
 
 
 def event_record(e: Event, seq: int, wall_ns: int, host: str, rfc3339: Rfc3339) -> dict[str, Any]:
+    extra = e.extra
+    if extra:
+        conn = extra.get(CONNECTION)
+        if conn is not None:
+            return connection_record(e, conn, seq, wall_ns, host, rfc3339)
     rec: dict[str, Any] = {
         "type": "state_change",
         "v": SCHEMA_VERSION,
@@ -57,12 +62,54 @@ def event_record(e: Event, seq: int, wall_ns: int, host: str, rfc3339: Rfc3339) 
         "comm": e.comm,
         "cgroup_id": e.cgroup_id,
     }
-    extra = e.extra
     if extra:
         if _CORE.isdisjoint(extra):
             rec.update(extra)
         else:   # enrichers never overwrite core fields
             rec.update((k, v) for k, v in extra.items() if k not in _CORE)
+    return rec
+
+
+CONNECTION_FIELDS = ("type", "v", "seq", "time", "time_ns", "mono_ns", "start_time", "start_time_ns",
+                     "start_mono_ns", "duration_us", "complete", "ending", "first_state", "last_state",
+                     "states_us", "host", "skaddr", "family", "laddr", "lport", "raddr", "rport",
+                     "pid", "tid", "comm", "cgroup_id")
+
+
+def connection_record(e: Event, c: Connection, seq: int, wall_ns: int, host: str,
+                      rfc3339: Rfc3339) -> dict[str, Any]:
+    """A connection record (`"type": "connection"`): the time is the close;
+    pid/tid/comm/cgroup_id are the on-CPU task at the socket's first sight."""
+    start_wall = wall_ns - c.duration_ns
+    rec: dict[str, Any] = {
+        "type": "connection",
+        "v": SCHEMA_VERSION,
+        "seq": seq,
+        "time": rfc3339(wall_ns),
+        "time_ns": wall_ns,
+        "mono_ns": e.ts_ns,
+        "start_time": rfc3339(start_wall),
+        "start_time_ns": start_wall,
+        "start_mono_ns": c.start_ns,
+        "duration_us": c.duration_ns // 1000,
+        "complete": c.complete,
+        "ending": c.ending,
+        "first_state": STATE_NAMES.get(c.first_state) or str(c.first_state),
+        "last_state": STATE_NAMES.get(c.last_state) or str(c.last_state),
+        "states_us": {STATE_NAMES.get(s) or str(s): ns // 1000 for s, ns in sorted(c.state_ns.items())},
+        "host": host,
+        "skaddr": "%x" % e.skaddr,
+        "family": FAMILY_NAMES.get(e.family, str(e.family)),
+        "laddr": e.saddr,
+        "lport": e.sport,
+        "raddr": e.daddr,
+        "rport": e.dport,
+        "pid": e.pid,
+        "tid": e.tid,
+        "comm": e.comm,
+        "cgroup_id": e.cgroup_id,
+    }
+    rec.update((k, v) for k, v in e.extra.items() if k not in _CONNECTION_CORE and k != CONNECTION)
     return rec
 
 
@@ -73,6 +120,7 @@ def loss_record(kind: str, count: int, total: int, seq: int, wall_ns: int, host:
 
 
 _CORE = frozenset(CORE_FIELDS)
+_CONNECTION_CORE = frozenset(CONNECTION_FIELDS)
 
 
 class RecordError(ValueError):

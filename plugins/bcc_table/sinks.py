@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from tcpstates.api import RunContext, Sink
+from tcpstates.plugins.bcc_table.connections import ConnectionFormatter
 from tcpstates.plugins.bcc_table.format import BccFormatter
 from tcpstates.events import Event
 from tcpstates.options import option
@@ -41,7 +42,9 @@ class _BccSink(Sink):
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
         self.output = LineOutput(options.path)
-        self.formatter = BccFormatter(csv=self.csv, wide=getattr(options, "wide", False),
+        # connection records (a source in connection mode) have their own table
+        cls = ConnectionFormatter if context.records == "connection" else BccFormatter
+        self.formatter = cls(csv=self.csv, wide=getattr(options, "wide", False),
                                       time_col=options.time, timestamp_col=options.timestamp,
                                       wall_ns=context.wall_ns, owner=options.owner)
 

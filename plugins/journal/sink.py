@@ -23,13 +23,14 @@ from typing import Any
 
 from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
-from tcpstates.events import AF_INET, STATE_NAMES, Event
+from tcpstates.events import AF_INET, CONNECTION, STATE_NAMES, Connection, Event
 from tcpstates.options import option
 from tcpstates.records import Rfc3339
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 MESSAGE_ID_STATE_CHANGE = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f50"
 MESSAGE_ID_LOST = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f51"
+MESSAGE_ID_CONNECTION = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f52"
 PRIORITY_NORMAL = 5
 PRIORITY_WARNING = 4
 SYN_SENT, CLOSE = 2, 7
@@ -85,7 +86,44 @@ class JournalSink(Sink):
     def open(self) -> None:
         self._check_socket()
 
+    def _connection_fields(self, e: Event, c: Connection) -> list[str]:
+        """A connection record: TCP_* fields of the connection, no OBJECT_* (bcc has none)."""
+        wall = e.ts_ns + self.context.clock_offset_ns
+        states = " ".join(f"{STATE_NAMES.get(s, s)}={ns // 1000}us" for s, ns in sorted(c.state_ns.items()))
+        f = [
+            f"MESSAGE={e.comm} {e.saddr} {e.sport} → {e.daddr} {e.dport} connection {c.ending}, "
+            f"{c.duration_ns // 1000}us: {states or '-'}",
+            f"MESSAGE_ID={MESSAGE_ID_CONNECTION}",
+            f"PRIORITY={PRIORITY_NORMAL if c.ending == 'normal' else PRIORITY_WARNING}",
+            f"SYSLOG_IDENTIFIER={self.options.identifier}",
+            f"TCP_EVENT_TIME={self.rfc3339(wall)}",
+            f"TCP_EVENT_TIME_USEC={wall // 1000}",
+            f"TCP_START_TIME_USEC={(wall - c.duration_ns) // 1000}",
+            f"TCP_DURATION_US={c.duration_ns // 1000}",
+            f"TCP_ENDING={c.ending}",
+            f"TCP_COMPLETE={int(c.complete)}",
+            f"TCP_FIRST_STATE={STATE_NAMES.get(c.first_state, c.first_state)}",
+            f"TCP_LAST_STATE={STATE_NAMES.get(c.last_state, c.last_state)}",
+            f"TCP_SKADDR={e.skaddr:x}",
+            f"TCP_FAMILY={'ipv4' if e.family == AF_INET else 'ipv6'}",
+            f"TCP_LOCAL_ADDRESS={e.saddr}",
+            f"TCP_LOCAL_PORT={e.sport}",
+            f"TCP_REMOTE_ADDRESS={e.daddr}",
+            f"TCP_REMOTE_PORT={e.dport}",
+            f"TCP_CPU_PID={e.pid}",
+            f"TCP_CPU_TID={e.tid}",
+            f"TCP_CPU_COMM={e.comm}",
+            f"TCP_CGROUP_ID={e.cgroup_id}",
+        ]
+        f += [f"TCP_{STATE_NAMES.get(s, str(s))}_US={ns // 1000}" for s, ns in sorted(c.state_ns.items())]
+        return f
+
     def _fields(self, e: Event) -> list[str]:
+        conn = e.extra.get(CONNECTION) if e.extra else None
+        if conn is not None:
+            f = self._connection_fields(e, conn)
+            self._extra_fields(e, f)
+            return f
         old = STATE_NAMES.get(e.oldstate) or str(e.oldstate)
         new = STATE_NAMES.get(e.newstate) or str(e.newstate)
         v = "IPV4" if e.family == AF_INET else "IPV6"
@@ -126,7 +164,13 @@ class JournalSink(Sink):
             ]
             if not self._root:   # as bcc: journald fills OBJECT_COMM itself for root senders
                 f.append(f"OBJECT_COMM={e.comm}")
+        self._extra_fields(e, f)
+        return f
+
+    def _extra_fields(self, e: Event, f: list[str]) -> None:
         for key, value in e.extra.items():
+            if key == CONNECTION:
+                continue
             name = journal_field_name(key)
             if name is None:
                 self.context.warn(f"sink journal: field {key!r} cannot be a journal field name "
@@ -135,7 +179,6 @@ class JournalSink(Sink):
                 continue
             if value is not None:
                 f.append(f"{name}={value}")
-        return f
 
     def write(self, batch: list[Event]) -> None:
         if not self._check_socket():

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from tcpstates import hookimpl
+from tcpstates.errors import UsageError
 from tcpstates.plugins.kernel import doctor
 from tcpstates.plugins.kernel.source import KernelSource
 from tcpstates.runconfig import RunConfig
@@ -30,6 +31,10 @@ def tcpstates_register_sources(register: Any) -> None:
 @hookimpl
 def tcpstates_add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--connections", action="store_true",
+                        help="one record per connection when it closes (endpoints, owner, time in "
+                        "every state, how it ended), accumulated in the kernel; no per-state-change "
+                        "records ([sources.kernel] mode = \"connections\")")
 
 
 @hookimpl(tryfirst=True)
@@ -40,6 +45,11 @@ def tcpstates_configure(config: RunConfig, args: argparse.Namespace) -> None:
         sys.stdout.write((d / "tcpstates.h").read_text() + (d / "tcpstates.bpf.c").read_text())
         sys.stdout.flush()
         raise SystemExit(0)
+    if args.connections:
+        if config.source.name != "kernel":
+            raise UsageError(f"--connections is a mode of the kernel source; the source here is "
+                             f"{config.source.name!r}")
+        config.use_source("kernel", "--connections", mode="connections")
 
 
 @hookimpl

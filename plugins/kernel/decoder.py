@@ -58,6 +58,10 @@ class Decoder:
         text = cache[raw] = socket.inet_ntop(family, raw[:4] if family == AF_INET else raw)
         return text
 
+    def addr(self, family: int, raw: bytes) -> str:
+        """An address as text, cached (outside the hot loop)."""
+        return (self._addr4 if family == AF_INET else self._addr6).get(raw) or self._slow_addr(family, raw)
+
     def decode_block(self, data: bytes) -> tuple[list[Event], int]:
         """Decode back-to-back ring records (8-byte header + event) from `data`.
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
+from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD_SIZE, CONN_SIZE, decode_conn, decode_conn_block
 from tcpstates.plugins.kernel.decoder import EVENT_SIZE, RING_RECORD_SIZE, Decoder
 from tcpstates.plugins.kernel.headers import choose_header_tree
 from tcpstates.plugins.kernel.ringbuf import RingBufferReader
@@ -79,10 +80,15 @@ def recursion_misses(prog_fd: int) -> int:
 def build_cflags(src_dir: Path, *, max_sockets: int, ring_pages: int, buffer: str,
                  filter_lport: bool, filter_dport: bool, family: int | None,
                  no_wakeup: bool, ncpus: int | None = None, filter_transition: bool = False,
-                 min_span_ns: int | None = None) -> list[str]:
+                 min_span_ns: int | None = None, connections: bool = False) -> list[str]:
     """The -D switches of bpf/tcpstates.bpf.c for one run (its header lists them)."""
     cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={int(max_sockets)}",
               f"-DTCPSTATES_RINGBUF_PAGES={int(ring_pages)}", "-Wno-macro-redefined"]
+    if connections:
+        # per-connection accumulation: transitions and spans are not records
+        # there, so their filters stay in user space (on the closing record)
+        cflags.append("-DTCPSTATES_CONNECTIONS=1")
+        filter_transition, min_span_ns = False, None
     if ncpus is not None:
         cflags.append(f"-DTCPSTATES_NCPUS={int(ncpus)}")
     if filter_transition:
@@ -129,7 +135,7 @@ class KernelProbe:
                  poll_s: float = 0.05, transitions: frozenset[tuple[int, int]] | None = None,
                  min_span_ns: int | None = None, crosscheck: bool = False,
                  warn: Callable[[str], None] | None = None,
-                 extra_cflags: list[str] | None = None) -> None:
+                 extra_cflags: list[str] | None = None, connections: bool = False) -> None:
         from tcpstates.plugins.kernel.bpfsys import possible_cpus
         from tcpstates.plugins.kernel.cpustate import CpuState
         from tcpstates.plugins.kernel.loader import LoadRequest, load
@@ -152,7 +158,19 @@ class KernelProbe:
                                      f"use buffer = \"perf\"")
         self.buffer = buffer
         self.batch_size = batch_size
-        self.max_block = batch_size * RING_RECORD_SIZE
+        # connection records (conndecoder.py) or one record per state change
+        self.connections = connections
+        if connections:
+            self._record_size, self._ring_record_size = CONN_SIZE, CONN_RING_RECORD_SIZE
+            dec = Decoder()
+            self._decode_block: Callable[[bytes], tuple[list[Event], int]] = \
+                lambda data: decode_conn_block(dec, data)
+            self._decode: Callable[[Any, Any], list[Event]] = lambda buf, offs: decode_conn(dec, buf, offs)
+        else:
+            self._record_size, self._ring_record_size = EVENT_SIZE, RING_RECORD_SIZE
+            dec = Decoder()
+            self._decode_block, self._decode = dec.decode_block, dec.decode
+        self.max_block = batch_size * self._ring_record_size
         self._warn = warn or (lambda m: sys.stderr.write(f"tcpstates: {m}\n"))
         tree, self.header_source = choose_header_tree()
         src_dir = bpf_source_dir()
@@ -162,7 +180,8 @@ class KernelProbe:
                               filter_lport=local_ports is not None,
                               filter_dport=remote_ports is not None, family=family,
                               no_wakeup=self.poll_s is not None and buffer == "ring", ncpus=ncpus,
-                              filter_transition=transitions is not None, min_span_ns=min_span_ns)
+                              filter_transition=transitions is not None, min_span_ns=min_span_ns,
+                              connections=connections)
         cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
         if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
@@ -181,9 +200,10 @@ class KernelProbe:
             buffer_pages=ring_pages, local_ports=sorted(local_ports) if local_ports is not None else None,
             remote_ports=sorted(remote_ports) if remote_ports is not None else None, ncpus=ncpus,
             wakeup_events=wakeup_events,
-            transitions=sorted((o << 4) | n for o, n in transitions) if transitions is not None else None))
+            transitions=sorted((o << 4) | n for o, n in transitions)
+            if transitions is not None and not connections else None))
         self.prog_fd = self.loaded.prog_fd
-        self.decoder = Decoder()
+        self.decoder = dec
         self.cpu = CpuState(self.loaded.state_fd, ncpus)
         self.spilled = 0
         self.received = 0          # records taken from the kernel buffers
@@ -292,10 +312,11 @@ class KernelProbe:
             self._epoll.register(fd, select.EPOLLIN)
 
     def _perf_events(self) -> list[Event]:
-        raw = self.perf.read(EVENT_SIZE)
+        size = self._record_size
+        raw = self.perf.read(size)
         if not raw:
             return []
-        return self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
+        return self._decode(b"".join(raw), range(0, len(raw) * size, size))
 
     def _wait(self, timeout: float) -> None:
         reader = self.reader
@@ -340,7 +361,7 @@ class KernelProbe:
             mark = bound
         reader = self.reader
         if reader is not None:
-            events, used = self.decoder.decode_block(reader.read_block(self.max_block, EVENT_SIZE))
+            events, used = self._decode_block(reader.read_block(self.max_block, self._record_size))
             reader.consume(used)
             late = self._perf_events()      # after the ring, always (the merge relies on it)
             if late:
@@ -360,7 +381,7 @@ class KernelProbe:
             events, self._held = merged[:cut], merged[cut:]
         if events:
             return events
-        if reader is not None and reader.skip_foreign(EVENT_SIZE):
+        if reader is not None and reader.skip_foreign(self._record_size):
             return self._read(draining)
         if draining and not self._held:
             self._finish()
@@ -379,7 +400,7 @@ class KernelProbe:
         self._final_cut = self._cut()
         late: list[Event] = []
         if self.reader is not None:
-            late, used = self.decoder.decode_block(self.reader.read_block(self.max_block, EVENT_SIZE))
+            late, used = self._decode_block(self.reader.read_block(self.max_block, self._record_size))
             self.reader.consume(used)
         late = sorted(late + self._perf_events(), key=_by_time)
         self.received += len(late)
@@ -391,7 +412,7 @@ class KernelProbe:
         (they are lost, and must not vanish silently), then take the final cut."""
         pending = self.perf.pending_samples() + len(self._held)
         if self.reader is not None:
-            pending += self.reader.pending() // RING_RECORD_SIZE
+            pending += self.reader.pending() // self._ring_record_size
         self.unread_at_exit = pending
         self._held = []
         self._final = True

@@ -26,6 +26,9 @@ class KernelOptions:
                          choices=("timer", "adaptive"))
     poll_ms: int = option(50, "reader poll interval with wakeup = \"timer\" (latency bound)",
                           min=1, max=1000)
+    mode: str = option("transitions", "transitions: one record per state change; connections: one "
+                       "record per connection when it closes, accumulated in the kernel (--connections)",
+                       choices=("transitions", "connections"))
     crosscheck: bool = option(True, "count the tracepoint's hits independently in the kernel (a private "
                               "ftrace instance) and report every event neither seen nor counted as "
                               "'unaccounted'")
@@ -75,6 +78,8 @@ class KernelSource(Source):
         self.probe: Any = None
         self._wakeup_fd: int | None = None
         self._final_notes: dict[str, int] = {}
+        if options.mode == "connections":
+            context.records = "connection"
 
     def start(self, constraints: list[KernelConstraints]) -> None:
         from tcpstates.plugins.kernel.probe import KernelProbe
@@ -87,7 +92,8 @@ class KernelSource(Source):
                                  transitions=merged.transitions, min_span_ns=merged.min_span_ns,
                                  crosscheck=o.crosscheck, warn=self.context.warn,
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
-                                 poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags))
+                                 poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags),
+                                 connections=o.mode == "connections")
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
         # measured after the (slow) compile so drift over the run starts small
@@ -113,7 +119,8 @@ class KernelSource(Source):
     def status(self) -> str:
         if self.probe is None:
             return "not attached"
-        return (f"tracing sock:inet_sock_set_state ({self.probe.buffer} buffer); BPF compiled by a "
+        what = "connection records, " if self.probe.connections else ""
+        return (f"tracing sock:inet_sock_set_state ({what}{self.probe.buffer} buffer); BPF compiled by a "
                 f"helper process, peak RSS {self.probe.loaded.helper_peak_rss_kb // 1024} MB")
 
     def close(self) -> None:

@@ -1,0 +1,93 @@
+"""The text and CSV layouts of connection records (`--connections`).
+
+bcc has no such mode; this table is ours, documented in docs/events.md.
+One line per closed connection:
+
+  text  SKADDR C-PID C-COMM [owner] LADDR LPORT RADDR RPORT END LIFE_MS STATES
+        STATES lists `STATE=ms` for every state it passed through, in the order
+        a connection passes them; LIFE_MS starts with `>` when the connection
+        began before tracing did (its start and first state times are unknown).
+  csv   SKADDR,C-PID,C-COMM,IP,LADDR,LPORT,RADDR,RPORT,END,FIRST,COMPLETE,LIFE_MS,
+        then one <STATE>_MS column per state (empty when never in it)
+        [,O-PID,O-COMM,WORKLOAD]
+C-PID/C-COMM are the on-CPU task when the socket was first seen (for an
+active open: the connecting process). -T/-t prefix the same columns as the
+state-change table, for the close time.
+"""
+
+from __future__ import annotations
+
+from tcpstates.events import AF_INET, CONNECTION, STATE_NUMBERS, Connection, Event
+from tcpstates.plugins.bcc_table.format import BccFormatter, csv_field
+
+# the order a connection passes through them (active, then passive, then closing)
+STATE_ORDER = ("SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSING",
+               "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK")
+_ORDER = [(name, STATE_NUMBERS[name]) for name in STATE_ORDER]
+_ROW_TEXT = "%-16x %-6d %-10.10s %s%-15s %-5d %-15s %-5d %-7s %-10s %s"
+_ROW_WIDE = "%-16x %-6d %-16.16s %s%-2s %-39s %-5d %-39s %-5d %-7s %-10s %s"
+_HEAD_TEXT = "%-16s %-6s %-10.10s %s%-15s %-5s %-15s %-5s %-7s %-10s %s"
+_HEAD_WIDE = "%-16s %-6s %-16.16s %s%-2s %-39s %-5s %-39s %-5s %-7s %-10s %s"
+_CSV_HEAD = ("SKADDR,C-PID,C-COMM,IP,LADDR,LPORT,RADDR,RPORT,END,FIRST,COMPLETE,LIFE_MS,"
+             + ",".join(f"{name}_MS" for name in STATE_ORDER))
+
+
+def _ms(ns: int) -> str:
+    return "%.3f" % (ns // 1000 / 1000)
+
+
+class ConnectionFormatter(BccFormatter):
+    """Renders connection records; Events without one (not expected from a
+    source in connection mode) are skipped."""
+
+    def header(self) -> str:
+        owner_cols = ("O-PID", "O-COMM", "WORKLOAD")
+        if self.csv:
+            prefix = ("TIME," if self.time_col else "") + ("TIME(s)," if self.timestamp_col else "")
+            return prefix + _CSV_HEAD + (",O-PID,O-COMM,WORKLOAD" if self.owner else "")
+        prefix = ("%-8s " % "TIME" if self.time_col else "") + ("%-9s " % "TIME(s)" if self.timestamp_col else "")
+        owner = self._owner_header(owner_cols)
+        if self.wide:
+            return prefix + _HEAD_WIDE % ("SKADDR", "C-PID", "C-COMM", owner, "IP", "LADDR", "LPORT",
+                                          "RADDR", "RPORT", "END", "LIFE_MS", "STATES(ms)")
+        return prefix + _HEAD_TEXT % ("SKADDR", "C-PID", "C-COMM", owner, "LADDR", "LPORT",
+                                      "RADDR", "RPORT", "END", "LIFE_MS", "STATES(ms)")
+
+    def _owner_header(self, cols: tuple[str, str, str]) -> str:
+        if not self.owner:
+            return ""
+        return ("%-7s %-16.16s %-32.32s " if self.wide else "%-7s %-10.10s %-20.20s ") % cols
+
+    def lines(self, batch: list[Event]) -> list[str]:
+        out: list[str] = []
+        kept: list[Event] = []
+        for e in batch:
+            conn = e.extra.get(CONNECTION)
+            if not isinstance(conn, Connection):
+                continue
+            kept.append(e)
+            out.append(self._csv(e, conn) if self.csv else self._text(e, conn))
+        if self.time_col or self.timestamp_col:
+            out = [self._prefix(e) + line for e, line in zip(kept, out)]
+        return out
+
+    def _text(self, e: Event, c: Connection) -> str:
+        states = " ".join(f"{name}={_ms(c.state_ns[num])}" for name, num in _ORDER if num in c.state_ns)
+        life = ("" if c.complete else ">") + _ms(c.duration_ns)
+        owner = self._owner(e) if self.owner else ""
+        if self.wide:
+            return _ROW_WIDE % (e.skaddr, e.pid, e.comm, owner, "4" if e.family == AF_INET else "6",
+                                e.saddr, e.sport, e.daddr, e.dport, c.ending, life, states or "-")
+        return _ROW_TEXT % (e.skaddr, e.pid, e.comm, owner, e.saddr, e.sport, e.daddr, e.dport,
+                            c.ending, life, states or "-")
+
+    def _csv(self, e: Event, c: Connection) -> str:
+        first = "%s" % (STATE_ORDER_NAMES.get(c.first_state) or c.first_state)
+        cols = ["%x" % e.skaddr, str(e.pid), csv_field(e.comm), "4" if e.family == AF_INET else "6",
+                e.saddr, str(e.sport), e.daddr, str(e.dport), c.ending, first,
+                "1" if c.complete else "0", _ms(c.duration_ns)]
+        cols += [_ms(c.state_ns[num]) if num in c.state_ns else "" for _, num in _ORDER]
+        return ",".join(cols) + (self._owner(e) if self.owner else "")
+
+
+STATE_ORDER_NAMES = {num: name for name, num in STATE_NUMBERS.items()}
