@@ -16,7 +16,7 @@ from typing import Any, Callable
 from tcpstates.events import AF_INET, STATE_NAMES, Event
 
 try:   # the optional C rows (setup.py); the Python `%` rows below are the reference
-    from tcpstates.plugins.bcc_table import _rows as _c_rows
+    import tcpstates.plugins.bcc_table._rows as _c_rows
 except ImportError:    # pragma: no cover - depends on the build
     _c_rows = None
 if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)

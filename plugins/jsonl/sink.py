@@ -20,7 +20,7 @@ from tcpstates.records import CORE_FIELDS, FAMILY_NAMES, Rfc3339, event_record, 
 from tcpstates.events import STATE_NAMES
 
 try:   # the optional C encoder (setup.py); write_python is the reference
-    from tcpstates.plugins.jsonl import _encode as _c_encode
+    import tcpstates.plugins.jsonl._encode as _c_encode
 except ImportError:    # pragma: no cover - depends on the build
     _c_encode = None
 if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
