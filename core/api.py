@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TextIO
 
 from tcpstates.events import Event
 from tcpstates.options import NoOptions
+from tcpstates.text import escape_text
 
 FILTER_POLICIES = ("skip", "drop", "fail")
 SINK_POLICIES = ("ignore", "disable", "fail")
@@ -49,8 +50,11 @@ class Warner:
             return
         self._seen.add(key)
         stream = self._stream or sys.stderr
+        if stream is None:
+            return   # started with stderr closed (2>&-): nothing left to tell
         try:
-            stream.write(f"tcpstates: {message}\n")
+            # messages quote paths, names and values from outside: one safe line
+            stream.write(f"tcpstates: {escape_text(message)}\n")
             stream.flush()
         except (OSError, ValueError):
             pass   # stderr itself is gone: nothing left to tell

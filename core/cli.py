@@ -216,9 +216,11 @@ def _quiet_stdout() -> None:
 
 
 def _fatal(message: str, status: int) -> NoReturn:
+    from tcpstates.text import escape_text
     try:
-        sys.stderr.write(f"tcpstates: {message}\n")
+        # an error may quote a path or value from outside: never raw control characters
+        sys.stderr.write(f"tcpstates: {escape_text(message)}\n")
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):   # AttributeError: started with 2>&-
         pass
     raise SystemExit(status)
