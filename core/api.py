@@ -170,7 +170,10 @@ class Sink(Stage):
     def open(self) -> None:
         """Called once the source is attached and reading: print headers here."""
 
-    def write(self, batch: list[Event]) -> None:
+    def write(self, batch: list[Event]) -> int | None:
+        """Hand the batch over. Return how many events were accepted by the OS or
+        receiver (None: all). An exception may carry `written`, the events
+        accepted before it; the rest count as not written."""
         raise NotImplementedError
 
     def write_loss(self, kind: str, count: int, total: int) -> None:

@@ -120,11 +120,15 @@ def configure(args: argparse.Namespace, tree: dict[str, Any], registry: Any) -> 
 def install_signals(pipeline: Any) -> int:
     """SIGINT/SIGTERM: stop and drain; SIGHUP: reopen files; SIGUSR1: print
     the summary now. Returns a wake-up fd."""
+    from tcpstates import interrupt
+
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    interrupt.install()
 
     def stop(signum: int, frame: Any) -> None:
         pipeline.stopping = True
+        interrupt.request()   # ends any wait on a slow consumer or input
 
     def hup(signum: int, frame: Any) -> None:
         pipeline.reopen_requested = True
@@ -181,6 +185,8 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from tcpstates import stdio
+    stdio.guard()   # before anything opens a file that could land on a closed fd 0/1/2
     from tcpstates.security import sanitize_sys_path
     sanitize_sys_path()
     try:

@@ -20,10 +20,11 @@ import dataclasses
 import time
 from typing import Any, Callable
 
+from tcpstates import interrupt
 from tcpstates.api import ChainStage as ChainStageBase
 from tcpstates.api import Enricher, Filter, KernelConstraints, RunContext, Sink, Source
 from tcpstates.runconfig import StageSpec
-from tcpstates.errors import StageError
+from tcpstates.errors import SinkUnavailable, StageError, UsageError
 from tcpstates.events import Event
 
 LOSS_POLL_INTERVAL = 0.5
@@ -91,10 +92,21 @@ class Pipeline:
         """Attach the source, then open sinks: nothing is printed before we trace."""
         self.source.start(self.kernel_constraints())
         for slot in self.sinks:
+            # one sink that cannot start (/dev/full, stdout closed, a FIFO nobody
+            # opens before a stop) is that sink's failure, never the others'
             try:
                 slot.sink.open()
             except BrokenPipeError:
                 slot.active = False
+            except interrupt.StopRequested:
+                self.stopping = True
+                slot.active = False
+            except StageError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, UsageError) and not isinstance(exc, SinkUnavailable):
+                    raise              # a configuration mistake: one line, exit 2
+                self._sink_failed(slot, exc)
         self._started = True
         if on_started is not None:
             on_started()
@@ -158,18 +170,38 @@ class Pipeline:
             if not slot.active:
                 continue
             try:
-                slot.sink.write(batch)
+                # a sink returns how many events it handed over (None: all of them)
+                accepted = slot.sink.write(batch)
                 slot.sink.flush()
-                slot.written += len(batch)
+                accepted = len(batch) if accepted is None else accepted
+                slot.written += accepted
+                if accepted < len(batch):
+                    slot.lost += len(batch) - accepted
+                    continue
                 if slot.failing:
                     slot.failing = False
                     self.context.warn(f"sink {slot.name} ({slot.sink.name}) works again after losing "
                                       f"{slot.lost} events", once_key=f"recovered:{slot.name}:{slot.lost}")
-            except BrokenPipeError:
+            except BrokenPipeError as exc:
+                self._count_partial(slot, batch, exc)
                 self._reader_gone(slot)
+            except interrupt.StopRequested as exc:
+                # the consumer did not take it before the stop: counted, not an error
+                self._count_partial(slot, batch, exc)
+                self.context.warn(f"sink {slot.name} ({slot.sink.name}): its output accepted nothing "
+                                  f"more before the stop; the rest is counted as not written",
+                                  once_key=f"stopped:{slot.name}")
             except Exception as exc:
-                slot.lost += len(batch)
+                self._count_partial(slot, batch, exc)
                 self._sink_failed(slot, exc)
+
+    @staticmethod
+    def _count_partial(slot: SinkSlot, batch: list[Event], exc: BaseException) -> None:
+        """A write that failed part-way: `exc.written` events made it (default none)."""
+        done = getattr(exc, "written", 0)
+        done = done if isinstance(done, int) and 0 <= done <= len(batch) else 0
+        slot.written += done
+        slot.lost += len(batch) - done
 
     def _reader_gone(self, slot: SinkSlot) -> None:
         slot.active = False
@@ -219,6 +251,8 @@ class Pipeline:
                             slot.sink.flush()
                         except BrokenPipeError:
                             self._reader_gone(slot)
+                        except interrupt.StopRequested:
+                            pass   # the stop goes on; the summary reports the loss
                         except Exception as exc:
                             self._sink_failed(slot, exc)
 
@@ -246,7 +280,10 @@ class Pipeline:
                 self.report_requested = False
                 for slot in self.sinks:
                     if slot.active:
-                        slot.sink.report()
+                        try:
+                            slot.sink.report()
+                        except Exception as exc:
+                            self._sink_failed(slot, exc)
             now = time.monotonic()
             if now >= next_loss:
                 next_loss = now + LOSS_POLL_INTERVAL
@@ -268,7 +305,7 @@ class Pipeline:
             if slot.active:
                 try:
                     slot.sink.flush()
-                except BrokenPipeError:
+                except (BrokenPipeError, interrupt.StopRequested):
                     pass
                 except Exception as exc:
                     self._sink_failed(slot, exc)
