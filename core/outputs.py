@@ -14,6 +14,7 @@ import select
 import socket
 import stat
 import sys
+from typing import Callable
 
 from tcpstates import interrupt, stdio
 from tcpstates.errors import UsageError
@@ -27,8 +28,10 @@ FIFO_RETRY_S = 0.1
 class LineOutput:
     """A text destination taking whole lines; `path` "-" means stdout."""
 
-    def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 5) -> None:
+    def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 5,
+                 notice: Callable[[str], None] | None = None) -> None:
         self.path = path
+        self.notice = notice                     # says once that we wait for a FIFO's reader
         self.max_bytes = max_bytes
         self.keep = keep
         self.fd = -1
@@ -80,8 +83,9 @@ class LineOutput:
                 raise UsageError(f"{self.path}: refusing to write: {exc.strerror}") from None
             except OSError as exc:
                 if exc.errno == errno.ENXIO:       # a FIFO nobody reads yet: wait for a reader
-                    if not waited:
-                        waited = True
+                    if not waited and self.notice is not None:
+                        self.notice(f"{self.path}: a FIFO nobody reads yet; waiting for a reader")
+                    waited = True
                     interrupt.sleep(FIFO_RETRY_S)
                     continue
                 if exc.errno == errno.ELOOP:

@@ -90,10 +90,11 @@ class BccFormatter:
 
     def _owner(self, e: Event) -> str:
         pid, comm = e.extra.get("owner_pid"), e.extra.get("owner_comm")
-        pid_text = "?" if pid is None else str(pid)
+        pid_text = "?" if pid is None else escape_text(pid)
         comm = "?" if comm is None else escape_text(comm)
         if self.csv:
-            return ",%s,%s" % ("" if pid is None else pid_text, csv_field(comm) if pid is not None else "")
+            return ",%s,%s" % ("" if pid is None else csv_field(pid_text),
+                               csv_field(comm) if pid is not None else "")
         return (_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % (pid_text, comm)
 
     def _clock(self, ts_ns: int) -> str:

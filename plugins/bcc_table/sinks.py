@@ -40,7 +40,7 @@ class _BccSink(Sink):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.output = LineOutput(options.path)
+        self.output = LineOutput(options.path, notice=context.warn)
         self.formatter = BccFormatter(csv=self.csv, wide=getattr(options, "wide", False),
                                       time_col=options.time, timestamp_col=options.timestamp,
                                       wall_ns=context.wall_ns, owner=options.owner)

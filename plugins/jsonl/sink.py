@@ -40,7 +40,8 @@ class JsonlSink(Sink):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.output = LineOutput(options.path, max_bytes=options.max_bytes, keep=options.keep)
+        self.output = LineOutput(options.path, max_bytes=options.max_bytes, keep=options.keep,
+                                 notice=context.warn)
         self.seq = 0
         self.rfc3339 = Rfc3339()
 
