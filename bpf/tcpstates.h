@@ -1,7 +1,9 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* tcpstates.h - the one event record the kernel stage hands to user space.
  *
- * The layout is mirrored by EVENT_FORMAT in core/events.py; keep both in step
- * (tests/test_events.py compiles nothing, it checks the size constant).
+ * The layout is mirrored by EVENT_STRUCT in plugins/kernel/decoder.py; keep
+ * both in step (tests/test_kernel_units.py compiles this header with the C
+ * compiler and compares every field's offset and size with the decoder's).
  * Natural alignment, no padding holes: 96 bytes.
  */
 #ifndef TCPSTATES_H

@@ -66,7 +66,7 @@ def _peak_rss_kb() -> int:
 
 
 def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
-    from tcpstates.plugins.kernel.probe import captured_output, import_bcc
+    from tcpstates.plugins.kernel.bccimport import captured_output, import_bcc
 
     bcc = import_bcc()
     if req.header_tree:
