@@ -21,6 +21,9 @@ from tcpstates.errors import UsageError
 from tcpstates.safeopen import UntrustedPath, check_owned, open_path
 
 FILE_MODE = 0o640
+# what each open LineOutput writes to: two sinks appending to one stdout or
+# file would interleave their lines, so the second is refused
+_IN_USE: dict[tuple[int, int], str] = {}
 PIPE_BUF = 4096
 FIFO_RETRY_S = 0.1
 
@@ -41,6 +44,8 @@ class LineOutput:
         self._sock: socket.socket | None = None  # stdout is a socket: send(MSG_DONTWAIT)
         self._chunked = False                    # blocking fd: poll, then PIPE_BUF at a time
         self._accepted = 0                       # bytes the OS took in this write()
+        self._token = f"{'stdout' if path == '-' else path} #{id(self)}"
+        self._key: tuple[int, int] | None = None
 
     @property
     def is_stdout(self) -> bool:
@@ -50,9 +55,34 @@ class LineOutput:
         """Open (or reopen) the destination. Every write through it is non-blocking
         and waits interruptibly (tcpstates.interrupt), so a consumer that stops
         reading can never make a stop request wait."""
+        self._release()
         if self.is_stdout:
             self._open_stdout()
-            return
+        else:
+            self._open_path()
+        self._claim()
+
+    def _claim(self) -> None:
+        st = os.fstat(self._sock.fileno() if self._sock is not None else self.fd)
+        if stat.S_ISCHR(st.st_mode) and not os.isatty(self.fd):
+            return                                  # /dev/null, /dev/full may be shared
+        key = (st.st_dev, st.st_ino)
+        other = _IN_USE.get(key)
+        if other is not None and other != self._token:
+            self._close_fd()
+            where = "standard output" if self.is_stdout else self.path
+            raise UsageError(f"{where}: another sink already writes there; give each "
+                             f"sink its own path")
+        _IN_USE[key] = self._token
+        self._key = key
+
+    def _release(self) -> None:
+        key = getattr(self, "_key", None)
+        if key is not None and _IN_USE.get(key) == self._token:
+            del _IN_USE[key]
+        self._key = None
+
+    def _open_path(self) -> None:
         self.fd = self._open_file()
         self._own = True
         st = os.fstat(self.fd)
@@ -213,4 +243,5 @@ class LineOutput:
         self._own = False
 
     def close(self) -> None:
+        self._release()
         self._close_fd()

@@ -286,7 +286,6 @@ class RunConfig:
                               f"it, or enable the plugin it belongs to in [plugins]")
         if not self._active:
             raise UsageError("no sinks: give --sink NAME or set tcpstates.sinks in the config")
-        _refuse_shared_outputs(self._active)
         chain: list[StageSpec] = []
         for spec in self._front + self.chain:
             # a stage that needs another's fields (container needs owner) gets it
@@ -303,41 +302,3 @@ class RunConfig:
             chain.append(spec)
         return RunPlan(self.source, chain, list(self._active), self.strict)
 
-
-def _output_identity(path: str) -> tuple[str, Any]:
-    """Where a sink's `path` option writes: stdout, an existing file (device,
-    inode), or a path not there yet (its absolute form)."""
-    import os
-    import sys
-
-    if path == "-":
-        try:
-            st = os.fstat(sys.stdout.fileno()) if sys.stdout is not None else None
-        except (OSError, ValueError):
-            st = None
-        return ("file", (st.st_dev, st.st_ino)) if st is not None and st.st_ino else ("stdout", None)
-    try:
-        st = os.stat(path)
-        if st.st_ino and not (st.st_mode & 0o170000 == 0o020000):   # /dev/null may be shared
-            return ("file", (st.st_dev, st.st_ino))
-        return ("device", path)
-    except (OSError, ValueError):
-        return ("path", os.path.abspath(path))
-
-
-def _refuse_shared_outputs(specs: list[StageSpec]) -> None:
-    """Two sinks appending to one stdout or file interleave torn lines: refuse."""
-    seen: dict[tuple[str, Any], str] = {}
-    for spec in specs:
-        path = getattr(spec.options, "path", None)
-        if not isinstance(path, str) or not path:
-            continue
-        ident = _output_identity(path)
-        if ident[0] == "device":
-            continue
-        other = seen.get(ident)
-        if other is not None:
-            where = "standard output" if path == "-" else path
-            raise UsageError(f"sinks {other} and {spec.name} both write to {where}; give one of "
-                             f"them its own path (e.g. -o sinks.{spec.name}.path=FILE)")
-        seen[ident] = spec.name

@@ -248,3 +248,38 @@ def test_failed_reopen_is_counted_and_retried(tmp_path):
     assert [orjson.loads(l)["seq"] for l in out.read_bytes().splitlines()] == [4]
     assert "works again after losing 2 events" in err
     assert "written: jsonl 2" in _summary(err) and "not written: jsonl 2" in _summary(err)
+
+
+# -- two sinks, one destination -------------------------------------------------------------------
+@pytest.mark.parametrize("args", [
+    ["--sink", "text", "--sink", "jsonl"],                                          # both on stdout
+    ["--sink", "text", "--sink", "jsonl", "-o", "sinks.text.path=SAME", "-o", "sinks.jsonl.path=SAME"],
+    ["--sink", "csv", "--sink", "jsonl", "-o", "sinks.jsonl.path=STDOUT_FILE"],    # stdout is that file
+])
+def test_two_sinks_on_one_destination_are_refused(tmp_path, args):
+    same, stdout_file = tmp_path / "same", tmp_path / "stdout"
+    args = [a.replace("SAME", str(same)).replace("STDOUT_FILE", str(stdout_file)) for a in args]
+    with open(stdout_file, "ab") as out:
+        r = subprocess.run(tcpstates_argv("--replay", os.devnull, *args), stdout=out, stderr=subprocess.PIPE)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and "another sink already writes there" in err, err
+
+
+# -- journald: "written" is what journald got ------------------------------------------------------
+@pytest.mark.root
+@pytest.mark.parametrize("strict", [[], ["--strict"]])
+def test_journal_without_socket_counts_nothing_written(tmp_path, strict):
+    trace = _trace(tmp_path, 100)
+    cmd = " ".join(tcpstates_argv("--replay", str(trace), "-Y", "--sink", "journal", *strict))
+    # a private mount namespace where /run/systemd/journal is empty: no journald
+    r = subprocess.run(["unshare", "-m", "sh", "-c",
+                        f"mkdir -p /run/systemd/journal && mount -t tmpfs none /run/systemd/journal && {cmd}"],
+                       capture_output=True, timeout=60)
+    err = r.stderr.decode()
+    assert "Traceback" not in err and "internal error" not in err, err
+    if strict:
+        assert r.returncode != 0 or "written: journal 0" in err, err
+    else:
+        assert r.returncode == 0, err
+        assert "written: journal 0" in _summary(err) and "not written: journal 100" in _summary(err)
+        assert "does not exist" in err
