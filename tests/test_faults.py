@@ -170,7 +170,9 @@ def test_a_blocking_sink_stalls_only_itself_and_drops_are_counted(tracer, tmp_pa
     lines = drained.splitlines()
     lost = [orjson.loads(l) for l in lines if b'"type":"lost"' in l]
     events = [l for l in lines if b'"type":"state_change"' in l]
-    assert dropped > 0 and lost and lost[-1]["total"] <= dropped
+    # the in-band `lost` record may itself be stuck behind the full FIFO at the
+    # stop (the stop no longer waits for the reader); the exit summary has it
+    assert dropped > 0 and (not lost or lost[-1]["total"] <= dropped)
     # a stop no longer waits for the consumer: what the FIFO did not take is
     # counted as not written by the sink
     m = re.search(r"not written: jsonl (\d+)", err)
