@@ -239,3 +239,34 @@ def test_doctor_as_non_root_reports_instead_of_crashing():
     err = r.stderr.decode()
     assert "Traceback" not in err and "internal error" not in err, err
     assert r.returncode == 1 and "FAIL root" in r.stdout.decode()
+
+
+def test_process_comm_reads_any_bytes_bounded(tmp_path):
+    from tcpstates.plugins.owner.sockowners import process_comm
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "comm").write_bytes(b"a\nFAKE\x1b[31m\xff\n")
+    comm = process_comm(42, tmp_path)
+    from tcpstates.text import escape_text
+    assert escape_text(comm) == "a\\x0aFAKE\\x1b[31m\\xff"
+
+
+@pytest.mark.kernel
+def test_owner_names_set_with_prctl_are_escaped_in_text(tracer, tmp_path):
+    """A real process renames itself with prctl(PR_SET_NAME) and connects."""
+    from traffic import free_port
+    port = free_port()
+    t = tracer("--owner", "-D", str(port))
+    code = textwrap.dedent(f"""
+        import ctypes, socket
+        ctypes.CDLL(None).prctl(15, b"a\\nFAKE\\x1b[31m", 0, 0, 0)
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", {port}))
+        except OSError:
+            pass
+        """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    assert "\x1b" not in out and "FAKE" in out
+    assert not any(line.startswith("FAKE") for line in out.splitlines())   # no forged line

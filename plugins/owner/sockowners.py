@@ -68,10 +68,14 @@ def socket_holders(proc: Path = Path("/proc")) -> dict[int, int]:
 
 
 def process_comm(pid: int, proc: Path = Path("/proc")) -> str | None:
+    # raw but bounded: a name is any 15 bytes its owner chose (not UTF-8, control
+    # characters); outputs escape it (tcpstates.text.escape_text)
     try:
-        return (proc / str(pid) / "comm").read_text().rstrip("\n")
+        with open(proc / str(pid) / "comm", "rb") as f:
+            raw = f.read(64)
     except OSError:
         return None
+    return raw.rstrip(b"\n").decode("utf-8", "surrogateescape")
 
 
 def snapshot(proc: Path = Path("/proc")) -> tuple[dict[Tuple4, int], dict[tuple[int, str, int], int]]:
