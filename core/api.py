@@ -30,11 +30,23 @@ class KernelConstraints:
     space filter that implies one of these is pushed into the kernel
     automatically (its own check still runs, so correctness never depends on
     the kernel honouring it).
+
+    `cflags` is how any chain stage (filter or enricher) asks the kernel
+    stage for an optional, compiled-in part of its BPF program: `-DNAME` or
+    `-DNAME=VALUE` switches (nothing else is accepted), added to the compile
+    of every chain stage that asks (e.g. the owner enricher's
+    `-DTCPSTATES_OWNER` with offsets from the running kernel's BTF). Sources
+    other than the kernel ignore them.
     """
 
     local_ports: frozenset[int] | None = None
     remote_ports: frozenset[int] | None = None
     family: int | None = None   # socket.AF_INET or AF_INET6
+    #: (oldstate, newstate) pairs to keep (kernel state numbers 1..12)
+    transitions: frozenset[tuple[int, int]] | None = None
+    #: drop events whose *known* time in the old state is shorter (unknown passes)
+    min_span_ns: int | None = None
+    cflags: tuple[str, ...] = ()
 
 
 class Warner:
@@ -124,6 +136,11 @@ class ChainStage(Stage):
     def observes(cls) -> bool:
         return cls.observe_batch is not ChainStage.observe_batch
 
+    def kernel_constraints(self) -> KernelConstraints | None:
+        """What the kernel stage can do for this stage: drop early (filters
+        only) or compile in optional parts (`cflags`, any chain stage)."""
+        return None
+
 
 class Filter(ChainStage):
     """Decides which events go on. Override `keep` (or `filter_batch`)."""
@@ -137,10 +154,6 @@ class Filter(ChainStage):
     def filter_batch(self, batch: list[Event]) -> list[Event]:
         keep = self.keep
         return [e for e in batch if keep(e)]
-
-    def kernel_constraints(self) -> KernelConstraints | None:
-        """Conditions the kernel stage can evaluate for this filter, if any."""
-        return None
 
 
 class Enricher(ChainStage):
@@ -208,6 +221,11 @@ class Source(Stage):
 
     def loss_counters(self) -> dict[str, int]:
         """Cumulative counts of lost records by kind ("dropped", "kernel_misses")."""
+        return {}
+
+    def notes(self) -> dict[str, int]:
+        """Source facts for the exit summary that are not losses (e.g. records
+        that took a slower path); shown only when non-zero."""
         return {}
 
     def status(self) -> str:

@@ -81,11 +81,13 @@ class Pipeline:
     def kernel_constraints(self) -> list[KernelConstraints]:
         out = []
         for c in self.chain:
-            if c.is_filter:
-                assert isinstance(c.stage, Filter)
-                kc = c.stage.kernel_constraints()
-                if kc is not None:
-                    out.append(kc)
+            kc = c.stage.kernel_constraints()
+            if kc is None:
+                continue
+            if not c.is_filter:
+                # an enricher must not narrow what is traced: keep only its cflags
+                kc = KernelConstraints(cflags=kc.cflags)
+            out.append(kc)
         return out
 
     def start(self, on_started: Callable[[], None] | None = None) -> None:
@@ -241,7 +243,8 @@ class Pipeline:
     def check_loss(self) -> None:
         counters = self.source.loss_counters()
         for kind, total in counters.items():
-            new = total - self.loss.get(kind, 0)
+            self.loss.setdefault(kind, 0)   # a kind reported as 0 is still shown
+            new = total - self.loss[kind]
             if new > 0:
                 self.loss[kind] = total
                 for slot in self.sinks:
@@ -323,11 +326,14 @@ class Pipeline:
             "written": {s.name: s.written for s in self.sinks},
             "dropped": self.loss.get("dropped", 0),
             "kernel_misses": self.loss.get("kernel_misses", 0),
+            **({"unaccounted": self.loss.get("unaccounted", 0)} if "unaccounted" in self.loss else {}),
+            **({"unread_at_exit": self.loss["unread_at_exit"]} if self.loss.get("unread_at_exit") else {}),
             "filtered": sum(c.removed for c in self.chain if c.is_filter),
             "skipped": self.loss.get("replay_skipped", 0),
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
                        **{f"sinks.{s.name}": s.errors for s in self.sinks if s.errors}},
             "lost_by_sink": {s.name: s.lost for s in self.sinks if s.lost},
+            "source_notes": {k: v for k, v in self.source.notes().items() if v},
         }
 
 
@@ -336,6 +342,13 @@ def summary_line(summary: dict[str, Any]) -> str:
     line = (f"tcpstates: {summary['events']} events seen, {summary['kept']} kept, "
             f"written: {written}; {summary['dropped']} dropped, "
             f"{summary['kernel_misses']} kernel misses")
+    if summary.get("unread_at_exit"):
+        line += f", {summary['unread_at_exit']} unread at exit"
+    if "unaccounted" in summary:
+        # the in-kernel cross-check ran: every silent loss shows here
+        line += f", {summary['unaccounted']} unaccounted"
+    for key, value in summary.get("source_notes", {}).items():
+        line += f"; {value} {key.replace('_', ' ')}"
     if summary.get("skipped"):
         line += f"; {summary['skipped']} unreadable records skipped"
     if summary["errors"]:

@@ -39,7 +39,7 @@ def event_bytes(i: int, *, family: int = socket.AF_INET, span: int = 1000, comm:
     saddr = socket.inet_pton(family, "127.0.0.1" if family == socket.AF_INET else "::1")
     return EVENT_STRUCT.pack(1_000 + i, 0xffff0000 + i, span, 7, 100 + i, 200 + i, 40000 + i, 80,
                              family, 7, 2, saddr.ljust(16, b"\0"), saddr.ljust(16, b"\0"),
-                             comm.ljust(16, b"\0"))
+                             comm.ljust(16, b"\0"), bytes(40))
 
 
 # -- ring buffer ---------------------------------------------------------------------------
@@ -192,6 +192,7 @@ class FakePerf:
 
 
 def test_perf_reader_samples_losses_and_wrap_around():
+    sample_size = -(-(12 + EVENT_SIZE) // 8) * 8      # header + size word + event, 8-aligned
     fake = FakePerf(1)
     reader = PerfBufferReader({0: fake.fd}, 1)
     try:
@@ -201,12 +202,12 @@ def test_perf_reader_samples_losses_and_wrap_around():
         assert fake.tail() == fake.head
         # move the positions close to the end of the data area, then write
         # samples that wrap around it
-        while fake.head % fake.size < fake.size - 2 * 112:
+        while fake.head % fake.size < fake.size - 2 * sample_size:
             fake.sample(event_bytes(0))
             reader.read(EVENT_SIZE)
         for i in range(3):
             fake.sample(event_bytes(i + 1))
-        assert fake.head % fake.size < 3 * 112, "the samples wrapped"
+        assert fake.head % fake.size < 3 * sample_size, "the samples wrapped"
         samples = reader.read(EVENT_SIZE)
         events = Decoder().decode(b"".join(samples), range(0, len(samples) * EVENT_SIZE, EVENT_SIZE))
         assert [e.pid for e in events] == [101, 102, 103]

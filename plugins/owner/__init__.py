@@ -35,3 +35,10 @@ def tcpstates_configure(config: RunConfig, args: argparse.Namespace) -> None:
     structured = any(issubclass(spec.cls, Sink) and spec.cls.structured for spec in config.sink_specs())
     if mode == "on" or args.owner or (mode == "auto" and structured):
         config.prepend_chain("owner", "--owner")
+
+
+@hookimpl
+def tcpstates_doctor_checks(register: Any) -> None:
+    from tcpstates.plugins.owner import doctor
+    for check in doctor.checks():
+        register(check)
