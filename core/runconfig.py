@@ -115,6 +115,12 @@ class RunConfig:
         self._sinks_table = _table(tree, "sinks", "sinks")
         self.named_sinks = {name: self._sink_spec(name) for name in self._sinks_table}
         self._active_list: list[StageSpec] | None = None
+        # what the file says is checked as written, even where a flag overrides
+        # it; only the built-in defaults wait until no flag replaced them
+        if "source" in general_table:
+            self._source = self.source
+        self._written_sinks = (self._resolve_sinks(self.general.sinks, "tcpstates.sinks")
+                               if "sinks" in general_table else None)
 
     @classmethod
     def load(cls, tree: dict[str, Any], registry: Registry) -> RunConfig:
@@ -198,7 +204,8 @@ class RunConfig:
     @property
     def _active(self) -> list[StageSpec]:
         if self._active_list is None:
-            self._active_list = self._resolve_sinks(self.general.sinks, "tcpstates.sinks")
+            self._active_list = (self._written_sinks if self._written_sinks is not None
+                                 else self._resolve_sinks(self.general.sinks, "tcpstates.sinks"))
         return self._active_list
 
     @_active.setter
@@ -301,4 +308,3 @@ class RunConfig:
                                            dep.cls.default_on_error))
             chain.append(spec)
         return RunPlan(self.source, chain, list(self._active), self.strict)
-

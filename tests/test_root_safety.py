@@ -241,15 +241,6 @@ def test_doctor_as_non_root_reports_instead_of_crashing():
     assert r.returncode == 1 and "FAIL root" in r.stdout.decode()
 
 
-def test_process_comm_reads_any_bytes_bounded(tmp_path):
-    from tcpstates.plugins.owner.sockowners import process_comm
-    (tmp_path / "42").mkdir()
-    (tmp_path / "42" / "comm").write_bytes(b"a\nFAKE\x1b[31m\xff\n")
-    comm = process_comm(42, tmp_path)
-    from tcpstates.text import escape_text
-    assert escape_text(comm) == "a\\x0aFAKE\\x1b[31m\\xff"
-
-
 @pytest.mark.kernel
 def test_owner_names_set_with_prctl_are_escaped_in_text(tracer, tmp_path):
     """A real process renames itself with prctl(PR_SET_NAME) and connects."""
