@@ -21,6 +21,8 @@ import msgpack
 
 
 def decode_time(t) -> int:
+    if isinstance(t, list):              # Fluent Bit v2+ sends [EventTime, metadata]
+        t = t[0]
     if isinstance(t, msgpack.ExtType):
         assert t.code == 0 and len(t.data) == 8, t
         sec, nsec = struct.unpack(">II", t.data)
