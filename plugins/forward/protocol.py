@@ -113,7 +113,8 @@ class Handshake:
         self.hostname = self_hostname.encode()
         self.username = username.encode()
         self.password = password.encode()
-        self.salt = os.urandom(16)
+        # Fluent Bit accepts only str elements in a PING: a hex salt
+        self.salt = os.urandom(16).hex().encode()
         self.nonce = b""
 
     def ping(self, helo: Any) -> bytes:
@@ -125,7 +126,8 @@ class Handshake:
         self.nonce = _bytes(opts.get("nonce", b""))
         auth = _bytes(opts.get("auth", b""))
         password_digest = _hex(auth, self.username, self.password) if auth else ""
-        return msgpack.packb(["PING", self.hostname.decode(), self.salt,
+        # exactly six str elements, in one write, nothing after it until the PONG
+        return msgpack.packb(["PING", self.hostname.decode(), self.salt.decode(),
                               _hex(self.salt, self.hostname, self.nonce, self.key),
                               self.username.decode(), password_digest], use_bin_type=True)
 

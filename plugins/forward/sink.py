@@ -135,6 +135,7 @@ class ForwardSink(Sink):
         self.chunks_sent = 0
         self._overflow_reported = 0
         self._chunk_limit = options.chunk_bytes
+        self._connected = False
         self.thread = threading.Thread(target=self._run, name="tcpstates-forward", daemon=True)
 
     # -- pipeline side ---------------------------------------------------------
@@ -237,8 +238,10 @@ class ForwardSink(Sink):
         return chunk
 
     def _send(self, chunk: list[tuple[bytes, int]]) -> None:
+        self._connected = False
         if self.conn is None:
             self.conn = self._connect()
+        self._connected = True        # a failure from here on concerns this chunk
         chunk_id = base64.b64encode(os.urandom(16)).decode() if self.options.ack else None
         payload = request(msgpack.Packer(use_bin_type=True), self.options.tag,
                           [entry for entry, _ in chunk], self.options.mode, chunk_id)
@@ -256,13 +259,12 @@ class ForwardSink(Sink):
                 if not self.buffer or (self.closing and time.monotonic() > self.deadline):
                     return
                 chunk = self._next_chunk_locked()
-            connected = self.conn is not None
             try:
                 self._send(chunk)
             except Exception as exc:   # refused, reset, timeout, TLS, handshake, protocol
                 self._disconnect()
                 detail = sanitize_text(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-                dropped_after_send = connected and isinstance(exc, (ConnectionError, BrokenPipeError))
+                dropped_after_send = self._connected and isinstance(exc, (ConnectionError, BrokenPipeError))
                 refused_in_a_row = refused_in_a_row + 1 if dropped_after_send else 0
                 if refused_in_a_row >= 2:
                     self._rejected(chunk)

@@ -98,6 +98,9 @@ class Connection:
             reply = self.read_message(deadline)
             if isinstance(reply, dict) and reply.get(b"ack") == want:
                 return
+            if isinstance(reply, list) and reply and reply[0] == b"HELO":
+                raise ProtocolError("receiver expects the Forward handshake (it sent HELO): "
+                                    "set shared_key (and username/password) as configured there")
             received_before += 1
             if received_before > 64:
                 raise ProtocolError("receiver keeps answering without acking our chunk")
