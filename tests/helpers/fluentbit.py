@@ -13,6 +13,7 @@ Readiness: Fluent Bit's own HTTP server (`/api/v1/health`) answering, then
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,10 +80,11 @@ class FluentBit:
                    f"    Health_Check On\n")
         self.config_path = workdir / "fluent-bit.conf"
         # the caller's [SERVICE] keys (parsers, storage) are merged into ours
-        if config.lstrip().startswith("[SERVICE]"):
-            head, _, rest = config.lstrip()[len("[SERVICE]"):].partition("\n[")
-            service += head.strip("\n") + "\n"
-            config = "[" + rest if rest else ""
+        m = re.search(r"^\[SERVICE\]\n((?:[^\[\n].*\n|\n)*)", config, flags=re.M)
+        if m:
+            service += "\n".join(line for line in m.group(1).splitlines()
+                                 if line.strip() and not line.lstrip().startswith(("#", "Flush"))) + "\n"
+            config = config[:m.start()] + config[m.end():]
         self.config_path.write_text(service + "\n" + config)
         self.log_path = workdir / f"fluent-bit.{int(time.monotonic() * 1000)}.log"
         self.argv = [exe, "-c", str(self.config_path), *extra_args]
