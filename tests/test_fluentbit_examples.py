@@ -57,8 +57,7 @@ def test_forward_configs_deliver_over_unix_socket(tmp_path, fluent_bit, name):
         text = kubernetes_config() if name == "kubernetes" else (EXAMPLES / name).read_text()
         cfg = _localize(text, tmp_path, port) + forward_output(rx.address)
         assert "storage.type filesystem" in cfg.replace("  ", " ") or "storage.type  filesystem" in cfg
-        sock = next(str(p) for p in (tmp_path / "run_fluent-bit", tmp_path / "var_run_fluent-bit")
-                    if p.exists()) + "/forward.sock"
+        sock = re.search(r"Unix_Path\s+(\S+)", cfg).group(1)
         fb = fluent_bit(cfg, wait_for=sock)
         n = 5000
         r = run_cli("--replay", str(trace(tmp_path / "t.jsonl", n)), "--sink", "forward",
