@@ -237,3 +237,24 @@ def test_chunk_over_buffer_max_size_is_reported_and_split(tmp_path, fluent_bit, 
     assert f"{n} acknowledged, 0 lost" in err
     wait_until(lambda: len(receiver.records()) >= n, 30, "records")
     check_exact(receiver.entries, n)
+
+
+@pytest.mark.kernel
+def test_live_kernel_events_through_real_fluent_bit(tmp_path, fluent_bit, receiver, tracer):
+    """The one inherently live path: real tracepoint → forward sink → Fluent Bit."""
+    from traffic import session
+    port = free_port()
+    fb_port = free_port()
+    fb = fluent_bit(forward_input(port=fb_port) + forward_output(receiver.address), wait_for=("127.0.0.1", fb_port))
+    t = tracer("--sink", "forward", "-L", str(port), "-o", f"sinks.forward.address=127.0.0.1:{fb_port}")
+    session(socket.AF_INET, port, hold=0.01, server_delay=0.0)
+    rc, _, err = t.stop()
+    assert rc == 0, err
+    assert "written: forward 7;" in err
+    wait_until(lambda: len(receiver.records()) >= 7, 20, "7 records")
+    fb.stop()
+    recs = receiver.records()
+    assert len(recs) == 7 and {r["lport"] for r in recs} == {port}
+    assert [r["seq"] for r in recs] == list(range(1, 8))
+    for _, t_ns, r in receiver.entries:
+        assert t_ns == r["time_ns"]
