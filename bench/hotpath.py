@@ -16,17 +16,17 @@ import sys
 import time
 
 from tcpstates.api import RunContext
-from tcpstates.plugins.kernel.decoder import EVENT_STRUCT, Decoder
+from tcpstates.plugins.kernel.decoder import EVENT_SIZE, EVENT_STRUCT, Decoder
 
 
 def records(n: int) -> bytes:
     out = []
     for i in range(n):
-        out.append(struct.pack("<II", 96, 0) + EVENT_STRUCT.pack(
+        out.append(struct.pack("<II", EVENT_SIZE, 0) + EVENT_STRUCT.pack(
             10**9 + i * 1000, 0xffff888100000000 + (i % 512) * 0x40, (i % 7) * 1000 if i % 5 else 2**64 - 1,
             1, 4000 + i % 3, 4000 + i % 3, 40000 + i % 20000, 8080, 2, 1 + i % 9, 1 + (i + 1) % 9,
             socket.inet_aton("127.0.0.1") + bytes(12), socket.inet_aton("10.1.%d.%d" % (i % 4, i % 200)) + bytes(12),
-            b"python3".ljust(16, b"\0")))
+            b"python3".ljust(16, b"\0"), bytes(40)))
     return b"".join(out)
 
 

@@ -1,10 +1,15 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* tcpstates.bpf.c - the kernel stage: one record per TCP state change.
  *
  * bcc dialect. Reads nothing but the fields of the sock:inet_sock_set_state
  * tracepoint and BPF helpers, so the header tree it is compiled against need
  * not match the running kernel (no kernel struct layouts).
  *
- * Compile-time switches (-D cflags set by core/kernel_probe.py):
+ * Licence: GPL-2.0-only OR Apache-2.0 (LICENSES/GPL-2.0-only.txt, LICENSE).
+ * bcc loads it declaring "GPL", which the kernel requires for the helpers
+ * used here (bpf_probe_read_kernel); the Python code is Apache-2.0.
+ *
+ * Compile-time switches (-D cflags built by plugins/kernel/probe.py build_cflags):
  *   TCPSTATES_PERF_BUFFER     use a perf buffer instead of a BPF ring buffer
  *                             (kernels older than 5.8)
  *   TCPSTATES_RINGBUF_PAGES   ring buffer size in pages (power of two)
@@ -33,6 +38,9 @@
 #define TCPSTATES_AF_INET 2
 #define TCPSTATES_TCP_CLOSE 7
 
+/* the owner map and probes (-DTCPSTATES_OWNER); otherwise zeroes owner fields */
+#include "owner.bpf.h"
+
 /* ns timestamp of each live socket's last transition. LRU, so a full map
  * evicts the oldest socket instead of silently refusing new ones. */
 BPF_TABLE("lru_hash", u64, u64, last_change, TCPSTATES_MAX_SOCKETS);
@@ -57,7 +65,8 @@ BPF_RINGBUF_OUTPUT(events, TCPSTATES_RINGBUF_PAGES);
  * instead, so they are late, never lost. */
 BPF_PERF_OUTPUT(spill);
 #endif
-/* staging area for perf-buffer records (too big for the BPF stack) */
+/* Where a perf-buffer record is built: perf_submit copies from memory, and a
+ * per-CPU map slot keeps a second 96-byte record off the 512-byte BPF stack. */
 BPF_PERCPU_ARRAY(scratch, struct tcpstates_event, 1);
 
 static __always_inline int port_allowed(void *map_lookup_result)
@@ -99,6 +108,7 @@ static __always_inline void count_drop(void)
         bpf_probe_read_kernel((e)->daddr, 16, (args)->daddr_v6);         \
     }                                                                    \
     bpf_get_current_comm((e)->comm, sizeof((e)->comm));                  \
+    TCPSTATES_OWNER_FILL(e, args, sk);                                   \
 } while (0)
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)

@@ -1,8 +1,10 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* tcpstates.h - the one event record the kernel stage hands to user space.
  *
- * The layout is mirrored by EVENT_FORMAT in core/events.py; keep both in step
- * (tests/test_events.py compiles nothing, it checks the size constant).
- * Natural alignment, no padding holes: 96 bytes.
+ * The layout is mirrored by EVENT_STRUCT in plugins/kernel/decoder.py; keep
+ * both in step (tests/test_kernel_units.py compiles this header with the C
+ * compiler and compares every field's offset and size with the decoder's).
+ * Natural alignment, no padding holes: 136 bytes.
  */
 #ifndef TCPSTATES_H
 #define TCPSTATES_H
@@ -24,6 +26,13 @@ struct tcpstates_event {
     u8 saddr[16];     /* IPv4 in the first 4 bytes */
     u8 daddr[16];
     char comm[16];    /* on-CPU thread name (bcc's C-COMM) */
+    /* The socket's owner as the kernel knows it (bpf/owner.bpf.h); all zero
+     * unless compiled with TCPSTATES_OWNER or when no owner is known. */
+    u64 owner_start_ns;   /* owner's start time (boottime ns): PID + this = identity */
+    u64 owner_cgroup_id;  /* owner's cgroup v2 id, captured in the owner's context */
+    u32 owner_pid;        /* owner TGID */
+    u32 owner_how;        /* 0 unknown, 1 syscall transition, 2 accept, 3 send/recv */
+    char owner_comm[16];  /* owner's thread-group leader name */
 };
 
 #endif

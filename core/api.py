@@ -29,11 +29,19 @@ class KernelConstraints:
     space filter that implies one of these is pushed into the kernel
     automatically (its own check still runs, so correctness never depends on
     the kernel honouring it).
+
+    `cflags` is how any chain stage (filter or enricher) asks the kernel
+    stage for an optional, compiled-in part of its BPF program: `-DNAME` or
+    `-DNAME=VALUE` switches (nothing else is accepted), added to the compile
+    of every chain stage that asks (e.g. the owner enricher's
+    `-DTCPSTATES_OWNER` with offsets from the running kernel's BTF). Sources
+    other than the kernel ignore them.
     """
 
     local_ports: frozenset[int] | None = None
     remote_ports: frozenset[int] | None = None
     family: int | None = None   # socket.AF_INET or AF_INET6
+    cflags: tuple[str, ...] = ()
 
 
 class Warner:
@@ -120,6 +128,11 @@ class ChainStage(Stage):
     def observes(cls) -> bool:
         return cls.observe_batch is not ChainStage.observe_batch
 
+    def kernel_constraints(self) -> KernelConstraints | None:
+        """What the kernel stage can do for this stage: drop early (filters
+        only) or compile in optional parts (`cflags`, any chain stage)."""
+        return None
+
 
 class Filter(ChainStage):
     """Decides which events go on. Override `keep` (or `filter_batch`)."""
@@ -133,10 +146,6 @@ class Filter(ChainStage):
     def filter_batch(self, batch: list[Event]) -> list[Event]:
         keep = self.keep
         return [e for e in batch if keep(e)]
-
-    def kernel_constraints(self) -> KernelConstraints | None:
-        """Conditions the kernel stage can evaluate for this filter, if any."""
-        return None
 
 
 class Enricher(ChainStage):

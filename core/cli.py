@@ -156,7 +156,14 @@ def run(argv: Sequence[str]) -> int:
     from tcpstates.session import build_pipeline, execute
 
     warner = Warner()
-    registry, tree, _boot = load_registry(argv, warner)
+    try:
+        registry, tree, _boot = load_registry(argv, warner)
+    except UsageError:
+        # -h and --version answer even when the config is broken or unreadable
+        if not any(a in ("-h", "--help", "--version") for a in argv):
+            raise
+        from tcpstates.registry import make_plugin_manager
+        registry, tree = make_plugin_manager(warner=warner), {}
     args = build_parser(registry).parse_args(argv)
     if args.user is not None and not args.user:
         raise UsageError("--user: empty name")

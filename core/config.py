@@ -17,13 +17,12 @@ Every problem is a ConfigError naming its TOML path.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from tcpstates.errors import ConfigError, UsageError
+from tcpstates.errors import UsageError
 
 CONFIG_ENV = "TCPSTATES_CONFIG"
 

@@ -31,6 +31,7 @@ def doctor_command(argv: Sequence[str]) -> int:
     checks: list[Check] = []
     registry = make_plugin_manager(warner=Warner())
     registry.call("tcpstates_doctor_checks", register=checks.append)
+    checks.sort(key=lambda c: not c.required)   # what tracing needs first, in plugin order
     failed = False
     for check in checks:
         try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from tcpstates.config import RunConfig
+    from tcpstates.runconfig import RunConfig
     from tcpstates.doctor import Check
 
 hookspec = pluggy.HookspecMarker("tcpstates")

@@ -84,11 +84,13 @@ class Pipeline:
     def kernel_constraints(self) -> list[KernelConstraints]:
         out = []
         for c in self.chain:
-            if c.is_filter:
-                assert isinstance(c.stage, Filter)
-                kc = c.stage.kernel_constraints()
-                if kc is not None:
-                    out.append(kc)
+            kc = c.stage.kernel_constraints()
+            if kc is None:
+                continue
+            if not c.is_filter:
+                # an enricher must not narrow what is traced: keep only its cflags
+                kc = KernelConstraints(cflags=kc.cflags)
+            out.append(kc)
         return out
 
     def start(self, on_started: Callable[[], None] | None = None) -> None:

@@ -21,8 +21,8 @@ import pluggy
 
 import tcpstates
 from tcpstates import hookspecs
-from tcpstates.api import Enricher, Filter, Sink, Source, Warner
-from tcpstates.errors import UsageError
+from tcpstates.api import Enricher, Filter, Sink, Source, Stage, Warner
+from tcpstates.errors import EnvironmentProblem, StageError, UsageError
 from tcpstates.security import check_plugin_file
 
 KINDS = {"source": Source, "filter": Filter, "enricher": Enricher, "sink": Sink}
@@ -33,7 +33,7 @@ ENTRY_POINT_GROUP = "tcpstates"
 class StageInfo:
     name: str
     kind: str
-    cls: type
+    cls: type[Stage]
     plugin: str          # pluggy plugin name that registered it
     distribution: str
     version: str
@@ -98,7 +98,7 @@ class Registry:
                     f"{kind} {name!r} is provided by both {prior.distribution} "
                     f"{prior.version} and {dist} {version}; uninstall one, or disable "
                     f"one with [plugins] disable = [\"<distribution>\"]")
-            self.stages[(kind, name)] = StageInfo(name, kind, cls, plugin, dist, version)
+            self.stages[(kind, name)] = StageInfo(name, kind, cls, plugin, dist, version)   # type: ignore[arg-type]
 
         self.call(hook_name, register=register)
 
@@ -108,8 +108,8 @@ class Registry:
         current = self.plugin_of(hook_name)
         try:
             return hook(**kwargs)
-        except (UsageError, SystemExit):
-            raise
+        except (UsageError, EnvironmentProblem, StageError, SystemExit, BrokenPipeError):
+            raise   # already one clear line (or a reader that left): not the plugin's bug
         except Exception as exc:
             plugin = _raising_plugin(exc, hook) or current()
             dist, version = self.where(plugin)
@@ -192,7 +192,15 @@ def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str
                 raise UsageError(message) from None
             warner.warn(f"warning: {message}; continuing without it")
             continue
-        pm.register(plugin, name=ep.name)
+        try:
+            pm.register(plugin, name=ep.name)
+        except pluggy.PluginValidationError as exc:   # e.g. a hook argument misnamed
+            message = (f"plugin {ep.name!r} from distribution {dist_name} {version} does not match "
+                       f"tcpstates' hooks ({' '.join(str(exc).split())}); update or uninstall it")
+            if strict:
+                raise UsageError(message) from None
+            warner.warn(f"warning: {message}; continuing without it")
+            continue
         dists[ep.name] = (dist_name, version)
 
 
@@ -218,8 +226,8 @@ def make_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = (
     if entry_points:
         _load_entry_points(pm, dists, blocked, warner or Warner(), strict, allow_insecure)
     for modname in reversed(DEFAULT_PLUGINS):
-        short = modname.rsplit(".", 1)[-1]
-        if short in blocked:
+        # "tcpstates.plugins.filters.family_flags" is disabled with "filters"
+        if modname.split(".")[2] in blocked:
             continue
         pm.register(importlib.import_module(modname), name=modname)
     try:

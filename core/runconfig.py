@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Sequence
 
-from tcpstates.api import FILTER_POLICIES, SINK_POLICIES, Source
+from tcpstates.api import FILTER_POLICIES, SINK_POLICIES, Source, Stage
 from tcpstates.errors import ConfigError, UsageError
 from tcpstates.options import build_options
 
@@ -55,7 +55,7 @@ class StageSpec:
     table: dict[str, Any] = dataclasses.field(default_factory=dict)   # as written, minus type/on_error
 
     @property
-    def cls(self) -> type:
+    def cls(self) -> type[Stage]:
         return self.info.cls
 
 
@@ -107,15 +107,14 @@ class RunConfig:
         self._sources_table = _table(tree, "sources", "sources")
         self.sources = {name: self._source_spec(name, table)
                         for name, table in self._sources_table.items()}
-        self.source = self.sources.get(self.general.source) or self._source_spec(
-            self.general.source, None, where="tcpstates.source")
+        # the default source and sinks are resolved only if no flag replaces
+        # them: `--sink jsonl` works even where the default sink is disabled
+        self._source: StageSpec | None = None
         self.chain = self._chain_specs(tree.get("chain", []))
         self._front: list[StageSpec] = []
         self._sinks_table = _table(tree, "sinks", "sinks")
         self.named_sinks = {name: self._sink_spec(name) for name in self._sinks_table}
-        self._sink_where = "tcpstates.sinks"
-        self._active: list[StageSpec] = []
-        self.set_sinks(self.general.sinks, where="tcpstates.sinks")
+        self._active_list: list[StageSpec] | None = None
 
     @classmethod
     def load(cls, tree: dict[str, Any], registry: Registry) -> RunConfig:
@@ -188,6 +187,24 @@ class RunConfig:
                               f"got {value!r}")
         return value
 
+    @property
+    def source(self) -> StageSpec:
+        """The active source ([tcpstates] source, unless a flag chose another)."""
+        if self._source is None:
+            self._source = self.sources.get(self.general.source) or self._source_spec(
+                self.general.source, None, where="tcpstates.source")
+        return self._source
+
+    @property
+    def _active(self) -> list[StageSpec]:
+        if self._active_list is None:
+            self._active_list = self._resolve_sinks(self.general.sinks, "tcpstates.sinks")
+        return self._active_list
+
+    @_active.setter
+    def _active(self, specs: list[StageSpec]) -> None:
+        self._active_list = specs
+
     def sink_specs(self) -> list[StageSpec]:
         """The active sinks, in order."""
         return list(self._active)
@@ -204,11 +221,15 @@ class RunConfig:
 
     def source_is_live(self) -> bool:
         """Tracing this machine now (not replaying or feeding preset events)."""
-        return issubclass(self.source.cls, Source) and self.source.cls.needs_kernel
+        cls = self.source.cls
+        return issubclass(cls, Source) and cls.needs_kernel
 
     # -- what plugins may change -------------------------------------------------------
     def set_sinks(self, names: Sequence[str], *, where: str) -> None:
         """Replace the active sinks (--sink NAME... does this)."""
+        self._active = self._resolve_sinks(names, where)
+
+    def _resolve_sinks(self, names: Sequence[str], where: str) -> list[StageSpec]:
         seen: list[str] = []
         for name in names:
             if not name:
@@ -216,15 +237,15 @@ class RunConfig:
             if name in seen:
                 raise UsageError(f"{where}: sink {name!r} given twice; name each sink once")
             seen.append(name)
-        self._sink_where = where
-        self._active = [self.named_sinks.get(n) or self._sink_spec(n, where) for n in seen]
+        return [self.named_sinks.get(n) or self._sink_spec(n, where) for n in seen]
 
-    def add_sink(self, name: str) -> None:
+    def add_sink(self, name: str, *, label: str = "a command-line flag") -> None:
+        """Add a sink (a type or a [sinks] name) unless it is active already."""
         if not self.has_sink(name):
-            self._active.append(self.named_sinks.get(name) or self._sink_spec(name))
+            self._active.append(self.named_sinks.get(name) or self._sink_spec(name, label))
 
-    def replace_sink(self, old: str, new: str) -> None:
-        spec = self.named_sinks.get(new) or self._sink_spec(new)
+    def replace_sink(self, old: str, new: str, *, label: str = "a command-line flag") -> None:
+        spec = self.named_sinks.get(new) or self._sink_spec(new, label)
         self._active = [spec if s.name == old else s for s in self._active]
 
     def set_sink_options(self, name: str, **changes: Any) -> None:
@@ -250,8 +271,7 @@ class RunConfig:
         table = self._sources_table.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"sources.{name}", "expected a table")
-        spec = self._source_spec(name, {**table, **options}, where=label)
-        self.source = spec
+        self._source = self._source_spec(name, {**table, **options}, where=label)
 
     def make_strict(self) -> None:
         self.strict = True
@@ -261,9 +281,9 @@ class RunConfig:
         """The final plan: front + chain with what stages require, the active sinks."""
         if self._unclaimed:
             key = sorted(self._unclaimed)[0]
-            raise ConfigError(f"tcpstates.{key}", "unknown setting (valid: "
-                              f"{', '.join(f.name for f in dataclasses.fields(General))} and those "
-                              f"of installed plugins)")
+            raise ConfigError(f"tcpstates.{key}", "no enabled plugin uses this setting (the core's: "
+                              f"{', '.join(f.name for f in dataclasses.fields(General))}); remove "
+                              f"it, or enable the plugin it belongs to in [plugins]")
         if not self._active:
             raise UsageError("no sinks: give --sink NAME or set tcpstates.sinks in the config")
         chain: list[StageSpec] = []

@@ -8,6 +8,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "tcpstates.plugins.bcc_table",
     "tcpstates.plugins.filters",
     "tcpstates.plugins.journal",
+    "tcpstates.plugins.filters.family_flags",
     "tcpstates.plugins.owner",
     "tcpstates.plugins.summary",
     "tcpstates.plugins.replay",

@@ -24,8 +24,9 @@ command -v apt-get >/dev/null || die "no apt-get: install bcc's Python bindings,
 pkgs=(python3 python3-venv python3-bpfcc python3-systemd ca-certificates)
 if [ "$want_test" = yes ]; then
     # journald + journalctl for the private test journal, unshare/nsenter, ss,
-    # /etc/services for the example plugin, bcc's own tcpstates for the benchmark
-    pkgs+=(systemd util-linux iproute2 procps netbase bpfcc-tools)
+    # /etc/services for the example plugin, bcc's own tcpstates for the benchmark,
+    # a C compiler for the record-layout test
+    pkgs+=(systemd util-linux iproute2 procps netbase bpfcc-tools gcc libc6-dev)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

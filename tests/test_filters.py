@@ -121,3 +121,25 @@ def test_port_and_family_conditions_are_pushed_into_the_kernel(tracer):
     # the other sessions never reached user space: seen == kept, nothing filtered there
     m = re.search(r"(\d+) events seen, (\d+) kept", err)
     assert m and m.group(1) == m.group(2) == str(len(parse_csv(out)))
+
+
+def test_the_documented_example_config_does_not_change_the_output(tmp_path):
+    """tcpstates.toml as shipped (its active parts) prints exactly what no config
+    prints: a connect's first event (CLOSE->SYN_SENT, local port 0) included."""
+    recs = []
+    for i, (old, new, lport) in enumerate([("CLOSE", "SYN_SENT", 0), ("SYN_SENT", "ESTABLISHED", 40000),
+                                           ("ESTABLISHED", "FIN_WAIT1", 40000), ("FIN_WAIT2", "CLOSE", 40000)]):
+        recs.append({"type": "state_change", "v": 1, "seq": i + 1, "time": "2026-11-27T08:00:00.000000000Z",
+                     "time_ns": 1795766400 * 10**9 + i, "mono_ns": 10**9 + i, "host": "h", "skaddr": "ffff1",
+                     "family": "ipv4", "laddr": "127.0.0.1", "lport": lport, "raddr": "127.0.0.1",
+                     "rport": 80, "oldstate": old, "newstate": new, "span_us": 5, "pid": 1, "tid": 1,
+                     "comm": "curl", "cgroup_id": 0})
+    rec_file = tmp_path / "r.jsonl"
+    rec_file.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with_example = run_cli("--config", str(ROOT / "tcpstates.toml"), "--replay", str(rec_file), "--no-summary")
+    without = run_cli("--config", str(empty), "--replay", str(rec_file), "--no-summary")
+    assert with_example.returncode == 0 and without.returncode == 0, with_example.stderr
+    assert with_example.stdout == without.stdout
+    assert with_example.stdout.count(b"\n") == 1 + len(recs)

@@ -34,6 +34,8 @@ def test_wheel_holds_one_tcpstates_package_with_the_bpf_sources(tmp_path):
                    "tcpstates/plugins/kernel/ringbuf.py",
                    "tcpstates/bpf/tcpstates.bpf.c", "tcpstates/bpf/tcpstates.h", "tcpstates/testing.py"):
         assert needed in names, needed
+    assert any(n.endswith("licenses/LICENSES/GPL-2.0-only.txt") or n.endswith("/GPL-2.0-only.txt")
+               for n in names), "the BPF C's GPL text ships with it"
     tops = {n.split("/")[0] for n in names}
     assert not tops & {"core", "plugins", "bpf", "tests"}, tops
     ep = next(n for n in names if n.endswith("entry_points.txt"))

@@ -19,7 +19,7 @@ from tcpstates import hookspecs
 from tcpstates.api import Filter, Sink
 from tcpstates.errors import StageError
 from tcpstates.hookspecs import hookimpl
-from tcpstates.testing import MemorySink, make_event, run_pipeline
+from tcpstates.testing import make_event, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tcpstates-services"
@@ -50,13 +50,53 @@ def test_example_is_listed_with_distribution_and_options(example_installed):
     assert "services database" in svc["description"]
     assert {"name": "unknown", "type": "a string", "default": "",
             "help": 'value for ports without a name ("" leaves the field out)'} in svc["options"]
+    assert rows[("sink", "service_counts")]["distribution"] == "tcpstates-services"
     assert rows[("filter", "slow_handshake")]["distribution"] == "tcpstates-services"
     assert rows[("sink", "text")]["distribution"] == "tcpstates"
     for kind in ("source", "filter", "sink"):
         assert any(k == kind for k, _ in rows)
     text = run_cli("plugins").stdout.decode()
     assert "services (enricher) from tcpstates-services 1.0.0:" in text
-    assert '    min_ms = 100.0  (a number) keep SYN_SENT->ESTABLISHED slower than this' in text
+    assert '    min_ms = 100.0  (a number) [0..1000000000.0] keep SYN_SENT->ESTABLISHED slower than this' in text
+    # the schema's bounds and choices are shown
+    proto = next(o for o in svc["options"] if o["name"] == "protocol")
+    assert proto["choices"] == ["tcp", "udp", "sctp"]
+
+
+REPLAY_RECORD = {"type": "state_change", "v": 1, "seq": 1, "time": "2026-11-27T08:00:00.000000000Z",
+                 "time_ns": 1795766400 * 10**9, "mono_ns": 10**9, "host": "h", "skaddr": "ffff1",
+                 "family": "ipv6", "laddr": "::1", "lport": 50000, "raddr": "::1", "rport": 443,
+                 "oldstate": "SYN_SENT", "newstate": "ESTABLISHED", "span_us": 12, "pid": 1, "tid": 1,
+                 "comm": "curl", "cgroup_id": 0}
+
+
+def test_third_party_sink_adds_its_own_flag(example_installed, tmp_path):
+    """examples/tcpstates-services' --service-counts: a flag from a third-party
+    package, shown in -h, folded in by its own configure hook, through the real CLI."""
+    assert b"--service-counts FILE" in run_cli("-h").stdout
+    out = tmp_path / "counts.txt"
+    r = run_cli("--replay", "-", "--service-counts", str(out), "--no-summary",
+                input=orjson.dumps(REPLAY_RECORD) + b"\n")
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == "1 https\n"
+    assert b"ESTABLISHED" in r.stdout, "the default text sink keeps running beside it"
+
+
+def test_a_third_party_sink_is_never_taken_for_a_structured_builtin(example_installed):
+    """Only sinks that declare `structured = True` (jsonl, journal, forward) turn the
+    owner enricher on by themselves; a third-party sink does not."""
+    from tcpstates.api import Warner
+    from tcpstates.cli import build_parser, configure
+    from tcpstates.registry import make_plugin_manager
+
+    registry = make_plugin_manager(warner=Warner())
+    def chain(*argv: str) -> list[str]:
+        args = build_parser(registry).parse_args(list(argv))
+        return [s.name for s in configure(args, {}, registry).chain]
+    assert chain("--sink", "service_counts") == []
+    assert chain("--sink", "service_counts", "--sink", "jsonl") == ["owner"]
+    assert chain("--sink", "service_counts", "--owner") == ["owner", "container"]   # WORKLOAD column
+    assert chain("--sink", "jsonl", "--replay", "x.jsonl") == [], "a replay keeps its recorded owners"
 
 
 def test_example_configured_from_toml_changes_replayed_output(example_installed, tmp_path):
@@ -106,7 +146,7 @@ def test_example_package_own_tests_pass(example_installed):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         str(EXAMPLE / "tests")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 passed" in r.stdout
+    assert "5 passed" in r.stdout
 
 
 SINK_PLUGIN = sink_plugin("dup")

@@ -2,7 +2,7 @@
 
 bcc's own `%` formats (kept below for reference) are rewritten with two
 extra `%s` slots: the state pair pre-rendered (one `%` per row), and the
-optional owner columns (empty unless `owner` is on, so the default output
+optional owner columns O-PID, O-COMM, WORKLOAD (empty unless `owner` is on, so the default output
 is bcc's to the byte; tests/test_bcc_format.py proves it). Formatting works
 on a whole batch and caches the HH:MM:SS string per second.
 """
@@ -33,8 +33,27 @@ _ROW_CSV = "%x,%d,%s,%s,%s,%s,%s,%s,%s,%.3f%s"
 _HEADER_DEFAULT = "%-16s %-5s %-10.10s %s%s%-15s %-5s %-15s %-5s %s %s"
 _HEADER_WIDE = "%-16s %-5s %-16.16s %s%-2s %-39s %-5s %-39s %-5s %s %s"
 _HEADER_CSV = "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s%s"
-_OWNER_DEFAULT = "%-7s %-10.10s "
-_OWNER_WIDE = "%-7s %-16.16s "
+_OWNER_DEFAULT = "%-7s %-10.10s %-20.20s "
+_OWNER_WIDE = "%-7s %-16.16s %-32.32s "
+
+
+def workload(extra: dict[str, Any]) -> str:
+    """The owner's workload for the WORKLOAD column (with --owner): the Kubernetes
+    `namespace/pod`, else the container's name, else its short id, `-` when the
+    owner is known to be in no container, `?` when nothing is known."""
+    pod = extra.get("k8s_pod")
+    if pod:
+        ns = extra.get("k8s_namespace")
+        return f"{ns}/{pod}" if ns else pod
+    name = extra.get("container_name")
+    if name:
+        return name
+    cid = extra.get("container_id")
+    if cid:
+        return cid[:12]
+    if extra.get("pod_uid"):
+        return "pod-" + extra["pod_uid"]
+    return "-" if "cgroup" in extra or "systemd_unit" in extra else "?"
 
 
 def csv_field(value: str) -> str:
@@ -70,9 +89,9 @@ class BccFormatter:
         if self.csv:
             prefix = ("TIME," if self.time_col else "") + ("TIME(s)," if self.timestamp_col else "")
             return prefix + _HEADER_CSV % ("SKADDR", "C-PID", "C-COMM", "IP", "LADDR", "LPORT", "RADDR",
-                                           "RPORT", pair, "MS", ",O-PID,O-COMM" if self.owner else "")
+                                           "RPORT", pair, "MS", ",O-PID,O-COMM,WORKLOAD" if self.owner else "")
         prefix = ("%-8s " % "TIME" if self.time_col else "") + ("%-9s " % "TIME(s)" if self.timestamp_col else "")
-        owner = ((_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % ("O-PID", "O-COMM")) if self.owner else ""
+        owner = ((_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % ("O-PID", "O-COMM", "WORKLOAD")) if self.owner else ""
         if self.wide:
             return prefix + _HEADER_WIDE % ("SKADDR", "C-PID", "C-COMM", owner, "IP", "LADDR", "LPORT",
                                             "RADDR", "RPORT", pair, "MS")
@@ -83,9 +102,11 @@ class BccFormatter:
         pid, comm = e.extra.get("owner_pid"), e.extra.get("owner_comm")
         pid_text = "?" if pid is None else str(pid)
         comm = "?" if comm is None else comm
+        work = workload(e.extra)
         if self.csv:
-            return ",%s,%s" % ("" if pid is None else pid_text, csv_field(comm) if pid is not None else "")
-        return (_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % (pid_text, comm)
+            return ",%s,%s,%s" % ("" if pid is None else pid_text, csv_field(comm) if pid is not None else "",
+                                  csv_field(work) if work != "?" else "")
+        return (_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % (pid_text, comm, work)
 
     def _clock(self, ts_ns: int) -> str:
         sec = self.wall_ns(ts_ns) // 1_000_000_000

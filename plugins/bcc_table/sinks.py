@@ -22,7 +22,7 @@ class CsvOptions:
     time: bool = option(False, "prefix a TIME column, HH:MM:SS (-T)")
     timestamp: bool = option(False, "prefix a TIME(s) column, seconds since the first event (-t)")
     header: bool = option(True, "print the header line first")
-    owner: bool = option(False, "add O-PID/O-COMM columns: the socket's owner (--owner)")
+    owner: bool = option(False, "add O-PID/O-COMM/WORKLOAD columns: the socket's owner and its pod or container (--owner)")
 
     def validate(self) -> None:
         if not self.path:

@@ -1,130 +1,159 @@
-"""The `container` enricher and the `workload` filter: which container (or systemd unit) owns the socket.
+"""The `container` enricher: which container (or systemd unit) owns the socket.
 
-From the owner's cgroup (the `owner` enricher's owner_pid, read from
-/proc/PID/cgroup; for a process that has already exited, the cgroup id the
-kernel captured in the owner's context, resolved through the cgroup v2
-tree) it derives container_id, container_runtime, pod_uid, pod_qos, and for
-processes outside containers systemd_unit (see tcpstates.plugins.container.cgroups). Results
-are cached with bounded memory; an exited process is not an error.
+Identity, never a bare PID: the owner's cgroup id captured in the kernel in
+the owner's own context (`owner_cgroup_id` from the `owner` enricher) is the
+first key. Resolved to a path through the kernel (cgroups.CgroupIdResolver),
+classified (layouts.classify), cached per id; an id that cannot be resolved
+(the cgroup is gone) is remembered as such — no tree walk per event.
+
+The id alone does not tell where v1 hierarchies exist (hybrid or v1 hosts:
+the v2 line may name only containerd.service, or the root). There, and when
+the owner came from /proc at start (no id), the owner's /proc/PID is read
+through one directory descriptor and cached by (PID, start time); a process
+that started after the event is another process that reused the PID, and
+gets nothing. Only what the v2 path of an id says is ever cached by that
+id, so one process's v1 container never sticks to another process.
+
+Names (pod, namespace, container, image) come from the runtimes' files on
+the node (metadata.py) and, for Docker, the Engine socket when present.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import fnmatch
+import time
 from typing import Any
 
-from tcpstates.api import Enricher, Filter, RunContext
-from tcpstates.plugins.container.cgroups import CgroupIdResolver, CgroupInfo, classify, proc_cgroup_path
-from tcpstates.plugins.container.docker_api import DockerNames
+from tcpstates.api import Enricher, RunContext
 from tcpstates.events import Event
 from tcpstates.options import option
+from tcpstates.plugins.container.cgroups import (LRU, CgroupIdResolver, CgroupInfo, ProcessCgroups, classify,
+                                                 classify_proc, host_is_v1_or_hybrid, read_process)
+from tcpstates.plugins.container.docker_api import DockerNames
+from tcpstates.plugins.container.metadata import MetadataRoots, RuntimeMetadata
+
+TICK_NS = 10_000_000     # /proc start times have clock-tick (10 ms) resolution
 
 
 @dataclasses.dataclass
 class ContainerOptions:
     cache_size: int = option(16384, "processes and cgroups remembered", min=16, max=1 << 20)
     cgroup_path: bool = option(True, "also add the raw cgroup path as `cgroup`")
+    names: bool = option(True, "add Kubernetes/Docker/Podman names and images from the runtimes' files")
     docker_socket: str = option("/var/run/docker.sock", "Docker Engine API socket for container "
-                                "name and image (skipped when absent; \"\" disables)")
-
-
-class _Lru(collections.OrderedDict):
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.limit:
-            self.popitem(last=False)
+                                "name and image when Docker's files are not readable (\"\" disables)")
+    containerd_root: str = option("/run/containerd/io.containerd.runtime.v2.task",
+                                  "containerd's task state dir (OCI bundles: <ns>/<id>/config.json)")
+    storage_roots: list[str] = option(["/run/containers/storage", "/var/lib/containers/storage"],
+                                      "containers/storage roots of CRI-O and podman")
+    docker_root: str = option("/var/lib/docker", "Docker's data root (containers/<id>/config.v2.json)")
+    proc: str = option("/proc", "procfs of the host (e.g. /host/proc in a pod without hostPID)")
+    hybrid: str = option("auto", "does the host have cgroup v1 hierarchies (then /proc/PID/cgroup is read "
+                         "even when the v2 id resolves)", choices=("auto", "yes", "no"))
 
 
 class ContainerEnricher(Enricher):
-    """Adds container_id, container_runtime, pod_uid, pod_qos or systemd_unit."""
+    """Adds container_id, container_runtime, pod_uid, pod_qos or systemd_unit, and names."""
 
     name = "container"
-    description = "container id/runtime, Kubernetes pod UID and QoS, or systemd unit of the owner"
+    description = "container id/runtime/name/image, Kubernetes namespace/pod/container, or systemd unit"
     Options = ContainerOptions
     requires = ("owner",)
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.by_pid: _Lru = _Lru(options.cache_size)
-        self.by_cgroup: _Lru = _Lru(options.cache_size)
-        self.resolver = CgroupIdResolver()
-        self.docker = DockerNames(options.docker_socket) if options.docker_socket else None
+        from pathlib import Path
+        self.proc = Path(options.proc)
+        self.by_cgroup: LRU = LRU(options.cache_size)
+        self.by_identity: LRU = LRU(options.cache_size)
+        self.resolver = CgroupIdResolver(limit=options.cache_size)
+        self.hybrid = host_is_v1_or_hybrid(str(self.proc / "self" / "cgroup")) if options.hybrid == "auto" \
+            else options.hybrid == "yes"
+        self.docker = DockerNames(options.docker_socket) if options.docker_socket and options.names else None
+        self.metadata = RuntimeMetadata(MetadataRoots(options.containerd_root, tuple(options.storage_roots),
+                                                      options.docker_root), limit=options.cache_size) \
+            if options.names else None
+        # CLOCK_BOOTTIME (where /proc start times live) minus CLOCK_MONOTONIC (event times)
+        self.boot_offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+        self._batch: dict[int, ProcessCgroups | None] | None = None    # per-batch memo, in enrich_batch only
 
-    def lookup(self, pid: int | None, cgroup_id: int | None) -> CgroupInfo | None:
-        if pid:
-            info = self.by_pid.get(pid)
-            if info is not None:
-                return info
-            path = proc_cgroup_path(pid)
-            if path is not None:
-                info = classify(path)
-                self.by_pid.put(pid, info)
-                if cgroup_id:
-                    self.by_cgroup.put(cgroup_id, info)
-                return info
-        if cgroup_id:
-            info = self.by_cgroup.get(cgroup_id)
-            if info is None:
-                path = self.resolver.path(cgroup_id)
-                if path is not None:
-                    info = classify(path)
-                    self.by_cgroup.put(cgroup_id, info)
+    # -- resolution --------------------------------------------------------------------
+    def _by_id(self, cgroup_id: int) -> CgroupInfo | None:
+        info = self.by_cgroup.get(cgroup_id)
+        if info is None and cgroup_id not in self.by_cgroup:
+            path = self.resolver.path(cgroup_id)
+            info = classify(path) if path is not None else None
+            self.by_cgroup.put(cgroup_id, info)     # None too: the negative cache
+        return info
+
+    def _process(self, pid: int) -> ProcessCgroups | None:
+        # one read per PID per batch: a PID cannot be reused in between and matter
+        memo = self._batch
+        if memo is None:
+            return read_process(pid, self.proc)
+        if pid not in memo:
+            memo[pid] = read_process(pid, self.proc)
+        return memo[pid]
+
+    def _by_process(self, pid: int, event_ns: int) -> CgroupInfo | None:
+        p = self._process(pid)
+        if p is None:
+            return None
+        if p.started_ns() > event_ns + self.boot_offset + TICK_NS:
+            return None                               # started after the event: the PID was reused
+        key = p.identity
+        if key in self.by_identity:
+            return self.by_identity[key]
+        info = classify_proc(p.text)
+        self.by_identity.put(key, info)
+        return info
+
+    def lookup(self, pid: int | None, cgroup_id: int | None, event_ns: int = 0) -> CgroupInfo | None:
+        info = self._by_id(cgroup_id) if cgroup_id else None
+        if info is not None and (info.telling or not self.hybrid):
             return info
-        return None
+        if not self.hybrid and cgroup_id:
+            return None                               # v2 only: the id was the whole truth, and it is gone
+        if isinstance(pid, int) and pid > 0:
+            by_pid = self._by_process(pid, event_ns)
+            if by_pid is not None and (info is None or by_pid.telling):
+                return by_pid
+        return info
+
+    # -- the stage ---------------------------------------------------------------------
+    def _names(self, info: CgroupInfo) -> dict[str, str]:
+        if info.container_id is None or info.runtime in ("lxc", "systemd-nspawn"):
+            return {}
+        names = self.metadata.lookup(info.container_id, None if info.runtime in ("cri", "unknown")
+                                     else info.runtime) if self.metadata else {}
+        if not names and self.docker is not None and info.runtime in ("docker", "unknown"):
+            names = self.docker.lookup(info.container_id) or {}
+        return dict(names)           # a copy: the caller edits it, the cache keeps its own
 
     def enrich(self, event: Event) -> None:
         extra = event.extra
-        info = self.lookup(extra.get("owner_pid"), extra.get("owner_cgroup_id"))
-        if info is not None:
-            fields = info.fields()
-            if not self.options.cgroup_path:
-                fields.pop("cgroup", None)
-            if self.docker is not None and info.runtime == "docker" and info.container_id:
-                names = self.docker.lookup(info.container_id)
-                if names:
-                    fields.update(names)
-            extra.update(fields)
+        pid = extra.get("owner_pid")
+        cgroup_id = extra.get("owner_cgroup_id")
+        if not cgroup_id and pid is not None and pid == event.pid:
+            cgroup_id = event.cgroup_id
+        info = self.lookup(pid, cgroup_id, event.ts_ns)
+        if info is None:
+            return
+        fields = info.fields()
+        if not self.options.cgroup_path:
+            fields.pop("cgroup", None)
+        names = self._names(info)
+        if names:
+            runtime = names.pop("runtime", None)
+            if runtime and fields.get("container_runtime") in ("cri", "unknown"):
+                fields["container_runtime"] = runtime
+            fields.update(names)
+        extra.update(fields)
 
-    def forget(self, pid: int) -> None:
-        self.by_pid.pop(pid, None)
-
-
-@dataclasses.dataclass
-class ContainerFilterOptions:
-    container_id: list[str] = option([], "keep owners in containers whose id starts with one of these")
-    pod_uid: list[str] = option([], "keep owners in these Kubernetes pods")
-    systemd_unit: list[str] = option([], "keep owners in these systemd units (shell globs allowed)")
-    runtime: list[str] = option([], "keep owners in containers of these runtimes (docker, containerd, ...)")
-    exclude: bool = option(False, "invert: drop the matching events instead")
-
-    def validate(self) -> None:
-        if not (self.container_id or self.pod_uid or self.systemd_unit or self.runtime):
-            raise ValueError("give container_id, pod_uid, systemd_unit or runtime")
-        if any(not p for p in self.container_id):
-            raise ValueError("container_id: empty prefix would match every container")
-
-
-class WorkloadFilter(Filter):
-    """Keep events by the owner's container, pod or systemd unit (after `container`)."""
-
-    name = "workload"
-    description = "keep events by container id prefix, pod UID, systemd unit or runtime"
-    Options = ContainerFilterOptions
-    requires = ("owner", "container")
-
-    def keep(self, event: Event) -> bool:
-        o, x = self.options, event.extra
-        cid = x.get("container_id")
-        match = ((not o.container_id or (cid is not None and cid.startswith(tuple(o.container_id)))) and
-                 (not o.pod_uid or x.get("pod_uid") in o.pod_uid) and
-                 (not o.runtime or x.get("container_runtime") in o.runtime) and
-                 (not o.systemd_unit or any(fnmatch.fnmatchcase(x.get("systemd_unit") or "", u)
-                                            for u in o.systemd_unit)))
-        return match != o.exclude
+    def enrich_batch(self, batch: list[Event]) -> None:
+        self._batch = {}
+        try:
+            for e in batch:
+                self.enrich(e)
+        finally:
+            self._batch = None

@@ -1,6 +1,7 @@
 """Built-in filters (ports, family, state, duration, process, address) and bcc's
-filter flags -L, -D, -4 and -6, which put the ports and family filters in
-front of the chain (pushed into the kernel from there)."""
+port flags -L and -D, which put the ports filter in front of the chain (pushed
+into the kernel from there). The family flags -4/-6 are `family_flags.py`, a
+plugin of their own so that `-h` lists the flags in bcc's order (-L -D -Y -4 -6)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,6 @@ def _ports(what: str) -> Any:
 def tcpstates_add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-L", "--localport", type=_ports("-L"), help="comma-separated list of local ports to trace.")
     parser.add_argument("-D", "--remoteport", type=_ports("-D"), help="comma-separated list of remote ports to trace.")
-    fam = parser.add_mutually_exclusive_group()
-    fam.add_argument("-4", "--ipv4", action="store_true", help="trace IPv4 family only")
-    fam.add_argument("-6", "--ipv6", action="store_true", help="trace IPv6 family only")
 
 
 @hookimpl(tryfirst=True)
@@ -53,5 +51,3 @@ def tcpstates_configure(config: RunConfig, args: argparse.Namespace) -> None:
         if args.remoteport:
             ports["remote"] = sorted(args.remoteport)
         config.prepend_chain("ports", "-L/-D", **ports)
-    if args.ipv4 or args.ipv6:
-        config.prepend_chain("family", "-4/-6", family="ipv4" if args.ipv4 else "ipv6")

@@ -170,7 +170,7 @@ class DurationFilter(Filter):
 
 @dataclasses.dataclass
 class ProcessOptions:
-    pid: list[int] = option([], "keep events of these PIDs", min=1, max=(1 << 22))
+    pid: list[int] = option([], "keep events of these PIDs (0: the idle task, softirq context)", min=0, max=(1 << 22))
     comm: list[str] = option([], "keep events of these command names (shell globs allowed)")
     field: str = option("cpu", "which process to judge: cpu (C-PID/C-COMM) or owner (owner enricher)",
                         choices=("cpu", "owner"))

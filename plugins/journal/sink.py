@@ -72,7 +72,6 @@ class JournalSink(Sink):
         self._root = os.geteuid() == 0
         self.rfc3339 = Rfc3339()
         self.sent = 0
-        self.bad_fields = 0
 
     def _check_socket(self) -> bool:
         if os.path.exists(JOURNAL_SOCKET):
@@ -130,7 +129,9 @@ class JournalSink(Sink):
         for key, value in e.extra.items():
             name = journal_field_name(key)
             if name is None:
-                self.bad_fields += 1
+                self.context.warn(f"sink journal: field {key!r} cannot be a journal field name "
+                                  f"(A-Z, 0-9, _ only); it is left out of the entries",
+                                  once_key=f"journal-field:{key}")
                 continue
             if value is not None:
                 f.append(f"{name}={value}")

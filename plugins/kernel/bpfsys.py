@@ -1,6 +1,6 @@
 """The few bpf(2) and perf calls the reader needs, without bcc.
 
-The tracer process never loads bcc (see core/loader.py): it reads the ring
+The tracer process never loads bcc (see loader.py): it reads the ring
 buffer and perf buffers through their memory mappings and needs the
 syscall only to read the per-CPU drop counter.
 """

@@ -13,14 +13,18 @@ from typing import Any
 from tcpstates.events import AF_INET, Event, sanitize_text
 
 # struct tcpstates_event in bpf/tcpstates.h
-EVENT_STRUCT = struct.Struct("<QQQQIIHHHBB16s16s16s")
+# The last 40 bytes are the owner fields (bpf/owner.bpf.h), handed on undecoded
+# as extra[KERNEL_OWNER] when not all zero; the owner enricher decodes them.
+EVENT_STRUCT = struct.Struct("<QQQQIIHHHBB16s16s16s40s")
 EVENT_SIZE = EVENT_STRUCT.size
 # A ring-buffer record: u32 length (busy/discard bits), u32 page offset, event.
-# 8 + 96 = 104 is a multiple of 8, so records sit back to back.
+# 8 + 136 = 144 is a multiple of 8, so records sit back to back.
 RING_RECORD = struct.Struct("<II" + EVENT_STRUCT.format[1:])
 RING_RECORD_SIZE = RING_RECORD.size
 assert RING_RECORD_SIZE % 8 == 0
 SPAN_UNKNOWN = (1 << 64) - 1
+KERNEL_OWNER = "_kernel_owner"        # extra key of the raw owner fields (private to owner)
+NO_OWNER = bytes(40)
 
 
 class Decoder:
@@ -67,7 +71,7 @@ class Decoder:
         out: list[Event] = []
         append = out.append
         for (hdr, _pgoff, ts, sk, span, cg, pid, tid, sport, dport, fam, old, new,
-             saddr, daddr, rawcomm) in RING_RECORD.iter_unpack(data[:usable] if usable != len(data) else data):
+             saddr, daddr, rawcomm, owner) in RING_RECORD.iter_unpack(data[:usable] if usable != len(data) else data):
             if hdr != EVENT_SIZE:
                 break
             if fam == AF_INET:
@@ -78,7 +82,7 @@ class Decoder:
                 d = a6.get(daddr) or slow_addr(fam, daddr)
             append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid,
                          comms.get(rawcomm) or slow_comm(rawcomm), fam, s, sport, d, dport,
-                         old, new, cg, {}))
+                         old, new, cg, {} if owner == NO_OWNER else {KERNEL_OWNER: owner}))
         return out, len(out) * RING_RECORD_SIZE
 
     def decode(self, buf: Any, offsets: Any) -> list[Event]:
@@ -87,10 +91,11 @@ class Decoder:
         out = []
         for off in offsets:
             (ts, sk, span, cg, pid, tid, sport, dport, fam, old, new,
-             saddr, daddr, rawcomm) = unpack(buf, off)
+             saddr, daddr, rawcomm, owner) = unpack(buf, off)
             cache = self._addr4 if fam == AF_INET else self._addr6
             s = cache.get(saddr) or self._slow_addr(fam, saddr)
             d = cache.get(daddr) or self._slow_addr(fam, daddr)
             out.append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid,
-                             self.comm(rawcomm), fam, s, sport, d, dport, old, new, cg, {}))
+                             self.comm(rawcomm), fam, s, sport, d, dport, old, new, cg,
+                             {} if owner == NO_OWNER else {KERNEL_OWNER: owner}))
         return out

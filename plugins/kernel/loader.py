@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 from typing import Any
@@ -65,8 +66,32 @@ def _peak_rss_kb() -> int:
     return 0
 
 
+LOCAL_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.-]+)"[ \t]*$', re.M)
+
+
+def inline_local_includes(src_file: str) -> str:
+    """The source with each `#include "x.h"` of a file beside it pasted in.
+
+    bcc rewrites map calls (`table.lookup()`) and generates tracepoint
+    argument structs only in the main file; a part kept in its own header
+    (bpf/owner.bpf.h) must therefore be compiled as part of the main text.
+    Header guards keep a second inclusion empty.
+    """
+    base = os.path.dirname(src_file)
+
+    def paste(m: re.Match) -> str:
+        path = os.path.join(base, m.group(1))
+        if not os.path.isfile(path):
+            return m.group(0)
+        with open(path) as f:
+            return f"#line 1 \"{path}\"\n{f.read()}\n#line {m.string.count(chr(10), 0, m.start()) + 2} \"{src_file}\""
+
+    with open(src_file) as f:
+        return LOCAL_INCLUDE.sub(paste, f.read())
+
+
 def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
-    from tcpstates.plugins.kernel.probe import captured_output, import_bcc
+    from tcpstates.plugins.kernel.bccimport import captured_output, import_bcc
 
     bcc = import_bcc()
     if req.header_tree:
@@ -74,7 +99,7 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
     compile_error: Exception | None = None
     with captured_output() as err:
         try:
-            bpf = bcc.BPF(src_file=req.src_file.encode(), cflags=req.cflags)
+            bpf = bcc.BPF(text=inline_local_includes(req.src_file).encode(), cflags=req.cflags)
         except Exception as exc:
             compile_error = exc
     if compile_error is not None:
@@ -100,6 +125,9 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
     # when the last user-space reference to it closes (even while programs use it)
     fds = [bpf.funcs[PROG_NAME].fd, bpf.tracepoint_fds[TRACEPOINT],
            -1 if req.perf_mode else bpf["events"].map_fd, bpf["drops"].map_fd, perf_table.map_fd]
+    # every other attachment (probes compiled in through KernelConstraints.cflags)
+    # is handed over too: it lives as long as its fd, and ours close when we exit
+    fds += [fd for tp, fd in bpf.tracepoint_fds.items() if tp != TRACEPOINT]
     msg = {"slots": [i for i, fd in enumerate(fds) if fd >= 0],
            "perf_cpus": list(perf_fds), "perf_pages": pages, "peak_rss_kb": _peak_rss_kb()}
     # the BPF object is kept alive until the tracer has everything: bcc's

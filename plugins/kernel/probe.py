@@ -1,8 +1,8 @@
-"""The kernel stage: compile and attach bpf/tcpstates.bpf.c with bcc, read its records.
+"""The kernel probe: attach bpf/tcpstates.bpf.c (through the loader's helper
+process) and read its records in batches from the ring and spill buffers.
 
-Everything that touches bcc lives here, so the rest of tcpstates (replay,
-formatting, plugins) works without root or bcc. Failures become
-EnvironmentProblem with the one thing to do next.
+bcc itself runs only in the helper (loader.py); this module needs no bcc.
+Failures become EnvironmentProblem with the one thing to do next.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
 
 from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
@@ -29,8 +27,6 @@ TRACEPOINT = ("sock", "inet_sock_set_state")
 # the tracepoint, which cannot be had otherwise on a modern machine).
 TRACEFS_CANDIDATES = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
     "/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-BCC_PACKAGES = ("Debian/Ubuntu: apt-get install python3-bpfcc; Fedora: dnf install python3-bcc; "
-                "Arch: pacman -S python-bcc")
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -62,43 +58,6 @@ def tracepoint_exists(tracefs: Path) -> bool:
     return (tracefs / "events" / TRACEPOINT[0] / TRACEPOINT[1] / "format").is_file()
 
 
-def import_bcc() -> Any:
-    try:
-        import bcc
-    except ImportError as exc:
-        raise EnvironmentProblem(
-            f"bcc's Python module cannot be imported ({exc}); install it from your OS "
-            f"({BCC_PACKAGES}) and use a Python that sees it (a venv needs "
-            f"--system-site-packages). The PyPI package named 'bcc' is unrelated.") from None
-    if not hasattr(bcc, "BPF"):
-        raise EnvironmentProblem(
-            f"the 'bcc' module at {getattr(bcc, '__file__', '?')} is not BPF Compiler "
-            f"Collection (the unrelated PyPI package 'bcc'?); pip uninstall bcc and install "
-            f"the OS package ({BCC_PACKAGES})")
-    return bcc
-
-
-@contextlib.contextmanager
-def captured_output() -> Iterator[list[str]]:
-    """Capture fds 1 and 2 while bcc compiles: clang and libbcc print there
-    directly (libbcc's header warnings even go to stdout), and nothing may
-    reach stdout before the header."""
-    out: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        saved = [os.dup(1), os.dup(2)]
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            tmp.seek(0)
-            out.append(tmp.read().decode("utf-8", "replace"))
-
-
 def bpf_source_dir() -> Path:
     return Path(str(resources.files("tcpstates.bpf")))
 
@@ -116,18 +75,37 @@ def recursion_misses(prog_fd: int) -> int:
     return 0
 
 
+def build_cflags(src_dir: Path, *, max_sockets: int, ring_pages: int, buffer: str,
+                 filter_lport: bool, filter_dport: bool, family: int | None,
+                 no_wakeup: bool) -> list[str]:
+    """The -D switches of bpf/tcpstates.bpf.c for one run (its header lists them)."""
+    cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={int(max_sockets)}",
+              f"-DTCPSTATES_RINGBUF_PAGES={int(ring_pages)}", "-Wno-macro-redefined"]
+    if buffer == "perf":
+        cflags.append("-DTCPSTATES_PERF_BUFFER=1")
+    if filter_lport:
+        cflags.append("-DTCPSTATES_FILTER_LPORT=1")
+    if filter_dport:
+        cflags.append("-DTCPSTATES_FILTER_DPORT=1")
+    if family is not None:
+        cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
+    if no_wakeup:
+        cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
+    return cflags
+
+
 def _by_time(event: Event) -> int:
     return event.ts_ns
 
 
 class KernelProbe:
-    """The attached program (loaded by a helper process, see core/loader.py)
+    """The attached program (loaded by a helper process, see loader.py)
     and the readers of its buffers. No bcc in this process."""
 
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
-                 poll_s: float = 0.05) -> None:
+                 poll_s: float = 0.05, extra_cflags: list[str] | None = None) -> None:
         from tcpstates.plugins.kernel.bpfsys import PerCpuCounter
         from tcpstates.plugins.kernel.loader import LoadRequest, load
 
@@ -152,19 +130,12 @@ class KernelProbe:
         self.max_block = batch_size * RING_RECORD_SIZE
         tree, self.header_source = choose_header_tree()
         src_dir = bpf_source_dir()
-        cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={max_sockets}",
-                  f"-DTCPSTATES_RINGBUF_PAGES={ring_pages}", "-Wno-macro-redefined"]
-        if buffer == "perf":
-            cflags.append("-DTCPSTATES_PERF_BUFFER=1")
-        if local_ports is not None:
-            cflags.append("-DTCPSTATES_FILTER_LPORT=1")
-        if remote_ports is not None:
-            cflags.append("-DTCPSTATES_FILTER_DPORT=1")
-        if family is not None:
-            cflags.append(f"-DTCPSTATES_FAMILY={int(family)}")
         self.poll_s = poll_s if timer_wakeup and buffer == "ring" else None
-        if self.poll_s is not None:
-            cflags.append("-DTCPSTATES_WAKEUP_FLAGS=1")   # BPF_RB_NO_WAKEUP
+        cflags = build_cflags(src_dir, max_sockets=max_sockets, ring_pages=ring_pages, buffer=buffer,
+                              filter_lport=local_ports is not None,
+                              filter_dport=remote_ports is not None, family=family,
+                              no_wakeup=self.poll_s is not None)
+        cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         self.loaded = load(LoadRequest(
             cflags=cflags, src_file=str(src_dir / "tcpstates.bpf.c"),
             header_tree=str(tree) if tree is not None else None, perf_mode=buffer == "perf",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from tcpstates.api import KernelConstraints, RunContext, Source
@@ -31,6 +32,9 @@ class KernelOptions:
             raise ValueError(f"buffer_pages: expected a power of two, got {self.buffer_pages}")
 
 
+CFLAG = re.compile(r"-D[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+-]*)?")
+
+
 def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints:
     """AND every filter's constraints together (intersection of port sets)."""
     merged = KernelConstraints()
@@ -44,6 +48,12 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
                 raise UsageError("the chain keeps only IPv4 and only IPv6 at once: nothing could "
                                  "pass; drop one of the family filters (-4/-6)")
             merged.family = c.family
+        for flag in c.cflags:    # optional parts asked for by chain stages (union)
+            if not CFLAG.fullmatch(flag):
+                raise UsageError(f"a chain stage asked the kernel stage for {flag!r}: "
+                                 f"only -DNAME or -DNAME=VALUE switches are accepted")
+            if flag not in merged.cflags:
+                merged.cflags += (flag,)
     return merged
 
 
@@ -69,7 +79,7 @@ class KernelSource(Source):
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
-                                 poll_s=o.poll_ms / 1000)
+                                 poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags))
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
         # measured after the (slow) compile so drift over the run starts small

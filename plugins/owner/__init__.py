@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tcpstates import hookimpl
+from tcpstates import Sink, hookimpl
 from tcpstates.plugins.owner.enricher import OwnerEnricher
 from tcpstates.runconfig import RunConfig
 
@@ -32,6 +32,13 @@ def tcpstates_configure(config: RunConfig, args: argparse.Namespace) -> None:
     mode = config.setting("owner", "auto", choices=("auto", "on", "off"))
     if config.uses("owner") or not config.source_is_live():
         return
-    structured = any(spec.cls.structured for spec in config.sink_specs())
+    structured = any(issubclass(spec.cls, Sink) and spec.cls.structured for spec in config.sink_specs())
     if mode == "on" or args.owner or (mode == "auto" and structured):
         config.prepend_chain("owner", "--owner")
+
+
+@hookimpl
+def tcpstates_doctor_checks(register: Any) -> None:
+    from tcpstates.plugins.owner import doctor
+    for check in doctor.checks():
+        register(check)

@@ -3,18 +3,26 @@
 bcc's C-PID/C-COMM is whatever task ran when the state changed: for changes
 in softirq or timer context that is `swapper/N`, `ksoftirqd/N` or anyone,
 and on loopback the server's changes carry the client's PID. The owner is
-learnt where it is certain and then remembered per socket:
+learnt in the kernel, in the owner's own context (bpf/owner.bpf.h): the
+connect/listen/close/shutdown transitions, accept(), and every send/recv
+(so a pre-fork child, a worker that got the socket over SCM_RIGHTS, a
+process that inherited it are named once they use it). Each record carries
+what the kernel knew; this stage only turns it into fields and adds:
 
-  * transitions that only happen inside the owner's own system call —
-    connect (CLOSE→SYN_SENT), listen (CLOSE→LISTEN), close or shutdown
-    (ESTABLISHED→FIN_WAIT1, CLOSE_WAIT→LAST_ACK, LISTEN→CLOSE) — name the
-    on-CPU process as the owner;
-  * a listener's children (LISTEN→SYN_RECV) get the listener's owner;
-  * sockets that existed before tracing get the owner the kernel's socket
-    tables give at start (/proc/net/tcp + /proc/PID/fd, as `ss -p`).
-Anything else is "unknown" — never a guess. Fields added: owner_pid,
-owner_comm, owner_cgroup_id (captured in the kernel in the owner's context)
-and owner_source (syscall, listener, remembered, proc, unknown).
+  * a connection still in a listener's accept queue belongs to the
+    listener's holders: one process → that process ("listener"); several
+    (pre-fork, SO_REUSEPORT) → no owner_pid, owner_candidates lists them
+    ("shared") — which one will accept is not knowable yet;
+  * sockets that existed before tracing and have not been used since get
+    the holder the kernel's socket tables give at start ("proc", as ss -p);
+  * anything else is "unknown" — never a guess.
+
+Fields: owner_pid, owner_comm, owner_start (the owner's start time in clock
+ticks since boot, as /proc/PID/stat: PID + start is the identity, so a reused
+PID never carries an old process's name), owner_cgroup_id (captured in the
+kernel), owner_source, and owner_candidates for "shared". Nothing is cached
+per bare PID: names come with each kernel record or with the /proc read that
+also gives the start time. Semantics per transition: docs/events.md.
 
 This stage watches every event the source delivers (even those an earlier
 filter drops), so its place in the chain does not matter.
@@ -23,31 +31,34 @@ filter drops), so its place in the chain does not matter.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import struct
+import time
 from typing import Any
 
-from tcpstates.api import Enricher, RunContext
-from tcpstates.events import AF_INET6, STATE_NUMBERS, Event
+from tcpstates.api import Enricher, KernelConstraints, RunContext
+from tcpstates.events import AF_INET, AF_INET6, STATE_NUMBERS, Event, sanitize_text
 from tcpstates.options import option
-from tcpstates.plugins.owner.sockowners import process_comm, snapshot
+from tcpstates.plugins.owner.sockowners import NS_PER_TICK, Holder, listener_holders, snapshot
 
 S = STATE_NUMBERS
-SYSCALL_TRANSITIONS = frozenset({
-    (S["CLOSE"], S["SYN_SENT"]), (S["CLOSE"], S["LISTEN"]), (S["ESTABLISHED"], S["FIN_WAIT1"]),
-    (S["CLOSE_WAIT"], S["LAST_ACK"]), (S["LISTEN"], S["CLOSE"]),
-})
 LISTEN, SYN_RECV, CLOSE = S["LISTEN"], S["SYN_RECV"], S["CLOSE"]
-WILDCARD = {2: "0.0.0.0", 10: "::"}
+# The owner fields of the kernel record (struct tcpstates_event's tail, handed on
+# undecoded by the kernel stage's decoder under this key).
+KERNEL_OWNER = "_kernel_owner"
+RAW_OWNER = struct.Struct("<QQII16s")
+HOW = {1: "syscall", 2: "accept", 3: "io"}
+WILDCARD = {AF_INET: "0.0.0.0", AF_INET6: "::"}
 
 
 @dataclasses.dataclass
 class OwnerOptions:
     scan_existing: bool = option(True, "at start, find owners of existing sockets in /proc (as ss -p)")
-    max_sockets: int = option(262144, "sockets remembered at most (oldest forgotten first)",
+    kernel: bool = option(True, "learn owners in the kernel (accept, send/recv, syscalls); off: "
+                          "only listeners and /proc")
+    max_sockets: int = option(262144, "sockets whose owner the kernel remembers (LRU)",
                               min=1024, max=1 << 24)
-
-
-Owner = tuple[int, str, int, str]     # pid, comm, cgroup id, source
+    listener_refresh_ms: int = option(100, "how old the list of a listener's holders may be "
+                                      "(read from /proc) before it is read again", min=0, max=10000)
 
 
 class OwnerEnricher(Enricher):
@@ -59,83 +70,105 @@ class OwnerEnricher(Enricher):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.sockets: dict[int, Owner] = {}
-        self.listeners: dict[tuple[int, str, int], Owner] = {}
-        self.existing: dict[tuple[int, str, int, str, int], int] = {}
-        self.comms: dict[int, str] = {}
+        # sockets seen entering an accept queue and not yet claimed by a process
+        self.queued: set[int] = set()
+        # port → (read at, (family, addr) → holders)
+        self.listeners: dict[int, tuple[float, dict[tuple[int, str], list[Holder]]]] = {}
+        self.existing: dict[tuple[int, str, int, str, int], list[Holder]] = {}
+        self.comms: dict[bytes, str] = {}       # raw kernel comm bytes → escaped text
         if options.scan_existing:
-            by_tuple, listeners = snapshot()
-            self.existing = by_tuple
-            for key, pid in listeners.items():
-                self.listeners[key] = (pid, self._comm(pid, ""), 0, "proc")
+            self.existing = snapshot()
 
-    def _comm(self, pid: int, fallback: str) -> str:
-        comm = self.comms.get(pid)
+    def kernel_constraints(self) -> KernelConstraints | None:
+        if not self.options.kernel:
+            return None
+        from tcpstates.plugins.owner.kernel import owner_support
+        support = owner_support(self.options.max_sockets)
+        for why in support.missing:
+            self.context.warn(f"owner: not available: {why}")
+        return KernelConstraints(cflags=tuple(support.cflags))
+
+    def _comm(self, raw: bytes) -> str:
+        comm = self.comms.get(raw)
         if comm is None:
-            if len(self.comms) > 65536:
+            if len(self.comms) > 8192:
                 self.comms.clear()
-            comm = self.comms[pid] = process_comm(pid) or fallback
+            comm = self.comms[raw] = sanitize_text(raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
         return comm
 
-    def _remember(self, sk: int, owner: Owner) -> None:
-        sockets = self.sockets
-        sockets[sk] = owner
-        if len(sockets) > self.options.max_sockets:
-            # forget the oldest tenth at once (insertion order), not one per event
-            for key in list(itertools.islice(sockets, len(sockets) // 10)):
-                del sockets[key]
-
-    def _listener(self, e: Event) -> Owner | None:
-        for addr in (e.saddr, WILDCARD.get(e.family, "")):
-            o = self.listeners.get((e.family, addr, e.sport))
-            if o is not None:
-                return o
-        if e.family == AF_INET6 or e.saddr.startswith("::ffff:"):
-            return None
-        # an IPv4 connection accepted by a dual-stack IPv6 listener
-        return self.listeners.get((AF_INET6, "::", e.sport))
+    def _holders(self, e: Event) -> list[Holder] | None:
+        """The processes holding the listener this event's socket queues on."""
+        now = time.monotonic()
+        cached = self.listeners.get(e.sport)
+        if cached is None or now - cached[0] > self.options.listener_refresh_ms / 1000:
+            if len(self.listeners) > 4096:
+                self.listeners.clear()
+            cached = self.listeners[e.sport] = (now, listener_holders(e.sport))
+        by_addr = cached[1]
+        for key in ((e.family, e.saddr), (e.family, WILDCARD.get(e.family, ""))):
+            if key in by_addr:
+                return by_addr[key]
+        if e.family == AF_INET:   # accepted by a dual-stack IPv6 listener
+            return by_addr.get((AF_INET6, "::"))
+        return None
 
     def observe_batch(self, batch: list[Event]) -> None:
-        """Learn owners from every event the source delivered, and label each
-        event right away (a later filter may still drop it)."""
-        sockets, remember = self.sockets, self._remember
-        syscall = SYSCALL_TRANSITIONS
+        """Label each event from what the kernel knew, right away (a later
+        filter may still drop it)."""
+        queued, unpack, comm_of = self.queued, RAW_OWNER.unpack, self._comm
         for e in batch:
-            key = (e.oldstate, e.newstate)
-            owner: Owner | None
-            if key in syscall and e.pid != 0:
-                prior = sockets.get(e.skaddr)
-                # a close by the process that already owns it keeps the process's comm
-                comm = prior[1] if prior is not None and prior[0] == e.pid else self._comm(e.pid, e.comm)
-                owner = (e.pid, comm, e.cgroup_id, "syscall")
-                if key == (CLOSE, LISTEN):
-                    self.listeners[(e.family, e.saddr, e.sport)] = owner
-                elif key == (LISTEN, CLOSE):
-                    self.listeners.pop((e.family, e.saddr, e.sport), None)
-            elif key == (LISTEN, SYN_RECV):
-                lo = self._listener(e)
-                owner = (lo[0], lo[1], lo[2], "listener") if lo else None
-            else:
-                owner = sockets.get(e.skaddr)
-                if owner is not None:
-                    if owner[3] != "remembered":
-                        owner = (owner[0], owner[1], owner[2], "remembered")
-                elif self.existing:
-                    pid = self.existing.pop((e.family, e.saddr, e.sport, e.daddr, e.dport), None)
-                    if pid is not None:
-                        owner = (pid, self._comm(pid, "?"), 0, "proc")
             extra = e.extra
-            if owner is None:
+            raw = extra.pop(KERNEL_OWNER, None)
+            old, new = e.oldstate, e.newstate
+            if raw is not None:
+                start_ns, cgroup, pid, how, rawcomm = unpack(raw)
+                extra["owner_pid"] = pid
+                extra["owner_comm"] = comm_of(rawcomm)
+                extra["owner_start"] = start_ns // NS_PER_TICK if start_ns else None
+                extra["owner_cgroup_id"] = cgroup
+                extra["owner_source"] = HOW.get(how, "syscall")
+                if queued:
+                    queued.discard(e.skaddr)
+                if old == LISTEN or new == LISTEN:
+                    self.listeners.pop(e.sport, None)    # the listener set changed
+                continue
+            if (old == LISTEN and new == SYN_RECV) or e.skaddr in queued:
+                if new == CLOSE:
+                    queued.discard(e.skaddr)
+                else:
+                    queued.add(e.skaddr)
+                self._label_queued(e)
+                continue
+            holders = self.existing.get((e.family, e.saddr, e.sport, e.daddr, e.dport)) \
+                if self.existing else None
+            if holders:
+                if new == CLOSE:
+                    del self.existing[(e.family, e.saddr, e.sport, e.daddr, e.dport)]
+                self._label_holders(e, holders, "proc")
+            else:
                 extra["owner_pid"] = extra["owner_comm"] = None
                 extra["owner_source"] = "unknown"
-                if e.newstate == CLOSE:
-                    sockets.pop(e.skaddr, None)
-                continue
-            extra["owner_pid"], extra["owner_comm"], extra["owner_cgroup_id"], extra["owner_source"] = owner
-            if e.newstate == CLOSE:
-                sockets.pop(e.skaddr, None)
-            elif owner[3] != "remembered" or e.skaddr not in sockets:
-                remember(e.skaddr, owner)
+
+    def _label_queued(self, e: Event) -> None:
+        holders = self._holders(e)
+        if not holders:
+            e.extra["owner_pid"] = e.extra["owner_comm"] = None
+            e.extra["owner_source"] = "unknown"
+        else:
+            self._label_holders(e, holders, "listener")
+
+    @staticmethod
+    def _label_holders(e: Event, holders: list[Holder], source: str) -> None:
+        extra = e.extra
+        if len(holders) == 1:
+            pid, start, comm = holders[0]
+            extra["owner_pid"], extra["owner_comm"], extra["owner_start"] = pid, sanitize_text(comm), start
+            extra["owner_source"] = source
+        else:
+            # several processes hold it: which one will use it is not knowable
+            extra["owner_pid"] = extra["owner_comm"] = None
+            extra["owner_source"] = "shared"
+            extra["owner_candidates"] = [h[0] for h in holders]
 
     def enrich_batch(self, batch: list[Event]) -> None:
         """Nothing left to do: observe_batch labelled every event."""

@@ -43,9 +43,9 @@ def tcp_sockets(proc: Path = Path("/proc")) -> dict[int, tuple[Tuple4, int]]:
     return out
 
 
-def socket_holders(proc: Path = Path("/proc")) -> dict[int, int]:
-    """socket inode → PID holding it (the lowest PID when several share it)."""
-    holders: dict[int, int] = {}
+def socket_holders(proc: Path = Path("/proc"), inodes: set[int] | None = None) -> dict[int, set[int]]:
+    """socket inode → every PID holding it (only `inodes` when given)."""
+    holders: dict[int, set[int]] = {}
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
@@ -62,29 +62,58 @@ def socket_holders(proc: Path = Path("/proc")) -> dict[int, int]:
                     continue
                 if target.startswith("socket:["):
                     inode = int(target[8:-1])
-                    if inode not in holders or pid < holders[inode]:
-                        holders[inode] = pid
+                    if inodes is None or inode in inodes:
+                        holders.setdefault(inode, set()).add(pid)
     return holders
 
 
-def process_comm(pid: int, proc: Path = Path("/proc")) -> str | None:
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NS_PER_TICK = 10**9 // CLK_TCK
+
+
+def process_identity(pid: int, proc: Path = Path("/proc")) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, comm) of a live process, from one
+    read of /proc/PID/stat: PID + start time is its identity (PIDs are reused)."""
     try:
-        return (proc / str(pid) / "comm").read_text().rstrip("\n")
+        raw = (proc / str(pid) / "stat").read_bytes()
     except OSError:
         return None
+    head, _, rest = raw.rpartition(b")")
+    fields = rest.split()
+    if len(fields) < 20 or b"(" not in head:
+        return None
+    comm = head.split(b"(", 1)[1].decode("utf-8", "replace")
+    return int(fields[19]), comm
 
 
-def snapshot(proc: Path = Path("/proc")) -> tuple[dict[Tuple4, int], dict[tuple[int, str, int], int]]:
-    """(4-tuple → owner PID, listening (family, laddr, lport) → owner PID)."""
+Holder = tuple[int, int, str]   # pid, start ticks, comm
+
+
+def _identities(pids: set[int], proc: Path) -> list[Holder]:
+    out = []
+    for pid in sorted(pids):
+        ident = process_identity(pid, proc)
+        if ident is not None:
+            out.append((pid, ident[0], ident[1]))
+    return out
+
+
+def snapshot(proc: Path = Path("/proc")) -> dict[Tuple4, list[Holder]]:
+    """4-tuple → the processes holding that (non-listening) socket now."""
     sockets = tcp_sockets(proc)
     holders = socket_holders(proc)
-    by_tuple: dict[Tuple4, int] = {}
-    listeners: dict[tuple[int, str, int], int] = {}
-    for inode, (t4, state) in sockets.items():
-        pid = holders.get(inode)
-        if pid is None:
-            continue
-        by_tuple[t4] = pid
-        if state == LISTEN_STATE:
-            listeners[(t4[0], t4[1], t4[2])] = pid
-    return by_tuple, listeners
+    return {t4: _identities(holders[inode], proc) for inode, (t4, state) in sockets.items()
+            if state != LISTEN_STATE and inode in holders}
+
+
+def listener_holders(port: int, proc: Path = Path("/proc")) -> dict[tuple[int, str], list[Holder]]:
+    """(family, local address) → processes holding a socket listening on `port`
+    (several for a pre-fork server or an SO_REUSEPORT group)."""
+    inodes = {inode: (t4[0], t4[1]) for inode, (t4, state) in tcp_sockets(proc).items()
+              if state == LISTEN_STATE and t4[2] == port}
+    if not inodes:
+        return {}
+    by_addr: dict[tuple[int, str], set[int]] = {}
+    for inode, pids in socket_holders(proc, set(inodes)).items():
+        by_addr.setdefault(inodes[inode], set()).update(pids)
+    return {key: _identities(pids, proc) for key, pids in by_addr.items()}

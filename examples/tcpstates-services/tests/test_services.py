@@ -30,6 +30,17 @@ def test_slow_handshake_keeps_slow_and_failed_connects():
 
 def test_options_are_validated():
     import pytest
-    from tcpstates.errors import ConfigError
+    from tcpstates import ConfigError
     with pytest.raises(ConfigError, match=r"chain\[0\].*min_ms"):
         run_pipeline('[[chain]]\nuse = "slow_handshake"\nmin_ms = -1.0\n', [])
+
+
+def test_the_service_counts_flag_adds_its_sink(tmp_path):
+    out = tmp_path / "counts.txt"
+    events = [make_event(oldstate="SYN_SENT", newstate="ESTABLISHED", dport=443),
+              make_event(oldstate="SYN_SENT", newstate="ESTABLISHED", dport=443),
+              make_event(oldstate="SYN_SENT", newstate="ESTABLISHED", dport=22),
+              make_event(oldstate="ESTABLISHED", newstate="FIN_WAIT1", dport=22)]
+    result = run_pipeline("", events, argv=["--service-counts", str(out)])
+    assert out.read_text() == "2 https\n1 ssh\n"
+    assert list(result.summary["written"]) == ["memory", "service_counts"]

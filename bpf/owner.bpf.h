@@ -1,0 +1,227 @@
+/* owner.bpf.h - the owner half of the kernel stage: which process holds each
+ * TCP socket, learnt in that process's own context.
+ *
+ * Included by tcpstates.bpf.c. Without -DTCPSTATES_OWNER it only zeroes the
+ * owner fields of the record (TCPSTATES_OWNER_FILL), so the record layout
+ * never changes with the switch.
+ *
+ * With TCPSTATES_OWNER (asked for by the owner enricher through
+ * KernelConstraints.cflags, see plugins/owner/kernel.py), a per-socket LRU map
+ * sk_owner remembers the last process seen holding the socket:
+ *   - the transitions that only happen inside the owner's own system call
+ *     (connect, listen, close/shutdown) set it to the on-CPU process;
+ *   - accept()/accept4() set it for the new socket (fd -> struct sock through
+ *     task->files, with member offsets from the running kernel's BTF);
+ *   - sock:sock_send_length / sock:sock_recv_length (Linux >= 6.4), which run
+ *     in the sending/receiving process, set it when the holder changed (a
+ *     hand-off over SCM_RIGHTS, a pre-fork child) — one map lookup when it
+ *     did not.
+ * Every record then carries the owner the map holds for its socket.
+ *
+ * Identity is (TGID, start time of the thread-group leader in boottime ns, as
+ * /proc/PID/stat's starttime): a reused PID never inherits an old process's
+ * name. The comm is the group leader's, read when the owner is recorded.
+ *
+ * Switches (-D, set by plugins/owner/kernel.py):
+ *   TCPSTATES_OWNER            enable all of this
+ *   TCPSTATES_OWNER_MAX        sk_owner entries (LRU)
+ *   TCPSTATES_OWNER_IO         attach the sock_send_length/sock_recv_length probes
+ *   TCPSTATES_OWNER_ACCEPT     attach the accept/accept4 exit probes (needs the FD offsets)
+ *   TCPSTATES_OWNER_TASK       task offsets are known (start time, leader comm)
+ *   TCPSTATES_OFF_<STRUCT>_<MEMBER>  byte offsets from BTF
+ *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET
+ *                              field offsets from the tracepoints' format files
+ */
+#ifndef TCPSTATES_OWNER_BPF_H
+#define TCPSTATES_OWNER_BPF_H
+
+/* how the owner was learnt (tcpstates_event.owner_how; 0 = not known) */
+#define TCPSTATES_OWNER_SYSCALL 1   /* connect/listen/close/shutdown transition */
+#define TCPSTATES_OWNER_ACCEPT_ 2   /* accept() returned it */
+#define TCPSTATES_OWNER_IO_     3   /* send/recv on it */
+
+#define TCPSTATES_OWNER_ZERO(e) do {                                     \
+    (e)->owner_start_ns = 0;                                             \
+    (e)->owner_cgroup_id = 0;                                            \
+    (e)->owner_pid = 0;                                                  \
+    (e)->owner_how = 0;                                                  \
+    __builtin_memset((e)->owner_comm, 0, sizeof((e)->owner_comm));       \
+} while (0)
+
+#ifndef TCPSTATES_OWNER
+
+#define TCPSTATES_OWNER_FILL(e, args, sk) TCPSTATES_OWNER_ZERO(e)
+
+#else /* TCPSTATES_OWNER */
+
+#ifndef TCPSTATES_OWNER_MAX
+#define TCPSTATES_OWNER_MAX 65536
+#endif
+
+struct tcpstates_owner {
+    u64 start_ns;
+    u64 cgroup_id;
+    u32 pid;
+    u32 how;
+    char comm[16];
+};
+
+BPF_TABLE("lru_hash", u64, struct tcpstates_owner, sk_owner, TCPSTATES_OWNER_MAX);
+/* one staging slot per CPU: the entry is too big to build twice on the stack */
+BPF_PERCPU_ARRAY(owner_scratch, struct tcpstates_owner, 1);
+
+/* The current process as an owner: TGID, cgroup, and (when the task offsets
+ * are known) the group leader's start time and comm. */
+static __always_inline void owner_current(struct tcpstates_owner *o, u32 how)
+{
+    o->pid = bpf_get_current_pid_tgid() >> 32;
+    o->how = how;
+    o->cgroup_id = bpf_get_current_cgroup_id();
+    o->start_ns = 0;
+#ifdef TCPSTATES_OWNER_TASK
+    char *task = (char *)bpf_get_current_task();
+    char *leader = NULL;
+    bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
+    if (leader) {
+        bpf_probe_read_kernel(&o->start_ns, sizeof(o->start_ns), leader + TCPSTATES_OFF_TASK_START_BOOTTIME);
+        bpf_probe_read_kernel(o->comm, sizeof(o->comm), leader + TCPSTATES_OFF_TASK_COMM);
+        return;
+    }
+#endif
+    bpf_get_current_comm(o->comm, sizeof(o->comm));
+}
+
+static __always_inline void owner_set_current(u64 sk, u32 how)
+{
+    u32 zero = 0;
+    struct tcpstates_owner *o = owner_scratch.lookup(&zero);
+    if (!o)
+        return;
+    owner_current(o, how);
+    sk_owner.update(&sk, o);
+}
+
+static __always_inline int owner_is_syscall_transition(int old, int new)
+{
+    /* (old, new) pairs that only happen inside the owner's own system call */
+    return (old == 7 && new == 2)        /* CLOSE->SYN_SENT: connect */
+        || (old == 7 && new == 10)       /* CLOSE->LISTEN: listen */
+        || (old == 1 && new == 4)        /* ESTABLISHED->FIN_WAIT1: close/shutdown */
+        || (old == 8 && new == 9)        /* CLOSE_WAIT->LAST_ACK: close/shutdown */
+        || (old == 10 && new == 7);      /* LISTEN->CLOSE: close */
+}
+
+/* Fill the owner fields of record e for socket sk at transition old->new. */
+static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int old, int new)
+{
+    if (owner_is_syscall_transition(old, new) && (bpf_get_current_pid_tgid() >> 32) != 0)
+        owner_set_current(sk, TCPSTATES_OWNER_SYSCALL);
+    else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */
+        sk_owner.delete(&sk);            /* (a stale entry of a freed socket at this address) */
+    struct tcpstates_owner *o = sk_owner.lookup(&sk);
+    if (o) {
+        e->owner_start_ns = o->start_ns;
+        e->owner_cgroup_id = o->cgroup_id;
+        e->owner_pid = o->pid;
+        e->owner_how = o->how;
+        __builtin_memcpy(e->owner_comm, o->comm, sizeof(e->owner_comm));
+    } else {
+        TCPSTATES_OWNER_ZERO(e);
+    }
+    if (new == TCPSTATES_TCP_CLOSE)
+        sk_owner.delete(&sk);
+}
+
+#define TCPSTATES_OWNER_FILL(e, args, sk) owner_fill((e), (sk), (args)->oldstate, (args)->newstate)
+
+#ifdef TCPSTATES_OWNER_IO
+/* Runs in the sending/receiving process for every send/recv on any socket:
+ * keep it to one map lookup when the holder has not changed. */
+static __always_inline int owner_io(u64 sk, u16 protocol)
+{
+    if (protocol != 6 /* IPPROTO_TCP */)
+        return 0;
+    struct tcpstates_owner *o = sk_owner.lookup(&sk);
+    if (o && o->pid == (u32)(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+    owner_set_current(sk, TCPSTATES_OWNER_IO_);
+    return 0;
+}
+
+/* bcc generates a tracepoint's args struct only for probes in the main file,
+ * so these read the fields at the offsets of the tracepoint's format file
+ * (TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_PROTOCOL, set by plugins/owner/kernel.py).
+ * bcc attaches a function by its tracepoint__<category>__<event> name. */
+int tracepoint__sock__sock_send_length(void *ctx)
+{
+    return owner_io(*(u64 *)((char *)ctx + TCPSTATES_TP_IO_SK),
+                    *(u16 *)((char *)ctx + TCPSTATES_TP_IO_PROTOCOL));
+}
+
+int tracepoint__sock__sock_recv_length(void *ctx)
+{
+    return owner_io(*(u64 *)((char *)ctx + TCPSTATES_TP_IO_SK),
+                    *(u16 *)((char *)ctx + TCPSTATES_TP_IO_PROTOCOL));
+}
+#endif /* TCPSTATES_OWNER_IO */
+
+#if defined(TCPSTATES_OWNER_ACCEPT) && defined(TCPSTATES_OWNER_TASK)
+/* The struct sock behind descriptor fd of the current process:
+ * task->files->fdt->fd[fd]->private_data (struct socket)->sk. accept()
+ * returns a socket descriptor, so no file-type check is needed. */
+static __always_inline u64 owner_fd_sock(long fd)
+{
+    char *task = (char *)bpf_get_current_task();
+    char *files = NULL, *fdt = NULL, *file = NULL, *sock = NULL;
+    char **fdarr = NULL;
+    u32 max_fds = 0;
+    u64 sk = 0;
+    bpf_probe_read_kernel(&files, sizeof(files), task + TCPSTATES_OFF_TASK_FILES);
+    if (!files)
+        return 0;
+    bpf_probe_read_kernel(&fdt, sizeof(fdt), files + TCPSTATES_OFF_FILES_FDT);
+    if (!fdt)
+        return 0;
+    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + TCPSTATES_OFF_FDTABLE_MAX_FDS);
+    if (fd < 0 || fd >= max_fds)
+        return 0;
+    bpf_probe_read_kernel(&fdarr, sizeof(fdarr), fdt + TCPSTATES_OFF_FDTABLE_FD);
+    if (!fdarr)
+        return 0;
+    bpf_probe_read_kernel(&file, sizeof(file), fdarr + fd);
+    if (!file)
+        return 0;
+    bpf_probe_read_kernel(&sock, sizeof(sock), file + TCPSTATES_OFF_FILE_PRIVATE_DATA);
+    if (!sock)
+        return 0;
+    bpf_probe_read_kernel(&sk, sizeof(sk), sock + TCPSTATES_OFF_SOCKET_SK);
+    u16 protocol = 0;
+    if (sk)
+        bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
+    return protocol == 6 /* IPPROTO_TCP: not a unix socket's */ ? sk : 0;
+}
+
+static __always_inline int owner_accepted(long ret)
+{
+    if (ret < 0)
+        return 0;
+    u64 sk = owner_fd_sock(ret);
+    if (sk)
+        owner_set_current(sk, TCPSTATES_OWNER_ACCEPT_);
+    return 0;
+}
+
+/* the `ret` field at its format-file offset (TCPSTATES_TP_EXIT_RET) */
+int tracepoint__syscalls__sys_exit_accept4(void *ctx)
+{
+    return owner_accepted(*(long *)((char *)ctx + TCPSTATES_TP_EXIT_RET));
+}
+
+int tracepoint__syscalls__sys_exit_accept(void *ctx)
+{
+    return owner_accepted(*(long *)((char *)ctx + TCPSTATES_TP_EXIT_RET));
+}
+#endif /* TCPSTATES_OWNER_ACCEPT */
+
+#endif /* TCPSTATES_OWNER */
+#endif /* TCPSTATES_OWNER_BPF_H */

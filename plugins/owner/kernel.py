@@ -1,0 +1,133 @@
+"""What the owner enricher asks of the kernel stage: the -D switches of bpf/owner.bpf.h.
+
+The owner probes need (a) the process-context tracepoints sock:sock_send_length
+and sock:sock_recv_length (Linux >= 6.4) for "who uses the socket", (b) the
+syscalls:sys_exit_accept{,4} tracepoints for "who accepted it", and (c) the
+running kernel's BTF for the few task/file member offsets that turn an accepted
+descriptor into its socket and give the owner's start time (identity). Each part
+that is missing is left out and named (doctor, and a warning at start), and
+the enricher falls back to what the transitions alone tell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from tcpstates.plugins.owner.btf import BTF, BTFError
+
+TRACEFS = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
+    "/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+IO_TRACEPOINTS = (("sock", "sock_send_length"), ("sock", "sock_recv_length"))
+ACCEPT_TRACEPOINTS = (("syscalls", "sys_exit_accept4"), ("syscalls", "sys_exit_accept"))
+# -D name suffix → (struct, member): task identity, and fd → struct sock
+TASK_FIELDS = {
+    "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
+    "TASK_START_BOOTTIME": ("task_struct", "start_boottime"),
+    "TASK_COMM": ("task_struct", "comm"),
+}
+FD_FIELDS = {
+    "TASK_FILES": ("task_struct", "files"),
+    "FILES_FDT": ("files_struct", "fdt"),
+    "FDTABLE_FD": ("fdtable", "fd"),
+    "FDTABLE_MAX_FDS": ("fdtable", "max_fds"),
+    "FILE_PRIVATE_DATA": ("file", "private_data"),
+    "SOCKET_SK": ("socket", "sk"),
+    "SOCK_SK_PROTOCOL": ("sock", "sk_protocol"),
+}
+
+
+@dataclasses.dataclass
+class OwnerSupport:
+    """Which owner probes this kernel allows, and why not the others."""
+
+    cflags: list[str]
+    io: bool = False
+    accept: bool = False
+    identity: bool = False
+    missing: list[str] = dataclasses.field(default_factory=list)
+
+
+def _tracefs() -> Path | None:
+    for root in TRACEFS:
+        if Path(root, "events").is_dir():
+            return Path(root)
+    return None
+
+
+def _field_offsets(tracefs: Path | None, tps: tuple[tuple[str, str], ...],
+                   fields: dict[str, int]) -> dict[str, int] | None:
+    """{field: offset} from the format files of every tracepoint in tps, or
+    None when one is missing or they disagree or a field has another size."""
+    if tracefs is None:
+        return None
+    found: dict[str, int] = {}
+    for category, name in tps:
+        try:
+            text = (tracefs / "events" / category / name / "format").read_text()
+        except OSError:
+            return None
+        mine: dict[str, int] = {}
+        for m in re.finditer(r"field:[^;]*?(\w+);\s*offset:(\d+);\s*size:(\d+);", text):
+            if m.group(1) in fields and int(m.group(3)) == fields[m.group(1)]:
+                mine[m.group(1)] = int(m.group(2))
+        if len(mine) != len(fields) or any(found.get(k, v) != v for k, v in mine.items()):
+            return None
+        found.update(mine)
+    return found
+
+
+def _offsets(btf: BTF, fields: dict[str, tuple[str, str]], sizes: dict[str, int]) -> list[str]:
+    out = []
+    for macro, (struct_name, member) in fields.items():
+        off, size = btf.member(struct_name, member)
+        if macro in sizes and size != sizes[macro]:
+            raise BTFError(f"{struct_name}.{member} is {size} bytes, expected {sizes[macro]}")
+        out.append(f"-DTCPSTATES_OFF_{macro}={off}")
+    return out
+
+
+# members read whole by the probes: their size must be what the C assumes
+SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TASK_FILES": 8,
+         "FILES_FDT": 8, "FDTABLE_FD": 8, "FDTABLE_MAX_FDS": 4, "FILE_PRIVATE_DATA": 8,
+         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2}
+
+
+def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux") -> OwnerSupport:
+    """The -D flags for this kernel (always at least -DTCPSTATES_OWNER)."""
+    s = OwnerSupport(cflags=["-DTCPSTATES_OWNER=1", f"-DTCPSTATES_OWNER_MAX={int(max_sockets)}"])
+    tracefs = _tracefs()
+    io = _field_offsets(tracefs, IO_TRACEPOINTS, {"sk": 8, "protocol": 2})
+    if io is not None:
+        s.io = True
+        s.cflags += ["-DTCPSTATES_OWNER_IO=1", f"-DTCPSTATES_TP_IO_SK={io['sk']}",
+                     f"-DTCPSTATES_TP_IO_PROTOCOL={io['protocol']}"]
+    else:
+        s.missing.append("sock:sock_send_length/sock_recv_length tracepoints (Linux >= 6.4): "
+                         "hand-offs and pre-fork children are only seen at accept/close")
+    try:
+        btf = BTF.from_file(btf_path)
+    except (OSError, BTFError) as exc:
+        s.missing.append(f"kernel BTF ({btf_path}: {exc}): no accept tracking, "
+                         f"no start times (owner identity is the PID only)")
+        return s
+    try:
+        s.cflags += _offsets(btf, TASK_FIELDS, SIZES) + ["-DTCPSTATES_OWNER_TASK=1"]
+        s.identity = True
+    except BTFError as exc:
+        s.missing.append(f"task offsets in BTF ({exc}): owner identity is the PID only")
+        return s
+    exit_ret = _field_offsets(tracefs, ACCEPT_TRACEPOINTS, {"ret": 8})
+    if exit_ret is None:
+        s.missing.append("syscalls:sys_exit_accept/accept4 tracepoints (CONFIG_FTRACE_SYSCALLS): "
+                         "accepted sockets are named only once used")
+        return s
+    try:
+        s.cflags += _offsets(btf, FD_FIELDS, SIZES) + [
+            "-DTCPSTATES_OWNER_ACCEPT=1", f"-DTCPSTATES_TP_EXIT_RET={exit_ret['ret']}"]
+        s.accept = True
+    except BTFError as exc:
+        s.missing.append(f"file offsets in BTF ({exc}): accepted sockets are named only once used")
+    return s

@@ -1,0 +1,128 @@
+"""Server designs for the owner-accuracy tests, each a real process tree.
+
+Every server prints `ready <pid>...` (the processes holding the listener)
+once listening, and `served <pid> <client port>` for each connection it
+handled, naming the process that really used the socket. The client sends
+`req!`, waits for `ok`, then closes, so the server has used the socket before
+the client's FIN arrives.
+"""
+
+from __future__ import annotations
+
+COMMON = r"""
+import os, signal, socket, sys, threading
+port = int(sys.argv[1])
+def listener(reuseport=False):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", port)); s.listen(128)
+    return s
+def serve(c):
+    peer = c.getpeername()[1]
+    c.recv(4); c.sendall(b"ok")
+    while c.recv(64):
+        pass
+    c.close()
+    os.write(1, f"served {os.getpid()} {peer}\n".encode())     # one write: threads
+"""
+
+PREFORK = COMMON + r"""
+s = listener()
+kids = []
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            c, _ = s.accept()
+            serve(c)
+    kids.append(pid)
+print("ready", os.getpid(), *kids, flush=True)
+sys.stdin.read()
+for k in kids:
+    os.kill(k, signal.SIGKILL)
+"""
+
+REUSEPORT = COMMON + r"""
+kids, pipes = [], []
+for i in range(4):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        s = listener(reuseport=True)
+        os.write(1, f"listening {os.getpid()}\n".encode())
+        if i == 0:                  # this member leaves the group when told
+            os.read(r, 1); s.close()
+            os.write(1, f"left {os.getpid()}\n".encode())
+            signal.pause()
+        while True:
+            c, _ = s.accept()
+            serve(c)
+    os.close(r); kids.append(pid); pipes.append(w)
+print("ready", *kids, flush=True)
+sys.stdin.readline()                # "leave"
+os.write(pipes[0], b"x")
+sys.stdin.read()
+for k in kids:
+    os.kill(k, signal.SIGKILL)
+"""
+
+DISPATCHER = COMMON + r"""
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+pid = os.fork()
+if pid == 0:                        # the worker: gets each socket over SCM_RIGHTS
+    a.close()
+    while True:
+        msg, fds, _, _ = socket.recv_fds(b, 1, 1)
+        if not fds:
+            os._exit(0)
+        serve(socket.socket(fileno=fds[0]))
+b.close()
+s = listener()
+print("ready", os.getpid(), flush=True)
+threading.Thread(target=lambda: (sys.stdin.read(), os.kill(pid, signal.SIGKILL), os._exit(0)),
+                 daemon=True).start()
+while True:
+    c, _ = s.accept()
+    socket.send_fds(a, [b"s"], [c.fileno()])
+    c.close()                       # the dispatcher's copy: the worker owns it now
+"""
+
+THREADED = COMMON + r"""
+s = listener()
+print("ready", os.getpid(), flush=True)
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+CLIENT = r"""
+import os, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for i in range(n):
+    c = socket.create_connection(("127.0.0.1", port))
+    print(f"conn {c.getsockname()[1]}", flush=True)
+    c.sendall(b"req!")
+    assert c.recv(2) == b"ok"
+    c.close()
+print("done", flush=True)
+"""
+
+# connections made before tracing starts, closed when told
+PREEXISTING_CLIENT = r"""
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+conns = []
+for i in range(n):
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(b"req!"); assert c.recv(2) == b"ok"
+    conns.append(c)
+    print(f"conn {c.getsockname()[1]}", flush=True)
+print("ready", flush=True)
+sys.stdin.readline()
+for c in conns:
+    c.close()
+print("done", flush=True)
+"""

@@ -1,0 +1,329 @@
+"""The kernel stage's trickiest logic on synthetic buffers, without the kernel.
+
+The ring and perf buffer readers are given memory files laid out exactly as the
+kernel lays out its mappings (the ring's data area mapped twice in a row, the
+perf page header's head/tail); the decoder is given records packed with its own
+struct and checked field by field; the C record layout is compiled with the C
+compiler and compared with the decoder's struct; cflags and `-o` overrides are
+checked as parsed.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import socket
+import struct
+import subprocess
+
+import pytest
+
+from tcpstates.config import apply_override, parse_override
+from tcpstates.errors import UsageError
+from tcpstates.plugins.kernel.decoder import (
+    EVENT_SIZE,
+    EVENT_STRUCT,
+    RING_RECORD_SIZE,
+    SPAN_UNKNOWN,
+    Decoder,
+)
+from tcpstates.plugins.kernel.perfbuf import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, PerfBufferReader
+from tcpstates.plugins.kernel.probe import bpf_source_dir, build_cflags
+from tcpstates.plugins.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, RingBufferReader
+
+PAGE = mmap.PAGESIZE
+
+
+def event_bytes(i: int, *, family: int = socket.AF_INET, span: int = 1000, comm: bytes = b"curl") -> bytes:
+    saddr = socket.inet_pton(family, "127.0.0.1" if family == socket.AF_INET else "::1")
+    return EVENT_STRUCT.pack(1_000 + i, 0xffff0000 + i, span, 7, 100 + i, 200 + i, 40000 + i, 80,
+                             family, 7, 2, saddr.ljust(16, b"\0"), saddr.ljust(16, b"\0"),
+                             comm.ljust(16, b"\0"), bytes(40))
+
+
+# -- ring buffer ---------------------------------------------------------------------------
+
+class FakeRing:
+    """A memory file with the ring map's layout: consumer page, producer page,
+    then the data area twice (the kernel maps it twice so wrapped records are
+    contiguous; here every write goes to both copies)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("ring")
+        os.ftruncate(self.fd, 2 * PAGE + 2 * size)
+        self.mm = mmap.mmap(self.fd, 2 * PAGE + 2 * size)
+        self.prod = 0
+
+    def put(self, pos: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            off = (pos + i) % self.size
+            self.mm[2 * PAGE + off] = b
+            self.mm[2 * PAGE + self.size + off] = b
+
+    def record(self, payload: bytes, *, busy: bool = False, discard: bool = False) -> int:
+        """Reserve and (unless busy) commit a record at the producer position."""
+        at = self.prod
+        length = len(payload) | (BUSY_BIT if busy else 0) | (DISCARD_BIT if discard else 0)
+        self.put(at, struct.pack("<II", length, 0) + payload)
+        self.prod += (len(payload) + 8 + 7) & ~7
+        struct.pack_into("<Q", self.mm, PAGE, self.prod)
+        return at
+
+    def commit(self, at: int, payload_len: int) -> None:
+        self.put(at, struct.pack("<I", payload_len))
+
+    def set_consumer(self, pos: int) -> None:
+        struct.pack_into("<Q", self.mm, 0, pos)
+        self.prod = max(self.prod, pos)
+        struct.pack_into("<Q", self.mm, PAGE, self.prod)
+
+    def consumer(self) -> int:
+        return struct.unpack_from("<Q", self.mm, 0)[0]
+
+
+@pytest.fixture
+def ring():
+    fake = FakeRing(4 * PAGE)
+    reader = RingBufferReader(fake.fd, fake.size, epoll=False)
+    yield fake, reader
+    reader.close()
+    fake.mm.close()
+    os.close(fake.fd)
+
+
+def test_ring_reads_committed_records_back_to_back_and_releases_them(ring):
+    fake, reader = ring
+    for i in range(5):
+        fake.record(event_bytes(i))
+    block = reader.read_block(1 << 20, EVENT_SIZE)
+    events, used = Decoder().decode_block(block)
+    assert [e.pid for e in events] == [100, 101, 102, 103, 104] and used == 5 * RING_RECORD_SIZE
+    assert reader.pending() == 5 * RING_RECORD_SIZE
+    reader.consume(used)
+    assert fake.consumer() == used and reader.pending() == 0
+
+
+def test_ring_record_wrapping_around_the_end_is_read_whole(ring):
+    fake, reader = ring
+    # start two and a half records before the end of the data area
+    start = fake.size - 2 * RING_RECORD_SIZE - RING_RECORD_SIZE // 2 - 4
+    start -= start % 8
+    fake.set_consumer(start)
+    for i in range(4):
+        fake.record(event_bytes(i, comm=b"wrap%d" % i))
+    events, used = Decoder().decode_block(reader.read_block(1 << 20, EVENT_SIZE))
+    assert [e.comm for e in events] == ["wrap0", "wrap1", "wrap2", "wrap3"]
+    assert [e.sport for e in events] == [40000, 40001, 40002, 40003]
+    reader.consume(used)
+    assert fake.consumer() == start + 4 * RING_RECORD_SIZE
+
+
+def test_ring_stops_before_a_busy_record_and_resumes_once_committed(ring):
+    fake, reader = ring
+    fake.record(event_bytes(0))
+    busy_at = fake.record(event_bytes(1), busy=True)
+    fake.record(event_bytes(2))
+    events, used = Decoder().decode_block(reader.read_block(1 << 20, EVENT_SIZE))
+    assert [e.pid for e in events] == [100]
+    reader.consume(used)
+    assert not reader.skip_foreign(EVENT_SIZE), "a busy record of ours must never be skipped"
+    fake.commit(busy_at, EVENT_SIZE)
+    events, used = Decoder().decode_block(reader.read_block(1 << 20, EVENT_SIZE))
+    assert [e.pid for e in events] == [101, 102]
+
+
+def test_ring_skips_discarded_and_foreign_records_but_not_ours(ring):
+    fake, reader = ring
+    fake.record(event_bytes(0), discard=True)
+    fake.record(b"x" * 20)                      # a foreign size
+    fake.record(event_bytes(2))
+    assert reader.read_block(1 << 20, EVENT_SIZE) == b""
+    assert reader.skip_foreign(EVENT_SIZE) and reader.skip_foreign(EVENT_SIZE)
+    assert not reader.skip_foreign(EVENT_SIZE), "our committed record is not foreign"
+    assert reader.foreign == 2
+    events, _ = Decoder().decode_block(reader.read_block(1 << 20, EVENT_SIZE))
+    assert [e.pid for e in events] == [102]
+
+
+def test_ring_block_is_bounded_by_max_bytes(ring):
+    fake, reader = ring
+    for i in range(10):
+        fake.record(event_bytes(i))
+    block = reader.read_block(3 * RING_RECORD_SIZE + 5, EVENT_SIZE)
+    assert len(block) == 3 * RING_RECORD_SIZE
+
+
+def test_ring_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError):
+        RingBufferReader(-1, 3 * PAGE)
+
+
+# -- perf buffer ---------------------------------------------------------------------------
+
+class FakePerf:
+    """One CPU's perf mapping: struct perf_event_mmap_page, then data pages."""
+
+    def __init__(self, pages: int) -> None:
+        self.size = pages * PAGE
+        self.fd = os.memfd_create("perf")
+        os.ftruncate(self.fd, PAGE + self.size)
+        self.mm = mmap.mmap(self.fd, PAGE + self.size)
+        struct.pack_into("<QQ", self.mm, 1040, PAGE, self.size)
+        self.head = 0
+
+    def put(self, record: bytes) -> None:
+        for i, b in enumerate(record):
+            self.mm[PAGE + (self.head + i) % self.size] = b
+        self.head += len(record)
+        struct.pack_into("<Q", self.mm, 1024, self.head)
+
+    def sample(self, payload: bytes) -> None:
+        raw = struct.pack("<I", len(payload)) + payload
+        raw += b"\0" * (-(8 + len(raw)) % 8)
+        self.put(struct.pack("<IHH", PERF_RECORD_SAMPLE, 0, 8 + len(raw)) + raw)
+
+    def lost(self, n: int) -> None:
+        self.put(struct.pack("<IHHQQ", PERF_RECORD_LOST, 0, 24, 1, n))
+
+    def tail(self) -> int:
+        return struct.unpack_from("<Q", self.mm, 1032)[0]
+
+
+def test_perf_reader_samples_losses_and_wrap_around():
+    sample_size = -(-(12 + EVENT_SIZE) // 8) * 8      # header + size word + event, 8-aligned
+    fake = FakePerf(1)
+    reader = PerfBufferReader({0: fake.fd}, 1)
+    try:
+        fake.sample(event_bytes(0))
+        fake.lost(3)
+        assert len(reader.read(EVENT_SIZE)) == 1 and reader.lost == 3
+        assert fake.tail() == fake.head
+        # move the positions close to the end of the data area, then write
+        # samples that wrap around it
+        while fake.head % fake.size < fake.size - 2 * sample_size:
+            fake.sample(event_bytes(0))
+            reader.read(EVENT_SIZE)
+        for i in range(3):
+            fake.sample(event_bytes(i + 1))
+        assert fake.head % fake.size < 3 * sample_size, "the samples wrapped"
+        samples = reader.read(EVENT_SIZE)
+        events = Decoder().decode(b"".join(samples), range(0, len(samples) * EVENT_SIZE, EVENT_SIZE))
+        assert [e.pid for e in events] == [101, 102, 103]
+    finally:
+        reader.close()
+        fake.mm.close()
+        os.close(fake.fd)
+
+
+def test_perf_reader_never_loops_on_a_corrupt_record_size():
+    fake = FakePerf(1)
+    reader = PerfBufferReader({0: fake.fd}, 1)
+    try:
+        fake.put(struct.pack("<IHH", PERF_RECORD_SAMPLE, 0, 0) + b"\0" * 8)   # size 0
+        assert reader.read(EVENT_SIZE) == []
+        assert fake.tail() == fake.head
+    finally:
+        reader.close()
+        fake.mm.close()
+        os.close(fake.fd)
+
+
+# -- decoder -------------------------------------------------------------------------------
+
+def test_decoder_fields_unknown_span_ipv6_and_hostile_comm():
+    block = b"".join(struct.pack("<II", EVENT_SIZE, 0) + e for e in (
+        event_bytes(0, span=SPAN_UNKNOWN, comm=b"a\nb\x1b[31m"),
+        event_bytes(1, family=socket.AF_INET6, span=5),
+    ))
+    events, used = Decoder().decode_block(block + struct.pack("<II", 12, 0) + b"\0" * EVENT_SIZE)
+    assert used == 2 * RING_RECORD_SIZE, "decoding stops at the first record that is not ours"
+    first, second = events
+    assert first.span_ns is None and first.comm == "a\\x0ab\\x1b[31m"
+    assert (first.saddr, first.sport, first.daddr, first.dport) == ("127.0.0.1", 40000, "127.0.0.1", 80)
+    assert (first.oldstate, first.newstate, first.cgroup_id, first.tid) == (7, 2, 7, 200)
+    assert second.saddr == "::1" and second.span_ns == 5 and second.family == socket.AF_INET6
+
+
+def test_c_record_layout_matches_the_decoder(tmp_path):
+    """Compile bpf/tcpstates.h with the C compiler: every field's offset and
+    size must be what EVENT_STRUCT unpacks."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.fail("no C compiler: apt-get install gcc (./test.sh installs it)")
+    fields = ["ts_ns", "skaddr", "span_ns", "cgroup_id", "pid", "tid", "sport", "dport", "family",
+              "oldstate", "newstate", "saddr", "daddr", "comm"]
+    prog = tmp_path / "layout.c"
+    prog.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
+        "typedef uint64_t u64; typedef uint32_t u32; typedef uint16_t u16; typedef uint8_t u8;\n"
+        '#include "tcpstates.h"\n#define F(f) printf("%zu %zu\\n", offsetof(struct tcpstates_event, f), '
+        "sizeof(((struct tcpstates_event *)0)->f));\n"
+        "int main(void) {\n" + "".join(f"F({f})\n" for f in fields)
+        + 'printf("%zu\\n", sizeof(struct tcpstates_event)); return 0; }\n')
+    subprocess.run([cc, "-I", str(bpf_source_dir()), "-o", str(tmp_path / "layout"), str(prog)], check=True)
+    out = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split("\n")
+    c_layout = [tuple(map(int, line.split())) for line in out[:len(fields)]]
+    # the decoder's layout, field by field, from its struct format
+    py_layout, offset = [], 0
+    for item in _format_items(EVENT_STRUCT.format):
+        size = struct.calcsize("<" + item)
+        py_layout.append((offset, size))
+        offset += size
+    assert c_layout == py_layout[:len(fields)]
+    assert int(out[len(fields)]) == EVENT_SIZE
+
+
+def _format_items(fmt: str) -> list[str]:
+    """'<QQ16s' → ['Q', 'Q', '16s']."""
+    items, count = [], ""
+    for ch in fmt.lstrip("<=!>@"):
+        if ch.isdigit():
+            count += ch
+        else:
+            items.append(count + ch)
+            count = ""
+    return items
+
+
+# -- cflags and overrides ---------------------------------------------------------------------
+
+def test_cflags_carry_exactly_the_switches_asked_for(tmp_path):
+    plain = build_cflags(tmp_path, max_sockets=1024, ring_pages=64, buffer="ring", filter_lport=False,
+                         filter_dport=False, family=None, no_wakeup=False)
+    assert plain == [f"-I{tmp_path}", "-DTCPSTATES_MAX_SOCKETS=1024", "-DTCPSTATES_RINGBUF_PAGES=64",
+                     "-Wno-macro-redefined"]
+    full = build_cflags(tmp_path, max_sockets=2048, ring_pages=8, buffer="perf", filter_lport=True,
+                        filter_dport=True, family=socket.AF_INET6, no_wakeup=True)
+    assert set(full) - set(plain) >= {"-DTCPSTATES_PERF_BUFFER=1", "-DTCPSTATES_FILTER_LPORT=1",
+                                      "-DTCPSTATES_FILTER_DPORT=1", "-DTCPSTATES_FAMILY=10",
+                                      "-DTCPSTATES_WAKEUP_FLAGS=1", "-DTCPSTATES_MAX_SOCKETS=2048"}
+    assert "-DTCPSTATES_MAX_SOCKETS=1024" not in full
+
+
+@pytest.mark.parametrize("text,parts,value", [
+    ("sinks.text.wide=true", ["sinks", "text", "wide"], True),
+    ("sinks.a.path=/tmp/x.jsonl", ["sinks", "a", "path"], "/tmp/x.jsonl"),
+    ("chain.0.min_ms=1.5", ["chain", "0", "min_ms"], 1.5),
+    ("tcpstates.sinks=[\"a\", \"b\"]", ["tcpstates", "sinks"], ["a", "b"]),
+    ("sinks.a.tag=\"x=y\"", ["sinks", "a", "tag"], "x=y"),
+    ("sinks.a.tag=x=y", ["sinks", "a", "tag"], "x=y"),
+])
+def test_override_parsing(text, parts, value):
+    assert parse_override(text) == (parts, value)
+
+
+@pytest.mark.parametrize("text", ["novalue", "=1", "a..b=1", ".a=1"])
+def test_bad_overrides_are_usage_errors(text):
+    with pytest.raises(UsageError):
+        parse_override(text)
+
+
+def test_override_addresses_chain_entries_by_index_only():
+    tree = {"chain": [{"use": "duration"}]}
+    apply_override(tree, ["chain", "0", "min_ms"], 5.0)
+    assert tree["chain"][0]["min_ms"] == 5.0
+    for parts in (["chain", "1", "x"], ["chain", "x", "y"], ["chain", "v"]):
+        with pytest.raises(UsageError):
+            apply_override(tree, parts, 1)

@@ -1,0 +1,28 @@
+"""The owner plugin's kernel feature detection and doctor line, without root."""
+
+from __future__ import annotations
+
+from tcpstates.plugins.owner import kernel
+from tcpstates.plugins.owner.doctor import _owner
+
+
+def test_missing_tracepoints_fall_back_and_doctor_says_so(tmp_path, monkeypatch):
+    (tmp_path / "events").mkdir()
+    monkeypatch.setattr(kernel, "TRACEFS", (str(tmp_path),))
+    s = kernel.owner_support(1024, btf_path=str(tmp_path / "no-btf"))
+    assert not s.io and not s.accept and not s.identity
+    assert "-DTCPSTATES_OWNER=1" in s.cflags and "-DTCPSTATES_OWNER_IO=1" not in s.cflags
+    ok, detail = _owner()
+    assert not ok and detail.startswith("fallback") and "sock_send_length" in detail
+
+
+def test_format_file_offsets_are_read_not_assumed(tmp_path, monkeypatch):
+    for name in ("sock_send_length", "sock_recv_length"):
+        d = tmp_path / "events" / "sock" / name
+        d.mkdir(parents=True)
+        (d / "format").write_text("\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
+                                  "\tfield:void * sk;\toffset:16;\tsize:8;\tsigned:0;\n"
+                                  "\tfield:__u16 protocol;\toffset:26;\tsize:2;\tsigned:0;\n")
+    monkeypatch.setattr(kernel, "TRACEFS", (str(tmp_path),))
+    s = kernel.owner_support(1024, btf_path=str(tmp_path / "no-btf"))
+    assert s.io and "-DTCPSTATES_TP_IO_SK=16" in s.cflags and "-DTCPSTATES_TP_IO_PROTOCOL=26" in s.cflags
