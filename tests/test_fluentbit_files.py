@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fbcase import check_exact, fluent_bit, needs_fluent_bit, trace  # noqa: F401
+from fbcase import check_exact, needs_fluent_bit, trace
 from fluent_receiver import ForwardReceiver
 from fluentbit import forward_output, wait_until
 from tracer import tcpstates_argv

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fbcase import check_exact, fluent_bit, needs_fluent_bit, trace  # noqa: F401
+from fbcase import check_exact, needs_fluent_bit, trace
 from fluent_receiver import ForwardReceiver
 from fluentbit import forward_output, free_port, wait_until
 from tracer import run_cli, tcpstates_argv

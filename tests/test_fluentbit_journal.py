@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fbcase import BASE_NS, fluent_bit, needs_fluent_bit, trace  # noqa: F401
+from fbcase import needs_fluent_bit, trace
 from fluent_receiver import ForwardReceiver
 from fluentbit import forward_output, wait_until
 from journald import PrivateJournald

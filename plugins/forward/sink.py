@@ -41,7 +41,7 @@ from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
 from tcpstates.events import Event, sanitize_text
 from tcpstates.options import option
-from tcpstates.plugins.forward.protocol import (Handshake, ProtocolError, event_time,
+from tcpstates.plugins.forward.protocol import (Handshake, event_time,
                                                 parse_address, request)
 from tcpstates.plugins.forward.transport import Connection, tls_context
 from tcpstates.records import Rfc3339, event_record, loss_record

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from fluentbit import FluentBit, binary
+from fluentbit import binary
 
 needs_fluent_bit = pytest.mark.skipif(
     binary() is None, reason="no Fluent Bit: set FLUENT_BIT or put it in ../shared/tools/fluent-bit/")
@@ -42,18 +42,3 @@ def check_exact(entries: list[tuple[str, int, dict]], n: int, *, tag: str = "tcp
         assert r["lport"] == 22 and r["newstate"] == "FIN_WAIT1" and r["span_us"] == r["seq"], r
         assert abs(t_ns - r["time_ns"]) <= time_tolerance_ns, (t_ns, r["time_ns"])
     return {"received": len(seqs), "lost": len(missing), "duplicates": dups}
-
-
-@pytest.fixture
-def fluent_bit(tmp_path):
-    """Start real Fluent Bits; every one is killed at the end of the test."""
-    started: list[FluentBit] = []
-
-    def start(config: str, name: str = "fb", **kw) -> FluentBit:
-        fb = FluentBit(config, tmp_path / name, **kw)
-        started.append(fb)
-        return fb
-
-    yield start
-    for fb in started:
-        fb.kill()

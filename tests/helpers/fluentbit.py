@@ -127,7 +127,7 @@ class FluentBit:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"fluent-bit did not stop on signal {sig} within {timeout}s:\n{self.log()}")
+            raise AssertionError(f"fluent-bit did not stop on signal {sig} within {timeout}s:\n{self.log()}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
