@@ -42,14 +42,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
-    """Poll `cond` (a state we cannot be told about) until true, bounded."""
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.05,
+               fail: bool = True) -> bool:
+    """Poll `cond` (a state we cannot be told about) until true, bounded.
+    With fail=False, return False on timeout (the caller reports what is missing)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
-            return
+            return True
         time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    if fail:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return False
 
 
 def forward_output(address: str, match: str = "*") -> str:
