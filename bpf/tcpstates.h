@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
-/* tcpstates.h - the one event record the kernel stage hands to user space.
+/* tcpstates.h - the records the kernel stage shares with user space.
  *
- * The layout is mirrored by EVENT_STRUCT in plugins/kernel/decoder.py; keep
- * both in step (tests/test_kernel_units.py compiles this header with the C
- * compiler and compares every field's offset and size with the decoder's).
- * Natural alignment, no padding holes: 136 bytes.
+ * The event layout is mirrored by EVENT_STRUCT in plugins/kernel/decoder.py
+ * (tests/test_kernel_units.py compiles this header with the C compiler and
+ * compares every field's offset and size with the decoder's); the per-CPU
+ * state by CPU_STATE in plugins/kernel/cpustate.py. Natural alignment, no
+ * padding holes: the event is 136 bytes, the per-CPU state 64.
  */
 #ifndef TCPSTATES_H
 #define TCPSTATES_H
@@ -33,6 +34,26 @@ struct tcpstates_event {
     u32 owner_pid;        /* owner TGID */
     u32 owner_how;        /* 0 unknown, 1 syscall transition, 2 accept, 3 send/recv */
     char owner_comm[16];  /* owner's thread-group leader name */
+};
+
+/* One per CPU, in a memory-mappable array: user space reads it without a
+ * bpf() syscall (a map syscall blocks tracepoint programs on that CPU for
+ * its duration, which the kernel counts as misses). 64 bytes: one cache line.
+ *
+ * hits/done bracket every run of the program that passed the protocol check:
+ * hits != done means a run is in flight on that CPU, and start_ns (written
+ * right after hits) is a lower bound of its record's timestamp. The reader
+ * uses this to merge ring and spill records in time order without waiting.
+ */
+struct tcpstates_cpu {
+    u64 hits;         /* runs that passed the protocol check (atomic: a barrier) */
+    u64 done;         /* runs finished, their record visible (atomic: a barrier) */
+    u64 start_ns;     /* bpf_ktime_get_ns() at the start of the latest run */
+    u64 filtered;     /* runs that ended in an in-kernel filter */
+    u64 ringed;       /* records committed to the ring (perf mode: the perf buffer) */
+    u64 spilled;      /* records the ring refused that went to the spill buffer */
+    u64 drops;        /* records that could not be handed over at all */
+    u64 reserved;
 };
 
 #endif

@@ -41,6 +41,10 @@ class KernelConstraints:
     local_ports: frozenset[int] | None = None
     remote_ports: frozenset[int] | None = None
     family: int | None = None   # socket.AF_INET or AF_INET6
+    #: (oldstate, newstate) pairs to keep (kernel state numbers 1..12)
+    transitions: frozenset[tuple[int, int]] | None = None
+    #: drop events whose *known* time in the old state is shorter (unknown passes)
+    min_span_ns: int | None = None
     cflags: tuple[str, ...] = ()
 
 
@@ -217,6 +221,11 @@ class Source(Stage):
 
     def loss_counters(self) -> dict[str, int]:
         """Cumulative counts of lost records by kind ("dropped", "kernel_misses")."""
+        return {}
+
+    def notes(self) -> dict[str, int]:
+        """Source facts for the exit summary that are not losses (e.g. records
+        that took a slower path); shown only when non-zero."""
         return {}
 
     def status(self) -> str:

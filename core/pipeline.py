@@ -219,7 +219,8 @@ class Pipeline:
     def check_loss(self) -> None:
         counters = self.source.loss_counters()
         for kind, total in counters.items():
-            new = total - self.loss.get(kind, 0)
+            self.loss.setdefault(kind, 0)   # a kind reported as 0 is still shown
+            new = total - self.loss[kind]
             if new > 0:
                 self.loss[kind] = total
                 for slot in self.sinks:
@@ -308,11 +309,14 @@ class Pipeline:
             "delivery": delivery,
             "dropped": self.loss.get("dropped", 0),
             "kernel_misses": self.loss.get("kernel_misses", 0),
+            **({"unaccounted": self.loss.get("unaccounted", 0)} if "unaccounted" in self.loss else {}),
+            **({"unread_at_exit": self.loss["unread_at_exit"]} if self.loss.get("unread_at_exit") else {}),
             "filtered": sum(c.removed for c in self.chain if c.is_filter),
             "skipped": self.loss.get("replay_skipped", 0),
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
                        **{f"sinks.{s.name}": s.errors for s in self.sinks if s.errors}},
             "lost_by_sink": lost,
+            "source_notes": {k: v for k, v in self.source.notes().items() if v},
         }
 
 
@@ -321,6 +325,13 @@ def summary_line(summary: dict[str, Any]) -> str:
     line = (f"tcpstates: {summary['events']} events seen, {summary['kept']} kept, "
             f"written: {written}; {summary['dropped']} dropped, "
             f"{summary['kernel_misses']} kernel misses")
+    if summary.get("unread_at_exit"):
+        line += f", {summary['unread_at_exit']} unread at exit"
+    if "unaccounted" in summary:
+        # the in-kernel cross-check ran: every silent loss shows here
+        line += f", {summary['unaccounted']} unaccounted"
+    for key, value in summary.get("source_notes", {}).items():
+        line += f"; {value} {key.replace('_', ' ')}"
     if summary.get("skipped"):
         line += f"; {summary['skipped']} unreadable records skipped"
     if summary["errors"]:

@@ -60,8 +60,11 @@ class _BccSink(Sink):
         # bcc/libbcc report losses on stderr; stdout stays pure table/CSV.
         if kind == "replay_skipped":
             return   # already reported line by line, and in the exit summary
-        what = "records dropped (kernel buffer full)" if kind == "dropped" else \
-            "events missed by the kernel (BPF recursion)"
+        what = {"dropped": "records dropped (kernel buffer full)",
+                "unread_at_exit": "records still in the kernel buffers when the exit drain ran out of time",
+                "unaccounted": "events the tracepoint fired for but tcpstates neither saw nor "
+                               "counted (in-kernel cross-check)"}.get(
+            kind, "events missed by the kernel (BPF recursion)")
         self.context.warn(f"{count} {what}, {total} in total")
 
     def reopen(self) -> None:

@@ -130,6 +130,21 @@ class StateFilter(Filter):
                  (not o.pairs or (event.oldstate, event.newstate) in o.pairs))
         return match != o.exclude
 
+    def kernel_constraints(self) -> KernelConstraints:
+        # every (old, new) pair this filter keeps: the kernel tests one bit
+        keep = frozenset((a, b) for a in range(1, 13) for b in range(1, 13)
+                         if self.keep(_Probe(a, b)))
+        return KernelConstraints(transitions=keep)
+
+
+class _Probe:
+    """Just the two fields StateFilter.keep looks at."""
+
+    __slots__ = ("oldstate", "newstate")
+
+    def __init__(self, oldstate: int, newstate: int) -> None:
+        self.oldstate, self.newstate = oldstate, newstate
+
 
 @dataclasses.dataclass
 class DurationOptions:
@@ -166,6 +181,13 @@ class DurationFilter(Filter):
         if span is None:
             return self.keep_unknown
         return span >= self.lo and (self.hi is None or span <= self.hi)
+
+    def kernel_constraints(self) -> KernelConstraints | None:
+        # only the simple, common case: a lower bound for every state. The
+        # kernel lets unknown spans through; this filter still judges them.
+        if self.options.state_set or self.lo <= 0:
+            return None
+        return KernelConstraints(min_span_ns=self.lo)
 
 
 @dataclasses.dataclass

@@ -37,18 +37,23 @@ class LoadRequest:
     buffer_pages: int
     local_ports: list[int] | None
     remote_ports: list[int] | None
+    ncpus: int = 128
+    wakeup_events: int = 1                 # perf buffer: samples per reader wake-up
+    transitions: list[int] | None = None   # (old << 4) | new keys to keep
 
 
 @dataclasses.dataclass
 class Loaded:
     prog_fd: int
-    attach_fd: int
     events_fd: int                   # ring buffer map (ring mode), -1 in perf mode
-    drops_fd: int
+    state_fd: int                    # cpu_state map (struct tcpstates_cpu per CPU)
+    ncpus: int                       # its entries
     perf_fds: dict[int, int]         # cpu → perf event fd: spill (ring mode) or events (perf mode)
     perf: PerfBufferReader           # mapped before the helper left
     helper_peak_rss_kb: int
     all_fds: list[int]
+    attach_fds: list[int] = dataclasses.field(default_factory=list)   # every attachment bcc made
+    prog_fds: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def close(self) -> None:
         for fd in self.all_fds:
@@ -110,29 +115,44 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
         raise EnvironmentProblem(f"BPF compile/load failed ({compile_error}): "
                                  f"{message or 'no compiler output'}; {hint}")
     import ctypes
-    for name, ports in (("lport_allowed", req.local_ports), ("dport_allowed", req.remote_ports)):
-        if ports is not None:
+    for name, keys in (("lport_allowed", req.local_ports), ("dport_allowed", req.remote_ports),
+                       ("transition_allowed", req.transitions)):
+        if keys is not None:
             table = bpf[name]
-            for port in ports:
-                table[ctypes.c_int(port)] = ctypes.c_uint8(1)
+            for key in keys:
+                table[ctypes.c_int(key)] = ctypes.c_uint8(1)
     perf_table = bpf["events"] if req.perf_mode else bpf["spill"]
     pages = req.buffer_pages if req.perf_mode else SPILL_PAGES
-    perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None)
+    perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None,
+                                wakeup_events=req.wakeup_events)
     from bcc.libbcc import lib as libbcc
     perf_fds = {cpu: libbcc.perf_reader_fd(reader)               # cpu → perf event fd
                 for (table_id, cpu), reader in bpf.perf_buffers.items() if table_id == id(perf_table)}
-    # the perf-event array's own fd goes too: the kernel empties such a map
-    # when the last user-space reference to it closes (even while programs use it)
-    fds = [bpf.funcs[PROG_NAME].fd, bpf.tracepoint_fds[TRACEPOINT],
-           -1 if req.perf_mode else bpf["events"].map_fd, bpf["drops"].map_fd, perf_table.map_fd]
-    # every other attachment (probes compiled in through KernelConstraints.cflags)
-    # is handed over too: it lives as long as its fd, and ours close when we exit
-    fds += [fd for tp, fd in bpf.tracepoint_fds.items() if tp != TRACEPOINT]
-    msg = {"slots": [i for i, fd in enumerate(fds) if fd >= 0],
+    # Every attachment bcc made goes over, not a fixed list: programs other
+    # parts add to the object (e.g. owner tracking) keep running once the
+    # helper has exited. bcc keeps them in several dicts depending on kind.
+    attach: list[int] = []
+    for attr in ("tracepoint_fds", "raw_tracepoint_fds"):
+        for value in getattr(bpf, attr, {}).values():
+            attach.extend(value.values() if isinstance(value, dict) else [value])
+    for attr in ("kprobe_fds", "uprobe_fds"):   # {name: {fn: fd}} or {name: fd}
+        for value in getattr(bpf, attr, {}).values():
+            attach.extend(value.values() if isinstance(value, dict) else [value])
+    attach = [fd for fd in attach if isinstance(fd, int) and fd >= 0]
+    progs = {(k.decode() if isinstance(k, bytes) else str(k)): f.fd for k, f in bpf.funcs.items()}
+    named = {"prog": bpf.funcs[PROG_NAME].fd,
+             "events": -1 if req.perf_mode else bpf["events"].map_fd,
+             "state": bpf["cpu_state"].map_fd,
+             # the perf-event array's own fd goes too: the kernel empties such a
+             # map when the last user-space reference to it closes
+             "perf_map": perf_table.map_fd}
+    named = {k: fd for k, fd in named.items() if fd >= 0}
+    fds = list(named.values()) + attach + list(progs.values()) + list(perf_fds.values())
+    msg = {"named": list(named), "n_attach": len(attach), "progs": list(progs),
            "perf_cpus": list(perf_fds), "perf_pages": pages, "peak_rss_kb": _peak_rss_kb()}
     # the BPF object is kept alive until the tracer has everything: bcc's
     # table objects empty the perf-event map when they are garbage-collected
-    return msg, [fd for fd in fds if fd >= 0] + list(perf_fds.values()), bpf
+    return msg, fds, bpf
 
 
 def load(req: LoadRequest) -> Loaded:
@@ -165,7 +185,7 @@ def load(req: LoadRequest) -> Loaded:
         if data:
             msg = json.loads(data)
             if "error" not in msg:
-                perf_fds = dict(zip(msg["perf_cpus"], fds[len(msg["slots"]):]))
+                perf_fds = dict(zip(msg["perf_cpus"], fds[len(fds) - len(msg["perf_cpus"]):]))
                 perf = PerfBufferReader(perf_fds, msg["perf_pages"])
                 ours.send(b"k")
     finally:
@@ -179,11 +199,12 @@ def load(req: LoadRequest) -> Loaded:
         for fd in fds:
             os.close(fd)
         raise (UsageError if msg["kind"] == "usage" else EnvironmentProblem)(msg["error"])
-    slots = dict.fromkeys(range(5), -1)
-    for slot, fd in zip(msg["slots"], fds):
-        slots[slot] = fd
-    rest = fds[len(msg["slots"]):]
-    assert perf is not None
-    return Loaded(prog_fd=slots[0], attach_fd=slots[1], events_fd=slots[2], drops_fd=slots[3],
-                  perf_fds=dict(zip(msg["perf_cpus"], rest)), perf=perf,
-                  helper_peak_rss_kb=max(msg["peak_rss_kb"], helper_peak_kb), all_fds=list(fds))
+    rest = list(fds)
+    named = {name: rest.pop(0) for name in msg["named"]}
+    attach = [rest.pop(0) for _ in range(msg["n_attach"])]
+    progs = {name: rest.pop(0) for name in msg["progs"]}
+    assert perf is not None and len(rest) == len(msg["perf_cpus"])
+    return Loaded(prog_fd=named["prog"], events_fd=named.get("events", -1), state_fd=named["state"],
+                  ncpus=req.ncpus, perf_fds=dict(zip(msg["perf_cpus"], rest)), perf=perf,
+                  helper_peak_rss_kb=max(msg["peak_rss_kb"], helper_peak_kb), all_fds=list(fds),
+                  attach_fds=attach, prog_fds=progs)

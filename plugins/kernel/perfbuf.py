@@ -32,6 +32,24 @@ class PerfBufferReader:
             self.maps.append((mm, offset, size))
         self.lost = 0
 
+    def pending(self) -> bool:
+        """Any buffer holds unread records."""
+        u64 = _U64.unpack_from
+        return any(u64(mm, 1024)[0] != u64(mm, 1032)[0] for mm, _, _ in self.maps)
+
+    def pending_samples(self) -> int:
+        """How many samples are waiting (for the exit count of unread records)."""
+        n = 0
+        for mm, offset, size in self.maps:
+            head, tail = _U64.unpack_from(mm, 1024)[0], _U64.unpack_from(mm, 1032)[0]
+            while tail < head:
+                rtype, _misc, rsize = _HEADER.unpack_from(mm, offset + tail % size)
+                if rsize < 8 or tail % size + 8 > size:
+                    break
+                n += rtype == PERF_RECORD_SAMPLE
+                tail += rsize
+        return n
+
     def read(self, sample_size: int) -> list[bytes]:
         """Every pending sample's first `sample_size` bytes; lost counts accumulate."""
         out = []
@@ -40,6 +58,8 @@ class PerfBufferReader:
             tail = _U64.unpack_from(mm, 1032)[0]
             if head == tail:
                 continue
+            # (x86/arm64: the kernel publishes data_head after the data with a
+            # release store; this load sees the data it covers)
             # read everything between tail and head (wrapping) in one copy
             start = tail % size
             n = head - tail

@@ -15,6 +15,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any, Callable
 
 from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
@@ -77,10 +78,17 @@ def recursion_misses(prog_fd: int) -> int:
 
 def build_cflags(src_dir: Path, *, max_sockets: int, ring_pages: int, buffer: str,
                  filter_lport: bool, filter_dport: bool, family: int | None,
-                 no_wakeup: bool) -> list[str]:
+                 no_wakeup: bool, ncpus: int | None = None, filter_transition: bool = False,
+                 min_span_ns: int | None = None) -> list[str]:
     """The -D switches of bpf/tcpstates.bpf.c for one run (its header lists them)."""
     cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={int(max_sockets)}",
               f"-DTCPSTATES_RINGBUF_PAGES={int(ring_pages)}", "-Wno-macro-redefined"]
+    if ncpus is not None:
+        cflags.append(f"-DTCPSTATES_NCPUS={int(ncpus)}")
+    if filter_transition:
+        cflags.append("-DTCPSTATES_FILTER_TRANSITION=1")
+    if min_span_ns:
+        cflags.append(f"-DTCPSTATES_MIN_SPAN_NS={int(min_span_ns)}ULL")
     if buffer == "perf":
         cflags.append("-DTCPSTATES_PERF_BUFFER=1")
     if filter_lport:
@@ -98,15 +106,32 @@ def _by_time(event: Event) -> int:
     return event.ts_ns
 
 
+CROSSCHECK_INTERVAL_S = 5.0
+
+
 class KernelProbe:
     """The attached program (loaded by a helper process, see loader.py)
-    and the readers of its buffers. No bcc in this process."""
+    and the readers of its buffers. No bcc in this process.
+
+    Order: records reach us through the ring and, when the ring refuses one,
+    through the per-CPU spill buffers, so a socket's records can arrive in
+    two streams. Whenever spill records are in play the batch is merged by
+    kernel timestamp and only records older than a watermark are released:
+    the watermark is the read's start time, lowered to the start time of any
+    program run still in flight (cpustate.py). A record with a timestamp below
+    it cannot still be on its way, so nothing released can later be overtaken
+    by an earlier record of the same socket.
+    """
 
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
-                 poll_s: float = 0.05, extra_cflags: list[str] | None = None) -> None:
-        from tcpstates.plugins.kernel.bpfsys import PerCpuCounter
+                 poll_s: float = 0.05, transitions: frozenset[tuple[int, int]] | None = None,
+                 min_span_ns: int | None = None, crosscheck: bool = False,
+                 warn: Callable[[str], None] | None = None,
+                 extra_cflags: list[str] | None = None) -> None:
+        from tcpstates.plugins.kernel.bpfsys import possible_cpus
+        from tcpstates.plugins.kernel.cpustate import CpuState
         from tcpstates.plugins.kernel.loader import LoadRequest, load
 
         if os.geteuid() != 0:
@@ -128,26 +153,41 @@ class KernelProbe:
         self.buffer = buffer
         self.batch_size = batch_size
         self.max_block = batch_size * RING_RECORD_SIZE
+        self._warn = warn or (lambda m: sys.stderr.write(f"tcpstates: {m}\n"))
         tree, self.header_source = choose_header_tree()
         src_dir = bpf_source_dir()
-        self.poll_s = poll_s if timer_wakeup and buffer == "ring" else None
+        ncpus = possible_cpus()
+        self.poll_s = poll_s if timer_wakeup else None
         cflags = build_cflags(src_dir, max_sockets=max_sockets, ring_pages=ring_pages, buffer=buffer,
                               filter_lport=local_ports is not None,
                               filter_dport=remote_ports is not None, family=family,
-                              no_wakeup=self.poll_s is not None)
+                              no_wakeup=self.poll_s is not None and buffer == "ring", ncpus=ncpus,
+                              filter_transition=transitions is not None, min_span_ns=min_span_ns)
         cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
+        lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
+        if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
+            cflags.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
+        # A perf buffer wake-up is an irq_work: a self-interrupt raised inside
+        # the program, on whose exit pending softirqs (the loopback's packets)
+        # run — and their tracepoint hits find the program busy (counted
+        # kernel misses). The spill is read at every batch anyway, so it never
+        # wakes the reader; a perf event stream (old kernels) wakes it only in
+        # adaptive mode.
+        wakeup_events = 1 if buffer == "perf" and self.poll_s is None else 1 << 20
+        self.cflags = cflags
         self.loaded = load(LoadRequest(
             cflags=cflags, src_file=str(src_dir / "tcpstates.bpf.c"),
             header_tree=str(tree) if tree is not None else None, perf_mode=buffer == "perf",
             buffer_pages=ring_pages, local_ports=sorted(local_ports) if local_ports is not None else None,
-            remote_ports=sorted(remote_ports) if remote_ports is not None else None))
+            remote_ports=sorted(remote_ports) if remote_ports is not None else None, ncpus=ncpus,
+            wakeup_events=wakeup_events,
+            transitions=sorted((o << 4) | n for o, n in transitions) if transitions is not None else None))
         self.prog_fd = self.loaded.prog_fd
         self.decoder = Decoder()
-        self._drops = PerCpuCounter(self.loaded.drops_fd)
-        self._dropped = 0
-        self._drops_unreadable = False
+        self.cpu = CpuState(self.loaded.state_fd, ncpus)
         self.spilled = 0
-        self._next_spill_check = 0.0
+        self.received = 0          # records taken from the kernel buffers
+        self._held: list[Event] = []
         self._last_read = 0.0
         # ring mode: the perf buffers are the spill; perf mode: the event stream
         self.perf = self.loaded.perf
@@ -155,7 +195,7 @@ class KernelProbe:
         if buffer == "ring":
             self.reader: RingBufferReader | None = RingBufferReader(
                 self.loaded.events_fd, ring_pages * os.sysconf("SC_PAGE_SIZE"))
-            # its per-CPU fds join our epoll, so it is only read when it has data
+            # its per-CPU fds join our epoll, so a spill also ends a sleep
             for fd in self._perf_fds:
                 self.reader.register_wakeup_fd(fd, drain=False)
         else:
@@ -164,7 +204,86 @@ class KernelProbe:
             self._epoll = select.epoll()
             for fd in self._perf_fds:
                 self._epoll.register(fd, select.EPOLLIN)
+        # the exactness cross-check (truth.py)
+        self.truth = None
+        self._warned: set[str] = set()
+        self.unaccounted = 0
+        self.accounting = "off"
+        self._final = False
+        self._draining = False
+        self.unread_at_exit = 0
+        if crosscheck:
+            self._start_crosscheck(tracefs)
 
+    # -- exactness cross-check ------------------------------------------------------
+    def _seen(self) -> tuple[int, int, int, int]:
+        """(hits, done, kernel misses, records handed over) right now."""
+        t = self.cpu.rows()
+        return (sum(r[0] for r in t), sum(r[1] for r in t), recursion_misses(self.prog_fd),
+                sum(r[4] + r[5] for r in t))
+
+    def _start_crosscheck(self, tracefs: Path) -> None:
+        from tcpstates.plugins.kernel.truth import TruthCounter
+        try:
+            self.truth = TruthCounter(tracefs)
+        except OSError as exc:
+            self._warn(f"in-kernel cross-check unavailable ({exc}); silent losses cannot be detected")
+            return
+        self._cut0 = self._cut()
+        self.accounting = "exact" if self._cut0.exact else "lower bound"
+        self._next_check = time.monotonic() + CROSSCHECK_INTERVAL_S
+
+    def _cut(self, tries: int = 5) -> Any:
+        from tcpstates.plugins.kernel.truth import SETTLE_S, Cut
+        assert self.truth is not None
+        cut = None
+        for _ in range(tries):
+            s1 = self._seen()
+            f1, _ = self.truth.read()
+            time.sleep(SETTLE_S)   # an event whose probes straddle the reads completes meanwhile
+            self._cut_clock = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            s2 = self._seen()
+            f2, lost = self.truth.read()
+            self._cut_handed = s2[3]
+            # quiet: nothing moved and no run in flight
+            cut = Cut(f1, f2, s1[0] + s1[2], s2[0] + s2[2], lost, quiet=s1 == s2 and s1[0] == s1[1])
+            if cut.exact:
+                break
+        assert cut is not None
+        return cut
+
+    def _crosscheck(self, final: bool, delivered_late: int = 0) -> None:
+        """Update `unaccounted` from a fresh cut. `final`: after the drain;
+        `delivered_late`: records of the window read after the cut."""
+        from tcpstates.plugins.kernel.truth import unaccounted
+        if self.truth is None:
+            return
+        end = self._final_cut if final else self._cut(1)
+        count, exact = unaccounted(self._cut0, end)
+        if end.ftrace_lost:
+            self.context_warn_once(f"in-kernel cross-check: ftrace itself lost {end.ftrace_lost} "
+                                   f"events; the unaccounted count may be short")
+        if final and exact:
+            # the user-space half: every record the kernel handed over was read
+            count += max(0, self._cut_handed - self._received_at_cut - delivered_late)
+            self.accounting = "exact"
+        elif final:
+            self.accounting = "lower bound"
+            self.context_warn_once("the final in-kernel count was taken while events kept arriving: "
+                                   "the unaccounted figure is a proven minimum, not exact")
+        if count < 0:
+            self.context_warn_once(f"in-kernel cross-check: the ftrace count is {-count} short of ours "
+                                   f"(ftrace lost events?); unaccounted events cannot be excluded")
+            self.accounting = "unknown"
+            count = 0
+        self.unaccounted = max(self.unaccounted, count)
+
+    def context_warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self._warn(message)
+
+    # -- reading -----------------------------------------------------------------
     def add_wakeup_fd(self, fd: int) -> None:
         if self.reader is not None:
             self.reader.register_wakeup_fd(fd)
@@ -178,11 +297,12 @@ class KernelProbe:
             return []
         return self.decoder.decode(b"".join(raw), range(0, len(raw) * EVENT_SIZE, EVENT_SIZE))
 
-    def read(self, timeout: float) -> list[Event]:
+    def _wait(self, timeout: float) -> None:
         reader = self.reader
         if reader is None:
-            events = self._perf_events()
-            if not events and timeout:
+            if timeout and not self.perf.pending():
+                if self.poll_s is not None:
+                    timeout = min(timeout, self.poll_s)
                 for fd, _ in self._epoll.poll(timeout):
                     if fd not in self._perf_fds:
                         try:
@@ -190,57 +310,123 @@ class KernelProbe:
                                 pass
                         except BlockingIOError:
                             pass
-                events = self._perf_events()
-            return sorted(events, key=_by_time)   # per-CPU buffers: merge by time
-        spill_ready = False
+            return
         if self.poll_s is not None and timeout:
             # Timer mode: the kernel never signals. Read at most once per poll
             # interval unless the ring is filling up: big batches amortise the
-            # per-batch costs (a busy reader would otherwise take ~100 events
-            # at a time). A signal's wake-up fd still ends the sleep at once.
+            # per-batch costs. A signal's wake-up fd still ends the sleep at once.
             now = time.monotonic()
             rest = self._last_read + self.poll_s - now
             if rest > 0 and reader.pending() < self.max_block // 2:
-                ready = reader.wait(min(timeout, rest))
-                spill_ready = not ready.isdisjoint(self._perf_fds)
+                reader.wait(min(timeout, rest))
             self._last_read = time.monotonic()
-        elif reader.pending() == 0:
-            ready = reader.wait(timeout)
-            spill_ready = not ready.isdisjoint(self._perf_fds)
-        events, used = self.decoder.decode_block(reader.read_block(self.max_block, EVENT_SIZE))
-        reader.consume(used)
-        # timeout 0 is the final drain: never leave spilled records behind
-        if spill_ready or timeout == 0 or self._spill_check_due():
-            late = self._perf_events()
+        elif timeout and reader.pending() == 0 and not self.perf.pending():
+            reader.wait(timeout)
+
+    def read(self, timeout: float) -> list[Event]:
+        """The next batch; `timeout` 0 is the final drain (see _finish)."""
+        if self._final:
+            return []
+        self._wait(timeout)
+        if timeout == 0:
+            self._draining = True
+        return self._read(timeout == 0)
+
+    def _read(self, draining: bool) -> list[Event]:
+        # the watermark: taken before anything is read (see the class docstring)
+        mark = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        bound = self.cpu.in_flight_bound()
+        if bound is not None and bound < mark:
+            mark = bound
+        reader = self.reader
+        if reader is not None:
+            events, used = self.decoder.decode_block(reader.read_block(self.max_block, EVENT_SIZE))
+            reader.consume(used)
+            late = self._perf_events()      # after the ring, always (the merge relies on it)
             if late:
                 self.spilled += len(late)
-                events = sorted(events + late, key=_by_time)   # back into time order
-        if not events and reader.skip_foreign(EVENT_SIZE):
-            return self.read(0)
+        else:
+            events, late = [], self._perf_events()
+        self.received += len(events) + len(late)
+        if late or self._held:
+            # Two streams (or leftovers): merge by time, release up to the mark.
+            # Ring records alone are already in per-socket order: no sort then.
+            merged = sorted(self._held + events + late, key=_by_time)
+            if draining and not events and not late:
+                mark = 1 << 64          # the final drain: nothing older can come
+            cut = len(merged)
+            while cut and merged[cut - 1].ts_ns >= mark:
+                cut -= 1
+            events, self._held = merged[:cut], merged[cut:]
+        if events:
+            return events
+        if reader is not None and reader.skip_foreign(EVENT_SIZE):
+            return self._read(draining)
+        if draining and not self._held:
+            self._finish()
+            return self._after_final
         return events
 
-    def _spill_check_due(self) -> bool:
-        """While events flow the reader rarely sleeps in epoll; look at the
-        spill buffer at least every 100 ms anyway."""
-        now = time.monotonic()
-        if now >= self._next_spill_check:
-            self._next_spill_check = now + 0.1
-            return True
-        return False
+    def _finish(self) -> None:
+        """The drain found nothing more: take the final cross-check cut, then
+        read what was committed meanwhile (delivered after the drain; the part
+        older than the cut belongs to the counted window)."""
+        self._final = True
+        self._after_final: list[Event] = []
+        if self.truth is None:
+            return
+        self._received_at_cut = self.received
+        self._final_cut = self._cut()
+        late: list[Event] = []
+        if self.reader is not None:
+            late, used = self.decoder.decode_block(self.reader.read_block(self.max_block, EVENT_SIZE))
+            self.reader.consume(used)
+        late = sorted(late + self._perf_events(), key=_by_time)
+        self.received += len(late)
+        self._crosscheck(final=True, delivered_late=sum(1 for e in late if e.ts_ns < self._cut_clock))
+        self._after_final = late
+
+    def _abandon(self) -> None:
+        """The drain ran out of time with records still buffered: count them
+        (they are lost, and must not vanish silently), then take the final cut."""
+        pending = self.perf.pending_samples() + len(self._held)
+        if self.reader is not None:
+            pending += self.reader.pending() // RING_RECORD_SIZE
+        self.unread_at_exit = pending
+        self._held = []
+        self._final = True
+        self._after_final = []
+        if self.truth is not None:
+            self._received_at_cut = self.received + pending
+            self._final_cut = self._cut()
+            self._crosscheck(final=True)
 
     def loss_counters(self) -> dict[str, int]:
-        try:
-            self._dropped = self._drops.total()
-        except OSError as exc:   # e.g. EPERM once root is dropped on a locked-down kernel
-            if not self._drops_unreadable:
-                self._drops_unreadable = True
-                sys.stderr.write(f"tcpstates: warning: cannot read the kernel drop counter any more "
-                                 f"({exc}); drops after this point are not reported\n")
-        return {"dropped": self._dropped + self.perf.lost,
-                "kernel_misses": recursion_misses(self.prog_fd)}
+        if self._draining and not self._final:
+            self._abandon()
+        t = self.cpu.totals()
+        # a record the perf buffer had no room for failed its submit and is in
+        # `drops`; the buffer's own lost count is the same records again
+        out = {"dropped": t["drops"], "kernel_misses": recursion_misses(self.prog_fd)}
+        if self.unread_at_exit:
+            out["unread_at_exit"] = self.unread_at_exit
+        if self.truth is not None:
+            if not self._final and time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + CROSSCHECK_INTERVAL_S
+                self._crosscheck(final=False)
+            out["unaccounted"] = self.unaccounted
+        return out
+
+    def kernel_counts(self) -> dict[str, int]:
+        """The program's own per-CPU counters, summed (for the exit summary and tests)."""
+        return self.cpu.totals()
 
     def close(self) -> None:
+        if self.truth is not None:
+            self.truth.close()
+            self.truth = None
         if self.reader is not None:
             self.reader.close()
         self.perf.close()
+        self.cpu.close()
         self.loaded.close()      # closing the attachment's fd detaches the program

@@ -26,6 +26,9 @@ class KernelOptions:
                          choices=("timer", "adaptive"))
     poll_ms: int = option(50, "reader poll interval with wakeup = \"timer\" (latency bound)",
                           min=1, max=1000)
+    crosscheck: bool = option(True, "count the tracepoint's hits independently in the kernel (a private "
+                              "ftrace instance) and report every event neither seen nor counted as "
+                              "'unaccounted'")
 
     def validate(self) -> None:
         if self.buffer_pages & (self.buffer_pages - 1):
@@ -39,7 +42,7 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
     """AND every filter's constraints together (intersection of port sets)."""
     merged = KernelConstraints()
     for c in constraints:
-        for attr in ("local_ports", "remote_ports"):
+        for attr in ("local_ports", "remote_ports", "transitions"):
             mine, theirs = getattr(merged, attr), getattr(c, attr)
             if theirs is not None:
                 setattr(merged, attr, theirs if mine is None else mine & theirs)
@@ -48,6 +51,8 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
                 raise UsageError("the chain keeps only IPv4 and only IPv6 at once: nothing could "
                                  "pass; drop one of the family filters (-4/-6)")
             merged.family = c.family
+        if c.min_span_ns is not None:
+            merged.min_span_ns = max(merged.min_span_ns or 0, c.min_span_ns)
         for flag in c.cflags:    # optional parts asked for by chain stages (union)
             if not CFLAG.fullmatch(flag):
                 raise UsageError(f"a chain stage asked the kernel stage for {flag!r}: "
@@ -69,6 +74,7 @@ class KernelSource(Source):
         super().__init__(options, context)
         self.probe: Any = None
         self._wakeup_fd: int | None = None
+        self._final_notes: dict[str, int] = {}
 
     def start(self, constraints: list[KernelConstraints]) -> None:
         from tcpstates.plugins.kernel.probe import KernelProbe
@@ -78,6 +84,8 @@ class KernelSource(Source):
         self.probe = KernelProbe(ring_pages=o.buffer_pages, max_sockets=o.max_sockets,
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
+                                 transitions=merged.transitions, min_span_ns=merged.min_span_ns,
+                                 crosscheck=o.crosscheck, warn=self.context.warn,
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
                                  poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags))
         if self._wakeup_fd is not None:
@@ -96,6 +104,12 @@ class KernelSource(Source):
     def loss_counters(self) -> dict[str, int]:
         return self.probe.loss_counters() if self.probe is not None else {}
 
+    def notes(self) -> dict[str, int]:
+        if self.probe is None:
+            return self._final_notes
+        counts = self.probe.kernel_counts()
+        return {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
+
     def status(self) -> str:
         if self.probe is None:
             return "not attached"
@@ -104,5 +118,6 @@ class KernelSource(Source):
 
     def close(self) -> None:
         if self.probe is not None:
+            self._final_notes = self.notes()   # the summary is made after close
             self.probe.close()
             self.probe = None

@@ -8,7 +8,7 @@ a header tree's. No dependencies; ~0.3 s to index vmlinux BTF (~5-6 MB).
 from __future__ import annotations
 
 import struct
-import sys
+from typing import Any
 
 BTF_MAGIC = 0xEB9F
 # kind numbers (include/uapi/linux/btf.h)
@@ -28,7 +28,7 @@ class BTF:
             raise BTFError("not little-endian BTF (bad magic)")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         self.strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
-        self.types: list[tuple | None] = [None]   # id 0 is void
+        self.types: list[Any] = [None]   # id 0 is void; else (kind, name_off, size_or_type, kflag, extra)
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         u = struct.unpack_from
         while pos < end:
@@ -37,7 +37,7 @@ class BTF:
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
             kflag = info >> 31
-            extra = None
+            extra: Any = None
             if kind == INT:
                 pos += 4
             elif kind == ARRAY:

@@ -90,3 +90,20 @@ def by_socket(rows: list[dict], ports: set[int]) -> list[list[dict]]:
 
 def transitions(life: list[dict]) -> list[str]:
     return [life[0]["OLDSTATE"]] + [r["NEWSTATE"] for r in life]
+
+
+def order_violations(rows: list[dict], ports: set[int]) -> list[str]:
+    """Rows of a socket (SKADDR) touching `ports` that do not continue its
+    previous row: each change must leave the state the last one entered, and
+    a socket life starts from CLOSE (connect/listen) or LISTEN (accepted child)."""
+    last: dict[str, str] = {}
+    bad = []
+    for i, r in enumerate(rows):
+        if int(r["LPORT"]) not in ports and int(r["RPORT"]) not in ports:
+            continue
+        prev = last.get(r["SKADDR"], "CLOSE")
+        ok = r["OLDSTATE"] == prev or (prev == "CLOSE" and r["OLDSTATE"] == "LISTEN")
+        if not ok:
+            bad.append(f"row {i}: {r['SKADDR']} {r['OLDSTATE']}->{r['NEWSTATE']} after ->{prev}")
+        last[r["SKADDR"]] = r["NEWSTATE"]
+    return bad
