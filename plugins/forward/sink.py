@@ -228,7 +228,8 @@ class ForwardSink(Sink):
             conn.close()
 
     def _next_chunk_locked(self) -> list[tuple[bytes, int]]:
-        chunk, size = [], 0
+        chunk: list[tuple[bytes, int]] = []
+        size = 0
         for item in self.buffer:
             if chunk and (len(chunk) >= self.options.chunk_events
                           or size + len(item[0]) > self._chunk_limit):
