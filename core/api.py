@@ -198,6 +198,13 @@ class Sink(Stage):
     def reopen(self) -> None:
         """SIGHUP: reopen files (logrotate)."""
 
+    def delivery_report(self) -> dict[str, int] | None:
+        """For sinks whose destination confirms receipt (the forward sink's acks):
+        events `queued`, `acknowledged` and `lost`, read after `close`. The exit
+        summary then counts acknowledged events as written. None (the default):
+        written means handed to the destination without error."""
+        return None
+
     def report(self) -> None:
         """SIGUSR1: print an interim report (the summary sink does)."""
 

@@ -5,8 +5,11 @@ stage with its `on_error` policy and counted for the exit summary:
 filters/enrichers `skip` (let the event through untouched), `drop` (drop the
 event) or `fail` (end the run); sinks `ignore` (count and carry on),
 `disable` (stop using that sink) or `fail`. `--strict` turns every policy
-into `fail`. A sink whose reader went away (EPIPE) is closed quietly; the run
-ends when no sink is left.
+into `fail`. A sink whose reader went away (EPIPE): a table for people
+(text, csv: `tcpstates | head -3`) is closed quietly and the run ends when no
+sink is left; a structured sink (jsonl into a shipper) ends the run at once
+and the CLI reports it with a non-zero status (`broken_pipes`), because every
+event from then on would be lost without a word.
 
 Back-pressure policy: sinks are called synchronously. A sink that blocks
 stalls the reader, the kernel buffer fills, and the kernel stage counts
@@ -75,6 +78,7 @@ class Pipeline:
         self.reopen_requested = False
         self.report_requested = False
         self.readers_gone = False
+        self.broken_pipes: list[str] = []   # structured sinks whose reader went away
         self._started = False
 
     # -- set-up ---------------------------------------------------------------
@@ -211,6 +215,10 @@ class Pipeline:
             slot.sink.close()
         except Exception:
             pass
+        if slot.sink.structured:
+            self.broken_pipes.append(slot.name)
+            self.stopping = True
+            return
         if not any(s.active for s in self.sinks):
             self.stopping = True
             self.readers_gone = True
@@ -320,10 +328,22 @@ class Pipeline:
         self.source.close()
 
     def summary(self) -> dict[str, Any]:
+        written = {s.name: s.written for s in self.sinks}
+        lost = {s.name: s.lost for s in self.sinks if s.lost}
+        delivery = {}
+        for s in self.sinks:
+            report = s.sink.delivery_report()
+            if report is not None:
+                # a receiver that acks: written = acknowledged, not merely queued
+                delivery[s.name] = report
+                written[s.name] = report["acknowledged"]
+                if report["lost"] or s.lost:
+                    lost[s.name] = s.lost + report["lost"]
         return {
             "events": self.seen,
             "kept": self.kept,
-            "written": {s.name: s.written for s in self.sinks},
+            "written": written,
+            "delivery": delivery,
             "dropped": self.loss.get("dropped", 0),
             "kernel_misses": self.loss.get("kernel_misses", 0),
             **({"unaccounted": self.loss.get("unaccounted", 0)} if "unaccounted" in self.loss else {}),
@@ -332,7 +352,7 @@ class Pipeline:
             "skipped": self.loss.get("replay_skipped", 0),
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
                        **{f"sinks.{s.name}": s.errors for s in self.sinks if s.errors}},
-            "lost_by_sink": {s.name: s.lost for s in self.sinks if s.lost},
+            "lost_by_sink": lost,
             "source_notes": {k: v for k, v in self.source.notes().items() if v},
         }
 
@@ -353,6 +373,9 @@ def summary_line(summary: dict[str, Any]) -> str:
         line += f"; {summary['skipped']} unreadable records skipped"
     if summary["errors"]:
         line += "; errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
+    for name, report in summary.get("delivery", {}).items():
+        line += (f"; {name}: {report['queued']} queued, {report['acknowledged']} acknowledged, "
+                 f"{report['lost']} lost")
     if summary.get("lost_by_sink"):
         line += "; not written: " + ", ".join(f"{k} {v}" for k, v in summary["lost_by_sink"].items())
     return line

@@ -58,7 +58,7 @@ def unaccounted(start: Cut, end: Cut) -> tuple[int, bool]:
 
 def remove_stale(tracefs: Path) -> list[str]:
     """Remove instances of tcpstates runs whose process is gone."""
-    removed = []
+    removed: list[str] = []
     inst = tracefs / "instances"
     try:
         names = os.listdir(inst)
