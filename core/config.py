@@ -79,7 +79,8 @@ def _open_config(path: Path, allow_insecure: bool) -> int:
 
 
 def _read_capped(fd: int, path: Path) -> bytes:
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = os.read(fd, 65536)
         if not chunk:
