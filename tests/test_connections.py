@@ -213,3 +213,31 @@ def test_build_cflags_connections_leaves_transition_and_span_filters_to_user_spa
     assert not any("FILTER_TRANSITION" in f or "MIN_SPAN" in f for f in flags)
 
 
+
+
+def test_summary_and_metrics_take_their_numbers_from_connection_records(capsys):
+    import io
+    import urllib.request
+
+    from tcpstates.plugins.metrics.sink import MetricsOptions, MetricsSink
+    from tcpstates.plugins.summary.sink import SummaryOptions, SummarySink
+    ctx = RunContext(records="connection")
+    out = io.StringIO()
+    summary = SummarySink(SummaryOptions(status="off"), ctx, stream=out)
+    summary.write([_event()])
+    summary.close()
+    text = out.getvalue()
+    assert "state = ESTABLISHED (time spent in it)" in text and "state = SYN_SENT" in text
+    assert "LPORT   CONNECTIONS" in text and "4000    1" in text
+    port = free_port()
+    metrics = MetricsSink(MetricsOptions(listen=f"127.0.0.1:{port}"), ctx)
+    metrics.open()
+    try:
+        metrics.write([_event()])
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        metrics.close()
+    assert 'tcpstates_connections_total{ending="reset"} 1.0' in body
+    assert "tcpstates_handshake_seconds_count 1.0" in body
+    assert "tcpstates_connection_lifetime_seconds_sum 0.099" in body
+    assert "tcpstates_close_wait_seconds_count 0.0" in body
