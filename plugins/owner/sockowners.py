@@ -12,8 +12,11 @@ import socket
 import struct
 from pathlib import Path
 
+from tcpstates.plugins.owner import diag
+
 Tuple4 = tuple[int, str, int, str, int]   # family, laddr, lport, raddr, rport
 LISTEN_STATE = 0x0A
+PROC = Path("/proc")
 
 
 def _addr(hexaddr: str, family: int) -> str:
@@ -109,8 +112,12 @@ def snapshot(proc: Path = Path("/proc")) -> dict[Tuple4, list[Holder]]:
 def listener_holders(port: int, proc: Path = Path("/proc")) -> dict[tuple[int, str], list[Holder]]:
     """(family, local address) → processes holding a socket listening on `port`
     (several for a pre-fork server or an SO_REUSEPORT group)."""
-    inodes = {inode: (t4[0], t4[1]) for inode, (t4, state) in tcp_sockets(proc).items()
-              if state == LISTEN_STATE and t4[2] == port}
+    # sock_diag answers with listeners only; /proc/net/tcp lists every socket
+    # (a storm's TIME_WAIT too), so it is only the fallback
+    inodes = diag.listeners(port) if proc == PROC else None
+    if inodes is None:
+        inodes = {inode: (t4[0], t4[1]) for inode, (t4, state) in tcp_sockets(proc).items()
+                  if state == LISTEN_STATE and t4[2] == port}
     if not inodes:
         return {}
     by_addr: dict[tuple[int, str], set[int]] = {}
