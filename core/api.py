@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TextIO
 
 from tcpstates.events import Event
 from tcpstates.options import NoOptions
+from tcpstates.text import escape_text
 
 FILTER_POLICIES = ("skip", "drop", "fail")
 SINK_POLICIES = ("ignore", "disable", "fail")
@@ -61,8 +62,11 @@ class Warner:
             return
         self._seen.add(key)
         stream = self._stream or sys.stderr
+        if stream is None:
+            return   # started with stderr closed (2>&-): nothing left to tell
         try:
-            stream.write(f"tcpstates: {message}\n")
+            # messages quote paths, names and values from outside: one safe line
+            stream.write(f"tcpstates: {escape_text(message)}\n")
             stream.flush()
         except (OSError, ValueError):
             pass   # stderr itself is gone: nothing left to tell
@@ -183,7 +187,10 @@ class Sink(Stage):
     def open(self) -> None:
         """Called once the source is attached and reading: print headers here."""
 
-    def write(self, batch: list[Event]) -> None:
+    def write(self, batch: list[Event]) -> int | None:
+        """Hand the batch over. Return how many events were accepted by the OS or
+        receiver (None: all). An exception may carry `written`, the events
+        accepted before it; the rest count as not written."""
         raise NotImplementedError
 
     def write_loss(self, kind: str, count: int, total: int) -> None:
@@ -194,6 +201,13 @@ class Sink(Stage):
 
     def reopen(self) -> None:
         """SIGHUP: reopen files (logrotate)."""
+
+    def delivery_report(self) -> dict[str, int] | None:
+        """For sinks whose destination confirms receipt (the forward sink's acks):
+        events `queued`, `acknowledged` and `lost`, read after `close`. The exit
+        summary then counts acknowledged events as written. None (the default):
+        written means handed to the destination without error."""
+        return None
 
     def report(self) -> None:
         """SIGUSR1: print an interim report (the summary sink does)."""

@@ -120,11 +120,15 @@ def configure(args: argparse.Namespace, tree: dict[str, Any], registry: Any) -> 
 def install_signals(pipeline: Any) -> int:
     """SIGINT/SIGTERM: stop and drain; SIGHUP: reopen files; SIGUSR1: print
     the summary now. Returns a wake-up fd."""
+    from tcpstates import interrupt
+
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    interrupt.install()
 
     def stop(signum: int, frame: Any) -> None:
         pipeline.stopping = True
+        interrupt.request()   # ends any wait on a slow consumer or input
 
     def hup(signum: int, frame: Any) -> None:
         pipeline.reopen_requested = True
@@ -180,7 +184,14 @@ def run(argv: Sequence[str]) -> int:
         notifier.notify(f"READY=1\nSTATUS={pipeline.source.status()}")
 
     summary = execute(pipeline, registry, context, on_started=started)
-    # `tcpstates | head -3`: the reader left on purpose; exit quietly.
+    if pipeline.broken_pipes:
+        # a shipper reading our JSON Lines went away: events would be lost from here
+        written = ", ".join(f"{n} {summary['written'].get(n, 0)}" for n in pipeline.broken_pipes)
+        warner.warn(f"error: the reader of sink {', '.join(pipeline.broken_pipes)} closed the pipe "
+                    f"(EPIPE) after {written} events; stopping, since everything after would be lost")
+        warner.warn(summary_line(summary)[len("tcpstates: "):])
+        return 1
+    # `tcpstates | head -3`: the reader of the table left on purpose; exit quietly.
     if not args.no_summary and not pipeline.readers_gone:
         warner.warn(summary_line(summary)[len("tcpstates: "):])
     return 0
@@ -188,6 +199,8 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from tcpstates import stdio
+    stdio.guard()   # before anything opens a file that could land on a closed fd 0/1/2
     from tcpstates.security import sanitize_sys_path
     sanitize_sys_path()
     try:
@@ -223,9 +236,11 @@ def _quiet_stdout() -> None:
 
 
 def _fatal(message: str, status: int) -> NoReturn:
+    from tcpstates.text import escape_text
     try:
-        sys.stderr.write(f"tcpstates: {message}\n")
+        # an error may quote a path or value from outside: never raw control characters
+        sys.stderr.write(f"tcpstates: {escape_text(message)}\n")
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):   # AttributeError: started with 2>&-
         pass
     raise SystemExit(status)

@@ -18,6 +18,7 @@ Every problem is a ConfigError naming its TOML path.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -44,31 +45,68 @@ def default_search_path() -> list[Path]:
     return paths
 
 
-def _check_owner(path: Path, allow_insecure: bool) -> None:
-    """As root, refuse a file others could have written (as sshd and sudo do)."""
-    from tcpstates.security import writable_by_others
+MAX_CONFIG_BYTES = 1 << 20   # a config is a few KiB; /dev/zero must not fill memory
 
-    if os.geteuid() != 0 or allow_insecure:
-        return
-    bad = writable_by_others(path)
-    if bad is not None:
-        st = bad.stat()
-        raise UsageError(
-            f"{path}: refusing to read as root because {bad} is writable by someone other "
-            f"than root (owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}); fix it with "
-            f"'chown root {bad} && chmod go-w {bad}', or pass --allow-insecure-config")
+
+def _open_config(path: Path, allow_insecure: bool) -> int:
+    """Open the config so that the checks and the read use the same descriptor.
+
+    As root (unless --allow-insecure-config), every directory and symbolic
+    link on the way must be unchangeable by others (as sshd and sudo demand),
+    and the file itself must be root's and not writable by others: checked
+    with fstat on the open file, which is then read. O_NONBLOCK: a FIFO must
+    not hang the start (it is refused below anyway).
+    """
+    from tcpstates.safeopen import check_owned, open_path
+
+    enforce = os.geteuid() == 0 and not allow_insecure
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    fd = open_path(str(path), lambda d, n: os.open(n, flags, dir_fd=d), strict=enforce, follow_last=True)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{path}: is a directory, not a config file; pass a .toml file to --config")
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path}: not a regular file (a FIFO, socket or device); pass a .toml file")
+        why = check_owned(fd, st) if enforce else None
+        if why is not None:
+            raise UsageError(f"{path}: refusing to read as root because {why}; fix it with "
+                             f"'chown root {path} && chmod go-w {path}', or pass --allow-insecure-config")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_capped(fd: int, path: Path) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a tcpstates config")
+        chunks.append(chunk)
 
 
 def read_config_file(path: Path, *, allow_insecure: bool = False) -> dict[str, Any]:
+    from tcpstates.safeopen import UntrustedPath
+
     try:
-        if path.is_dir():
-            raise UsageError(f"{path}: is a directory, not a config file; pass a .toml file to --config")
-        _check_owner(path, allow_insecure)
-        data = path.read_bytes()
+        fd = _open_config(path, allow_insecure)
+        try:
+            data = _read_capped(fd, path)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found; check the --config path") from None
     except PermissionError:
         raise UsageError(f"{path}: cannot read the config file (permission denied)") from None
+    except UntrustedPath as exc:
+        raise UsageError(f"{path}: refusing to read as root because {exc.strerror}; fix the "
+                         f"ownership/mode, or pass --allow-insecure-config") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the config file ({exc.strerror})") from None
     try:
@@ -79,17 +117,23 @@ def read_config_file(path: Path, *, allow_insecure: bool = False) -> dict[str, A
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: malformed TOML: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: malformed TOML: nested too deeply") from None
 
 
 def find_config(explicit: str | None, *, allow_insecure: bool = False) -> tuple[dict[str, Any], Path | None]:
     if explicit is not None:
         if explicit == "":
             raise UsageError("--config: empty path; give the path of a .toml file")
+        if "\0" in explicit:
+            raise UsageError("--config: the path contains a NUL byte")
         path = Path(explicit)
         return read_config_file(path, allow_insecure=allow_insecure), path
     for path in default_search_path():
         try:
-            present = path.exists()
+            present = path.exists() or path.is_symlink()
+        except ValueError:   # a NUL byte in $TCPSTATES_CONFIG or $HOME
+            raise UsageError(f"{str(path)!r}: the config path contains a NUL byte") from None
         except OSError as exc:
             # e.g. HOME unreadable for this user: name it, rather than guess past it
             raise UsageError(f"{path}: cannot look for a config file here ({exc.strerror}); pass "
@@ -114,6 +158,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UsageError(f"-o {text!r}: empty component in key {key!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
+    except RecursionError:
+        raise UsageError(f"-o {key}: the value is nested too deeply") from None
     except tomllib.TOMLDecodeError:
         value = raw
     return parts, value

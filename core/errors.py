@@ -31,3 +31,8 @@ class StageError(Exception):
     """A stage failed at run time under the `fail` policy (or --strict)."""
 
     exit_status = 1
+
+
+class SinkUnavailable(UsageError):
+    """A sink's destination is missing or refused at run time (a sink failure
+    handled by its on_error policy, unlike a configuration mistake)."""

@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from tcpstates.text import escape_text
+
 
 
 class TcpState(enum.IntEnum):
@@ -114,13 +116,5 @@ class Connection:
 
 
 def sanitize_text(raw: str) -> str:
-    """Make an attacker-chosen string (a comm) safe for line-oriented output.
-
-    Control characters and DEL become `\\xNN`, so a thread named "a\\nb" can
-    neither forge a second output line nor hide behind escape sequences.
-    """
-    if raw.isprintable():
-        return raw
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in raw)
-
-
+    """Kept for plugins written against it: the same as `tcpstates.text.escape_text`."""
+    return escape_text(raw)

@@ -90,6 +90,16 @@ def _check(tp: Any, value: Any, path: str) -> Any:
     elif tp is dict:
         if isinstance(value, dict):
             return value
+    elif tp is str:
+        if isinstance(value, str):
+            # NUL cannot be in a path or name; other control characters in an
+            # option are a typo or an attack (they would reach file names,
+            # journal fields, messages)
+            bad = next((ch for ch in value if ord(ch) < 32 or ord(ch) == 127), None)
+            if bad is not None:
+                raise ConfigError(path, f"contains the control character \\x{ord(bad):02x}; "
+                                  f"give plain text")
+            return value
     elif isinstance(value, tp):
         return value
     raise ConfigError(path, f"expected {_type_name(tp)}, got {_value_name(value)}")

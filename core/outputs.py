@@ -2,61 +2,192 @@
 
 Files are opened O_APPEND|O_CREAT|O_NOFOLLOW with mode 0640, never truncated,
 and reopened on SIGHUP (logrotate's rename-and-reopen). Optional size-based
-rotation renames FILE to FILE.1 (shifting older ones) before a write would
-pass the limit, so Fluent Bit's tail input sees a clean rename.
+rotation moves FILE to FILE.1 (shifting older ones) before a write would pass
+the limit.
+
+Rotation never leaves a moment without FILE: a tailer (Fluent Bit's `tail`)
+handles the rename of the file it follows by looking for a new FILE right
+away, and if there is none it follows nothing until its next directory scan
+(Refresh_Interval, 60 s by default) — measured: thousands of events lost per
+rotation. So the new, empty file is created first under the name FILE.1 and
+swapped with FILE in one atomic renameat2(RENAME_EXCHANGE): FILE is the new
+file and FILE.1 the old one at the same instant. Where the filesystem cannot
+exchange (EINVAL/ENOSYS), two renames follow back to back.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import select
+import socket
 import stat
 import sys
+from typing import Callable
 
+from tcpstates import interrupt, stdio
 from tcpstates.errors import UsageError
+from tcpstates.safeopen import UntrustedPath, check_owned, open_path
 
 FILE_MODE = 0o640
+# what each open LineOutput writes to: two sinks appending to one stdout or
+# file would interleave their lines, so the second is refused
+_IN_USE: dict[tuple[int, int], str] = {}
+PIPE_BUF = 4096
+FIFO_RETRY_S = 0.1
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+
+
+def exchange(a: str, b: str) -> bool:
+    """Atomically swap two existing paths; False where the system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
 
 
 class LineOutput:
     """A text destination taking whole lines; `path` "-" means stdout."""
 
-    def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 5) -> None:
+    def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 5,
+                 notice: Callable[[str], None] | None = None) -> None:
         self.path = path
+        self.notice = notice                     # says once that we wait for a FIFO's reader
         self.max_bytes = max_bytes
         self.keep = keep
         self.fd = -1
         self.size = 0
         self.regular = False
+        self._own = False                        # fd is ours to close
+        self._sock: socket.socket | None = None  # stdout is a socket: send(MSG_DONTWAIT)
+        self._chunked = False                    # blocking fd: poll, then PIPE_BUF at a time
+        self._accepted = 0                       # bytes the OS took in this write()
+        self._token = f"{'stdout' if path == '-' else path} #{id(self)}"
+        self._key: tuple[int, int] | None = None
 
     @property
     def is_stdout(self) -> bool:
         return self.path == "-"
 
     def open(self) -> None:
+        """Open (or reopen) the destination. Every write through it is non-blocking
+        and waits interruptibly (tcpstates.interrupt), so a consumer that stops
+        reading can never make a stop request wait."""
+        self._release()
         if self.is_stdout:
-            self.fd = sys.stdout.fileno() if sys.stdout is not None else 1
-            return
-        try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                              | os.O_CLOEXEC, FILE_MODE)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UsageError(f"{self.path}: is a symbolic link; tcpstates never writes "
-                                 f"through links, give the real path") from None
-            raise UsageError(f"{self.path}: cannot open for appending ({exc.strerror}); "
-                             f"check the directory exists and is writable") from None
+            self._open_stdout()
+        else:
+            self._open_path()
+        self._claim()
+
+    def _claim(self) -> None:
+        st = os.fstat(self._sock.fileno() if self._sock is not None else self.fd)
+        if stat.S_ISCHR(st.st_mode) and not os.isatty(self.fd):
+            return                                  # /dev/null, /dev/full may be shared
+        key = (st.st_dev, st.st_ino)
+        other = _IN_USE.get(key)
+        if other is not None and other != self._token:
+            self._close_fd()
+            where = "standard output" if self.is_stdout else self.path
+            raise UsageError(f"{where}: another sink already writes there; give each "
+                             f"sink its own path")
+        _IN_USE[key] = self._token
+        self._key = key
+
+    def _release(self) -> None:
+        key = getattr(self, "_key", None)
+        if key is not None and _IN_USE.get(key) == self._token:
+            del _IN_USE[key]
+        self._key = None
+
+    def _open_path(self) -> None:
+        self.fd = self._open_file()
+        self._own = True
         st = os.fstat(self.fd)
         # regular files, FIFOs (a shipper reading a pipe) and character devices (/dev/null)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-            os.close(self.fd)
-            self.fd = -1
+            self._close_fd()
             raise UsageError(f"{self.path}: not a file, FIFO or device; give a file path or '-' for stdout")
+        why = check_owned(self.fd, st) if stat.S_ISREG(st.st_mode) else None
+        if why is not None:   # as root: never append to a file someone else controls
+            self._close_fd()
+            raise UsageError(f"{self.path}: refusing to append as root because {why}; remove it or "
+                             f"fix its owner and mode")
         self.regular = stat.S_ISREG(st.st_mode)
         self.size = st.st_size
 
+    def _open_file(self) -> int:
+        """openat per component with O_NOFOLLOW (a symlinked parent is followed only
+        when nobody else could have planted it); a FIFO without a reader is waited
+        for, interruptibly."""
+        flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                 | os.O_NONBLOCK | os.O_NOCTTY)
+        waited = False
+        while True:
+            try:
+                return open_path(self.path, lambda d, n: os.open(n, flags, FILE_MODE, dir_fd=d),
+                                 strict=False, follow_last=False)
+            except UntrustedPath as exc:
+                raise UsageError(f"{self.path}: refusing to write: {exc.strerror}") from None
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:       # a FIFO nobody reads yet: wait for a reader
+                    if not waited and self.notice is not None:
+                        self.notice(f"{self.path}: a FIFO nobody reads yet; waiting for a reader")
+                    waited = True
+                    interrupt.sleep(FIFO_RETRY_S)
+                    continue
+                if exc.errno == errno.ELOOP:
+                    raise UsageError(f"{self.path}: is a symbolic link; tcpstates never writes "
+                                     f"through links, give the real path") from None
+                raise UsageError(f"{self.path}: cannot open for appending ({exc.strerror}); "
+                                 f"check the directory exists and is writable") from None
+
+    def _open_stdout(self) -> None:
+        if stdio.was_closed(1) or sys.stdout is None:
+            raise OSError(errno.EBADF, "standard output is closed")
+        fd = sys.stdout.fileno()
+        st = os.fstat(fd)
+        self.fd, self._own, self._sock, self._chunked = fd, False, None, False
+        self.regular = stat.S_ISREG(st.st_mode)
+        if self.regular or (stat.S_ISCHR(st.st_mode) and not os.isatty(fd)):
+            return                                  # never blocks for long
+        if stat.S_ISSOCK(st.st_mode):              # e.g. systemd's StandardOutput=journal
+            self._sock = socket.socket(fileno=os.dup(fd))
+            return
+        # a pipe, FIFO or terminal: a private open file description we may make
+        # non-blocking without changing the shell's (or anyone's) copy
+        try:
+            self.fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                              | os.O_NOCTTY)
+            self._own = True
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise BrokenPipeError(errno.EPIPE, "nobody reads standard output") from None
+            self._chunked = True                    # no /proc: poll, then write what fits
+
     def write(self, data: bytes) -> None:
-        """Write whole lines; with rotation, split so no file passes max_bytes."""
+        """Write whole lines; with rotation, split so no file passes max_bytes.
+
+        On failure the exception carries `written`: the whole lines of `data`
+        the OS accepted before it (so a sink counts exactly)."""
+        self._accepted = 0
+        try:
+            if self.fd < 0 and not self.is_stdout:
+                self.open()                          # a reopen failed before: retry it now
+            self._write_lines(data)
+        except (OSError, UsageError, interrupt.StopRequested) as exc:
+            exc.written = bytes(data[: self._accepted]).count(b"\n")  # type: ignore[union-attr]
+            raise
+
+    def _write_lines(self, data: bytes) -> None:
         if self.max_bytes and self.regular and self.size + len(data) > self.max_bytes:
             self._write_rotating(data)
             return
@@ -80,15 +211,21 @@ class LineOutput:
         before = self.size
         try:
             while view:
-                n = os.write(self.fd, view)
+                try:
+                    n = self._send(view)
+                except BlockingIOError:
+                    interrupt.wait(self.fd, select.POLLOUT)
+                    continue
                 view = view[n:]
                 self.size += n
-        except OSError:
+                self._accepted += n
+        except (OSError, interrupt.StopRequested):
             # e.g. ENOSPC halfway: take back our own partial append, so the
             # file never holds a torn line (what was there before stays)
             if self.regular and self.size != before:
                 try:
                     os.ftruncate(self.fd, before)
+                    self._accepted -= self.size - before
                     self.size = before
                 except OSError:
                     pass
@@ -99,19 +236,52 @@ class LineOutput:
             src = f"{self.path}.{i}"
             if os.path.lexists(src):
                 os.replace(src, f"{self.path}.{i + 1}")
-        if os.path.lexists(self.path):
-            os.replace(self.path, f"{self.path}.1")
-        self.reopen()
-
-    def reopen(self) -> None:
-        if self.is_stdout:
-            return
-        old = self.fd
-        self.open()
+        first = f"{self.path}.1"
+        # the new file, created under FILE.1 (free now), then swapped in atomically
+        fd = os.open(first, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, FILE_MODE)
+        try:
+            if not exchange(self.path, first):
+                os.replace(self.path, f"{first}.old")
+                os.replace(first, self.path)
+                os.replace(f"{first}.old", first)
+        except OSError:
+            os.close(fd)
+            raise
+        old, self.fd, self.size = self.fd, fd, 0
         if old >= 0:
             os.close(old)
+        self._release()      # the destination is a new inode now
+        self._claim()
 
-    def close(self) -> None:
-        if not self.is_stdout and self.fd >= 0:
+    def _send(self, view: memoryview) -> int:
+        if self._sock is not None:
+            return self._sock.send(view, socket.MSG_DONTWAIT)
+        if self._chunked:
+            interrupt.wait(self.fd, select.POLLOUT)
+            return os.write(self.fd, view[:PIPE_BUF])
+        if self.fd < 0:
+            raise OSError(errno.EBADF, "not open")
+        return os.write(self.fd, view)
+
+    def reopen(self) -> None:
+        """SIGHUP (logrotate): the old file is closed first; when the new open
+        fails, writes fail and are counted until a later write's retry works —
+        never silently appended to the rotated or deleted file."""
+        if self.is_stdout:
+            return
+        self._close_fd()
+        self.open()
+
+    def _close_fd(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._own and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
+        self._own = False
+
+    def close(self) -> None:
+        self._release()
+        self._close_fd()

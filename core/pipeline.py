@@ -5,8 +5,11 @@ stage with its `on_error` policy and counted for the exit summary:
 filters/enrichers `skip` (let the event through untouched), `drop` (drop the
 event) or `fail` (end the run); sinks `ignore` (count and carry on),
 `disable` (stop using that sink) or `fail`. `--strict` turns every policy
-into `fail`. A sink whose reader went away (EPIPE) is closed quietly; the run
-ends when no sink is left.
+into `fail`. A sink whose reader went away (EPIPE): a table for people
+(text, csv: `tcpstates | head -3`) is closed quietly and the run ends when no
+sink is left; a structured sink (jsonl into a shipper) ends the run at once
+and the CLI reports it with a non-zero status (`broken_pipes`), because every
+event from then on would be lost without a word.
 
 Back-pressure policy: sinks are called synchronously. A sink that blocks
 stalls the reader, the kernel buffer fills, and the kernel stage counts
@@ -20,10 +23,11 @@ import dataclasses
 import time
 from typing import Any, Callable
 
+from tcpstates import interrupt
 from tcpstates.api import ChainStage as ChainStageBase
 from tcpstates.api import Enricher, Filter, KernelConstraints, RunContext, Sink, Source
 from tcpstates.runconfig import StageSpec
-from tcpstates.errors import StageError
+from tcpstates.errors import SinkUnavailable, StageError, UsageError
 from tcpstates.events import Event
 
 LOSS_POLL_INTERVAL = 0.5
@@ -74,6 +78,7 @@ class Pipeline:
         self.reopen_requested = False
         self.report_requested = False
         self.readers_gone = False
+        self.broken_pipes: list[str] = []   # structured sinks whose reader went away
         self._started = False
 
     # -- set-up ---------------------------------------------------------------
@@ -93,10 +98,21 @@ class Pipeline:
         """Attach the source, then open sinks: nothing is printed before we trace."""
         self.source.start(self.kernel_constraints())
         for slot in self.sinks:
+            # one sink that cannot start (/dev/full, stdout closed, a FIFO nobody
+            # opens before a stop) is that sink's failure, never the others'
             try:
                 slot.sink.open()
             except BrokenPipeError:
                 slot.active = False
+            except interrupt.StopRequested:
+                self.stopping = True
+                slot.active = False
+            except StageError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, UsageError) and not isinstance(exc, SinkUnavailable):
+                    raise              # a configuration mistake: one line, exit 2
+                self._sink_failed(slot, exc)
         self._started = True
         if on_started is not None:
             on_started()
@@ -160,18 +176,38 @@ class Pipeline:
             if not slot.active:
                 continue
             try:
-                slot.sink.write(batch)
+                # a sink returns how many events it handed over (None: all of them)
+                accepted = slot.sink.write(batch)
                 slot.sink.flush()
-                slot.written += len(batch)
+                accepted = len(batch) if accepted is None else accepted
+                slot.written += accepted
+                if accepted < len(batch):
+                    slot.lost += len(batch) - accepted
+                    continue
                 if slot.failing:
                     slot.failing = False
                     self.context.warn(f"sink {slot.name} ({slot.sink.name}) works again after losing "
                                       f"{slot.lost} events", once_key=f"recovered:{slot.name}:{slot.lost}")
-            except BrokenPipeError:
+            except BrokenPipeError as exc:
+                self._count_partial(slot, batch, exc)
                 self._reader_gone(slot)
+            except interrupt.StopRequested as exc:
+                # the consumer did not take it before the stop: counted, not an error
+                self._count_partial(slot, batch, exc)
+                self.context.warn(f"sink {slot.name} ({slot.sink.name}): its output accepted nothing "
+                                  f"more before the stop; the rest is counted as not written",
+                                  once_key=f"stopped:{slot.name}")
             except Exception as exc:
-                slot.lost += len(batch)
+                self._count_partial(slot, batch, exc)
                 self._sink_failed(slot, exc)
+
+    @staticmethod
+    def _count_partial(slot: SinkSlot, batch: list[Event], exc: BaseException) -> None:
+        """A write that failed part-way: `exc.written` events made it (default none)."""
+        done = getattr(exc, "written", 0)
+        done = done if isinstance(done, int) and 0 <= done <= len(batch) else 0
+        slot.written += done
+        slot.lost += len(batch) - done
 
     def _reader_gone(self, slot: SinkSlot) -> None:
         slot.active = False
@@ -179,6 +215,10 @@ class Pipeline:
             slot.sink.close()
         except Exception:
             pass
+        if slot.sink.structured:
+            self.broken_pipes.append(slot.name)
+            self.stopping = True
+            return
         if not any(s.active for s in self.sinks):
             self.stopping = True
             self.readers_gone = True
@@ -222,6 +262,8 @@ class Pipeline:
                             slot.sink.flush()
                         except BrokenPipeError:
                             self._reader_gone(slot)
+                        except interrupt.StopRequested:
+                            pass   # the stop goes on; the summary reports the loss
                         except Exception as exc:
                             self._sink_failed(slot, exc)
 
@@ -249,7 +291,10 @@ class Pipeline:
                 self.report_requested = False
                 for slot in self.sinks:
                     if slot.active:
-                        slot.sink.report()
+                        try:
+                            slot.sink.report()
+                        except Exception as exc:
+                            self._sink_failed(slot, exc)
             now = time.monotonic()
             if now >= next_loss:
                 next_loss = now + LOSS_POLL_INTERVAL
@@ -271,7 +316,7 @@ class Pipeline:
             if slot.active:
                 try:
                     slot.sink.flush()
-                except BrokenPipeError:
+                except (BrokenPipeError, interrupt.StopRequested):
                     pass
                 except Exception as exc:
                     self._sink_failed(slot, exc)
@@ -283,10 +328,22 @@ class Pipeline:
         self.source.close()
 
     def summary(self) -> dict[str, Any]:
+        written = {s.name: s.written for s in self.sinks}
+        lost = {s.name: s.lost for s in self.sinks if s.lost}
+        delivery = {}
+        for s in self.sinks:
+            report = s.sink.delivery_report()
+            if report is not None:
+                # a receiver that acks: written = acknowledged, not merely queued
+                delivery[s.name] = report
+                written[s.name] = report["acknowledged"]
+                if report["lost"] or s.lost:
+                    lost[s.name] = s.lost + report["lost"]
         return {
             "events": self.seen,
             "kept": self.kept,
-            "written": {s.name: s.written for s in self.sinks},
+            "written": written,
+            "delivery": delivery,
             "dropped": self.loss.get("dropped", 0),
             "kernel_misses": self.loss.get("kernel_misses", 0),
             **({"unaccounted": self.loss.get("unaccounted", 0)} if "unaccounted" in self.loss else {}),
@@ -295,7 +352,7 @@ class Pipeline:
             "skipped": self.loss.get("replay_skipped", 0),
             "errors": {**{c.label: c.errors for c in self.chain if c.errors},
                        **{f"sinks.{s.name}": s.errors for s in self.sinks if s.errors}},
-            "lost_by_sink": {s.name: s.lost for s in self.sinks if s.lost},
+            "lost_by_sink": lost,
             "source_notes": {k: v for k, v in self.source.notes().items() if v},
         }
 
@@ -316,6 +373,9 @@ def summary_line(summary: dict[str, Any]) -> str:
         line += f"; {summary['skipped']} unreadable records skipped"
     if summary["errors"]:
         line += "; errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
+    for name, report in summary.get("delivery", {}).items():
+        line += (f"; {name}: {report['queued']} queued, {report['acknowledged']} acknowledged, "
+                 f"{report['lost']} lost")
     if summary.get("lost_by_sink"):
         line += "; not written: " + ", ".join(f"{k} {v}" for k, v in summary["lost_by_sink"].items())
     return line

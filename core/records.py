@@ -127,17 +127,23 @@ class RecordError(ValueError):
     """A replay record that cannot become an Event; the message says why."""
 
 
+def _show(value: Any) -> str:
+    """A bad value for a message: its repr, cut short (a record may hold a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _int(rec: dict[str, Any], key: str, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
     value = rec.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise RecordError(f"field {key!r} must be an integer in {lo}..{hi}, got {value!r}")
+        raise RecordError(f"field {key!r} must be an integer in {lo}..{hi}, got {_show(value)}")
     return value
 
 
 def _str(rec: dict[str, Any], key: str) -> str:
     value = rec.get(key)
     if not isinstance(value, str):
-        raise RecordError(f"field {key!r} must be a string, got {value!r}")
+        raise RecordError(f"field {key!r} must be a string, got {_show(value)}")
     return value
 
 
@@ -146,36 +152,53 @@ def _state(rec: dict[str, Any], key: str) -> int:
     if isinstance(value, str):
         if value in STATE_NUMBERS:
             return STATE_NUMBERS[value]
-        if value.isdigit():
+        # ASCII digits only ("٨" is a digit to str.isdigit), and a number the
+        # kernel's int field can hold
+        if value.isascii() and value.isdigit() and len(value) <= 10 and int(value) < 2**31:
             return int(value)
-    raise RecordError(f"field {key!r} must be a TCP state name, got {value!r}")
+    raise RecordError(f"field {key!r} must be a TCP state name, got {_show(value)}")
 
 
 def record_event(rec: Any) -> Event:
     """Rebuild an Event from a state_change record (extra fields kept in `extra`)."""
     if not isinstance(rec, dict):
         raise RecordError("not a JSON object")
-    family = FAMILY_NUMBERS.get(rec.get("family"))  # type: ignore[arg-type]
+    raw_family = rec.get("family")
+    family = FAMILY_NUMBERS.get(raw_family) if isinstance(raw_family, str) else None
     if family is None:
-        raise RecordError(f"field 'family' must be ipv4 or ipv6, got {rec.get('family')!r}")
+        raise RecordError(f"field 'family' must be ipv4 or ipv6, got {_show(raw_family)}")
     span = rec.get("span_us")
-    if span is not None and (not isinstance(span, int) or isinstance(span, bool) or span < 0):
-        raise RecordError(f"field 'span_us' must be a non-negative integer or null, got {span!r}")
-    time_ns = _int(rec, "time_ns")
+    if span is not None and (not isinstance(span, int) or isinstance(span, bool)
+                             or not 0 <= span < (1 << 63) // 1000):
+        raise RecordError(f"field 'span_us' must be a non-negative integer (µs, < 2^63 ns) or null, got {_show(span)}")
+    time_ns = _int(rec, "time_ns", 0, (1 << 63) - 1)
     mono = rec.get("mono_ns", time_ns)
-    if not isinstance(mono, int) or isinstance(mono, bool) or mono < 0:
-        raise RecordError(f"field 'mono_ns' must be a non-negative integer, got {mono!r}")
+    if not isinstance(mono, int) or isinstance(mono, bool) or not 0 <= mono < 1 << 63:
+        raise RecordError(f"field 'mono_ns' must be an integer in 0..{(1 << 63) - 1}, got {_show(mono)}")
+    tid = rec.get("tid", 0)
+    if tid is None:
+        tid = 0
+    if not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid < 1 << 32:
+        raise RecordError(f"field 'tid' must be an integer in 0..{(1 << 32) - 1}, got {_show(tid)}")
+    cgroup_id = rec.get("cgroup_id", 0)
+    if cgroup_id is None:
+        cgroup_id = 0
+    if not isinstance(cgroup_id, int) or isinstance(cgroup_id, bool) or not 0 <= cgroup_id < 1 << 64:
+        raise RecordError(f"field 'cgroup_id' must be an integer in 0..{(1 << 64) - 1}, got {_show(cgroup_id)}")
     skaddr_text = _str(rec, "skaddr")
     try:
+        # plain ASCII hex of a 64-bit address (int() would take "٨", "_" and spaces)
+        if not (0 < len(skaddr_text) <= 16 and skaddr_text.isascii() and skaddr_text.isalnum()):
+            raise ValueError(skaddr_text)
         skaddr = int(skaddr_text, 16)
     except ValueError:
-        raise RecordError(f"field 'skaddr' must be hexadecimal, got {skaddr_text!r}") from None
+        raise RecordError(f"field 'skaddr' must be hexadecimal, got {_show(skaddr_text)}") from None
     extra = {k: v for k, v in rec.items() if k not in CORE_FIELDS}
     return Event(
         ts_ns=mono, skaddr=skaddr, span_ns=None if span is None else span * 1000,
-        pid=_int(rec, "pid", 0, 2**32 - 1), tid=int(rec.get("tid") or 0) if isinstance(rec.get("tid", 0), int) else 0,
+        pid=_int(rec, "pid", 0, 2**32 - 1), tid=tid,
         comm=_str(rec, "comm"), family=family, saddr=_str(rec, "laddr"),
         sport=_int(rec, "lport", 0, 65535), daddr=_str(rec, "raddr"), dport=_int(rec, "rport", 0, 65535),
         oldstate=_state(rec, "oldstate"), newstate=_state(rec, "newstate"),
-        cgroup_id=rec["cgroup_id"] if isinstance(rec.get("cgroup_id"), int) else 0, extra=extra)
+        cgroup_id=cgroup_id, extra=extra)
 

@@ -158,15 +158,45 @@ def _raising_plugin(exc: BaseException, hook: Any) -> str | None:
     return found
 
 
-def _entry_point_location(ep: Any) -> Path | None:
-    """Where an entry point's module lives, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(ep.module.split(".")[0])
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
-        return None
-    return Path(spec.origin)
+def _entry_point_files(ep: Any) -> list[Path]:
+    """Every file importing the entry point runs, found without importing any of it:
+    each package's __init__.py and the module itself (pkg/, pkg/sub/, pkg/sub/mod.py),
+    and the distribution's entry_points.txt that named it."""
+    from importlib.machinery import PathFinder
+
+    files: list[Path] = []
+    dist = getattr(ep, "dist", None)
+    locate = getattr(dist, "locate_file", None)
+    dist_path = getattr(dist, "_path", None)
+    if dist_path is not None:
+        files.append(Path(dist_path) / "entry_points.txt")
+    elif locate is not None:
+        files.append(Path(str(locate("entry_points.txt"))))
+    parts = ep.module.split(".")
+    search: Any = None
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        try:
+            # PathFinder with an explicit path never imports the parent packages
+            spec = PathFinder.find_spec(name, search)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            if i == 0:
+                try:
+                    spec = importlib.util.find_spec(name)   # e.g. a built-in top-level module
+                except (ImportError, ValueError):
+                    spec = None
+            if spec is None:
+                break
+        if spec.origin and spec.origin not in ("built-in", "frozen", "namespace"):
+            files.append(Path(spec.origin))
+        for location in spec.submodule_search_locations or ():
+            files.append(Path(location))
+        search = list(spec.submodule_search_locations or [])
+        if not search:
+            break
+    return files
 
 
 def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str]],
@@ -180,8 +210,7 @@ def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str
             continue
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
-        location = _entry_point_location(ep)
-        if location is not None:
+        for location in _entry_point_files(ep):
             check_plugin_file(location, f"plugin {ep.name!r} ({dist_name} {version})", allow_insecure)
         try:
             plugin = ep.load()

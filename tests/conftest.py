@@ -42,3 +42,19 @@ def tracer(tmp_path: Path):
 @pytest.fixture
 def fixtures_dir() -> Path:
     return TESTS / "fixtures"
+
+
+@pytest.fixture
+def fluent_bit(tmp_path: Path):
+    """Start real Fluent Bits (tests/helpers/fluentbit.py); every one is killed at the end."""
+    from fluentbit import FluentBit
+    started: list[FluentBit] = []
+
+    def start(config: str, name: str = "fb", **kw) -> FluentBit:
+        fb = FluentBit(config, tmp_path / name, **kw)
+        started.append(fb)
+        return fb
+
+    yield start
+    for fb in started:
+        fb.kill()

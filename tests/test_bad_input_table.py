@@ -170,3 +170,50 @@ def test_hostile_replay_with_strict_stops_at_the_first_bad_record(tmp_path):
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1 and ":2: skipped record: field 'lport'" in err
     assert r.stdout.decode().count("\n") == 2          # what was already written stays
+
+
+# -- hostile values for every option (issue 14): never a traceback or an internal error ----------
+# One line per kind of value; each option of each registered stage gets all of them.
+HOSTILE_VALUES = {
+    "nan": "nan", "inf": "inf", "-inf": "-inf", "negative": "-1", "huge int": str(2**63),
+    "huger int": "1" + "0" * 40, "huge float": "1e308", "empty": '""', "nul": '"a\\u0000b"',
+    "escape": '"\\u001b[31m\\n"', "empty list": "[]", "nested": "[[[[[[1]]]]]]",
+}
+
+
+def _hostile_cases():
+    for info in REGISTRY.all():
+        if info.kind == "source" and info.name not in ("kernel", "replay"):
+            continue
+        for f in option_fields(info.cls.Options):
+            for label, literal in HOSTILE_VALUES.items():
+                yield info.kind, info.name, f.name, label, literal
+
+
+HOSTILE_CASES = list(_hostile_cases())
+
+
+def _override(kind: str, name: str, key: str) -> tuple[str, list[str]]:
+    if kind == "sink":
+        return f"sinks.{name}.{key}", ["--sink", name]
+    if kind == "source":
+        return f"sources.{name}.{key}", []
+    return f"chain.0.{key}", []
+
+
+@pytest.mark.parametrize("kind,name,key,label,literal", HOSTILE_CASES,
+                         ids=[f"{k}:{n}.{o}={lab}" for k, n, o, lab, _ in HOSTILE_CASES])
+def test_every_option_survives_hostile_values(tmp_path, kind, name, key, label, literal):
+    cfg = tmp_path / "c.toml"
+    table = f'[[chain]]\nuse = "{name}"\n' if kind in ("filter", "enricher") else ""
+    cfg.write_text(table)
+    where, extra = _override(kind, name, key)
+    args = ["--config", str(cfg), "--replay", os.devnull, "--no-summary", "-o", f"{where}={literal}", *extra]
+    if kind == "sink" and name not in ("text", "csv"):
+        args += ["-o", f"sinks.{name}.path={tmp_path / 'out'}"] if key != "path" and name == "jsonl" else []
+    r = run_cli(*args, timeout=30)
+    err = r.stderr.decode()
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert "\x1b" not in err and "\x00" not in err
+    if r.returncode != 0:
+        assert r.returncode in (1, 2) and err.count("\n") == 1, err

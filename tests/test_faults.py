@@ -170,8 +170,14 @@ def test_a_blocking_sink_stalls_only_itself_and_drops_are_counted(tracer, tmp_pa
     lines = drained.splitlines()
     lost = [orjson.loads(l) for l in lines if b'"type":"lost"' in l]
     events = [l for l in lines if b'"type":"state_change"' in l]
-    assert dropped > 0 and lost and lost[-1]["total"] <= dropped
-    assert len(events) + dropped + misses >= 8000
+    # the in-band `lost` record may itself be stuck behind the full FIFO at the
+    # stop (the stop no longer waits for the reader); the exit summary has it
+    assert dropped > 0 and (not lost or lost[-1]["total"] <= dropped)
+    # a stop no longer waits for the consumer: what the FIFO did not take is
+    # counted as not written by the sink
+    m = re.search(r"not written: jsonl (\d+)", err)
+    unwritten = int(m.group(1)) if m else 0
+    assert len(events) + dropped + misses + unwritten >= 8000
 
 
 def test_kernel_buffer_overflow_is_counted_in_band_and_at_exit(tracer, tmp_path):

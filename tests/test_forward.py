@@ -62,7 +62,7 @@ def test_receiver_restart_mid_stream_loses_nothing(tmp_path):
     assert set(seqs) == set(range(1, 3001))          # at least once: nothing missing
     assert rx.connections >= 3
     err = r.stderr.decode()
-    assert "retrying with backoff" in err and "not delivered" not in err
+    assert "retrying with backoff" in err and "not acknowledged" not in err
 
 
 def test_receiver_that_never_acks_bounded_buffer_counted_drops(tmp_path):
@@ -80,7 +80,7 @@ def test_receiver_that_never_acks_bounded_buffer_counted_drops(tmp_path):
     err = r.stderr.decode()
     assert "buffer of 100 events full" in err
     assert "400 events dropped because the buffer was full" in err
-    assert "not delivered" in err
+    assert "not acknowledged" in err
     assert len(r.stdout.splitlines()) == 501           # the csv sink got everything meanwhile
     assert took < 15
 

@@ -136,3 +136,37 @@ def test_status_line_on_a_terminal_and_not_when_piped(tmp_path):
     assert "state = ESTABLISHED" in text
     piped = subprocess.run(tcpstates_argv("--replay", str(trace), "-s", "--summary"), capture_output=True)
     assert b"\x1b[K" not in piped.stderr and b"state = ESTABLISHED" in piped.stderr
+
+
+def test_metrics_endpoint_serves_a_bounded_number_of_clients():
+    """50 clients that connect and send nothing start at most max_clients threads;
+    once they are gone, scrapes work again."""
+    import threading
+    import urllib.request
+
+    from tcpstates.plugins.metrics.sink import MetricsOptions, MetricsSink
+    sink = MetricsSink(MetricsOptions(listen="127.0.0.1:0", max_clients=4), RunContext())
+    # port 0: ask the kernel for a free port, then read it back
+    sink.open()
+    port = sink.server.server_address[1]
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+    try:
+        deadline = time.monotonic() + 30   # generous: the accept loop may be starved of CPU
+        while sink.server.refused < 46 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.server.refused >= 46
+        assert threading.active_count() - before <= 4
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the endpoint never recovered"
+            time.sleep(0.05)
+    assert b"tcpstates_transitions_total" in body or b"tcpstates_lost_events" in body
+    sink.close()

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Path (a'): pipe JSON Lines straight into Fluent Bit's stdin input. The parser
-# keeps each event's own time (without it, stdin stamps the read time).
-# EOF (tcpstates stopped with SIGINT/SIGTERM) makes Fluent Bit flush and exit.
-exec tcpstates --sink jsonl | fluent-bit -R "$(dirname "$0")/parsers.conf" \
-    -i stdin -p parser=tcpstates -t tcpstates -o stdout -m tcpstates
+# Pipe path: JSON Lines straight into Fluent Bit's stdin input (stdin.conf says why
+# it is a plain stdin input plus a parser filter). EOF (tcpstates stopped with
+# SIGINT/SIGTERM) makes Fluent Bit flush and exit; if Fluent Bit goes away first,
+# tcpstates exits 1 with a message and its summary.
+cd "$(dirname "$0")" && exec sh -c 'tcpstates --sink jsonl | fluent-bit -c stdin.conf'

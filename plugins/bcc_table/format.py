@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 from tcpstates.events import AF_INET, STATE_NAMES, Event
+from tcpstates.text import escape_text
 
 # bcc's formats, for reference:
 #   default "%-16x %-5d %-10.10s %s%-15s %-5d %-15s %-5d %-11s -> %-11s %.3f"  (%s: empty IP)
@@ -57,10 +58,18 @@ def workload(extra: dict[str, Any]) -> str:
 
 
 def csv_field(value: str) -> str:
-    """RFC 4180 quoting, only where a value needs it (bcc never quotes)."""
-    if "," in value or '"' in value or "\n" in value or "\r" in value:
+    """RFC 4180 quoting, only where a value needs it (bcc never quotes).
+
+    Escapes first (`escape_text`), so no value can end a row early."""
+    value = escape_text(value)
+    if "," in value or '"' in value:
         return '"' + value.replace('"', '""') + '"'
     return value
+
+
+def _state_text(state: int) -> str:
+    """bcc prints an unknown state number as the number itself (the whole number)."""
+    return _STATE[state] if 0 <= state < 256 else str(state)
 
 
 class BccFormatter:
@@ -100,11 +109,12 @@ class BccFormatter:
 
     def _owner(self, e: Event) -> str:
         pid, comm = e.extra.get("owner_pid"), e.extra.get("owner_comm")
-        pid_text = "?" if pid is None else str(pid)
-        comm = "?" if comm is None else comm
-        work = workload(e.extra)
+        pid_text = "?" if pid is None else escape_text(pid)
+        comm = "?" if comm is None else escape_text(comm)
+        work = escape_text(workload(e.extra))
         if self.csv:
-            return ",%s,%s,%s" % ("" if pid is None else pid_text, csv_field(comm) if pid is not None else "",
+            return ",%s,%s,%s" % ("" if pid is None else csv_field(pid_text),
+                                  csv_field(comm) if pid is not None else "",
                                   csv_field(work) if work != "?" else "")
         return (_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % (pid_text, comm, work)
 
@@ -129,17 +139,23 @@ class BccFormatter:
         for e in batch:
             span = e.span_ns
             ms = span // 1000 / 1000 if span is not None else 0.0   # bcc: whole µs, then ms
-            comm = e.comm
-            if csv and ("," in comm or '"' in comm):
-                comm = csv_field(comm)
-            pair = (pairs[e.oldstate][e.newstate] if e.oldstate < 16 and e.newstate < 16 else
-                    pair_fmt % (_STATE[e.oldstate & 255], _STATE[e.newstate & 255]))
+            # every string from outside (kernel comm, replayed names and
+            # addresses) is escaped: a name cannot forge a line or a column
+            comm, saddr, daddr = e.comm, e.saddr, e.daddr
+            if not (comm.isprintable() and saddr.isprintable() and daddr.isprintable()):
+                comm, saddr, daddr = escape_text(comm), escape_text(saddr), escape_text(daddr)
+            if csv and ("," in comm or '"' in comm or "," in saddr or '"' in saddr
+                        or "," in daddr or '"' in daddr):
+                comm, saddr, daddr = csv_field(comm), csv_field(saddr), csv_field(daddr)
+            o, n = e.oldstate, e.newstate
+            pair = (pairs[o][n] if 0 <= o < 16 and 0 <= n < 16 else
+                    pair_fmt % (_state_text(o), _state_text(n)))
             ip = ("4" if e.family == AF_INET else "6") if ipcol else ""
             owner = owner_of(e) if owner_of else ""
             if csv:
-                args = (e.skaddr, e.pid, comm, ip, e.saddr, e.sport, e.daddr, e.dport, pair, ms, owner)
+                args = (e.skaddr, e.pid, comm, ip, saddr, e.sport, daddr, e.dport, pair, ms, owner)
             else:
-                args = (e.skaddr, e.pid, comm, owner, ip, e.saddr, e.sport, e.daddr, e.dport, pair, ms)
+                args = (e.skaddr, e.pid, comm, owner, ip, saddr, e.sport, daddr, e.dport, pair, ms)
             append(row % args)
         if self.time_col or self.timestamp_col:
             out = [self._prefix(e) + line for e, line in zip(batch, out)]

@@ -41,7 +41,7 @@ class _BccSink(Sink):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.output = LineOutput(options.path)
+        self.output = LineOutput(options.path, notice=context.warn)
         # connection records (a source in connection mode) have their own table
         cls = ConnectionFormatter if context.records == "connection" else BccFormatter
         self.formatter = cls(csv=self.csv, wide=getattr(options, "wide", False),

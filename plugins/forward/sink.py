@@ -1,18 +1,26 @@
 """The `forward` sink: Fluent Forward protocol v1 to Fluent Bit / fluentd.
 
-Over TCP (`host:port`, `[v6]:port`) or a unix socket (`unix:///path`), in
-Forward mode (`[tag, [[time, record], ...], option]`) or PackedForward
-(`[tag, bin(entries), option]`), with EventTime (msgpack ext type 0: uint32
-seconds + uint32 nanoseconds, big-endian). Records are the jsonl schema.
+Over TCP (`host:port`, `[v6]:port`) or a unix socket (`unix:///path`),
+optionally with TLS and the protocol's shared-key handshake, in Forward mode
+(`[tag, [[time, record], ...], option]`) or PackedForward (`[tag, bin, option]`),
+with EventTime (nanoseconds). Records are the jsonl schema.
 
-Delivery: each chunk carries `option.chunk` (base64 of 128 random bits) and
-is only removed from the buffer once the receiver answers `{"ack": chunk}`;
-on a timeout or a broken connection the same chunk is sent again after a
-backoff (so delivery is at least once; a receiver restart can yield
-duplicates, never gaps). The network runs in its own thread; the pipeline
-only appends to a bounded buffer, and what does not fit is counted, reported
-on stderr and in-band (a `lost` record, kind `forward_overflow`). At exit the
-buffer is flushed for up to `exit_timeout` seconds; anything left is reported.
+Delivery: each chunk carries `option.chunk` and is only removed from the
+buffer once the receiver answers `{"ack": chunk}`; on a timeout or a broken
+connection the same chunk is sent again after a backoff (at least once: a
+receiver restart can yield duplicates, never gaps). Chunks are bounded by
+`chunk_events` and `chunk_bytes` (default far below Fluent Bit's default
+Buffer_Max_Size of 6,144,000 bytes, which it enforces by closing the
+connection); a chunk the receiver keeps closing the connection on is
+reported as rejected and split. The network runs in its own thread; the
+pipeline appends to a bounded buffer, and what does not fit is counted,
+reported on stderr and in-band (a `lost` record, kind `forward_overflow`,
+queued as soon as there is room — also when no further event comes). At
+exit the buffer is flushed for up to `exit_timeout` seconds.
+
+Accounting (exit summary): queued = events accepted into the buffer,
+acknowledged = events the receiver acked (the summary's "written"), lost =
+overflow plus what was still unacknowledged at exit.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import collections
 import dataclasses
 import os
 import socket
-import struct
+import ssl
 import threading
 import time
 from typing import Any
@@ -30,30 +38,18 @@ from typing import Any
 import msgpack
 
 from tcpstates.api import RunContext, Sink
-from tcpstates.events import Event
+from tcpstates.errors import UsageError
+from tcpstates.events import Event, sanitize_text
 from tcpstates.options import option
+from tcpstates.plugins.forward.protocol import (Handshake, event_time,
+                                                parse_address, request)
+from tcpstates.plugins.forward.transport import Connection, tls_context
 from tcpstates.records import Rfc3339, event_record, loss_record
 
+__all__ = ["ForwardOptions", "ForwardSink", "parse_address", "event_time"]
 
-def event_time(ns: int) -> msgpack.ExtType:
-    sec, nsec = divmod(ns, 1_000_000_000)
-    return msgpack.ExtType(0, struct.pack(">II", sec & 0xFFFFFFFF, nsec))
-
-
-def parse_address(text: str) -> tuple[int, Any]:
-    """(family, sockaddr) for "host:port", "[v6]:port" or "unix:///path"."""
-    if text.startswith("unix:"):
-        path = text[len("unix:"):]
-        path = path[2:] if path.startswith("//") else path
-        if not path.startswith("/"):
-            raise ValueError(f"address: unix socket path must be absolute, got {text!r}")
-        return socket.AF_UNIX, path
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
-        raise ValueError(f"address: expected HOST:PORT, [IPv6]:PORT or unix:///PATH, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        return socket.AF_INET6, (host[1:-1], int(port))
-    return socket.AF_INET if ":" not in host else socket.AF_INET6, (host, int(port))
+#: Fluent Bit's forward input default Buffer_Max_Size; our default stays far below
+FLUENT_BIT_BUFFER_MAX = 6_144_000
 
 
 @dataclasses.dataclass
@@ -64,14 +60,26 @@ class ForwardOptions:
                        choices=("forward", "packed"))
     ack: bool = option(True, "send a chunk id and wait for the receiver's ack (at-least-once)")
     chunk_events: int = option(1000, "most events per chunk", min=1, max=100000)
+    chunk_bytes: int = option(1_000_000, "most bytes per chunk (Fluent Bit rejects a request over "
+                              "its Buffer_Max_Size, default 6144000)", min=1024, max=64 << 20)
     buffer_events: int = option(100000, "events held while the receiver is slow or down; more are dropped and counted",
                                 min=1, max=10_000_000)
     ack_timeout: float = option(10.0, "seconds to wait for an ack before resending the chunk",
-                                min=0.001, max=86400)
+                                min=0.001, max=3600)
     retry_min: float = option(0.2, "first reconnect delay, seconds (doubles up to retry_max)",
                               min=0.001, max=3600)
     retry_max: float = option(30.0, "longest reconnect delay, seconds", min=0.001, max=3600)
-    exit_timeout: float = option(5.0, "seconds to keep delivering at exit", min=0.001, max=3600)
+    exit_timeout: float = option(5.0, "seconds to keep delivering at exit", min=0, max=3600)
+    shared_key: str = option("", "the receiver's Shared_Key: do the Forward handshake (HELO/PING/PONG)")
+    self_hostname: str = option("", "our name in the handshake (default: this host's name)")
+    username: str = option("", "user for the receiver's security.users (needs shared_key)")
+    password: str = option("", "password for username")
+    tls: bool = option(False, "connect with TLS")
+    tls_verify: bool = option(True, "verify the receiver's certificate and name")
+    tls_ca_file: str = option("", "CA certificates (PEM) to verify the receiver (default: the system's)")
+    tls_cert_file: str = option("", "client certificate (PEM), if the receiver asks for one")
+    tls_key_file: str = option("", "key of the client certificate (default: in tls_cert_file)")
+    tls_server_name: str = option("", "name to verify and send as SNI (default: the address's host)")
 
     def validate(self) -> None:
         parse_address(self.address)
@@ -79,11 +87,22 @@ class ForwardOptions:
             raise ValueError("tag: must not be empty")
         if self.buffer_events < self.chunk_events:
             raise ValueError("buffer_events: must be at least chunk_events")
-
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max: must be at least retry_min")
+        if (self.username or self.password) and not self.shared_key:
+            raise ValueError("username/password: the Forward handshake needs shared_key too")
+        if bool(self.username) != bool(self.password):
+            raise ValueError("username and password: give both or neither")
+        tls_set = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name")
+                   if getattr(self, k)]
+        if tls_set and not self.tls:
+            raise ValueError(f"{tls_set[0]}: set tls = true to use it")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("tls_key_file: needs tls_cert_file")
 
 
 class ForwardSink(Sink):
-    """Fluent Forward v1 client with acks, backoff and a bounded buffer."""
+    """Fluent Forward v1 client with acks, handshake, TLS, backoff and a bounded buffer."""
 
     name = "forward"
     description = "Fluent Forward protocol v1 (Fluent Bit/fluentd forward input), acked, buffered"
@@ -93,59 +112,86 @@ class ForwardSink(Sink):
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
         self.family, self.sockaddr = parse_address(options.address)
-        self.buffer: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        try:
+            self.tls = tls_context(options)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"sinks forward: TLS set-up failed: {sanitize_text(str(exc))}") from None
+        self.server_name = options.tls_server_name or (
+            self.sockaddr[0] if self.family != socket.AF_UNIX else "localhost")
+        # buffer items: (packed [time, record] entry, 1 for an event / 0 for a lost record)
+        self.buffer: collections.deque[tuple[bytes, int]] = collections.deque()
         self.cond = threading.Condition()
         self.closing = False
         self.deadline = float("inf")
-        self.sock: socket.socket | None = None
+        self.conn: Connection | None = None
         self.seq = 0
         self.rfc3339 = Rfc3339()
-        self.delivered = 0
-        self.overflow = 0
-        self._overflow_reported = 0
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.queued = 0          # events accepted into the buffer
+        self.acknowledged = 0    # events acked by the receiver (or sent, with ack = false)
+        self.overflow = 0        # events that did not fit
+        self.left = 0            # events still unacknowledged at exit
+        self.rejected = 0        # chunks the receiver rejected
         self.chunks_sent = 0
+        self._overflow_reported = 0
+        self._chunk_limit = options.chunk_bytes
+        self._connected = False
         self.thread = threading.Thread(target=self._run, name="tcpstates-forward", daemon=True)
 
     # -- pipeline side ---------------------------------------------------------
     def open(self) -> None:
         self.thread.start()
 
-    def _enqueue(self, items: list[tuple[int, dict[str, Any]]]) -> None:
-        with self.cond:
-            room = self.options.buffer_events - len(self.buffer)
-            if room < len(items):
-                self.overflow += len(items) - max(room, 0)
-                items = items[:max(room, 0)]
-            if self.overflow > self._overflow_reported and len(self.buffer) + len(items) < self.options.buffer_events:
-                count = self.overflow - self._overflow_reported
-                self._overflow_reported = self.overflow
-                self.seq += 1
-                now = time.time_ns()
-                items.append((now, loss_record("forward_overflow", count, self.overflow, self.seq,
-                                               now, self.context.hostname, self.rfc3339)))
-            self.buffer.extend(items)
+    def _loss_entry_locked(self) -> None:
+        """Queue the in-band `lost` record for overflow once there is room."""
+        if self.overflow > self._overflow_reported and len(self.buffer) < self.options.buffer_events:
+            count = self.overflow - self._overflow_reported
+            self._overflow_reported = self.overflow
+            self.seq += 1
+            now = time.time_ns()
+            rec = loss_record("forward_overflow", count, self.overflow, self.seq, now,
+                              self.context.hostname, self.rfc3339)
+            self.buffer.append((msgpack.packb([event_time(now), rec], use_bin_type=True), 0))
             self.cond.notify()
-        if self.overflow > self._overflow_reported:
+
+    def _enqueue(self, items: list[tuple[bytes, int]]) -> None:
+        with self.cond:
+            room = max(self.options.buffer_events - len(self.buffer), 0)
+            if room < len(items):
+                self.overflow += sum(flag for _, flag in items[room:])
+                items = items[:room]
+            self.buffer.extend(items)
+            self.queued += sum(flag for _, flag in items)
+            self._loss_entry_locked()
+            self.cond.notify()
+            overflowing = self.overflow > self._overflow_reported
+        if overflowing:
             self.context.warn(f"forward sink: buffer of {self.options.buffer_events} events full "
                               f"({self.options.address} slow or down); dropping and counting",
                               once_key="forward-overflow")
 
     def write(self, batch: list[Event]) -> None:
         offset, host, fmt = self.context.clock_offset_ns, self.context.hostname, self.rfc3339
+        pack = self.packer.pack
         items = []
         seq = self.seq
         for e in batch:
             seq += 1
             wall = e.ts_ns + offset
-            items.append((wall, event_record(e, seq, wall, host, fmt)))
+            items.append((pack([event_time(wall), event_record(e, seq, wall, host, fmt)]), 1))
         self.seq = seq
         self._enqueue(items)
 
     def write_loss(self, kind: str, count: int, total: int) -> None:
         self.seq += 1
         now = time.time_ns()
-        self._enqueue([(now, loss_record(kind, count, total, self.seq, now, self.context.hostname,
-                                         self.rfc3339))])
+        rec = loss_record(kind, count, total, self.seq, now, self.context.hostname, self.rfc3339)
+        self._enqueue([(self.packer.pack([event_time(now), rec]), 0)])
+
+    def delivery_report(self) -> dict[str, int]:
+        with self.cond:
+            return {"queued": self.queued, "acknowledged": self.acknowledged,
+                    "lost": self.overflow + self.left}
 
     def close(self) -> None:
         with self.cond:
@@ -153,102 +199,105 @@ class ForwardSink(Sink):
             self.deadline = time.monotonic() + self.options.exit_timeout
             self.cond.notify()
         if self.thread.is_alive():
-            self.thread.join(self.options.exit_timeout + self.options.ack_timeout + 1)
-        left = len(self.buffer)
+            self.thread.join(self.options.exit_timeout)
+        if self.thread.is_alive():
+            # blocked in a send/recv on a slow receiver: cut it short (bounded exit)
+            conn = self.conn
+            if conn is not None:
+                conn.abort()
+            self.thread.join(2)
+        with self.cond:
+            self.left = sum(flag for _, flag in self.buffer)
         if self.overflow:
             self.context.warn(f"forward sink: {self.overflow} events dropped because the buffer was full")
-        if left:
-            self.context.warn(f"forward sink: {left} events not delivered to {self.options.address} "
+        if self.left:
+            self.context.warn(f"forward sink: {self.left} events not acknowledged by {self.options.address} "
                               f"within exit_timeout={self.options.exit_timeout}s")
-        self._disconnect()
 
     # -- network thread ----------------------------------------------------------
-    def _connect(self) -> socket.socket:
-        s = socket.socket(self.family, socket.SOCK_STREAM)
-        s.settimeout(self.options.ack_timeout)
-        try:
-            s.connect(self.sockaddr)
-        except OSError:
-            s.close()
-            raise
-        if self.family != socket.AF_UNIX:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return s
+    def _connect(self) -> Connection:
+        o = self.options
+        handshake = (Handshake(o.shared_key, o.self_hostname or self.context.hostname or "localhost",
+                               o.username, o.password) if o.shared_key else None)
+        return Connection(self.family, self.sockaddr, timeout=o.ack_timeout, tls=self.tls,
+                          server_name=self.server_name, handshake=handshake)
 
     def _disconnect(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            self.sock = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
 
-    def _payload(self, chunk: list[tuple[int, dict[str, Any]]], chunk_id: str | None) -> bytes:
-        opt: dict[str, Any] = {"size": len(chunk)}
-        if chunk_id is not None:
-            opt["chunk"] = chunk_id
-        if self.options.mode == "packed":
-            entries = b"".join(msgpack.packb([event_time(t), r]) for t, r in chunk)
-            return msgpack.packb([self.options.tag, entries, opt], use_bin_type=True)
-        return msgpack.packb([self.options.tag, [[event_time(t), r] for t, r in chunk], opt],
-                             use_bin_type=True)
+    def _next_chunk_locked(self) -> list[tuple[bytes, int]]:
+        chunk: list[tuple[bytes, int]] = []
+        size = 0
+        for item in self.buffer:
+            if chunk and (len(chunk) >= self.options.chunk_events
+                          or size + len(item[0]) > self._chunk_limit):
+                break
+            chunk.append(item)
+            size += len(item[0])
+        return chunk
 
-    def _await_ack(self, sock: socket.socket, chunk_id: str) -> None:
-        unpacker = msgpack.Unpacker(raw=False)
-        deadline = time.monotonic() + self.options.ack_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no ack")
-            sock.settimeout(remaining)
-            data = sock.recv(4096)
-            if not data:
-                raise ConnectionError("receiver closed the connection before acking")
-            unpacker.feed(data)
-            for reply in unpacker:
-                if isinstance(reply, dict) and reply.get("ack") == chunk_id:
-                    return
-
-    def _send(self, chunk: list[tuple[int, dict[str, Any]]]) -> None:
-        if self.sock is None:
-            self.sock = self._connect()
+    def _send(self, chunk: list[tuple[bytes, int]]) -> None:
+        self._connected = False
+        if self.conn is None:
+            self.conn = self._connect()
+        self._connected = True        # a failure from here on concerns this chunk
         chunk_id = base64.b64encode(os.urandom(16)).decode() if self.options.ack else None
-        self.sock.settimeout(self.options.ack_timeout)
-        self.sock.sendall(self._payload(chunk, chunk_id))
-        if chunk_id is not None:
-            self._await_ack(self.sock, chunk_id)
+        payload = request(msgpack.Packer(use_bin_type=True), self.options.tag,
+                          [entry for entry, _ in chunk], self.options.mode, chunk_id)
+        self.conn.send_chunk(payload, chunk_id)
         self.chunks_sent += 1
 
     def _run(self) -> None:
         backoff = self.options.retry_min
         outage = False
+        refused_in_a_row = 0      # same chunk, connection dropped after it was sent
         while True:
             with self.cond:
                 while not self.buffer and not self.closing:
                     self.cond.wait()
                 if not self.buffer or (self.closing and time.monotonic() > self.deadline):
                     return
-                chunk = [self.buffer[i] for i in range(min(len(self.buffer), self.options.chunk_events))]
+                chunk = self._next_chunk_locked()
             try:
                 self._send(chunk)
-            except (OSError, ValueError) as exc:   # incl. timeouts, refused, reset
+            except Exception as exc:   # refused, reset, timeout, TLS, handshake, protocol
                 self._disconnect()
-                if not outage:
+                detail = sanitize_text(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                dropped_after_send = self._connected and isinstance(exc, (ConnectionError, BrokenPipeError))
+                refused_in_a_row = refused_in_a_row + 1 if dropped_after_send else 0
+                if refused_in_a_row >= 2:
+                    self._rejected(chunk)
+                    refused_in_a_row = 0
+                elif not outage:
                     outage = True
-                    self.context.warn(f"forward sink: {self.options.address}: {exc or type(exc).__name__}; "
-                                      f"retrying with backoff, buffering up to "
-                                      f"{self.options.buffer_events} events")
+                    self.context.warn(f"forward sink: {self.options.address}: {detail}; retrying with "
+                                      f"backoff, buffering up to {self.options.buffer_events} events")
                 with self.cond:
                     if self.closing and time.monotonic() + backoff > self.deadline:
                         return
                     self.cond.wait(backoff)
                 backoff = min(backoff * 2, self.options.retry_max)
                 continue
+            refused_in_a_row = 0
             with self.cond:
                 for _ in chunk:
                     self.buffer.popleft()
-            self.delivered += len(chunk)
+                self.acknowledged += sum(flag for _, flag in chunk)
+                self._loss_entry_locked()
             backoff = self.options.retry_min
             if outage:
                 outage = False
                 self.context.warn(f"forward sink: {self.options.address} reachable again", once_key=None)
+
+    def _rejected(self, chunk: list[tuple[bytes, int]]) -> None:
+        """The receiver closed the connection on this chunk twice: it rejects it."""
+        self.rejected += 1
+        size = sum(len(entry) for entry, _ in chunk)
+        new_limit = max(size // 2, 1)
+        self.context.warn(f"forward sink: {self.options.address} rejected a chunk of {len(chunk)} events "
+                          f"({size} bytes): it closed the connection without an ack twice (Fluent Bit "
+                          f"does so above its Buffer_Max_Size); sending chunks of at most {new_limit} "
+                          f"bytes from now on", once_key=None)
+        self._chunk_limit = min(self._chunk_limit, new_limit)

@@ -180,13 +180,21 @@ class JournalSink(Sink):
             if value is not None:
                 f.append(f"{name}={value}")
 
-    def write(self, batch: list[Event]) -> None:
+    def write(self, batch: list[Event]) -> int | None:
         if not self._check_socket():
-            return
+            return 0       # nothing reached journald: not "written"
         sendv, fields = self._sendv, self._fields
-        for e in batch:
-            sendv(*fields(e))
-        self.sent += len(batch)
+        done = 0
+        try:
+            for e in batch:
+                sendv(*fields(e))
+                done += 1
+        except Exception as exc:
+            exc.written = done   # type: ignore[attr-defined]
+            raise
+        finally:
+            self.sent += done
+        return None
 
     def write_loss(self, kind: str, count: int, total: int) -> None:
         if not self._check_socket():

@@ -22,6 +22,7 @@ from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
 from tcpstates.events import CONNECTION, STATE_NAMES, STATE_NUMBERS, Event
 from tcpstates.options import option
+from tcpstates.plugins.metrics.server import serve
 
 S = STATE_NUMBERS
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -31,6 +32,8 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 @dataclasses.dataclass
 class MetricsOptions:
     listen: str = option("127.0.0.1:9464", "HOST:PORT of the HTTP endpoint (/metrics)")
+    max_clients: int = option(8, "HTTP clients served at once; more are closed at once",
+                              min=1, max=256)
     max_sockets: int = option(262144, "sockets tracked for connection lifetimes",
                               min=1024, max=1 << 24)
 
@@ -76,8 +79,8 @@ class MetricsSink(Sink):
     def open(self) -> None:
         host, _, port = self.options.listen.rpartition(":")
         try:
-            self.server, self._thread = self.prom.start_http_server(int(port), addr=host.strip("[]"),
-                                                                   registry=self.registry)
+            self.server, self._thread = serve(self.prom.make_wsgi_app(self.registry), host.strip("[]"),
+                                              int(port), self.options.max_clients)
         except OSError as exc:
             raise UsageError(f"metrics sink: cannot listen on {self.options.listen} ({exc.strerror}); "
                              f"pick another with -o sinks.metrics.listen=HOST:PORT") from None

@@ -9,11 +9,16 @@ that cannot be read is skipped, counted and reported with its line number
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
+import select
+import stat
 import sys
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
+from tcpstates import interrupt
 from tcpstates.api import KernelConstraints, RunContext, Source
 from tcpstates.errors import UsageError
 from tcpstates.events import Event
@@ -21,6 +26,52 @@ from tcpstates.options import option
 from tcpstates.records import RecordError, record_event
 
 REPORTED_SKIPS = 5
+CHUNK = 1 << 16
+
+
+class LineReader:
+    """Lines from a descriptor, every wait interruptible by a stop request.
+
+    Pipes, FIFOs and terminals are polled (with the stop pipe) before each
+    read; regular files and devices check for a stop between chunks, so
+    /dev/zero or a huge corrupt file cannot keep the tracer from stopping.
+    """
+
+    def __init__(self, fd: int, own: bool) -> None:
+        self.fd = fd
+        self.own = own
+        mode = os.fstat(fd).st_mode
+        self.pollable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+        self.buf = b""
+        self.pos = 0
+        self.eof = False
+
+    def readline(self, limit: int, timeout: float | None = None) -> bytes | None:
+        """Up to and including the next newline, at most `limit` bytes; b"" at the end;
+        None when a pipe had nothing more to read within `timeout` seconds."""
+        while True:
+            end = self.buf.find(b"\n", self.pos, self.pos + limit)
+            if end >= 0:
+                line, self.pos = self.buf[self.pos:end + 1], end + 1
+                return line
+            if len(self.buf) - self.pos >= limit or self.eof:
+                line = self.buf[self.pos:self.pos + limit]
+                self.pos += len(line)
+                return line
+            if self.pollable:
+                if not interrupt.wait(self.fd, select.POLLIN, timeout):
+                    return None
+            elif interrupt.requested():
+                raise interrupt.StopRequested()
+            chunk = os.read(self.fd, CHUNK)
+            if not chunk:
+                self.eof = True
+            self.buf = self.buf[self.pos:] + chunk
+            self.pos = 0
+
+    def close(self) -> None:
+        if self.own:
+            os.close(self.fd)
 
 
 @dataclasses.dataclass
@@ -43,7 +94,7 @@ class ReplaySource(Source):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.stream: IO[bytes] | None = None
+        self.stream: LineReader | None = None
         self.line_no = 0
         self.skipped = 0
         self._offset_set = False
@@ -51,12 +102,19 @@ class ReplaySource(Source):
 
     def start(self, constraints: list[KernelConstraints]) -> None:
         if self.options.path == "-":
-            self.stream = sys.stdin.buffer if sys.stdin is not None else None
-            if self.stream is None:
+            if sys.stdin is None:
                 raise UsageError("--replay -: there is no standard input to read")
+            self.stream = LineReader(sys.stdin.fileno(), own=False)
             return
         try:
-            self.stream = open(self.options.path, "rb")
+            # O_NONBLOCK: opening a FIFO must not wait for a writer here (the
+            # reads wait, interruptibly); cleared again for plain reads
+            fd = os.open(self.options.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise IsADirectoryError
+            self.stream = LineReader(fd, own=True)
         except FileNotFoundError:
             raise UsageError(f"{self.options.path}: replay file not found") from None
         except IsADirectoryError:
@@ -75,6 +133,15 @@ class ReplaySource(Source):
             self.context.warn(message + (" (further skips are only counted)" if self.skipped == REPORTED_SKIPS else ""))
 
     def read(self, timeout: float) -> list[Event] | None:
+        try:
+            return self._read(timeout)
+        except interrupt.StopRequested:
+            self.close()            # stopped mid-input: what was read is processed, no more
+            return None
+        except OSError as exc:
+            raise UsageError(f"{self.options.path}: cannot read ({exc.strerror})") from None
+
+    def _read(self, timeout: float) -> list[Event] | None:
         stream = self.stream
         if self._fatal is not None:
             raise self._fatal
@@ -83,7 +150,10 @@ class ReplaySource(Source):
         out: list[Event] = []
         limit = self.options.max_line_bytes
         while len(out) < self.options.batch_size and self._fatal is None:
-            line = stream.readline(limit + 1)
+            # a live pipe: hand over what we have rather than wait for a full batch
+            line = stream.readline(limit + 1, timeout=0 if out else timeout)
+            if line is None:
+                break
             if not line:
                 if not out:
                     return None
@@ -91,7 +161,7 @@ class ReplaySource(Source):
             self.line_no += 1
             if len(line) > limit and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):   # discard the rest of the line
-                    line = stream.readline(limit + 1)
+                    line = stream.readline(limit + 1)   # type: ignore[assignment]
                 self._skip(f"line longer than {limit} bytes")
                 continue
             if not line.strip():
@@ -118,6 +188,6 @@ class ReplaySource(Source):
         return {"replay_skipped": self.skipped} if self.skipped else {}
 
     def close(self) -> None:
-        if self.stream is not None and self.stream is not getattr(sys.stdin, "buffer", None):
+        if self.stream is not None:
             self.stream.close()
         self.stream = None

@@ -21,6 +21,8 @@ import msgpack
 
 
 def decode_time(t) -> int:
+    if isinstance(t, list):              # Fluent Bit v2+ sends [EventTime, metadata]
+        t = t[0]
     if isinstance(t, msgpack.ExtType):
         assert t.code == 0 and len(t.data) == 8, t
         sec, nsec = struct.unpack(">II", t.data)
@@ -73,6 +75,10 @@ class ForwardReceiver:
                     return
                 continue
             self.connections += 1
+            if not self.drop_chunks:
+                # concurrent clients (Fluent Bit's output has several workers)
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+                continue
             restart = self._handle(conn)
             if restart:
                 port = self.port
@@ -95,13 +101,14 @@ class ForwardReceiver:
                     return False
                 unpacker.feed(data)
                 for msg in unpacker:
-                    chunk = self._accept(msg)
+                    with self.lock:
+                        chunk = self._accept(msg)
                     if chunk is None:
                         continue
                     if self.drop_chunks > 0:
                         self.drop_chunks -= 1
                         with self.lock:               # "crashed" before acking: forget them
-                            del self.entries[-self._last_count:]
+                            del self.entries[-self._last_count:]  # (serial mode: no other thread)
                         return True
                     with self.lock:
                         self.chunks.append(chunk)
@@ -131,9 +138,8 @@ class ForwardReceiver:
             entries = [[second, msg[2]]]
             option = msg[3] if len(msg) > 3 else {}
         assert option.get("size", len(entries)) == len(entries)
-        with self.lock:
-            for t, record in entries:
-                self.entries.append((tag, decode_time(t), record))
+        for t, record in entries:
+            self.entries.append((tag, decode_time(t), record))
         self._last_count = len(entries)
         return option.get("chunk")
 

@@ -1,0 +1,34 @@
+"""Escaping every string from outside before it reaches a line-oriented output.
+
+Process names come from unprivileged users (prctl(PR_SET_NAME)), addresses and
+names from replayed files, paths from the command line: any of them may carry
+newlines (forged lines), terminal escape sequences, or undecodable bytes. Every
+text/CSV column, warning and error message goes through `escape_text`, the one
+place that decides how such characters look.
+"""
+
+from __future__ import annotations
+
+__all__ = ["escape_text"]
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:      # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape_text(raw: object) -> str:
+    """`raw` as one printable line: control, format and non-printable characters
+    (C0, DEL, C1, bidi overrides, line/paragraph separators, lone surrogates)
+    become `\\xNN`/`\\uNNNN`; a backslash stays itself. Printable text, the
+    usual case, is returned unchanged and fast."""
+    text = raw if isinstance(raw, str) else str(raw)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)

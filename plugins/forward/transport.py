@@ -1,0 +1,118 @@
+"""One connection to a Forward receiver: connect, TLS, handshake, bounded replies.
+
+Every blocking call has a timeout, and `abort()` (from another thread, at
+exit) shuts the socket down so a blocked send or recv returns at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from typing import Any
+
+import msgpack
+
+from tcpstates.plugins.forward.protocol import MAX_REPLY_BYTES, Handshake, ProtocolError
+
+CONNECT_TIMEOUT = 10.0
+
+
+def tls_context(options: Any) -> ssl.SSLContext | None:
+    """The client TLS context for the options, or None without `tls`.
+
+    Raises OSError/ssl.SSLError for unreadable or invalid files (reported at start-up).
+    """
+    if not options.tls:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if options.tls_verify:
+        if options.tls_ca_file:
+            ctx.load_verify_locations(cafile=options.tls_ca_file)
+        else:
+            ctx.load_default_certs()
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if options.tls_cert_file:
+        ctx.load_cert_chain(options.tls_cert_file, options.tls_key_file or None)
+    return ctx
+
+
+class Connection:
+    def __init__(self, family: int, sockaddr: Any, *, timeout: float, tls: ssl.SSLContext | None,
+                 server_name: str, handshake: Handshake | None) -> None:
+        self.timeout = timeout
+        raw = socket.socket(family, socket.SOCK_STREAM)
+        self.sock: socket.socket = raw
+        try:
+            raw.settimeout(min(timeout, CONNECT_TIMEOUT))
+            raw.connect(sockaddr)
+            if family != socket.AF_UNIX:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                self.sock = tls.wrap_socket(raw, server_hostname=server_name)
+            self.sock.settimeout(timeout)
+            self.unpacker = msgpack.Unpacker(raw=True, max_buffer_size=MAX_REPLY_BYTES)
+            if handshake is not None:
+                handshake_deadline = time.monotonic() + timeout
+                self.sock.sendall(handshake.ping(self.read_message(handshake_deadline)))
+                handshake.check_pong(self.read_message(handshake_deadline))
+        except BaseException:
+            self.close()
+            raise
+
+    def read_message(self, deadline: float) -> Any:
+        """The next msgpack message, reading at most MAX_REPLY_BYTES for it."""
+        received = 0
+        while True:
+            for message in self.unpacker:
+                return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no answer from the receiver")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError("receiver closed the connection")
+            received += len(data)
+            if received > MAX_REPLY_BYTES:
+                raise ProtocolError(f"receiver sent more than {MAX_REPLY_BYTES} bytes without a "
+                                    f"complete reply; not reading further")
+            try:
+                self.unpacker.feed(data)
+            except msgpack.BufferFull:
+                raise ProtocolError(f"receiver's reply exceeds {MAX_REPLY_BYTES} bytes") from None
+
+    def send_chunk(self, payload: bytes, chunk_id: str | None) -> None:
+        """Send one request; with a chunk id, return only on its ack."""
+        self.sock.settimeout(self.timeout)
+        self.sock.sendall(payload)
+        if chunk_id is None:
+            return
+        want = chunk_id.encode()
+        deadline = time.monotonic() + self.timeout
+        received_before = 0
+        while True:
+            reply = self.read_message(deadline)
+            if isinstance(reply, dict) and reply.get(b"ack") == want:
+                return
+            if isinstance(reply, list) and reply and reply[0] == b"HELO":
+                raise ProtocolError("receiver expects the Forward handshake (it sent HELO): "
+                                    "set shared_key (and username/password) as configured there")
+            received_before += 1
+            if received_before > 64:
+                raise ProtocolError("receiver keeps answering without acking our chunk")
+
+    def abort(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

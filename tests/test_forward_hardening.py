@@ -1,0 +1,142 @@
+"""The forward sink against hostile or broken input: non-finite and huge numbers,
+bad addresses (refused at config time, exit 2, one line), a receiver flooding
+replies (bounded read, reported, reconnect), and the overflow `lost` record
+delivered even when no event follows."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from fbcase import trace
+from fluent_receiver import ForwardReceiver
+from tracer import run_cli, tcpstates_argv
+from traffic import free_port
+
+
+@pytest.mark.parametrize("key", ["ack_timeout", "exit_timeout", "retry_min", "retry_max"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e308", "-1"])
+def test_non_finite_or_huge_timeouts_refused(tmp_path, key, value):
+    r = run_cli("--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward",
+                "-o", f"sinks.forward.{key}={value}")
+    assert r.returncode == 2, r
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and f"sinks.forward.{key}" in lines[0], lines
+    assert "Traceback" not in r.stderr.decode()
+
+
+@pytest.mark.parametrize("address", ["nohost", "h:0", "h:99999", "unix:relative", "::1:24224", "[zz]:1",
+                                     "bad host:24224", "a\\x1bb:24224", "unix:///" + "x" * 200,
+                                     "-h:24224", "h:+80"])
+def test_invalid_addresses_refused_at_config_time(tmp_path, address):
+    r = run_cli("--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward",
+                "-o", f"sinks.forward.address=\"{address}\"")
+    assert r.returncode == 2, r
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and "sinks.forward" in lines[0] and "address" in lines[0], lines
+    assert "\x1b" not in lines[0]
+
+
+@pytest.mark.parametrize("opts,msg", [
+    (("username=alice", "password=x"), "needs shared_key"),
+    (("tls_ca_file=/etc/hostname",), "set tls = true"),
+    (("tls=true", "tls_ca_file=/nonexistent/ca.pem"), "TLS set-up failed"),
+])
+def test_inconsistent_auth_and_tls_options_refused(tmp_path, opts, msg):
+    args = ["--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward"]
+    for o in opts:
+        args += ["-o", f"sinks.forward.{o}"]
+    r = run_cli(*args)
+    assert r.returncode == 2, r
+    assert msg in r.stderr.decode() and len(r.stderr.decode().splitlines()) == 1
+
+
+class Flooder:
+    """A 'receiver' answering every connection with up to 100 MB of junk."""
+
+    def __init__(self, total: int = 100 * 1024 * 1024) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.total = total
+        self.sent = 0
+        self.connections = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        junk = b"A" * 65536
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.settimeout(1)
+            with conn:
+                sent = 0
+                try:                           # a 4 GB bin that never ends
+                    conn.sendall(b"\xc6\xff\xff\xff\xff")
+                except OSError:
+                    continue
+                while sent < self.total and not self.stopped.is_set():
+                    try:
+                        sent += conn.send(junk)
+                    except OSError:
+                        break
+                self.sent += sent
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_receiver_flooding_replies_is_bounded_reported_and_reconnected(tmp_path):
+    rx = Flooder()
+    try:
+        start = time.monotonic()
+        r = run_cli("--replay", str(trace(tmp_path / "t.jsonl", 100)), "--sink", "forward",
+                    "-o", f"sinks.forward.address={rx.address}", "-o", "sinks.forward.retry_min=0.05",
+                    "-o", "sinks.forward.retry_max=0.1", "-o", "sinks.forward.exit_timeout=2", timeout=60)
+        took = time.monotonic() - start
+    finally:
+        rx.stop()
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "not reading further" in err or "reply exceeds" in err, err
+    assert rx.connections >= 2              # the thread survived and reconnected
+    assert "100 events not acknowledged" in err and "0 acknowledged, 100 lost" in err
+    assert took < 20
+    assert rx.sent < rx.connections * 8 * 1024 * 1024    # we stopped reading; nothing near 100 MB each
+
+
+def test_overflow_lost_record_is_delivered_without_a_following_event(tmp_path):
+    """Receiver down while 500 events come in with room for 100: once it is up,
+    the 100 and then the `lost` record (400) arrive, although no event follows."""
+    port = free_port()
+    import subprocess
+    proc = subprocess.Popen(tcpstates_argv("--replay", str(trace(tmp_path / "t.jsonl", 500)), "--sink", "forward",
+                                           "-o", f"sinks.forward.address=127.0.0.1:{port}",
+                                           "-o", "sinks.forward.buffer_events=100", "-o", "sinks.forward.chunk_events=50",
+                                           "-o", "sinks.forward.retry_min=0.05", "-o", "sinks.forward.retry_max=0.1",
+                                           "-o", "sinks.forward.exit_timeout=15"),
+                            stderr=subprocess.PIPE)
+    time.sleep(0.5)    # the point of the test: the receiver is absent while events arrive
+    rx = ForwardReceiver(port=port)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        rx.stop()
+    assert proc.returncode == 0, err
+    recs = rx.records()
+    events = [r for r in recs if r["type"] == "state_change"]
+    lost = [r for r in recs if r["type"] == "lost"]
+    assert [r["seq"] for r in events] == list(range(1, 101))
+    assert len(lost) == 1 and lost[0]["kind"] == "forward_overflow" and lost[0]["count"] == 400, lost
+    assert b"forward: 100 queued, 100 acknowledged, 400 lost" in err

@@ -1,0 +1,263 @@
+"""Issue 14: safe to run as root. Each test reproduces one attack or fault
+through the real CLI (a subprocess), as an unprivileged user would mount it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import orjson
+import pytest
+from tracer import run_cli, tcpstates_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+def _record(**kw) -> bytes:
+    rec = {"type": "state_change", "v": 1, "seq": 1, "time": "t", "time_ns": 1795766400 * 10**9,
+           "mono_ns": 10**9, "host": "h", "skaddr": "ff", "family": "ipv4", "laddr": "10.0.0.1",
+           "lport": 1, "raddr": "10.0.0.2", "rport": 2, "oldstate": "LISTEN", "newstate": "CLOSE",
+           "span_us": 5, "pid": 1, "tid": 1, "comm": "x", "cgroup_id": 0}
+    rec.update(kw)
+    return orjson.dumps(rec) + b"\n"
+
+
+def _one_line_error(r: subprocess.CompletedProcess, needle: str, status: int = 2) -> str:
+    err = r.stderr.decode()
+    assert r.returncode == status, (r.returncode, err)
+    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert needle in err, err
+    return err
+
+
+# -- 1, 5: strings from outside are escaped at every text boundary -------------------------
+HOSTILE_NAME = "a\nFAKE\x1b[31m\u202e"
+
+
+@pytest.mark.parametrize("flags", [["-s"], ["-w"], ["--owner"], ["-s", "--owner"], ["-w", "--owner"]])
+def test_hostile_names_and_addresses_cannot_forge_lines_or_escapes(tmp_path, flags):
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(_record(comm=HOSTILE_NAME, laddr="1,2\n3", raddr='x"y\r',
+                              owner_pid=7, owner_comm=HOSTILE_NAME, owner_source="syscall"))
+    r = run_cli("--replay", str(trace), *flags, "--no-summary")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
+    assert len(out.splitlines()) == 2                     # header + one row: no forged line
+    assert "a\\x0aFAKE" in out
+    if "-s" in flags:
+        import csv
+        rows = list(csv.reader(out.splitlines()))
+        assert len({len(row) for row in rows}) == 1        # every row has the header's columns
+
+
+def test_state_numbers_print_whole_not_modulo_256(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(_record(oldstate="300", newstate="1"))
+    r = run_cli("--replay", str(trace), "-s", "--no-summary")
+    assert r.returncode == 0, r.stderr
+    assert ",300,ESTABLISHED," in r.stdout.decode()
+
+
+def test_error_messages_escape_control_characters_in_paths(tmp_path):
+    r = run_cli("--config", str(tmp_path / "x\x1b[2J\ny"), "--replay", os.devnull)
+    err = _one_line_error(r, "config file not found")
+    assert "\x1b" not in err and "x\\x1b[2J\\x0ay" in err
+
+
+def test_warnings_escape_control_characters(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(_record(family="\x1b[31mipx\n") + _record())
+    r = run_cli("--replay", str(trace), "-s", "--no-summary")
+    assert r.returncode == 0
+    err = r.stderr.decode()
+    assert "\x1b" not in err and err.count("\n") == 1 and "skipped record" in err
+
+
+# -- 2: plugin locations ---------------------------------------------------------------------
+def _plant_nested(root: Path) -> Path:
+    pkg = root / "deeppkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "mod.py").write_text(textwrap.dedent("""
+        from tcpstates.api import Sink
+        from tcpstates.hookspecs import hookimpl
+        class Deep(Sink):
+            name = "deep"
+            def write(self, batch): pass
+        @hookimpl
+        def tcpstates_register_sinks(register):
+            register(Deep)
+        """))
+    info = root / "deep_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: deep-dist\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[tcpstates]\ndeep = deeppkg.sub.mod\n")
+    return pkg
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("weak", ["sub_dir", "module", "sub_init", "entry_points"])
+def test_plugin_files_writable_by_others_anywhere_are_refused(tmp_path, weak):
+    site = tmp_path / "site"
+    site.mkdir()
+    tmp_path.chmod(0o755)
+    pkg = _plant_nested(site)
+    target = {"sub_dir": pkg / "sub", "module": pkg / "sub" / "mod.py",
+              "sub_init": pkg / "sub" / "__init__.py",
+              "entry_points": site / "deep_dist-1.0.dist-info" / "entry_points.txt"}[weak]
+    target.chmod(0o777 if target.is_dir() else 0o666)
+    marker = tmp_path / "imported"
+    (pkg / "sub" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    if weak == "sub_init":
+        target.chmod(0o666)
+    r = run_cli("--replay", os.devnull, "--sink", "deep", env={"PYTHONPATH": str(site)})
+    _one_line_error(r, "writable by someone other than root")
+    assert not marker.exists()                     # nothing of it was imported
+    ok = run_cli("--replay", os.devnull, "--sink", "deep", "--allow-insecure-plugins", "--no-summary",
+                 env={"PYTHONPATH": str(site)})
+    assert ok.returncode == 0, ok.stderr
+
+
+# -- 3: config symlinks, FIFOs, devices, size, depth --------------------------------------------
+@pytest.mark.root
+def test_config_symlink_in_a_world_writable_directory_is_refused(tmp_path):
+    tmp_path.chmod(0o755)
+    good = tmp_path / "good.toml"
+    good.write_text("[sinks.text]\nwide = true\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "c.toml").symlink_to(good)
+    _one_line_error(run_cli("--config", str(shared / "c.toml"), "--replay", os.devnull),
+                    "could be replaced by someone other than root")
+    # a link that belongs to another user, in a sticky directory, likewise
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "c.toml").symlink_to(good)
+    os.lchown(sticky / "c.toml", NOBODY, NOBODY)
+    _one_line_error(run_cli("--config", str(sticky / "c.toml"), "--replay", os.devnull),
+                    "could be replaced by someone other than root")
+    # a root-owned link in a root-owned directory is followed
+    (tmp_path / "link.toml").symlink_to(good)
+    ok = run_cli("--config", str(tmp_path / "link.toml"), "--replay", os.devnull, "--no-summary")
+    assert ok.returncode == 0 and ok.stdout.startswith(b"SKADDR           C-PID C-COMM           IP")
+
+
+@pytest.mark.root
+def test_config_owned_by_another_user_is_refused(tmp_path):
+    tmp_path.chmod(0o755)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    os.chown(cfg, NOBODY, NOBODY)
+    _one_line_error(run_cli("--config", str(cfg), "--replay", os.devnull), "owner uid 65534")
+
+
+def _fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "fifo.toml"
+    os.mkfifo(path)
+    return path
+
+
+def _loop(tmp_path: Path) -> Path:
+    (tmp_path / "a.toml").symlink_to(tmp_path / "b.toml")
+    (tmp_path / "b.toml").symlink_to(tmp_path / "a.toml")
+    return tmp_path / "a.toml"
+
+
+def _big(tmp_path: Path) -> Path:
+    path = tmp_path / "big.toml"
+    path.write_bytes(b"# " + b"x" * (2 << 20) + b"\n")
+    return path
+
+
+def _deep(tmp_path: Path) -> Path:
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 5000 + "\n")
+    return path
+
+
+@pytest.mark.parametrize("make,needle", [
+    (_fifo, "not a regular file"), (lambda p: Path("/dev/zero"), "not a regular file"),
+    (_loop, "symbolic links"), (_big, "larger than"), (_deep, "nested too deeply"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, make, needle):
+    _one_line_error(run_cli("--config", str(make(tmp_path)), "--replay", os.devnull, timeout=20), needle)
+
+
+# -- 4: python -m never imports from the working directory ---------------------------------------
+def test_python_m_ignores_modules_in_the_working_directory(tmp_path):
+    marker = tmp_path / "pwned"
+    for mod in ("argparse", "tomllib", "dataclasses"):
+        (tmp_path / f"{mod}.py").write_text(f"open({str(marker)!r}, 'a').write({mod!r})\n"
+                                            "raise SystemExit(99)\n")
+    r = subprocess.run(tcpstates_argv("--replay", os.devnull, "--no-summary"), cwd=tmp_path,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+    assert r.stdout.startswith(b"SKADDR")
+
+
+# -- numbers and text from outside ------------------------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["-L", "\u0668\u0660"], "-L"), (["-D", "\u0668\u0660"], "-D"), (["-L", "８0"], "-L"),
+    (["-o", 'sinks.jsonl.path="/tmp/a\\u0000b"', "--sink", "jsonl"], "control character \\x00"),
+    (["-o", 'sources.replay.path="a\\u0000b"'], "control character \\x00"),
+    (["-o", 'sinks.text.path="/tmp/a\\u001b[2Jb"'], "control character \\x1b"),
+    (["-o", "a=" + "[" * 5000], "nested too deeply"),
+])
+def test_hostile_command_line_values(args, needle):
+    _one_line_error(run_cli(*args, *([] if "--replay" in args else ["--replay", os.devnull])), needle)
+
+
+def _as_nobody(*args: str, cwd: str = "/", env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tcpstates", *args], capture_output=True, cwd=cwd,
+                          user=NOBODY, group=NOBODY, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "core" / ".."),
+                               **(env or {})})
+
+
+@pytest.mark.root
+def test_unreadable_home_is_a_one_line_error(tmp_path):
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    home.chmod(0o700)                               # root's: nobody cannot look inside
+    tmp_path.chmod(0o755)
+    r = _as_nobody("--replay", os.devnull, env={"HOME": str(home)})
+    _one_line_error(r, "cannot look for a config file here")
+
+
+@pytest.mark.root
+def test_doctor_as_non_root_reports_instead_of_crashing():
+    r = _as_nobody("doctor")
+    err = r.stderr.decode()
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert r.returncode == 1 and "FAIL root" in r.stdout.decode()
+
+
+@pytest.mark.kernel
+def test_owner_names_set_with_prctl_are_escaped_in_text(tracer, tmp_path):
+    """A real process renames itself with prctl(PR_SET_NAME) and connects."""
+    from traffic import free_port
+    port = free_port()
+    t = tracer("--owner", "-D", str(port))
+    code = textwrap.dedent(f"""
+        import ctypes, socket
+        ctypes.CDLL(None).prctl(15, b"a\\nFAKE\\x1b[31m", 0, 0, 0)
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", {port}))
+        except OSError:
+            pass
+        """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    assert "\x1b" not in out and "FAKE" in out
+    assert not any(line.startswith("FAKE") for line in out.splitlines())   # no forged line
