@@ -51,8 +51,16 @@ def main() -> None:
     owner = OwnerEnricher(OwnerOptions(scan_existing=False), ctx)
     per = min(_timed(lambda: owner.observe_batch(decoder.decode_block(data)[0])) for _ in range(5))
     print(f"decode + owner  {per / n * 1e6:.2f} µs/event")
+    owned = decoder.decode_block(data)[0]
+    owner.observe_batch(owned)
+    jl = sinks["jsonl"]
+    jl.open()
+    per = min(_timed(lambda: jl.write(owned)) for _ in range(5))
+    print(f"jsonl sink, events with owner fields {per / n * 1e6:.2f} µs/event")
     for name, sink in sinks.items():
         sink.open()
+        if os.environ.get("TCPSTATES_NO_SPEEDUPS"):
+            name += "(py)"
         per = min(_timed(lambda: sink.write(events)) for _ in range(5))
         both = min(_timed(lambda: sink.write(decoder.decode_block(data)[0])) for _ in range(5))
         print(f"{name:6s} sink     {per / n * 1e6:.2f} µs/event; decode + sink {both / n * 1e6:.2f}")

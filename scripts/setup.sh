@@ -21,7 +21,8 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "no apt-get: install bcc's Python bindings, kernel headers and python3-venv with your package manager (README.md lists them), then run again"
 
 # --- OS packages --------------------------------------------------------------
-pkgs=(python3 python3-venv python3-bpfcc python3-systemd ca-certificates)
+# gcc + python3-dev build the optional C hot path (setup.py; without them: pure Python)
+pkgs=(python3 python3-venv python3-dev gcc libc6-dev python3-bpfcc python3-systemd ca-certificates)
 if [ "$want_test" = yes ]; then
     # journald + journalctl for the private test journal, unshare/nsenter, ss,
     # /etc/services for the example plugin, bcc's own tcpstates for the benchmark,

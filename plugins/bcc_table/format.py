@@ -9,11 +9,20 @@ on a whole batch and caches the HH:MM:SS string per second.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
 from tcpstates.events import AF_INET, STATE_NAMES, Event
 from tcpstates.text import escape_text
+
+try:   # the optional C rows (setup.py); the Python `%` rows below are the reference
+    import tcpstates.plugins.bcc_table._rows as _c_rows
+except ImportError:    # pragma: no cover - depends on the build
+    _c_rows = None
+if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
+    _c_rows = None
+C_ROWS_AVAILABLE = _c_rows is not None
 
 # bcc's formats, for reference:
 #   default "%-16x %-5d %-10.10s %s%-15s %-5d %-15s %-5d %-11s -> %-11s %.3f"  (%s: empty IP)
@@ -124,6 +133,23 @@ class BccFormatter:
             self._clock_sec = sec
             self._clock_text = time.strftime("%H:%M:%S", time.localtime(sec))
         return self._clock_text
+
+    def encoded(self, batch: list[Event], use_c: bool = True) -> bytes:
+        """The batch's lines as UTF-8 (surrogateescape) bytes, each ending in a
+        newline. Default and -w rows without owner/time columns go through the C
+        rows when built (byte-identical; an event it cannot render exactly is
+        rendered here)."""
+        if (use_c and _c_rows is not None and type(self) is BccFormatter and not self.csv and not self.owner
+                and not self.time_col and not self.timestamp_col):
+            return _c_rows.rows(batch, self.wide, self._one_encoded)
+        lines = self.lines(batch)
+        if not lines:
+            return b""
+        lines.append("")
+        return "\n".join(lines).encode("utf-8", "surrogateescape")
+
+    def _one_encoded(self, e: Event) -> bytes:
+        return self.lines([e])[0].encode("utf-8", "surrogateescape")
 
     def lines(self, batch: list[Event]) -> list[str]:
         """One bcc line per event (no newline)."""

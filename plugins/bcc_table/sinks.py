@@ -54,10 +54,9 @@ class _BccSink(Sink):
             self.output.write((self.formatter.header() + "\n").encode())
 
     def write(self, batch: list[Event]) -> None:
-        lines = self.formatter.lines(batch)
-        if lines:
-            lines.append("")
-            self.output.write("\n".join(lines).encode("utf-8", "surrogateescape"))
+        data = self.formatter.encoded(batch)
+        if data:
+            self.output.write(data)
 
     def write_loss(self, kind: str, count: int, total: int) -> None:
         # bcc/libbcc report losses on stderr; stdout stays pure table/CSV.

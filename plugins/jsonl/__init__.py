@@ -11,3 +11,10 @@ from tcpstates.plugins.jsonl.sink import JsonlSink
 @hookimpl
 def tcpstates_register_sinks(register: Any) -> None:
     register(JsonlSink)
+
+
+@hookimpl
+def tcpstates_doctor_checks(register: Any) -> None:
+    from tcpstates.plugins.jsonl import doctor
+    for check in doctor.checks():
+        register(check)

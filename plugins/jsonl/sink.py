@@ -6,6 +6,7 @@ Every record carries a sequence number that increases by one per record
 
 from __future__ import annotations
 
+import os
 import dataclasses
 from typing import Any
 
@@ -15,7 +16,20 @@ from tcpstates.api import RunContext, Sink
 from tcpstates.events import Event
 from tcpstates.options import option
 from tcpstates.outputs import LineOutput
-from tcpstates.records import Rfc3339, event_record, loss_record
+from tcpstates.records import CORE_FIELDS, FAMILY_NAMES, Rfc3339, event_record, loss_record
+from tcpstates.events import STATE_NAMES
+
+try:   # the optional C encoder (setup.py); write_python is the reference
+    import tcpstates.plugins.jsonl._encode as _c_encode
+except ImportError:    # pragma: no cover - depends on the build
+    _c_encode = None
+if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
+    _c_encode = None
+C_ENCODER_AVAILABLE = _c_encode is not None
+# JSON of every state and family number as event_record renders it
+_STATES = tuple(orjson.dumps(STATE_NAMES.get(i) or str(i)) for i in range(256))
+_FAMILIES = tuple(orjson.dumps(FAMILY_NAMES.get(i, str(i))) for i in range(256))
+CORE = frozenset(CORE_FIELDS)
 
 
 @dataclasses.dataclass
@@ -44,11 +58,30 @@ class JsonlSink(Sink):
                                  notice=context.warn)
         self.seq = 0
         self.rfc3339 = Rfc3339()
+        self.use_c = True
+        self._host_json = orjson.dumps(context.hostname)
 
     def open(self) -> None:
         self.output.open()
 
     def write(self, batch: list[Event]) -> int | None:
+        if _c_encode is not None and self.use_c:
+            # the C encoder: byte-identical, ~10x less CPU; events it cannot
+            # render exactly come back to _one (orjson)
+            offset = self.context.clock_offset_ns
+            data, self.seq = _c_encode.encode(batch, self.seq, offset, self._host_json, _STATES,
+                                              _FAMILIES, CORE, self._one)
+            self.output.write(data)
+            return None
+        return self.write_python(batch)
+
+    def _one(self, e: Event, seq: int) -> bytes:
+        return orjson.dumps(event_record(e, seq, e.ts_ns + self.context.clock_offset_ns,
+                                         self.context.hostname, self.rfc3339),
+                            option=orjson.OPT_APPEND_NEWLINE)
+
+    def write_python(self, batch: list[Event]) -> int | None:
+        """The reference path (orjson over one dict per event)."""
         dumps, nl = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         offset = self.context.clock_offset_ns
         host, fmt = self.context.hostname, self.rfc3339

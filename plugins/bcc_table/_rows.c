@@ -1,0 +1,140 @@
+/* bcc's default and -w table rows in C: a batch of Events -> one bytes object.
+ *
+ * Byte-identical to format.py's `%` rows (tests/test_speedups.py checks it on
+ * the bcc fixtures and on random events). Handles the rows without owner
+ * columns and without -T/-t; an event whose text is not plain ASCII (C's
+ * `%-10.10s` counts bytes, Python's counts characters) goes to the Python
+ * `fallback(event) -> bytes`, so the output never depends on which path ran.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+static PyObject *S_sk, *S_span, *S_pid, *S_comm, *S_fam, *S_saddr, *S_sport, *S_daddr, *S_dport,
+    *S_old, *S_new;
+
+static int get_u64(PyObject *obj, PyObject *name, unsigned long long *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v) return -1;
+    int ok = 0;
+    if (PyLong_CheckExact(v)) {
+        *out = PyLong_AsUnsignedLongLong(v);
+        if (*out == (unsigned long long)-1 && PyErr_Occurred()) PyErr_Clear(); else ok = 1;
+    }
+    Py_DECREF(v);
+    return ok;
+}
+
+/* a new reference to an ASCII str attribute, or NULL (error set only on -1) */
+static int get_ascii(PyObject *obj, PyObject *name, PyObject **out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v) return -1;
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) { Py_DECREF(v); return 0; }
+    *out = v;
+    return 1;
+}
+
+static const char *NAMES[13] = {NULL, "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
+    "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV"};
+
+static void state(char *out, size_t n, unsigned long long s) {
+    s &= 255;
+    if (s >= 1 && s <= 12) snprintf(out, n, "%s", NAMES[s]); else snprintf(out, n, "%llu", s);
+}
+
+/* 1 rendered, 0 fallback, -1 error */
+static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wide) {
+    unsigned long long sk, pid, fam, sport, dport, old, new_, span = 0;
+    int r;
+#define U(name, var) if ((r = get_u64(e, name, &var)) <= 0) return r
+    U(S_sk, sk); U(S_pid, pid); U(S_fam, fam); U(S_sport, sport); U(S_dport, dport);
+    U(S_old, old); U(S_new, new_);
+#undef U
+    PyObject *spano = PyObject_GetAttr(e, S_span);
+    if (!spano) return -1;
+    int known = spano != Py_None;
+    Py_DECREF(spano);
+    if (known && (r = get_u64(e, S_span, &span)) <= 0) return r;
+    if (span / 1000 > (1ULL << 53)) return 0;      /* beyond exact doubles: Python's int/int */
+    PyObject *comm = NULL, *sa = NULL, *da = NULL;
+    if ((r = get_ascii(e, S_comm, &comm)) <= 0) return r;
+    if ((r = get_ascii(e, S_saddr, &sa)) <= 0) { Py_DECREF(comm); return r; }
+    if ((r = get_ascii(e, S_daddr, &da)) <= 0) { Py_DECREF(comm); Py_DECREF(sa); return r; }
+    Py_ssize_t need = PyUnicode_GET_LENGTH(sa) + PyUnicode_GET_LENGTH(da) + 512;
+    if (*len + need > *cap) {
+        Py_ssize_t c = *cap ? *cap : 65536;
+        while (c < *len + need) c *= 2;
+        char *p = PyMem_Realloc(*pp, c);
+        if (!p) { Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da); PyErr_NoMemory(); return -1; }
+        *pp = p; *cap = c;
+    }
+    char o[16], nw[16];
+    state(o, sizeof o, old); state(nw, sizeof nw, new_);
+    double ms = known ? (double)(span / 1000) / 1000.0 : 0.0;   /* bcc: whole µs, then ms */
+    const char *c = PyUnicode_AsUTF8(comm), *s = PyUnicode_AsUTF8(sa), *d = PyUnicode_AsUTF8(da);
+    int n;
+    if (wide)
+        n = snprintf(*pp + *len, *cap - *len,
+                     "%-16llx %-5llu %-16.16s %-2s %-39s %-5llu %-39s %-5llu %-11s -> %-11s %.3f\n",
+                     sk, pid, c, fam == 2 ? "4" : "6", s, sport, d, dport, o, nw, ms);
+    else
+        n = snprintf(*pp + *len, *cap - *len,
+                     "%-16llx %-5llu %-10.10s %-15s %-5llu %-15s %-5llu %-11s -> %-11s %.3f\n",
+                     sk, pid, c, s, sport, d, dport, o, nw, ms);
+    Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da);
+    if (n < 0 || n >= *cap - *len) return 0;
+    *len += n;
+    return 1;
+}
+
+/* rows(batch, wide, fallback) -> bytes, one line (with newline) per event */
+static PyObject *rows(PyObject *self, PyObject *args) {
+    PyObject *batch, *fallback; int wide;
+    if (!PyArg_ParseTuple(args, "O!pO", &PyList_Type, &batch, &wide, &fallback)) return NULL;
+    char *p = NULL; Py_ssize_t len = 0, cap = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
+        PyObject *e = PyList_GET_ITEM(batch, i);
+        Py_ssize_t mark = len;
+        int r = one(&p, &len, &cap, e, wide);
+        if (r < 0) goto fail;
+        if (r == 0) {
+            len = mark;
+            PyObject *line = PyObject_CallOneArg(fallback, e);
+            if (!line) goto fail;
+            if (!PyBytes_Check(line)) { Py_DECREF(line); PyErr_SetString(PyExc_TypeError, "fallback: bytes"); goto fail; }
+            Py_ssize_t n = PyBytes_GET_SIZE(line);
+            if (len + n + 1 > cap) {
+                Py_ssize_t c = cap ? cap : 65536;
+                while (c < len + n + 1) c *= 2;
+                char *q = PyMem_Realloc(p, c);
+                if (!q) { Py_DECREF(line); PyErr_NoMemory(); goto fail; }
+                p = q; cap = c;
+            }
+            memcpy(p + len, PyBytes_AS_STRING(line), n);
+            len += n;
+            p[len++] = '\n';
+            Py_DECREF(line);
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(p ? p : "", len);
+    PyMem_Free(p);
+    return out;
+fail:
+    PyMem_Free(p);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"rows", rows, METH_VARARGS, "Events -> bcc table rows as bytes (see the module source)."},
+    {NULL, NULL, 0, NULL},
+};
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_rows", "bcc table rows in C.", -1, methods};
+
+PyMODINIT_FUNC PyInit__rows(void) {
+#define I(var, s) if (!(var = PyUnicode_InternFromString(s))) return NULL
+    I(S_sk, "skaddr"); I(S_span, "span_ns"); I(S_pid, "pid"); I(S_comm, "comm"); I(S_fam, "family");
+    I(S_saddr, "saddr"); I(S_sport, "sport"); I(S_daddr, "daddr"); I(S_dport, "dport");
+    I(S_old, "oldstate"); I(S_new, "newstate");
+#undef I
+    return PyModule_Create(&mod);
+}

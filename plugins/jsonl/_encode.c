@@ -1,0 +1,260 @@
+/* The JSON Lines hot path in C: a batch of Events -> one bytes object.
+ *
+ * Byte-identical to the pure-Python path (records.event_record + orjson.dumps,
+ * tests/test_speedups.py checks it): same key order, orjson's compact form and
+ * string escaping (", \, \b \f \n \r \t, other controls as \u00XX, everything
+ * else as UTF-8). An event this code cannot render exactly (a float or a nested
+ * object in `extra`, a non-UTF-8 string, a number out of range) is handed to
+ * the Python `fallback(event, seq)`, so the output never depends on which
+ * path ran. Optional: without a compiler the package works, only slower.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct { char *p; Py_ssize_t len, cap; } buf_t;
+
+static int grow(buf_t *b, Py_ssize_t need) {
+    if (b->len + need <= b->cap) return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 65536;
+    while (cap < b->len + need) cap *= 2;
+    char *p = PyMem_Realloc(b->p, cap);
+    if (!p) { PyErr_NoMemory(); return -1; }
+    b->p = p; b->cap = cap;
+    return 0;
+}
+static int put(buf_t *b, const char *s, Py_ssize_t n) {
+    if (grow(b, n)) return -1;
+    memcpy(b->p + b->len, s, n); b->len += n;
+    return 0;
+}
+#define PUTS(b, lit) put((b), (lit), (Py_ssize_t)sizeof(lit) - 1)
+
+static int put_u64(buf_t *b, unsigned long long v) {
+    char tmp[24]; int n = snprintf(tmp, sizeof tmp, "%llu", v);
+    return put(b, tmp, n);
+}
+static int put_i64(buf_t *b, long long v) {
+    char tmp[24]; int n = snprintf(tmp, sizeof tmp, "%lld", v);
+    return put(b, tmp, n);
+}
+
+/* 1: rendered; 0: cannot render exactly (fallback); -1: memory error */
+static int put_str(buf_t *b, PyObject *s) {
+    if (!PyUnicode_Check(s)) return 0;
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+    if (!u) { PyErr_Clear(); return 0; }      /* lone surrogates: orjson refuses, Python decides */
+    if (grow(b, n * 6 + 2)) return -1;
+    char *o = b->p + b->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)u[i];
+        if (c >= 0x20 && c != '"' && c != '\\') { *o++ = (char)c; continue; }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        default: {
+            static const char hex[] = "0123456789abcdef";
+            *o++ = 'u'; *o++ = '0'; *o++ = '0'; *o++ = hex[c >> 4]; *o++ = hex[c & 15];
+        }
+        }
+    }
+    *o++ = '"';
+    b->len = o - b->p;
+    return 1;
+}
+
+static int get_u64(PyObject *obj, PyObject *name, unsigned long long *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v) return -1;
+    int ok = 0;
+    if (PyLong_CheckExact(v)) {
+        *out = PyLong_AsUnsignedLongLong(v);
+        if (*out == (unsigned long long)-1 && PyErr_Occurred()) PyErr_Clear(); else ok = 1;
+    }
+    Py_DECREF(v);
+    return ok;
+}
+
+/* a value in `extra`: None, bool, int (64-bit), str, or a list of those */
+static int put_value(buf_t *b, PyObject *v, int depth) {
+    if (v == Py_None) return PUTS(b, "null") ? -1 : 1;
+    if (v == Py_True) return PUTS(b, "true") ? -1 : 1;
+    if (v == Py_False) return PUTS(b, "false") ? -1 : 1;
+    if (PyLong_CheckExact(v)) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow > 0) {
+            unsigned long long u = PyLong_AsUnsignedLongLong(v);
+            if (u == (unsigned long long)-1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+            return put_u64(b, u) ? -1 : 1;
+        }
+        if (overflow < 0 || (x == -1 && PyErr_Occurred())) { PyErr_Clear(); return 0; }
+        return put_i64(b, x) ? -1 : 1;
+    }
+    if (PyUnicode_CheckExact(v)) return put_str(b, v);
+    if (PyList_CheckExact(v) && depth == 0) {
+        if (PUTS(b, "[")) return -1;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+            if (i && PUTS(b, ",")) return -1;
+            int r = put_value(b, PyList_GET_ITEM(v, i), 1);
+            if (r <= 0) return r;
+        }
+        return PUTS(b, "]") ? -1 : 1;
+    }
+    return 0;   /* float, dict, tuple, ...: orjson's exact rendering is left to orjson */
+}
+
+static PyObject *S_ts, *S_sk, *S_span, *S_pid, *S_tid, *S_comm, *S_fam, *S_saddr, *S_sport,
+    *S_daddr, *S_dport, *S_old, *S_new, *S_cg, *S_extra;
+
+/* 1 rendered, 0 fallback, -1 error */
+static int one(buf_t *b, PyObject *e, unsigned long long seq, long long offset, PyObject *host,
+               PyObject *states, PyObject *families, PyObject *core, long long *sec_cache,
+               char *sec_text) {
+    unsigned long long ts, sk, pid, tid, fam, sport, dport, old, new_, cg, span = 0;
+    int r;
+#define U(name, var) if ((r = get_u64(e, name, &var)) <= 0) return r
+    U(S_ts, ts); U(S_sk, sk); U(S_pid, pid); U(S_tid, tid); U(S_fam, fam); U(S_sport, sport);
+    U(S_dport, dport); U(S_old, old); U(S_new, new_); U(S_cg, cg);
+#undef U
+    PyObject *spano = PyObject_GetAttr(e, S_span);
+    if (!spano) return -1;
+    int span_known = spano != Py_None;
+    Py_DECREF(spano);
+    if (span_known && (r = get_u64(e, S_span, &span)) <= 0) return r;
+    if (fam > 255 || old > 255 || new_ > 255 || ts > (unsigned long long)LLONG_MAX) return 0;
+    long long wall = (long long)ts + offset;
+    if (wall < 0 || (offset > 0 && wall < (long long)ts)) return 0;
+    long long sec = wall / 1000000000LL, frac = wall % 1000000000LL;
+    if (sec != *sec_cache) {
+        time_t t = (time_t)sec; struct tm tm;
+        if (!gmtime_r(&t, &tm) || tm.tm_year + 1900 > 9999) return 0;
+        strftime(sec_text, 32, "%Y-%m-%dT%H:%M:%S", &tm);
+        *sec_cache = sec;
+    }
+    char tmp[256];
+    int n = snprintf(tmp, sizeof tmp,
+        "{\"type\":\"state_change\",\"v\":1,\"seq\":%llu,\"time\":\"%s.%09lldZ\",\"time_ns\":%lld,"
+        "\"mono_ns\":%llu,\"host\":", seq, sec_text, frac, wall, ts);
+    if (put(b, tmp, n)) return -1;
+    Py_ssize_t hn; char *hp;
+    if (PyBytes_AsStringAndSize(host, &hp, &hn) || put(b, hp, hn)) return -1;
+    n = snprintf(tmp, sizeof tmp, ",\"skaddr\":\"%llx\",\"family\":", sk);
+    if (put(b, tmp, n)) return -1;
+    PyObject *f = PyTuple_GET_ITEM(families, fam);
+    if (put(b, PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f)) || PUTS(b, ",\"laddr\":")) return -1;
+    PyObject *v = PyObject_GetAttr(e, S_saddr);
+    if (!v) return -1;
+    r = put_str(b, v); Py_DECREF(v);
+    if (r <= 0) return r;
+    n = snprintf(tmp, sizeof tmp, ",\"lport\":%llu,\"raddr\":", sport);
+    if (put(b, tmp, n)) return -1;
+    v = PyObject_GetAttr(e, S_daddr);
+    if (!v) return -1;
+    r = put_str(b, v); Py_DECREF(v);
+    if (r <= 0) return r;
+    n = snprintf(tmp, sizeof tmp, ",\"rport\":%llu,\"oldstate\":", dport);
+    if (put(b, tmp, n)) return -1;
+    PyObject *st = PyTuple_GET_ITEM(states, old);
+    if (put(b, PyBytes_AS_STRING(st), PyBytes_GET_SIZE(st)) || PUTS(b, ",\"newstate\":")) return -1;
+    st = PyTuple_GET_ITEM(states, new_);
+    if (put(b, PyBytes_AS_STRING(st), PyBytes_GET_SIZE(st))) return -1;
+    if (span_known) n = snprintf(tmp, sizeof tmp, ",\"span_us\":%llu,\"pid\":%llu,\"tid\":%llu,\"comm\":",
+                                 span / 1000, pid, tid);
+    else n = snprintf(tmp, sizeof tmp, ",\"span_us\":null,\"pid\":%llu,\"tid\":%llu,\"comm\":", pid, tid);
+    if (put(b, tmp, n)) return -1;
+    v = PyObject_GetAttr(e, S_comm);
+    if (!v) return -1;
+    r = put_str(b, v); Py_DECREF(v);
+    if (r <= 0) return r;
+    n = snprintf(tmp, sizeof tmp, ",\"cgroup_id\":%llu", cg);
+    if (put(b, tmp, n)) return -1;
+    PyObject *extra = PyObject_GetAttr(e, S_extra);
+    if (!extra) return -1;
+    r = 1;
+    if (!PyDict_CheckExact(extra)) r = 0;
+    else {
+        Py_ssize_t pos = 0; PyObject *k, *val;
+        while (PyDict_Next(extra, &pos, &k, &val)) {
+            if (!PyUnicode_CheckExact(k)) { r = 0; break; }
+            int c = PySet_Contains(core, k);
+            if (c < 0) { r = -1; break; }
+            if (c) continue;   /* enrichers never overwrite core fields */
+            if (PUTS(b, ",")) { r = -1; break; }
+            if ((r = put_str(b, k)) <= 0) break;
+            if (PUTS(b, ":")) { r = -1; break; }
+            if ((r = put_value(b, val, 0)) <= 0) break;
+        }
+    }
+    Py_DECREF(extra);
+    if (r <= 0) return r;
+    return PUTS(b, "}\n") ? -1 : 1;
+}
+
+/* encode(batch, seq, offset, host_json, states, families, core, fallback) -> (bytes, seq) */
+static PyObject *encode(PyObject *self, PyObject *args) {
+    PyObject *batch, *host, *states, *families, *core, *fallback;
+    unsigned long long seq; long long offset;
+    if (!PyArg_ParseTuple(args, "O!KLO!O!O!O!O", &PyList_Type, &batch, &seq, &offset, &PyBytes_Type,
+                          &host, &PyTuple_Type, &states, &PyTuple_Type, &families, &PyFrozenSet_Type,
+                          &core, &fallback))
+        return NULL;
+    if (PyTuple_GET_SIZE(states) != 256 || PyTuple_GET_SIZE(families) != 256) {
+        PyErr_SetString(PyExc_ValueError, "states and families: 256 pre-encoded names each");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < 256; i++)
+        if (!PyBytes_Check(PyTuple_GET_ITEM(states, i)) || !PyBytes_Check(PyTuple_GET_ITEM(families, i))) {
+            PyErr_SetString(PyExc_TypeError, "state and family names must be bytes");
+            return NULL;
+        }
+    buf_t b = {0};
+    long long sec_cache = -1; char sec_text[32] = "";
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
+        PyObject *e = PyList_GET_ITEM(batch, i);
+        seq++;
+        Py_ssize_t mark = b.len;
+        int r = one(&b, e, seq, offset, host, states, families, core, &sec_cache, sec_text);
+        if (r < 0) goto fail;
+        if (r == 0) {
+            b.len = mark;
+            PyObject *line = PyObject_CallFunction(fallback, "OK", e, seq);
+            if (!line) goto fail;
+            if (!PyBytes_Check(line)) { Py_DECREF(line); PyErr_SetString(PyExc_TypeError, "fallback: bytes"); goto fail; }
+            int bad = put(&b, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line));
+            Py_DECREF(line);
+            if (bad) goto fail;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(b.p ? b.p : "", b.len);
+    PyMem_Free(b.p);
+    if (!out) return NULL;
+    return Py_BuildValue("(NK)", out, seq);
+fail:
+    PyMem_Free(b.p);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"encode", encode, METH_VARARGS, "Events -> JSON Lines bytes (see the module source)."},
+    {NULL, NULL, 0, NULL},
+};
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_encode", "JSON Lines encoder in C.", -1, methods};
+
+PyMODINIT_FUNC PyInit__encode(void) {
+#define I(var, s) if (!(var = PyUnicode_InternFromString(s))) return NULL
+    I(S_ts, "ts_ns"); I(S_sk, "skaddr"); I(S_span, "span_ns"); I(S_pid, "pid"); I(S_tid, "tid");
+    I(S_comm, "comm"); I(S_fam, "family"); I(S_saddr, "saddr"); I(S_sport, "sport"); I(S_daddr, "daddr");
+    I(S_dport, "dport"); I(S_old, "oldstate"); I(S_new, "newstate"); I(S_cg, "cgroup_id"); I(S_extra, "extra");
+#undef I
+    return PyModule_Create(&mod);
+}
