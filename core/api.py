@@ -9,7 +9,11 @@ batches (lists of Events), never a pluggy hook call.
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
+import select
 import socket
+import stat
 import sys
 import time
 from typing import Any, ClassVar, TextIO
@@ -49,12 +53,34 @@ class KernelConstraints:
     cflags: tuple[str, ...] = ()
 
 
+def _writable_soon(stream: TextIO, timeout_ms: int = 500) -> bool:
+    """Can a warning line go to `stream` without blocking (for long)?
+
+    Only pipes and sockets can be full; a line is shorter than PIPE_BUF, so
+    once poll says the pipe has room the write completes at once.
+    """
+    try:
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return True   # not a real descriptor (tests' StringIO): cannot block
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        return bool(poller.poll(timeout_ms))
+    except InterruptedError:
+        return False
+
+
 class Warner:
     """Prints each distinct warning once to stderr, prefixed `tcpstates:`."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
         self._seen: set[str] = set()
+        self.dropped = 0   # warnings not written because stderr stayed full
 
     def warn(self, message: str, *, once_key: str | None = None) -> None:
         key = once_key or message
@@ -64,6 +90,9 @@ class Warner:
         stream = self._stream or sys.stderr
         if stream is None:
             return   # started with stderr closed (2>&-): nothing left to tell
+        if not _writable_soon(stream):
+            self.dropped += 1   # stderr is a full pipe nobody reads: never block on it
+            return
         try:
             # messages quote paths, names and values from outside: one safe line
             stream.write(f"tcpstates: {escape_text(message)}\n")

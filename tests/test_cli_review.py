@@ -118,3 +118,20 @@ def test_a_plugin_whose_hook_does_not_match_is_named_and_skipped(tmp_path):
     cfg.write_text('[plugins]\ndisable = ["tcpstates-odd"]\n')
     quiet = run_cli("--config", str(cfg), "--replay", os.devnull, "--no-summary", env=env)
     assert quiet.returncode == 0 and quiet.stderr == b"", quiet.stderr
+
+
+RAISING_REGISTER_HOOK = """
+from tcpstates import hookimpl
+@hookimpl
+def tcpstates_register_filters(register):
+    raise RuntimeError("no filters today")
+"""
+
+
+def test_a_plugin_whose_register_hook_raises_is_named(tmp_path):
+    fake_dist(tmp_path, "tcpstates-grumpy", "3.1", "grumpy_plugin", RAISING_REGISTER_HOOK)
+    r = run_cli("--replay", os.devnull, env={"PYTHONPATH": str(tmp_path)})
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1, err
+    assert "grumpy_plugin" in err and "tcpstates-grumpy 3.1" in err and "no filters today" in err
+    assert "internal error" not in err

@@ -111,6 +111,34 @@ def test_sigterm_while_replaying_endless_or_stuck_input(tmp_path, make):
     t.notify.close()
 
 
+def test_sigterm_while_stderr_is_a_full_pipe_nobody_reads(tmp_path):
+    """Warnings and the summary never block on a stderr nobody reads: the
+    tracer still stops within 2 s (what it could not say is dropped)."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    r_err, w_err = os.pipe()
+    os.set_blocking(w_err, False)
+    try:
+        while True:
+            os.write(w_err, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w_err, True)
+    proc = subprocess.Popen(tcpstates_argv("--replay", str(fifo), "-s"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=w_err)
+    os.close(w_err)
+    try:
+        time.sleep(0.5)   # no readiness signal exists for "blocked opening the FIFO"; bounded
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(10)
+        assert time.monotonic() - start < 2.0 and rc == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(r_err)
+
+
 # -- one failing sink, counted exactly ------------------------------------------------------------
 def _trace(tmp_path: Path, n: int = 50, **kw) -> Path:
     path = tmp_path / "in.jsonl"
@@ -283,3 +311,42 @@ def test_journal_without_socket_counts_nothing_written(tmp_path, strict):
         assert r.returncode == 0, err
         assert "written: journal 0" in _summary(err) and "not written: journal 100" in _summary(err)
         assert "does not exist" in err
+
+
+def _ro_tmpfs(p: Path) -> Path:
+    (p / "ro").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(p / "ro")], check=True)
+    return p / "ro" / "e.jsonl"
+
+
+def _planted_link(p: Path) -> Path:
+    """A link in a sticky world-writable directory, owned by another user: anyone
+    could have planted it (the attack); /tmp stands for any such directory."""
+    (p / "real").mkdir()
+    link = Path("/tmp") / f"tcpstates-test-link-{os.getpid()}"
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(p / "real")
+    os.lchown(link, 65534, 65534)
+    return link / "e.jsonl"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p / "gone" / "e.jsonl", "No such file or directory"),
+    (_ro_tmpfs, "Read-only file system"),
+    (_planted_link, "could be replaced by someone other than root"),
+], ids=["deleted-directory", "read-only", "symlinked-parent"])
+def test_unusable_output_locations_are_one_line_errors(tmp_path, make, needle):
+    path = make(tmp_path)
+    try:
+        r = run_cli("--replay", os.devnull, "--sink", "jsonl", "-o", f"sinks.jsonl.path={path}")
+        err = r.stderr.decode()
+        assert r.returncode == 2 and err.count("\n") == 1 and needle in err, err
+        assert not (tmp_path / "real" / "e.jsonl").exists(), "nothing written through the link"
+    finally:
+        if (tmp_path / "ro").is_dir():
+            subprocess.run(["umount", str(tmp_path / "ro")], check=False)
+        link = Path("/tmp") / f"tcpstates-test-link-{os.getpid()}"
+        if link.is_symlink():
+            link.unlink()

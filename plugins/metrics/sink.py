@@ -6,6 +6,9 @@ Exposes, on `listen` (default 127.0.0.1:9464, path /metrics):
   tcpstates_connection_lifetime_seconds         ESTABLISHED entered → CLOSE, per socket
   tcpstates_close_wait_seconds                  time spent in CLOSE_WAIT (slow app close)
   tcpstates_lost_events_total{kind}             dropped records and kernel misses
+  tcpstates_connections_total{ending}           closed connections (connection records only)
+With connection records (`--connections`) the histograms come from each
+record's state times; transitions_total is not known then and stays empty.
 Per-socket state for lifetimes is bounded (oldest forgotten first).
 """
 
@@ -17,7 +20,7 @@ from typing import Any
 
 from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
-from tcpstates.events import STATE_NAMES, STATE_NUMBERS, Event
+from tcpstates.events import CONNECTION, STATE_NAMES, STATE_NUMBERS, Event
 from tcpstates.options import option
 from tcpstates.plugins.metrics.server import serve
 
@@ -67,6 +70,8 @@ class MetricsSink(Sink):
                                          buckets=BUCKETS, registry=self.registry)
         self.lost = prom.Counter("tcpstates_lost_events", "records dropped or missed",
                                  ["kind"], registry=self.registry)
+        self.connections = prom.Counter("tcpstates_connections", "closed connections by how they ended",
+                                        ["ending"], registry=self.registry)
         self.established: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._children: dict[tuple[int, int], Any] = {}
         self.server: Any = None
@@ -80,7 +85,31 @@ class MetricsSink(Sink):
             raise UsageError(f"metrics sink: cannot listen on {self.options.listen} ({exc.strerror}); "
                              f"pick another with -o sinks.metrics.listen=HOST:PORT") from None
 
+    def _write_connections(self, batch: list[Event]) -> None:
+        endings: collections.Counter[str] = collections.Counter()
+        syn_sent, established, close_wait = S["SYN_SENT"], S["ESTABLISHED"], S["CLOSE_WAIT"]
+        for e in batch:
+            c = e.extra.get(CONNECTION)
+            if c is None:
+                continue
+            endings[c.ending] += 1
+            states = c.state_ns
+            if established in states:
+                if syn_sent in states and c.complete:
+                    self.handshake.observe(states[syn_sent] / 1e9)
+                # from entering ESTABLISHED to CLOSE: the lifetime minus the handshake
+                before = states.get(syn_sent, 0) + states.get(S["SYN_RECV"], 0)
+                if c.complete:   # else ESTABLISHED began before it was seen
+                    self.lifetime.observe((c.duration_ns - before) / 1e9)
+            if close_wait in states:   # only a time seen from its start is kept
+                self.close_wait.observe(states[close_wait] / 1e9)
+        for ending, n in endings.items():
+            self.connections.labels(ending).inc(n)
+
     def write(self, batch: list[Event]) -> None:
+        if self.context.records == "connection":
+            self._write_connections(batch)
+            return
         counts: collections.Counter[tuple[int, int]] = collections.Counter()
         est = self.established
         for e in batch:

@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from tcpstates.api import RunContext, Sink
-from tcpstates.events import STATE_NAMES, Event
+from tcpstates.events import CONNECTION, STATE_NAMES, Event
 from tcpstates.options import option
 
 
@@ -70,6 +70,22 @@ class SummarySink(Sink):
 
     def write(self, batch: list[Event]) -> None:
         hists, lports, rports = self.hists, self.lports, self.rports
+        if self.context.records == "connection":
+            # connection records carry the time of every state they passed
+            # through: the same histograms; ports count connections
+            for e in batch:
+                conn = e.extra.get(CONNECTION)
+                if conn is not None:
+                    for state, ns in conn.state_ns.items():
+                        hists[state][(ns // 1000).bit_length()] += 1
+                if e.sport:
+                    lports[e.sport] += 1
+                if e.dport:
+                    rports[e.dport] += 1
+            self.events += len(batch)
+            if self.live:
+                self._status()
+            return
         for e in batch:
             if e.span_ns is not None:
                 hists[e.oldstate][(e.span_ns // 1000).bit_length()] += 1
@@ -105,7 +121,7 @@ class SummarySink(Sink):
             lines.extend(log2_histogram(self.hists[state]))
         for title, counter in (("LPORT", self.lports), ("RPORT", self.rports)):
             if self.options.top_ports and counter:
-                lines.append(f"\n{title:<7s} EVENTS")
+                lines.append(f"\n{title:<7s} {'CONNECTIONS' if self.context.records == 'connection' else 'EVENTS'}")
                 lines.extend(f"{port:<7d} {n}" for port, n in counter.most_common(self.options.top_ports))
         out.write("\n".join(lines).lstrip("\n") + "\n")
         out.flush()

@@ -1,0 +1,243 @@
+"""Connection records (--connections): the real CLI on the real tracepoint,
+N loopback connections of known shape → exactly N records per socket, with
+the right ending, endpoints and state times; plus the record layout and the
+offline formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+from traffic import free_port, refused, session
+
+from tcpstates.api import RunContext
+from tcpstates.events import CONNECTION, Connection, Event
+from tcpstates.plugins.bcc_table.connections import ConnectionFormatter
+from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD_SIZE, CONN_SIZE, CONN_STRUCT, decode_conn_block
+from tcpstates.plugins.kernel.decoder import Decoder
+from tcpstates.plugins.kernel.probe import bpf_source_dir, build_cflags
+from tcpstates.records import Rfc3339, event_record
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((ROOT / "docs" / "event.schema.json").read_text())
+
+
+def reset_connection(port: int) -> int:
+    """A connection the client aborts with SO_LINGER 0 (a RST); returns the client port."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", port))
+        srv.listen(4)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = srv.accept()
+        cport = client.getsockname()[1]
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        # the RST closes the accepted socket; reading tells us it arrived
+        with pytest.raises(ConnectionResetError):
+            accepted.recv(16)
+        accepted.close()
+    return cport
+
+
+def _records(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.kernel
+def test_connection_records_one_per_connection_with_ending_endpoints_and_state_times(tracer):
+    normal_port, refused_port, reset_port = free_port(), free_port(), free_port()
+    t = tracer("--connections", "--sink", "jsonl")
+    normal = [session(socket.AF_INET, normal_port, hold=0.03, server_delay=0.01, listener_delay=0)
+              for _ in range(3)]
+    for _ in range(2):
+        refused(refused_port)
+    resets = [reset_connection(reset_port) for _ in range(2)]
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    recs = _records(out)
+    for r in recs:
+        jsonschema.validate(r, SCHEMA)
+    assert {r["type"] for r in recs} == {"connection"}, "no per-state-change record in this mode"
+    ours = [r for r in recs if {r["lport"], r["rport"]} & {normal_port, refused_port, reset_port}]
+    by_kind: dict[tuple[str, str], list[dict]] = {}
+    for r in ours:
+        side = "server" if r["lport"] in (normal_port, reset_port) else "client"
+        by_kind.setdefault((r["ending"], side), []).append(r)
+    assert sorted((k, len(v)) for k, v in by_kind.items()) == sorted([
+        (("normal", "client"), 3), (("normal", "server"), 3), (("refused", "client"), 2),
+        (("reset", "client"), 2), (("reset", "server"), 2)])
+    # endpoints: the client's ephemeral port and the server's port, both sides
+    assert sorted(r["lport"] for r in by_kind[("normal", "client")]) == sorted(normal)
+    assert sorted(r["rport"] for r in by_kind[("normal", "server")]) == sorted(normal)
+    assert sorted(r["lport"] for r in by_kind[("reset", "client")]) == sorted(resets)
+    assert all(r["rport"] == refused_port and r["lport"] > 0 for r in by_kind[("refused", "client")])
+    for r in ours:
+        assert r["complete"] and r["laddr"] == r["raddr"] == "127.0.0.1"
+        # every state time adds up to the lifetime (each is truncated to whole µs)
+        total = sum(r["states_us"].values())
+        assert r["duration_us"] - len(r["states_us"]) <= total <= r["duration_us"], r
+        assert r["start_time_ns"] < r["time_ns"]
+    for r in by_kind[("normal", "client")]:
+        assert r["first_state"] == "CLOSE" and r["last_state"] in ("FIN_WAIT2", "TIME_WAIT")
+        assert set(r["states_us"]) >= {"SYN_SENT", "ESTABLISHED", "FIN_WAIT1"}
+        assert 30_000 <= r["states_us"]["ESTABLISHED"] < 500_000   # the client's hold
+    for r in by_kind[("normal", "server")]:
+        assert r["first_state"] == "LISTEN" and set(r["states_us"]) >= {"SYN_RECV", "ESTABLISHED",
+                                                                        "CLOSE_WAIT"}
+        assert 10_000 <= r["states_us"]["CLOSE_WAIT"] < 500_000    # the server's delay
+    for r in by_kind[("refused", "client")]:
+        assert list(r["states_us"]) == ["SYN_SENT"] and r["last_state"] == "SYN_SENT"
+    for r in by_kind[("reset", "client")] + by_kind[("reset", "server")]:
+        assert r["last_state"] == "ESTABLISHED"
+    assert "0 dropped, 0 kernel misses" in err
+
+
+@pytest.mark.kernel
+def test_connection_table_and_csv_on_the_real_kernel(tracer):
+    port = free_port()
+    t = tracer("--connections", "-s")
+    cport = session(socket.AF_INET, port, hold=0.02, server_delay=0, listener_delay=0)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("SKADDR,C-PID,C-COMM,IP,LADDR,LPORT,RADDR,RPORT,END,FIRST,COMPLETE,LIFE_MS,")
+    head = lines[0].split(",")
+    rows = [dict(zip(head, line.split(","))) for line in lines[1:]]
+    ours = [r for r in rows if port in (int(r["LPORT"]), int(r["RPORT"]))]
+    assert sorted((int(r["LPORT"]), r["END"], r["FIRST"]) for r in ours) == sorted(
+        [(cport, "normal", "CLOSE"), (port, "normal", "LISTEN")])
+    for r in ours:
+        states = sum(float(r[c]) for c in head if c.endswith("_MS") and c != "LIFE_MS" and r[c])
+        assert abs(states - float(r["LIFE_MS"])) < 0.02
+
+
+@pytest.mark.kernel
+def test_connection_mode_is_one_program_that_compiles_with_owner_and_perf_buffer(tracer):
+    port = free_port()
+    t = tracer("--connections", "--owner", "-s", "-o", "sources.kernel.buffer=perf")
+    session(socket.AF_INET, port, hold=0.01, server_delay=0, listener_delay=0)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    head = out.splitlines()[0].split(",")
+    rows = [dict(zip(head, line.split(","))) for line in out.splitlines()[1:]]
+    ours = [r for r in rows if port in (int(r["LPORT"]), int(r["RPORT"]))]
+    assert len(ours) == 2
+    import os
+    assert all(r["O-PID"] == str(os.getpid()) for r in ours), ours   # this test process owns both
+
+
+def test_c_connection_record_layout_matches_the_decoder(tmp_path):
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.fail("no C compiler: apt-get install gcc (./test.sh installs it)")
+    prog = tmp_path / "layout.c"
+    prog.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
+        "typedef uint64_t u64; typedef uint32_t u32; typedef uint16_t u16; typedef uint8_t u8;\n"
+        '#include "tcpstates.h"\n#define S struct tcpstates_conn_event\n'
+        'int main(void) { printf("%zu %zu %zu %zu %zu\\n", offsetof(S, start_ns), offsetof(S, state_ns), '
+        "offsetof(S, first_state), offsetof(S, complete), sizeof(S)); return 0; }\n")
+    subprocess.run([cc, "-I", str(bpf_source_dir()), "-o", str(tmp_path / "layout"), str(prog)], check=True)
+    out = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split()
+    assert list(map(int, out)) == [136, 144, 272, 273, CONN_SIZE]
+    assert struct.calcsize("<" + CONN_STRUCT.format[1:].split("16s16s16s40s")[0] + "16s16s16s40s") == 136
+
+
+def _conn_bytes(states: dict[int, int], first: int = 7, complete: int = 1, old: int = 5) -> bytes:
+    ns = [states.get(i, 0) for i in range(16)]
+    return CONN_STRUCT.pack(10_000_000, 0xffff1, states.get(old, 0), 9, 42, 43, 40000, 80, socket.AF_INET,
+                            old, 7, socket.inet_aton("127.0.0.1") + bytes(12),
+                            socket.inet_aton("10.0.0.2") + bytes(12), b"cu,rl\n", bytes(40),
+                            10_000_000 - sum(ns), *ns, first, complete)
+
+
+def test_decoder_builds_connection_events_and_stops_at_a_foreign_record():
+    rec = _conn_bytes({2: 50_000, 1: 9_000_000, 4: 1_000, 5: 949_000})
+    block = struct.pack("<II", CONN_SIZE, 0) + rec + struct.pack("<II", 12, 0) + bytes(CONN_SIZE)
+    events, used = decode_conn_block(Decoder(), block)
+    assert used == CONN_RING_RECORD_SIZE
+    (e,) = events
+    c = e.extra[CONNECTION]
+    assert (e.saddr, e.sport, e.daddr, e.dport, e.comm) == ("127.0.0.1", 40000, "10.0.0.2", 80, "cu,rl\\x0a")
+    assert c.state_ns == {1: 9_000_000, 2: 50_000, 4: 1_000, 5: 949_000}
+    assert (c.duration_ns, c.ending, c.complete, c.first_state, c.last_state) == (10_000_000, "normal", True, 7, 5)
+
+
+@pytest.mark.parametrize("last,ending", [(2, "refused"), (1, "reset"), (8, "reset"), (3, "reset"),
+                                         (5, "normal"), (9, "normal"), (11, "normal")])
+def test_connection_ending_by_last_state(last, ending):
+    assert Connection(0, 1, {}, 7, last, True).ending == ending
+
+
+def _event() -> Event:
+    conn = Connection(start_ns=1_000_000, end_ns=101_000_000, state_ns={2: 1_000_000, 1: 100_000_000},
+                      first_state=7, last_state=1, complete=True)
+    return Event(101_000_000, 0xabc, 100_000_000, 7, 8, "x,y", socket.AF_INET, "127.0.0.1", 4000,
+                 "127.0.0.2", 80, 1, 7, 3, {CONNECTION: conn, "owner_pid": 12})
+
+
+def test_connection_json_record_matches_the_schema():
+    rec = json.loads(json.dumps(event_record(_event(), 1, 1_700_000_000_101_000_000, "h", Rfc3339())))
+    jsonschema.validate(rec, SCHEMA)
+    assert rec["type"] == "connection" and rec["ending"] == "reset" and rec["duration_us"] == 100_000
+    assert rec["states_us"] == {"ESTABLISHED": 100_000, "SYN_SENT": 1000} and rec["owner_pid"] == 12
+    assert rec["start_time_ns"] == 1_700_000_000_001_000_000 and "connection" not in rec
+
+
+def test_connection_text_and_csv_rows():
+    ctx = RunContext()
+    text = ConnectionFormatter(csv=False, wide=False, time_col=False, timestamp_col=False, wall_ns=ctx.wall_ns)
+    (line,) = text.lines([_event()])
+    assert line.split()[-3:] == ["100.000", "SYN_SENT=1.000", "ESTABLISHED=100.000"]
+    assert " reset " in line
+    csv = ConnectionFormatter(csv=True, wide=False, time_col=False, timestamp_col=False, wall_ns=ctx.wall_ns)
+    head = csv.header().split(",")
+    row = csv.lines([_event()])[0]
+    assert row.split(",")[2:3] == ['"x'], "a comm with a comma is quoted"
+    values = dict(zip(head, row.replace('"x,y"', "xy").split(",")))
+    assert values["END"] == "reset" and values["ESTABLISHED_MS"] == "100.000" and values["CLOSE_WAIT_MS"] == ""
+    assert values["LIFE_MS"] == "100.000" and values["FIRST"] == "CLOSE" and values["COMPLETE"] == "1"
+
+
+def test_build_cflags_connections_leaves_transition_and_span_filters_to_user_space():
+    flags = build_cflags(Path("/x"), max_sockets=1024, ring_pages=8, buffer="ring", filter_lport=False,
+                         filter_dport=False, family=None, no_wakeup=True, filter_transition=True,
+                         min_span_ns=5, connections=True)
+    assert "-DTCPSTATES_CONNECTIONS=1" in flags
+    assert not any("FILTER_TRANSITION" in f or "MIN_SPAN" in f for f in flags)
+
+
+
+
+def test_summary_and_metrics_take_their_numbers_from_connection_records(capsys):
+    import io
+    import urllib.request
+
+    from tcpstates.plugins.metrics.sink import MetricsOptions, MetricsSink
+    from tcpstates.plugins.summary.sink import SummaryOptions, SummarySink
+    ctx = RunContext(records="connection")
+    out = io.StringIO()
+    summary = SummarySink(SummaryOptions(status="off"), ctx, stream=out)
+    summary.write([_event()])
+    summary.close()
+    text = out.getvalue()
+    assert "state = ESTABLISHED (time spent in it)" in text and "state = SYN_SENT" in text
+    assert "LPORT   CONNECTIONS" in text and "4000    1" in text
+    port = free_port()
+    metrics = MetricsSink(MetricsOptions(listen=f"127.0.0.1:{port}"), ctx)
+    metrics.open()
+    try:
+        metrics.write([_event()])
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        metrics.close()
+    assert 'tcpstates_connections_total{ending="reset"} 1.0' in body
+    assert "tcpstates_handshake_seconds_count 1.0" in body
+    assert "tcpstates_connection_lifetime_seconds_sum 0.099" in body
+    assert "tcpstates_close_wait_seconds_count 0.0" in body
