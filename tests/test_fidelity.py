@@ -64,4 +64,4 @@ def test_benchmark_smoke_run(tmp_path):
             assert row["truth"] > 0 and row["truth_overrun"] == 0
             assert row["missing"] == row["dropped"] + row["kernel_misses"] or row["missing"] <= row["dropped"]
             assert row["startup_s"] > 0 and row["peak_rss_mb"] > 0
-    assert "point  tracer" in r.stdout
+    assert "point  threads  tracer" in r.stdout
