@@ -232,7 +232,7 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["point", "mode", "threads", "tracer", "rate", "ratio", "truth", "printed", "missing", "dropped",
+    cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "truth", "printed", "missing", "dropped",
             "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s", "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn",
             "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
