@@ -38,7 +38,7 @@ from typing import Any
 from tcpstates.api import Enricher, KernelConstraints, RunContext
 from tcpstates.events import AF_INET, AF_INET6, STATE_NUMBERS, Event, sanitize_text
 from tcpstates.options import option
-from tcpstates.plugins.owner.sockowners import NS_PER_TICK, Holder, listener_holders, snapshot
+from tcpstates.plugins.owner.sockowners import NS_PER_TICK, Holder, PortHolders, snapshot
 
 S = STATE_NUMBERS
 LISTEN, SYN_RECV, CLOSE = S["LISTEN"], S["SYN_RECV"], S["CLOSE"]
@@ -47,8 +47,28 @@ LISTEN, SYN_RECV, CLOSE = S["LISTEN"], S["SYN_RECV"], S["CLOSE"]
 KERNEL_OWNER = "_kernel_owner"
 RAW_OWNER = struct.Struct("<QQII16s")
 HOW = {1: "syscall", 2: "accept", 3: "io"}
+ACCEPT = 2
 LOOKUP_SHARE = 20
+# how often a listener's holders are found by reading every process's fd table
+# (in between, only new processes' and the holders' own tables are read)
+FULL_READ_S = 1.0
 WILDCARD = {AF_INET: "0.0.0.0", AF_INET6: "::"}
+MAX_OWNED = 8192
+UNKNOWN: dict[str, Any] = {"owner_pid": None, "owner_comm": None, "owner_source": "unknown"}
+
+
+def _holder_fields(holders: list[Holder], source: str) -> dict[str, Any]:
+    """The owner fields a socket held by `holders` gets (merged into each event's
+    extra, so never edited after it is made)."""
+    if not holders:
+        return UNKNOWN
+    if len(holders) == 1:
+        pid, start, comm = holders[0]
+        return {"owner_pid": pid, "owner_comm": sanitize_text(comm), "owner_start": start,
+                "owner_source": source}
+    # several processes hold it: which one will use it is not knowable
+    return {"owner_pid": None, "owner_comm": None, "owner_source": "shared",
+            "owner_candidates": [h[0] for h in holders]}
 
 
 @dataclasses.dataclass
@@ -73,11 +93,14 @@ class OwnerEnricher(Enricher):
         super().__init__(options, context)
         # sockets seen entering an accept queue and not yet claimed by a process
         self.queued: set[int] = set()
-        # port → (read at, (family, addr) → holders)
-        self.listeners: dict[int, tuple[float, dict[tuple[int, str], list[Holder]]]] = {}
+        # port → (read again after, (family, addr) → the fields its holders give)
+        self.listeners: dict[int, tuple[float, dict[tuple[int, str], dict[str, Any]]]] = {}
         self.existing: dict[tuple[int, str, int, str, int], list[Holder]] = {}
-        self.comms: dict[bytes, str] = {}       # raw kernel comm bytes → escaped text
-        self._lookup_s = 0.0                    # how long the last listener lookup took
+        # raw kernel owner tail → (its fields, ready to merge; the PID when it
+        # was learnt at accept, else 0): one process's records repeat the same
+        # bytes, so the unpack/decode/escape is done once
+        self.owned: dict[bytes, tuple[dict[str, Any], int]] = {}
+        self.watches: dict[int, PortHolders] = {}   # port → its listeners' holders
         if options.scan_existing:
             self.existing = snapshot()
 
@@ -90,27 +113,39 @@ class OwnerEnricher(Enricher):
             self.context.warn(f"owner: not available: {why}")
         return KernelConstraints(cflags=tuple(support.cflags))
 
-    def _comm(self, raw: bytes) -> str:
-        comm = self.comms.get(raw)
-        if comm is None:
-            if len(self.comms) > 8192:
-                self.comms.clear()
-            comm = self.comms[raw] = sanitize_text(raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
-        return comm
+    def _owned(self, raw: bytes) -> tuple[dict[str, Any], int]:
+        """The fields a kernel owner record gives (cached per raw bytes: the
+        same bytes always mean the same fields, so the cache cannot go stale)."""
+        start_ns, cgroup, pid, how, rawcomm = RAW_OWNER.unpack(raw)
+        fields = {"owner_pid": pid,
+                  "owner_comm": sanitize_text(rawcomm.split(b"\0", 1)[0].decode("utf-8", "replace")),
+                  "owner_start": start_ns // NS_PER_TICK if start_ns else None,
+                  "owner_cgroup_id": cgroup, "owner_source": HOW.get(how, "syscall")}
+        if len(self.owned) >= MAX_OWNED:
+            self.owned.clear()
+        out = self.owned[raw] = (fields, pid if how == ACCEPT else 0)
+        return out
 
-    def _holders(self, e: Event) -> list[Holder] | None:
-        """The processes holding the listener this event's socket queues on."""
-        now = time.monotonic()
+    def _holders(self, e: Event, now: float) -> dict[str, Any] | None:
+        """The fields the processes holding the listener this event's socket
+        queues on give it (None: no listener known)."""
         cached = self.listeners.get(e.sport)
-        if cached is None or now - cached[0] > max(self.options.listener_refresh_ms / 1000,
-                                                   self._lookup_s * LOOKUP_SHARE):
+        if cached is None or now > cached[0]:
             if len(self.listeners) > 4096:
                 self.listeners.clear()
-            cached = self.listeners[e.sport] = (now, listener_holders(e.sport))
+                self.watches.clear()
+            watch = self.watches.get(e.sport)
+            if watch is None:
+                refresh = self.options.listener_refresh_ms / 1000
+                watch = self.watches[e.sport] = PortHolders(e.sport, max(FULL_READ_S, 10 * refresh))
+            by_addr = {key: _holder_fields(holders, "listener")
+                       for key, holders in watch.lookup(now).items()}
+            took = time.monotonic() - now
             # a lookup reads every process's fd table: on a host with many
             # processes it is slow, so look up at most once per 20 lookups' time
             # (≤ 5 % of the CPU), whatever listener_refresh_ms asks
-            self._lookup_s = time.monotonic() - now
+            cached = self.listeners[e.sport] = (
+                now + took + max(self.options.listener_refresh_ms / 1000, took * LOOKUP_SHARE), by_addr)
         by_addr = cached[1]
         for key in ((e.family, e.saddr), (e.family, WILDCARD.get(e.family, ""))):
             if key in by_addr:
@@ -122,60 +157,47 @@ class OwnerEnricher(Enricher):
     def observe_batch(self, batch: list[Event]) -> None:
         """Label each event from what the kernel knew, right away (a later
         filter may still drop it)."""
-        queued, unpack, comm_of = self.queued, RAW_OWNER.unpack, self._comm
+        queued, owned, make = self.queued, self.owned, self._owned
+        now = None     # one clock read per batch, and only when a listener is asked
         for e in batch:
             extra = e.extra
             raw = extra.pop(KERNEL_OWNER, None)
             old, new = e.oldstate, e.newstate
             if raw is not None:
-                start_ns, cgroup, pid, how, rawcomm = unpack(raw)
-                extra["owner_pid"] = pid
-                extra["owner_comm"] = comm_of(rawcomm)
-                extra["owner_start"] = start_ns // NS_PER_TICK if start_ns else None
-                extra["owner_cgroup_id"] = cgroup
-                extra["owner_source"] = HOW.get(how, "syscall")
+                fields, accepter = owned.get(raw) or make(raw)
+                extra.update(fields)
                 if queued:
                     queued.discard(e.skaddr)
                 if old == LISTEN or new == LISTEN:
                     self.listeners.pop(e.sport, None)    # the listener set changed
+                elif accepter and e.sport in self.watches:
+                    watch = self.watches[e.sport]
+                    if accepter not in watch.held:
+                        # accepted by a process not known to hold the listener
+                        # (handed it, e.g. over SCM_RIGHTS): the next look-up, at
+                        # its usual time (the CPU bound holds), reads everyone
+                        watch.invalidate()
                 continue
             if (old == LISTEN and new == SYN_RECV) or e.skaddr in queued:
                 if new == CLOSE:
                     queued.discard(e.skaddr)
                 else:
                     queued.add(e.skaddr)
-                self._label_queued(e)
+                if now is None:
+                    now = time.monotonic()
+                fields = self._holders(e, now) or UNKNOWN
+                extra.update(fields)
+                if "owner_candidates" in fields:      # each event its own list
+                    extra["owner_candidates"] = list(fields["owner_candidates"])
                 continue
             holders = self.existing.get((e.family, e.saddr, e.sport, e.daddr, e.dport)) \
                 if self.existing else None
             if holders:
                 if new == CLOSE:
                     del self.existing[(e.family, e.saddr, e.sport, e.daddr, e.dport)]
-                self._label_holders(e, holders, "proc")
+                extra.update(_holder_fields(holders, "proc"))
             else:
-                extra["owner_pid"] = extra["owner_comm"] = None
-                extra["owner_source"] = "unknown"
-
-    def _label_queued(self, e: Event) -> None:
-        holders = self._holders(e)
-        if not holders:
-            e.extra["owner_pid"] = e.extra["owner_comm"] = None
-            e.extra["owner_source"] = "unknown"
-        else:
-            self._label_holders(e, holders, "listener")
-
-    @staticmethod
-    def _label_holders(e: Event, holders: list[Holder], source: str) -> None:
-        extra = e.extra
-        if len(holders) == 1:
-            pid, start, comm = holders[0]
-            extra["owner_pid"], extra["owner_comm"], extra["owner_start"] = pid, sanitize_text(comm), start
-            extra["owner_source"] = source
-        else:
-            # several processes hold it: which one will use it is not knowable
-            extra["owner_pid"] = extra["owner_comm"] = None
-            extra["owner_source"] = "shared"
-            extra["owner_candidates"] = [h[0] for h in holders]
+                extra.update(UNKNOWN)
 
     def enrich_batch(self, batch: list[Event]) -> None:
         """Nothing left to do: observe_batch labelled every event."""

@@ -2,7 +2,8 @@
 
 Used once at start so sockets that existed before tracing get an owner:
 /proc/net/tcp{,6} gives each socket's 4-tuple and inode, /proc/PID/fd gives
-which process holds that inode.
+which process holds that inode. And for listeners (who holds the socket a
+connection is queued on), kept current by PortHolders.
 """
 
 from __future__ import annotations
@@ -46,27 +47,37 @@ def tcp_sockets(proc: Path = Path("/proc")) -> dict[int, tuple[Tuple4, int]]:
     return out
 
 
+def _pids(proc: Path) -> set[int]:
+    return {int(entry.name) for entry in os.scandir(proc) if entry.name.isdigit()}
+
+
+def _held(proc: Path, pid: int, inodes: set[int] | None) -> set[int] | None:
+    """The socket inodes (only `inodes` when given) process `pid` holds; None
+    when its fd table cannot be read (exited, or not ours to read)."""
+    try:
+        fds = os.scandir(f"{proc}/{pid}/fd")
+    except OSError:
+        return None
+    held: set[int] = set()
+    with fds:
+        for fd in fds:
+            try:
+                target = os.readlink(fd.path)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inodes is None or inode in inodes:
+                    held.add(inode)
+    return held
+
+
 def socket_holders(proc: Path = Path("/proc"), inodes: set[int] | None = None) -> dict[int, set[int]]:
     """socket inode → every PID holding it (only `inodes` when given)."""
     holders: dict[int, set[int]] = {}
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            fds = os.scandir(f"{proc}/{pid}/fd")
-        except OSError:
-            continue        # exited, or not ours to read
-        with fds:
-            for fd in fds:
-                try:
-                    target = os.readlink(fd.path)
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inode = int(target[8:-1])
-                    if inodes is None or inode in inodes:
-                        holders.setdefault(inode, set()).add(pid)
+    for pid in _pids(proc):
+        for inode in _held(proc, pid, inodes) or ():
+            holders.setdefault(inode, set()).add(pid)
     return holders
 
 
@@ -109,18 +120,84 @@ def snapshot(proc: Path = Path("/proc")) -> dict[Tuple4, list[Holder]]:
             if state != LISTEN_STATE and inode in holders}
 
 
-def listener_holders(port: int, proc: Path = Path("/proc")) -> dict[tuple[int, str], list[Holder]]:
-    """(family, local address) → processes holding a socket listening on `port`
-    (several for a pre-fork server or an SO_REUSEPORT group)."""
+def _listener_inodes(port: int, proc: Path) -> dict[int, tuple[int, str]]:
+    """inode → (family, local address) of the sockets listening on `port`."""
     # sock_diag answers with listeners only; /proc/net/tcp lists every socket
     # (a storm's TIME_WAIT too), so it is only the fallback
     inodes = diag.listeners(port) if proc == PROC else None
     if inodes is None:
         inodes = {inode: (t4[0], t4[1]) for inode, (t4, state) in tcp_sockets(proc).items()
                   if state == LISTEN_STATE and t4[2] == port}
+    return inodes
+
+
+def _by_addr(inodes: dict[int, tuple[int, str]], held: dict[int, set[int]],
+             proc: Path) -> dict[tuple[int, str], list[Holder]]:
+    by_addr: dict[tuple[int, str], set[int]] = {}
+    for pid, mine in held.items():
+        for inode in mine:
+            by_addr.setdefault(inodes[inode], set()).add(pid)
+    return {key: _identities(pids, proc) for key, pids in by_addr.items()}
+
+
+def listener_holders(port: int, proc: Path = Path("/proc")) -> dict[tuple[int, str], list[Holder]]:
+    """(family, local address) → processes holding a socket listening on `port`
+    (several for a pre-fork server or an SO_REUSEPORT group)."""
+    inodes = _listener_inodes(port, proc)
     if not inodes:
         return {}
-    by_addr: dict[tuple[int, str], set[int]] = {}
+    held: dict[int, set[int]] = {}
     for inode, pids in socket_holders(proc, set(inodes)).items():
-        by_addr.setdefault(inodes[inode], set()).update(pids)
-    return {key: _identities(pids, proc) for key, pids in by_addr.items()}
+        for pid in pids:
+            held.setdefault(pid, set()).add(inode)
+    return _by_addr(inodes, held, proc)
+
+
+class PortHolders:
+    """listener_holders(port), kept current without reading every process's fd
+    table each time (that read is most of a look-up's cost).
+
+    A full read happens first, whenever the port's listening sockets change
+    (sock_diag gives their inodes, cheaply), and at least every `full_every`
+    seconds. In between only the fd tables that can have changed the answer
+    are read: the processes that appeared since the last look-up (a fork
+    inherits the listener; a new server binds it) and the current holders (one
+    may have closed it). Processes that are gone are dropped, and every
+    holder's identity (start time) is read again, so a reused PID never keeps
+    an old holder's place. What the partial read cannot see — an existing
+    process that was handed the listener (SCM_RIGHTS, pidfd_getfd) — is seen
+    at the next full read, or at once when that process accepts: the caller
+    then calls invalidate()."""
+
+    def __init__(self, port: int, full_every: float, proc: Path = PROC) -> None:
+        self.port, self.full_every, self.proc = port, full_every, proc
+        self.inodes: dict[int, tuple[int, str]] = {}
+        self.pids: set[int] = set()          # the processes that existed at the last look-up
+        self.held: dict[int, set[int]] = {}  # holder PID → the port's listener inodes it holds
+        self.full_at: float | None = None
+
+    def invalidate(self) -> None:
+        self.full_at = None
+
+    def lookup(self, now: float) -> dict[tuple[int, str], list[Holder]]:
+        inodes = _listener_inodes(self.port, self.proc)
+        # the process list before the fd tables: a process born after this
+        # listing is new at the next look-up, so it is read then
+        pids = _pids(self.proc)
+        if self.full_at is None or now - self.full_at >= self.full_every or inodes != self.inodes:
+            scan, self.held, self.full_at = pids, {}, now
+        else:
+            scan = (pids - self.pids) | (pids & set(self.held))
+            self.held = {pid: mine for pid, mine in self.held.items() if pid in pids}
+        self.inodes, self.pids = inodes, pids
+        if not inodes:
+            self.held = {}
+            return {}
+        wanted = set(inodes)
+        for pid in scan:
+            mine = _held(self.proc, pid, wanted)
+            if mine:
+                self.held[pid] = mine
+            else:
+                self.held.pop(pid, None)
+        return _by_addr(inodes, self.held, self.proc)
