@@ -21,6 +21,13 @@ output whose directory another user could change is refused at the start,
 and a FIFO or file must belong to root. When FILE was moved away before a
 rotation (logrotate's `mv`, its SIGHUP not yet here), the moved file is left
 alone and a new FILE is started.
+
+A destination that takes nothing for `stall_timeout` seconds (a reader that
+stopped reading: a paused pager, a stuck shipper on a pipe) fails the write
+with OutputStalled, so the pipeline counts it for this sink alone and the
+other sinks go on. A line cut in the middle by the stall is finished first
+at the next write (so the reader never sees a torn line followed by another)
+and counts as written.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import select
 import socket
 import stat
 import sys
+import time
 from typing import Callable
 
 from tcpstates import interrupt, stdio
@@ -39,6 +47,7 @@ from tcpstates.errors import UsageError
 from tcpstates.safeopen import UntrustedPath, check_owned, entry_trusted, open_path
 
 FILE_MODE = 0o640
+STALL_TIMEOUT_S = 1.0   # default: a reader may pause this long before a batch fails for its sink
 # what each open LineOutput writes to: two sinks appending to one stdout or
 # file would interleave their lines, so the second is refused
 _IN_USE: dict[tuple[int, int], str] = {}
@@ -70,12 +79,19 @@ def _lexists(name: str, dirfd: int) -> bool:
     return True
 
 
+class OutputStalled(OSError):
+    """The destination took nothing for stall_timeout seconds."""
+
+
 class LineOutput:
     """A text destination taking whole lines; `path` "-" means stdout."""
 
     def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 5,
-                 notice: Callable[[str], None] | None = None) -> None:
+                 notice: Callable[[str], None] | None = None,
+                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
         self.path = path
+        self.stall_timeout = stall_timeout
+        self._pending = b""                      # the rest of a line a stall cut
         self.notice = notice                     # says once that we wait for a FIFO's reader
         self.max_bytes = max_bytes
         self.keep = keep
@@ -216,10 +232,30 @@ class LineOutput:
         try:
             if self.fd < 0 and not self.is_stdout:
                 self.open()                          # a reopen failed before: retry it now
+            if self._pending:
+                self._flush_pending()
             self._write_lines(data)
         except (OSError, UsageError, interrupt.StopRequested) as exc:
-            exc.written = bytes(data[: self._accepted]).count(b"\n")  # type: ignore[union-attr]
+            done = self._accepted
+            written = bytes(data[:done]).count(b"\n")
+            if isinstance(exc, OutputStalled) and done and data[done - 1:done] != b"\n":
+                # a line cut by the stall: its rest goes first next time (never a
+                # torn line followed by another), so it counts as written
+                end = data.find(b"\n", done)
+                self._pending = bytes(data[done:] if end < 0 else data[done:end + 1])
+                written += end >= 0
+            exc.written = written  # type: ignore[union-attr]
             raise
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, b""
+        try:
+            self._write_all(pending)
+        except OutputStalled:
+            self._pending = pending[self._accepted:]
+            self._accepted = 0
+            raise
+        self._accepted = 0
 
     def _write_lines(self, data: bytes) -> None:
         if self.max_bytes and self.regular and self.size + len(data) > self.max_bytes:
@@ -243,13 +279,22 @@ class LineOutput:
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         before = self.size
+        progress = time.monotonic()
         try:
             while view:
                 try:
                     n = self._send(view)
                 except BlockingIOError:
-                    interrupt.wait(self.fd, select.POLLOUT)
+                    # a reader that takes nothing for stall_timeout fails this
+                    # sink's write only; the other sinks must not wait for it
+                    left = progress + self.stall_timeout - time.monotonic()
+                    if left <= 0 or not interrupt.wait(self.fd, select.POLLOUT, left):
+                        if time.monotonic() - progress >= self.stall_timeout:
+                            where = "standard output" if self.is_stdout else self.path
+                            raise OutputStalled(errno.ETIMEDOUT, f"{where}: its reader took nothing "
+                                                f"for {self.stall_timeout:g} s (stall_timeout)") from None
                     continue
+                progress = time.monotonic()
                 view = view[n:]
                 self.size += n
                 self._accepted += n
@@ -306,7 +351,8 @@ class LineOutput:
         if self._sock is not None:
             return self._sock.send(view, socket.MSG_DONTWAIT)
         if self._chunked:
-            interrupt.wait(self.fd, select.POLLOUT)
+            if not interrupt.wait(self.fd, select.POLLOUT, 0):
+                raise BlockingIOError(errno.EAGAIN, "not writable")
             return os.write(self.fd, view[:PIPE_BUF])
         if self.fd < 0:
             raise OSError(errno.EBADF, "not open")
