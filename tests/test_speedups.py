@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import struct
+import subprocess
+import sys
 
 import orjson
 import pytest
@@ -19,6 +22,8 @@ from tcpstates.plugins.bcc_table import format as bcc_format
 from tcpstates.plugins.bcc_table.format import BccFormatter
 from tcpstates.plugins.jsonl import sink as jsonl_sink
 from tcpstates.plugins.jsonl.sink import JsonlOptions, JsonlSink
+from tcpstates.plugins.kernel import decoder as kernel_decoder
+from tcpstates.plugins.kernel.decoder import EVENT_SIZE, EVENT_STRUCT, NO_OWNER, SPAN_UNKNOWN, Decoder
 
 needs_c = pytest.mark.skipif(not (bcc_format.C_ROWS_AVAILABLE and jsonl_sink.C_ENCODER_AVAILABLE),
                              reason="C speed-ups not built (pure-Python install)")
@@ -129,3 +134,94 @@ def test_doctor_names_the_hot_path():
 
 def test_env_switch_is_honoured():
     assert os.environ.get("TCPSTATES_NO_SPEEDUPS") is None or not bcc_format.C_ROWS_AVAILABLE
+
+
+# -- the kernel record decoder (plugins/kernel/_decode.c) -------------------------------
+
+needs_c_decoder = pytest.mark.skipif(not kernel_decoder.C_DECODER_AVAILABLE,
+                                     reason="C decoder not built (pure-Python install)")
+RAW_COMMS = [b"python3", b"a\nb", "é-ü".encode(), b"x" * 16, b"", b'q"uote', b"back\\slash", b"tab\tcr\r",
+             b"\x7fdel", "😀".encode(), b"ctl\x01\x1f", b"a,b", b"\xff\xfe bad utf8", b"\xe2\x82",
+             b"nul\0after-nul", b"\x1b[31mred"]
+
+
+def raw_records(n: int, seed: int) -> bytes:
+    """Ring records as the kernel lays them out, built to hit every edge."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        fam = rnd.choice((AF_INET, AF_INET6))
+        def addr() -> bytes:
+            if fam == AF_INET:
+                return rnd.choice([bytes([127, 0, 0, 1]), bytes([10, 0, rnd.randrange(3), 1]),
+                                   bytes(4), b"\xff" * 4]) + bytes(12)
+            return rnd.choice([bytes(15) + b"\1", b"\xfe\x80" + bytes(13) + b"\1",
+                               bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1]), rnd.randbytes(16)])
+        owner = rnd.choice([NO_OWNER, rnd.randbytes(40), bytes(39) + b"\1"])
+        out.append(struct.pack("<II", EVENT_SIZE, rnd.randrange(1 << 32)) + EVENT_STRUCT.pack(
+            rnd.randrange(1 << 64), rnd.randrange(1 << 64),
+            rnd.choice([SPAN_UNKNOWN, 0, 1, SPAN_UNKNOWN - 1, rnd.randrange(1 << 64)]),
+            rnd.randrange(1 << 64), rnd.choice([0, rnd.randrange(1 << 32), (1 << 32) - 1]),
+            rnd.randrange(1 << 32), rnd.randrange(65536), rnd.randrange(65536), fam,
+            rnd.choice([1, 2, 7, 10, 12, 0, 13, 255]), rnd.choice([1, 3, 7, 0, 16, 200]),
+            addr(), addr(), rnd.choice(RAW_COMMS).ljust(16, b"\0")[:16], owner))
+    return b"".join(out)
+
+
+def _both(data: bytes) -> tuple[tuple[list[Event], int], tuple[list[Event], int]]:
+    return Decoder(use_c=True).decode_block(data), Decoder(use_c=False).decode_block(data)
+
+
+@needs_c_decoder
+def test_c_decoder_equals_python_on_random_records():
+    data = raw_records(5000, seed=3)
+    c, py = _both(data)
+    assert c[1] == py[1] == len(data)
+    assert len(c[0]) == 5000
+    assert c[0] == py[0]
+    assert any(e.extra for e in c[0]) and any(e.span_ns is None for e in c[0])
+    assert any("\ufffd" in e.comm for e in c[0]) and any("\\x" in e.comm for e in c[0])
+    # the rendered rows too (the memo must hand out the very texts Python made)
+    fmt = BccFormatter(csv=False, wide=True, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
+    assert fmt.encoded(c[0], use_c=False) == fmt.encoded(py[0], use_c=False)
+
+
+@needs_c_decoder
+def test_c_decoder_stops_where_python_stops():
+    data = raw_records(50, seed=4)
+    step = 8 + EVENT_SIZE
+    busy = data[:10 * step] + struct.pack("<I", EVENT_SIZE | (1 << 31)) + data[10 * step + 4:]
+    for block in (busy, data[:-1], data[:step - 1], b"", data[:5 * step] + b"\0" * step):
+        c, py = _both(block)
+        assert c == py
+    assert _both(busy)[0][1] == 10 * step
+
+
+@needs_c_decoder
+def test_c_decoder_fails_like_python_on_an_unknown_family():
+    bad = struct.pack("<II", EVENT_SIZE, 0) + EVENT_STRUCT.pack(
+        1, 2, 3, 4, 5, 6, 7, 8, 3, 1, 7, bytes(16), bytes(16), b"x".ljust(16, b"\0"), NO_OWNER)
+    errors = []
+    for use_c in (True, False):
+        with pytest.raises(Exception) as info:
+            Decoder(use_c=use_c).decode_block(bad)
+        errors.append(type(info.value))
+    assert errors[0] is errors[1]
+
+
+@needs_c_decoder
+def test_c_decoder_survives_cache_clearing():
+    dec_c, dec_py = Decoder(use_c=True), Decoder(use_c=False)
+    dec_c.CACHE_LIMIT = dec_py.CACHE_LIMIT = 3        # clear the Python caches all the time
+    for seed in range(5):
+        data = raw_records(400, seed=10 + seed)
+        assert dec_c.decode_block(data) == dec_py.decode_block(data)
+
+
+@needs_c_decoder
+@pytest.mark.parametrize(("pure", "method"), [("1", "decode_block"), ("", "_decode_block_c")])
+def test_no_speedups_switch_decides_the_decoder(pure, method):
+    code = "from tcpstates.plugins.kernel import decoder; print(decoder.Decoder().decode_block.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TCPSTATES_NO_SPEEDUPS": pure},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == method
