@@ -225,3 +225,24 @@ def test_no_speedups_switch_decides_the_decoder(pure, method):
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TCPSTATES_NO_SPEEDUPS": pure},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == method
+
+
+@needs_c
+@pytest.mark.parametrize("wide", [False, True])
+def test_text_c_rows_hand_formatting_matches_printf_at_the_edges(wide):
+    """The C rows format numbers by hand: widths overflowing, the largest
+    values, and durations at and beyond the exact-decimal bound (2^40 µs)."""
+    spans = [0, 999, 1000, 1499, 1500, 999_999, 1_000_000, (1 << 40) * 1000 - 1, (1 << 40) * 1000,
+             (1 << 40) * 1000 + 500_000, (1 << 53) * 1000, (1 << 53) * 1000 + 999, (1 << 64) - 1,
+             123_456_789_012_345_678]
+    rnd = random.Random(5)
+    batch = [Event(ts_ns=0, skaddr=rnd.choice([0, 1, (1 << 64) - 1, 0xabcdef]), span_ns=span,
+                   pid=rnd.choice([0, 7, 99999, 123456, (1 << 32) - 1]), tid=0,
+                   comm=rnd.choice(["", "x" * 9, "y" * 10, "z" * 11, "w" * 16, "v" * 17]),
+                   family=rnd.choice([AF_INET, AF_INET6]),
+                   saddr=rnd.choice(["", "1.2.3.4", "255.255.255.255", "a" * 39, "b" * 45]),
+                   sport=rnd.choice([0, 65535, 12345]), daddr="::1", dport=rnd.choice([0, 80, 65535]),
+                   oldstate=rnd.choice([0, 1, 12, 13, 255]), newstate=rnd.choice([7, 99, 100]))
+             for span in spans for _ in range(8)]
+    fmt = BccFormatter(csv=False, wide=wide, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
+    assert fmt.encoded(batch, use_c=True) == fmt.encoded(batch, use_c=False)
