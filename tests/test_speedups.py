@@ -10,6 +10,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
@@ -246,3 +247,45 @@ def test_text_c_rows_hand_formatting_matches_printf_at_the_edges(wide):
              for span in spans for _ in range(8)]
     fmt = BccFormatter(csv=False, wide=wide, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
     assert fmt.encoded(batch, use_c=True) == fmt.encoded(batch, use_c=False)
+
+
+@pytest.mark.kernel
+@needs_c_decoder
+def test_c_decoder_on_real_kernel_records_prints_what_python_prints():
+    """Real traffic through the real probe: the C decoder is the one in use, and
+    every block it decoded gives the same Events, and the same -w table bytes,
+    when decoded again by the pure-Python decoder."""
+    from traffic import free_port, session
+
+    from tcpstates.plugins.kernel.probe import KernelProbe
+    probe = KernelProbe(ring_pages=64, max_sockets=4096, buffer="ring", local_ports=None,
+                        remote_ports=None, family=None, poll_s=0.01)
+    try:
+        assert probe.decoder.decode_block.__name__ == "_decode_block_c"   # what plain tcpstates runs
+        blocks: list[bytes] = []
+        real = probe._decode_block
+
+        def keep(data: bytes):
+            blocks.append(bytes(data))
+            return real(data)
+        probe._decode_block = keep
+        ports = {free_port(AF_INET), free_port(AF_INET6)}
+        p4, p6 = sorted(ports)
+        session(AF_INET, p4, hold=0.01, server_delay=0.0)
+        session(AF_INET6, p6, hold=0.01, server_delay=0.0)
+        got: list[Event] = []
+        deadline = time.monotonic() + 10
+        # per session: the listener (2 changes) + client and server child (5 each): 12
+        while time.monotonic() < deadline and sum(1 for e in got if {e.sport, e.dport} & ports) < 24:
+            got += probe.read(0.2)
+    finally:
+        probe.close()
+    ours = [e for e in got if {e.sport, e.dport} & ports]
+    assert len(ours) == 24, ours
+    assert {e.family for e in ours} == {AF_INET, AF_INET6}
+    c_events = [e for b in blocks for e in Decoder(use_c=True).decode_block(b)[0]]
+    py_events = [e for b in blocks for e in Decoder(use_c=False).decode_block(b)[0]]
+    assert c_events == py_events
+    assert [e for e in c_events if {e.sport, e.dport} & ports] == ours
+    fmt = BccFormatter(csv=False, wide=True, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
+    assert fmt.encoded(c_events, use_c=True) == fmt.encoded(py_events, use_c=False)
