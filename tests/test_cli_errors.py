@@ -109,15 +109,12 @@ def test_unreadable_config_as_non_root(tmp_path):
     _assert_one_line_error(run_cli("--config", str(path)), "permission denied")
 
 
-def test_not_root_is_a_clear_environment_error():
+def test_not_root_is_a_clear_environment_error(request):
     if os.geteuid() != 0:
         result = run_cli()
     else:
         # run the real CLI as nobody (uid 65534), as an unprivileged user would
-        import subprocess
-        import sys
-        result = subprocess.run([sys.executable, "-m", "tcpstates"], capture_output=True,
-                                user=65534, group=65534, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        result = request.getfixturevalue("as_nobody")()
     err = result.stderr.decode()
     assert result.returncode == 1 and "Traceback" not in err, err
     assert err.count("\n") == 1 and "needs root" in err and "sudo" in err
