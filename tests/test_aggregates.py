@@ -85,6 +85,7 @@ def test_summary_alone_receives_no_record(tracer):
     assert rc == 0, err
     seen, kept = map(int, SEEN.search(err).groups())
     assert (seen, kept) == (0, 0)                             # nothing reached user space
+    assert "0 dropped, 0 kernel misses" in err and ", 0 unaccounted" in err
     assert int(AGGREGATED.search(err).group(1)) == n          # ...while the kernel counted all
     ports = re.search(r"RPORT\s+EVENTS\n(\d+)\s+(\d+)", err)
     assert ports and ports.groups() == (str(port), str(n))
@@ -195,3 +196,62 @@ def test_summary_sink_takes_its_figures_from_aggregates():
     text = out.getvalue()
     assert f"state = {STATE_NAMES[1]}" in text and re.search(r"65536 -> 131071\s+: 2 ", text)
     assert re.search(r"^80\s+2$", text, re.M) and not re.search(r"^1\s+1$", text, re.M)
+
+
+def test_events_needed_only_for_non_aggregate_sinks_enrichers_and_partial_filters():
+    """The pipeline's generic decision, from class attributes and constraints only."""
+    import types
+
+    from tcpstates.api import Enricher, Filter, KernelConstraints, Sink
+    from tcpstates.pipeline import ChainLink, Pipeline
+
+    class Agg(Sink):
+        consumes_aggregates = True
+
+    class Plain(Sink):
+        pass
+
+    class Full(Filter):
+        def kernel_constraints(self):
+            return KernelConstraints(local_ports=frozenset({1}), complete=True)
+
+    class Partial(Filter):
+        def kernel_constraints(self):
+            return KernelConstraints(min_span_ns=5)
+
+    class Enr(Enricher):
+        pass
+
+    def pipe(sinks, chain):
+        p = Pipeline.__new__(Pipeline)
+        p.sinks = [types.SimpleNamespace(sink=cls(None, RunContext())) for cls in sinks]
+        p.chain = [ChainLink(c.__name__, c(None, RunContext()), "skip", issubclass(c, Filter)) for c in chain]
+        return p
+
+    assert not pipe([Agg], []).events_needed()
+    assert not pipe([Agg, Agg], [Full]).events_needed()
+    assert pipe([Agg, Plain], []).events_needed()
+    assert pipe([Agg], [Partial]).events_needed()
+    assert pipe([Agg], [Full, Enr]).events_needed()
+
+
+def test_metrics_serve_log2_buckets_from_aggregates():
+    from tcpstates.plugins.metrics.sink import MetricsOptions, MetricsSink
+    sink = MetricsSink(MetricsOptions(listen="127.0.0.1:0"), RunContext(aggregates=True))
+    sink.open()
+    try:
+        port = sink.server.server_address[1]
+        sink.write([])                              # nothing counted per event
+        hs = Histogram([0] * 56, sum_ns=3_000_000)
+        hs.buckets[11] = 3                          # 1024..2047 µs
+        sink.write_aggregates(Aggregates(events=5, transitions={(2, 1): 3, (7, 2): 2},
+                                         extra={"handshake": hs}))
+        m = _scrape(port)
+    finally:
+        sink.close()
+    assert m['tcpstates_transitions_total{new="ESTABLISHED",old="SYN_SENT"}'] == 3
+    assert m['tcpstates_handshake_seconds_bucket{le="0.001024"}'] == 0
+    assert m['tcpstates_handshake_seconds_bucket{le="0.002048"}'] == 3
+    assert m['tcpstates_handshake_seconds_bucket{le="+Inf"}'] == 3
+    assert m["tcpstates_handshake_seconds_sum"] == 0.003
+    assert m["tcpstates_close_wait_seconds_count"] == 0
