@@ -88,7 +88,12 @@ fi
 extras=journal,metrics
 [ "$want_test" = yes ] && extras=journal,metrics,test
 stamp="$venv/.tcpstates-installed-$extras"
-if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+# reinstall when what the install builds changed (metadata, the C speed-ups)
+stale=no
+for f in "$here/pyproject.toml" "$here/setup.py" "$here"/plugins/*/*.c; do
+    [ -e "$f" ] && [ "$f" -nt "$stamp" ] && stale=yes
+done
+if [ ! -f "$stamp" ] || [ "$stale" = yes ]; then
     say "installing tcpstates[$extras] into $venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[$extras]"
     touch "$stamp"

@@ -58,3 +58,12 @@ def fluent_bit(tmp_path: Path):
     yield start
     for fb in started:
         fb.kill()
+
+
+@pytest.fixture(scope="session")
+def as_nobody():
+    """Run the real CLI as uid 65534 (needs root to switch): `as_nobody(*args, env=...)`."""
+    from nobody import NobodyCli
+    cli = NobodyCli()
+    yield cli.run
+    cli.remove()

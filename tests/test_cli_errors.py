@@ -109,15 +109,12 @@ def test_unreadable_config_as_non_root(tmp_path):
     _assert_one_line_error(run_cli("--config", str(path)), "permission denied")
 
 
-def test_not_root_is_a_clear_environment_error():
+def test_not_root_is_a_clear_environment_error(request):
     if os.geteuid() != 0:
         result = run_cli()
     else:
         # run the real CLI as nobody (uid 65534), as an unprivileged user would
-        import subprocess
-        import sys
-        result = subprocess.run([sys.executable, "-m", "tcpstates"], capture_output=True,
-                                user=65534, group=65534, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        result = request.getfixturevalue("as_nobody")()
     err = result.stderr.decode()
     assert result.returncode == 1 and "Traceback" not in err, err
     assert err.count("\n") == 1 and "needs root" in err and "sudo" in err
@@ -143,15 +140,6 @@ def test_repository_files_are_readable_by_setup():
 
 def test_plugins_listing_into_a_closed_pipe_is_quiet():
     """`tcpstates plugins | head -1`: the reader leaves; no traceback, no 'internal error'."""
-    import subprocess
-    import sys
-    # the reader is gone before the first write (what `head -1` does, made certain)
-    r_fd, w_fd = os.pipe()
-    os.close(r_fd)
-    try:
-        r = subprocess.run([sys.executable, "-m", "tcpstates", "plugins"], stdout=w_fd,
-                           stderr=subprocess.PIPE, timeout=60)
-    finally:
-        os.close(w_fd)
-    assert r.returncode == 0, r.stderr
-    assert r.stderr == b"", r.stderr
+    from tracer import run_cli_reader_gone
+    r = run_cli_reader_gone("plugins")
+    assert r.returncode == 0 and r.stderr == b"", r.stderr

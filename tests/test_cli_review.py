@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 from fakedist import fake_dist
-from tracer import run_cli
+from tracer import run_cli, run_cli_reader_gone
 
 ROOT = Path(__file__).resolve().parent.parent
 BCC_HELP = ROOT / "tests" / "fixtures" / "bcc" / "help.txt"
@@ -82,13 +80,7 @@ def test_a_setting_of_a_disabled_plugin_says_so(tmp_path):
 
 
 def test_ebpf_into_a_closed_pipe_is_quiet():
-    r_fd, w_fd = os.pipe()
-    os.close(r_fd)
-    try:
-        r = subprocess.run([sys.executable, "-m", "tcpstates", "--ebpf"], stdout=w_fd,
-                           stderr=subprocess.PIPE, timeout=60)
-    finally:
-        os.close(w_fd)
+    r = run_cli_reader_gone("--ebpf")
     assert r.returncode == 0 and r.stderr == b"", r.stderr
 
 

@@ -216,26 +216,19 @@ def test_hostile_command_line_values(args, needle):
     _one_line_error(run_cli(*args, *([] if "--replay" in args else ["--replay", os.devnull])), needle)
 
 
-def _as_nobody(*args: str, cwd: str = "/", env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tcpstates", *args], capture_output=True, cwd=cwd,
-                          user=NOBODY, group=NOBODY, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "core" / ".."),
-                               **(env or {})})
-
-
 @pytest.mark.root
-def test_unreadable_home_is_a_one_line_error(tmp_path):
+def test_unreadable_home_is_a_one_line_error(tmp_path, as_nobody):
     home = tmp_path / "home"
     (home / ".config").mkdir(parents=True)
     home.chmod(0o700)                               # root's: nobody cannot look inside
     tmp_path.chmod(0o755)
-    r = _as_nobody("--replay", os.devnull, env={"HOME": str(home)})
+    r = as_nobody("--replay", os.devnull, env={"HOME": str(home)})
     _one_line_error(r, "cannot look for a config file here")
 
 
 @pytest.mark.root
-def test_doctor_as_non_root_reports_instead_of_crashing():
-    r = _as_nobody("doctor")
+def test_doctor_as_non_root_reports_instead_of_crashing(as_nobody):
+    r = as_nobody("doctor")
     err = r.stderr.decode()
     assert "Traceback" not in err and "internal error" not in err, err
     assert r.returncode == 1 and "FAIL root" in r.stdout.decode()

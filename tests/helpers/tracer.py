@@ -27,6 +27,18 @@ def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def run_cli_reader_gone(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The CLI with a stdout whose reader is gone before the first write
+    (what `| head -1` does, made certain)."""
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    try:
+        return subprocess.run(tcpstates_argv(*args), stdout=w_fd, stderr=subprocess.PIPE,
+                              timeout=timeout)
+    finally:
+        os.close(w_fd)
+
+
 class Tracer:
     def __init__(self, args: list[str], workdir: Path, env: dict | None = None,
                  ready_timeout: float = 60, stdin: int | None = subprocess.DEVNULL,
