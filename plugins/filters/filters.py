@@ -56,7 +56,7 @@ class PortsFilter(Filter):
         return batch
 
     def kernel_constraints(self) -> KernelConstraints:
-        return KernelConstraints(local_ports=self.local, remote_ports=self.remote)
+        return KernelConstraints(local_ports=self.local, remote_ports=self.remote, complete=True)
 
 
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
@@ -83,7 +83,7 @@ class FamilyFilter(Filter):
         return event.family == self.family
 
     def kernel_constraints(self) -> KernelConstraints:
-        return KernelConstraints(family=self.family)
+        return KernelConstraints(family=self.family, complete=True)
 
 
 def _states(names: list[str], where: str) -> frozenset[int]:
@@ -134,7 +134,7 @@ class StateFilter(Filter):
         # every (old, new) pair this filter keeps: the kernel tests one bit
         keep = frozenset((a, b) for a in range(1, 13) for b in range(1, 13)
                          if self.keep(_Probe(a, b)))
-        return KernelConstraints(transitions=keep)
+        return KernelConstraints(transitions=keep, complete=True)
 
 
 class _Probe:
