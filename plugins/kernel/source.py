@@ -42,7 +42,8 @@ CFLAG = re.compile(r"-D[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+-]*)?")
 
 
 def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints:
-    """AND every filter's constraints together (intersection of port sets)."""
+    """AND every filter's constraints together (intersection of port sets,
+    address and process rules side by side: the kernel tests each)."""
     merged = KernelConstraints()
     for c in constraints:
         for attr in ("local_ports", "remote_ports", "transitions"):
@@ -54,6 +55,9 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
                 raise UsageError("the chain keeps only IPv4 and only IPv6 at once: nothing could "
                                  "pass; drop one of the family filters (-4/-6)")
             merged.family = c.family
+        # each filter's address/process test is one more rule the kernel ANDs
+        merged.address_rules += c.address_rules
+        merged.process_rules += c.process_rules
         if c.min_span_ns is not None:
             merged.min_span_ns = max(merged.min_span_ns or 0, c.min_span_ns)
         for flag in c.cflags:    # optional parts asked for by chain stages (union)
@@ -93,7 +97,9 @@ class KernelSource(Source):
                                  crosscheck=o.crosscheck, warn=self.context.warn,
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
                                  poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags),
-                                 connections=o.mode == "connections")
+                                 connections=o.mode == "connections",
+                                 address_rules=merged.address_rules,
+                                 process_rules=merged.process_rules)
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
         # measured after the (slow) compile so drift over the run starts small
