@@ -22,6 +22,7 @@ and kernel misses, tracer CPU per event, startup time, peak RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import bpfstats  # noqa: E402
 from truth import TracepointCounter  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -62,12 +64,15 @@ def peak_rss_mb(pid: int) -> float:
 
 
 LOAD_THREADS = 1
+MESSAGES = 0          # round trips per connection (0: connect and close only)
+BPF_STATS = False     # read the tracer's per-program in-kernel cost (bpfstats.py)
 
 
 def run_load(port: int, connections: int, rate: float, seconds: float) -> dict:
     out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), "--port", str(port),
                           "--connections", str(connections), "--rate", str(rate),
-                          "--seconds", str(seconds), "--threads", str(LOAD_THREADS)],
+                          "--seconds", str(seconds), "--threads", str(LOAD_THREADS),
+                          "--messages", str(MESSAGES)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -173,7 +178,9 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         t = TracerRun(name, full, workdir, env)
         truth = TracepointCounter(port, conns * 10 + 10)
         cpu0 = cpu_seconds(t.proc.pid)
+        progs0 = bpfstats.snapshot(t.proc.pid) if BPF_STATS else {}
         load = run_load(port, conns, rate, seconds * 3)
+        progs = bpfstats.delta(progs0, bpfstats.snapshot(t.proc.pid)) if BPF_STATS else None
         recorded, overrun = truth.stop()
         t.settle()
         cpu = cpu_seconds(t.proc.pid) - cpu0
@@ -202,15 +209,36 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
             "cpu_us_per_event": round(cpu * 1e6 / recorded, 2) if recorded and not filtered else None,
             "startup_s": round(t.startup, 3), "peak_rss_mb": round(rss, 1),
             "helper_peak_mb": t.helper_peak_mb,
+            "sends": load.get("sends", 0), "recvs": load.get("recvs", 0),
+            **(kernel_cost(progs, load) if progs is not None else {}),
         })
         for p in (t.out_path, t.err_path):
             p.unlink()
     return results
 
 
+def kernel_cost(progs: list[dict], load: dict) -> dict:
+    """In-kernel ns of the tracer's programs during the load: in all per
+    connection, and ns per run of the state-change program, of the send/recv
+    programs together (the owner's per-send/recv cost) and of accept's exit.
+    bcc names a program after its function without "tracepoint__"; the kernel
+    keeps 15 characters, enough to tell these apart."""
+    def per_run(prefixes: tuple[str, ...]) -> float | None:
+        chosen = [p for p in progs if p["prog"].startswith(prefixes)]
+        runs = sum(p["runs"] for p in chosen)
+        return round(sum(p["ns"] for p in chosen) / runs, 1) if runs else None
+    total = sum(p["ns"] for p in progs)
+    return {"bpf_progs": progs,
+            "bpf_ns_per_conn": round(total / load["connections"]) if load["connections"] else None,
+            "bpf_ns_state": per_run(("sock__inet_sock",)),
+            "bpf_ns_sendrecv": per_run(("sock__sock_send", "sock__sock_recv")),
+            "bpf_ns_accept": per_run(("syscalls__sys_e",))}
+
+
 def format_table(rows: list[dict]) -> str:
-    cols = ["point", "threads", "tracer", "rate", "ratio", "truth", "printed", "missing", "dropped",
-            "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s", "peak_rss_mb", "helper_peak_mb"]
+    cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "truth", "printed", "missing", "dropped",
+            "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s", "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn",
+            "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     for r in rows:
@@ -238,13 +266,27 @@ def main() -> int:
     p.add_argument("--assert-exact", action="store_true",
                    help="exit 1 unless every run of ours has 0 unaccounted events")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: checks the harness, claims nothing")
+    p.add_argument("--modes", default="connect", help="load modes, comma-separated: connect (connect and "
+                   "close only), data (also --messages round trips per connection)")
+    p.add_argument("--messages", type=int, default=10, help="round trips per connection in data mode (1..1000)")
+    p.add_argument("--bpf-stats", action="store_true", help="turn kernel.bpf_stats_enabled on for the run "
+                   "(restored after) and report each of our BPF programs' ns per run")
+    p.add_argument("--owner-cost", action="store_true",
+                   help="issue 12: text with/without --owner, jsonl with owner on/off, at max rate, 1 and 2 "
+                   "load threads, connect and data modes (sets --rates max --threads 1,2 --modes "
+                   "connect,data --no-bcc --bpf-stats; --repeat still applies)")
     a = p.parse_args()
     if os.geteuid() != 0:
         p.error("needs root (tracing, ftrace instance)")
     if a.smoke:
         a.rates, a.seconds, a.max_connections = "max,500", 0.5, 300
-    if not 0 < a.seconds <= 600 or not 1 <= a.max_connections <= 2_000_000:
-        p.error("bounds: --seconds 0..600, --max-connections 1..2000000")
+    if a.owner_cost:
+        a.rates, a.threads, a.modes, a.no_bcc, a.bpf_stats = "max", "1,2", "connect,data", True, True
+    modes = a.modes.split(",")
+    if (not 0 < a.seconds <= 600 or not 1 <= a.max_connections <= 2_000_000
+            or not 1 <= a.messages <= 1000 or not set(modes) <= {"connect", "data"}):
+        p.error("bounds: --seconds 0..600, --max-connections 1..2000000, --messages 1..1000, "
+                "--modes connect,data")
     from tcpstates.plugins.kernel.headers import choose_header_tree
     tree, _ = choose_header_tree()
     env = dict(os.environ)
@@ -262,21 +304,33 @@ def main() -> int:
         metrics = ["--sink", "metrics", "-o", "sinks.metrics.listen=127.0.0.1:0"]
         tracers += [("tcpstates metrics-only", OURS + metrics + a.extra),
                     ("tcpstates metrics-only --connections", OURS + metrics + ["--connections"] + a.extra)]
+    if a.owner_cost:
+        owner_off = ["-o", "tcpstates.owner=off"]
+        tracers = [("tcpstates text", OURS), ("tcpstates text --owner", OURS + ["--owner"]),
+                   ("tcpstates jsonl owner=off", OURS + ["--sink", "jsonl"] + owner_off),
+                   ("tcpstates jsonl (owner on)", OURS + ["--sink", "jsonl"])]
     if not a.no_bcc and os.path.exists(BCC_TOOL):
         tracers.append(("bcc", [BCC_TOOL]))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="tcpstates-bench-") as tmp:
-        global LOAD_THREADS
-        for threads in (int(x) for x in a.threads.split(",")):
-            LOAD_THREADS = threads
-            for _ in range(max(1, a.repeat)):
-                for spec in a.rates.split(","):
-                    rate = 0.0 if spec == "max" else float(spec)
-                    for r in bench_point(rate, a.seconds, a.max_connections, tracers, Path(tmp), env):
-                        r["point"], r["threads"] = spec, threads
-                        rows.append(r)
-                        print(f"bench: {spec} x{threads} {r['tracer']}: rate {r['rate']}/s "
-                              f"unaccounted {r.get('unaccounted')}", file=sys.stderr, flush=True)
+    global LOAD_THREADS, MESSAGES, BPF_STATS
+    with tempfile.TemporaryDirectory(prefix="tcpstates-bench-") as tmp, \
+            (bpfstats.enabled() if a.bpf_stats else contextlib.nullcontext(False)) as BPF_STATS:
+        if a.bpf_stats and not BPF_STATS:
+            print("bench: cannot turn kernel.bpf_stats_enabled on: no in-kernel figures", file=sys.stderr)
+        for _ in range(max(1, a.repeat)):
+            for mode in modes:
+                MESSAGES = a.messages if mode == "data" else 0
+                for threads in (int(x) for x in a.threads.split(",")):
+                    LOAD_THREADS = threads
+                    for spec in a.rates.split(","):
+                        rate = 0.0 if spec == "max" else float(spec)
+                        for r in bench_point(rate, a.seconds, a.max_connections, tracers, Path(tmp), env):
+                            r["point"], r["threads"], r["mode"] = spec, threads, mode
+                            rows.append(r)
+                            print(f"bench: {spec} {mode} x{threads} {r['tracer']}: rate {r['rate']}/s "
+                                  f"ratio {r['ratio']} us/ev {r.get('cpu_us_per_event')} "
+                                  f"bpf ns/conn {r.get('bpf_ns_per_conn')} "
+                                  f"unaccounted {r.get('unaccounted')}", file=sys.stderr, flush=True)
     print(format_table(rows))
     ours_runs = [r for r in rows if r["tracer"].startswith("tcpstates") and r.get("unaccounted") is not None]
     # > 0: events neither printed nor reported. (< 0 is possible: drops and

@@ -89,6 +89,9 @@ class KernelConstraints:
     cflags: tuple[str, ...] = ()
 
 
+MAX_WARNING_CHARS = 1000
+
+
 def _writable_soon(stream: TextIO, timeout_ms: int = 500) -> bool:
     """Can a warning line go to `stream` without blocking (for long)?
 
@@ -131,7 +134,10 @@ class Warner:
             return
         try:
             # messages quote paths, names and values from outside: one safe line
-            stream.write(f"tcpstates: {escape_text(message)}\n")
+            text = escape_text(message)
+            if len(text) > MAX_WARNING_CHARS:   # a hostile key or value can be megabytes
+                text = text[:MAX_WARNING_CHARS] + f"... ({len(text) - MAX_WARNING_CHARS} more characters)"
+            stream.write(f"tcpstates: {text}\n")
             stream.flush()
         except (OSError, ValueError):
             pass   # stderr itself is gone: nothing left to tell

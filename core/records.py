@@ -6,6 +6,7 @@ recorded trace replays into exactly the events that produced it.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -147,6 +148,15 @@ def _str(rec: dict[str, Any], key: str) -> str:
     return value
 
 
+def _addr(rec: dict[str, Any], key: str, family: int) -> str:
+    value = _str(rec, key)
+    try:
+        socket.inet_pton(family, value)
+    except (OSError, ValueError):
+        raise RecordError(f"field {key!r} must be an {FAMILY_NAMES[family]} address, got {_show(value)}") from None
+    return value
+
+
 def _state(rec: dict[str, Any], key: str) -> int:
     value = rec.get(key)
     if isinstance(value, str):
@@ -197,8 +207,8 @@ def record_event(rec: Any) -> Event:
     return Event(
         ts_ns=mono, skaddr=skaddr, span_ns=None if span is None else span * 1000,
         pid=_int(rec, "pid", 0, 2**32 - 1), tid=tid,
-        comm=_str(rec, "comm"), family=family, saddr=_str(rec, "laddr"),
-        sport=_int(rec, "lport", 0, 65535), daddr=_str(rec, "raddr"), dport=_int(rec, "rport", 0, 65535),
+        comm=_str(rec, "comm"), family=family, saddr=_addr(rec, "laddr", family),
+        sport=_int(rec, "lport", 0, 65535), daddr=_addr(rec, "raddr", family), dport=_int(rec, "rport", 0, 65535),
         oldstate=_state(rec, "oldstate"), newstate=_state(rec, "newstate"),
         cgroup_id=cgroup_id, extra=extra)
 

@@ -162,3 +162,27 @@ def test_read_process_of_self_and_of_a_gone_pid(tmp_path):
     got = read_process(42, tmp_path)
     assert got is not None and got.start_ticks == 777
     assert proc_cgroup_path(42, tmp_path) == f"/docker/{A}"
+
+
+def test_a_container_in_a_users_delegated_subtree_is_marked_as_that_users_word():
+    """Any logged-in user can create `docker-<64hex>.scope` below user@UID.service:
+    the id is reported, marked as delegated to that user, never looked up in the
+    rootful runtimes' files, and the workload filter ignores it unless asked."""
+    from tcpstates.plugins.container.layouts import classify_proc
+    from tcpstates.testing import make_event, run_pipeline
+    cid = "a" * 64
+    info = classify_proc(f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{cid}.scope\n")
+    assert info is not None and info.container_id == cid and info.delegated_uid == "1000"
+    assert info.fields()["container_delegated_uid"] == "1000"
+    rootful = classify_proc(f"0::/system.slice/docker-{cid}.scope\n")
+    assert rootful is not None and rootful.delegated_uid is None
+    spoof = make_event(extra={"container_id": cid, "container_runtime": "docker",
+                              "container_delegated_uid": "1000"})
+    real = make_event(extra={"container_id": cid, "container_runtime": "docker"})
+    conf = '[[chain]]\nuse = "workload"\ncontainer_id = ["%s"]\n' % cid[:12]
+    # run_pipeline inserts owner/container before workload; their extras on preset
+    # events stay as given (no live process), so the filter judges what we set
+    kept = run_pipeline(conf, [spoof, real], entry_points=False).events
+    assert [("container_delegated_uid" in e.extra) for e in kept] == [False]
+    kept = run_pipeline(conf + "delegated = true\n", [spoof, real], entry_points=False).events
+    assert len(kept) == 2

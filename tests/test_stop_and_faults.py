@@ -350,3 +350,40 @@ def test_unusable_output_locations_are_one_line_errors(tmp_path, make, needle):
         link = Path("/tmp") / f"tcpstates-test-link-{os.getpid()}"
         if link.is_symlink():
             link.unlink()
+
+
+@pytest.mark.parametrize("flags", [["--owner"], ["--owner", "-s"], ["--owner", "-w"]])
+def test_replayed_enricher_fields_of_any_type_cost_nothing(tmp_path, flags):
+    """Fields a replayed file claims an enricher added (container_id, pod_uid,
+    owner_pid ...) are shown as text whatever their type; no event is lost."""
+    bad = [_record(1, container_id=5), _record(2, pod_uid=[1]), _record(3, owner_pid="x\n"),
+           _record(4, k8s_pod={"a": 1}, k8s_namespace=7)]
+    good = [_record(i) for i in range(5, 25)]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(bad + good))
+    r = run_cli("--replay", str(src), *flags)
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "24 events seen" in err and "Traceback" not in err, err
+    lines = r.stdout.decode().splitlines()
+    assert len(lines) == 1 + 24, lines[:3]
+    assert not any("\x1b" in line for line in lines)
+
+
+def test_replayed_addresses_must_be_addresses(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_record(1, laddr="1.2.3.4\n5") + _record(2))
+    r = run_cli("--replay", str(src), "-s")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "1 unreadable records skipped" in err, err
+    assert r.stdout.decode().count("\n") == 2
+
+
+def test_replayed_connection_records_are_counted_as_skipped_not_dropped(tmp_path):
+    conn = orjson.dumps({"type": "connection", "v": 1, "seq": 1}) + b"\n"
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(conn + _record(2))
+    r = run_cli("--replay", str(src), "-s")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "1 unreadable records skipped" in err and "connection record" in err, err
+    strict = run_cli("--replay", str(src), "-s", "--strict")
+    assert strict.returncode == 2 and b"connection record" in strict.stderr

@@ -50,19 +50,20 @@ _OWNER_WIDE = "%-7s %-16.16s %-32.32s "
 def workload(extra: dict[str, Any]) -> str:
     """The owner's workload for the WORKLOAD column (with --owner): the Kubernetes
     `namespace/pod`, else the container's name, else its short id, `-` when the
-    owner is known to be in no container, `?` when nothing is known."""
+    owner is known to be in no container, `?` when nothing is known. Values may
+    come from a replayed file, so any type is shown as text, never trusted."""
     pod = extra.get("k8s_pod")
     if pod:
         ns = extra.get("k8s_namespace")
-        return f"{ns}/{pod}" if ns else pod
+        return f"{ns}/{pod}" if ns else str(pod)
     name = extra.get("container_name")
     if name:
-        return name
+        return str(name)
     cid = extra.get("container_id")
     if cid:
-        return cid[:12]
+        return str(cid)[:12]
     if extra.get("pod_uid"):
-        return "pod-" + extra["pod_uid"]
+        return f"pod-{extra['pod_uid']}"
     return "-" if "cgroup" in extra or "systemd_unit" in extra else "?"
 
 
@@ -118,8 +119,8 @@ class BccFormatter:
 
     def _owner(self, e: Event) -> str:
         pid, comm = e.extra.get("owner_pid"), e.extra.get("owner_comm")
-        pid_text = "?" if pid is None else escape_text(pid)
-        comm = "?" if comm is None else escape_text(comm)
+        pid_text = "?" if pid is None else escape_text(str(pid))
+        comm = "?" if comm is None else escape_text(str(comm))
         work = escape_text(workload(e.extra))
         if self.csv:
             return ",%s,%s,%s" % ("" if pid is None else csv_field(pid_text),

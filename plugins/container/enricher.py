@@ -122,7 +122,9 @@ class ContainerEnricher(Enricher):
 
     # -- the stage ---------------------------------------------------------------------
     def _names(self, info: CgroupInfo) -> dict[str, str]:
-        if info.container_id is None or info.runtime in ("lxc", "systemd-nspawn"):
+        if info.container_id is None or info.runtime in ("lxc", "systemd-nspawn") or info.delegated_uid:
+            # a user-delegated subtree's id is that user's word: never look it up in the
+            # (rootful) runtimes' files, where it could borrow a real container's names
             return {}
         names = self.metadata.lookup(info.container_id, None if info.runtime in ("cri", "unknown")
                                      else info.runtime) if self.metadata else {}

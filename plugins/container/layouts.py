@@ -63,6 +63,10 @@ class CgroupInfo:
     systemd_unit: str | None = None
     container_name: str | None = None     # only where the path itself carries it (lxc, nspawn)
     podman_pod_id: str | None = None
+    # the container lies in a cgroup subtree systemd delegated to this user
+    # (user@UID.service): rootless containers live there, and so does anything
+    # that user chose to name like a container. Its id is the user's word only.
+    delegated_uid: str | None = None
 
     @property
     def telling(self) -> bool:
@@ -72,10 +76,10 @@ class CgroupInfo:
     def fields(self) -> dict[str, str]:
         out = {"cgroup": self.path}
         for key in ("container_id", "runtime", "pod_uid", "pod_qos", "systemd_unit", "container_name",
-                    "podman_pod_id"):
+                    "podman_pod_id", "delegated_uid"):
             value = getattr(self, key)
             if value is not None:
-                out["container_runtime" if key == "runtime" else key] = value
+                out[{"runtime": "container_runtime", "delegated_uid": "container_delegated_uid"}.get(key, key)] = value
         return out
 
 
@@ -162,6 +166,18 @@ def _podman_pod_left_of(parts: list[str], end: int) -> str | None:
     return None
 
 
+_USER_MANAGER = re.compile(r"^user@(\d+)\.service$")
+
+
+def _delegated_uid(parts: list[str]) -> str | None:
+    """The user a cgroup subtree above a container was delegated to, if any."""
+    for part in parts:
+        m = _USER_MANAGER.match(part)
+        if m:
+            return m.group(1)
+    return None
+
+
 def classify(path: str) -> CgroupInfo:
     """Container, pod and unit named by one cgroup path (see the module rules)."""
     parts = [p for p in path.split("/") if p and p != ".."]
@@ -182,7 +198,8 @@ def classify(path: str) -> CgroupInfo:
         pod = pod or _pod_left_of(parts, i)
         return CgroupInfo(path=path, container_id=cid, runtime=runtime,
                           pod_uid=pod[0] if pod else None, pod_qos=pod[1] if pod else None,
-                          container_name=name, podman_pod_id=_podman_pod_left_of(parts, i))
+                          container_name=name, podman_pod_id=_podman_pod_left_of(parts, i),
+                          delegated_uid=_delegated_uid(parts[:i]))
     pod = _pod_left_of(parts, len(parts))
     if pod:                                               # the pod's own cgroup (e.g. a pause-less pod)
         return CgroupInfo(path=path, pod_uid=pod[0], pod_qos=pod[1])

@@ -33,6 +33,8 @@ class WorkloadOptions:
                                   "name or Docker/Podman name (shell globs)")
     image: list[str] = option([], "keep owners in containers of these images (shell globs, e.g. \"nginx:*\")")
     systemd_unit: list[str] = option([], "keep owners in these systemd units (shell globs)")
+    delegated: bool = option(False, "also match containers in cgroup subtrees delegated to a user "
+                             "(rootless containers: their ids and names are that user's word)")
     exclude: bool = option(False, "invert: drop the matching events instead")
 
     def validate(self) -> None:
@@ -64,6 +66,8 @@ class WorkloadFilter(Filter):
     def keep(self, event: Event) -> bool:
         o, x = self.options, event.extra
         cid = x.get("container_id")
+        if x.get("container_delegated_uid") is not None and not o.delegated:
+            return o.exclude   # never matches: a user could have named it anything
         match = ((not o.container_id or (cid is not None and cid.startswith(tuple(o.container_id)))) and
                  (not o.pod_uid or x.get("pod_uid") in o.pod_uid) and
                  (not o.runtime or x.get("container_runtime") in o.runtime))

@@ -42,10 +42,14 @@ def tls_context(options: Any) -> ssl.SSLContext | None:
 
 class Connection:
     def __init__(self, family: int, sockaddr: Any, *, timeout: float, tls: ssl.SSLContext | None,
-                 server_name: str, handshake: Handshake | None) -> None:
+                 server_name: str, handshake: Handshake | None,
+                 on_socket: Any = None) -> None:
         self.timeout = timeout
         raw = socket.socket(family, socket.SOCK_STREAM)
         self.sock: socket.socket = raw
+        if on_socket is not None:
+            # the caller can cut a slow connect/TLS/handshake short from another thread
+            on_socket(raw)
         try:
             raw.settimeout(min(timeout, CONNECT_TIMEOUT))
             raw.connect(sockaddr)

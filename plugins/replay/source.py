@@ -171,8 +171,13 @@ class ReplaySource(Source):
             except orjson.JSONDecodeError as exc:
                 self._skip(f"not valid JSON ({exc})")
                 continue
-            if isinstance(rec, dict) and rec.get("type", "state_change") != "state_change":
+            kind = rec.get("type", "state_change") if isinstance(rec, dict) else None
+            if kind == "connection":
+                # a --connections recording: not an event stream; say so, never drop silently
+                self._skip("a connection record (--connections); only state changes are replayed")
                 continue
+            if kind is not None and kind != "state_change":
+                continue   # in-band notices (e.g. "lost") describe the recording, not events
             try:
                 event = record_event(rec)
             except RecordError as exc:
