@@ -32,6 +32,11 @@
  *   TCPSTATES_FILTER_PROC     consult pid_rules / comm_rules (value: entries), with
  *                             the masks TCPSTATES_PROC_{PKEEP,CKEEP,PDROP,CDROP,DROP}
  *                             (address and process rules: plugins/kernel/pushdown.py)
+ *   TCPSTATES_AGGREGATES      fold every kept state change into in-kernel
+ *                             histograms and counters (bpf/aggregates.bpf.h);
+ *                             not with TCPSTATES_CONNECTIONS
+ *   TCPSTATES_NO_EVENTS       (with TCPSTATES_AGGREGATES) no consumer needs the
+ *                             records: aggregate and return, nothing reserved
  * The port sets themselves live in maps filled from Python after load, so the
  * C text never changes with the user's ports.
  */
@@ -59,6 +64,8 @@
 
 /* the owner map and probes (-DTCPSTATES_OWNER); otherwise zeroes owner fields */
 #include "owner.bpf.h"
+/* in-kernel histograms (-DTCPSTATES_AGGREGATES); otherwise nothing */
+#include "aggregates.bpf.h"
 
 /* ns timestamp of each live socket's last transition. LRU, so a full map
  * evicts the oldest socket instead of silently refusing new ones. */
@@ -365,7 +372,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         }
     }
 #endif
-#ifndef TCPSTATES_PERF_BUFFER
+#if !defined(TCPSTATES_PERF_BUFFER) && !defined(TCPSTATES_NO_EVENTS)
     e = events.ringbuf_reserve(sizeof(*e));
 #endif
     /* The clock is read after the reservation: a record's timestamp is then
@@ -388,6 +395,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
         goto filtered_update;
     }
+#endif
+    /* every in-kernel filter has passed: what a sink would be handed */
+    TCPSTATES_AGGREGATE(args, ts, sk, span, prev != NULL);
+#ifdef TCPSTATES_NO_EVENTS
+    goto update;          /* nobody reads records: none is reserved or sent */
 #endif
 
 #ifndef TCPSTATES_PERF_BUFFER

@@ -94,8 +94,24 @@ class Pipeline:
             out.append(kc)
         return out
 
+    def events_needed(self) -> bool:
+        """Does anything need the events themselves? Not when every sink takes
+        aggregates and every chain stage is a filter the kernel fully decides
+        (`KernelConstraints.complete`); enrichers and observers always do."""
+        if any(not type(s.sink).consumes_aggregates for s in self.sinks):
+            return True
+        for c in self.chain:
+            if not c.is_filter or type(c.stage).observes():
+                return True
+            kc = c.stage.kernel_constraints()
+            if kc is None or not kc.complete:
+                return True
+        return False
+
     def start(self, on_started: Callable[[], None] | None = None) -> None:
         """Attach the source, then open sinks: nothing is printed before we trace."""
+        if any(type(s.sink).consumes_aggregates for s in self.sinks):
+            self.source.request_aggregates(events_needed=self.events_needed())
         self.source.start(self.kernel_constraints())
         for slot in self.sinks:
             # one sink that cannot start (/dev/full, stdout closed, a FIFO nobody
@@ -267,6 +283,20 @@ class Pipeline:
                         except Exception as exc:
                             self._sink_failed(slot, exc)
 
+    def push_aggregates(self) -> None:
+        """Hand the source's latest aggregates to the sinks that consume them."""
+        if not self.context.aggregates:
+            return
+        snapshot = self.source.aggregates()
+        if snapshot is None:
+            return
+        for slot in self.sinks:
+            if slot.active and type(slot.sink).consumes_aggregates:
+                try:
+                    slot.sink.write_aggregates(snapshot)
+                except Exception as exc:
+                    self._sink_failed(slot, exc)
+
     def reopen(self) -> None:
         for slot in self.sinks:
             if slot.active:
@@ -289,6 +319,7 @@ class Pipeline:
                 self.reopen()
             if self.report_requested:
                 self.report_requested = False
+                self.push_aggregates()
                 for slot in self.sinks:
                     if slot.active:
                         try:
@@ -299,6 +330,7 @@ class Pipeline:
             if now >= next_loss:
                 next_loss = now + LOSS_POLL_INTERVAL
                 self.check_loss()
+                self.push_aggregates()
         self.drain()
 
     def drain(self) -> None:
@@ -312,6 +344,8 @@ class Pipeline:
         self.check_loss()
 
     def close(self) -> None:
+        if self._started:
+            self.push_aggregates()     # the final totals, while the source is open
         for slot in self.sinks:
             if slot.active:
                 try:

@@ -31,7 +31,10 @@ def _scrape(port: int) -> dict[str, float]:
 @pytest.mark.kernel
 def test_metrics_scraped_during_real_traffic(tracer):
     mport, port = free_port(), free_port()
-    t = tracer("--sink", "metrics", "-o", f"sinks.metrics.listen=127.0.0.1:{mport}", "-D", f"{port}")
+    # counted from the records (the fixed BUCKETS); the kernel's aggregates
+    # (log2 buckets) are tested in test_aggregates.py
+    t = tracer("--sink", "metrics", "-o", f"sinks.metrics.listen=127.0.0.1:{mport}", "-D", f"{port}",
+               "-o", "sources.kernel.aggregates=off")
     for _ in range(3):
         session(socket.AF_INET, port, hold=0.05, server_delay=0.0, listener_delay=0.0)
     refused(port)

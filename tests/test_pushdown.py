@@ -254,3 +254,10 @@ def test_process_filters_are_pushed_into_the_kernel(tracer):
                 _connect(socket.AF_INET, "127.0.0.1", "127.0.0.1", b"pd-drop"),
                 _connect(socket.AF_INET, "127.0.0.1", "127.0.0.1", b"pd-other")}
     _run_both(tracer, chain_cli, chain_toml, traffic)
+
+
+def test_complete_only_when_the_kernel_decides_the_whole_filter():
+    assert _address(local=["10.0.0.0/8"], exclude=True).kernel_constraints().complete
+    assert _process(pid=[1], comm=["curl"]).kernel_constraints().complete
+    assert not _process(pid=[1], comm=["cu*"]).kernel_constraints().complete
+    assert not _process(comm=["cu*", "wget"], exclude=True).kernel_constraints().complete

@@ -57,7 +57,7 @@ class PortsFilter(Filter):
         return batch
 
     def kernel_constraints(self) -> KernelConstraints:
-        return KernelConstraints(local_ports=self.local, remote_ports=self.remote)
+        return KernelConstraints(local_ports=self.local, remote_ports=self.remote, complete=True)
 
 
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
@@ -84,7 +84,7 @@ class FamilyFilter(Filter):
         return event.family == self.family
 
     def kernel_constraints(self) -> KernelConstraints:
-        return KernelConstraints(family=self.family)
+        return KernelConstraints(family=self.family, complete=True)
 
 
 def _states(names: list[str], where: str) -> frozenset[int]:
@@ -135,7 +135,7 @@ class StateFilter(Filter):
         # every (old, new) pair this filter keeps: the kernel tests one bit
         keep = frozenset((a, b) for a in range(1, 13) for b in range(1, 13)
                          if self.keep(_Probe(a, b)))
-        return KernelConstraints(transitions=keep)
+        return KernelConstraints(transitions=keep, complete=True)
 
 
 class _Probe:
@@ -252,7 +252,9 @@ class ProcessFilter(Filter):
             comms = pushable or None
         if pids is None and comms is None:
             return None
-        return KernelConstraints(process_rules=(ProcessRule(pids, comms, o.exclude),))
+        # complete: the kernel's rule is this filter's whole test
+        whole_comm = not o.comm or (not self.globs and pushable == self.exact)
+        return KernelConstraints(process_rules=(ProcessRule(pids, comms, o.exclude),), complete=whole_comm)
 
 
 def kernel_comm(name: str) -> bool:
@@ -318,4 +320,4 @@ class AddressFilter(Filter):
         # exactly this filter's test, in LPM tries (plugins/kernel/pushdown.py)
         o = self.options
         return KernelConstraints(address_rules=(AddressRule(
-            tuple(o.local_nets) or None, tuple(o.remote_nets) or None, o.exclude),))
+            tuple(o.local_nets) or None, tuple(o.remote_nets) or None, o.exclude),), complete=True)

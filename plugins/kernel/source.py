@@ -6,10 +6,11 @@ import dataclasses
 import re
 from typing import Any
 
-from tcpstates.api import KernelConstraints, RunContext, Source
+from tcpstates.api import Aggregates, KernelConstraints, RunContext, Source
 from tcpstates.errors import UsageError
 from tcpstates.events import Event
 from tcpstates.options import option
+from tcpstates.plugins.kernel.pushdown import MAX_RULES
 
 
 @dataclasses.dataclass
@@ -29,6 +30,10 @@ class KernelOptions:
     mode: str = option("transitions", "transitions: one record per state change; connections: one "
                        "record per connection when it closes, accumulated in the kernel (--connections)",
                        choices=("transitions", "connections"))
+    aggregates: str = option("auto", "auto: when a sink takes aggregates (--summary, metrics), count "
+                             "histograms in the kernel (and send no records at all when nothing needs "
+                             "them); off: such sinks count from the records in user space",
+                             choices=("auto", "off"))
     crosscheck: bool = option(True, "count the tracepoint's hits independently in the kernel (a private "
                               "ftrace instance) and report every event neither seen nor counted as "
                               "'unaccounted'")
@@ -82,14 +87,33 @@ class KernelSource(Source):
         self.probe: Any = None
         self._wakeup_fd: int | None = None
         self._final_notes: dict[str, int] = {}
+        self._aggregates = False      # request_aggregates: histograms in the kernel
+        self._no_events = False       # ... and no records at all
         if options.mode == "connections":
             context.records = "connection"
+
+    def request_aggregates(self, *, events_needed: bool) -> bool:
+        # connection records carry their own per-state times: no aggregates there
+        if self.options.aggregates == "off" or self.options.mode == "connections":
+            return False
+        self._aggregates = True
+        self._no_events = not events_needed
+        self.context.aggregates = True
+        return True
+
+    def aggregates(self) -> Aggregates | None:
+        if self.probe is None or self.probe.aggregates is None:
+            return None
+        return self.probe.aggregates.snapshot()
 
     def start(self, constraints: list[KernelConstraints]) -> None:
         from tcpstates.plugins.kernel.probe import KernelProbe
 
         merged = merge_constraints(constraints)
         o = self.options
+        if max(len(merged.address_rules), len(merged.process_rules)) > MAX_RULES:
+            # the rules beyond MAX_RULES stay in user space: it needs the events
+            self._no_events = False
         self.probe = KernelProbe(ring_pages=o.buffer_pages, max_sockets=o.max_sockets,
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
@@ -99,7 +123,8 @@ class KernelSource(Source):
                                  poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags),
                                  connections=o.mode == "connections",
                                  address_rules=merged.address_rules,
-                                 process_rules=merged.process_rules)
+                                 process_rules=merged.process_rules,
+                                 aggregates=self._aggregates, no_events=self._no_events)
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
         # measured after the (slow) compile so drift over the run starts small
@@ -120,12 +145,17 @@ class KernelSource(Source):
         if self.probe is None:
             return self._final_notes
         counts = self.probe.kernel_counts()
-        return {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
+        notes = {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
+        if self.probe.aggregates is not None:
+            notes["aggregated_in_kernel"] = self.probe.aggregates.events()
+        return notes
 
     def status(self) -> str:
         if self.probe is None:
             return "not attached"
         what = "connection records, " if self.probe.connections else ""
+        if self._aggregates:
+            what += "in-kernel histograms only, " if self._no_events else "in-kernel histograms, "
         return (f"tracing sock:inet_sock_set_state ({what}{self.probe.buffer} buffer); BPF compiled by a "
                 f"helper process, peak RSS {self.probe.loaded.helper_peak_rss_kb // 1024} MB")
 
