@@ -11,10 +11,18 @@ sink is left; a structured sink (jsonl into a shipper) ends the run at once
 and the CLI reports it with a non-zero status (`broken_pipes`), because every
 event from then on would be lost without a word.
 
-Back-pressure policy: sinks are called synchronously. A sink that blocks
-stalls the reader, the kernel buffer fills, and the kernel stage counts
-every record it cannot hand over ("dropped") — reported in-band and at exit.
-Nothing is lost without being counted.
+Back-pressure policy: sinks are called synchronously, one after another, but
+no sink may hold the others up. A line-writing sink (text, csv, jsonl) whose
+reader takes nothing for its `stall_timeout` (default 1 s; a stopped shipper,
+a paused pager such as `tcpstates | less`) fails that write with
+OutputStalled: the batch, or its unwritten part, is counted as not written
+for that sink alone, warned about once per episode, and the next batch tries
+it again, while the other sinks keep receiving. A person paging longer than
+stall_timeout therefore loses (counted) events; `-o
+sinks.text.stall_timeout=...` raises it. A sink slower than the event rate
+(but not stalled) still slows the reader: the kernel buffer fills, and the
+kernel stage counts every record it cannot hand over ("dropped") — reported
+in-band and at exit. Nothing is lost without being counted.
 """
 
 from __future__ import annotations
