@@ -102,23 +102,32 @@ class Pipeline:
             out.append(kc)
         return out
 
+    def aggregates_exact(self) -> bool:
+        """Would a source's aggregates count exactly the events the chain keeps?
+        Only when the kernel decides every filter fully (`KernelConstraints.complete`)
+        and no enricher may drop events (on_error = "drop"); otherwise the
+        sinks must count from the events themselves."""
+        for c in self.chain:
+            if c.is_filter:
+                kc = c.stage.kernel_constraints()
+                if kc is None or not kc.complete:
+                    return False
+            elif c.on_error == "drop":
+                return False
+        return True
+
     def events_needed(self) -> bool:
         """Does anything need the events themselves? Not when every sink takes
-        aggregates and every chain stage is a filter the kernel fully decides
-        (`KernelConstraints.complete`); enrichers and observers always do."""
+        aggregates and every chain stage is a filter the kernel fully decides;
+        enrichers and observers always do."""
         if any(not type(s.sink).consumes_aggregates for s in self.sinks):
             return True
-        for c in self.chain:
-            if not c.is_filter or type(c.stage).observes():
-                return True
-            kc = c.stage.kernel_constraints()
-            if kc is None or not kc.complete:
-                return True
-        return False
+        return any(not c.is_filter or type(c.stage).observes() for c in self.chain) \
+            or not self.aggregates_exact()
 
     def start(self, on_started: Callable[[], None] | None = None) -> None:
         """Attach the source, then open sinks: nothing is printed before we trace."""
-        if any(type(s.sink).consumes_aggregates for s in self.sinks):
+        if any(type(s.sink).consumes_aggregates for s in self.sinks) and self.aggregates_exact():
             self.source.request_aggregates(events_needed=self.events_needed())
         self.source.start(self.kernel_constraints())
         for slot in self.sinks:

@@ -233,6 +233,25 @@ def test_events_needed_only_for_non_aggregate_sinks_enrichers_and_partial_filter
     assert pipe([Agg, Plain], []).events_needed()
     assert pipe([Agg], [Partial]).events_needed()
     assert pipe([Agg], [Full, Enr]).events_needed()
+    # a filter the kernel decides only in part: the aggregates would count too much
+    assert pipe([Agg], [Full]).aggregates_exact() and pipe([Agg], [Full, Enr]).aggregates_exact()
+    assert not pipe([Agg], [Partial]).aggregates_exact()
+
+
+@pytest.mark.kernel
+def test_a_filter_not_fully_in_the_kernel_keeps_counting_from_records(tracer, tmp_path):
+    """--summary with a user-space-only filter (process, a PID nobody has): the
+    kernel's aggregates would count everything, so the summary counts the
+    (filtered) events and shows nothing."""
+    port = free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[chain]]\nuse = "process"\npid = [4194303]\n')
+    t = tracer("--config", str(cfg), "--sink", "summary", "-D", str(port))
+    n = _traffic(port)
+    rc, _, err = t.stop()
+    assert rc == 0, err
+    assert SEEN.search(err).groups() == (str(n), "0") and not AGGREGATED.search(err)
+    assert "state = " not in err
 
 
 def test_metrics_serve_log2_buckets_from_aggregates():
