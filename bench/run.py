@@ -239,9 +239,9 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "truth", "printed", "aggregated", "missing", "dropped",
-            "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s", "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn",
-            "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
+    cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "truth", "printed", "aggregated", "missing",
+            "dropped", "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s",
+            "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn", "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     for r in rows:
@@ -311,7 +311,6 @@ def main() -> int:
         metrics = ["--sink", "metrics", "-o", "sinks.metrics.listen=127.0.0.1:0"]
         # metrics or summary alone: histograms counted in the kernel, no record sent
         tracers += [("tcpstates metrics-only", OURS + metrics + a.extra),
-                    ("tcpstates metrics-only --connections", OURS + metrics + ["--connections"] + a.extra),
                     ("tcpstates summary-only", OURS + ["--sink", "summary", "-o", "sinks.summary.status=off"]
                      + a.extra),
                     ("tcpstates metrics-only from records",
