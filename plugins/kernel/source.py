@@ -111,9 +111,11 @@ class KernelSource(Source):
 
         merged = merge_constraints(constraints)
         o = self.options
-        if max(len(merged.address_rules), len(merged.process_rules)) > MAX_RULES:
-            # the rules beyond MAX_RULES stay in user space: it needs the events
-            self._no_events = False
+        if max(len(merged.address_rules), len(merged.process_rules)) > MAX_RULES and self._aggregates:
+            # the rules beyond MAX_RULES stay in user space: the kernel's counts
+            # would include what they drop, so the sinks count from the events
+            # (they read context.aggregates when they open, after this)
+            self._aggregates = self._no_events = self.context.aggregates = False
         self.probe = KernelProbe(ring_pages=o.buffer_pages, max_sockets=o.max_sockets,
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
