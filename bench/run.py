@@ -5,6 +5,10 @@ For each load rate it runs, in one invocation and one after the other:
   untraced         the load alone
   tcpstates        ours, text sink to a file, no filter
   tcpstates -L     ours with an in-kernel port filter that removes every load event
+  tcpstates addr   ours with an address filter (remote 127.0.0.0/8 excluded) that
+                   the kernel applies (LPM trie): removes every load event
+  tcpstates comm   ours with a process filter (an exact command name the load
+                   does not have) that the kernel applies: removes every load event
   bcc              Debian's tcpstates-bpfcc, when installed
 and reports per run: load rate and its ratio to untraced, events printed for
 the load's port vs the kernel's own count (bench/truth.py), reported drops
@@ -188,7 +192,8 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         dropped, misses, reported_unacc = reported_losses(name, err)
         # metrics-only prints nothing; connection records: 2 per connection
         # (client and server child; listeners make none), not 10 per connection
-        filtered = "-L" in argv or "metrics" in argv or "summary" in argv
+        filtered = ("-L" in argv or "metrics" in argv or "summary" in argv
+                    or any(x.startswith("chain=") for x in argv))
         aggregated = re.search(r"; (\d+) aggregated in kernel", err)
         conn_mode = "--connections" in argv
         expected = 2 * load["connections"] if conn_mode else recorded
@@ -294,7 +299,10 @@ def main() -> int:
     if tree is not None:
         env["BCC_KERNEL_SOURCE"] = str(tree)      # bcc's own tool needs a header tree too
     ours = OURS + (["--sink", a.sink] if a.sink != "text" else []) + a.extra
-    tracers = [] if a.only_too else [("tcpstates", ours), ("tcpstates -L", OURS + ["-L", "{OTHER}"])]
+    tracers = [] if a.only_too else [
+        ("tcpstates", ours), ("tcpstates -L", OURS + ["-L", "{OTHER}"]),
+        ("tcpstates addr", OURS + ["-o", 'chain=[{use="address", remote=["127.0.0.0/8"], exclude=true}]']),
+        ("tcpstates comm", OURS + ["-o", 'chain=[{use="process", comm=["no-such-comm"]}]'])]
     if a.jsonl_too:
         tracers.insert(1, ("tcpstates jsonl", OURS + ["--sink", "jsonl"] + a.extra))
     if a.connections_too:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import ipaddress
 import os
 import select
 import socket
@@ -24,6 +25,37 @@ from tcpstates.text import escape_text
 
 FILTER_POLICIES = ("skip", "drop", "fail")
 SINK_POLICIES = ("ignore", "disable", "fail")
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclasses.dataclass(frozen=True)
+class AddressRule:
+    """One address condition the kernel can test (the `address` filter).
+
+    It matches when the local address is in one of `local` (None: any) and
+    the remote address in one of `remote` (None: any); an IPv4-mapped IPv6
+    address (::ffff:a.b.c.d) also matches IPv4 networks. The event passes
+    when it matches, or, with `exclude`, when it does not.
+    """
+
+    local: tuple[IPNetwork, ...] | None = None
+    remote: tuple[IPNetwork, ...] | None = None
+    exclude: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRule:
+    """One condition on the on-CPU process the kernel can test (the `process`
+    filter with field = "cpu"): it matches when the TGID is in `pids` (None:
+    any) and the command name is exactly one of `comms` (None: any; names
+    of 1..15 UTF-8 bytes). The event passes when it matches, or, with
+    `exclude`, when it does not."""
+
+    pids: frozenset[int] | None = None
+    comms: frozenset[str] | None = None
+    exclude: bool = False
 
 
 @dataclasses.dataclass
@@ -50,6 +82,10 @@ class KernelConstraints:
     transitions: frozenset[tuple[int, int]] | None = None
     #: drop events whose *known* time in the old state is shorter (unknown passes)
     min_span_ns: int | None = None
+    #: address conditions, all of which an event must pass (AND)
+    address_rules: tuple[AddressRule, ...] = ()
+    #: on-CPU process conditions, all of which an event must pass (AND)
+    process_rules: tuple[ProcessRule, ...] = ()
     cflags: tuple[str, ...] = ()
     #: True when the fields above say all the filter decides: with them
     #: honoured, its own check removes nothing, so it needs no events in user

@@ -40,6 +40,8 @@ class LoadRequest:
     ncpus: int = 128
     wakeup_events: int = 1                 # perf buffer: samples per reader wake-up
     transitions: list[int] | None = None   # (old << 4) | new keys to keep
+    #: map name -> [(raw key, u8 value)] (address/process rules, pushdown.py)
+    map_entries: dict[str, list[tuple[bytes, int]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -123,6 +125,10 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
             table = bpf[name]
             for key in keys:
                 table[ctypes.c_int(key)] = ctypes.c_uint8(1)
+    for name, entries in req.map_entries.items():
+        table = bpf[name]
+        for raw, value in entries:
+            table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
     perf_table = bpf["events"] if req.perf_mode else bpf["spill"]
     pages = req.buffer_pages if req.perf_mode else SPILL_PAGES
     perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None,

@@ -17,8 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from tcpstates.api import AddressRule, ProcessRule
 from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
+from tcpstates.plugins.kernel import pushdown
 from tcpstates.plugins.kernel.aggregates import AggregateReader
 from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD_SIZE, CONN_SIZE, decode_conn, decode_conn_block
 from tcpstates.plugins.kernel.decoder import EVENT_SIZE, RING_RECORD_SIZE, Decoder
@@ -143,6 +145,8 @@ class KernelProbe:
                  min_span_ns: int | None = None, crosscheck: bool = False,
                  warn: Callable[[str], None] | None = None,
                  extra_cflags: list[str] | None = None, connections: bool = False,
+                 address_rules: tuple[AddressRule, ...] = (),
+                 process_rules: tuple[ProcessRule, ...] = (),
                  aggregates: bool = False, no_events: bool = False) -> None:
         from tcpstates.plugins.kernel.bpfsys import possible_cpus
         from tcpstates.plugins.kernel.cpustate import CpuState
@@ -190,6 +194,9 @@ class KernelProbe:
                               no_wakeup=self.poll_s is not None and buffer == "ring", ncpus=ncpus,
                               filter_transition=transitions is not None, min_span_ns=min_span_ns,
                               connections=connections, aggregates=aggregates, no_events=no_events)
+        # address and process filters: rule masks and map contents (pushdown.py)
+        rules = pushdown.plan(address_rules, process_rules, connections=connections)
+        cflags += rules.cflags
         cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
         if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
@@ -209,7 +216,8 @@ class KernelProbe:
             remote_ports=sorted(remote_ports) if remote_ports is not None else None, ncpus=ncpus,
             wakeup_events=wakeup_events,
             transitions=sorted((o << 4) | n for o, n in transitions)
-            if transitions is not None and not connections else None))
+            if transitions is not None and not connections else None,
+            map_entries=rules.entries))
         self.prog_fd = self.loaded.prog_fd
         self.decoder = dec
         self.cpu = CpuState(self.loaded.state_fd, ncpus)

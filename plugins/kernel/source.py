@@ -10,6 +10,7 @@ from tcpstates.api import Aggregates, KernelConstraints, RunContext, Source
 from tcpstates.errors import UsageError
 from tcpstates.events import Event
 from tcpstates.options import option
+from tcpstates.plugins.kernel.pushdown import MAX_RULES
 
 
 @dataclasses.dataclass
@@ -46,7 +47,8 @@ CFLAG = re.compile(r"-D[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+-]*)?")
 
 
 def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints:
-    """AND every filter's constraints together (intersection of port sets)."""
+    """AND every filter's constraints together (intersection of port sets,
+    address and process rules side by side: the kernel tests each)."""
     merged = KernelConstraints()
     for c in constraints:
         for attr in ("local_ports", "remote_ports", "transitions"):
@@ -58,6 +60,9 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
                 raise UsageError("the chain keeps only IPv4 and only IPv6 at once: nothing could "
                                  "pass; drop one of the family filters (-4/-6)")
             merged.family = c.family
+        # each filter's address/process test is one more rule the kernel ANDs
+        merged.address_rules += c.address_rules
+        merged.process_rules += c.process_rules
         if c.min_span_ns is not None:
             merged.min_span_ns = max(merged.min_span_ns or 0, c.min_span_ns)
         for flag in c.cflags:    # optional parts asked for by chain stages (union)
@@ -106,6 +111,11 @@ class KernelSource(Source):
 
         merged = merge_constraints(constraints)
         o = self.options
+        if max(len(merged.address_rules), len(merged.process_rules)) > MAX_RULES and self._aggregates:
+            # the rules beyond MAX_RULES stay in user space: the kernel's counts
+            # would include what they drop, so the sinks count from the events
+            # (they read context.aggregates when they open, after this)
+            self._aggregates = self._no_events = self.context.aggregates = False
         self.probe = KernelProbe(ring_pages=o.buffer_pages, max_sockets=o.max_sockets,
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
@@ -114,6 +124,8 @@ class KernelSource(Source):
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
                                  poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags),
                                  connections=o.mode == "connections",
+                                 address_rules=merged.address_rules,
+                                 process_rules=merged.process_rules,
                                  aggregates=self._aggregates, no_events=self._no_events)
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
