@@ -5,6 +5,10 @@ For each load rate it runs, in one invocation and one after the other:
   untraced         the load alone
   tcpstates        ours, text sink to a file, no filter
   tcpstates -L     ours with an in-kernel port filter that removes every load event
+  tcpstates addr   ours with an address filter (remote 127.0.0.0/8 excluded) that
+                   the kernel applies (LPM trie): removes every load event
+  tcpstates comm   ours with a process filter (an exact command name the load
+                   does not have) that the kernel applies: removes every load event
   bcc              Debian's tcpstates-bpfcc, when installed
 and reports per run: load rate and its ratio to untraced, events printed for
 the load's port vs the kernel's own count (bench/truth.py), reported drops
@@ -188,13 +192,16 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         dropped, misses, reported_unacc = reported_losses(name, err)
         # metrics-only prints nothing; connection records: 2 per connection
         # (client and server child; listeners make none), not 10 per connection
-        filtered = "-L" in argv or "metrics" in argv
+        filtered = ("-L" in argv or "metrics" in argv or "summary" in argv
+                    or any(x.startswith("chain=") for x in argv))
+        aggregated = re.search(r"; (\d+) aggregated in kernel", err)
         conn_mode = "--connections" in argv
         expected = 2 * load["connections"] if conn_mode else recorded
         results.append({
             "tracer": name, "rate": load["rate"], "ratio": round(load["rate"] / base["rate"], 3),
             "connections": load["connections"], "truth": recorded, "truth_overrun": overrun,
-            "printed": printed, "missing": expected - printed if not filtered else None,
+            "printed": printed, "aggregated": int(aggregated.group(1)) if aggregated else None,
+            "missing": expected - printed if not filtered else None,
             "dropped": dropped, "kernel_misses": misses, "reported_unaccounted": reported_unacc,
             # the benchmark's own check: truth minus everything printed or reported
             # (connection mode: a lost transition makes no extra record, so
@@ -232,9 +239,9 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "truth", "printed", "missing", "dropped",
-            "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s", "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn",
-            "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
+    cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "truth", "printed", "aggregated", "missing",
+            "dropped", "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s",
+            "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn", "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     for r in rows:
@@ -257,7 +264,10 @@ def main() -> int:
     p.add_argument("--connections-too", action="store_true",
                    help="also run ours with --connections (one record per connection) side by side")
     p.add_argument("--metrics-too", action="store_true",
-                   help="also run ours metrics-only (--sink metrics), per state change and with --connections")
+                   help="also run ours metrics-only and summary-only (in-kernel aggregates, no records), "
+                   "and metrics-only counted from records (aggregates off)")
+    p.add_argument("--only-too", action="store_true",
+                   help="run only the tracers the --*-too flags add (and bcc unless --no-bcc)")
     p.add_argument("--repeat", type=int, default=1, help="repeat every case (exactness runs)")
     p.add_argument("--assert-exact", action="store_true",
                    help="exit 1 unless every run of ours has 0 unaccounted events")
@@ -289,15 +299,22 @@ def main() -> int:
     if tree is not None:
         env["BCC_KERNEL_SOURCE"] = str(tree)      # bcc's own tool needs a header tree too
     ours = OURS + (["--sink", a.sink] if a.sink != "text" else []) + a.extra
-    tracers = [("tcpstates", ours), ("tcpstates -L", OURS + ["-L", "{OTHER}"])]
+    tracers = [] if a.only_too else [
+        ("tcpstates", ours), ("tcpstates -L", OURS + ["-L", "{OTHER}"]),
+        ("tcpstates addr", OURS + ["-o", 'chain=[{use="address", remote=["127.0.0.0/8"], exclude=true}]']),
+        ("tcpstates comm", OURS + ["-o", 'chain=[{use="process", comm=["no-such-comm"]}]'])]
     if a.jsonl_too:
         tracers.insert(1, ("tcpstates jsonl", OURS + ["--sink", "jsonl"] + a.extra))
     if a.connections_too:
         tracers.insert(1, ("tcpstates --connections", OURS + ["--connections"] + a.extra))
     if a.metrics_too:
         metrics = ["--sink", "metrics", "-o", "sinks.metrics.listen=127.0.0.1:0"]
+        # metrics or summary alone: histograms counted in the kernel, no record sent
         tracers += [("tcpstates metrics-only", OURS + metrics + a.extra),
-                    ("tcpstates metrics-only --connections", OURS + metrics + ["--connections"] + a.extra)]
+                    ("tcpstates summary-only", OURS + ["--sink", "summary", "-o", "sinks.summary.status=off"]
+                     + a.extra),
+                    ("tcpstates metrics-only from records",
+                     OURS + metrics + ["-o", "sources.kernel.aggregates=off"] + a.extra)]
     if a.owner_cost:
         owner_off = ["-o", "tcpstates.owner=off"]
         tracers = [("tcpstates text", OURS), ("tcpstates text --owner", OURS + ["--owner"]),

@@ -26,6 +26,17 @@
  *                             map) and emit one struct tcpstates_conn_event when
  *                             it closes, nothing per state change (the
  *                             transition and duration filters are not used)
+ *   TCPSTATES_FILTER_LADDR / _RADDR  consult the laddr_rules / raddr_rules LPM
+ *                             tries (value: their entry count), with the rule masks
+ *                             TCPSTATES_ADDR_{LKEEP,RKEEP,LDROP,RDROP,DROP}
+ *   TCPSTATES_FILTER_PROC     consult pid_rules / comm_rules (value: entries), with
+ *                             the masks TCPSTATES_PROC_{PKEEP,CKEEP,PDROP,CDROP,DROP}
+ *                             (address and process rules: plugins/kernel/pushdown.py)
+ *   TCPSTATES_AGGREGATES      fold every kept state change into in-kernel
+ *                             histograms and counters (bpf/aggregates.bpf.h);
+ *                             not with TCPSTATES_CONNECTIONS
+ *   TCPSTATES_NO_EVENTS       (with TCPSTATES_AGGREGATES) no consumer needs the
+ *                             records: aggregate and return, nothing reserved
  * The port sets themselves live in maps filled from Python after load, so the
  * C text never changes with the user's ports.
  */
@@ -53,6 +64,8 @@
 
 /* the owner map and probes (-DTCPSTATES_OWNER); otherwise zeroes owner fields */
 #include "owner.bpf.h"
+/* in-kernel histograms (-DTCPSTATES_AGGREGATES); otherwise nothing */
+#include "aggregates.bpf.h"
 
 /* ns timestamp of each live socket's last transition. LRU, so a full map
  * evicts the oldest socket instead of silently refusing new ones. */
@@ -93,6 +106,113 @@ BPF_ARRAY(dport_allowed, u8, 65536);
 #ifdef TCPSTATES_FILTER_TRANSITION
 /* key (oldstate << 4) | newstate: 1 keeps that transition */
 BPF_ARRAY(transition_allowed, u8, 256);
+#endif
+
+/* Address and process rules (pushdown.py): each map value has bit i set when
+ * the entry matches rule i; the event passes when every keep rule finds its
+ * bits and no drop rule finds all of its own. */
+static __always_inline int rules_pass(u32 a, u32 b, u32 akeep, u32 bkeep,
+                                      u32 adrop, u32 bdrop, u32 drop)
+{
+    if ((a & akeep) != akeep || (b & bkeep) != bkeep)
+        return 0;
+    return ((a | ~adrop) & (b | ~bdrop) & drop) == 0;
+}
+#if defined(TCPSTATES_FILTER_LADDR) || defined(TCPSTATES_FILTER_RADDR)
+#ifndef TCPSTATES_ADDR_LKEEP
+#define TCPSTATES_ADDR_LKEEP 0
+#endif
+#ifndef TCPSTATES_ADDR_RKEEP
+#define TCPSTATES_ADDR_RKEEP 0
+#endif
+#ifndef TCPSTATES_ADDR_LDROP
+#define TCPSTATES_ADDR_LDROP 0
+#endif
+#ifndef TCPSTATES_ADDR_RDROP
+#define TCPSTATES_ADDR_RDROP 0
+#endif
+#ifndef TCPSTATES_ADDR_DROP
+#define TCPSTATES_ADDR_DROP 0
+#endif
+/* prefix length counts the tag's 32 bits: IPv4 and IPv6 networks never mix */
+struct tcpstates_lpm_key {
+    u32 prefixlen;
+    u32 tag;          /* 4 or 6 */
+    u8 addr[16];
+};
+#endif
+/* The key of one tracepoint address (a macro: the args struct has no name yet). */
+#define LPM_KEY(k, args, a4, a6) do {                                    \
+    (k)->prefixlen = 160;                                                \
+    if ((args)->family == TCPSTATES_AF_INET) {                           \
+        (k)->tag = 4;                                                    \
+        bpf_probe_read_kernel((k)->addr, 4, (args)->a4);                 \
+    } else {                                                             \
+        (k)->tag = 6;                                                    \
+        bpf_probe_read_kernel((k)->addr, 16, (args)->a6);                \
+    }                                                                    \
+} while (0)
+#if defined(TCPSTATES_FILTER_LADDR) || defined(TCPSTATES_FILTER_RADDR)
+/* An IPv4-mapped IPv6 key (::ffff:a.b.c.d) turned into its IPv4 key: the
+ * user-space filter matches such an address against both kinds of networks. */
+static __always_inline int lpm_key_to_v4(struct tcpstates_lpm_key *k)
+{
+    if (k->tag != 6 || *(u64 *)k->addr != 0 || k->addr[8] || k->addr[9] ||
+        k->addr[10] != 0xff || k->addr[11] != 0xff)
+        return 0;
+    k->tag = 4;
+    __builtin_memcpy(k->addr, &k->addr[12], 4);
+    __builtin_memset(&k->addr[4], 0, 12);
+    return 1;
+}
+#endif
+#ifdef TCPSTATES_FILTER_LADDR
+BPF_LPM_TRIE(laddr_rules, struct tcpstates_lpm_key, u8, TCPSTATES_FILTER_LADDR);
+static __always_inline u32 laddr_bits(struct tcpstates_lpm_key *k)
+{
+    u8 *v = laddr_rules.lookup(k);
+    u32 out = v ? *v : 0;
+    if (lpm_key_to_v4(k)) {
+        v = laddr_rules.lookup(k);
+        out |= v ? *v : 0;
+    }
+    return out;
+}
+#endif
+#ifdef TCPSTATES_FILTER_RADDR
+BPF_LPM_TRIE(raddr_rules, struct tcpstates_lpm_key, u8, TCPSTATES_FILTER_RADDR);
+static __always_inline u32 raddr_bits(struct tcpstates_lpm_key *k)
+{
+    u8 *v = raddr_rules.lookup(k);
+    u32 out = v ? *v : 0;
+    if (lpm_key_to_v4(k)) {
+        v = raddr_rules.lookup(k);
+        out |= v ? *v : 0;
+    }
+    return out;
+}
+#endif
+#ifdef TCPSTATES_FILTER_PROC
+#ifndef TCPSTATES_PROC_PKEEP
+#define TCPSTATES_PROC_PKEEP 0
+#endif
+#ifndef TCPSTATES_PROC_CKEEP
+#define TCPSTATES_PROC_CKEEP 0
+#endif
+#ifndef TCPSTATES_PROC_PDROP
+#define TCPSTATES_PROC_PDROP 0
+#endif
+#ifndef TCPSTATES_PROC_CDROP
+#define TCPSTATES_PROC_CDROP 0
+#endif
+#ifndef TCPSTATES_PROC_DROP
+#define TCPSTATES_PROC_DROP 0
+#endif
+struct tcpstates_comm_key {
+    char comm[16];
+};
+BPF_HASH(pid_rules, u32, u8, TCPSTATES_FILTER_PROC);
+BPF_HASH(comm_rules, struct tcpstates_comm_key, u8, TCPSTATES_FILTER_PROC);
 #endif
 
 #ifdef TCPSTATES_PERF_BUFFER
@@ -204,11 +324,55 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (!port_allowed(dport_allowed.lookup(&dport)))
         goto filtered;
 #endif
+#if (defined(TCPSTATES_FILTER_LADDR) || defined(TCPSTATES_FILTER_RADDR)) && !defined(TCPSTATES_CONNECTIONS)
+    {
+        /* a socket's addresses do not change once it is connected or bound
+         * (as its ports): dropped like them, before the timestamp map */
+        u32 lbits = 0, rbits = 0;
+        struct tcpstates_lpm_key ak = {};
+#ifdef TCPSTATES_FILTER_LADDR
+        LPM_KEY(&ak, args, saddr, saddr_v6);
+        lbits = laddr_bits(&ak);
+#endif
+#ifdef TCPSTATES_FILTER_RADDR
+        __builtin_memset(&ak, 0, sizeof(ak));
+        LPM_KEY(&ak, args, daddr, daddr_v6);
+        rbits = raddr_bits(&ak);
+#endif
+        if (!rules_pass(lbits, rbits, TCPSTATES_ADDR_LKEEP, TCPSTATES_ADDR_RKEEP,
+                        TCPSTATES_ADDR_LDROP, TCPSTATES_ADDR_RDROP, TCPSTATES_ADDR_DROP))
+            goto filtered;
+    }
+#endif
 
 #ifdef TCPSTATES_CONNECTIONS
     goto connection;
 #else
-#ifndef TCPSTATES_PERF_BUFFER
+#ifdef TCPSTATES_FILTER_PROC
+    {
+        /* the on-CPU process changes between a socket's transitions (softirq,
+         * another thread): a dropped event still moves the socket's clock,
+         * so a kept later one gets its true time in the old state */
+        u32 pbits = 0, cbits = 0;
+        if (TCPSTATES_PROC_PKEEP | TCPSTATES_PROC_PDROP) {
+            u32 tgid = bpf_get_current_pid_tgid() >> 32;
+            u8 *v = pid_rules.lookup(&tgid);
+            pbits = v ? *v : 0;
+        }
+        if (TCPSTATES_PROC_CKEEP | TCPSTATES_PROC_CDROP) {
+            struct tcpstates_comm_key ck = {};
+            bpf_get_current_comm(ck.comm, sizeof(ck.comm));
+            u8 *v = comm_rules.lookup(&ck);
+            cbits = v ? *v : 0;
+        }
+        if (!rules_pass(pbits, cbits, TCPSTATES_PROC_PKEEP, TCPSTATES_PROC_CKEEP,
+                        TCPSTATES_PROC_PDROP, TCPSTATES_PROC_CDROP, TCPSTATES_PROC_DROP)) {
+            ts = bpf_ktime_get_ns();
+            goto filtered_update;
+        }
+    }
+#endif
+#if !defined(TCPSTATES_PERF_BUFFER) && !defined(TCPSTATES_NO_EVENTS)
     e = events.ringbuf_reserve(sizeof(*e));
 #endif
     /* The clock is read after the reservation: a record's timestamp is then
@@ -231,6 +395,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
         goto filtered_update;
     }
+#endif
+    /* every in-kernel filter has passed: what a sink would be handed */
+    TCPSTATES_AGGREGATE(args, ts, sk, span, prev != NULL);
+#ifdef TCPSTATES_NO_EVENTS
+    goto update;          /* nobody reads records: none is reserved or sent */
 #endif
 
 #ifndef TCPSTATES_PERF_BUFFER
@@ -259,7 +428,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
     goto update;
 
-#if defined(TCPSTATES_MIN_SPAN_NS) || defined(TCPSTATES_FILTER_TRANSITION)
+#if defined(TCPSTATES_MIN_SPAN_NS) || defined(TCPSTATES_FILTER_TRANSITION) || defined(TCPSTATES_FILTER_PROC)
 filtered_update:
     c->filtered++;
 #endif

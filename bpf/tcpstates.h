@@ -73,4 +73,22 @@ struct tcpstates_cpu {
     u64 reserved;
 };
 
+/* In-kernel aggregates (-DTCPSTATES_AGGREGATES, bpf/aggregates.bpf.h): one
+ * per CPU in a memory-mappable array; mirrored by AGG_STRUCT in
+ * plugins/kernel/aggregates.py. Log2 buckets of microseconds: bucket i holds
+ * spans whose us count has bit length i; 56 buckets cover every u64 of ns. */
+#define TCPSTATES_AGG_BUCKETS 56
+#define TCPSTATES_AGG_EXTRA 2
+#define TCPSTATES_AGG_HANDSHAKE 0   /* SYN_SENT -> ESTABLISHED span */
+#define TCPSTATES_AGG_LIFETIME 1    /* ESTABLISHED entered -> CLOSE */
+
+struct tcpstates_agg {
+    u64 events;                                            /* state changes folded in */
+    u64 state_sum_ns[TCPSTATES_NSTATES];                   /* by old state, known spans */
+    u64 state_hist[TCPSTATES_NSTATES][TCPSTATES_AGG_BUCKETS];  /* [old][bucket] */
+    u64 transitions[TCPSTATES_NSTATES][TCPSTATES_NSTATES];     /* [old][new] */
+    u64 extra_sum_ns[TCPSTATES_AGG_EXTRA];
+    u64 extra_hist[TCPSTATES_AGG_EXTRA][TCPSTATES_AGG_BUCKETS];
+};
+
 #endif

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import ipaddress
 import os
 import select
 import socket
@@ -24,6 +25,37 @@ from tcpstates.text import escape_text
 
 FILTER_POLICIES = ("skip", "drop", "fail")
 SINK_POLICIES = ("ignore", "disable", "fail")
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclasses.dataclass(frozen=True)
+class AddressRule:
+    """One address condition the kernel can test (the `address` filter).
+
+    It matches when the local address is in one of `local` (None: any) and
+    the remote address in one of `remote` (None: any); an IPv4-mapped IPv6
+    address (::ffff:a.b.c.d) also matches IPv4 networks. The event passes
+    when it matches, or, with `exclude`, when it does not.
+    """
+
+    local: tuple[IPNetwork, ...] | None = None
+    remote: tuple[IPNetwork, ...] | None = None
+    exclude: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRule:
+    """One condition on the on-CPU process the kernel can test (the `process`
+    filter with field = "cpu"): it matches when the TGID is in `pids` (None:
+    any) and the command name is exactly one of `comms` (None: any; names
+    of 1..15 UTF-8 bytes). The event passes when it matches, or, with
+    `exclude`, when it does not."""
+
+    pids: frozenset[int] | None = None
+    comms: frozenset[str] | None = None
+    exclude: bool = False
 
 
 @dataclasses.dataclass
@@ -50,7 +82,60 @@ class KernelConstraints:
     transitions: frozenset[tuple[int, int]] | None = None
     #: drop events whose *known* time in the old state is shorter (unknown passes)
     min_span_ns: int | None = None
+    #: address conditions, all of which an event must pass (AND)
+    address_rules: tuple[AddressRule, ...] = ()
+    #: on-CPU process conditions, all of which an event must pass (AND)
+    process_rules: tuple[ProcessRule, ...] = ()
     cflags: tuple[str, ...] = ()
+    #: True when the fields above say all the filter decides: with them
+    #: honoured, its own check removes nothing, so it needs no events in user
+    #: space (a source may then stop the event stream, see Source.request_aggregates)
+    complete: bool = False
+
+
+@dataclasses.dataclass
+class Histogram:
+    """A log2 histogram of durations, bcc's print_log2_hist layout:
+    `buckets[i]` counts values whose whole-microsecond count has bit length i
+    (bucket 0: under 1 µs; bucket i >= 1: [2^(i-1), 2^i - 1] µs). Every value
+    counted in buckets 0..i is below `upper_bound_s(i)`. `sum_ns`: their total."""
+
+    buckets: list[int] = dataclasses.field(default_factory=list)
+    sum_ns: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+    @staticmethod
+    def upper_bound_s(i: int) -> float:
+        return (1 << i) / 1e6
+
+    def as_counts(self) -> dict[int, int]:
+        """{bucket: count} of the non-empty buckets."""
+        return {i: n for i, n in enumerate(self.buckets) if n}
+
+
+@dataclasses.dataclass
+class Aggregates:
+    """A source's running totals since it started (`Source.aggregates()`):
+    what per-event sinks would compute from the events the chain keeps, made
+    where the events arise (the kernel stage: in BPF maps). Cumulative: each
+    snapshot replaces the previous one.
+
+    `states`: time spent in each old state (known spans only), by state
+    number; `transitions`: (old, new) -> count; `extra`: named histograms
+    (the kernel stage: "handshake" SYN_SENT -> ESTABLISHED, "lifetime"
+    ESTABLISHED entered -> CLOSE); `local_ports`/`remote_ports`: events by
+    port (port 0 not counted); `events`: state changes folded in.
+    """
+
+    events: int = 0
+    states: dict[int, Histogram] = dataclasses.field(default_factory=dict)
+    transitions: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Histogram] = dataclasses.field(default_factory=dict)
+    local_ports: dict[int, int] = dataclasses.field(default_factory=dict)
+    remote_ports: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 MAX_WARNING_CHARS = 1000
@@ -120,6 +205,10 @@ class RunContext:
     # "connection" (one per closed connection, events.CONNECTION in extra);
     # set by the source when it is built, read by sinks when they open
     records: str = "state_change"
+    # True when the source provides Aggregates snapshots to the sinks that
+    # consume them (set by the source in request_aggregates, read by those
+    # sinks: they then take their figures from the snapshots, not from events)
+    aggregates: bool = False
 
     @staticmethod
     def measure_clock_offset() -> int:
@@ -218,6 +307,10 @@ class Sink(Stage):
     #: True for sinks that write every field of the event (JSON, journal, forward):
     #: enrichers that are on "auto" (the owner) turn themselves on for them.
     structured: ClassVar[bool] = False
+    #: True for sinks that can take their figures from `write_aggregates`
+    #: snapshots instead of events (summary, metrics). When the source
+    #: provides them, `context.aggregates` is True before `open`.
+    consumes_aggregates: ClassVar[bool] = False
 
     def open(self) -> None:
         """Called once the source is attached and reading: print headers here."""
@@ -243,6 +336,11 @@ class Sink(Stage):
         summary then counts acknowledged events as written. None (the default):
         written means handed to the destination without error."""
         return None
+
+    def write_aggregates(self, snapshot: Aggregates) -> None:
+        """The source's latest cumulative Aggregates (sinks that set
+        `consumes_aggregates`): about every 0.5 s, before `report` on SIGUSR1
+        and once more at the end, before `close`."""
 
     def report(self) -> None:
         """SIGUSR1: print an interim report (the summary sink does)."""
@@ -273,6 +371,17 @@ class Source(Stage):
         """Source facts for the exit summary that are not losses (e.g. records
         that took a slower path); shown only when non-zero."""
         return {}
+
+    def request_aggregates(self, *, events_needed: bool) -> bool:
+        """Called before `start` when an active sink consumes aggregates.
+        Return True (and set `context.aggregates`) if `aggregates()` will
+        provide snapshots; `events_needed` False: no sink and no chain stage
+        needs the events themselves, so the source may stop delivering them."""
+        return False
+
+    def aggregates(self) -> Aggregates | None:
+        """The running totals since start (see Aggregates), or None."""
+        return None
 
     def status(self) -> str:
         """One line for the service manager (sd_notify STATUS=) once started."""

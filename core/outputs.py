@@ -13,6 +13,21 @@ rotation. So the new, empty file is created first under the name FILE.1 and
 swapped with FILE in one atomic renameat2(RENAME_EXCHANGE): FILE is the new
 file and FILE.1 the old one at the same instant. Where the filesystem cannot
 exchange (EINVAL/ENOSYS), two renames follow back to back.
+
+Every rotation step works relative to a descriptor of FILE's directory kept
+from the safe open (never the path string again): a directory on the path
+swapped for a link after the start cannot redirect a rename. As root, an
+output whose directory another user could change is refused at the start,
+and a FIFO or file must belong to root. When FILE was moved away before a
+rotation (logrotate's `mv`, its SIGHUP not yet here), the moved file is left
+alone and a new FILE is started.
+
+A destination that takes nothing for `stall_timeout` seconds (a reader that
+stopped reading: a paused pager, a stuck shipper on a pipe) fails the write
+with OutputStalled, so the pipeline counts it for this sink alone and the
+other sinks go on. A line cut in the middle by the stall is finished first
+at the next write (so the reader never sees a torn line followed by another)
+and counts as written.
 """
 
 from __future__ import annotations
@@ -24,29 +39,31 @@ import select
 import socket
 import stat
 import sys
+import time
 from typing import Callable
 
 from tcpstates import interrupt, stdio
 from tcpstates.errors import UsageError
-from tcpstates.safeopen import UntrustedPath, check_owned, open_path
+from tcpstates.safeopen import UntrustedPath, check_owned, entry_trusted, open_path
 
 FILE_MODE = 0o640
+STALL_TIMEOUT_S = 1.0   # default: a reader may pause this long before a batch fails for its sink
 # what each open LineOutput writes to: two sinks appending to one stdout or
 # file would interleave their lines, so the second is refused
 _IN_USE: dict[tuple[int, int], str] = {}
 PIPE_BUF = 4096
 FIFO_RETRY_S = 0.1
-_AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
 
-def exchange(a: str, b: str) -> bool:
-    """Atomically swap two existing paths; False where the system cannot."""
+def exchange(dirfd: int, a: str, b: str) -> bool:
+    """Atomically swap two existing entries of the directory `dirfd`; False where
+    the system cannot."""
     if _renameat2 is None:
         return False
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if _renameat2(dirfd, os.fsencode(a), dirfd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -54,16 +71,33 @@ def exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a)
 
 
+def _lexists(name: str, dirfd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class OutputStalled(OSError):
+    """The destination took nothing for stall_timeout seconds."""
+
+
 class LineOutput:
     """A text destination taking whole lines; `path` "-" means stdout."""
 
     def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 5,
-                 notice: Callable[[str], None] | None = None) -> None:
+                 notice: Callable[[str], None] | None = None,
+                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
         self.path = path
+        self.stall_timeout = stall_timeout
+        self._pending = b""                      # the rest of a line a stall cut
         self.notice = notice                     # says once that we wait for a FIFO's reader
         self.max_bytes = max_bytes
         self.keep = keep
         self.fd = -1
+        self._dirfd = -1                         # O_PATH descriptor of the file's directory
+        self._name = ""                          # the file's name in it
         self.size = 0
         self.regular = False
         self._own = False                        # fd is ours to close
@@ -116,11 +150,19 @@ class LineOutput:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             self._close_fd()
             raise UsageError(f"{self.path}: not a file, FIFO or device; give a file path or '-' for stdout")
-        why = check_owned(self.fd, st) if stat.S_ISREG(st.st_mode) else None
+        # a FIFO too: another user's FIFO hands them every event we write
+        why = check_owned(self.fd, st) if stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) else None
         if why is not None:   # as root: never append to a file someone else controls
             self._close_fd()
             raise UsageError(f"{self.path}: refusing to append as root because {why}; remove it or "
                              f"fix its owner and mode")
+        dir_st = os.fstat(self._dirfd)
+        if os.geteuid() == 0 and not entry_trusted(dir_st, st):
+            # another user could rename or replace what we write (and rotate)
+            self._close_fd()
+            raise UsageError(f"{self.path}: refusing to write as root into a directory another user "
+                             f"can change (owner uid {dir_st.st_uid}, mode {dir_st.st_mode & 0o7777:o}); "
+                             f"use a directory owned by root and not writable by group/others")
         self.regular = stat.S_ISREG(st.st_mode)
         self.size = st.st_size
 
@@ -131,10 +173,18 @@ class LineOutput:
         flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
                  | os.O_NONBLOCK | os.O_NOCTTY)
         waited = False
+
+        def open_last(dirfd: int, name: str) -> int:
+            fd = os.open(name, flags, FILE_MODE, dir_fd=dirfd)
+            if self._dirfd >= 0:
+                os.close(self._dirfd)
+            # the directory the file was found in, for rotation (never the path again)
+            self._dirfd, self._name = os.dup(dirfd), name
+            return fd
+
         while True:
             try:
-                return open_path(self.path, lambda d, n: os.open(n, flags, FILE_MODE, dir_fd=d),
-                                 strict=False, follow_last=False)
+                return open_path(self.path, open_last, strict=False, follow_last=False)
             except UntrustedPath as exc:
                 raise UsageError(f"{self.path}: refusing to write: {exc.strerror}") from None
             except OSError as exc:
@@ -182,10 +232,30 @@ class LineOutput:
         try:
             if self.fd < 0 and not self.is_stdout:
                 self.open()                          # a reopen failed before: retry it now
+            if self._pending:
+                self._flush_pending()
             self._write_lines(data)
         except (OSError, UsageError, interrupt.StopRequested) as exc:
-            exc.written = bytes(data[: self._accepted]).count(b"\n")  # type: ignore[union-attr]
+            done = self._accepted
+            written = bytes(data[:done]).count(b"\n")
+            if isinstance(exc, OutputStalled) and done and data[done - 1:done] != b"\n":
+                # a line cut by the stall: its rest goes first next time (never a
+                # torn line followed by another), so it counts as written
+                end = data.find(b"\n", done)
+                self._pending = bytes(data[done:] if end < 0 else data[done:end + 1])
+                written += end >= 0
+            exc.written = written  # type: ignore[union-attr]
             raise
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, b""
+        try:
+            self._write_all(pending)
+        except OutputStalled:
+            self._pending = pending[self._accepted:]
+            self._accepted = 0
+            raise
+        self._accepted = 0
 
     def _write_lines(self, data: bytes) -> None:
         if self.max_bytes and self.regular and self.size + len(data) > self.max_bytes:
@@ -209,13 +279,22 @@ class LineOutput:
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         before = self.size
+        progress = time.monotonic()
         try:
             while view:
                 try:
                     n = self._send(view)
                 except BlockingIOError:
-                    interrupt.wait(self.fd, select.POLLOUT)
+                    # a reader that takes nothing for stall_timeout fails this
+                    # sink's write only; the other sinks must not wait for it
+                    left = progress + self.stall_timeout - time.monotonic()
+                    if left <= 0 or not interrupt.wait(self.fd, select.POLLOUT, left):
+                        if time.monotonic() - progress >= self.stall_timeout:
+                            where = "standard output" if self.is_stdout else self.path
+                            raise OutputStalled(errno.ETIMEDOUT, f"{where}: its reader took nothing "
+                                                f"for {self.stall_timeout:g} s (stall_timeout)") from None
                     continue
+                progress = time.monotonic()
                 view = view[n:]
                 self.size += n
                 self._accepted += n
@@ -232,19 +311,33 @@ class LineOutput:
             raise
 
     def rotate(self) -> None:
+        """FILE → FILE.1 (older ones shifted), a new FILE; every step relative to
+        the directory descriptor from the safe open."""
+        d, name = self._dirfd, self._name
+        try:
+            cur: os.stat_result | None = os.stat(name, dir_fd=d, follow_symlinks=False)
+        except FileNotFoundError:
+            cur = None
+        mine = os.fstat(self.fd)
+        if cur is None or (cur.st_dev, cur.st_ino) != (mine.st_dev, mine.st_ino):
+            # moved away (logrotate's mv, its SIGHUP still to come): that file is
+            # someone else's now; start a new FILE through the same safe open
+            self._close_fd()
+            self.open()
+            return
         for i in range(self.keep - 1, 0, -1):
-            src = f"{self.path}.{i}"
-            if os.path.lexists(src):
-                os.replace(src, f"{self.path}.{i + 1}")
-        first = f"{self.path}.1"
+            src = f"{name}.{i}"
+            if _lexists(src, d):
+                os.replace(src, f"{name}.{i + 1}", src_dir_fd=d, dst_dir_fd=d)
+        first = f"{name}.1"
         # the new file, created under FILE.1 (free now), then swapped in atomically
         fd = os.open(first, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, FILE_MODE)
+                     | os.O_CLOEXEC | os.O_NONBLOCK, FILE_MODE, dir_fd=d)
         try:
-            if not exchange(self.path, first):
-                os.replace(self.path, f"{first}.old")
-                os.replace(first, self.path)
-                os.replace(f"{first}.old", first)
+            if not exchange(d, name, first):
+                os.replace(name, f"{first}.old", src_dir_fd=d, dst_dir_fd=d)
+                os.replace(first, name, src_dir_fd=d, dst_dir_fd=d)
+                os.replace(f"{first}.old", first, src_dir_fd=d, dst_dir_fd=d)
         except OSError:
             os.close(fd)
             raise
@@ -258,7 +351,8 @@ class LineOutput:
         if self._sock is not None:
             return self._sock.send(view, socket.MSG_DONTWAIT)
         if self._chunked:
-            interrupt.wait(self.fd, select.POLLOUT)
+            if not interrupt.wait(self.fd, select.POLLOUT, 0):
+                raise BlockingIOError(errno.EAGAIN, "not writable")
             return os.write(self.fd, view[:PIPE_BUF])
         if self.fd < 0:
             raise OSError(errno.EBADF, "not open")
@@ -279,6 +373,9 @@ class LineOutput:
             self._sock = None
         if self._own and self.fd >= 0:
             os.close(self.fd)
+        if self._dirfd >= 0:
+            os.close(self._dirfd)
+        self._dirfd = -1
         self.fd = -1
         self._own = False
 

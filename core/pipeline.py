@@ -11,10 +11,18 @@ sink is left; a structured sink (jsonl into a shipper) ends the run at once
 and the CLI reports it with a non-zero status (`broken_pipes`), because every
 event from then on would be lost without a word.
 
-Back-pressure policy: sinks are called synchronously. A sink that blocks
-stalls the reader, the kernel buffer fills, and the kernel stage counts
-every record it cannot hand over ("dropped") — reported in-band and at exit.
-Nothing is lost without being counted.
+Back-pressure policy: sinks are called synchronously, one after another, but
+no sink may hold the others up. A line-writing sink (text, csv, jsonl) whose
+reader takes nothing for its `stall_timeout` (default 1 s; a stopped shipper,
+a paused pager such as `tcpstates | less`) fails that write with
+OutputStalled: the batch, or its unwritten part, is counted as not written
+for that sink alone, warned about once per episode, and the next batch tries
+it again, while the other sinks keep receiving. A person paging longer than
+stall_timeout therefore loses (counted) events; `-o
+sinks.text.stall_timeout=...` raises it. A sink slower than the event rate
+(but not stalled) still slows the reader: the kernel buffer fills, and the
+kernel stage counts every record it cannot hand over ("dropped") — reported
+in-band and at exit. Nothing is lost without being counted.
 """
 
 from __future__ import annotations
@@ -94,8 +102,33 @@ class Pipeline:
             out.append(kc)
         return out
 
+    def aggregates_exact(self) -> bool:
+        """Would a source's aggregates count exactly the events the chain keeps?
+        Only when the kernel decides every filter fully (`KernelConstraints.complete`)
+        and no enricher may drop events (on_error = "drop"); otherwise the
+        sinks must count from the events themselves."""
+        for c in self.chain:
+            if c.is_filter:
+                kc = c.stage.kernel_constraints()
+                if kc is None or not kc.complete:
+                    return False
+            elif c.on_error == "drop":
+                return False
+        return True
+
+    def events_needed(self) -> bool:
+        """Does anything need the events themselves? Not when every sink takes
+        aggregates and every chain stage is a filter the kernel fully decides;
+        enrichers and observers always do."""
+        if any(not type(s.sink).consumes_aggregates for s in self.sinks):
+            return True
+        return any(not c.is_filter or type(c.stage).observes() for c in self.chain) \
+            or not self.aggregates_exact()
+
     def start(self, on_started: Callable[[], None] | None = None) -> None:
         """Attach the source, then open sinks: nothing is printed before we trace."""
+        if any(type(s.sink).consumes_aggregates for s in self.sinks) and self.aggregates_exact():
+            self.source.request_aggregates(events_needed=self.events_needed())
         self.source.start(self.kernel_constraints())
         for slot in self.sinks:
             # one sink that cannot start (/dev/full, stdout closed, a FIFO nobody
@@ -267,6 +300,20 @@ class Pipeline:
                         except Exception as exc:
                             self._sink_failed(slot, exc)
 
+    def push_aggregates(self) -> None:
+        """Hand the source's latest aggregates to the sinks that consume them."""
+        if not self.context.aggregates:
+            return
+        snapshot = self.source.aggregates()
+        if snapshot is None:
+            return
+        for slot in self.sinks:
+            if slot.active and type(slot.sink).consumes_aggregates:
+                try:
+                    slot.sink.write_aggregates(snapshot)
+                except Exception as exc:
+                    self._sink_failed(slot, exc)
+
     def reopen(self) -> None:
         for slot in self.sinks:
             if slot.active:
@@ -289,6 +336,7 @@ class Pipeline:
                 self.reopen()
             if self.report_requested:
                 self.report_requested = False
+                self.push_aggregates()
                 for slot in self.sinks:
                     if slot.active:
                         try:
@@ -299,6 +347,7 @@ class Pipeline:
             if now >= next_loss:
                 next_loss = now + LOSS_POLL_INTERVAL
                 self.check_loss()
+                self.push_aggregates()
         self.drain()
 
     def drain(self) -> None:
@@ -312,6 +361,8 @@ class Pipeline:
         self.check_loss()
 
     def close(self) -> None:
+        if self._started:
+            self.push_aggregates()     # the final totals, while the source is open
         for slot in self.sinks:
             if slot.active:
                 try:

@@ -23,7 +23,7 @@ import tcpstates
 from tcpstates import hookspecs
 from tcpstates.api import Enricher, Filter, Sink, Source, Stage, Warner
 from tcpstates.errors import EnvironmentProblem, StageError, UsageError
-from tcpstates.security import check_plugin_file
+from tcpstates.security import check_plugin_file, check_plugin_tree
 
 KINDS = {"source": Source, "filter": Filter, "enricher": Enricher, "sink": Sink}
 ENTRY_POINT_GROUP = "tcpstates"
@@ -199,6 +199,33 @@ def _entry_point_files(ep: Any) -> list[Path]:
     return files
 
 
+def _entry_point_trees(ep: Any) -> list[tuple[Path, bool]]:
+    """What to check under the entry point's top-level name: a package's whole
+    directory tree (submodules, __pycache__), or a single module file with its
+    __pycache__ directory and bytecode files."""
+    from importlib.machinery import PathFinder
+
+    top = ep.module.split(".")[0]
+    try:
+        spec = PathFinder.find_spec(top, None)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [(Path(p), True) for p in spec.submodule_search_locations]
+    if not spec.origin or spec.origin in ("built-in", "frozen"):
+        return []
+    module = Path(spec.origin)
+    cache = module.parent / "__pycache__"
+    trees = [(module, False)]
+    if cache.exists() or cache.is_symlink():
+        # the directory itself (others' bytecode may share it), then this module's entries
+        trees.append((cache, False))
+        trees.extend((p, False) for p in cache.glob(f"{module.stem}.*"))
+    return trees
+
+
 def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str]],
                        blocked: set[str], warner: Warner, strict: bool,
                        allow_insecure: bool = False) -> None:
@@ -212,6 +239,8 @@ def _load_entry_points(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str
             continue
         for location in _entry_point_files(ep):
             check_plugin_file(location, f"plugin {ep.name!r} ({dist_name} {version})", allow_insecure)
+        for tree, recursive in _entry_point_trees(ep):
+            check_plugin_tree(tree, f"plugin {ep.name!r} ({dist_name} {version})", allow_insecure, recursive)
         try:
             plugin = ep.load()
         except Exception as exc:   # any import-time error of foreign code

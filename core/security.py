@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import stat
 import sys
 from pathlib import Path
 
@@ -48,6 +49,65 @@ def check_plugin_file(path: Path, what: str, allow: bool) -> None:
     if bad is not None:
         raise UsageError(f"{what}: refusing to load {path} as root because {bad} is writable by "
                          f"someone other than root; fix its ownership/mode or pass --allow-insecure-plugins")
+
+
+def _describe(st: os.stat_result) -> str:
+    return f"owner uid {st.st_uid}, mode {st.st_mode & 0o7777:o}"
+
+
+def untrusted_in_tree(root: Path, recursive: bool = True) -> tuple[Path, str] | None:
+    """The first directory or file under `root` (itself included; lstat, links
+    not followed) that someone other than root owns or may write, with why.
+
+    Python imports whatever lies in a package: submodules the entry module
+    imports and the bytecode in __pycache__ it prefers over the source. A
+    symbolic link counts as trusted only when it is root's and its target (with
+    the target's parents, and everything under a target directory) is too."""
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        path = stack.pop()
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid != 0:
+                return path, f"a symbolic link owned by uid {st.st_uid}"
+            target = path.resolve()
+            bad = writable_by_others(target)
+            if bad is not None:
+                return path, f"a symbolic link to {target}, and {bad} is writable by others"
+            try:
+                if target.is_dir() and recursive:
+                    stack.append(target)
+            except OSError:
+                pass
+            continue
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return path, _describe(st)
+        if stat.S_ISDIR(st.st_mode) and recursive:
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                stack.extend(sorted(path.iterdir(), reverse=True))
+            except OSError as exc:
+                return path, f"cannot be listed ({exc.strerror})"
+    return None
+
+
+def check_plugin_tree(root: Path, what: str, allow: bool, recursive: bool = True) -> None:
+    """Everything an import of the plugin's top-level package (or module) may run."""
+    if os.geteuid() != 0 or allow:
+        return
+    bad = untrusted_in_tree(root, recursive)
+    if bad is not None:
+        path, why = bad
+        raise UsageError(f"{what}: refusing to load it as root because {path} could have been written by "
+                         f"someone other than root ({why}); make it root's and not writable by group/others "
+                         f"(or remove it, e.g. a stale __pycache__), or pass --allow-insecure-plugins")
 
 
 def drop_privileges(user: str) -> None:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 import random
+import struct
+import subprocess
+import sys
+import time
 
 import orjson
 import pytest
@@ -19,6 +23,8 @@ from tcpstates.plugins.bcc_table import format as bcc_format
 from tcpstates.plugins.bcc_table.format import BccFormatter
 from tcpstates.plugins.jsonl import sink as jsonl_sink
 from tcpstates.plugins.jsonl.sink import JsonlOptions, JsonlSink
+from tcpstates.plugins.kernel import decoder as kernel_decoder
+from tcpstates.plugins.kernel.decoder import EVENT_SIZE, EVENT_STRUCT, NO_OWNER, SPAN_UNKNOWN, Decoder
 
 needs_c = pytest.mark.skipif(not (bcc_format.C_ROWS_AVAILABLE and jsonl_sink.C_ENCODER_AVAILABLE),
                              reason="C speed-ups not built (pure-Python install)")
@@ -129,3 +135,157 @@ def test_doctor_names_the_hot_path():
 
 def test_env_switch_is_honoured():
     assert os.environ.get("TCPSTATES_NO_SPEEDUPS") is None or not bcc_format.C_ROWS_AVAILABLE
+
+
+# -- the kernel record decoder (plugins/kernel/_decode.c) -------------------------------
+
+needs_c_decoder = pytest.mark.skipif(not kernel_decoder.C_DECODER_AVAILABLE,
+                                     reason="C decoder not built (pure-Python install)")
+RAW_COMMS = [b"python3", b"a\nb", "é-ü".encode(), b"x" * 16, b"", b'q"uote', b"back\\slash", b"tab\tcr\r",
+             b"\x7fdel", "😀".encode(), b"ctl\x01\x1f", b"a,b", b"\xff\xfe bad utf8", b"\xe2\x82",
+             b"nul\0after-nul", b"\x1b[31mred"]
+
+
+def raw_records(n: int, seed: int) -> bytes:
+    """Ring records as the kernel lays them out, built to hit every edge."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        fam = rnd.choice((AF_INET, AF_INET6))
+        def addr() -> bytes:
+            if fam == AF_INET:
+                return rnd.choice([bytes([127, 0, 0, 1]), bytes([10, 0, rnd.randrange(3), 1]),
+                                   bytes(4), b"\xff" * 4]) + bytes(12)
+            return rnd.choice([bytes(15) + b"\1", b"\xfe\x80" + bytes(13) + b"\1",
+                               bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1]), rnd.randbytes(16)])
+        owner = rnd.choice([NO_OWNER, rnd.randbytes(40), bytes(39) + b"\1"])
+        out.append(struct.pack("<II", EVENT_SIZE, rnd.randrange(1 << 32)) + EVENT_STRUCT.pack(
+            rnd.randrange(1 << 64), rnd.randrange(1 << 64),
+            rnd.choice([SPAN_UNKNOWN, 0, 1, SPAN_UNKNOWN - 1, rnd.randrange(1 << 64)]),
+            rnd.randrange(1 << 64), rnd.choice([0, rnd.randrange(1 << 32), (1 << 32) - 1]),
+            rnd.randrange(1 << 32), rnd.randrange(65536), rnd.randrange(65536), fam,
+            rnd.choice([1, 2, 7, 10, 12, 0, 13, 255]), rnd.choice([1, 3, 7, 0, 16, 200]),
+            addr(), addr(), rnd.choice(RAW_COMMS).ljust(16, b"\0")[:16], owner))
+    return b"".join(out)
+
+
+def _both(data: bytes) -> tuple[tuple[list[Event], int], tuple[list[Event], int]]:
+    return Decoder(use_c=True).decode_block(data), Decoder(use_c=False).decode_block(data)
+
+
+@needs_c_decoder
+def test_c_decoder_equals_python_on_random_records():
+    data = raw_records(5000, seed=3)
+    c, py = _both(data)
+    assert c[1] == py[1] == len(data)
+    assert len(c[0]) == 5000
+    assert c[0] == py[0]
+    assert any(e.extra for e in c[0]) and any(e.span_ns is None for e in c[0])
+    assert any("\ufffd" in e.comm for e in c[0]) and any("\\x" in e.comm for e in c[0])
+    # the rendered rows too (the memo must hand out the very texts Python made)
+    fmt = BccFormatter(csv=False, wide=True, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
+    assert fmt.encoded(c[0], use_c=False) == fmt.encoded(py[0], use_c=False)
+
+
+@needs_c_decoder
+def test_c_decoder_stops_where_python_stops():
+    data = raw_records(50, seed=4)
+    step = 8 + EVENT_SIZE
+    busy = data[:10 * step] + struct.pack("<I", EVENT_SIZE | (1 << 31)) + data[10 * step + 4:]
+    for block in (busy, data[:-1], data[:step - 1], b"", data[:5 * step] + b"\0" * step):
+        c, py = _both(block)
+        assert c == py
+    assert _both(busy)[0][1] == 10 * step
+
+
+@needs_c_decoder
+def test_c_decoder_fails_like_python_on_an_unknown_family():
+    bad = struct.pack("<II", EVENT_SIZE, 0) + EVENT_STRUCT.pack(
+        1, 2, 3, 4, 5, 6, 7, 8, 3, 1, 7, bytes(16), bytes(16), b"x".ljust(16, b"\0"), NO_OWNER)
+    errors = []
+    for use_c in (True, False):
+        with pytest.raises(Exception) as info:
+            Decoder(use_c=use_c).decode_block(bad)
+        errors.append(type(info.value))
+    assert errors[0] is errors[1]
+
+
+@needs_c_decoder
+def test_c_decoder_survives_cache_clearing():
+    dec_c, dec_py = Decoder(use_c=True), Decoder(use_c=False)
+    dec_c.CACHE_LIMIT = dec_py.CACHE_LIMIT = 3        # clear the Python caches all the time
+    for seed in range(5):
+        data = raw_records(400, seed=10 + seed)
+        assert dec_c.decode_block(data) == dec_py.decode_block(data)
+
+
+@needs_c_decoder
+@pytest.mark.parametrize(("pure", "method"), [("1", "decode_block"), ("", "_decode_block_c")])
+def test_no_speedups_switch_decides_the_decoder(pure, method):
+    code = "from tcpstates.plugins.kernel import decoder; print(decoder.Decoder().decode_block.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TCPSTATES_NO_SPEEDUPS": pure},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == method
+
+
+@needs_c
+@pytest.mark.parametrize("wide", [False, True])
+def test_text_c_rows_hand_formatting_matches_printf_at_the_edges(wide):
+    """The C rows format numbers by hand: widths overflowing, the largest
+    values, and durations at and beyond the exact-decimal bound (2^40 µs)."""
+    spans = [0, 999, 1000, 1499, 1500, 999_999, 1_000_000, (1 << 40) * 1000 - 1, (1 << 40) * 1000,
+             (1 << 40) * 1000 + 500_000, (1 << 53) * 1000, (1 << 53) * 1000 + 999, (1 << 64) - 1,
+             123_456_789_012_345_678]
+    rnd = random.Random(5)
+    batch = [Event(ts_ns=0, skaddr=rnd.choice([0, 1, (1 << 64) - 1, 0xabcdef]), span_ns=span,
+                   pid=rnd.choice([0, 7, 99999, 123456, (1 << 32) - 1]), tid=0,
+                   comm=rnd.choice(["", "x" * 9, "y" * 10, "z" * 11, "w" * 16, "v" * 17]),
+                   family=rnd.choice([AF_INET, AF_INET6]),
+                   saddr=rnd.choice(["", "1.2.3.4", "255.255.255.255", "a" * 39, "b" * 45]),
+                   sport=rnd.choice([0, 65535, 12345]), daddr="::1", dport=rnd.choice([0, 80, 65535]),
+                   oldstate=rnd.choice([0, 1, 12, 13, 255]), newstate=rnd.choice([7, 99, 100]))
+             for span in spans for _ in range(8)]
+    fmt = BccFormatter(csv=False, wide=wide, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
+    assert fmt.encoded(batch, use_c=True) == fmt.encoded(batch, use_c=False)
+
+
+@pytest.mark.kernel
+@needs_c_decoder
+def test_c_decoder_on_real_kernel_records_prints_what_python_prints():
+    """Real traffic through the real probe: the C decoder is the one in use, and
+    every block it decoded gives the same Events, and the same -w table bytes,
+    when decoded again by the pure-Python decoder."""
+    from traffic import free_port, session
+
+    from tcpstates.plugins.kernel.probe import KernelProbe
+    probe = KernelProbe(ring_pages=64, max_sockets=4096, buffer="ring", local_ports=None,
+                        remote_ports=None, family=None, poll_s=0.01)
+    try:
+        assert probe.decoder.decode_block.__name__ == "_decode_block_c"   # what plain tcpstates runs
+        blocks: list[bytes] = []
+        real = probe._decode_block
+
+        def keep(data: bytes):
+            blocks.append(bytes(data))
+            return real(data)
+        probe._decode_block = keep
+        ports = {free_port(AF_INET), free_port(AF_INET6)}
+        p4, p6 = sorted(ports)
+        session(AF_INET, p4, hold=0.01, server_delay=0.0)
+        session(AF_INET6, p6, hold=0.01, server_delay=0.0)
+        got: list[Event] = []
+        deadline = time.monotonic() + 10
+        # per session: the listener (2 changes) + client and server child (5 each): 12
+        while time.monotonic() < deadline and sum(1 for e in got if {e.sport, e.dport} & ports) < 24:
+            got += probe.read(0.2)
+    finally:
+        probe.close()
+    ours = [e for e in got if {e.sport, e.dport} & ports]
+    assert len(ours) == 24, ours
+    assert {e.family for e in ours} == {AF_INET, AF_INET6}
+    c_events = [e for b in blocks for e in Decoder(use_c=True).decode_block(b)[0]]
+    py_events = [e for b in blocks for e in Decoder(use_c=False).decode_block(b)[0]]
+    assert c_events == py_events
+    assert [e for e in c_events if {e.sport, e.dport} & ports] == ours
+    fmt = BccFormatter(csv=False, wide=True, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
+    assert fmt.encoded(c_events, use_c=True) == fmt.encoded(py_events, use_c=False)

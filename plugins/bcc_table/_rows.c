@@ -37,10 +37,36 @@ static int get_ascii(PyObject *obj, PyObject *name, PyObject **out) {
 static const char *NAMES[13] = {NULL, "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
     "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV"};
 
-static void state(char *out, size_t n, unsigned long long s) {
-    s &= 255;
-    if (s >= 1 && s <= 12) snprintf(out, n, "%s", NAMES[s]); else snprintf(out, n, "%llu", s);
+/* printf's conversions by hand: snprintf's format parsing was most of a
+ * row's cost. Each writes at o and returns the end. */
+static char *pad(char *o, char *start, int width) {       /* %-Ns: spaces up to width */
+    while (o - start < width) *o++ = ' ';
+    return o;
 }
+static char *dec(char *o, unsigned long long v) {          /* %llu */
+    char t[24]; int n = 0;
+    do { t[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) *o++ = t[--n];
+    return o;
+}
+static char *hex(char *o, unsigned long long v) {          /* %llx */
+    char t[24]; int n = 0;
+    do { t[n++] = "0123456789abcdef"[v & 15]; v >>= 4; } while (v);
+    while (n) *o++ = t[--n];
+    return o;
+}
+static char *str(char *o, const char *s, Py_ssize_t n, Py_ssize_t precision) {   /* %.Ps */
+    if (precision >= 0 && n > precision) n = precision;
+    memcpy(o, s, n);
+    return o + n;
+}
+static char *state(char *o, unsigned long long s) {        /* %-11s of the name or number */
+    char *start = o;
+    s &= 255;
+    if (s >= 1 && s <= 12) o = str(o, NAMES[s], (Py_ssize_t)strlen(NAMES[s]), -1); else o = dec(o, s);
+    return pad(o, start, 11);
+}
+#define FIELD(expr, width) do { char *st_ = o; o = (expr); o = pad(o, st_, (width)); } while (0)
 
 /* 1 rendered, 0 fallback, -1 error */
 static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wide) {
@@ -68,22 +94,43 @@ static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wid
         if (!p) { Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da); PyErr_NoMemory(); return -1; }
         *pp = p; *cap = c;
     }
-    char o[16], nw[16];
-    state(o, sizeof o, old); state(nw, sizeof nw, new_);
-    double ms = known ? (double)(span / 1000) / 1000.0 : 0.0;   /* bcc: whole µs, then ms */
-    const char *c = PyUnicode_AsUTF8(comm), *s = PyUnicode_AsUTF8(sa), *d = PyUnicode_AsUTF8(da);
-    int n;
-    if (wide)
-        n = snprintf(*pp + *len, *cap - *len,
-                     "%-16llx %-5llu %-16.16s %-2s %-39s %-5llu %-39s %-5llu %-11s -> %-11s %.3f\n",
-                     sk, pid, c, fam == 2 ? "4" : "6", s, sport, d, dport, o, nw, ms);
-    else
-        n = snprintf(*pp + *len, *cap - *len,
-                     "%-16llx %-5llu %-10.10s %-15s %-5llu %-15s %-5llu %-11s -> %-11s %.3f\n",
-                     sk, pid, c, s, sport, d, dport, o, nw, ms);
+    unsigned long long us = known ? span / 1000 : 0;         /* bcc: whole µs, then ms */
+    Py_ssize_t cn, sn, dn;
+    const char *c = PyUnicode_AsUTF8AndSize(comm, &cn), *s = PyUnicode_AsUTF8AndSize(sa, &sn),
+               *d = PyUnicode_AsUTF8AndSize(da, &dn);
+    char *o = *pp + *len;
+    FIELD(hex(o, sk), 16); *o++ = ' ';
+    FIELD(dec(o, pid), 5); *o++ = ' ';
+    if (wide) {
+        /* "%-16llx %-5llu %-16.16s %-2s %-39s %-5llu %-39s %-5llu %-11s -> %-11s %.3f\n" */
+        FIELD(str(o, c, cn, 16), 16); *o++ = ' ';
+        *o++ = fam == 2 ? '4' : '6'; *o++ = ' '; *o++ = ' ';
+        FIELD(str(o, s, sn, -1), 39); *o++ = ' ';
+        FIELD(dec(o, sport), 5); *o++ = ' ';
+        FIELD(str(o, d, dn, -1), 39); *o++ = ' ';
+    } else {
+        /* "%-16llx %-5llu %-10.10s %-15s %-5llu %-15s %-5llu %-11s -> %-11s %.3f\n" */
+        FIELD(str(o, c, cn, 10), 10); *o++ = ' ';
+        FIELD(str(o, s, sn, -1), 15); *o++ = ' ';
+        FIELD(dec(o, sport), 5); *o++ = ' ';
+        FIELD(str(o, d, dn, -1), 15); *o++ = ' ';
+    }
     Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da);
-    if (n < 0 || n >= *cap - *len) return 0;
-    *len += n;
+    FIELD(dec(o, dport), 5); *o++ = ' ';
+    o = state(o, old);
+    memcpy(o, " -> ", 4); o += 4;
+    o = state(o, new_);
+    *o++ = ' ';
+    if (us < (1ULL << 40)) {
+        /* us/1000.0 is within 2^-12 of the decimal: %.3f prints exactly this */
+        o = dec(o, us / 1000); *o++ = '.';
+        unsigned f = (unsigned)(us % 1000);
+        *o++ = (char)('0' + f / 100); *o++ = (char)('0' + f / 10 % 10); *o++ = (char)('0' + f % 10);
+    } else {
+        o += snprintf(o, 64, "%.3f", (double)us / 1000.0);
+    }
+    *o++ = '\n';
+    *len = o - *pp;
     return 1;
 }
 

@@ -24,6 +24,9 @@ class CsvOptions:
     timestamp: bool = option(False, "prefix a TIME(s) column, seconds since the first event (-t)")
     header: bool = option(True, "print the header line first")
     owner: bool = option(False, "add O-PID/O-COMM/WORKLOAD columns: the socket's owner and its pod or container (--owner)")
+    stall_timeout: float = option(1.0, "seconds the reader may take nothing before a batch fails for this "
+                                  "sink alone (counted as not written; the other sinks go on)",
+                                  min=0.01, max=3600.0)
 
     def validate(self) -> None:
         if not self.path:
@@ -41,7 +44,8 @@ class _BccSink(Sink):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.output = LineOutput(options.path, notice=context.warn)
+        self.output = LineOutput(options.path, notice=context.warn,
+                                 stall_timeout=options.stall_timeout)
         # connection records (a source in connection mode) have their own table
         cls = ConnectionFormatter if context.records == "connection" else BccFormatter
         self.formatter = cls(csv=self.csv, wide=getattr(options, "wide", False),

@@ -1,10 +1,11 @@
 """Built-in user-space filters: ports, family, state/transition, duration,
 process, address.
 
-The ports and family filters also tell the kernel stage what it may drop
-before an event is ever copied to user space (the -L, -D, -4 and -6 flags
-are these filters). Each filter still checks in user space, so replayed
-events are filtered the same way.
+Every filter also tells the kernel stage what it may drop before an event is
+ever copied to user space (the -L, -D, -4 and -6 flags are such filters), as
+far as the kernel can decide it: not glob patterns of command names, not the
+owner process. Each filter still checks in user space, so replayed events are
+filtered the same way and correctness never depends on the kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ipaddress
 import socket
 from typing import Any
 
-from tcpstates.api import Filter, KernelConstraints, RunContext
+from tcpstates.api import AddressRule, Filter, KernelConstraints, ProcessRule, RunContext
 from tcpstates.events import STATE_NUMBERS, Event
 from tcpstates.options import option
 from tcpstates.plugins.filters.ports import parse_ports
@@ -56,7 +57,7 @@ class PortsFilter(Filter):
         return batch
 
     def kernel_constraints(self) -> KernelConstraints:
-        return KernelConstraints(local_ports=self.local, remote_ports=self.remote)
+        return KernelConstraints(local_ports=self.local, remote_ports=self.remote, complete=True)
 
 
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
@@ -83,7 +84,7 @@ class FamilyFilter(Filter):
         return event.family == self.family
 
     def kernel_constraints(self) -> KernelConstraints:
-        return KernelConstraints(family=self.family)
+        return KernelConstraints(family=self.family, complete=True)
 
 
 def _states(names: list[str], where: str) -> frozenset[int]:
@@ -134,7 +135,7 @@ class StateFilter(Filter):
         # every (old, new) pair this filter keeps: the kernel tests one bit
         keep = frozenset((a, b) for a in range(1, 13) for b in range(1, 13)
                          if self.keep(_Probe(a, b)))
-        return KernelConstraints(transitions=keep)
+        return KernelConstraints(transitions=keep, complete=True)
 
 
 class _Probe:
@@ -231,6 +232,38 @@ class ProcessFilter(Filter):
                  (not self.options.comm or self._comm_ok(comm)))
         return match != self.options.exclude
 
+    def kernel_constraints(self) -> KernelConstraints | None:
+        # the owner is known only in user space (the owner enricher); glob
+        # patterns cannot be matched in the kernel
+        if self.owner:
+            return None
+        o = self.options
+        pids = self.pids or None
+        pushable = frozenset(c for c in self.exact if kernel_comm(c))
+        if not o.exclude:
+            # a keep rule may only be wider than the filter: a comm condition
+            # goes in only when the kernel can decide every name
+            whole = bool(o.comm) and not self.globs and pushable == self.exact
+            comms = pushable if whole else None
+        else:
+            # a drop rule may only be narrower: the exact names it can decide
+            if o.comm and not pushable:
+                return None
+            comms = pushable or None
+        if pids is None and comms is None:
+            return None
+        # complete: the kernel's rule is this filter's whole test
+        whole_comm = not o.comm or (not self.globs and pushable == self.exact)
+        return KernelConstraints(process_rules=(ProcessRule(pids, comms, o.exclude),), complete=whole_comm)
+
+
+def kernel_comm(name: str) -> bool:
+    """Can the kernel compare `name` with the raw 16-byte comm? Only when the
+    decoder shows those bytes unchanged: printable, no backslash (an escape
+    looks like one), valid UTF-8 of 1..15 bytes."""
+    return (name.isprintable() and "\\" not in name and "\ufffd" not in name
+            and 1 <= len(name.encode()) <= 15)
+
 
 @dataclasses.dataclass
 class AddressOptions:
@@ -282,3 +315,9 @@ class AddressFilter(Filter):
         match = ((not o.local_nets or self._in(event.saddr, True)) and
                  (not o.remote_nets or self._in(event.daddr, False)))
         return match != o.exclude
+
+    def kernel_constraints(self) -> KernelConstraints:
+        # exactly this filter's test, in LPM tries (plugins/kernel/pushdown.py)
+        o = self.options
+        return KernelConstraints(address_rules=(AddressRule(
+            tuple(o.local_nets) or None, tuple(o.remote_nets) or None, o.exclude),), complete=True)

@@ -38,6 +38,9 @@ class JsonlOptions:
     max_bytes: int = option(0, "rotate to PATH.1 ... before the file would exceed this size (0: never)",
                             min=0, max=1 << 50)
     keep: int = option(5, "rotated files to keep", min=1, max=1000)
+    stall_timeout: float = option(1.0, "seconds the reader may take nothing before a batch fails for this "
+                                  "sink alone (counted as not written; the other sinks go on)",
+                                  min=0.01, max=3600.0)
 
     def validate(self) -> None:
         if not self.path:
@@ -55,7 +58,7 @@ class JsonlSink(Sink):
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
         self.output = LineOutput(options.path, max_bytes=options.max_bytes, keep=options.keep,
-                                 notice=context.warn)
+                                 notice=context.warn, stall_timeout=options.stall_timeout)
         self.seq = 0
         self.rfc3339 = Rfc3339()
         self.use_c = True

@@ -6,6 +6,7 @@ that the C layout and `EVENT_STRUCT` agree.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Any
@@ -26,6 +27,14 @@ SPAN_UNKNOWN = (1 << 64) - 1
 KERNEL_OWNER = "_kernel_owner"        # extra key of the raw owner fields (private to owner)
 NO_OWNER = bytes(40)
 
+try:   # the optional C decoder (setup.py); Decoder(use_c=False) is the reference
+    import tcpstates.plugins.kernel._decode as _c_decode
+except ImportError:    # pragma: no cover - depends on the build
+    _c_decode = None
+if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
+    _c_decode = None
+C_DECODER_AVAILABLE = _c_decode is not None
+
 
 class Decoder:
     """Turns raw kernel records into Events, with small caches.
@@ -37,10 +46,20 @@ class Decoder:
 
     CACHE_LIMIT = 8192
 
-    def __init__(self) -> None:
+    def __init__(self, use_c: bool = True) -> None:
         self._addr4: dict[bytes, str] = {}
         self._addr6: dict[bytes, str] = {}
         self._comm: dict[bytes, str] = {}
+        if use_c and _c_decode is not None:
+            self.decode_block = self._decode_block_c    # type: ignore[method-assign]
+
+    def _decode_block_c(self, data: bytes) -> tuple[list[Event], int]:
+        # the C decoder asks our caches and slow paths for every text it has
+        # not memoised, so the escaping rules stay here (and in tcpstates.text)
+        assert _c_decode is not None
+        result: tuple[list[Event], int] = _c_decode.decode_block(
+            data, Event, self._addr4, self._addr6, self._comm, self._slow_addr, self.comm, KERNEL_OWNER)
+        return result
 
     def comm(self, raw: bytes) -> str:
         text = self._comm.get(raw)
@@ -63,7 +82,8 @@ class Decoder:
         return (self._addr4 if family == AF_INET else self._addr6).get(raw) or self._slow_addr(family, raw)
 
     def decode_block(self, data: bytes) -> tuple[list[Event], int]:
-        """Decode back-to-back ring records (8-byte header + event) from `data`.
+        """Decode back-to-back ring records (8-byte header + event) from `data`
+        (the C decoder replaces this method when it is available).
 
         Stops at the first record whose header is not exactly ours (a busy,
         not yet submitted reservation, or a foreign record) and returns the

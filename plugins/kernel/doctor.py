@@ -85,5 +85,14 @@ ROWS: list[tuple[str, bool, Callable[[], Row]]] = [
     ("btf", False, _btf), ("bcc", True, _bcc), ("kernel headers", True, _headers)]
 
 
+def _decoder() -> tuple[bool, str]:
+    from tcpstates.plugins.kernel.decoder import C_DECODER_AVAILABLE
+    if C_DECODER_AVAILABLE:
+        return True, "C decoder of kernel records is in use"
+    return False, ("pure Python (same events, more CPU per event): the C extension is not built or "
+                   "TCPSTATES_NO_SPEEDUPS is set")
+
+
 def checks() -> list[Check]:
-    return [Check(name, required, lambda fn=fn: fn()[2:4]) for name, required, fn in ROWS]   # type: ignore[misc]
+    return [Check(name, required, lambda fn=fn: fn()[2:4]) for name, required, fn in ROWS] + [   # type: ignore[misc]
+        Check("record decoder", False, _decoder)]

@@ -40,6 +40,8 @@ class LoadRequest:
     ncpus: int = 128
     wakeup_events: int = 1                 # perf buffer: samples per reader wake-up
     transitions: list[int] | None = None   # (old << 4) | new keys to keep
+    #: map name -> [(raw key, u8 value)] (address/process rules, pushdown.py)
+    map_entries: dict[str, list[tuple[bytes, int]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -53,6 +55,8 @@ class Loaded:
     helper_peak_rss_kb: int
     all_fds: list[int]
     attach_fds: list[int] = dataclasses.field(default_factory=list)   # every attachment bcc made
+    agg_fd: int = -1                 # agg map (-DTCPSTATES_AGGREGATES), else -1
+    agg_ports_fd: int = -1           # agg_ports map
     prog_fds: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def close(self) -> None:
@@ -121,6 +125,10 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
             table = bpf[name]
             for key in keys:
                 table[ctypes.c_int(key)] = ctypes.c_uint8(1)
+    for name, entries in req.map_entries.items():
+        table = bpf[name]
+        for raw, value in entries:
+            table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
     perf_table = bpf["events"] if req.perf_mode else bpf["spill"]
     pages = req.buffer_pages if req.perf_mode else SPILL_PAGES
     perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None,
@@ -146,6 +154,9 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
              # the perf-event array's own fd goes too: the kernel empties such a
              # map when the last user-space reference to it closes
              "perf_map": perf_table.map_fd}
+    if any(f.startswith("-DTCPSTATES_AGGREGATES") for f in req.cflags):
+        named["agg"] = bpf["agg"].map_fd           # bpf/aggregates.bpf.h
+        named["agg_ports"] = bpf["agg_ports"].map_fd
     named = {k: fd for k, fd in named.items() if fd >= 0}
     fds = list(named.values()) + attach + list(progs.values()) + list(perf_fds.values())
     msg = {"named": list(named), "n_attach": len(attach), "progs": list(progs),
@@ -207,4 +218,5 @@ def load(req: LoadRequest) -> Loaded:
     return Loaded(prog_fd=named["prog"], events_fd=named.get("events", -1), state_fd=named["state"],
                   ncpus=req.ncpus, perf_fds=dict(zip(msg["perf_cpus"], rest)), perf=perf,
                   helper_peak_rss_kb=max(msg["peak_rss_kb"], helper_peak_kb), all_fds=list(fds),
-                  attach_fds=attach, prog_fds=progs)
+                  attach_fds=attach, prog_fds=progs, agg_fd=named.get("agg", -1),
+                  agg_ports_fd=named.get("agg_ports", -1))

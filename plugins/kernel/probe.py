@@ -17,8 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from tcpstates.api import AddressRule, ProcessRule
 from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
+from tcpstates.plugins.kernel import pushdown
+from tcpstates.plugins.kernel.aggregates import AggregateReader
 from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD_SIZE, CONN_SIZE, decode_conn, decode_conn_block
 from tcpstates.plugins.kernel.decoder import EVENT_SIZE, RING_RECORD_SIZE, Decoder
 from tcpstates.plugins.kernel.headers import choose_header_tree
@@ -80,7 +83,8 @@ def recursion_misses(prog_fd: int) -> int:
 def build_cflags(src_dir: Path, *, max_sockets: int, ring_pages: int, buffer: str,
                  filter_lport: bool, filter_dport: bool, family: int | None,
                  no_wakeup: bool, ncpus: int | None = None, filter_transition: bool = False,
-                 min_span_ns: int | None = None, connections: bool = False) -> list[str]:
+                 min_span_ns: int | None = None, connections: bool = False,
+                 aggregates: bool = False, no_events: bool = False) -> list[str]:
     """The -D switches of bpf/tcpstates.bpf.c for one run (its header lists them)."""
     cflags = [f"-I{src_dir}", f"-DTCPSTATES_MAX_SOCKETS={int(max_sockets)}",
               f"-DTCPSTATES_RINGBUF_PAGES={int(ring_pages)}", "-Wno-macro-redefined"]
@@ -89,6 +93,11 @@ def build_cflags(src_dir: Path, *, max_sockets: int, ring_pages: int, buffer: st
         # there, so their filters stay in user space (on the closing record)
         cflags.append("-DTCPSTATES_CONNECTIONS=1")
         filter_transition, min_span_ns = False, None
+    elif aggregates:
+        # in-kernel histograms (bpf/aggregates.bpf.h); no records when nobody reads them
+        cflags.append("-DTCPSTATES_AGGREGATES=1")
+        if no_events:
+            cflags.append("-DTCPSTATES_NO_EVENTS=1")
     if ncpus is not None:
         cflags.append(f"-DTCPSTATES_NCPUS={int(ncpus)}")
     if filter_transition:
@@ -135,7 +144,10 @@ class KernelProbe:
                  poll_s: float = 0.05, transitions: frozenset[tuple[int, int]] | None = None,
                  min_span_ns: int | None = None, crosscheck: bool = False,
                  warn: Callable[[str], None] | None = None,
-                 extra_cflags: list[str] | None = None, connections: bool = False) -> None:
+                 extra_cflags: list[str] | None = None, connections: bool = False,
+                 address_rules: tuple[AddressRule, ...] = (),
+                 process_rules: tuple[ProcessRule, ...] = (),
+                 aggregates: bool = False, no_events: bool = False) -> None:
         from tcpstates.plugins.kernel.bpfsys import possible_cpus
         from tcpstates.plugins.kernel.cpustate import CpuState
         from tcpstates.plugins.kernel.loader import LoadRequest, load
@@ -181,7 +193,10 @@ class KernelProbe:
                               filter_dport=remote_ports is not None, family=family,
                               no_wakeup=self.poll_s is not None and buffer == "ring", ncpus=ncpus,
                               filter_transition=transitions is not None, min_span_ns=min_span_ns,
-                              connections=connections)
+                              connections=connections, aggregates=aggregates, no_events=no_events)
+        # address and process filters: rule masks and map contents (pushdown.py)
+        rules = pushdown.plan(address_rules, process_rules, connections=connections)
+        cflags += rules.cflags
         cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
         if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
@@ -201,10 +216,14 @@ class KernelProbe:
             remote_ports=sorted(remote_ports) if remote_ports is not None else None, ncpus=ncpus,
             wakeup_events=wakeup_events,
             transitions=sorted((o << 4) | n for o, n in transitions)
-            if transitions is not None and not connections else None))
+            if transitions is not None and not connections else None,
+            map_entries=rules.entries))
         self.prog_fd = self.loaded.prog_fd
         self.decoder = dec
         self.cpu = CpuState(self.loaded.state_fd, ncpus)
+        self.aggregates: AggregateReader | None = None
+        if self.loaded.agg_fd >= 0:
+            self.aggregates = AggregateReader(self.loaded.agg_fd, self.loaded.agg_ports_fd, ncpus)
         self.spilled = 0
         self.received = 0          # records taken from the kernel buffers
         self._held: list[Event] = []
@@ -450,4 +469,6 @@ class KernelProbe:
             self.reader.close()
         self.perf.close()
         self.cpu.close()
+        if self.aggregates is not None:
+            self.aggregates.close()
         self.loaded.close()      # closing the attachment's fd detaches the program

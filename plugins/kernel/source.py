@@ -6,10 +6,11 @@ import dataclasses
 import re
 from typing import Any
 
-from tcpstates.api import KernelConstraints, RunContext, Source
+from tcpstates.api import Aggregates, KernelConstraints, RunContext, Source
 from tcpstates.errors import UsageError
 from tcpstates.events import Event
 from tcpstates.options import option
+from tcpstates.plugins.kernel.pushdown import MAX_RULES
 
 
 @dataclasses.dataclass
@@ -29,6 +30,10 @@ class KernelOptions:
     mode: str = option("transitions", "transitions: one record per state change; connections: one "
                        "record per connection when it closes, accumulated in the kernel (--connections)",
                        choices=("transitions", "connections"))
+    aggregates: str = option("auto", "auto: when a sink takes aggregates (--summary, metrics), count "
+                             "histograms in the kernel (and send no records at all when nothing needs "
+                             "them); off: such sinks count from the records in user space",
+                             choices=("auto", "off"))
     crosscheck: bool = option(True, "count the tracepoint's hits independently in the kernel (a private "
                               "ftrace instance) and report every event neither seen nor counted as "
                               "'unaccounted'")
@@ -42,7 +47,8 @@ CFLAG = re.compile(r"-D[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+-]*)?")
 
 
 def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints:
-    """AND every filter's constraints together (intersection of port sets)."""
+    """AND every filter's constraints together (intersection of port sets,
+    address and process rules side by side: the kernel tests each)."""
     merged = KernelConstraints()
     for c in constraints:
         for attr in ("local_ports", "remote_ports", "transitions"):
@@ -54,6 +60,9 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
                 raise UsageError("the chain keeps only IPv4 and only IPv6 at once: nothing could "
                                  "pass; drop one of the family filters (-4/-6)")
             merged.family = c.family
+        # each filter's address/process test is one more rule the kernel ANDs
+        merged.address_rules += c.address_rules
+        merged.process_rules += c.process_rules
         if c.min_span_ns is not None:
             merged.min_span_ns = max(merged.min_span_ns or 0, c.min_span_ns)
         for flag in c.cflags:    # optional parts asked for by chain stages (union)
@@ -78,14 +87,35 @@ class KernelSource(Source):
         self.probe: Any = None
         self._wakeup_fd: int | None = None
         self._final_notes: dict[str, int] = {}
+        self._aggregates = False      # request_aggregates: histograms in the kernel
+        self._no_events = False       # ... and no records at all
         if options.mode == "connections":
             context.records = "connection"
+
+    def request_aggregates(self, *, events_needed: bool) -> bool:
+        # connection records carry their own per-state times: no aggregates there
+        if self.options.aggregates == "off" or self.options.mode == "connections":
+            return False
+        self._aggregates = True
+        self._no_events = not events_needed
+        self.context.aggregates = True
+        return True
+
+    def aggregates(self) -> Aggregates | None:
+        if self.probe is None or self.probe.aggregates is None:
+            return None
+        return self.probe.aggregates.snapshot()
 
     def start(self, constraints: list[KernelConstraints]) -> None:
         from tcpstates.plugins.kernel.probe import KernelProbe
 
         merged = merge_constraints(constraints)
         o = self.options
+        if max(len(merged.address_rules), len(merged.process_rules)) > MAX_RULES and self._aggregates:
+            # the rules beyond MAX_RULES stay in user space: the kernel's counts
+            # would include what they drop, so the sinks count from the events
+            # (they read context.aggregates when they open, after this)
+            self._aggregates = self._no_events = self.context.aggregates = False
         self.probe = KernelProbe(ring_pages=o.buffer_pages, max_sockets=o.max_sockets,
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
@@ -93,7 +123,10 @@ class KernelSource(Source):
                                  crosscheck=o.crosscheck, warn=self.context.warn,
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
                                  poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags),
-                                 connections=o.mode == "connections")
+                                 connections=o.mode == "connections",
+                                 address_rules=merged.address_rules,
+                                 process_rules=merged.process_rules,
+                                 aggregates=self._aggregates, no_events=self._no_events)
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
         # measured after the (slow) compile so drift over the run starts small
@@ -114,12 +147,17 @@ class KernelSource(Source):
         if self.probe is None:
             return self._final_notes
         counts = self.probe.kernel_counts()
-        return {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
+        notes = {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
+        if self.probe.aggregates is not None:
+            notes["aggregated_in_kernel"] = self.probe.aggregates.events()
+        return notes
 
     def status(self) -> str:
         if self.probe is None:
             return "not attached"
         what = "connection records, " if self.probe.connections else ""
+        if self._aggregates:
+            what += "in-kernel histograms only, " if self._no_events else "in-kernel histograms, "
         return (f"tracing sock:inet_sock_set_state ({what}{self.probe.buffer} buffer); BPF compiled by a "
                 f"helper process, peak RSS {self.probe.loaded.helper_peak_rss_kb // 1024} MB")
 

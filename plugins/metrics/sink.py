@@ -10,6 +10,15 @@ Exposes, on `listen` (default 127.0.0.1:9464, path /metrics):
 With connection records (`--connections`) the histograms come from each
 record's state times; transitions_total is not known then and stays empty.
 Per-socket state for lifetimes is bounded (oldest forgotten first).
+
+From the live kernel (per state change) the transitions and the three
+histograms are the kernel's own aggregates (counted in BPF maps, read at
+each scrape's latest snapshot, nothing per event here). Their buckets are
+then the kernel's log2 ones: le = 2^i µs for i = 0..36 (0.000001, 0.000002,
+... 0.008192, 0.016384, ... 68719.476736 seconds), then +Inf; every
+observation counted at a bound is below it, so the
+cumulative counts are exact; the fixed BUCKETS below apply when counting
+from events (replay, connection records, [sources.kernel] aggregates = "off").
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import collections
 import dataclasses
 from typing import Any
 
-from tcpstates.api import RunContext, Sink
+from tcpstates.api import Aggregates, Histogram, RunContext, Sink
 from tcpstates.errors import UsageError
 from tcpstates.events import CONNECTION, STATE_NAMES, STATE_NUMBERS, Event
 from tcpstates.options import option
@@ -27,6 +36,9 @@ from tcpstates.plugins.metrics.server import serve
 S = STATE_NUMBERS
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
            1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
+
+# aggregates: le = 2^i µs up to 2^36 µs (19 hours); longer only in +Inf
+LOG2_TOP = 36
 
 
 @dataclasses.dataclass
@@ -49,6 +61,7 @@ class MetricsSink(Sink):
     name = "metrics"
     description = "Prometheus endpoint: transitions, handshake/lifetime/CLOSE_WAIT histograms, losses"
     Options = MetricsOptions
+    consumes_aggregates = True
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
@@ -59,15 +72,8 @@ class MetricsSink(Sink):
                              "(./run.sh installs it)") from None
         self.prom = prom
         self.registry = prom.CollectorRegistry()
-        self.transitions = prom.Counter("tcpstates_transitions", "TCP state changes",
-                                        ["old", "new"], registry=self.registry)
-        self.handshake = prom.Histogram("tcpstates_handshake_seconds", "SYN_SENT to ESTABLISHED",
-                                        buckets=BUCKETS, registry=self.registry)
-        self.lifetime = prom.Histogram("tcpstates_connection_lifetime_seconds",
-                                       "from entering ESTABLISHED to CLOSE", buckets=BUCKETS,
-                                       registry=self.registry)
-        self.close_wait = prom.Histogram("tcpstates_close_wait_seconds", "time spent in CLOSE_WAIT",
-                                         buckets=BUCKETS, registry=self.registry)
+        self._per_event: bool | None = None    # decided at open (context.aggregates)
+        self.snapshot: Aggregates | None = None
         self.lost = prom.Counter("tcpstates_lost_events", "records dropped or missed",
                                  ["kind"], registry=self.registry)
         self.connections = prom.Counter("tcpstates_connections", "closed connections by how they ended",
@@ -76,7 +82,33 @@ class MetricsSink(Sink):
         self._children: dict[tuple[int, int], Any] = {}
         self.server: Any = None
 
+    def _counting(self) -> bool:
+        """Count from events (True) or serve the source's aggregates (False);
+        the instruments are made once, on first need."""
+        if self._per_event is None:
+            self._per_event = not self.context.aggregates or self.context.records == "connection"
+            prom = self.prom
+            if self._per_event:
+                self.transitions = prom.Counter("tcpstates_transitions", "TCP state changes",
+                                                ["old", "new"], registry=self.registry)
+                self.handshake = prom.Histogram("tcpstates_handshake_seconds", "SYN_SENT to ESTABLISHED",
+                                                buckets=BUCKETS, registry=self.registry)
+                self.lifetime = prom.Histogram("tcpstates_connection_lifetime_seconds",
+                                               "from entering ESTABLISHED to CLOSE", buckets=BUCKETS,
+                                               registry=self.registry)
+                self.close_wait = prom.Histogram("tcpstates_close_wait_seconds",
+                                                 "time spent in CLOSE_WAIT", buckets=BUCKETS,
+                                                 registry=self.registry)
+            else:
+                self.registry.register(_AggregateCollector(self))
+        return self._per_event
+
+    def write_aggregates(self, snapshot: Aggregates) -> None:
+        if not self._counting():
+            self.snapshot = snapshot     # one reference swap: the scrape thread reads it
+
     def open(self) -> None:
+        self._counting()
         host, _, port = self.options.listen.rpartition(":")
         try:
             self.server, self._thread = serve(self.prom.make_wsgi_app(self.registry), host.strip("[]"),
@@ -107,6 +139,8 @@ class MetricsSink(Sink):
             self.connections.labels(ending).inc(n)
 
     def write(self, batch: list[Event]) -> None:
+        if not self._counting():
+            return           # counted in the kernel (write_aggregates)
         if self.context.records == "connection":
             self._write_connections(batch)
             return
@@ -141,3 +175,43 @@ class MetricsSink(Sink):
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+def _log2_histogram(prom: Any, name: str, doc: str, hist: Histogram | None) -> Any:
+    """A Prometheus histogram from a log2 Histogram: cumulative counts at
+    le = 2^i µs for i = 0..LOG2_TOP (a fixed set, so rates over buckets
+    work), then +Inf."""
+    family = prom.metrics_core.HistogramMetricFamily(name, doc)
+    buckets = hist.buckets if hist is not None else []
+    cumulative, running = [], 0
+    for i in range(LOG2_TOP + 1):
+        running += buckets[i] if i < len(buckets) else 0
+        cumulative.append((repr(Histogram.upper_bound_s(i)), running))
+    cumulative.append(("+Inf", sum(buckets)))
+    family.add_metric([], cumulative, (hist.sum_ns if hist is not None else 0) / 1e9)
+    return family
+
+
+class _AggregateCollector:
+    """Serves the latest aggregates snapshot under the per-event metric names."""
+
+    def __init__(self, sink: MetricsSink) -> None:
+        self.sink = sink
+
+    def describe(self) -> list[Any]:
+        return []       # not checked at registration: names come at collect
+
+    def collect(self) -> Any:
+        prom, snap = self.sink.prom, self.sink.snapshot
+        snap = snap if snap is not None else Aggregates()
+        counter = prom.metrics_core.CounterMetricFamily("tcpstates_transitions", "TCP state changes",
+                                                        labels=["old", "new"])
+        for (old, new), n in sorted(snap.transitions.items()):
+            counter.add_metric([STATE_NAMES.get(old, str(old)), STATE_NAMES.get(new, str(new))], n)
+        yield counter
+        yield _log2_histogram(prom, "tcpstates_handshake_seconds", "SYN_SENT to ESTABLISHED",
+                              snap.extra.get("handshake"))
+        yield _log2_histogram(prom, "tcpstates_connection_lifetime_seconds",
+                              "from entering ESTABLISHED to CLOSE", snap.extra.get("lifetime"))
+        yield _log2_histogram(prom, "tcpstates_close_wait_seconds", "time spent in CLOSE_WAIT",
+                              snap.states.get(S["CLOSE_WAIT"]))

@@ -2,6 +2,10 @@
 state, the busiest local and remote ports, printed to stderr at exit and on
 SIGUSR1 — the way bcc's histogram tools print — plus a live status line
 (events/s, drops) while stderr is a terminal and stdout is not.
+
+From the live kernel the figures are the kernel's own aggregates (counted in
+BPF maps, `write_aggregates`): nothing per event in user space. From a source
+without aggregates (replay, connection records) they are counted per event.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from tcpstates.api import RunContext, Sink
+from tcpstates.api import Aggregates, RunContext, Sink
 from tcpstates.events import CONNECTION, STATE_NAMES, Event
 from tcpstates.options import option
 
@@ -49,6 +53,9 @@ class SummarySink(Sink):
     name = "summary"
     description = "log2 histograms of time in each state and busiest ports, at exit and on SIGUSR1"
     Options = SummaryOptions
+    # live kernel: the histograms and port counts come from the kernel's
+    # aggregates (write_aggregates), nothing is counted per event here
+    consumes_aggregates = True
 
     def __init__(self, options: Any, context: RunContext, stream: TextIO | None = None) -> None:
         super().__init__(options, context)
@@ -68,7 +75,22 @@ class SummarySink(Sink):
         self._last_status = 0.0
         self._last_events = 0
 
+    def write_aggregates(self, snapshot: Aggregates) -> None:
+        if self.context.records == "connection":
+            return
+        # cumulative totals: each snapshot replaces the figures
+        self.hists = collections.defaultdict(collections.Counter)
+        for state, hist in snapshot.states.items():
+            self.hists[state] = collections.Counter(hist.as_counts())
+        self.lports = collections.Counter(snapshot.local_ports)
+        self.rports = collections.Counter(snapshot.remote_ports)
+        self.events = snapshot.events
+        if self.live:
+            self._status()
+
     def write(self, batch: list[Event]) -> None:
+        if self.context.aggregates and self.context.records != "connection":
+            return            # counted in the kernel (write_aggregates)
         hists, lports, rports = self.hists, self.lports, self.rports
         if self.context.records == "connection":
             # connection records carry the time of every state they passed

@@ -1,0 +1,220 @@
+/* The kernel stage's decoder in C: a block of ring records -> Event objects.
+ *
+ * Equal, field for field, to the pure-Python Decoder.decode_block
+ * (plugins/kernel/decoder.py; tests/test_speedups.py compares them on random
+ * and on real kernel records). It never formats a string itself: an address
+ * or a thread name it has not seen is handed to the Python decoder's cache
+ * and, on a miss there, to its slow path (inet_ntop, utf-8 "replace" +
+ * escape_text), so the escaping rules exist once, in Python. What C adds is
+ * a small direct-mapped memo (raw 16 bytes -> the str Python produced) that
+ * spares building a bytes key per field, and building the slots instance
+ * directly instead of through the dataclass __init__.
+ * Optional (setup.py): without a compiler the pure-Python decoder runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+/* struct tcpstates_event (bpf/tcpstates.h) behind the ring's 8-byte header */
+#define HDR 8
+#define EVENT_SIZE 136
+#define RECORD (HDR + EVENT_SIZE)
+#define OFF_TS 0
+#define OFF_SK 8
+#define OFF_SPAN 16
+#define OFF_CG 24
+#define OFF_PID 32
+#define OFF_TID 36
+#define OFF_SPORT 40
+#define OFF_DPORT 42
+#define OFF_FAM 44
+#define OFF_OLD 46
+#define OFF_NEW 47
+#define OFF_SADDR 48
+#define OFF_DADDR 64
+#define OFF_COMM 80
+#define OFF_OWNER 96
+#define OWNER_LEN 40
+
+/* Event's fields in declaration order (core/events.py) */
+static const char *FIELDS[] = {"ts_ns", "skaddr", "span_ns", "pid", "tid", "comm", "family", "saddr",
+                               "sport", "daddr", "dport", "oldstate", "newstate", "cgroup_id", "extra"};
+#define NFIELDS 15
+enum { F_TS, F_SK, F_SPAN, F_PID, F_TID, F_COMM, F_FAM, F_SADDR, F_SPORT, F_DADDR, F_DPORT, F_OLD,
+       F_NEW, F_CG, F_EXTRA };
+static PyTypeObject *event_type;        /* the type the offsets below belong to */
+static Py_ssize_t offsets[NFIELDS];
+
+/* The memo: raw bytes -> str, one table per kind (an IPv4 and an IPv6 key
+ * with the same bytes are different texts). The mapping is a pure function
+ * of the raw bytes, so an entry never goes stale. */
+#define MEMO_BITS 10
+#define MEMO_SIZE (1 << MEMO_BITS)
+typedef struct { unsigned char key[16]; PyObject *value; } memo_t;
+static memo_t memo[3][MEMO_SIZE];
+enum { K_ADDR4, K_ADDR6, K_COMM };
+
+static inline unsigned slot_of(const unsigned char *raw) {
+    uint64_t lo, hi;
+    memcpy(&lo, raw, 8);
+    memcpy(&hi, raw + 8, 8);
+    uint64_t h = lo * 0x9E3779B97F4A7C15ULL ^ (hi + 0x632BE59BD9B4E019ULL) * 0xC2B2AE3D27D4EB4FULL;
+    return (unsigned)(h >> (64 - MEMO_BITS));
+}
+
+/* A new reference to the text of `raw`, or NULL with an exception set. */
+static PyObject *text_of(int kind, const unsigned char *raw, int family, PyObject *cache, PyObject *slow) {
+    memo_t *m = &memo[kind][slot_of(raw)];
+    if (m->value != NULL && memcmp(m->key, raw, 16) == 0) {
+        Py_INCREF(m->value);
+        return m->value;
+    }
+    PyObject *key = PyBytes_FromStringAndSize((const char *)raw, 16);
+    if (key == NULL) return NULL;
+    PyObject *text = PyDict_GetItemWithError(cache, key);     /* borrowed */
+    if (text != NULL && PyUnicode_Check(text) && PyUnicode_GET_LENGTH(text) > 0) {
+        Py_INCREF(text);
+    } else if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return NULL;
+    } else {
+        /* the Python decoder's own slow path (it fills its cache) */
+        text = kind == K_COMM ? PyObject_CallOneArg(slow, key)
+                              : PyObject_CallFunction(slow, "iO", family, key);
+        if (text == NULL) { Py_DECREF(key); return NULL; }
+    }
+    Py_DECREF(key);
+    if (PyUnicode_Check(text)) {
+        Py_XSETREF(m->value, Py_NewRef(text));
+        memcpy(m->key, raw, 16);
+    }
+    return text;
+}
+
+static int bind_type(PyObject *type) {
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "event_type must be a type");
+        return -1;
+    }
+    if ((PyTypeObject *)type == event_type) return 0;
+    for (int i = 0; i < NFIELDS; i++) {
+        PyObject *d = PyDict_GetItemString(((PyTypeObject *)type)->tp_dict, FIELDS[i]);
+        if (d == NULL || !PyObject_TypeCheck(d, &PyMemberDescr_Type)) {
+            PyErr_Format(PyExc_TypeError, "event_type has no slot %s", FIELDS[i]);
+            return -1;
+        }
+        PyMemberDef *def = ((PyMemberDescrObject *)d)->d_member;
+        if (def->type != T_OBJECT_EX) {
+            PyErr_Format(PyExc_TypeError, "slot %s is not an object slot", FIELDS[i]);
+            return -1;
+        }
+        offsets[i] = def->offset;
+    }
+    Py_XSETREF(event_type, (PyTypeObject *)Py_NewRef(type));
+    return 0;
+}
+
+#define U16(p) ((uint16_t)((p)[0] | ((p)[1] << 8)))
+static inline uint32_t u32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t u64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+#define SET(obj, f, v) (*(PyObject **)((char *)(obj) + offsets[f]) = (v))
+
+static const unsigned char ZERO_OWNER[OWNER_LEN];
+
+/* One Event from the record at p (past its header), or NULL. */
+static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObject *slow_addr,
+                            PyObject *slow_comm, PyObject *owner_key) {
+    int fam = U16(p + OFF_FAM);
+    int ak = fam == 2 ? K_ADDR4 : K_ADDR6;          /* AF_INET = 2, as decoder.py */
+    uint64_t span = u64(p + OFF_SPAN);
+    /* the texts first: they may call Python, which must not run with an
+     * exception pending */
+    PyObject *comm = text_of(K_COMM, p + OFF_COMM, fam, caches[K_COMM], slow_comm);
+    if (comm == NULL) return NULL;
+    PyObject *saddr = text_of(ak, p + OFF_SADDR, fam, caches[ak], slow_addr);
+    if (saddr == NULL) { Py_DECREF(comm); return NULL; }
+    PyObject *daddr = text_of(ak, p + OFF_DADDR, fam, caches[ak], slow_addr);
+    if (daddr == NULL) { Py_DECREF(comm); Py_DECREF(saddr); return NULL; }
+    PyObject *ev = event_type->tp_alloc(event_type, 0);
+    if (ev == NULL) { Py_DECREF(comm); Py_DECREF(saddr); Py_DECREF(daddr); return NULL; }
+    /* NULL slots are safe for dealloc: a half-built Event is simply dropped */
+    PyObject *extra = PyDict_New();
+    SET(ev, F_TS, PyLong_FromUnsignedLongLong(u64(p + OFF_TS)));
+    SET(ev, F_SK, PyLong_FromUnsignedLongLong(u64(p + OFF_SK)));
+    SET(ev, F_SPAN, span == UINT64_MAX ? Py_NewRef(Py_None) : PyLong_FromUnsignedLongLong(span));
+    SET(ev, F_PID, PyLong_FromUnsignedLong(u32(p + OFF_PID)));
+    SET(ev, F_TID, PyLong_FromUnsignedLong(u32(p + OFF_TID)));
+    SET(ev, F_COMM, comm);
+    SET(ev, F_FAM, PyLong_FromLong(fam));
+    SET(ev, F_SADDR, saddr);
+    SET(ev, F_SPORT, PyLong_FromLong(U16(p + OFF_SPORT)));
+    SET(ev, F_DADDR, daddr);
+    SET(ev, F_DPORT, PyLong_FromLong(U16(p + OFF_DPORT)));
+    SET(ev, F_OLD, PyLong_FromLong(p[OFF_OLD]));
+    SET(ev, F_NEW, PyLong_FromLong(p[OFF_NEW]));
+    SET(ev, F_CG, PyLong_FromUnsignedLongLong(u64(p + OFF_CG)));
+    SET(ev, F_EXTRA, extra);
+    for (int i = 0; i < NFIELDS; i++)
+        if (*(PyObject **)((char *)ev + offsets[i]) == NULL) {    /* out of memory */
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "decode: a field could not be built");
+            Py_DECREF(ev);
+            return NULL;
+        }
+    if (memcmp(p + OFF_OWNER, ZERO_OWNER, OWNER_LEN) != 0) {
+        /* the owner fields, undecoded, for the owner enricher (decoder.py) */
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)p + OFF_OWNER, OWNER_LEN);
+        if (raw == NULL || PyDict_SetItem(extra, owner_key, raw) < 0) {
+            Py_XDECREF(raw);
+            Py_DECREF(ev);
+            return NULL;
+        }
+        Py_DECREF(raw);
+    }
+    return ev;
+}
+
+static PyObject *decode_block(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    PyObject *type, *caches[3], *slow_addr, *slow_comm, *owner_key;
+    if (!PyArg_ParseTuple(args, "y*OO!O!O!OOU:decode_block", &buf, &type, &PyDict_Type, &caches[K_ADDR4],
+                          &PyDict_Type, &caches[K_ADDR6], &PyDict_Type, &caches[K_COMM],
+                          &slow_addr, &slow_comm, &owner_key))
+        return NULL;
+    PyObject *out = NULL;
+    if (bind_type(type) < 0) goto done;
+    const unsigned char *data = buf.buf;
+    Py_ssize_t n = buf.len / RECORD;
+    out = PyList_New(0);
+    if (out == NULL) goto done;
+    Py_ssize_t i = 0;
+    for (; i < n; i++) {
+        const unsigned char *rec = data + i * RECORD;
+        if (u32(rec) != EVENT_SIZE) break;   /* busy, discarded or foreign: stop (as decoder.py) */
+        PyObject *ev = decode_one(rec + HDR, caches, slow_addr, slow_comm, owner_key);
+        if (ev == NULL || PyList_Append(out, ev) < 0) {
+            Py_XDECREF(ev);
+            Py_CLEAR(out);
+            goto done;
+        }
+        Py_DECREF(ev);
+    }
+    PyObject *res = Py_BuildValue("(Nn)", out, i * (Py_ssize_t)RECORD);
+    out = res;
+done:
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"decode_block", decode_block, METH_VARARGS,
+     "decode_block(data, Event, addr4, addr6, comms, slow_addr, slow_comm, owner_key) -> (events, used)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__decode(void) {
+    return PyModule_Create(&module);
+}

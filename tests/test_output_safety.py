@@ -1,0 +1,182 @@
+"""Output files as root (review2 findings 2, 3, 9): rotation works relative to
+the directory opened at the start, never the path string again; outputs in a
+directory another user can change, and FIFOs of other users, are refused;
+rotation after logrotate's `mv` (its SIGHUP not yet here) loses nothing.
+Real CLI in a subprocess, real files, the attacker a real uid-65534 process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from tracer import Tracer, run_cli
+
+NOBODY = 65534
+ONE_LINE = len(b"\n")
+
+
+def _record(seq: int = 1) -> bytes:
+    rec = {"type": "state_change", "v": 1, "seq": seq, "time": "t", "time_ns": 1795766400 * 10**9,
+           "mono_ns": 10**9 + seq, "host": "h", "skaddr": "ff", "family": "ipv4", "laddr": "10.0.0.1",
+           "lport": 1, "raddr": "10.0.0.2", "rport": 2, "oldstate": "LISTEN", "newstate": "CLOSE",
+           "span_us": 5, "pid": 1, "tid": 1, "comm": "x", "cgroup_id": 0}
+    return orjson.dumps(rec) + b"\n"
+
+
+def _wait_for(cond, what: str, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.02)
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _as_nobody(*cmd: str) -> None:
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
+                   check=True, timeout=10)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> str:
+    err = r.stderr.decode()
+    assert r.returncode == 2, (r.returncode, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def open_tmp():
+    """A directory uid 65534 can reach (pytest's tmp_path lies under a 0700 directory)."""
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="tcpstates-outsafety-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _feeding(tmp_path: Path, out: Path, *opts: str) -> tuple[Tracer, int]:
+    r_in, w_in = os.pipe()
+    t = Tracer(["--replay", "-", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", *opts],
+               workdir=tmp_path / "t", stdin=r_in)
+    os.close(r_in)
+    return t, w_in
+
+
+@pytest.mark.root
+def test_rotation_never_follows_a_directory_swapped_for_a_link_after_the_start(open_tmp):
+    tmp_path = open_tmp
+    atk = tmp_path / "atk"                      # the attacker owns this directory...
+    atk.mkdir()
+    os.chown(atk, NOBODY, NOBODY)
+    logs = atk / "logs"                         # ...but not the output directory in it
+    logs.mkdir()
+    victim = tmp_path / "victim"                # root-only
+    victim.mkdir(mode=0o700)
+    precious = {n: f"precious {n}\n".encode() for n in ("o.jsonl", "o.jsonl.1", "o.jsonl.2")}
+    for n, data in precious.items():
+        (victim / n).write_bytes(data)
+    size = len(_record(1))
+    t, w_in = _feeding(tmp_path, logs / "o.jsonl", "-o", f"sinks.jsonl.max_bytes={size * 3}",
+                       "-o", "sinks.jsonl.keep=2")
+    os.write(w_in, b"".join(_record(i) for i in range(1, 3)))
+    _wait_for(lambda: _lines(logs / "o.jsonl") == 2, "first records")
+    # the attacker (a real uid-65534 process) swaps the directory for a link to the victim
+    _as_nobody("mv", str(logs), str(atk / "moved"))
+    _as_nobody("ln", "-s", str(victim), str(logs))
+    os.write(w_in, b"".join(_record(i) for i in range(3, 13)))   # several rotations
+    os.close(w_in)
+    rc = t.proc.wait(20)
+    err = t.stderr_path.read_text()
+    assert rc == 0, err
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == precious   # untouched
+    moved = atk / "moved"
+    assert sorted(p.name for p in moved.iterdir()) == ["o.jsonl", "o.jsonl.1", "o.jsonl.2"]
+    assert "written: jsonl 12" in err.splitlines()[-1] and "not written" not in err, err
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("owner,mode", [(NOBODY, 0o755), (0, 0o777), (0, 0o775)])
+def test_output_in_a_directory_others_can_change_is_refused(tmp_path, owner, mode):
+    tmp_path.chmod(0o755)
+    d = tmp_path / "d"
+    d.mkdir()
+    os.chown(d, owner, owner)
+    d.chmod(mode)
+    r = run_cli("--replay", os.devnull, "--sink", "jsonl", "-o", f"sinks.jsonl.path={d / 'o.jsonl'}")
+    _one_line_error(r, "into a directory another user can change")
+    assert not (d / "o.jsonl").exists() or (d / "o.jsonl").stat().st_size == 0
+
+
+@pytest.mark.root
+def test_root_file_in_a_sticky_directory_is_accepted(tmp_path):
+    tmp_path.chmod(0o755)
+    d = tmp_path / "sticky"
+    d.mkdir()
+    d.chmod(0o1777)
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(_record(1))
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={d / 'o.jsonl'}")
+    assert r.returncode == 0, r.stderr
+    assert _lines(d / "o.jsonl") == 1
+
+
+@pytest.mark.root
+def test_fifo_of_another_user_is_refused_as_an_output(open_tmp):
+    tmp_path = open_tmp / "shared"              # like /tmp: sticky, anyone may create
+    tmp_path.mkdir()
+    tmp_path.chmod(0o1777)
+    fifo = tmp_path / "evil.fifo"
+    _as_nobody("mkfifo", str(fifo))
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)   # the thief, reading
+    try:
+        trace = tmp_path / "t.jsonl"
+        trace.write_bytes(_record(1))
+        r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={fifo}")
+        _one_line_error(r, "owner uid 65534")
+        try:
+            stolen = os.read(reader, 65536)
+        except BlockingIOError:
+            stolen = b""
+        assert stolen == b""
+    finally:
+        os.close(reader)
+    # root's own FIFO is fine
+    mine = tmp_path / "mine.fifo"
+    os.mkfifo(mine)
+    reader = os.open(mine, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={mine}")
+        assert r.returncode == 0, r.stderr
+        assert os.read(reader, 65536).count(b"\n") == 1
+    finally:
+        os.close(reader)
+
+
+def test_rotation_after_the_file_was_moved_away_starts_a_new_file_and_loses_nothing(tmp_path):
+    d = tmp_path / "logs"
+    d.mkdir()
+    out = d / "o.jsonl"
+    size = len(_record(1))
+    t, w_in = _feeding(tmp_path, out, "-o", f"sinks.jsonl.max_bytes={size * 4}", "-o", "sinks.jsonl.keep=3")
+    os.write(w_in, b"".join(_record(i) for i in range(1, 4)))
+    _wait_for(lambda: _lines(out) == 3, "first records")
+    out.rename(d / "o.jsonl.r0")                  # logrotate's mv; its SIGHUP has not come yet
+    os.write(w_in, b"".join(_record(i) for i in range(4, 10)))   # passes max_bytes: a rotation
+    os.close(w_in)
+    rc = t.proc.wait(20)
+    err = t.stderr_path.read_text()
+    assert rc == 0, err
+    assert "not written" not in err and "FileNotFoundError" not in err, err
+    assert "written: jsonl 9" in err.splitlines()[-1], err
+    assert _lines(d / "o.jsonl.r0") == 3          # the moved file is left alone
+    seqs = sorted(orjson.loads(line)["seq"] for p in d.iterdir() if p.name != "o.jsonl.r0"
+                  for line in p.read_bytes().splitlines())
+    assert seqs == list(range(4, 10))

@@ -1,0 +1,102 @@
+"""Review2 finding 4: a reader that stops reading (stdout into a pipe nobody
+reads, a paused pager) fails that sink's writes after `stall_timeout`; the
+other sinks keep receiving, the stalled sink's events are counted as not
+written, and it is retried with the next batch. Real CLI, real pipes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import orjson
+from tracer import run_cli, tcpstates_argv
+
+
+def _record(seq: int) -> bytes:
+    rec = {"type": "state_change", "v": 1, "seq": seq, "time": "t", "time_ns": 1795766400 * 10**9,
+           "mono_ns": 10**9 + seq, "host": "h", "skaddr": "ff", "family": "ipv4", "laddr": "10.0.0.1",
+           "lport": 1, "raddr": "10.0.0.2", "rport": 2, "oldstate": "LISTEN", "newstate": "CLOSE",
+           "span_us": 5, "pid": 1, "tid": 1, "comm": "x", "cgroup_id": 0}
+    return orjson.dumps(rec) + b"\n"
+
+
+def _wait_for(cond, what: str, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.02)
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        into += chunk
+
+
+def test_stdout_nobody_reads_does_not_stall_the_file_sink(tmp_path):
+    out = tmp_path / "e.jsonl"
+    r_out, w_out = os.pipe()
+    r_in, w_in = os.pipe()
+    err_path = tmp_path / "err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(tcpstates_argv("--replay", "-", "--sink", "text", "--sink", "jsonl",
+                                               "-o", f"sinks.jsonl.path={out}",
+                                               "-o", "sinks.text.stall_timeout=0.3"),
+                                stdin=r_in, stdout=w_out, stderr=err)
+    os.close(r_in)
+    os.close(w_out)
+    try:
+        first = b"".join(_record(i) for i in range(1, 3001))    # its table is far more than a pipe holds
+        feeder = threading.Thread(target=os.write, args=(w_in, first), daemon=True)
+        feeder.start()
+        # nobody reads stdout, yet the file gets every event while the run goes on
+        _wait_for(lambda: _lines(out) == 3000, "the jsonl file stalled behind stdout", timeout=30)
+        assert proc.poll() is None
+        feeder.join(10)
+        # the reader comes back: the next batch goes to stdout again
+        got = bytearray()
+        reader = threading.Thread(target=_drain, args=(r_out, got), daemon=True)
+        reader.start()
+        os.write(w_in, b"".join(_record(i) for i in range(3001, 3011)))
+        _wait_for(lambda: _lines(out) == 3010, "second batch")
+        os.close(w_in)
+        w_in = -1
+        rc = proc.wait(20)
+        reader.join(10)
+    finally:
+        if w_in >= 0:
+            os.close(w_in)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        os.close(r_out)
+    err = err_path.read_text()
+    assert rc == 0, err
+    assert err.count("stall_timeout") == 1, err                  # one warning for the episode
+    summary = err.splitlines()[-1]
+    assert "written: text" in summary and "jsonl 3010" in summary, summary
+    text_written = int(summary.split("written: text ")[1].split(",")[0].split(";")[0])
+    lost = int(summary.split("not written: text ")[1].split(",")[0].split(";")[0])
+    assert text_written + lost == 3010 and lost > 0, summary
+    rows = bytes(got).decode().splitlines()
+    assert rows[0].startswith("SKADDR") or len(rows) == text_written
+    data_rows = [r for r in rows if not r.startswith("SKADDR")]
+    assert len(data_rows) == text_written                         # counts = what the reader got
+    assert all(len(r.split()) == len(data_rows[0].split()) for r in data_rows)   # no torn line
+    assert data_rows[-1].split()[2] == "x"
+
+
+def test_stall_timeout_is_schema_bounded():
+    r = run_cli("--replay", os.devnull, "-o", "sinks.text.stall_timeout=0")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and "stall_timeout" in err, err
