@@ -32,13 +32,16 @@ and counts as written.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
+import fcntl
 import os
 import select
 import socket
 import stat
 import sys
+import termios
 import time
 from typing import Callable
 
@@ -77,6 +80,19 @@ def _lexists(name: str, dirfd: int) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+F_GETPIPE_SZ = 1032
+
+
+def _used_guard(fd: int) -> int:
+    """Bytes already in the pipe: with them, the pipe's whole capacity."""
+    try:
+        used = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, used)
+        return used[0]
+    except OSError:
+        return 0
 
 
 class OutputStalled(OSError):
@@ -347,13 +363,48 @@ class LineOutput:
         self._release()      # the destination is a new inode now
         self._claim()
 
+    def _pipe_room(self) -> int | None:
+        """Free bytes in the pipe or FIFO we write to (None: not a pipe, or unknown)."""
+        if self.fd < 0 or self.regular:
+            return None
+        try:
+            if not stat.S_ISFIFO(os.fstat(self.fd).st_mode):
+                return None
+            size = fcntl.fcntl(self.fd, F_GETPIPE_SZ)
+            used = array.array("i", [0])
+            fcntl.ioctl(self.fd, termios.FIONREAD, used)
+        except OSError:
+            return None
+        return max(0, size - used[0])
+
+    def _whole_lines(self, view: memoryview) -> memoryview:
+        """As much of `view` as fits in the pipe, cut after a newline: a reader
+        never sees half a line, whatever happens to the rest (a stall, a stop).
+        Only a line longer than the whole pipe can still be split."""
+        room = self._pipe_room()
+        if room is None or room >= len(view):
+            return view
+        cut = view[:room].tobytes().rfind(b"\n")
+        if cut < 0:
+            first = view.tobytes().find(b"\n")
+            if first < 0 or first + 1 > room + _used_guard(self.fd):
+                return view          # one line bigger than the pipe: may split
+            raise BlockingIOError(errno.EAGAIN, "no room for a whole line")
+        return view[:cut + 1]
+
     def _send(self, view: memoryview) -> int:
         if self._sock is not None:
             return self._sock.send(view, socket.MSG_DONTWAIT)
+        view = self._whole_lines(view)
         if self._chunked:
             if not interrupt.wait(self.fd, select.POLLOUT, 0):
                 raise BlockingIOError(errno.EAGAIN, "not writable")
-            return os.write(self.fd, view[:PIPE_BUF])
+            chunk = view[:PIPE_BUF]
+            if len(view) > PIPE_BUF:
+                cut = chunk.tobytes().rfind(b"\n")   # whole lines per write, as above
+                if cut >= 0:
+                    chunk = view[:cut + 1]
+            return os.write(self.fd, chunk)
         if self.fd < 0:
             raise OSError(errno.EBADF, "not open")
         return os.write(self.fd, view)

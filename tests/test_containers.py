@@ -178,9 +178,11 @@ def _family(name: str, cid: str, roots: Roots) -> tuple[str, dict]:
         roots.podman(cid, name="api")
         return f"libpod_parent/libpod-{cid}", {"container_runtime": "podman", "container_name": "api"}
     if name == "podman-rootless":
+        # below user@1000.service: that user's word. The id is reported and marked,
+        # the names in the runtime's files are never borrowed for it
         roots.podman(cid)
         return (f"user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{cid}.scope",
-                {"container_runtime": "podman", "container_name": "web"})
+                {"container_runtime": "podman", "container_name": None, "container_delegated_uid": "1000"})
     if name == "lxc":
         return "lxc.payload.web1", {"container_runtime": "lxc", "container_id": "web1", "container_name": "web1"}
     if name == "nspawn":

@@ -102,7 +102,12 @@ def test_tail_size_rotation_under_load_loses_nothing(tmp_path, fluent_bit, recei
     n = 40_000
     f = feeder(n, "--sink", "events", "-o", "sinks.events.type=jsonl", "-o", f"sinks.events.path={path}",
                "-o", "sinks.events.max_bytes=1000000", "-o", "sinks.events.keep=1000")
-    for _ in range(n // 500):
+    # tail finds a new path at start or at its next Refresh_Interval (1 s): let it
+    # find the file before the first rotation (~0.6 s in), as any real deployment
+    # with max_bytes far above 1 MB does by itself
+    f.feed(500)
+    wait_until(lambda: _records_in(fb) >= 500, 20, "Fluent Bit to find the file")
+    for _ in range(n // 500 - 1):
         f.feed(500)
         time.sleep(0.1)          # the pace of the load: 500 events per 0.1 s
     rc, err = f.finish()

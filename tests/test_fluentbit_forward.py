@@ -214,7 +214,7 @@ def test_tls_client_certificate(tmp_path, fluent_bit, receiver, certs):
                wait_for=("127.0.0.1", port))
     n = 1000
     r = ship(f"address=127.0.0.1:{port}", "tls=true", f"tls_ca_file={certs}/ca.crt",
-             f"tls_cert_file={certs}/client.crt", f"tls_key_file={certs}/client.key", n=n, tmp_path=tmp_path)
+             f"tls_cert_file={certs}/client.crt", f"tls_key_file={certs}/client.key", "exit_timeout=15", n=n, tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"{n} acknowledged, 0 lost" in r.stderr.decode()
     wait_until(lambda: len(receiver.records()) >= n, 30, "records")
