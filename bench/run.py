@@ -295,7 +295,9 @@ def main() -> int:
                 "--modes connect,data")
     from tcpstates.plugins.kernel.headers import choose_header_tree
     tree, _ = choose_header_tree()
-    env = dict(os.environ)
+    # bcc's tool prints its header through Python's stdout buffer: without this it
+    # stays unseen in the file until exit (readiness is the header)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if tree is not None:
         env["BCC_KERNEL_SOURCE"] = str(tree)      # bcc's own tool needs a header tree too
     ours = OURS + (["--sink", a.sink] if a.sink != "text" else []) + a.extra

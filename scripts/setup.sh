@@ -26,8 +26,9 @@ pkgs=(python3 python3-venv python3-dev gcc libc6-dev python3-bpfcc python3-syste
 if [ "$want_test" = yes ]; then
     # journald + journalctl for the private test journal, unshare/nsenter, ss,
     # /etc/services for the example plugin, bcc's own tcpstates for the benchmark,
-    # a C compiler for the record-layout test
-    pkgs+=(systemd util-linux iproute2 procps netbase bpfcc-tools gcc libc6-dev)
+    # a C compiler for the record-layout test, the real Fluent Bit's runtime libraries
+    pkgs+=(systemd util-linux iproute2 procps netbase bpfcc-tools gcc libc6-dev
+           libsqlite3-0 libssl3 libyaml-0-2 libsystemd0 libstdc++6)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
