@@ -35,6 +35,10 @@ def forward_input(listen: str = "127.0.0.1", port: int = 0, unix_path: str = "",
 
 
 def ship(*opts: str, n: int, tmp_path: Path, timeout: float = 60):
+    # a replay ends as soon as it is read: the delivery happens within exit_timeout,
+    # whose default (1 s) bounds a stop, not a bulk upload
+    if not any(o.startswith("exit_timeout=") for o in opts):
+        opts = (*opts, "exit_timeout=30")
     args = ["--replay", str(trace(tmp_path / "trace.jsonl", n)), "--sink", "forward"]
     for o in opts:
         args += ["-o", f"sinks.forward.{o}"]
