@@ -8,34 +8,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import orjson
 import pytest
+from replayrec import replay_record as _record, wait_for as _wait_for, line_count as _lines
 from tracer import Tracer, run_cli
 
 NOBODY = 65534
 ONE_LINE = len(b"\n")
 
 
-def _record(seq: int = 1) -> bytes:
-    rec = {"type": "state_change", "v": 1, "seq": seq, "time": "t", "time_ns": 1795766400 * 10**9,
-           "mono_ns": 10**9 + seq, "host": "h", "skaddr": "ff", "family": "ipv4", "laddr": "10.0.0.1",
-           "lport": 1, "raddr": "10.0.0.2", "rport": 2, "oldstate": "LISTEN", "newstate": "CLOSE",
-           "span_us": 5, "pid": 1, "tid": 1, "comm": "x", "cgroup_id": 0}
-    return orjson.dumps(rec) + b"\n"
 
 
-def _wait_for(cond, what: str, timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, what
-        time.sleep(0.02)
 
 
-def _lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 def _as_nobody(*cmd: str) -> None:

@@ -16,18 +16,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from replayrec import replay_record as _record, wait_for as _wait_for
 from tracer import Tracer, run_cli, tcpstates_argv
 
 F_GETPIPE_SZ = 1032
 
 
-def _record(seq: int = 1, **kw) -> bytes:
-    rec = {"type": "state_change", "v": 1, "seq": seq, "time": "t", "time_ns": 1795766400 * 10**9,
-           "mono_ns": 10**9 + seq, "host": "h", "skaddr": "ff", "family": "ipv4", "laddr": "10.0.0.1",
-           "lport": 1, "raddr": "10.0.0.2", "rport": 2, "oldstate": "LISTEN", "newstate": "CLOSE",
-           "span_us": 5, "pid": 1, "tid": 1, "comm": "x", "cgroup_id": 0}
-    rec.update(kw)
-    return orjson.dumps(rec) + b"\n"
 
 
 def _stop_within(proc: subprocess.Popen, stderr_path: Path, limit: float = 2.0) -> str:
@@ -42,11 +36,6 @@ def _stop_within(proc: subprocess.Popen, stderr_path: Path, limit: float = 2.0) 
     return err
 
 
-def _wait_for(cond, what: str, timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, what
-        time.sleep(0.02)
 
 
 # -- SIGTERM in each blocking state ------------------------------------------------------------
