@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from portstate import wait_port_settled
+
 TRACEFS = Path("/sys/kernel/tracing")
 BYTES_PER_EVENT = 96       # generous: the raw record is 72 bytes plus headers
 
@@ -30,6 +32,7 @@ class TracepointCounter:
         (self.event / "filter").write_text(f"sport == {port} || dport == {port}")
         (self.event / "enable").write_text("1")
         self.ncpu = ncpu
+        self.port = port
 
     def _stat(self, key: str) -> int:
         total = 0
@@ -40,7 +43,9 @@ class TracepointCounter:
         return total
 
     def stop(self) -> tuple[int, int]:
-        """(events recorded, events overwritten); stops recording."""
+        """(events recorded, events overwritten); stops recording once the
+        port's last transitions have happened (see portstate.py)."""
+        wait_port_settled(self.port)
         (self.event / "enable").write_text("0")
         return self._stat("entries"), self._stat("overrun")
 

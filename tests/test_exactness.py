@@ -16,7 +16,7 @@ import threading
 
 import orjson
 import pytest
-from traffic import free_port, order_violations
+from traffic import free_port, order_violations, wait_port_settled
 
 pytestmark = pytest.mark.kernel
 
@@ -45,6 +45,7 @@ def _storm(port: int, connections: int, threads: int = 2) -> None:
     for w in workers:
         w.join()
     srv.close()
+    assert not wait_port_settled(port), "the load's sockets never settled"
 
 
 def _summary(err: str) -> dict[str, int]:

@@ -122,6 +122,7 @@ def _by_time(event: Event) -> int:
 
 
 CROSSCHECK_INTERVAL_S = 5.0
+DRAIN_RETRIES = 1000       # bounds the final drain's re-reads (each one is cheap)
 
 
 class KernelProbe:
@@ -368,9 +369,18 @@ class KernelProbe:
         if self._final:
             return []
         self._wait(timeout)
-        if timeout == 0:
-            self._draining = True
-        return self._read(timeout == 0)
+        if timeout != 0:
+            return self._read(False)
+        self._draining = True
+        # An empty batch ends the pipeline's drain, so hand one over only when
+        # nothing is left: a read whose new records all lie past the
+        # watermark (a run in flight elsewhere) is repeated; the next one
+        # either releases them or finds nothing new and releases everything.
+        for _ in range(DRAIN_RETRIES):
+            batch = self._read(True)
+            if batch or self._final:
+                return batch
+        return []
 
     def _read(self, draining: bool) -> list[Event]:
         # the watermark: taken before anything is read (see the class docstring)

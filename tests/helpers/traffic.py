@@ -8,8 +8,14 @@ the listener closes `listener_delay` after that.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
+
+# one implementation for the tests and the benchmark
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from portstate import wait_port_settled  # noqa: E402,F401
 
 
 def free_port(family: int = socket.AF_INET) -> int:
