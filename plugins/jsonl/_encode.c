@@ -10,6 +10,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 #include <time.h>
 
@@ -85,8 +86,49 @@ static int put_str(buf_t *b, PyObject *s) {
     return 1;
 }
 
-static int get_u64(PyObject *obj, PyObject *name, unsigned long long *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+/* Event's fields, read straight from their slots when the event's type is
+ * the slotted Event (a generic attribute lookup per field was most of an
+ * event's cost); any other type goes through getattr. */
+enum { F_TS, F_SK, F_SPAN, F_PID, F_TID, F_COMM, F_FAM, F_SADDR, F_SPORT, F_DADDR, F_DPORT, F_OLD,
+       F_NEW, F_CG, F_EXTRA, NFIELDS };
+static const char *FIELD_NAMES[NFIELDS] = {"ts_ns", "skaddr", "span_ns", "pid", "tid", "comm", "family",
+                                           "saddr", "sport", "daddr", "dport", "oldstate", "newstate",
+                                           "cgroup_id", "extra"};
+static PyObject *names[NFIELDS];
+static PyTypeObject *slot_type;          /* the type `offsets` belong to */
+static PyTypeObject *generic_type;       /* the last type found without such slots */
+static Py_ssize_t offsets[NFIELDS];
+
+/* 1: Py_TYPE(e) has every field as an object slot (offsets set); 0: not */
+static int bind_slots(PyTypeObject *t) {
+    if (t == slot_type) return 1;
+    if (t == generic_type) return 0;
+    Py_ssize_t found[NFIELDS];
+    for (int i = 0; i < NFIELDS; i++) {
+        PyObject *d = _PyType_Lookup(t, names[i]);      /* borrowed, through the MRO */
+        if (d == NULL || !PyObject_TypeCheck(d, &PyMemberDescr_Type)
+            || ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            generic_type = t;                           /* a cache of one, not a reference */
+            return 0;
+        }
+        found[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    memcpy(offsets, found, sizeof(offsets));
+    Py_XSETREF(slot_type, (PyTypeObject *)Py_NewRef((PyObject *)t));
+    return 1;
+}
+
+/* A new reference to field i of e, or NULL with an exception set. */
+static PyObject *field(PyObject *e, int fast, int i) {
+    if (fast) {
+        PyObject *v = *(PyObject **)((char *)e + offsets[i]);
+        if (v != NULL) return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(e, names[i]);   /* also raises for an unset slot */
+}
+
+static int get_u64(PyObject *e, int fast, int i, unsigned long long *out) {
+    PyObject *v = field(e, fast, i);
     if (!v) return -1;
     int ok = 0;
     if (PyLong_CheckExact(v)) {
@@ -126,24 +168,22 @@ static int put_value(buf_t *b, PyObject *v, int depth) {
     return 0;   /* float, dict, tuple, ...: orjson's exact rendering is left to orjson */
 }
 
-static PyObject *S_ts, *S_sk, *S_span, *S_pid, *S_tid, *S_comm, *S_fam, *S_saddr, *S_sport,
-    *S_daddr, *S_dport, *S_old, *S_new, *S_cg, *S_extra;
-
 /* 1 rendered, 0 fallback, -1 error */
 static int one(buf_t *b, PyObject *e, unsigned long long seq, long long offset, PyObject *host,
                PyObject *states, PyObject *families, PyObject *core, long long *sec_cache,
                char *sec_text) {
     unsigned long long ts, sk, pid, tid, fam, sport, dport, old, new_, cg, span = 0;
     int r;
-#define U(name, var) if ((r = get_u64(e, name, &var)) <= 0) return r
-    U(S_ts, ts); U(S_sk, sk); U(S_pid, pid); U(S_tid, tid); U(S_fam, fam); U(S_sport, sport);
-    U(S_dport, dport); U(S_old, old); U(S_new, new_); U(S_cg, cg);
+    int fast = bind_slots(Py_TYPE(e));
+#define U(i, var) if ((r = get_u64(e, fast, i, &var)) <= 0) return r
+    U(F_TS, ts); U(F_SK, sk); U(F_PID, pid); U(F_TID, tid); U(F_FAM, fam); U(F_SPORT, sport);
+    U(F_DPORT, dport); U(F_OLD, old); U(F_NEW, new_); U(F_CG, cg);
 #undef U
-    PyObject *spano = PyObject_GetAttr(e, S_span);
+    PyObject *spano = field(e, fast, F_SPAN);
     if (!spano) return -1;
     int span_known = spano != Py_None;
     Py_DECREF(spano);
-    if (span_known && (r = get_u64(e, S_span, &span)) <= 0) return r;
+    if (span_known && (r = get_u64(e, fast, F_SPAN, &span)) <= 0) return r;
     if (fam > 255 || old > 255 || new_ > 255 || ts > (unsigned long long)LLONG_MAX) return 0;
     long long wall = (long long)ts + offset;
     if (wall < 0 || (offset > 0 && wall < (long long)ts)) return 0;
@@ -164,12 +204,12 @@ static int one(buf_t *b, PyObject *e, unsigned long long seq, long long offset, 
     if (PUTS(b, ",\"skaddr\":\"") || put_hex(b, sk) || PUTS(b, "\",\"family\":")) return -1;
     PyObject *f = PyTuple_GET_ITEM(families, fam);
     if (put(b, PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f)) || PUTS(b, ",\"laddr\":")) return -1;
-    PyObject *v = PyObject_GetAttr(e, S_saddr);
+    PyObject *v = field(e, fast, F_SADDR);
     if (!v) return -1;
     r = put_str(b, v); Py_DECREF(v);
     if (r <= 0) return r;
     if (PUTS(b, ",\"lport\":") || put_u64(b, sport) || PUTS(b, ",\"raddr\":")) return -1;
-    v = PyObject_GetAttr(e, S_daddr);
+    v = field(e, fast, F_DADDR);
     if (!v) return -1;
     r = put_str(b, v); Py_DECREF(v);
     if (r <= 0) return r;
@@ -182,12 +222,12 @@ static int one(buf_t *b, PyObject *e, unsigned long long seq, long long offset, 
         || PUTS(b, ",\"pid\":") || put_u64(b, pid) || PUTS(b, ",\"tid\":") || put_u64(b, tid)
         || PUTS(b, ",\"comm\":"))
         return -1;
-    v = PyObject_GetAttr(e, S_comm);
+    v = field(e, fast, F_COMM);
     if (!v) return -1;
     r = put_str(b, v); Py_DECREF(v);
     if (r <= 0) return r;
     if (PUTS(b, ",\"cgroup_id\":") || put_u64(b, cg)) return -1;
-    PyObject *extra = PyObject_GetAttr(e, S_extra);
+    PyObject *extra = field(e, fast, F_EXTRA);
     if (!extra) return -1;
     r = 1;
     if (!PyDict_CheckExact(extra)) r = 0;
@@ -260,10 +300,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_encode", "JSON Lines encoder in C.", -1, methods};
 
 PyMODINIT_FUNC PyInit__encode(void) {
-#define I(var, s) if (!(var = PyUnicode_InternFromString(s))) return NULL
-    I(S_ts, "ts_ns"); I(S_sk, "skaddr"); I(S_span, "span_ns"); I(S_pid, "pid"); I(S_tid, "tid");
-    I(S_comm, "comm"); I(S_fam, "family"); I(S_saddr, "saddr"); I(S_sport, "sport"); I(S_daddr, "daddr");
-    I(S_dport, "dport"); I(S_old, "oldstate"); I(S_new, "newstate"); I(S_cg, "cgroup_id"); I(S_extra, "extra");
-#undef I
+    for (int i = 0; i < NFIELDS; i++)
+        if (!(names[i] = PyUnicode_InternFromString(FIELD_NAMES[i]))) return NULL;
     return PyModule_Create(&mod);
 }
