@@ -16,8 +16,7 @@
 
 typedef struct { char *p; Py_ssize_t len, cap; } buf_t;
 
-static int grow(buf_t *b, Py_ssize_t need) {
-    if (b->len + need <= b->cap) return 0;
+static int grow_slow(buf_t *b, Py_ssize_t need) {
     Py_ssize_t cap = b->cap ? b->cap : 65536;
     while (cap < b->len + need) cap *= 2;
     char *p = PyMem_Realloc(b->p, cap);
@@ -25,7 +24,12 @@ static int grow(buf_t *b, Py_ssize_t need) {
     b->p = p; b->cap = cap;
     return 0;
 }
-static int put(buf_t *b, const char *s, Py_ssize_t n) {
+/* inlined: most pieces are short literals, whose copy the compiler then
+ * turns into a few moves instead of a memmove call */
+static inline __attribute__((always_inline)) int grow(buf_t *b, Py_ssize_t need) {
+    return b->len + need <= b->cap ? 0 : grow_slow(b, need);
+}
+static inline __attribute__((always_inline)) int put(buf_t *b, const char *s, Py_ssize_t n) {
     if (grow(b, n)) return -1;
     memcpy(b->p + b->len, s, n); b->len += n;
     return 0;
@@ -33,9 +37,15 @@ static int put(buf_t *b, const char *s, Py_ssize_t n) {
 #define PUTS(b, lit) put((b), (lit), (Py_ssize_t)sizeof(lit) - 1)
 
 /* Numbers by hand: snprintf's format parsing was a third of an event's cost. */
-static int put_u64(buf_t *b, unsigned long long v) {
+static const char DIGITS2[] =
+    "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+    "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+    "8081828384858687888990919293949596979899";
+static int put_u64(buf_t *b, unsigned long long v) {      /* two digits per division */
     char tmp[24]; int n = 24;
-    do { tmp[--n] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (v >= 100) { unsigned d = (unsigned)(v % 100) * 2; v /= 100; tmp[--n] = DIGITS2[d + 1]; tmp[--n] = DIGITS2[d]; }
+    if (v >= 10) { unsigned d = (unsigned)v * 2; tmp[--n] = DIGITS2[d + 1]; tmp[--n] = DIGITS2[d]; }
+    else tmp[--n] = (char)('0' + v);
     return put(b, tmp + n, 24 - n);
 }
 static int put_i64(buf_t *b, long long v) {
@@ -127,13 +137,39 @@ static PyObject *field(PyObject *e, int fast, int i) {
     return PyObject_GetAttr(e, names[i]);   /* also raises for an unset slot */
 }
 
+/* 1: 0 <= v < 2^64, in *out; 0: not (no exception left set). The checked
+ * conversion goes through a byte array for anything above 60 bits
+ * (timestamps, socket addresses); on 3.11 the digits are read directly. */
+static inline int as_u64(PyObject *v, unsigned long long *out) {
+#if PY_VERSION_HEX < 0x030C0000
+    Py_ssize_t size = Py_SIZE(v);
+    if (size >= 0 && (size <= 2 || (size == 3 &&
+            ((PyLongObject *)v)->ob_digit[2] < (1u << (64 - 2 * PyLong_SHIFT))))) {
+        *out = PyLong_AsUnsignedLongLongMask(v);
+        return 1;
+    }
+#endif
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (!overflow) {
+        if (x == -1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+        if (x < 0) return 0;
+        *out = (unsigned long long)x;
+        return 1;
+    }
+    if (overflow < 0) return 0;
+    unsigned long long u = PyLong_AsUnsignedLongLong(v);
+    if (u == (unsigned long long)-1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+    *out = u;
+    return 1;
+}
+
 static int get_u64(PyObject *e, int fast, int i, unsigned long long *out) {
     PyObject *v = field(e, fast, i);
     if (!v) return -1;
     int ok = 0;
     if (PyLong_CheckExact(v)) {
-        *out = PyLong_AsUnsignedLongLong(v);
-        if (*out == (unsigned long long)-1 && PyErr_Occurred()) PyErr_Clear(); else ok = 1;
+        ok = as_u64(v, out);
     }
     Py_DECREF(v);
     return ok;
