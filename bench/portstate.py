@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 
-# /proc/net/tcp{,6} state codes: TIME_WAIT sockets make no more state changes
-_TIME_WAIT = "06"
+# /proc/net/tcp{,6} state codes: a TIME_WAIT socket makes no more state
+# changes, a listener none until its holder closes it
+_SETTLED = ("06", "0A")
 
 
 def wait_port_settled(port: int, timeout: float = 10.0) -> list[str]:
-    """Return once no socket on `port` can still change state (only
-    TIME_WAIT entries left in /proc/net/tcp and tcp6); returns the sockets
+    """Return once no socket on `port` can still change state by itself (only
+    TIME_WAIT and LISTEN entries left in /proc/net/tcp and tcp6); returns the sockets
     still busy when `timeout` ran out (empty: settled).
 
     A loopback close hands its FIN or ACK to the softirq, which may run later
@@ -31,7 +32,7 @@ def wait_port_settled(port: int, timeout: float = 10.0) -> list[str]:
                 for line in f:
                     fields = line.split()
                     local, remote, state = fields[1], fields[2], fields[3]
-                    if state != _TIME_WAIT and hexport in (local.rsplit(":", 1)[1], remote.rsplit(":", 1)[1]):
+                    if state not in _SETTLED and hexport in (local.rsplit(":", 1)[1], remote.rsplit(":", 1)[1]):
                         busy.append(line.strip())
         if not busy or time.monotonic() > deadline:
             return busy

@@ -18,7 +18,7 @@ import sys
 import orjson
 import pytest
 from servers import CLIENT, DISPATCHER, PREEXISTING_CLIENT, PREFORK, REUSEPORT, THREADED
-from traffic import free_port
+from traffic import free_port, wait_port_settled
 
 pytestmark = pytest.mark.kernel
 N = 60
@@ -57,6 +57,7 @@ def trace(tracer, tmp_path):
 
 
 def records(t, out, port):
+    assert not wait_port_settled(port), "the connections never settled"
     rc, _, err = t.stop()
     assert rc == 0, err
     return [r for r in (orjson.loads(line) for line in out.read_bytes().splitlines())

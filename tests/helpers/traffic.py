@@ -58,6 +58,9 @@ def session(family: int, port: int, hold: float = 0.1, server_delay: float = 0.0
     t.join(10)
     time.sleep(listener_delay)
     listener.close()
+    # the last transitions may still be on their way (softirq); a test that
+    # keeps other sockets on the port only waits the bound out
+    wait_port_settled(port, timeout=2.0)
     return cport
 
 
