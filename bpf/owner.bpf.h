@@ -9,7 +9,8 @@
  * KernelConstraints.cflags, see plugins/owner/kernel.py), a per-socket LRU map
  * sk_owner remembers the last process seen holding the socket:
  *   - the transitions that only happen inside the owner's own system call
- *     (connect, listen, close/shutdown) set it to the on-CPU process;
+ *     (connect, listen; close/shutdown for a socket with no known owner) set
+ *     it to the on-CPU process;
  *   - accept()/accept4() set it for the new socket (fd -> struct sock through
  *     task->files, with member offsets from the running kernel's BTF);
  *   - sock:sock_send_length / sock:sock_recv_length (Linux >= 6.4), which run
@@ -112,11 +113,23 @@ static __always_inline int owner_is_syscall_transition(int old, int new)
         || (old == 10 && new == 7);      /* LISTEN->CLOSE: close */
 }
 
-/* Learn the owner from transition old->new of socket sk (no record). */
+static __always_inline int owner_is_close_transition(int old, int new)
+{
+    return (old == 1 && new == 4) || (old == 8 && new == 9) || (old == 10 && new == 7);
+}
+
+/* Learn the owner from transition old->new of socket sk (no record).
+ * A close-type transition runs in whoever dropped the last reference to the
+ * file: after a hand-off that can be the dispatcher closing its own copy
+ * late, although the worker used the socket. So it names the closing
+ * process only for a socket whose owner is not known yet; connect and
+ * listen always name theirs (a new socket). */
 static __always_inline void owner_track(u64 sk, int old, int new)
 {
-    if (owner_is_syscall_transition(old, new) && (bpf_get_current_pid_tgid() >> 32) != 0)
-        owner_set_current(sk, TCPSTATES_OWNER_SYSCALL);
+    if (owner_is_syscall_transition(old, new) && (bpf_get_current_pid_tgid() >> 32) != 0) {
+        if (!owner_is_close_transition(old, new) || !sk_owner.lookup(&sk))
+            owner_set_current(sk, TCPSTATES_OWNER_SYSCALL);
+    }
     else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */
         sk_owner.delete(&sk);            /* (a stale entry of a freed socket at this address) */
 }

@@ -17,7 +17,7 @@ import sys
 
 import orjson
 import pytest
-from servers import CLIENT, DISPATCHER, PREEXISTING_CLIENT, PREFORK, REUSEPORT, THREADED
+from servers import CLIENT, DISPATCHER, DISPATCHER_LAST_CLOSE, PREEXISTING_CLIENT, PREFORK, REUSEPORT, THREADED
 from traffic import free_port, wait_port_settled
 
 pytestmark = pytest.mark.kernel
@@ -139,6 +139,10 @@ def test_reuseport_group_with_a_member_leaving(tracer, tmp_path):
 
 def test_dispatcher_hands_sockets_to_a_worker_over_scm_rights(tracer, tmp_path):
     run_design(tracer, tmp_path, DISPATCHER, lambda ready: [int(ready[-1][1])])
+
+
+def test_dispatcher_closing_its_copy_last_does_not_become_the_owner(tracer, tmp_path):
+    run_design(tracer, tmp_path, DISPATCHER_LAST_CLOSE, lambda ready: [int(ready[-1][1])])
 
 
 def test_threaded_server(tracer, tmp_path):

@@ -89,6 +89,32 @@ while True:
     c.close()                       # the dispatcher's copy: the worker owns it now
 """
 
+# the same, but the dispatcher closes its copy only after the worker closed
+# its own: the close (CLOSE_WAIT->LAST_ACK) then runs in the dispatcher, which
+# must not become the owner of a socket the worker used
+DISPATCHER_LAST_CLOSE = COMMON + r"""
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+pid = os.fork()
+if pid == 0:
+    a.close()
+    while True:
+        msg, fds, _, _ = socket.recv_fds(b, 1, 1)
+        if not fds:
+            os._exit(0)
+        serve(socket.socket(fileno=fds[0]))
+        b.send(b"d")                # closed: the dispatcher's copy is the last one
+b.close()
+s = listener()
+print("ready", os.getpid(), flush=True)
+threading.Thread(target=lambda: (sys.stdin.read(), os.kill(pid, signal.SIGKILL), os._exit(0)),
+                 daemon=True).start()
+while True:
+    c, _ = s.accept()
+    socket.send_fds(a, [b"s"], [c.fileno()])
+    a.recv(1)
+    c.close()                       # the last reference: the FIN is sent from here
+"""
+
 THREADED = COMMON + r"""
 s = listener()
 print("ready", os.getpid(), flush=True)
