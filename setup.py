@@ -1,5 +1,5 @@
 """Optional C speed-ups for the hot path (kernel record decoder, JSON Lines encoder,
-bcc table rows).
+bcc table rows, the owner enricher's loop).
 
 `optional=True`: without a compiler or Python headers the install still
 succeeds and tcpstates uses the pure-Python path (byte-identical output, more
@@ -8,8 +8,12 @@ CPU per event); `tcpstates doctor` says which path is in use.
 
 from setuptools import Extension, setup
 
+# core/event_slots.h: Event's slot offsets, shared by the extensions
+SLOTS = {"include_dirs": ["core"], "depends": ["core/event_slots.h"], "optional": True}
+
 setup(ext_modules=[
-    Extension("tcpstates.plugins.jsonl._encode", ["plugins/jsonl/_encode.c"], optional=True),
+    Extension("tcpstates.plugins.jsonl._encode", ["plugins/jsonl/_encode.c"], **SLOTS),
     Extension("tcpstates.plugins.bcc_table._rows", ["plugins/bcc_table/_rows.c"], optional=True),
-    Extension("tcpstates.plugins.kernel._decode", ["plugins/kernel/_decode.c"], optional=True),
+    Extension("tcpstates.plugins.kernel._decode", ["plugins/kernel/_decode.c"], **SLOTS),
+    Extension("tcpstates.plugins.owner._observe", ["plugins/owner/_observe.c"], **SLOTS),
 ])

@@ -289,3 +289,86 @@ def test_c_decoder_on_real_kernel_records_prints_what_python_prints():
     assert [e for e in c_events if {e.sport, e.dport} & ports] == ours
     fmt = BccFormatter(csv=False, wide=True, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
     assert fmt.encoded(c_events, use_c=True) == fmt.encoded(py_events, use_c=False)
+
+
+# -- the owner enricher's loop (plugins/owner/_observe.c) ----------------------
+
+def _owner_batches(seed: int) -> list[list]:
+    """Batches hitting every branch of OwnerEnricher.observe_batch: kernel owners
+    (repeated tails: cache hits; accepts by processes in and out of a watched
+    listener's holders), listener changes, accept-queue events without an owner,
+    sockets without anything, extras with other keys, and an object that is not
+    the slotted Event."""
+    from tcpstates.plugins.owner.enricher import KERNEL_OWNER, RAW_OWNER
+    rnd = random.Random(seed)
+    tails = [RAW_OWNER.pack(rnd.randrange(1 << 40), rnd.randrange(1 << 64), pid, how,
+                            rnd.choice([b"nginx", b"a\nb\x1b[31m", b"\xff\xfe", b"w" * 16]))
+             for pid in (100, 200, 300) for how in (1, 2, 3)]
+
+    class Loose:     # duck-typed, not the slots dataclass: the C loop hands it back whole
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    batches = []
+    for _ in range(20):
+        batch = []
+        for _ in range(rnd.randrange(0, 60)):
+            sk = rnd.choice([0xffff0001, 0xffff0002, 0xffff0003])
+            # listener changes (which drop the cached holders) are rare, as in life
+            old, new = rnd.choice([(10, 3), (3, 1), (1, 8), (8, 9), (9, 7), (1, 4)] * 20 + [(7, 10), (10, 7)])
+            extra: dict = {}
+            # a connection in the accept queue has no kernel owner yet
+            if (old, new) not in ((10, 3), (3, 1)) and rnd.random() < 0.7:
+                extra[KERNEL_OWNER] = rnd.choice(tails)
+            if rnd.random() < 0.2:
+                extra["container_id"] = "abc"
+            fam = rnd.choice([2, 2, 10, AF_INET])     # plain ints, as the decoder makes them
+            kw = dict(ts_ns=rnd.randrange(1 << 60), skaddr=sk, span_ns=None, pid=1, tid=1, comm="c",
+                      family=fam, saddr=rnd.choice(["127.0.0.1", "10.0.0.1"]) if fam == AF_INET else "::1",
+                      sport=rnd.choice([18080, 18081]), daddr="127.0.0.1",
+                      dport=rnd.randrange(1, 65536), oldstate=old, newstate=new, cgroup_id=0, extra=extra)
+            batch.append(Loose(**kw) if rnd.random() < 0.05 else Event(**kw))
+        batches.append(batch)
+    return batches
+
+
+def _run_owner(use_c: bool, seed: int):
+    import copy
+
+    from tcpstates.plugins.owner.enricher import OwnerEnricher, OwnerOptions
+    from tcpstates.plugins.owner.sockowners import PortHolders
+    enricher = OwnerEnricher(OwnerOptions(scan_existing=False), RunContext())
+    enricher.use_c = use_c
+    # port 18080: listener holders cached and fresh (the C loop answers from the
+    # cache); 18081: stale (Python looks it up again, finding nobody)
+    fresh = (time.monotonic() + 3600, {
+        (AF_INET, "127.0.0.1"): {"owner_pid": 100, "owner_comm": "srv", "owner_start": 5,
+                                 "owner_source": "listener"},
+        (AF_INET6, "::"): {"owner_pid": None, "owner_comm": None, "owner_source": "shared",
+                           "owner_candidates": [100, 200]}})
+    stale = (0.0, {(AF_INET, "0.0.0.0"): {"owner_pid": 1, "owner_source": "listener"}})
+    watch = enricher.watches[18080] = PortHolders(18080, 1.0)
+    watch.held = {100: {1}}            # 200 and 300 accepting there are hand-offs
+    invalidated = []
+    watch.invalidate = lambda: invalidated.append(1)
+    out = []
+    for batch in copy.deepcopy(_owner_batches(seed)):
+        # as if a look-up had just found them (a listener change in the last
+        # batch dropped them)
+        enricher.listeners[18080], enricher.listeners[18081] = fresh, stale
+        enricher.observe_batch(batch)
+        out.append([(type(e).__name__, e.extra) for e in batch])
+    return out, sorted(enricher.queued), sorted(enricher.owned), len(invalidated)
+
+
+@pytest.mark.skipif(not __import__("tcpstates.plugins.owner.enricher", fromlist=["x"]).C_OBSERVE_AVAILABLE,
+                    reason="C speed-ups not built (pure-Python install)")
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_c_owner_loop_equals_python(seed):
+    c, py = _run_owner(True, seed), _run_owner(False, seed)
+    assert c == py
+    assert c[3] > 0                     # the hand-off branch was taken
+    assert any(x[1].get("owner_source") == "accept" for batch in c[0] for x in batch)
+    assert any(x[0] == "Loose" for batch in c[0] for x in batch)
+    sources = {x[1].get("owner_source") for batch in c[0] for x in batch}
+    assert {"listener", "shared", "unknown", "accept", "io", "syscall"} <= sources

@@ -10,8 +10,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 #include <string.h>
+#include "event_slots.h"
 #include <time.h>
 
 typedef struct { char *p; Py_ssize_t len, cap; } buf_t;
@@ -99,39 +99,13 @@ static int put_str(buf_t *b, PyObject *s) {
 /* Event's fields, read straight from their slots when the event's type is
  * the slotted Event (a generic attribute lookup per field was most of an
  * event's cost); any other type goes through getattr. */
-enum { F_TS, F_SK, F_SPAN, F_PID, F_TID, F_COMM, F_FAM, F_SADDR, F_SPORT, F_DADDR, F_DPORT, F_OLD,
-       F_NEW, F_CG, F_EXTRA, NFIELDS };
-static const char *FIELD_NAMES[NFIELDS] = {"ts_ns", "skaddr", "span_ns", "pid", "tid", "comm", "family",
-                                           "saddr", "sport", "daddr", "dport", "oldstate", "newstate",
-                                           "cgroup_id", "extra"};
+static event_slots_t slots;
 static PyObject *names[NFIELDS];
-static PyTypeObject *slot_type;          /* the type `offsets` belong to */
-static PyTypeObject *generic_type;       /* the last type found without such slots */
-static Py_ssize_t offsets[NFIELDS];
-
-/* 1: Py_TYPE(e) has every field as an object slot (offsets set); 0: not */
-static int bind_slots(PyTypeObject *t) {
-    if (t == slot_type) return 1;
-    if (t == generic_type) return 0;
-    Py_ssize_t found[NFIELDS];
-    for (int i = 0; i < NFIELDS; i++) {
-        PyObject *d = _PyType_Lookup(t, names[i]);      /* borrowed, through the MRO */
-        if (d == NULL || !PyObject_TypeCheck(d, &PyMemberDescr_Type)
-            || ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
-            generic_type = t;                           /* a cache of one, not a reference */
-            return 0;
-        }
-        found[i] = ((PyMemberDescrObject *)d)->d_member->offset;
-    }
-    memcpy(offsets, found, sizeof(offsets));
-    Py_XSETREF(slot_type, (PyTypeObject *)Py_NewRef((PyObject *)t));
-    return 1;
-}
 
 /* A new reference to field i of e, or NULL with an exception set. */
 static PyObject *field(PyObject *e, int fast, int i) {
     if (fast) {
-        PyObject *v = *(PyObject **)((char *)e + offsets[i]);
+        PyObject *v = EVENT_SLOT(&slots, e, i);
         if (v != NULL) return Py_NewRef(v);
     }
     return PyObject_GetAttr(e, names[i]);   /* also raises for an unset slot */
@@ -210,7 +184,8 @@ static int one(buf_t *b, PyObject *e, unsigned long long seq, long long offset, 
                char *sec_text) {
     unsigned long long ts, sk, pid, tid, fam, sport, dport, old, new_, cg, span = 0;
     int r;
-    int fast = bind_slots(Py_TYPE(e));
+    int fast = event_slots_bind(&slots, Py_TYPE(e));
+    if (fast < 0) return -1;
 #define U(i, var) if ((r = get_u64(e, fast, i, &var)) <= 0) return r
     U(F_TS, ts); U(F_SK, sk); U(F_PID, pid); U(F_TID, tid); U(F_FAM, fam); U(F_SPORT, sport);
     U(F_DPORT, dport); U(F_OLD, old); U(F_NEW, new_); U(F_CG, cg);
@@ -337,6 +312,6 @@ static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_encode", "JSON Lines e
 
 PyMODINIT_FUNC PyInit__encode(void) {
     for (int i = 0; i < NFIELDS; i++)
-        if (!(names[i] = PyUnicode_InternFromString(FIELD_NAMES[i]))) return NULL;
+        if (!(names[i] = PyUnicode_InternFromString(EVENT_FIELD_NAMES[i]))) return NULL;
     return PyModule_Create(&mod);
 }

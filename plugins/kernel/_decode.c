@@ -13,9 +13,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include "event_slots.h"
 
 /* struct tcpstates_event (bpf/tcpstates.h) behind the ring's 8-byte header */
 #define HDR 8
@@ -38,14 +38,7 @@
 #define OFF_OWNER 96
 #define OWNER_LEN 40
 
-/* Event's fields in declaration order (core/events.py) */
-static const char *FIELDS[] = {"ts_ns", "skaddr", "span_ns", "pid", "tid", "comm", "family", "saddr",
-                               "sport", "daddr", "dport", "oldstate", "newstate", "cgroup_id", "extra"};
-#define NFIELDS 15
-enum { F_TS, F_SK, F_SPAN, F_PID, F_TID, F_COMM, F_FAM, F_SADDR, F_SPORT, F_DADDR, F_DPORT, F_OLD,
-       F_NEW, F_CG, F_EXTRA };
-static PyTypeObject *event_type;        /* the type the offsets below belong to */
-static Py_ssize_t offsets[NFIELDS];
+static event_slots_t slots;              /* Event's slot offsets (event_slots.h) */
 
 /* The memo: raw bytes -> str, one table per kind (an IPv4 and an IPv6 key
  * with the same bytes are different texts). The mapping is a pure function
@@ -98,28 +91,15 @@ static int bind_type(PyObject *type) {
         PyErr_SetString(PyExc_TypeError, "event_type must be a type");
         return -1;
     }
-    if ((PyTypeObject *)type == event_type) return 0;
-    for (int i = 0; i < NFIELDS; i++) {
-        PyObject *d = PyDict_GetItemString(((PyTypeObject *)type)->tp_dict, FIELDS[i]);
-        if (d == NULL || !PyObject_TypeCheck(d, &PyMemberDescr_Type)) {
-            PyErr_Format(PyExc_TypeError, "event_type has no slot %s", FIELDS[i]);
-            return -1;
-        }
-        PyMemberDef *def = ((PyMemberDescrObject *)d)->d_member;
-        if (def->type != T_OBJECT_EX) {
-            PyErr_Format(PyExc_TypeError, "slot %s is not an object slot", FIELDS[i]);
-            return -1;
-        }
-        offsets[i] = def->offset;
-    }
-    Py_XSETREF(event_type, (PyTypeObject *)Py_NewRef(type));
-    return 0;
+    int r = event_slots_bind(&slots, (PyTypeObject *)type);
+    if (r == 0) PyErr_SetString(PyExc_TypeError, "event_type: every field must be an object slot");
+    return r == 1 ? 0 : -1;
 }
 
 #define U16(p) ((uint16_t)((p)[0] | ((p)[1] << 8)))
 static inline uint32_t u32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline uint64_t u64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-#define SET(obj, f, v) (*(PyObject **)((char *)(obj) + offsets[f]) = (v))
+#define SET(obj, f, v) (EVENT_SLOT(&slots, obj, f) = (v))
 
 static const unsigned char ZERO_OWNER[OWNER_LEN];
 
@@ -137,7 +117,7 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
     if (saddr == NULL) { Py_DECREF(comm); return NULL; }
     PyObject *daddr = text_of(ak, p + OFF_DADDR, fam, caches[ak], slow_addr);
     if (daddr == NULL) { Py_DECREF(comm); Py_DECREF(saddr); return NULL; }
-    PyObject *ev = event_type->tp_alloc(event_type, 0);
+    PyObject *ev = slots.type->tp_alloc(slots.type, 0);
     if (ev == NULL) { Py_DECREF(comm); Py_DECREF(saddr); Py_DECREF(daddr); return NULL; }
     /* NULL slots are safe for dealloc: a half-built Event is simply dropped */
     PyObject *extra = PyDict_New();
@@ -157,7 +137,7 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
     SET(ev, F_CG, PyLong_FromUnsignedLongLong(u64(p + OFF_CG)));
     SET(ev, F_EXTRA, extra);
     for (int i = 0; i < NFIELDS; i++)
-        if (*(PyObject **)((char *)ev + offsets[i]) == NULL) {    /* out of memory */
+        if (EVENT_SLOT(&slots, ev, i) == NULL) {    /* out of memory */
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "decode: a field could not be built");
             Py_DECREF(ev);
             return NULL;

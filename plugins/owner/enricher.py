@@ -31,6 +31,7 @@ filter drops), so its place in the chain does not matter.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import time
 from typing import Any
@@ -39,6 +40,14 @@ from tcpstates.api import Enricher, KernelConstraints, RunContext
 from tcpstates.events import AF_INET, AF_INET6, STATE_NUMBERS, Event, sanitize_text
 from tcpstates.options import option
 from tcpstates.plugins.owner.sockowners import NS_PER_TICK, Holder, PortHolders, snapshot
+
+try:   # the optional C loop (setup.py); observe_batch's Python loop is the reference
+    import tcpstates.plugins.owner._observe as _c_observe
+except ImportError:    # pragma: no cover - depends on the build
+    _c_observe = None
+if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
+    _c_observe = None
+C_OBSERVE_AVAILABLE = _c_observe is not None
 
 S = STATE_NUMBERS
 LISTEN, SYN_RECV, CLOSE = S["LISTEN"], S["SYN_RECV"], S["CLOSE"]
@@ -101,6 +110,8 @@ class OwnerEnricher(Enricher):
         # bytes, so the unpack/decode/escape is done once
         self.owned: dict[bytes, tuple[dict[str, Any], int]] = {}
         self.watches: dict[int, PortHolders] = {}   # port → its listeners' holders
+        self.use_c = True
+        self._now: float | None = None
         if options.scan_existing:
             self.existing = snapshot()
 
@@ -157,47 +168,82 @@ class OwnerEnricher(Enricher):
     def observe_batch(self, batch: list[Event]) -> None:
         """Label each event from what the kernel knew, right away (a later
         filter may still drop it)."""
+        self._now = None     # one clock read per batch, and only when a listener is asked
+        if _c_observe is not None and self.use_c:
+            # the same loop in C (_observe.c); it calls back for the rare cases
+            _c_observe.observe(batch, KERNEL_OWNER, LISTEN, self.owned, self._owned, self.queued,
+                               self.watches, self._owned_event, self._unowned_event, self.observe_one,
+                               (SYN_RECV, CLOSE, AF_INET, AF_INET6), self.listeners, WILDCARD, "::",
+                               self._batch_now)
+            return
         queued, owned, make = self.queued, self.owned, self._owned
-        now = None     # one clock read per batch, and only when a listener is asked
         for e in batch:
             extra = e.extra
             raw = extra.pop(KERNEL_OWNER, None)
-            old, new = e.oldstate, e.newstate
-            if raw is not None:
-                fields, accepter = owned.get(raw) or make(raw)
-                extra.update(fields)
-                if queued:
-                    queued.discard(e.skaddr)
-                if old == LISTEN or new == LISTEN:
-                    self.listeners.pop(e.sport, None)    # the listener set changed
-                elif accepter and e.sport in self.watches:
-                    watch = self.watches[e.sport]
-                    if accepter not in watch.held:
-                        # accepted by a process not known to hold the listener
-                        # (handed it, e.g. over SCM_RIGHTS): the next look-up, at
-                        # its usual time (the CPU bound holds), reads everyone
-                        watch.invalidate()
+            if raw is None:
+                self._unowned_event(e)
                 continue
-            if (old == LISTEN and new == SYN_RECV) or e.skaddr in queued:
-                if new == CLOSE:
-                    queued.discard(e.skaddr)
-                else:
-                    queued.add(e.skaddr)
-                if now is None:
-                    now = time.monotonic()
-                fields = self._holders(e, now) or UNKNOWN
-                extra.update(fields)
-                if "owner_candidates" in fields:      # each event its own list
-                    extra["owner_candidates"] = list(fields["owner_candidates"])
-                continue
-            holders = self.existing.get((e.family, e.saddr, e.sport, e.daddr, e.dport)) \
-                if self.existing else None
-            if holders:
-                if new == CLOSE:
-                    del self.existing[(e.family, e.saddr, e.sport, e.daddr, e.dport)]
-                extra.update(_holder_fields(holders, "proc"))
+            fields, accepter = owned.get(raw) or make(raw)
+            extra.update(fields)
+            if queued:
+                queued.discard(e.skaddr)
+            if e.oldstate == LISTEN or e.newstate == LISTEN or (accepter and e.sport in self.watches):
+                self._owned_event(e, accepter)
+
+    def observe_one(self, e: Event) -> None:
+        """observe_batch for one event (the C loop's path for an event whose
+        type is not the slotted Event)."""
+        raw = e.extra.pop(KERNEL_OWNER, None)
+        if raw is None:
+            self._unowned_event(e)
+            return
+        fields, accepter = self.owned.get(raw) or self._owned(raw)
+        e.extra.update(fields)
+        self.queued.discard(e.skaddr)
+        if e.oldstate == LISTEN or e.newstate == LISTEN or (accepter and e.sport in self.watches):
+            self._owned_event(e, accepter)
+
+    def _owned_event(self, e: Event, accepter: int) -> None:
+        """The listener bookkeeping of an event the kernel named an owner for."""
+        if e.oldstate == LISTEN or e.newstate == LISTEN:
+            self.listeners.pop(e.sport, None)    # the listener set changed
+            return
+        watch = self.watches[e.sport]
+        if accepter not in watch.held:
+            # accepted by a process not known to hold the listener (handed
+            # it, e.g. over SCM_RIGHTS): the next look-up, at its usual time
+            # (the CPU bound holds), reads everyone
+            watch.invalidate()
+
+    def _batch_now(self) -> float:
+        """The clock of this batch's listener look-ups, read at first need."""
+        if self._now is None:
+            self._now = time.monotonic()
+        return self._now
+
+    def _unowned_event(self, e: Event) -> None:
+        """An event the kernel knew no owner for: queued on a listener, a
+        socket that existed before tracing, or unknown."""
+        extra, old, new = e.extra, e.oldstate, e.newstate
+        queued = self.queued
+        if (old == LISTEN and new == SYN_RECV) or e.skaddr in queued:
+            if new == CLOSE:
+                queued.discard(e.skaddr)
             else:
-                extra.update(UNKNOWN)
+                queued.add(e.skaddr)
+            fields = self._holders(e, self._batch_now()) or UNKNOWN
+            extra.update(fields)
+            if "owner_candidates" in fields:      # each event its own list
+                extra["owner_candidates"] = list(fields["owner_candidates"])
+            return
+        key = (e.family, e.saddr, e.sport, e.daddr, e.dport)
+        holders = self.existing.get(key) if self.existing else None
+        if holders:
+            if new == CLOSE:
+                del self.existing[key]
+            extra.update(_holder_fields(holders, "proc"))
+        else:
+            extra.update(UNKNOWN)
 
     def enrich_batch(self, batch: list[Event]) -> None:
         """Nothing left to do: observe_batch labelled every event."""
