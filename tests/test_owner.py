@@ -187,3 +187,24 @@ def test_no_engine_socket_no_names_no_noise(tmp_path):
     from tcpstates.plugins.container.docker_api import DockerNames
     names = DockerNames(str(tmp_path / "absent.sock"))
     assert names.lookup("ab" * 32) is None and not names.available()
+
+
+def test_owner_columns_memo_never_mixes_equal_values_of_other_types():
+    """The text sink remembers owner columns by what they are made of: 1, 1.0
+    and True (a replay may carry any) compare equal but must print as
+    themselves, and a changed container name must show."""
+    from tcpstates.events import AF_INET, Event
+    from tcpstates.plugins.bcc_table.format import BccFormatter
+
+    def event(**extra) -> Event:
+        return Event(1, 2, None, 3, 3, "c", AF_INET, "127.0.0.1", 1, "127.0.0.1", 2, 1, 7, 0,
+                     {"owner_comm": "srv", **extra})
+
+    f = BccFormatter(csv=True, wide=False, time_col=False, timestamp_col=False, wall_ns=lambda ns: ns,
+                     owner=True)
+    rows = f.lines([event(owner_pid=1), event(owner_pid=True), event(owner_pid=1.0),
+                    event(owner_pid=1, container_name="a"), event(owner_pid=1, container_name="b"),
+                    event(owner_pid=1, container_name=["x"])])
+    tails = [r.rsplit(",", 3)[1:] for r in rows]
+    assert [t[0] for t in tails] == ["1", "True", "1.0", "1", "1", "1"]
+    assert [t[2] for t in tails] == ["", "", "", "a", "b", "['x']"]

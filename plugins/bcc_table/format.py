@@ -44,6 +44,7 @@ _HEADER_DEFAULT = "%-16s %-5s %-10.10s %s%s%-15s %-5s %-15s %-5s %s %s"
 _HEADER_WIDE = "%-16s %-5s %-16.16s %s%-2s %-39s %-5s %-39s %-5s %s %s"
 _HEADER_CSV = "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s%s"
 _OWNER_DEFAULT = "%-7s %-10.10s %-20.20s "
+OWNER_MEMO_LIMIT = 4096
 _OWNER_WIDE = "%-7s %-16.16s %-32.32s "
 
 
@@ -99,6 +100,7 @@ class BccFormatter:
         self.wall_ns = wall_ns
         self.first_ts_us: int | None = None
         self.owner = owner
+        self._owner_memo: dict[tuple[Any, ...], str] = {}   # owner columns by what they show
         self._row = _ROW_CSV if self.csv else _ROW_WIDE if self.wide else _ROW_DEFAULT
         self._clock_sec = -1
         self._clock_text = ""
@@ -118,6 +120,26 @@ class BccFormatter:
                                            "RADDR", "RPORT", pair, "MS")
 
     def _owner(self, e: Event) -> str:
+        """The owner columns of e, memoised by what they are made of (a busy
+        server's events share a few owners; the escaping is the cost)."""
+        extra = e.extra
+        get = extra.get
+        values = (get("owner_pid"), get("owner_comm"), get("k8s_pod"), get("k8s_namespace"),
+                  get("container_name"), get("container_id"), get("pod_uid"))
+        # with the types: 1, 1.0 and True (a replay may hold any) are equal keys
+        # but different texts
+        key = (values, tuple(map(type, values)), "cgroup" in extra or "systemd_unit" in extra)
+        try:
+            text = self._owner_memo.get(key)
+        except TypeError:                  # an unhashable value from a replay
+            return self._owner_text(e)
+        if text is None:
+            if len(self._owner_memo) >= OWNER_MEMO_LIMIT:
+                self._owner_memo.clear()
+            text = self._owner_memo[key] = self._owner_text(e)
+        return text
+
+    def _owner_text(self, e: Event) -> str:
         pid, comm = e.extra.get("owner_pid"), e.extra.get("owner_comm")
         pid_text = "?" if pid is None else escape_text(str(pid))
         comm = "?" if comm is None else escape_text(str(comm))

@@ -76,6 +76,10 @@ class ContainerEnricher(Enricher):
         # CLOCK_BOOTTIME (where /proc start times live) minus CLOCK_MONOTONIC (event times)
         self.boot_offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
         self._batch: dict[int, ProcessCgroups | None] | None = None    # per-batch memo, in enrich_batch only
+        # per-batch memo of the fields each cgroup gives (enrich_batch only)
+        self._fields_memo: dict[int, tuple[CgroupInfo, dict[str, str]]] | None = None
+        # per-batch memo of lookup() per (pid, cgroup id), with the event time it was made for
+        self._lookup_memo: dict[tuple[Any, Any], tuple[CgroupInfo, int]] | None = None
 
     # -- resolution --------------------------------------------------------------------
     def _by_id(self, cgroup_id: int) -> CgroupInfo | None:
@@ -138,9 +142,45 @@ class ContainerEnricher(Enricher):
         cgroup_id = extra.get("owner_cgroup_id")
         if not cgroup_id and pid is not None and pid == event.pid:
             cgroup_id = event.cgroup_id
-        info = self.lookup(pid, cgroup_id, event.ts_ns)
+        info = self._lookup_in_batch(pid, cgroup_id, event.ts_ns)
         if info is None:
             return
+        # a batch's events mostly share a few cgroups: their fields (names
+        # read from the runtimes' files) are made once per cgroup and batch.
+        # Keyed by identity, with the info kept alive so the id stays its own.
+        memo = self._fields_memo
+        if memo is not None:
+            hit = memo.get(id(info))
+            if hit is not None:
+                extra.update(hit[1])
+                return
+        fields = self._fields(info)
+        if memo is not None:
+            memo[id(info)] = (info, fields)
+        extra.update(fields)
+
+    def _lookup_in_batch(self, pid: Any, cgroup_id: Any, event_ns: int) -> CgroupInfo | None:
+        """lookup(), remembered for the batch per (pid, cgroup id): a process
+        found for an event is the same process for any later event of the
+        batch (it had started by the earlier one), so only a later event
+        reuses an answer; an earlier one, or a miss, asks again."""
+        memo = self._lookup_memo
+        if memo is None:
+            return self.lookup(pid, cgroup_id, event_ns)
+        try:
+            key = (pid, cgroup_id)
+            hit = memo.get(key)
+        except TypeError:                       # an unhashable value from a replay
+            return self.lookup(pid, cgroup_id, event_ns)
+        if hit is not None and event_ns >= hit[1]:
+            return hit[0]
+        info = self.lookup(pid, cgroup_id, event_ns)
+        if info is not None:
+            memo[key] = (info, event_ns)
+        return info
+
+    def _fields(self, info: CgroupInfo) -> dict[str, str]:
+        """The fields `info` gives an event (never edited afterwards: shared)."""
         fields = info.fields()
         if not self.options.cgroup_path:
             fields.pop("cgroup", None)
@@ -150,12 +190,12 @@ class ContainerEnricher(Enricher):
             if runtime and fields.get("container_runtime") in ("cri", "unknown"):
                 fields["container_runtime"] = runtime
             fields.update(names)
-        extra.update(fields)
+        return fields
 
     def enrich_batch(self, batch: list[Event]) -> None:
-        self._batch = {}
+        self._batch, self._fields_memo, self._lookup_memo = {}, {}, {}
         try:
             for e in batch:
                 self.enrich(e)
         finally:
-            self._batch = None
+            self._batch = self._fields_memo = self._lookup_memo = None
