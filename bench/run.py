@@ -56,6 +56,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK     # utime + stime
 
 
+def host_busy_s() -> float:
+    """CPU seconds the whole machine spent busy so far (all CPUs, /proc/stat:
+    user, nice, system, irq, softirq, steal): with the tracer's own share
+    taken out, what the load cost, wherever the kernel ran its work (syscalls,
+    softirqs, our BPF programs) — steadier than its rate on a shared machine."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -167,10 +177,13 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
     results = []
     port = free_port()
     truth = TracepointCounter(port, conns * 10 + 10)     # on in every run: same cost for all
+    busy0 = host_busy_s()
     base = run_load(port, conns, rate, seconds * 3)
+    base_load_cpu = (host_busy_s() - busy0) / max(1, base["connections"])
     recorded, overrun = truth.stop()
     truth.close()
     results.append({"tracer": "untraced", "rate": base["rate"], "ratio": 1.0,
+                    "load_cpu_us_per_conn": round(base_load_cpu * 1e6, 1), "load_cpu_ratio": 1.0,
                     "connections": base["connections"], "truth": recorded, "truth_overrun": overrun})
     for name, argv in tracers:
         port = free_port()
@@ -179,7 +192,9 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         truth = TracepointCounter(port, conns * 10 + 10)
         cpu0 = cpu_seconds(t.proc.pid)
         progs0 = bpfstats.snapshot(t.proc.pid) if BPF_STATS else {}
+        busy0, own0 = host_busy_s(), cpu_seconds(t.proc.pid)
         load = run_load(port, conns, rate, seconds * 3)
+        load_cpu = ((host_busy_s() - busy0) - (cpu_seconds(t.proc.pid) - own0)) / max(1, load["connections"])
         progs = bpfstats.delta(progs0, bpfstats.snapshot(t.proc.pid)) if BPF_STATS else None
         recorded, overrun = truth.stop()
         t.settle()
@@ -199,6 +214,9 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         expected = 2 * load["connections"] if conn_mode else recorded
         results.append({
             "tracer": name, "rate": load["rate"], "ratio": round(load["rate"] / base["rate"], 3),
+            # host CPU per connection outside the tracer process, against the untraced run's
+            "load_cpu_us_per_conn": round(load_cpu * 1e6, 1),
+            "load_cpu_ratio": round(load_cpu / base_load_cpu, 3) if base_load_cpu > 0 else None,
             "connections": load["connections"], "truth": recorded, "truth_overrun": overrun,
             "printed": printed, "aggregated": int(aggregated.group(1)) if aggregated else None,
             "missing": expected - printed if not filtered else None,
@@ -239,7 +257,7 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "truth", "printed", "aggregated", "missing",
+    cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "load_cpu_ratio", "truth", "printed", "aggregated", "missing",
             "dropped", "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s",
             "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn", "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
@@ -341,7 +359,8 @@ def main() -> int:
                             r["point"], r["threads"], r["mode"] = spec, threads, mode
                             rows.append(r)
                             print(f"bench: {spec} {mode} x{threads} {r['tracer']}: rate {r['rate']}/s "
-                                  f"ratio {r['ratio']} us/ev {r.get('cpu_us_per_event')} "
+                                  f"ratio {r['ratio']} load cpu {r.get('load_cpu_ratio')} "
+                                  f"us/ev {r.get('cpu_us_per_event')} "
                                   f"bpf ns/conn {r.get('bpf_ns_per_conn')} "
                                   f"unaccounted {r.get('unaccounted')}", file=sys.stderr, flush=True)
     print(format_table(rows))

@@ -36,7 +36,9 @@ def events(n: int, seed: int = 1) -> list[Event]:
     rnd = random.Random(seed)
     out = []
     for _ in range(n):
-        fam = rnd.choice((AF_INET, AF_INET6))
+        # plain ints as the decoder makes them (an IntEnum family is not ours to
+        # render in C: those few take the Python path)
+        fam = rnd.choice((2, 2, 10, 10, 2, 10, 2, 10, AF_INET, AF_INET6))
         extra: dict = rnd.choice([
             {}, {"owner_pid": rnd.randrange(1 << 22), "owner_comm": rnd.choice(COMMS), "owner_start": None,
                  "owner_cgroup_id": rnd.randrange(1 << 64), "owner_source": "io"},
@@ -56,10 +58,13 @@ def events(n: int, seed: int = 1) -> list[Event]:
     return out
 
 
-def _jsonl(batch: list[Event], use_c: bool, tmp_path, name: str) -> bytes:
+def _jsonl(batch: list[Event], use_c: bool, tmp_path, name: str, fallbacks: list | None = None) -> bytes:
     path = tmp_path / name
     sink = JsonlSink(JsonlOptions(path=str(path)), RunContext(hostname="h\"ost\n", clock_offset_ns=-7))
     sink.use_c = use_c
+    if fallbacks is not None:       # the events the C encoder handed back to Python
+        one = sink._one
+        sink._one = lambda e, seq: fallbacks.append(e) or one(e, seq)
     sink.open()
     for i in range(0, len(batch), 97):
         sink.write(batch[i:i + 97])
@@ -83,10 +88,13 @@ def _safe(batch: list[Event]) -> list[Event]:
 @needs_c
 def test_jsonl_c_encoder_is_byte_identical(tmp_path):
     batch = _safe(events(3000))
-    c = _jsonl(batch, True, tmp_path, "c.jsonl")
+    fallbacks: list = []
+    c = _jsonl(batch, True, tmp_path, "c.jsonl", fallbacks)
     py = _jsonl(batch, False, tmp_path, "py.jsonl")
     assert c == py
     assert len(c.splitlines()) == len(batch)
+    # C really encoded most events (floats, nested objects, IntEnum go to Python)
+    assert 0 < len(fallbacks) < len(batch) * 3 // 4
 
 
 @needs_c
@@ -100,11 +108,22 @@ def test_jsonl_c_encoder_skips_what_orjson_cannot_encode_as_python_does(tmp_path
 
 
 @needs_c
+@pytest.mark.parametrize("owner", [False, True])
 @pytest.mark.parametrize("wide", [False, True])
-def test_text_c_rows_are_byte_identical(wide):
+def test_text_c_rows_are_byte_identical(wide, owner):
     batch = events(3000, seed=2)
-    fmt = BccFormatter(csv=False, wide=wide, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
+    if owner:   # container fields too, and an owner name C cannot encode (a surrogate)
+        for i, e in enumerate(batch[:300]):
+            e.extra = {**e.extra, "owner_pid": i, "owner_comm": COMMS[i % len(COMMS)],
+                       "container_name": COMMS[(i + 3) % len(COMMS)], "cgroup": "/x"}
+    fmt = BccFormatter(csv=False, wide=wide, time_col=False, timestamp_col=False, wall_ns=lambda t: t,
+                       owner=owner)
+    fallbacks = []
+    one = fmt._one_encoded
+    fmt._one_encoded = lambda e: fallbacks.append(e) or one(e)
     assert fmt.encoded(batch, use_c=True) == fmt.encoded(batch, use_c=False)
+    # C really rendered most rows (what it leaves to Python: escapes, non-ASCII, IntEnum)
+    assert 0 < len(fallbacks) < len(batch) * 3 // 4
     assert fmt.encoded([], use_c=True) == b""
 
 
@@ -151,7 +170,9 @@ def raw_records(n: int, seed: int) -> bytes:
     rnd = random.Random(seed)
     out = []
     for _ in range(n):
-        fam = rnd.choice((AF_INET, AF_INET6))
+        # plain ints as the decoder makes them (an IntEnum family is not ours to
+        # render in C: those few take the Python path)
+        fam = rnd.choice((2, 2, 10, 10, 2, 10, 2, 10, AF_INET, AF_INET6))
         def addr() -> bytes:
             if fam == AF_INET:
                 return rnd.choice([bytes([127, 0, 0, 1]), bytes([10, 0, rnd.randrange(3), 1]),

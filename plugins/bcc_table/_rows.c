@@ -1,8 +1,9 @@
 /* bcc's default and -w table rows in C: a batch of Events -> one bytes object.
  *
  * Byte-identical to format.py's `%` rows (tests/test_speedups.py checks it on
- * the bcc fixtures and on random events). Handles the rows without owner
- * columns and without -T/-t; an event whose text is not plain ASCII (C's
+ * the bcc fixtures and on random events). Handles the rows without -T/-t;
+ * the owner columns (--owner) come from Python, already made and escaped
+ * (`owner_of(event) -> str`), and are placed after C-COMM. An event whose text is not plain ASCII (C's
  * `%-10.10s` counts bytes, Python's counts characters) goes to the Python
  * `fallback(event) -> bytes`, so the output never depends on which path ran.
  */
@@ -25,11 +26,16 @@ static int get_u64(PyObject *obj, PyObject *name, unsigned long long *out) {
     return ok;
 }
 
-/* a new reference to an ASCII str attribute, or NULL (error set only on -1) */
+/* a new reference to a printable-ASCII str attribute (1), or 0: anything
+ * else - non-ASCII, or a control character Python escapes (escape_text) -
+ * is the Python row's to render; -1: error */
 static int get_ascii(PyObject *obj, PyObject *name, PyObject **out) {
     PyObject *v = PyObject_GetAttr(obj, name);
     if (!v) return -1;
     if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) { Py_DECREF(v); return 0; }
+    const Py_UCS1 *c = PyUnicode_1BYTE_DATA(v);
+    for (Py_ssize_t i = 0, n = PyUnicode_GET_LENGTH(v); i < n; i++)
+        if (c[i] < 0x20 || c[i] == 0x7f) { Py_DECREF(v); return 0; }
     *out = v;
     return 1;
 }
@@ -69,7 +75,7 @@ static char *state(char *o, unsigned long long s) {        /* %-11s of the name 
 #define FIELD(expr, width) do { char *st_ = o; o = (expr); o = pad(o, st_, (width)); } while (0)
 
 /* 1 rendered, 0 fallback, -1 error */
-static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wide) {
+static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wide, PyObject *owner_of) {
     unsigned long long sk, pid, fam, sport, dport, old, new_, span = 0;
     int r;
 #define U(name, var) if ((r = get_u64(e, name, &var)) <= 0) return r
@@ -86,12 +92,28 @@ static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wid
     if ((r = get_ascii(e, S_comm, &comm)) <= 0) return r;
     if ((r = get_ascii(e, S_saddr, &sa)) <= 0) { Py_DECREF(comm); return r; }
     if ((r = get_ascii(e, S_daddr, &da)) <= 0) { Py_DECREF(comm); Py_DECREF(sa); return r; }
-    Py_ssize_t need = PyUnicode_GET_LENGTH(sa) + PyUnicode_GET_LENGTH(da) + 512;
+    /* the owner columns (--owner), made and escaped by Python: owner_of(e) -> str */
+    PyObject *owner = NULL;
+    const char *ow = NULL; Py_ssize_t own = 0;
+    if (owner_of != Py_None) {
+        owner = PyObject_CallOneArg(owner_of, e);
+        if (owner == NULL || !PyUnicode_Check(owner)) {
+            if (owner != NULL) PyErr_SetString(PyExc_TypeError, "owner_of: str");
+            Py_XDECREF(owner); Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da);
+            return -1;
+        }
+        if ((ow = PyUnicode_AsUTF8AndSize(owner, &own)) == NULL) {      /* surrogates: Python's bytes */
+            PyErr_Clear();
+            Py_DECREF(owner); Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da);
+            return 0;
+        }
+    }
+    Py_ssize_t need = PyUnicode_GET_LENGTH(sa) + PyUnicode_GET_LENGTH(da) + own + 512;
     if (*len + need > *cap) {
         Py_ssize_t c = *cap ? *cap : 65536;
         while (c < *len + need) c *= 2;
         char *p = PyMem_Realloc(*pp, c);
-        if (!p) { Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da); PyErr_NoMemory(); return -1; }
+        if (!p) { Py_XDECREF(owner); Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da); PyErr_NoMemory(); return -1; }
         *pp = p; *cap = c;
     }
     unsigned long long us = known ? span / 1000 : 0;         /* bcc: whole µs, then ms */
@@ -104,6 +126,7 @@ static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wid
     if (wide) {
         /* "%-16llx %-5llu %-16.16s %-2s %-39s %-5llu %-39s %-5llu %-11s -> %-11s %.3f\n" */
         FIELD(str(o, c, cn, 16), 16); *o++ = ' ';
+        if (own) { memcpy(o, ow, own); o += own; }
         *o++ = fam == 2 ? '4' : '6'; *o++ = ' '; *o++ = ' ';
         FIELD(str(o, s, sn, -1), 39); *o++ = ' ';
         FIELD(dec(o, sport), 5); *o++ = ' ';
@@ -111,11 +134,12 @@ static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wid
     } else {
         /* "%-16llx %-5llu %-10.10s %-15s %-5llu %-15s %-5llu %-11s -> %-11s %.3f\n" */
         FIELD(str(o, c, cn, 10), 10); *o++ = ' ';
+        if (own) { memcpy(o, ow, own); o += own; }
         FIELD(str(o, s, sn, -1), 15); *o++ = ' ';
         FIELD(dec(o, sport), 5); *o++ = ' ';
         FIELD(str(o, d, dn, -1), 15); *o++ = ' ';
     }
-    Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da);
+    Py_XDECREF(owner); Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da);
     FIELD(dec(o, dport), 5); *o++ = ' ';
     o = state(o, old);
     memcpy(o, " -> ", 4); o += 4;
@@ -134,15 +158,15 @@ static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wid
     return 1;
 }
 
-/* rows(batch, wide, fallback) -> bytes, one line (with newline) per event */
+/* rows(batch, wide, fallback, owner_of=None) -> bytes, one line (with newline) per event */
 static PyObject *rows(PyObject *self, PyObject *args) {
-    PyObject *batch, *fallback; int wide;
-    if (!PyArg_ParseTuple(args, "O!pO", &PyList_Type, &batch, &wide, &fallback)) return NULL;
+    PyObject *batch, *fallback, *owner_of = Py_None; int wide;
+    if (!PyArg_ParseTuple(args, "O!pO|O", &PyList_Type, &batch, &wide, &fallback, &owner_of)) return NULL;
     char *p = NULL; Py_ssize_t len = 0, cap = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
         PyObject *e = PyList_GET_ITEM(batch, i);
         Py_ssize_t mark = len;
-        int r = one(&p, &len, &cap, e, wide);
+        int r = one(&p, &len, &cap, e, wide, owner_of);
         if (r < 0) goto fail;
         if (r == 0) {
             len = mark;

@@ -159,12 +159,13 @@ class BccFormatter:
 
     def encoded(self, batch: list[Event], use_c: bool = True) -> bytes:
         """The batch's lines as UTF-8 (surrogateescape) bytes, each ending in a
-        newline. Default and -w rows without owner/time columns go through the C
+        newline. Default and -w rows without time columns go through the C
         rows when built (byte-identical; an event it cannot render exactly is
         rendered here)."""
-        if (use_c and _c_rows is not None and type(self) is BccFormatter and not self.csv and not self.owner
+        if (use_c and _c_rows is not None and type(self) is BccFormatter and not self.csv
                 and not self.time_col and not self.timestamp_col):
-            return _c_rows.rows(batch, self.wide, self._one_encoded)
+            # the owner columns are Python's (escaping, memo), placed by C
+            return _c_rows.rows(batch, self.wide, self._one_encoded, self._owner if self.owner else None)
         lines = self.lines(batch)
         if not lines:
             return b""
