@@ -12,8 +12,12 @@ C-PID is judged on the same events for comparison (printed, README table).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import threading
 
 import orjson
 import pytest
@@ -25,19 +29,53 @@ N = 60
 PRE_ACCEPT = {("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED")}
 
 
+SPAWNED: list[subprocess.Popen] = []
+
+
 def spawn(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    # its own process group: a watchdog, and the clean-up after each test,
+    # end the whole tree (forked children hold its stdout too)
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    SPAWNED.append(p)
+    return p
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def _no_tree_outlives_its_test():
+    yield
+    while SPAWNED:
+        p = SPAWNED.pop()
+        _kill_tree(p)
+        p.wait(10)
+
+
+def read_lines(p: subprocess.Popen, until: str | None = None, count: int = 0,
+               timeout: float = 60) -> list[list[str]]:
+    """Lines up to the one starting with `until`, or `count` lines; a tree
+    that says nothing for `timeout` seconds is killed, so the read ends and
+    the test fails instead of hanging."""
+    watchdog = threading.Timer(timeout, _kill_tree, (p,))
+    watchdog.start()
+    lines: list[list[str]] = []
+    try:
+        while True:
+            line = p.stdout.readline()
+            assert line, f"process ended (or said nothing for {timeout}s) before {until or count}: {lines}"
+            lines.append(line.split())
+            if (until is not None and lines[-1][0] == until) or len(lines) == count:
+                return lines
+    finally:
+        watchdog.cancel()
 
 
 def read_until(p: subprocess.Popen, word: str) -> list[list[str]]:
-    lines = []
-    while True:
-        line = p.stdout.readline()
-        assert line, f"process ended before {word!r}: {lines}"
-        lines.append(line.split())
-        if lines[-1][0] == word:
-            return lines
+    return read_lines(p, until=word)
 
 
 def clients(port: int, n: int, processes: int = 1) -> dict[int, int]:
@@ -116,7 +154,7 @@ def run_design(tracer, tmp_path, code, holders_of, *, before=None, processes=1):
     if before:
         holders = before(srv, holders)
     client_pids = clients(port, N, processes)
-    lines = [srv.stdout.readline().split() for _ in range(N)]
+    lines = read_lines(srv, count=N)
     recs = records(t, out, port)        # while the server still runs (as servers do)
     srv.stdin.close()
     srv.wait(10)
@@ -163,7 +201,7 @@ def test_preexisting_connections(tracer, tmp_path):
     cli.stdin.write("go\n")
     cli.stdin.flush()
     read_until(cli, "done")
-    lines = [srv.stdout.readline().split() for _ in range(N)]
+    lines = read_lines(srv, count=N)
     recs = records(t, out, port)
     srv.stdin.close()
     srv.wait(10)

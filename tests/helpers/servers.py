@@ -12,6 +12,10 @@ from __future__ import annotations
 COMMON = r"""
 import os, signal, socket, sys, threading
 port = int(sys.argv[1])
+def say(*words):
+    # one write per line: the processes of a tree share stdout, and print()
+    # writes word by word when unbuffered (PYTHONUNBUFFERED): lines would mix
+    os.write(1, (" ".join(map(str, words)) + "\n").encode())
 def listener(reuseport=False):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuseport:
@@ -37,7 +41,7 @@ for i in range(4):
             c, _ = s.accept()
             serve(c)
     kids.append(pid)
-print("ready", os.getpid(), *kids, flush=True)
+say("ready", os.getpid(), *kids)
 sys.stdin.read()
 for k in kids:
     os.kill(k, signal.SIGKILL)
@@ -60,7 +64,7 @@ for i in range(4):
             c, _ = s.accept()
             serve(c)
     os.close(r); kids.append(pid); pipes.append(w)
-print("ready", *kids, flush=True)
+say("ready", *kids)
 sys.stdin.readline()                # "leave"
 os.write(pipes[0], b"x")
 sys.stdin.read()
@@ -80,7 +84,7 @@ if pid == 0:                        # the worker: gets each socket over SCM_RIGH
         serve(socket.socket(fileno=fds[0]))
 b.close()
 s = listener()
-print("ready", os.getpid(), flush=True)
+say("ready", os.getpid())
 threading.Thread(target=lambda: (sys.stdin.read(), os.kill(pid, signal.SIGKILL), os._exit(0)),
                  daemon=True).start()
 while True:
@@ -105,7 +109,7 @@ if pid == 0:
         b.send(b"d")                # closed: the dispatcher's copy is the last one
 b.close()
 s = listener()
-print("ready", os.getpid(), flush=True)
+say("ready", os.getpid())
 threading.Thread(target=lambda: (sys.stdin.read(), os.kill(pid, signal.SIGKILL), os._exit(0)),
                  daemon=True).start()
 while True:
@@ -117,7 +121,7 @@ while True:
 
 THREADED = COMMON + r"""
 s = listener()
-print("ready", os.getpid(), flush=True)
+say("ready", os.getpid())
 threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 while True:
     c, _ = s.accept()
