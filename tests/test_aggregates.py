@@ -129,31 +129,30 @@ def test_metrics_from_kernel_aggregates_equal_the_records(tracer, tmp_path):
     # the server side (-L): listener, 3 children through CLOSE_WAIT
     t = tracer("--sink", "metrics", "-o", f"sinks.metrics.listen=127.0.0.1:{mport}",
                "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", "-L", str(port))
-    for _ in range(3):
+    for _ in range(3):          # each returns once its sockets have settled
         session(socket.AF_INET, port, hold=0.02, server_delay=0.01, listener_delay=0.0)
+
+    def ours(m: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in m.items() if k.startswith((
+            "tcpstates_transitions_total", "tcpstates_handshake", "tcpstates_connection_lifetime",
+            "tcpstates_close_wait")) and not k.endswith(("_sum", "_created")) and 'le="+Inf"' not in k}
+    # every transition has happened; the aggregates are read every 0.5 s, so
+    # a scrape shows them all once two scrapes 0.6 s apart agree (bounded)
+    _scrape_until(mport, "tcpstates_close_wait_seconds_count", 3)
     deadline = time.monotonic() + 10
-    while True:       # the records are written within a reader poll
-        records = [json.loads(l) for l in out.read_text().splitlines()] if out.exists() else []
-        if _settled(records):
+    got = ours(_scrape(mport))
+    while time.monotonic() < deadline:
+        time.sleep(0.6)
+        again = ours(_scrape(mport))
+        if again == got:
             break
-        assert time.monotonic() < deadline, records
-        time.sleep(0.05)
-    expected = _expected_metrics(records)
-    m = _scrape_until(mport, "tcpstates_close_wait_seconds_count",
-                      expected["tcpstates_close_wait_seconds_count"])
-    rc, _, err = t.stop()
+        got = again
+    rc, _, err = t.stop()       # the records are complete once the tracer has stopped
     assert rc == 0, err
+    expected = _expected_metrics([json.loads(line) for line in out.read_text().splitlines()])
     assert expected["tcpstates_close_wait_seconds_count"] == 3
     assert expected["tcpstates_connection_lifetime_seconds_count"] == 3
-    got = {k: v for k, v in m.items() if k.startswith(("tcpstates_transitions_total", "tcpstates_handshake",
-                                                        "tcpstates_connection_lifetime", "tcpstates_close_wait"))
-           and not k.endswith(("_sum", "_created")) and 'le="+Inf"' not in k}
     assert got == expected
-
-
-def _settled(records: list[dict]) -> bool:
-    """Every socket of the traffic has closed (3 server children + the listener)."""
-    return sum(1 for r in records if r["newstate"] == "CLOSE") >= 4
 
 
 @pytest.mark.kernel

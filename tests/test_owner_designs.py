@@ -12,6 +12,7 @@ C-PID is judged on the same events for comparison (printed, README table).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -78,13 +79,13 @@ def read_until(p: subprocess.Popen, word: str) -> list[list[str]]:
     return read_lines(p, until=word)
 
 
-def clients(port: int, n: int, processes: int = 1) -> dict[int, int]:
-    """client port → client PID, after every connection is done."""
-    out = {}
+def clients(port: int, n: int, processes: int = 1) -> list[tuple[int, int]]:
+    """(client port, client PID) per connection in the order made, after every
+    connection is done (the processes run one after another)."""
+    out = []
     for _ in range(processes):
         c = spawn(CLIENT, str(port), str(n // processes))
-        for w in read_until(c, "done")[:-1]:
-            out[int(w[1])] = c.pid
+        out += [(int(w[1]), c.pid) for w in read_until(c, "done")[:-1]]
         assert c.wait(20) == 0
     return out
 
@@ -102,28 +103,61 @@ def records(t, out, port):
             if port in (r["lport"], r["rport"])]
 
 
-def judge(recs, port, served, client_pids, holders, servers):
-    """(right, wrong, on-CPU right, total); served: client port → server PID."""
+def _truths(recs, port, served, clients_in_order, holders, servers) -> dict[int, set[int]]:
+    """The holder(s) of each record's socket, by id(record).
+
+    Loopback reuses a client port soon (tcp_tw_reuse), so a port names a
+    connection only together with its turn: the k-th connection seen on a
+    port is the k-th the clients (or the servers' "served" lines) reported
+    on it. Records come in kernel order, one connection per socket at a time
+    (it starts at its first record and ends at ->CLOSE)."""
+    by_port_client, by_port_server = collections.defaultdict(collections.deque), collections.defaultdict(
+        collections.deque)
+    for lport, pid in clients_in_order:
+        by_port_client[lport].append(pid)
+    for peer, pid in served:
+        by_port_server[peer].append(pid)
+    truth: dict[int, set[int]] = {}
+    client_conn: dict[str, list] = {}     # skaddr → [pid or None, its records while unknown]
+    server_conn: dict[str, int] = {}      # skaddr → the PID that served it
+    for r in recs:
+        sk, closing = r["skaddr"], r["newstate"] == "CLOSE"
+        if r["rport"] == port:                          # client side
+            # connect's CLOSE->SYN_SENT comes before the local port is chosen:
+            # it learns its connection's client from the socket's next record
+            conn = client_conn.setdefault(sk, [None, []])
+            if conn[0] is None and r["lport"] != 0:
+                queue = by_port_client[r["lport"]]
+                conn[0] = queue.popleft() if queue else -1
+                for earlier in conn[1]:
+                    truth[id(earlier)] = {conn[0]}
+            if conn[0] is None:
+                conn[1].append(r)
+            truth[id(r)] = {conn[0] if conn[0] is not None else -1}
+            if closing:
+                del client_conn[sk]
+        elif r["rport"] == 0:                           # the listener: any of its holders
+            truth[id(r)] = set(servers)
+        else:                                           # an accepted socket
+            if sk not in server_conn:
+                queue = by_port_server[r["rport"]]
+                server_conn[sk] = queue.popleft() if queue else -1
+            pre = (r["oldstate"], r["newstate"]) in PRE_ACCEPT
+            truth[id(r)] = set(holders) if pre else {server_conn[sk]}
+            if closing:
+                del server_conn[sk]
+    return truth
+
+
+def judge(recs, port, served, clients_in_order, holders, servers):
+    """(right, wrong, on-CPU right, total); served: (client port, server PID)
+    per connection, clients_in_order: (client port, client PID) per connection,
+    both in the order the connections were made."""
     right = wrong = cpu = 0
     bad = []
-    # connect's CLOSE->SYN_SENT comes before the local port is chosen: take the
-    # socket's next event (socket addresses are reused, so walk backwards)
-    client_of, later = {}, {}
-    for r in reversed(recs):
-        if r["rport"] == port:
-            if r["lport"] in client_pids:
-                later[r["skaddr"]] = client_pids[r["lport"]]
-            client_of[id(r)] = later[r["skaddr"]]
+    truths = _truths(recs, port, served, clients_in_order, holders, servers)
     for r in recs:
-        pre = (r["oldstate"], r["newstate"]) in PRE_ACCEPT
-        if r["rport"] == port:
-            truth = {client_of[id(r)]}
-        elif r["rport"] == 0:                    # the listener itself: any of its holders
-            truth = set(servers)
-        elif pre:
-            truth = set(holders)
-        else:
-            truth = {served[r["rport"]]}
+        truth = truths[id(r)]
         pid = r.get("owner_pid")
         cpu += r["pid"] in truth if len(truth) == 1 or r["rport"] == 0 else False
         if pid is not None and pid in truth and (len(truth) == 1 or r["rport"] == 0):
@@ -141,8 +175,9 @@ def judge(recs, port, served, client_pids, holders, servers):
     return right, wrong, cpu, len(recs)
 
 
-def _served(lines) -> dict[int, int]:
-    return {int(w[2]): int(w[1]) for w in lines if w[0] == "served"}
+def _served(lines) -> list[tuple[int, int]]:
+    """(client port, server PID) per "served" line, in order."""
+    return [(int(w[2]), int(w[1])) for w in lines if w[0] == "served"]
 
 
 def run_design(tracer, tmp_path, code, holders_of, *, before=None, processes=1):
@@ -196,7 +231,7 @@ def test_preexisting_connections(tracer, tmp_path):
     srv = spawn(THREADED, str(port))
     holders = [int(read_until(srv, "ready")[-1][1])]
     cli = spawn(PREEXISTING_CLIENT, str(port), str(N))
-    client_pids = {int(w[1]): cli.pid for w in read_until(cli, "ready")[:-1]}
+    client_pids = [(int(w[1]), cli.pid) for w in read_until(cli, "ready")[:-1]]
     t, out = trace(tracer, tmp_path)             # the connections exist before tracing
     cli.stdin.write("go\n")
     cli.stdin.flush()
