@@ -9,8 +9,8 @@
  * KernelConstraints.cflags, see plugins/owner/kernel.py), a per-socket LRU map
  * sk_owner remembers the last process seen holding the socket:
  *   - the transitions that only happen inside the owner's own system call
- *     (connect, listen; close/shutdown for a socket with no known owner) set
- *     it to the on-CPU process;
+ *     (connect, listen; close/shutdown unless the socket's known owner was
+ *     seen using it) set it to the on-CPU process;
  *   - accept()/accept4() set it for the new socket (fd -> struct sock through
  *     task->files, with member offsets from the running kernel's BTF);
  *   - sock:sock_send_length / sock:sock_recv_length (Linux >= 6.4), which run
@@ -121,13 +121,16 @@ static __always_inline int owner_is_close_transition(int old, int new)
 /* Learn the owner from transition old->new of socket sk (no record).
  * A close-type transition runs in whoever dropped the last reference to the
  * file: after a hand-off that can be the dispatcher closing its own copy
- * late, although the worker used the socket. So it names the closing
- * process only for a socket whose owner is not known yet; connect and
- * listen always name theirs (a new socket). */
+ * late, although the worker used the socket. So the closing process does
+ * not replace an owner seen sending or receiving on it (the user); it does
+ * replace one only known from accept or a system call (a forking server's
+ * parent, when the child's I/O cannot be seen) or none. Connect and listen
+ * always name theirs (a new socket). */
 static __always_inline void owner_track(u64 sk, int old, int new)
 {
     if (owner_is_syscall_transition(old, new) && (bpf_get_current_pid_tgid() >> 32) != 0) {
-        if (!owner_is_close_transition(old, new) || !sk_owner.lookup(&sk))
+        struct tcpstates_owner *known = owner_is_close_transition(old, new) ? sk_owner.lookup(&sk) : NULL;
+        if (!known || known->how != TCPSTATES_OWNER_IO_)
             owner_set_current(sk, TCPSTATES_OWNER_SYSCALL);
     }
     else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */

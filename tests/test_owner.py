@@ -4,6 +4,7 @@ named the way a container runtime names one."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -204,7 +205,8 @@ def test_owner_columns_memo_never_mixes_equal_values_of_other_types():
                      owner=True)
     rows = f.lines([event(owner_pid=1), event(owner_pid=True), event(owner_pid=1.0),
                     event(owner_pid=1, container_name="a"), event(owner_pid=1, container_name="b"),
-                    event(owner_pid=1, container_name=["x"])])
-    tails = [r.rsplit(",", 3)[1:] for r in rows]
-    assert [t[0] for t in tails] == ["1", "True", "1.0", "1", "1", "1"]
-    assert [t[2] for t in tails] == ["", "", "", "a", "b", "['x']"]
+                    event(owner_pid=1, container_name=["x"]), event(owner_pid=0.0), event(owner_pid=-0.0),
+                    event(owner_pid=5, container_name=("a", 1)), event(owner_pid=5, container_name=("a", 1.0))])
+    tails = [row[-3:] for row in csv.reader(rows)]     # O-PID, O-COMM, WORKLOAD
+    assert [t[0] for t in tails] == ["1", "True", "1.0", "1", "1", "1", "0.0", "-0.0", "5", "5"]
+    assert [t[2] for t in tails] == ["", "", "", "a", "b", "['x']", "", "", "('a', 1)", "('a', 1.0)"]

@@ -18,7 +18,7 @@ from bccfixtures import MODES, fixture_records
 from tracer import run_cli
 
 from tcpstates.api import RunContext
-from tcpstates.events import AF_INET, AF_INET6, Event
+from tcpstates.events import AF_INET, AF_INET6, Event, TcpState
 from tcpstates.plugins.bcc_table import format as bcc_format
 from tcpstates.plugins.bcc_table.format import BccFormatter
 from tcpstates.plugins.jsonl import sink as jsonl_sink
@@ -53,8 +53,8 @@ def events(n: int, seed: int = 1) -> list[Event]:
             pid=rnd.randrange(1 << 32), tid=rnd.randrange(1 << 32), comm=rnd.choice(COMMS), family=fam,
             saddr="127.0.0.1" if fam == AF_INET else "fe80::1:2:3:4", sport=rnd.randrange(65536),
             daddr=rnd.choice(["10.0.0.1", "::ffff:10.0.0.1", "2001:db8::dead:beef:1234:5678"]),
-            dport=rnd.randrange(65536), oldstate=rnd.choice([1, 2, 7, 10, 12, 0, 13, 255]),
-            newstate=rnd.choice([1, 3, 7, 10, 0, 16, 200]), cgroup_id=rnd.randrange(1 << 64), extra=extra))
+            dport=rnd.randrange(65536), oldstate=rnd.choice([1, 2, 7, 10, 12, 0, 13, 255, 256]),
+            newstate=rnd.choice([1, 3, 7, 10, 0, 16, 200, 300, 1 << 33]), cgroup_id=rnd.randrange(1 << 64), extra=extra))
     return out
 
 
@@ -348,6 +348,10 @@ def _owner_batches(seed: int) -> list[list]:
                       family=fam, saddr=rnd.choice(["127.0.0.1", "10.0.0.1"]) if fam == AF_INET else "::1",
                       sport=rnd.choice([18080, 18081]), daddr="127.0.0.1",
                       dport=rnd.randrange(1, 65536), oldstate=old, newstate=new, cgroup_id=0, extra=extra)
+            if rnd.random() < 0.05:      # IntEnum states compare as ints in Python
+                kw["oldstate"], kw["newstate"] = TcpState(old), TcpState(new)
+            if batch and KERNEL_OWNER in extra and rnd.random() < 0.05:
+                kw["extra"] = batch[-1].extra        # one dict shared by two events
             batch.append(Loose(**kw) if rnd.random() < 0.05 else Event(**kw))
         batches.append(batch)
     return batches
@@ -393,3 +397,44 @@ def test_c_owner_loop_equals_python(seed):
     assert any(x[0] == "Loose" for batch in c[0] for x in batch)
     sources = {x[1].get("owner_source") for batch in c[0] for x in batch}
     assert {"listener", "shared", "unknown", "accept", "io", "syscall"} <= sources
+
+
+@pytest.mark.skipif(not __import__("tcpstates.plugins.owner.enricher", fromlist=["x"]).C_OBSERVE_AVAILABLE,
+                    reason="C speed-ups not built (pure-Python install)")
+@pytest.mark.parametrize("case", ["intenum_listen", "intenum_close_queued", "float_state", "shared_extra",
+                                  "outside_reference"])
+def test_c_owner_loop_equals_python_on_odd_events(case):
+    """What an adversarial review found: states that are IntEnums or floats
+    (equal as ints in Python), one extra dict shared by two events, a dict
+    someone else holds. Each must come out as the Python loop leaves it."""
+    from tcpstates.plugins.owner.enricher import KERNEL_OWNER, RAW_OWNER, OwnerEnricher, OwnerOptions
+    raw = RAW_OWNER.pack(123, 5, 100, 1, b"srv")
+
+    def ev(**kw) -> Event:
+        d = dict(ts_ns=1, skaddr=0xff01, span_ns=None, pid=1, tid=1, comm="c", family=2, saddr="127.0.0.1",
+                 sport=18080, daddr="127.0.0.1", dport=5555, oldstate=1, newstate=4, cgroup_id=0, extra={})
+        d.update(kw)
+        return Event(**d)
+
+    def batch() -> tuple[list[Event], dict]:
+        held: dict = {KERNEL_OWNER: raw}
+        return {
+            "intenum_listen": [ev(oldstate=TcpState.LISTEN, newstate=TcpState.CLOSE, extra={KERNEL_OWNER: raw})],
+            "intenum_close_queued": [ev(oldstate=TcpState.SYN_RECV, newstate=TcpState.CLOSE)],
+            "float_state": [ev(oldstate=10.0, newstate=7, extra={KERNEL_OWNER: raw})],
+            "shared_extra": [ev(extra=held), ev(skaddr=0xff02, extra=held)],
+            "outside_reference": [ev(extra=held)],
+        }[case], held
+
+    def run(use_c: bool):
+        enricher = OwnerEnricher(OwnerOptions(scan_existing=False), RunContext())
+        enricher.use_c = use_c
+        enricher.listeners[18080] = (time.monotonic() + 3600,
+                                     {(2, "127.0.0.1"): {"owner_pid": 9, "owner_source": "listener"}})
+        enricher.queued.add(0xff01)
+        events, held = batch()
+        enricher.observe_batch(events)
+        return ([e.extra for e in events], [e.extra is held for e in events], held, sorted(enricher.queued),
+                sorted(enricher.listeners))
+
+    assert run(True) == run(False)

@@ -88,6 +88,7 @@ static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wid
     Py_DECREF(spano);
     if (known && (r = get_u64(e, S_span, &span)) <= 0) return r;
     if (span / 1000 > (1ULL << 53)) return 0;      /* beyond exact doubles: Python's int/int */
+    if (old > 255 || new_ > 255) return 0;          /* printed as the whole number: Python's */
     PyObject *comm = NULL, *sa = NULL, *da = NULL;
     if ((r = get_ascii(e, S_comm, &comm)) <= 0) return r;
     if ((r = get_ascii(e, S_saddr, &sa)) <= 0) { Py_DECREF(comm); return r; }

@@ -45,6 +45,7 @@ _HEADER_WIDE = "%-16s %-5s %-16.16s %s%-2s %-39s %-5s %-39s %-5s %s %s"
 _HEADER_CSV = "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s%s"
 _OWNER_DEFAULT = "%-7s %-10.10s %-20.20s "
 OWNER_MEMO_LIMIT = 4096
+_MEMO_TYPES = frozenset((str, int, type(None)))
 _OWNER_WIDE = "%-7s %-16.16s %-32.32s "
 
 
@@ -126,13 +127,12 @@ class BccFormatter:
         get = extra.get
         values = (get("owner_pid"), get("owner_comm"), get("k8s_pod"), get("k8s_namespace"),
                   get("container_name"), get("container_id"), get("pod_uid"))
-        # with the types: 1, 1.0 and True (a replay may hold any) are equal keys
-        # but different texts
-        key = (values, tuple(map(type, values)), "cgroup" in extra or "systemd_unit" in extra)
-        try:
-            text = self._owner_memo.get(key)
-        except TypeError:                  # an unhashable value from a replay
+        # only what the enrichers make (str, int, None): a replay may hold
+        # 1.0, True, -0.0 or tuples, equal as keys but not as texts
+        if not _MEMO_TYPES.issuperset(map(type, values)):
             return self._owner_text(e)
+        key = (values, "cgroup" in extra or "systemd_unit" in extra)
+        text = self._owner_memo.get(key)
         if text is None:
             if len(self._owner_memo) >= OWNER_MEMO_LIMIT:
                 self._owner_memo.clear()

@@ -35,6 +35,10 @@ from tcpstates.plugins.container.metadata import MetadataRoots, RuntimeMetadata
 TICK_NS = 10_000_000     # /proc start times have clock-tick (10 ms) resolution
 
 
+# the value types a per-batch memo key may hold (see _lookup_in_batch)
+_ID_TYPES = (int, type(None))
+
+
 @dataclasses.dataclass
 class ContainerOptions:
     cache_size: int = option(16384, "processes and cgroups remembered", min=16, max=1 << 20)
@@ -165,13 +169,12 @@ class ContainerEnricher(Enricher):
         batch (it had started by the earlier one), so only a later event
         reuses an answer; an earlier one, or a miss, asks again."""
         memo = self._lookup_memo
-        if memo is None:
+        # only what the kernel gives (ints or nothing): a replayed 1.0 or True
+        # equals 1 as a key but is not that process
+        if memo is None or type(pid) not in _ID_TYPES or type(cgroup_id) not in _ID_TYPES:
             return self.lookup(pid, cgroup_id, event_ns)
-        try:
-            key = (pid, cgroup_id)
-            hit = memo.get(key)
-        except TypeError:                       # an unhashable value from a replay
-            return self.lookup(pid, cgroup_id, event_ns)
+        key = (pid, cgroup_id)
+        hit = memo.get(key)
         if hit is not None and event_ns >= hit[1]:
             return hit[0]
         info = self.lookup(pid, cgroup_id, event_ns)

@@ -36,6 +36,18 @@ static int is_long(PyObject *v, long want) {
     return !overflow && x == want;
 }
 
+/* 1: the fields C compares are exact ints (what the decoder makes); an
+ * IntEnum or a float state compares equal in Python in ways C would not
+ * mirror, so such an event takes the Python path whole. */
+static int plain_ints(PyObject *e) {
+    static const int F[] = {F_OLD, F_NEW, F_FAM, F_SPORT, F_SK};
+    for (size_t i = 0; i < sizeof(F) / sizeof(F[0]); i++) {
+        PyObject *v = EVENT_SLOT(&slots, e, F[i]);
+        if (v == NULL || !PyLong_CheckExact(v)) return 0;
+    }
+    return 1;
+}
+
 /* One event the kernel named an owner for (raw: its owner tail, borrowed). */
 static int owned_one(PyObject *e, PyObject *extra, PyObject *raw, PyObject *key, long listen,
                      PyObject *cache, PyObject *make, PyObject *queued, PyObject *watches,
@@ -55,9 +67,10 @@ static int owned_one(PyObject *e, PyObject *extra, PyObject *raw, PyObject *key,
         goto out;
     }
     PyObject *fields = PyTuple_GET_ITEM(entry, 0), *accepter = PyTuple_GET_ITEM(entry, 1);
-    if (PyDict_GET_SIZE(extra) == 1) {
-        /* only the raw tail was there (what the decoder makes): a copy of the
-         * fields replaces it, cheaper than a delete and a growing update */
+    if (PyDict_GET_SIZE(extra) == 1 && Py_REFCNT(extra) == 1) {
+        /* only the raw tail was there, in a dict nobody else holds (what the
+         * decoder makes): a copy of the fields replaces it, cheaper than a
+         * delete and a growing update, and no one can tell */
         PyObject *fresh = PyDict_Copy(fields);
         if (fresh == NULL) goto out;
         Py_SETREF(EVENT_SLOT(&slots, e, F_EXTRA), fresh);
@@ -204,7 +217,7 @@ static PyObject *observe(PyObject *self, PyObject *args) {
         PyObject *extra = fast == 1 ? EVENT_SLOT(&slots, e, F_EXTRA) : NULL;
         if (fast < 0) {
             rc = -1;
-        } else if (extra == NULL || !PyDict_CheckExact(extra)) {
+        } else if (extra == NULL || !PyDict_CheckExact(extra) || !plain_ints(e)) {
             rc = call1(one_cb, e);                    /* not ours to take apart */
         } else {
             PyObject *raw = PyDict_GetItemWithError(extra, key);

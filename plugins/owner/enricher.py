@@ -199,7 +199,8 @@ class OwnerEnricher(Enricher):
             return
         fields, accepter = self.owned.get(raw) or self._owned(raw)
         e.extra.update(fields)
-        self.queued.discard(e.skaddr)
+        if self.queued:
+            self.queued.discard(e.skaddr)
         if e.oldstate == LISTEN or e.newstate == LISTEN or (accepter and e.sport in self.watches):
             self._owned_event(e, accepter)
 
