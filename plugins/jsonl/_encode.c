@@ -10,6 +10,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 #include "event_slots.h"
 #include <time.h>
@@ -43,9 +44,19 @@ static const char DIGITS2[] =
     "8081828384858687888990919293949596979899";
 static int put_u64(buf_t *b, unsigned long long v) {      /* two digits per division */
     char tmp[24]; int n = 24;
-    while (v >= 100) { unsigned d = (unsigned)(v % 100) * 2; v /= 100; tmp[--n] = DIGITS2[d + 1]; tmp[--n] = DIGITS2[d]; }
-    if (v >= 10) { unsigned d = (unsigned)v * 2; tmp[--n] = DIGITS2[d + 1]; tmp[--n] = DIGITS2[d]; }
-    else tmp[--n] = (char)('0' + v);
+    /* 8 digits at a time in 32-bit arithmetic (cheaper than 64-bit steps) */
+    while (v >= 100000000ULL) {
+        uint32_t lo = (uint32_t)(v % 100000000ULL);
+        v /= 100000000ULL;
+        for (int k = 0; k < 4; k++) {
+            unsigned d = (lo % 100) * 2; lo /= 100;
+            tmp[--n] = DIGITS2[d + 1]; tmp[--n] = DIGITS2[d];
+        }
+    }
+    uint32_t x = (uint32_t)v;
+    while (x >= 100) { unsigned d = (x % 100) * 2; x /= 100; tmp[--n] = DIGITS2[d + 1]; tmp[--n] = DIGITS2[d]; }
+    if (x >= 10) { unsigned d = x * 2; tmp[--n] = DIGITS2[d + 1]; tmp[--n] = DIGITS2[d]; }
+    else tmp[--n] = (char)('0' + x);
     return put(b, tmp + n, 24 - n);
 }
 static int put_i64(buf_t *b, long long v) {
@@ -64,13 +75,26 @@ static int put_frac9(buf_t *b, long long v) {              /* %09lld of 0 <= v <
     return put(b, tmp, 9);
 }
 
+/* The JSON text of recently seen str objects, by identity: a batch repeats
+ * the same objects (field names, addresses, names from the decoder's and the
+ * enrichers' caches). Each entry holds a reference to its str, so the
+ * address cannot be reused by another object while the entry stands, and a
+ * str's content never changes. */
+#define STR_MEMO 256
+#define STR_MEMO_MAX 62
+typedef struct { PyObject *s; unsigned char len; char json[STR_MEMO_MAX]; } str_memo_t;
+static str_memo_t str_memo[STR_MEMO];
+
 /* 1: rendered; 0: cannot render exactly (fallback); -1: memory error */
 static int put_str(buf_t *b, PyObject *s) {
     if (!PyUnicode_Check(s)) return 0;
+    str_memo_t *m = &str_memo[((uintptr_t)s >> 4) & (STR_MEMO - 1)];
+    if (m->s == s) return put(b, m->json, m->len) ? -1 : 1;
     Py_ssize_t n;
     const char *u = PyUnicode_AsUTF8AndSize(s, &n);
     if (!u) { PyErr_Clear(); return 0; }      /* lone surrogates: orjson refuses, Python decides */
     if (grow(b, n * 6 + 2)) return -1;
+    Py_ssize_t start = b->len;
     char *o = b->p + b->len;
     *o++ = '"';
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -93,6 +117,11 @@ static int put_str(buf_t *b, PyObject *s) {
     }
     *o++ = '"';
     b->len = o - b->p;
+    if (PyUnicode_CheckExact(s) && b->len - start <= STR_MEMO_MAX) {
+        Py_XSETREF(m->s, Py_NewRef(s));
+        m->len = (unsigned char)(b->len - start);
+        memcpy(m->json, b->p + start, (size_t)m->len);
+    }
     return 1;
 }
 
