@@ -72,7 +72,13 @@ for k in kids:
     os.kill(k, signal.SIGKILL)
 """
 
-DISPATCHER = COMMON + r"""
+def _dispatcher(close_last: bool) -> str:
+    """A dispatcher accepts and hands each socket to a worker over SCM_RIGHTS.
+    close_last: it closes its own copy only after the worker closed its one,
+    so the close (CLOSE_WAIT->LAST_ACK) runs in the dispatcher, which must not
+    become the owner of a socket the worker used."""
+    return COMMON + r"""
+close_last = %s
 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 pid = os.fork()
 if pid == 0:                        # the worker: gets each socket over SCM_RIGHTS
@@ -82,6 +88,8 @@ if pid == 0:                        # the worker: gets each socket over SCM_RIGH
         if not fds:
             os._exit(0)
         serve(socket.socket(fileno=fds[0]))
+        if close_last:
+            b.send(b"d")            # closed: the dispatcher's copy is the last one
 b.close()
 s = listener()
 say("ready", os.getpid())
@@ -90,34 +98,14 @@ threading.Thread(target=lambda: (sys.stdin.read(), os.kill(pid, signal.SIGKILL),
 while True:
     c, _ = s.accept()
     socket.send_fds(a, [b"s"], [c.fileno()])
-    c.close()                       # the dispatcher's copy: the worker owns it now
-"""
+    if close_last:
+        a.recv(1)
+    c.close()                       # the dispatcher's copy
+""" % close_last
 
-# the same, but the dispatcher closes its copy only after the worker closed
-# its own: the close (CLOSE_WAIT->LAST_ACK) then runs in the dispatcher, which
-# must not become the owner of a socket the worker used
-DISPATCHER_LAST_CLOSE = COMMON + r"""
-a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-pid = os.fork()
-if pid == 0:
-    a.close()
-    while True:
-        msg, fds, _, _ = socket.recv_fds(b, 1, 1)
-        if not fds:
-            os._exit(0)
-        serve(socket.socket(fileno=fds[0]))
-        b.send(b"d")                # closed: the dispatcher's copy is the last one
-b.close()
-s = listener()
-say("ready", os.getpid())
-threading.Thread(target=lambda: (sys.stdin.read(), os.kill(pid, signal.SIGKILL), os._exit(0)),
-                 daemon=True).start()
-while True:
-    c, _ = s.accept()
-    socket.send_fds(a, [b"s"], [c.fileno()])
-    a.recv(1)
-    c.close()                       # the last reference: the FIN is sent from here
-"""
+
+DISPATCHER = _dispatcher(close_last=False)
+DISPATCHER_LAST_CLOSE = _dispatcher(close_last=True)
 
 THREADED = COMMON + r"""
 s = listener()
