@@ -166,6 +166,8 @@ static __always_inline int lpm_key_to_v4(struct tcpstates_lpm_key *k)
     return 1;
 }
 #endif
+/* Two copies, one per trie, on purpose: bcc cannot rewrite a map method
+ * inside a macro, and a map is not a value a function can take. */
 #ifdef TCPSTATES_FILTER_LADDR
 BPF_LPM_TRIE(laddr_rules, struct tcpstates_lpm_key, u8, TCPSTATES_FILTER_LADDR);
 static __always_inline u32 laddr_bits(struct tcpstates_lpm_key *k)

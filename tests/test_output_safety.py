@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 from replayrec import replay_record as _record, wait_for as _wait_for, line_count as _lines
-from tracer import Tracer, run_cli
+from tracer import Tracer, one_line_error, run_cli
 
 NOBODY = 65534
 ONE_LINE = len(b"\n")
@@ -30,12 +30,6 @@ def _as_nobody(*cmd: str) -> None:
                    check=True, timeout=10)
 
 
-def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> str:
-    err = r.stderr.decode()
-    assert r.returncode == 2, (r.returncode, err)
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert needle in err, err
-    return err
 
 
 @pytest.fixture
@@ -98,7 +92,7 @@ def test_output_in_a_directory_others_can_change_is_refused(tmp_path, owner, mod
     os.chown(d, owner, owner)
     d.chmod(mode)
     r = run_cli("--replay", os.devnull, "--sink", "jsonl", "-o", f"sinks.jsonl.path={d / 'o.jsonl'}")
-    _one_line_error(r, "into a directory another user can change")
+    one_line_error(r, "into a directory another user can change")
     assert not (d / "o.jsonl").exists() or (d / "o.jsonl").stat().st_size == 0
 
 
@@ -127,7 +121,7 @@ def test_fifo_of_another_user_is_refused_as_an_output(open_tmp):
         trace = tmp_path / "t.jsonl"
         trace.write_bytes(_record(1))
         r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={fifo}")
-        _one_line_error(r, "owner uid 65534")
+        one_line_error(r, "owner uid 65534")
         try:
             stolen = os.read(reader, 65536)
         except BlockingIOError:

@@ -8,22 +8,15 @@ from __future__ import annotations
 import marshal
 import os
 import py_compile
-import subprocess
 from pathlib import Path
 
 import pytest
 from fakedist import fake_dist, sink_plugin
-from tracer import run_cli
+from tracer import one_line_error, run_cli
 
 NOBODY = 65534
 
 
-def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> str:
-    err = r.stderr.decode()
-    assert r.returncode == 2, (r.returncode, err)
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert needle in err, err
-    return err
 
 
 def _evil_pyc(source: Path, marker: Path) -> Path:
@@ -47,7 +40,7 @@ def _site(tmp_path: Path) -> Path:
 def _refused_then_allowed(site: Path, marker: Path, needle: str) -> None:
     env = {"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
     r = run_cli("--replay", os.devnull, "--sink", "evilsink", env=env)
-    err = _one_line_error(r, needle)
+    err = one_line_error(r, needle)
     assert "--allow-insecure-plugins" in err
     assert not marker.exists()                      # nothing of it ran
     ok = run_cli("--replay", os.devnull, "--sink", "evilsink", "--allow-insecure-plugins",

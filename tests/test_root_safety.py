@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from tracer import run_cli, tcpstates_argv
+from tracer import one_line_error, run_cli, tcpstates_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -26,12 +26,6 @@ def _record(**kw) -> bytes:
     return orjson.dumps(rec) + b"\n"
 
 
-def _one_line_error(r: subprocess.CompletedProcess, needle: str, status: int = 2) -> str:
-    err = r.stderr.decode()
-    assert r.returncode == status, (r.returncode, err)
-    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
-    assert needle in err, err
-    return err
 
 
 # -- 1, 5: strings from outside are escaped at every text boundary -------------------------
@@ -67,7 +61,7 @@ def test_state_numbers_print_whole_not_modulo_256(tmp_path):
 
 def test_error_messages_escape_control_characters_in_paths(tmp_path):
     r = run_cli("--config", str(tmp_path / "x\x1b[2J\ny"), "--replay", os.devnull)
-    err = _one_line_error(r, "config file not found")
+    err = one_line_error(r, "config file not found")
     assert "\x1b" not in err and "x\\x1b[2J\\x0ay" in err
 
 
@@ -119,7 +113,7 @@ def test_plugin_files_writable_by_others_anywhere_are_refused(tmp_path, weak):
     if weak == "sub_init":
         target.chmod(0o666)
     r = run_cli("--replay", os.devnull, "--sink", "deep", env={"PYTHONPATH": str(site)})
-    _one_line_error(r, "writable by someone other than root")
+    one_line_error(r, "writable by someone other than root")
     assert not marker.exists()                     # nothing of it was imported
     ok = run_cli("--replay", os.devnull, "--sink", "deep", "--allow-insecure-plugins", "--no-summary",
                  env={"PYTHONPATH": str(site)})
@@ -136,7 +130,7 @@ def test_config_symlink_in_a_world_writable_directory_is_refused(tmp_path):
     shared.mkdir()
     shared.chmod(0o777)
     (shared / "c.toml").symlink_to(good)
-    _one_line_error(run_cli("--config", str(shared / "c.toml"), "--replay", os.devnull),
+    one_line_error(run_cli("--config", str(shared / "c.toml"), "--replay", os.devnull),
                     "could be replaced by someone other than root")
     # a link that belongs to another user, in a sticky directory, likewise
     sticky = tmp_path / "sticky"
@@ -144,7 +138,7 @@ def test_config_symlink_in_a_world_writable_directory_is_refused(tmp_path):
     sticky.chmod(0o1777)
     (sticky / "c.toml").symlink_to(good)
     os.lchown(sticky / "c.toml", NOBODY, NOBODY)
-    _one_line_error(run_cli("--config", str(sticky / "c.toml"), "--replay", os.devnull),
+    one_line_error(run_cli("--config", str(sticky / "c.toml"), "--replay", os.devnull),
                     "could be replaced by someone other than root")
     # a root-owned link in a root-owned directory is followed
     (tmp_path / "link.toml").symlink_to(good)
@@ -158,7 +152,7 @@ def test_config_owned_by_another_user_is_refused(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("")
     os.chown(cfg, NOBODY, NOBODY)
-    _one_line_error(run_cli("--config", str(cfg), "--replay", os.devnull), "owner uid 65534")
+    one_line_error(run_cli("--config", str(cfg), "--replay", os.devnull), "owner uid 65534")
 
 
 def _fifo(tmp_path: Path) -> Path:
@@ -190,7 +184,7 @@ def _deep(tmp_path: Path) -> Path:
     (_loop, "symbolic links"), (_big, "larger than"), (_deep, "nested too deeply"),
 ])
 def test_bad_config_files_are_one_line_errors(tmp_path, make, needle):
-    _one_line_error(run_cli("--config", str(make(tmp_path)), "--replay", os.devnull, timeout=20), needle)
+    one_line_error(run_cli("--config", str(make(tmp_path)), "--replay", os.devnull, timeout=20), needle)
 
 
 # -- 4: python -m never imports from the working directory ---------------------------------------
@@ -215,17 +209,17 @@ def test_python_m_ignores_modules_in_the_working_directory(tmp_path):
     (["-o", "a=" + "[" * 5000], "nested too deeply"),
 ])
 def test_hostile_command_line_values(args, needle):
-    _one_line_error(run_cli(*args, *([] if "--replay" in args else ["--replay", os.devnull])), needle)
+    one_line_error(run_cli(*args, *([] if "--replay" in args else ["--replay", os.devnull])), needle)
 
 
 @pytest.mark.root
-def test_unreadable_home_is_a_one_line_error(tmp_path, as_nobody):
+def test_unreadable_home_is_aone_line_error(tmp_path, as_nobody):
     home = tmp_path / "home"
     (home / ".config").mkdir(parents=True)
     home.chmod(0o700)                               # root's: nobody cannot look inside
     tmp_path.chmod(0o755)
     r = as_nobody("--replay", os.devnull, env={"HOME": str(home)})
-    _one_line_error(r, "cannot look for a config file here")
+    one_line_error(r, "cannot look for a config file here")
 
 
 @pytest.mark.root

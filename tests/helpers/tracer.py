@@ -39,6 +39,16 @@ def run_cli_reader_gone(*args: str, timeout: float = 60) -> subprocess.Completed
         os.close(w_fd)
 
 
+def one_line_error(r: subprocess.CompletedProcess, needle: str, status: int = 2) -> str:
+    """Bad input's contract: exit `status`, one line on stderr naming `needle`,
+    no traceback, no internal error. Returns that line."""
+    err = r.stderr.decode()
+    assert r.returncode == status, (r.returncode, err)
+    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert needle in err, err
+    return err
+
+
 class Tracer:
     def __init__(self, args: list[str], workdir: Path, env: dict | None = None,
                  ready_timeout: float = 60, stdin: int | None = subprocess.DEVNULL,
