@@ -128,6 +128,52 @@ def test_sigterm_while_stderr_is_a_full_pipe_nobody_reads(tmp_path):
         os.close(r_err)
 
 
+def test_warnings_lost_to_a_full_stderr_are_counted_in_the_summary(tmp_path):
+    """A warning that could not be written (stderr a full pipe nobody reads)
+    is not silently gone: the exit summary, written once stderr has room,
+    counts it."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.jsonl"
+    r_err, w_err = os.pipe()
+    os.set_blocking(w_err, False)
+    filled = 0
+    try:
+        while True:
+            filled += os.write(w_err, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w_err, True)
+    proc = subprocess.Popen(tcpstates_argv("--replay", str(fifo), "--sink", "jsonl",
+                                           "-o", f"sinks.jsonl.path={out}"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w_err)
+    os.close(w_err)
+    try:
+        with open(fifo, "wb") as feed:   # opens once the tracer opened its end
+            feed.write(b"not a record\n")
+            feed.flush()
+            # the skip warning is decided before the next record is written:
+            # the good record in the output proves the warner gave up on it
+            feed.write(_record(1))
+            feed.flush()
+            _wait_for(lambda: out.exists() and b"\"seq\":1," in out.read_bytes(), "good record written")
+            drained = 0
+            while drained < filled:   # room for the summary now
+                drained += len(os.read(r_err, 65536))
+        rc = proc.wait(20)
+        with os.fdopen(r_err, "rb") as err_stream:
+            r_err = -1
+            err = err_stream.read().decode()
+        assert rc == 0, err
+        last = err.strip().splitlines()[-1]
+        assert "1 unreadable records skipped" in last and "1 warnings not shown (stderr was a full pipe)" in last, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if r_err >= 0:
+            os.close(r_err)
+
+
 # -- one failing sink, counted exactly ------------------------------------------------------------
 def _trace(tmp_path: Path, n: int = 50, **kw) -> Path:
     path = tmp_path / "in.jsonl"
