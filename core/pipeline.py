@@ -14,7 +14,8 @@ event from then on would be lost without a word.
 Back-pressure policy: sinks are called synchronously, one after another, but
 no sink may hold the others up. A line-writing sink (text, csv, jsonl) whose
 reader takes nothing for its `stall_timeout` (default 1 s; a stopped shipper,
-a paused pager such as `tcpstates | less`) fails that write with
+a paused pager such as `tcpstates | less`), or the journal sink while a
+stopped journald takes nothing, fails that write with
 OutputStalled: the batch, or its unwritten part, is counted as not written
 for that sink alone, warned about once per episode, and the next batch tries
 it again, while the other sinks keep receiving. A person paging longer than

@@ -348,6 +348,84 @@ def test_journal_without_socket_counts_nothing_written(tmp_path, strict):
         assert "does not exist" in err
 
 
+@pytest.mark.root
+def test_stopped_journald_costs_only_the_journal_sink(tmp_path):
+    """journald stopped (SIGSTOP): its socket queue fills and libsystemd's send
+    blocks. The journal sink gives up on each batch after its stall_timeout,
+    the jsonl sink still gets every event, and after SIGCONT journald holds
+    exactly what the summary says was written to it."""
+    from journald import PrivateJournald
+    n = 5000
+    trace = _trace(tmp_path, n, comm="stalltest")
+    out = tmp_path / "e.jsonl"
+    j = PrivateJournald(tmp_path / "journald").start()
+    try:
+        os.kill(j.proc.pid, signal.SIGSTOP)   # unshare's child is journald itself (exec)
+        start = time.monotonic()
+        r = subprocess.run(j.argv(tcpstates_argv("--replay", str(trace), "--sink", "journal",
+                                                 "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
+                                                 "-o", "sinks.journal.stall_timeout=0.3")),
+                           capture_output=True, timeout=120)
+        took = time.monotonic() - start
+        err = r.stderr.decode()
+        assert r.returncode == 0 and "Traceback" not in err, err
+        assert len(out.read_bytes().splitlines()) == n, err
+        summary = _summary(err)
+        written = int(summary.split("written: journal ")[1].split(",")[0])
+        assert 0 < written < n, summary
+        assert f"not written: journal {n - written}" in summary, summary
+        assert "stall_timeout" in err, err
+        assert took < 60, took
+        os.kill(j.proc.pid, signal.SIGCONT)
+        j.sync()
+        held = [e for e in j.read("TCP_CPU_COMM=stalltest")]
+        assert len(held) == written, (len(held), summary)
+    finally:
+        try:
+            os.kill(j.proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        j.stop()
+
+
+@pytest.mark.root
+def test_sigterm_while_journald_is_stopped(tmp_path):
+    """Blocked in libsystemd's send to a stopped journald, with a stall_timeout
+    far away: SIGTERM still ends the run within 2 s, with its summary."""
+    from journald import PrivateJournald
+    trace = _trace(tmp_path, 2000)
+    j = PrivateJournald(tmp_path / "journald").start()
+    try:
+        os.kill(j.proc.pid, signal.SIGSTOP)
+        t = Tracer(["--replay", str(trace), "--sink", "journal", "-o", "sinks.journal.stall_timeout=3600"],
+                   workdir=tmp_path / "t", wrap=j.argv)
+        # blocked for certain: the kernel says where the tracer's main thread sleeps
+        pid = _descendant_python(t.proc.pid)
+        _wait_for(lambda: Path(f"/proc/{pid}/wchan").read_text() == "unix_wait_for_peer", "blocked in send")
+        err = _stop_within(t.proc, t.stderr_path)
+        assert "not written: journal" in _summary(err), err
+        t.notify.close()
+    finally:
+        try:
+            os.kill(j.proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        j.stop()
+
+
+def _descendant_python(pid: int) -> int:
+    """nsenter execs or forks the tracer: the python process under `pid` (or it)."""
+    for _ in range(200):
+        if "python" in Path(f"/proc/{pid}/comm").read_text():
+            return pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            pid = int(children[0])
+            continue
+        time.sleep(0.01)
+    raise AssertionError("no python process found under nsenter")
+
+
 def _ro_tmpfs(p: Path) -> Path:
     (p / "ro").mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(p / "ro")], check=True)

@@ -25,6 +25,7 @@ from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
 from tcpstates.events import AF_INET, CONNECTION, STATE_NAMES, Connection, Event
 from tcpstates.options import option
+from tcpstates.plugins.journal.bounded import BoundedSends
 from tcpstates.records import Rfc3339
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -47,6 +48,9 @@ def journal_field_name(key: str, prefix: str = "TCP_") -> str | None:
 class JournalOptions:
     identifier: str = option("tcpstates", "SYSLOG_IDENTIFIER of every entry")
     bcc_fields: bool = option(True, "also send bcc's OBJECT_* fields")
+    stall_timeout: float = option(1.0, "seconds journald may take nothing (stopped, overloaded) before a "
+                                  "batch fails for this sink alone (counted as not written; the other "
+                                  "sinks go on)", min=0.01, max=3600.0)
 
     def validate(self) -> None:
         if not self.identifier or any(c in self.identifier for c in "\n\0"):
@@ -69,7 +73,7 @@ class JournalSink(Sink):
             raise UsageError("the journal sink needs systemd-python: apt-get install python3-systemd "
                              "(Debian/Ubuntu), dnf install python3-systemd (Fedora), "
                              "pacman -S python-systemd (Arch), or pip install systemd-python") from None
-        self._sendv = journal.sendv
+        self._sends = BoundedSends(journal.sendv, options.stall_timeout)
         self._root = os.geteuid() == 0
         self.rfc3339 = Rfc3339()
         self.sent = 0
@@ -183,12 +187,14 @@ class JournalSink(Sink):
     def write(self, batch: list[Event]) -> int | None:
         if not self._check_socket():
             return 0       # nothing reached journald: not "written"
-        sendv, fields = self._sendv, self._fields
+        fields = self._fields
         done = 0
         try:
-            for e in batch:
-                sendv(*fields(e))
-                done += 1
+            with self._sends as sends:
+                send = sends.send
+                for e in batch:
+                    send(fields(e))
+                    done += 1
         except Exception as exc:
             exc.written = done   # type: ignore[attr-defined]
             raise
@@ -200,7 +206,8 @@ class JournalSink(Sink):
         if not self._check_socket():
             return
         what = "dropped (kernel buffer full)" if kind == "dropped" else kind.replace("_", " ")
-        self._sendv(f"MESSAGE=tcpstates lost {count} events: {what}; {total} in total",
-                    f"MESSAGE_ID={MESSAGE_ID_LOST}", f"PRIORITY={PRIORITY_WARNING}",
-                    f"SYSLOG_IDENTIFIER={self.options.identifier}", f"TCP_LOST_KIND={kind}",
-                    f"TCP_LOST_COUNT={count}", f"TCP_LOST_TOTAL={total}")
+        with self._sends as sends:
+            sends.send([f"MESSAGE=tcpstates lost {count} events: {what}; {total} in total",
+                        f"MESSAGE_ID={MESSAGE_ID_LOST}", f"PRIORITY={PRIORITY_WARNING}",
+                        f"SYSLOG_IDENTIFIER={self.options.identifier}", f"TCP_LOST_KIND={kind}",
+                        f"TCP_LOST_COUNT={count}", f"TCP_LOST_TOTAL={total}"])
