@@ -52,8 +52,14 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    user, system, _ = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid: int) -> tuple[float, float, int]:
+    """utime and stime in seconds, and minor page faults, of one process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK     # utime + stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, int(fields[7])
 
 
 def host_busy_s() -> float:
@@ -190,7 +196,7 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         full = [a.replace("{OTHER}", str(free_port())) for a in argv]
         t = TracerRun(name, full, workdir, env)
         truth = TracepointCounter(port, conns * 10 + 10)
-        cpu0 = cpu_seconds(t.proc.pid)
+        split0 = cpu_split(t.proc.pid)
         progs0 = bpfstats.snapshot(t.proc.pid) if BPF_STATS else {}
         busy0, own0 = host_busy_s(), cpu_seconds(t.proc.pid)
         load = run_load(port, conns, rate, seconds * 3)
@@ -198,7 +204,8 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         progs = bpfstats.delta(progs0, bpfstats.snapshot(t.proc.pid)) if BPF_STATS else None
         recorded, overrun = truth.stop()
         t.settle()
-        cpu = cpu_seconds(t.proc.pid) - cpu0
+        split = [b - a for a, b in zip(split0, cpu_split(t.proc.pid))]
+        cpu = split[0] + split[1]
         rss = peak_rss_mb(t.proc.pid)
         t.stop()
         truth.close()
@@ -228,6 +235,11 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
                             - (reported_unacc or 0) * (not conn_mode))
             if not filtered and dropped >= 0 else None,
             "cpu_us_per_event": round(cpu * 1e6 / recorded, 2) if recorded and not filtered else None,
+            # the same split in user and kernel time (the kernel's part is mostly
+            # copying the output into the page cache), and minor page faults
+            "user_us": round(split[0] * 1e6 / recorded, 2) if recorded and not filtered else None,
+            "sys_us": round(split[1] * 1e6 / recorded, 2) if recorded and not filtered else None,
+            "minflt_per_1k": round(split[2] * 1000 / recorded, 1) if recorded and not filtered else None,
             "startup_s": round(t.startup, 3), "peak_rss_mb": round(rss, 1),
             "helper_peak_mb": t.helper_peak_mb,
             "sends": load.get("sends", 0), "recvs": load.get("recvs", 0),
@@ -258,8 +270,8 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "load_cpu_ratio", "truth", "printed", "aggregated", "missing",
-            "dropped", "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "startup_s",
-            "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn", "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
+            "dropped", "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "user_us", "sys_us",
+            "minflt_per_1k", "startup_s", "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn", "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     for r in rows:

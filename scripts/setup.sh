@@ -91,7 +91,7 @@ extras=journal,metrics
 stamp="$venv/.tcpstates-installed-$extras"
 # reinstall when what the install builds changed (metadata, the C speed-ups)
 stale=no
-for f in "$here/pyproject.toml" "$here/setup.py" "$here"/plugins/*/*.c; do
+for f in "$here/pyproject.toml" "$here/setup.py" "$here"/plugins/*/*.c "$here"/core/*.h; do
     [ -e "$f" ] && [ "$f" -nt "$stamp" ] && stale=yes
 done
 if [ ! -f "$stamp" ] || [ "$stale" = yes ]; then

@@ -98,6 +98,32 @@ def test_jsonl_c_encoder_is_byte_identical(tmp_path):
 
 
 @needs_c
+def test_jsonl_c_encoder_sizes_its_output_from_the_last_batch_safely(tmp_path):
+    """The encoder builds each batch in a bytes object sized from the previous
+    batch's bytes per event: a batch of huge lines (the size grows mid-batch),
+    then small ones, one-event and empty batches all come out exact."""
+    small = _safe(events(300, seed=5))
+    huge = []
+    for i, e in enumerate(_safe(events(40, seed=6))):
+        e.extra = {"blob": "\x01" * (20_000 + i)}   # 6 bytes of JSON per character
+        huge.append(e)
+    for order in ([huge, small, small[:1], []], [small, huge, small]):
+        outs = []
+        for use_c in (True, False):
+            path = tmp_path / f"{use_c}.jsonl"
+            path.unlink(missing_ok=True)
+            sink = JsonlSink(JsonlOptions(path=str(path)), RunContext(hostname="h"))
+            sink.use_c = use_c
+            sink.open()
+            for batch in order:
+                sink.write(batch)
+            sink.close()
+            outs.append(path.read_bytes())
+        assert outs[0] == outs[1]
+        assert len(outs[0].splitlines()) == sum(len(b) for b in order)
+
+
+@needs_c
 def test_jsonl_c_encoder_skips_what_orjson_cannot_encode_as_python_does(tmp_path):
     batch = events(400)
     bad = [e for e in batch if not _safe([e])]

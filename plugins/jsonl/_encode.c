@@ -15,14 +15,18 @@
 #include "event_slots.h"
 #include <time.h>
 
-typedef struct { char *p; Py_ssize_t len, cap; } buf_t;
+/* The output is built in place in the bytes object it is returned as (no
+ * copy at the end): sized from the previous batch's bytes per event, grown
+ * if that was short, trimmed at the end (a shrinking realloc does not copy). */
+typedef struct { PyObject *obj; char *p; Py_ssize_t len, cap; } buf_t;
 
 static int grow_slow(buf_t *b, Py_ssize_t need) {
     Py_ssize_t cap = b->cap ? b->cap : 65536;
     while (cap < b->len + need) cap *= 2;
-    char *p = PyMem_Realloc(b->p, cap);
-    if (!p) { PyErr_NoMemory(); return -1; }
-    b->p = p; b->cap = cap;
+    if (b->obj == NULL) b->obj = PyBytes_FromStringAndSize(NULL, cap);
+    else if (_PyBytes_Resize(&b->obj, cap) < 0) b->obj = NULL;   /* it freed the old one */
+    if (b->obj == NULL) { b->p = NULL; b->len = b->cap = 0; return -1; }
+    b->p = PyBytes_AS_STRING(b->obj); b->cap = cap;
     return 0;
 }
 /* inlined: most pieces are short literals, whose copy the compiler then
@@ -307,6 +311,9 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             return NULL;
         }
     buf_t b = {0};
+    static Py_ssize_t per_event = 512;   /* bytes per event of the last batch */
+    Py_ssize_t n_events = PyList_GET_SIZE(batch);
+    if (grow_slow(&b, n_events * (per_event + per_event / 8) + 1024) < 0) return NULL;
     long long sec_cache = -1; char sec_text[32] = "";
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
         PyObject *e = PyList_GET_ITEM(batch, i);
@@ -324,12 +331,12 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             if (bad) goto fail;
         }
     }
-    PyObject *out = PyBytes_FromStringAndSize(b.p ? b.p : "", b.len);
-    PyMem_Free(b.p);
-    if (!out) return NULL;
-    return Py_BuildValue("(NK)", out, seq);
+    /* capped: one huge line must not make the next batch allocate its size per event */
+    if (n_events) per_event = b.len / n_events + 1 < 4096 ? b.len / n_events + 1 : 4096;
+    if (_PyBytes_Resize(&b.obj, b.len) < 0) return NULL;
+    return Py_BuildValue("(NK)", b.obj, seq);
 fail:
-    PyMem_Free(b.p);
+    Py_XDECREF(b.obj);
     return NULL;
 }
 

@@ -103,6 +103,26 @@ static inline uint64_t u64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8
 
 static const unsigned char ZERO_OWNER[OWNER_LEN];
 
+/* The owner tails seen last, as the bytes objects handed out: a tail names a
+ * process (identity, cgroup, how, name), so a storm repeats a few of them.
+ * Handing out the same object spares an allocation per event and lets the
+ * owner enricher's dict look-up use the hash the object keeps. */
+#define OWNER_MEMO 256
+typedef struct { unsigned char key[OWNER_LEN]; PyObject *value; } owner_memo_t;
+static owner_memo_t owner_memo[OWNER_MEMO];
+
+static PyObject *owner_bytes(const unsigned char *raw) {
+    uint64_t h = 0x9E3779B97F4A7C15ULL, w;
+    for (int i = 0; i < OWNER_LEN; i += 8) { memcpy(&w, raw + i, 8); h = (h ^ w) * 0xC2B2AE3D27D4EB4FULL; }
+    owner_memo_t *m = &owner_memo[h >> (64 - 8)];
+    if (m->value != NULL && memcmp(m->key, raw, OWNER_LEN) == 0) return Py_NewRef(m->value);
+    PyObject *b = PyBytes_FromStringAndSize((const char *)raw, OWNER_LEN);
+    if (b == NULL) return NULL;
+    Py_XSETREF(m->value, Py_NewRef(b));
+    memcpy(m->key, raw, OWNER_LEN);
+    return b;
+}
+
 /* One Event from the record at p (past its header), or NULL. */
 static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObject *slow_addr,
                             PyObject *slow_comm, PyObject *owner_key) {
@@ -144,7 +164,7 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
         }
     if (memcmp(p + OFF_OWNER, ZERO_OWNER, OWNER_LEN) != 0) {
         /* the owner fields, undecoded, for the owner enricher (decoder.py) */
-        PyObject *raw = PyBytes_FromStringAndSize((const char *)p + OFF_OWNER, OWNER_LEN);
+        PyObject *raw = owner_bytes(p + OFF_OWNER);
         if (raw == NULL || PyDict_SetItem(extra, owner_key, raw) < 0) {
             Py_XDECREF(raw);
             Py_DECREF(ev);
