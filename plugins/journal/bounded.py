@@ -14,7 +14,8 @@ sink alone, as for a stalled pipe) or a stop is requested (StopRequested).
 
 Python runs signal handlers only in the main thread; elsewhere (library use
 from a worker thread) the timer is not used and sends block as libsystemd
-does.
+does. The timer and SIGALRM are the process's: they are taken only while a
+batch is being sent and given back as they were.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class BoundedSends:
     def __exit__(self, *exc: object) -> None:
         if self._armed:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._previous)
+            # None: a handler not set from Python; the default is the safe choice
+            signal.signal(signal.SIGALRM, self._previous if self._previous is not None else signal.SIG_DFL)
             self._armed = False
 
     def send(self, fields: Sequence[str]) -> None:

@@ -141,7 +141,7 @@ class KernelProbe:
 
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
-                 family: int | None, batch_size: int = 8192, timer_wakeup: bool = True,
+                 family: int | None, batch_size: int = 512, timer_wakeup: bool = True,
                  poll_s: float = 0.05, transitions: frozenset[tuple[int, int]] | None = None,
                  min_span_ns: int | None = None, crosscheck: bool = False,
                  warn: Callable[[str], None] | None = None,

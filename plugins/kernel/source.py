@@ -21,7 +21,10 @@ class KernelOptions:
                               min=1, max=1 << 18)
     max_sockets: int = option(65536, "sockets tracked for durations (LRU map entries)",
                               min=1024, max=1 << 24)
-    batch_size: int = option(8192, "most events read per batch", min=1, max=1 << 20)
+    # 512: a batch's objects stay in the CPU caches from decoding to the sink
+    # (measured in a 2-thread storm, JSON Lines with the owner: 8192 -> 512 took
+    # ≈ 2.1 -> 1.75 µs/event, with 40x fewer page faults; text unchanged)
+    batch_size: int = option(512, "most events read per batch", min=1, max=1 << 20)
     wakeup: str = option("timer", "timer: the kernel never wakes the reader, which polls every "
                          "poll_ms (cheapest for the traced load); adaptive: woken per batch (lowest latency)",
                          choices=("timer", "adaptive"))
