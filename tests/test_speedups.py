@@ -153,6 +153,32 @@ def test_text_c_rows_are_byte_identical(wide, owner):
     assert fmt.encoded([], use_c=True) == b""
 
 
+@needs_c
+@pytest.mark.parametrize("wide", [False, True])
+def test_text_c_owner_columns_memo_follows_every_value(wide):
+    """The C rows remember owner columns by the identity of the values they
+    are made of: events sharing value objects (as enrichers make them), then
+    the same objects with one value changed, with or without a cgroup, with
+    look-alike values of other types (True for 1, 1.0), two formatters (-w
+    and not) in turn — every row as Python renders it."""
+    shared = {"owner_pid": 4242, "owner_comm": "nginx", "container_name": "web-1", "k8s_pod": None}
+    variants = [shared, {**shared, "container_name": "web-2"}, {**shared, "cgroup": "/system.slice/x"},
+                {**shared, "systemd_unit": "x.service"}, {**shared, "owner_pid": True},
+                {**shared, "owner_pid": 1}, {**shared, "owner_pid": 1.0}, {**shared, "owner_comm": None},
+                {**shared, "k8s_pod": "api-0", "k8s_namespace": "prod"}, {**shared, "pod_uid": "u-1"},
+                {**shared, "container_id": "c" * 64, "container_name": None}, {}]
+    batch = _safe(events(len(variants) * 60, seed=9))
+    for i, e in enumerate(batch):
+        e.comm, e.saddr, e.daddr = "python3", "127.0.0.1", "10.0.0.1"   # plain rows: C renders them
+        e.extra = dict(variants[i % len(variants)])   # a copy of each, values shared as enrichers do
+    for w in (wide, not wide, wide):
+        fmt = BccFormatter(csv=False, wide=w, time_col=False, timestamp_col=False, wall_ns=lambda t: t,
+                           owner=True)
+        c, py = fmt.encoded(batch, use_c=True), fmt.encoded(batch, use_c=False)
+        assert c == py
+        assert b" web-2 " in c or b"web-2" in c
+
+
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_bcc_fixtures_identical_with_and_without_speedups(name, fixtures_dir, tmp_path):
     path = fixtures_dir / "bcc" / name

@@ -9,6 +9,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 static PyObject *S_sk, *S_span, *S_pid, *S_comm, *S_fam, *S_saddr, *S_sport, *S_daddr, *S_dport,
@@ -74,6 +75,60 @@ static char *state(char *o, unsigned long long s) {        /* %-11s of the name 
 }
 #define FIELD(expr, width) do { char *st_ = o; o = (expr); o = pad(o, st_, (width)); } while (0)
 
+/* The owner columns by the identity of what they are made of. Python's
+ * owner_of(e) makes them from seven values of e.extra (and whether it has
+ * "cgroup" or "systemd_unit"), and is a pure function of those values and
+ * of -w; enrichers hand every event of one owner the same value objects, so
+ * a memo keyed by their identity - holding references, so no address can be
+ * reused while an entry stands - answers most events without calling
+ * Python. Only exact str, int and None are remembered (what owner_of's own
+ * memo takes); anything else asks owner_of every time. */
+#define OWNER_KEYS 7
+static PyObject *S_extra, *S_cgroup, *S_unit, *OWNER_KEY[OWNER_KEYS];
+static const char *OWNER_KEY_NAMES[OWNER_KEYS] = {"owner_pid", "owner_comm", "k8s_pod", "k8s_namespace",
+                                                  "container_name", "container_id", "pod_uid"};
+#define OWNER_MEMO 256
+typedef struct { PyObject *v[OWNER_KEYS]; int flags; PyObject *text; } owner_memo_t;
+static owner_memo_t owner_memo[OWNER_MEMO];
+
+static PyObject *owner_columns(PyObject *e, int wide, PyObject *owner_of) {
+    PyObject *extra = PyObject_GetAttr(e, S_extra);
+    if (extra == NULL) return NULL;
+    PyObject *v[OWNER_KEYS];
+    int memoable = PyDict_CheckExact(extra), flags = wide ? 1 : 0;
+    uintptr_t h = (uintptr_t)wide;
+    for (int i = 0; memoable && i < OWNER_KEYS; i++) {
+        PyObject *x = PyDict_GetItemWithError(extra, OWNER_KEY[i]);        /* borrowed */
+        if (x == NULL) {
+            if (PyErr_Occurred()) { Py_DECREF(extra); return NULL; }
+            x = Py_None;                                   /* .get(): missing is None */
+        }
+        if (x != Py_None && !PyUnicode_CheckExact(x) && !PyLong_CheckExact(x)) memoable = 0;
+        v[i] = x;
+        h = (h ^ ((uintptr_t)x >> 4)) * 0x9E3779B97F4A7C15ULL;
+    }
+    if (memoable) {
+        int a = PyDict_Contains(extra, S_cgroup), b = a ? a : PyDict_Contains(extra, S_unit);
+        if (a < 0 || b < 0) { Py_DECREF(extra); return NULL; }
+        flags |= b ? 2 : 0;
+    }
+    Py_DECREF(extra);
+    owner_memo_t *m = NULL;
+    if (memoable) {
+        m = &owner_memo[(h ^ (uintptr_t)flags) >> (8 * sizeof(uintptr_t) - 8)];
+        if (m->text != NULL && m->flags == flags && memcmp(m->v, v, sizeof v) == 0)
+            return Py_NewRef(m->text);
+    }
+    PyObject *text = PyObject_CallOneArg(owner_of, e);
+    if (text == NULL) return NULL;
+    if (m != NULL && PyUnicode_CheckExact(text)) {
+        for (int i = 0; i < OWNER_KEYS; i++) Py_XSETREF(m->v[i], Py_NewRef(v[i]));
+        Py_XSETREF(m->text, Py_NewRef(text));
+        m->flags = flags;
+    }
+    return text;
+}
+
 /* 1 rendered, 0 fallback, -1 error */
 static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wide, PyObject *owner_of) {
     unsigned long long sk, pid, fam, sport, dport, old, new_, span = 0;
@@ -97,7 +152,7 @@ static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wid
     PyObject *owner = NULL;
     const char *ow = NULL; Py_ssize_t own = 0;
     if (owner_of != Py_None) {
-        owner = PyObject_CallOneArg(owner_of, e);
+        owner = owner_columns(e, wide, owner_of);
         if (owner == NULL || !PyUnicode_Check(owner)) {
             if (owner != NULL) PyErr_SetString(PyExc_TypeError, "owner_of: str");
             Py_XDECREF(owner); Py_DECREF(comm); Py_DECREF(sa); Py_DECREF(da);
@@ -207,6 +262,8 @@ PyMODINIT_FUNC PyInit__rows(void) {
     I(S_sk, "skaddr"); I(S_span, "span_ns"); I(S_pid, "pid"); I(S_comm, "comm"); I(S_fam, "family");
     I(S_saddr, "saddr"); I(S_sport, "sport"); I(S_daddr, "daddr"); I(S_dport, "dport");
     I(S_old, "oldstate"); I(S_new, "newstate");
+    I(S_extra, "extra"); I(S_cgroup, "cgroup"); I(S_unit, "systemd_unit");
+    for (int i = 0; i < OWNER_KEYS; i++) I(OWNER_KEY[i], OWNER_KEY_NAMES[i]);
 #undef I
     return PyModule_Create(&mod);
 }

@@ -196,9 +196,32 @@ class ContainerEnricher(Enricher):
         return fields
 
     def enrich_batch(self, batch: list[Event]) -> None:
-        self._batch, self._fields_memo, self._lookup_memo = {}, {}, {}
+        """enrich() for each event, with its two memos inlined: at a busy
+        server's rate the two method calls per event were half the cost."""
+        lookups: dict[tuple[Any, Any], tuple[CgroupInfo, int]] = {}
+        made: dict[int, tuple[CgroupInfo, dict[str, str]]] = {}
+        self._batch, self._fields_memo, self._lookup_memo = {}, made, lookups
+        id_types = _ID_TYPES
         try:
             for e in batch:
-                self.enrich(e)
+                extra = e.extra
+                pid = extra.get("owner_pid")
+                cgroup_id = extra.get("owner_cgroup_id")
+                if not cgroup_id and pid is not None and pid == e.pid:
+                    cgroup_id = e.cgroup_id
+                if type(pid) not in id_types or type(cgroup_id) not in id_types:
+                    self.enrich(e)               # not what the kernel gives: no memo
+                    continue
+                hit = lookups.get((pid, cgroup_id))
+                if hit is not None and e.ts_ns >= hit[1]:
+                    info = hit[0]
+                else:
+                    info = self._lookup_in_batch(pid, cgroup_id, e.ts_ns)
+                    if info is None:
+                        continue
+                fields = made.get(id(info))
+                if fields is None:
+                    fields = made[id(info)] = (info, self._fields(info))
+                extra.update(fields[1])
         finally:
             self._batch = self._fields_memo = self._lookup_memo = None

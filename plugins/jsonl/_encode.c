@@ -129,6 +129,45 @@ static int put_str(buf_t *b, PyObject *s) {
     return 1;
 }
 
+/* The keys of `extra`, by identity: enrichers use the same str objects for
+ * every event, so whether a key is a core field (skipped) and its rendered
+ * `,"key":` are decided once per key object, not per event. Entries hold
+ * their key, as the string memo does. */
+#define KEY_MEMO 64
+#define KEY_MEMO_MAX 60
+typedef struct { PyObject *k; unsigned char len; char core; char text[KEY_MEMO_MAX]; } key_memo_t;
+static key_memo_t key_memo[KEY_MEMO];
+static PyObject *key_memo_core;       /* the core set the entries were decided against */
+
+/* 1: rendered (or skipped: a core field); 0: fallback; -1: error */
+static int put_key(buf_t *b, PyObject *k, PyObject *core, int *skip) {
+    key_memo_t *m = &key_memo[((uintptr_t)k >> 4) & (KEY_MEMO - 1)];
+    if (m->k == k && key_memo_core == core) {
+        *skip = m->core;
+        return m->core ? 1 : (put(b, m->text, m->len) ? -1 : 1);
+    }
+    int c = PySet_Contains(core, k);
+    if (c < 0) return -1;
+    *skip = c;
+    if (c) return 1;   /* enrichers never overwrite core fields */
+    Py_ssize_t start = b->len;
+    int r;
+    if (PUTS(b, ",")) return -1;
+    if ((r = put_str(b, k)) <= 0) return r;
+    if (PUTS(b, ":")) return -1;
+    if (PyUnicode_CheckExact(k) && b->len - start <= KEY_MEMO_MAX) {
+        if (key_memo_core != core) {   /* another core set: forget every entry */
+            for (int i = 0; i < KEY_MEMO; i++) Py_CLEAR(key_memo[i].k);
+            Py_XSETREF(key_memo_core, Py_NewRef(core));
+        }
+        Py_XSETREF(m->k, Py_NewRef(k));
+        m->core = 0;
+        m->len = (unsigned char)(b->len - start);
+        memcpy(m->text, b->p + start, (size_t)m->len);
+    }
+    return 1;
+}
+
 /* Event's fields, read straight from their slots when the event's type is
  * the slotted Event (a generic attribute lookup per field was most of an
  * event's cost); any other type goes through getattr. */
@@ -279,12 +318,9 @@ static int one(buf_t *b, PyObject *e, unsigned long long seq, long long offset, 
         Py_ssize_t pos = 0; PyObject *k, *val;
         while (PyDict_Next(extra, &pos, &k, &val)) {
             if (!PyUnicode_CheckExact(k)) { r = 0; break; }
-            int c = PySet_Contains(core, k);
-            if (c < 0) { r = -1; break; }
-            if (c) continue;   /* enrichers never overwrite core fields */
-            if (PUTS(b, ",")) { r = -1; break; }
-            if ((r = put_str(b, k)) <= 0) break;
-            if (PUTS(b, ":")) { r = -1; break; }
+            int skip = 0;
+            if ((r = put_key(b, k, core, &skip)) <= 0) break;
+            if (skip) continue;
             if ((r = put_value(b, val, 0)) <= 0) break;
         }
     }
