@@ -13,7 +13,7 @@ SLOTS = {"include_dirs": ["core"], "depends": ["core/event_slots.h"], "optional"
 
 setup(ext_modules=[
     Extension("tcpstates.plugins.jsonl._encode", ["plugins/jsonl/_encode.c"], **SLOTS),
-    Extension("tcpstates.plugins.bcc_table._rows", ["plugins/bcc_table/_rows.c"], optional=True),
+    Extension("tcpstates.plugins.bcc_table._rows", ["plugins/bcc_table/_rows.c"], **SLOTS),
     Extension("tcpstates.plugins.kernel._decode", ["plugins/kernel/_decode.c"], **SLOTS),
     Extension("tcpstates.plugins.owner._observe", ["plugins/owner/_observe.c"], **SLOTS),
 ])

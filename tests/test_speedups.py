@@ -179,6 +179,32 @@ def test_text_c_owner_columns_memo_follows_every_value(wide):
         assert b" web-2 " in c or b"web-2" in c
 
 
+@needs_c
+def test_text_c_rows_of_an_event_subclass_read_its_attributes(tmp_path):
+    """C reads Event's slots directly; a subclass whose field is a property
+    (not a slot) is read through getattr, so its rows are still Python's."""
+    class Shown(Event):
+        @property   # type: ignore[override]
+        def comm(self) -> str:
+            return "from-property"
+
+        @comm.setter
+        def comm(self, value: str) -> None:
+            pass
+
+    plain = _safe(events(50, seed=4))
+    odd = [Shown(**{f: getattr(e, f) for f in Event.__dataclass_fields__}) for e in plain]
+    for e in plain:
+        e.comm, e.saddr, e.daddr = "python3", "127.0.0.1", "10.0.0.1"
+    for e in odd:
+        e.saddr, e.daddr = "127.0.0.1", "10.0.0.1"
+    fmt = BccFormatter(csv=False, wide=True, time_col=False, timestamp_col=False, wall_ns=lambda t: t)
+    mixed = [x for pair in zip(plain, odd) for x in pair]
+    c = fmt.encoded(mixed, use_c=True)
+    assert c == fmt.encoded(mixed, use_c=False)
+    assert c.count(b"from-property") == len(odd)
+
+
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_bcc_fixtures_identical_with_and_without_speedups(name, fixtures_dir, tmp_path):
     path = fixtures_dir / "bcc" / name

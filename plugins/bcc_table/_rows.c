@@ -11,12 +11,28 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include "event_slots.h"
+
+/* Event's fields straight from their slots when the event is the slotted
+ * Event (a generic attribute lookup per field was a third of a row's cost);
+ * any other type goes through getattr. Set per event by one(). */
+static event_slots_t slots;
+static int fast;
 
 static PyObject *S_sk, *S_span, *S_pid, *S_comm, *S_fam, *S_saddr, *S_sport, *S_daddr, *S_dport,
     *S_old, *S_new;
 
-static int get_u64(PyObject *obj, PyObject *name, unsigned long long *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+/* A new reference to field `f` (named `name`) of obj, or NULL with an exception set. */
+static PyObject *field(PyObject *obj, int f, PyObject *name) {
+    if (fast) {
+        PyObject *v = EVENT_SLOT(&slots, obj, f);
+        if (v != NULL) return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(obj, name);    /* also raises for an unset slot */
+}
+
+static int get_u64(PyObject *obj, int f, PyObject *name, unsigned long long *out) {
+    PyObject *v = field(obj, f, name);
     if (!v) return -1;
     int ok = 0;
     if (PyLong_CheckExact(v)) {
@@ -30,8 +46,8 @@ static int get_u64(PyObject *obj, PyObject *name, unsigned long long *out) {
 /* a new reference to a printable-ASCII str attribute (1), or 0: anything
  * else - non-ASCII, or a control character Python escapes (escape_text) -
  * is the Python row's to render; -1: error */
-static int get_ascii(PyObject *obj, PyObject *name, PyObject **out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+static int get_ascii(PyObject *obj, int f, PyObject *name, PyObject **out) {
+    PyObject *v = field(obj, f, name);
     if (!v) return -1;
     if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) { Py_DECREF(v); return 0; }
     const Py_UCS1 *c = PyUnicode_1BYTE_DATA(v);
@@ -92,7 +108,7 @@ typedef struct { PyObject *v[OWNER_KEYS]; int flags; PyObject *text; } owner_mem
 static owner_memo_t owner_memo[OWNER_MEMO];
 
 static PyObject *owner_columns(PyObject *e, int wide, PyObject *owner_of) {
-    PyObject *extra = PyObject_GetAttr(e, S_extra);
+    PyObject *extra = field(e, F_EXTRA, S_extra);
     if (extra == NULL) return NULL;
     PyObject *v[OWNER_KEYS];
     int memoable = PyDict_CheckExact(extra), flags = wide ? 1 : 0;
@@ -133,21 +149,22 @@ static PyObject *owner_columns(PyObject *e, int wide, PyObject *owner_of) {
 static int one(char **pp, Py_ssize_t *len, Py_ssize_t *cap, PyObject *e, int wide, PyObject *owner_of) {
     unsigned long long sk, pid, fam, sport, dport, old, new_, span = 0;
     int r;
-#define U(name, var) if ((r = get_u64(e, name, &var)) <= 0) return r
-    U(S_sk, sk); U(S_pid, pid); U(S_fam, fam); U(S_sport, sport); U(S_dport, dport);
-    U(S_old, old); U(S_new, new_);
+    if ((fast = event_slots_bind(&slots, Py_TYPE(e))) < 0) return -1;
+#define U(f, name, var) if ((r = get_u64(e, f, name, &var)) <= 0) return r
+    U(F_SK, S_sk, sk); U(F_PID, S_pid, pid); U(F_FAM, S_fam, fam); U(F_SPORT, S_sport, sport);
+    U(F_DPORT, S_dport, dport); U(F_OLD, S_old, old); U(F_NEW, S_new, new_);
 #undef U
-    PyObject *spano = PyObject_GetAttr(e, S_span);
+    PyObject *spano = field(e, F_SPAN, S_span);
     if (!spano) return -1;
     int known = spano != Py_None;
     Py_DECREF(spano);
-    if (known && (r = get_u64(e, S_span, &span)) <= 0) return r;
+    if (known && (r = get_u64(e, F_SPAN, S_span, &span)) <= 0) return r;
     if (span / 1000 > (1ULL << 53)) return 0;      /* beyond exact doubles: Python's int/int */
     if (old > 255 || new_ > 255) return 0;          /* printed as the whole number: Python's */
     PyObject *comm = NULL, *sa = NULL, *da = NULL;
-    if ((r = get_ascii(e, S_comm, &comm)) <= 0) return r;
-    if ((r = get_ascii(e, S_saddr, &sa)) <= 0) { Py_DECREF(comm); return r; }
-    if ((r = get_ascii(e, S_daddr, &da)) <= 0) { Py_DECREF(comm); Py_DECREF(sa); return r; }
+    if ((r = get_ascii(e, F_COMM, S_comm, &comm)) <= 0) return r;
+    if ((r = get_ascii(e, F_SADDR, S_saddr, &sa)) <= 0) { Py_DECREF(comm); return r; }
+    if ((r = get_ascii(e, F_DADDR, S_daddr, &da)) <= 0) { Py_DECREF(comm); Py_DECREF(sa); return r; }
     /* the owner columns (--owner), made and escaped by Python: owner_of(e) -> str */
     PyObject *owner = NULL;
     const char *ow = NULL; Py_ssize_t own = 0;
