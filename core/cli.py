@@ -208,20 +208,24 @@ def run(argv: Sequence[str]) -> int:
         notifier.notify(f"READY=1\nSTATUS={pipeline.source.status()}")
 
     summary = execute(pipeline, registry, context, on_started=started)
-    line = summary_line(summary)[len("tcpstates: "):]
-    if warner.dropped:
-        # said once at the end, if stderr has room by then: what was not said
-        line += f"; {warner.dropped} warnings not shown (stderr was a full pipe)"
+
+    def summary_text() -> str:
+        line = summary_line(summary)[len("tcpstates: "):]
+        if warner.dropped:
+            # said once at the end, if stderr has room by then: what was not said
+            line += f"; {warner.dropped} warnings not shown (stderr was a full pipe)"
+        return line
+
     if pipeline.broken_pipes:
         # a shipper reading our JSON Lines went away: events would be lost from here
         written = ", ".join(f"{n} {summary['written'].get(n, 0)}" for n in pipeline.broken_pipes)
         warner.warn(f"error: the reader of sink {', '.join(pipeline.broken_pipes)} closed the pipe "
                     f"(EPIPE) after {written} events; stopping, since everything after would be lost")
-        warner.warn(line)
+        warner.warn(summary_text())
         return 1
     # `tcpstates | head -3`: the reader of the table left on purpose; exit quietly.
     if not args.no_summary and not pipeline.readers_gone:
-        warner.warn(line)
+        warner.warn(summary_text())
     return 0
 
 

@@ -115,6 +115,14 @@ class Connection:
         return connection_ending(self.last_state)
 
 
+def connection_of(e: "Event") -> Connection | None:
+    """The connection record an Event carries, or None. Only a Connection
+    object counts: a field named "connection" from elsewhere (a replayed
+    record, a third-party enricher) is an ordinary field."""
+    conn = e.extra.get(CONNECTION) if e.extra else None
+    return conn if isinstance(conn, Connection) else None
+
+
 def sanitize_text(raw: str) -> str:
     """Kept for plugins written against it: the same as `tcpstates.text.escape_text`."""
     return escape_text(raw)

@@ -25,7 +25,8 @@ alone and a new FILE is started.
 A destination that takes nothing for `stall_timeout` seconds (a reader that
 stopped reading: a paused pager, a stuck shipper on a pipe) fails the write
 with OutputStalled, so the pipeline counts it for this sink alone and the
-other sinks go on. A line cut in the middle by the stall is finished first
+other sinks go on; until it takes something again, later writes give up
+after STALL_PROBE_S instead of a whole stall_timeout each. A line cut in the middle by the stall is finished first
 at the next write (so the reader never sees a torn line followed by another)
 and counts as written.
 """
@@ -51,6 +52,7 @@ from tcpstates.safeopen import UntrustedPath, check_owned, entry_trusted, open_p
 
 FILE_MODE = 0o640
 STALL_TIMEOUT_S = 1.0   # default: a reader may pause this long before a batch fails for its sink
+STALL_PROBE_S = 0.01    # while the reader stays stalled: how long each later batch tries
 # what each open LineOutput writes to: two sinks appending to one stdout or
 # file would interleave their lines, so the second is refused
 _IN_USE: dict[tuple[int, int], str] = {}
@@ -107,6 +109,7 @@ class LineOutput:
                  stall_timeout: float = STALL_TIMEOUT_S) -> None:
         self.path = path
         self.stall_timeout = stall_timeout
+        self.stalled = False                     # the last write gave up: probe briefly until one works
         self._pending = b""                      # the rest of a line a stall cut
         self.notice = notice                     # says once that we wait for a FIFO's reader
         self.max_bytes = max_bytes
@@ -296,6 +299,10 @@ class LineOutput:
         view = memoryview(data)
         before = self.size
         progress = time.monotonic()
+        # once a write gave up, later ones only probe until the reader takes
+        # again: a reader that stays stopped must not cost the other sinks
+        # stall_timeout per batch (the kernel buffer would fill for all)
+        limit = STALL_PROBE_S if self.stalled else self.stall_timeout
         try:
             while view:
                 try:
@@ -303,14 +310,16 @@ class LineOutput:
                 except BlockingIOError:
                     # a reader that takes nothing for stall_timeout fails this
                     # sink's write only; the other sinks must not wait for it
-                    left = progress + self.stall_timeout - time.monotonic()
+                    left = progress + limit - time.monotonic()
                     if left <= 0 or not interrupt.wait(self.fd, select.POLLOUT, left):
-                        if time.monotonic() - progress >= self.stall_timeout:
+                        if time.monotonic() - progress >= limit:
+                            self.stalled = True
                             where = "standard output" if self.is_stdout else self.path
                             raise OutputStalled(errno.ETIMEDOUT, f"{where}: its reader took nothing "
                                                 f"for {self.stall_timeout:g} s (stall_timeout)") from None
                     continue
                 progress = time.monotonic()
+                self.stalled = False
                 view = view[n:]
                 self.size += n
                 self._accepted += n

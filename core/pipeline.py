@@ -18,7 +18,9 @@ a paused pager such as `tcpstates | less`), or the journal sink while a
 stopped journald takes nothing, fails that write with
 OutputStalled: the batch, or its unwritten part, is counted as not written
 for that sink alone, warned about once per episode, and the next batch tries
-it again, while the other sinks keep receiving. A person paging longer than
+it again — only briefly (10 ms) until the reader takes something, so a
+reader that stays stopped costs one stall_timeout, not one per batch — while
+the other sinks keep receiving. A person paging longer than
 stall_timeout therefore loses (counted) events; `-o
 sinks.text.stall_timeout=...` raises it. A sink slower than the event rate
 (but not stalled) still slows the reader: the kernel buffer fills, and the

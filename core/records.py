@@ -10,7 +10,8 @@ import socket
 import time
 from typing import Any
 
-from tcpstates.events import AF_INET, AF_INET6, CONNECTION, STATE_NAMES, STATE_NUMBERS, Connection, Event
+from tcpstates.events import (AF_INET, AF_INET6, CONNECTION, STATE_NAMES, STATE_NUMBERS, Connection, Event,
+                               connection_of)
 
 SCHEMA_VERSION = 1
 FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
@@ -38,7 +39,7 @@ class Rfc3339:
 def event_record(e: Event, seq: int, wall_ns: int, host: str, rfc3339: Rfc3339) -> dict[str, Any]:
     extra = e.extra
     if extra:
-        conn = extra.get(CONNECTION)
+        conn = connection_of(e)
         if conn is not None:
             return connection_record(e, conn, seq, wall_ns, host, rfc3339)
     rec: dict[str, Any] = {

@@ -85,3 +85,43 @@ def test_stall_timeout_is_schema_bounded():
     r = run_cli("--replay", os.devnull, "-o", "sinks.text.stall_timeout=0")
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1 and "stall_timeout" in err, err
+
+
+def test_a_reader_that_stays_stopped_costs_one_stall_timeout_not_one_per_batch(tmp_path):
+    """20 batches while stdout's reader stays stopped, stall_timeout 2 s: the
+    first batch waits 2 s, the next ones only probe, so the file sink gets
+    all 2,000 events in about 2 s, not 40 (a live source would otherwise
+    fill the kernel buffer and drop events for every sink)."""
+    out = tmp_path / "e.jsonl"
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(_record(i) for i in range(1, 2001)))
+    r_out, w_out = os.pipe()
+    os.set_blocking(w_out, False)
+    try:
+        while True:
+            os.write(w_out, b"x" * 65536)    # full before the first row
+    except BlockingIOError:
+        pass
+    os.set_blocking(w_out, True)
+    err_path = tmp_path / "err"
+    try:
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(tcpstates_argv("--replay", str(trace), "--sink", "text", "--sink", "jsonl",
+                                                   "-o", f"sinks.jsonl.path={out}",
+                                                   "-o", "sinks.text.stall_timeout=2",
+                                                   "-o", "sources.replay.batch_size=100"),
+                                    stdin=subprocess.DEVNULL, stdout=w_out, stderr=err)
+        os.close(w_out)
+        w_out = -1
+        _wait_for(lambda: _lines(out) == 2000, "the file sink waited stall_timeout per batch", timeout=15)
+        rc = proc.wait(20)
+    finally:
+        if w_out >= 0:
+            os.close(w_out)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(r_out)
+    err = err_path.read_text()
+    assert rc == 0, err
+    assert "not written: text 2000" in err.splitlines()[-1], err

@@ -272,6 +272,27 @@ def test_every_replay_field_with_every_wrong_value(tmp_path, sinks):
     assert "\x1b" not in r.stdout.decode() and "\x1b" not in err
 
 
+@pytest.mark.parametrize("speedups", ["", "1"], ids=["c", "python"])
+@pytest.mark.parametrize("sinks", [["--sink", "jsonl"], ["--sink", "jsonl", "-s"], ["--sink", "jsonl", "--summary"],
+                                   ["--sink", "jsonl", "--sink", "metrics", "-o", "sinks.metrics.listen=127.0.0.1:0"]])
+def test_a_replayed_connection_field_is_an_ordinary_field(tmp_path, sinks, speedups):
+    """Only the connection stage's own object makes a connection record: a
+    state_change record with a field named "connection" (any type) is a
+    state change like any other, in every sink and on both encoder paths."""
+    values = ["x", 1, True, [1], {"a": 1}, None]
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(_record(i + 1, connection=v) for i, v in enumerate(values)))
+    out = tmp_path / "e.jsonl"
+    r = run_cli("--replay", str(trace), *sinks, "-o", f"sinks.jsonl.path={out}",
+                env={"TCPSTATES_NO_SPEEDUPS": speedups})
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err and "failed" not in err, err
+    recs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [rec["type"] for rec in recs] == ["state_change"] * len(values)
+    assert [rec["connection"] for rec in recs] == values
+    assert f"jsonl {len(values)}" in _summary(err), err
+
+
 def test_replay_family_list_is_skipped_not_an_internal_error(tmp_path):
     trace = tmp_path / "in.jsonl"
     trace.write_bytes(_record(1, family=[1]) + _record(2))

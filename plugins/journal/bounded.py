@@ -15,7 +15,9 @@ sink alone, as for a stalled pipe) or a stop is requested (StopRequested).
 Python runs signal handlers only in the main thread; elsewhere (library use
 from a worker thread) the timer is not used and sends block as libsystemd
 does. The timer and SIGALRM are the process's: they are taken only while a
-batch is being sent and given back as they were.
+batch is being sent and given back as they were (a pending interval timer
+re-armed with what was left of it); a SIGALRM handler installed outside
+Python cannot be given back, so then no timer is used.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any, Callable, Sequence
 from tcpstates import interrupt
 from tcpstates.outputs import OutputStalled
 
-TICK_S = 0.05   # how often a blocked send wakes up to look at the clock and for a stop
+TICK_S = 0.05    # how often a blocked send wakes up to look at the clock and for a stop
+PROBE_S = 0.01   # while journald stays stalled: how long a batch tries before it gives up
 
 
 def _tick(signum: int, frame: Any) -> None:
@@ -37,29 +40,49 @@ def _tick(signum: int, frame: Any) -> None:
 
 
 class BoundedSends:
-    """`with sends.batch(): sends.send(fields)` — every send bounded by stall_timeout."""
+    """`with sends: sends.send(fields)` — every send bounded by stall_timeout.
+
+    Once a batch has given up, the next ones try only for PROBE_S until an
+    entry is accepted again: a journald that stays stopped must not cost the
+    other sinks stall_timeout per batch (at a busy host's rate that would
+    fill the kernel buffer and drop events for every sink)."""
 
     def __init__(self, sendv: Callable[..., None], stall_timeout: float) -> None:
         self._sendv = sendv
         self.stall_timeout = stall_timeout
+        self.stalled = False
+        self._limit = stall_timeout
         self._progress = 0.0
         self._previous: Any = None
+        self._timer: tuple[float, float] = (0.0, 0.0)
+        self._entered = 0.0
         self._armed = False
 
     def __enter__(self) -> "BoundedSends":
-        self._progress = time.monotonic()
+        self._progress = self._entered = time.monotonic()
+        self._limit = PROBE_S if self.stalled else self.stall_timeout
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGALRM, _tick)
-            signal.setitimer(signal.ITIMER_REAL, TICK_S, TICK_S)
-            self._armed = True
+            previous = signal.getsignal(signal.SIGALRM)
+            # None: a handler set outside Python, which could not be put back:
+            # then no timer (sends block as libsystemd does)
+            if previous is not None:
+                self._previous = signal.signal(signal.SIGALRM, _tick)
+                self._timer = signal.setitimer(signal.ITIMER_REAL, min(TICK_S, self._limit), TICK_S)
+                self._armed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._armed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            # None: a handler not set from Python; the default is the safe choice
-            signal.signal(signal.SIGALRM, self._previous if self._previous is not None else signal.SIG_DFL)
-            self._armed = False
+        if not self._armed:
+            return
+        self._armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._previous)
+        remaining, interval = self._timer
+        if remaining > 0:
+            # the process's own timer goes on where it was (less the time spent
+            # here; due already: it fires at once)
+            left = max(remaining - (time.monotonic() - self._entered), 1e-6)
+            signal.setitimer(signal.ITIMER_REAL, left, interval)
 
     def send(self, fields: Sequence[str]) -> None:
         while True:
@@ -68,10 +91,12 @@ class BoundedSends:
             except InterruptedError:
                 if interrupt.requested():
                     raise interrupt.StopRequested() from None
-                if time.monotonic() - self._progress >= self.stall_timeout:
+                if time.monotonic() - self._progress >= self._limit:
+                    self.stalled = True
                     raise OutputStalled(errno.ETIMEDOUT, f"journald took nothing for "
                                         f"{self.stall_timeout:g} s (stall_timeout); is "
                                         f"systemd-journald stopped or overloaded?") from None
                 continue
             self._progress = time.monotonic()
+            self.stalled = False
             return

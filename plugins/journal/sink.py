@@ -23,7 +23,7 @@ from typing import Any
 
 from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
-from tcpstates.events import AF_INET, CONNECTION, STATE_NAMES, Connection, Event
+from tcpstates.events import AF_INET, CONNECTION, STATE_NAMES, Connection, Event, connection_of
 from tcpstates.options import option
 from tcpstates.plugins.journal.bounded import BoundedSends
 from tcpstates.records import Rfc3339
@@ -123,7 +123,7 @@ class JournalSink(Sink):
         return f
 
     def _fields(self, e: Event) -> list[str]:
-        conn = e.extra.get(CONNECTION) if e.extra else None
+        conn = connection_of(e)
         if conn is not None:
             f = self._connection_fields(e, conn)
             self._extra_fields(e, f)
@@ -173,7 +173,7 @@ class JournalSink(Sink):
 
     def _extra_fields(self, e: Event, f: list[str]) -> None:
         for key, value in e.extra.items():
-            if key == CONNECTION:
+            if key == CONNECTION and isinstance(value, Connection):
                 continue
             name = journal_field_name(key)
             if name is None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from tcpstates.api import Aggregates, Histogram, RunContext, Sink
 from tcpstates.errors import UsageError
-from tcpstates.events import CONNECTION, STATE_NAMES, STATE_NUMBERS, Event
+from tcpstates.events import STATE_NAMES, STATE_NUMBERS, Event, connection_of
 from tcpstates.options import option
 from tcpstates.plugins.metrics.server import serve
 
@@ -121,7 +121,7 @@ class MetricsSink(Sink):
         endings: collections.Counter[str] = collections.Counter()
         syn_sent, established, close_wait = S["SYN_SENT"], S["ESTABLISHED"], S["CLOSE_WAIT"]
         for e in batch:
-            c = e.extra.get(CONNECTION)
+            c = connection_of(e)
             if c is None:
                 continue
             endings[c.ending] += 1

@@ -18,7 +18,7 @@ import time
 from typing import Any, TextIO
 
 from tcpstates.api import Aggregates, RunContext, Sink
-from tcpstates.events import CONNECTION, STATE_NAMES, Event
+from tcpstates.events import STATE_NAMES, Event, connection_of
 from tcpstates.options import option
 
 
@@ -96,7 +96,7 @@ class SummarySink(Sink):
             # connection records carry the time of every state they passed
             # through: the same histograms; ports count connections
             for e in batch:
-                conn = e.extra.get(CONNECTION)
+                conn = connection_of(e)
                 if conn is not None:
                     for state, ns in conn.state_ns.items():
                         hists[state][(ns // 1000).bit_length()] += 1
