@@ -29,8 +29,13 @@
  *   TCPSTATES_OWNER_IO         attach the sock_send_length/sock_recv_length probes
  *   TCPSTATES_OWNER_ACCEPT     attach the accept/accept4 exit probes (needs the FD offsets)
  *   TCPSTATES_OWNER_TASK       task offsets are known (start time, leader comm)
+ *   TCPSTATES_OWNER_EXIT       attach sched:sched_process_exit: remember exited
+ *                              processes, so a close by a second holder after
+ *                              the I/O owner exited names the closer
+ *   TCPSTATES_OWNER_GONE_MAX   exited processes remembered (LRU)
  *   TCPSTATES_OFF_<STRUCT>_<MEMBER>  byte offsets from BTF
- *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET
+ *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET,
+ *   TCPSTATES_TP_EXIT_GROUP_DEAD
  *                              field offsets from the tracepoints' format files
  */
 #ifndef TCPSTATES_OWNER_BPF_H
@@ -118,19 +123,58 @@ static __always_inline int owner_is_close_transition(int old, int new)
     return (old == 1 && new == 4) || (old == 8 && new == 9) || (old == 10 && new == 7);
 }
 
+#if defined(TCPSTATES_OWNER_EXIT) && defined(TCPSTATES_OWNER_TASK) && defined(TCPSTATES_OWNER_IO)
+#ifndef TCPSTATES_OWNER_GONE_MAX
+#define TCPSTATES_OWNER_GONE_MAX 16384
+#endif
+/* Processes that have exited: TGID -> the start time of its group leader
+ * (the identity owners carry). Written once per process exit, read only at
+ * a close-type transition of a socket whose owner was seen doing I/O. */
+BPF_TABLE("lru_hash", u32, u64, owner_gone, TCPSTATES_OWNER_GONE_MAX);
+
+/* Runs in the exiting task, before its files are closed; group_dead: the
+ * last thread of the process (bcc attaches it by its name). */
+int tracepoint__sched__sched_process_exit(void *ctx)
+{
+    if (!*(u8 *)((char *)ctx + TCPSTATES_TP_EXIT_GROUP_DEAD))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    char *task = (char *)bpf_get_current_task();
+    char *leader = NULL;
+    u64 start = 0;
+    bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
+    if (leader)
+        bpf_probe_read_kernel(&start, sizeof(start), leader + TCPSTATES_OFF_TASK_START_BOOTTIME);
+    owner_gone.update(&tgid, &start);
+    return 0;
+}
+
+/* Has the process `o` names exited? (Its identity, not only its PID: a new
+ * process with the same PID is another owner.) */
+static __always_inline int owner_exited(struct tcpstates_owner *o)
+{
+    u32 pid = o->pid;
+    u64 *start = owner_gone.lookup(&pid);
+    return start && *start == o->start_ns;
+}
+#else
+#define owner_exited(o) 0
+#endif
+
 /* Learn the owner from transition old->new of socket sk (no record).
  * A close-type transition runs in whoever dropped the last reference to the
  * file: after a hand-off that can be the dispatcher closing its own copy
  * late, although the worker used the socket. So the closing process does
  * not replace an owner seen sending or receiving on it (the user); it does
  * replace one only known from accept or a system call (a forking server's
- * parent, when the child's I/O cannot be seen) or none. Connect and listen
- * always name theirs (a new socket). */
+ * parent, when the child's I/O cannot be seen), one that has exited since
+ * (the closer is then the only holder left, TCPSTATES_OWNER_EXIT), or none.
+ * Connect and listen always name theirs (a new socket). */
 static __always_inline void owner_track(u64 sk, int old, int new)
 {
     if (owner_is_syscall_transition(old, new) && (bpf_get_current_pid_tgid() >> 32) != 0) {
         struct tcpstates_owner *known = owner_is_close_transition(old, new) ? sk_owner.lookup(&sk) : NULL;
-        if (!known || known->how != TCPSTATES_OWNER_IO_)
+        if (!known || known->how != TCPSTATES_OWNER_IO_ || owner_exited(known))
             owner_set_current(sk, TCPSTATES_OWNER_SYSCALL);
     }
     else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */

@@ -22,7 +22,8 @@ import threading
 
 import orjson
 import pytest
-from servers import CLIENT, DISPATCHER, DISPATCHER_LAST_CLOSE, PREEXISTING_CLIENT, PREFORK, REUSEPORT, THREADED
+from servers import (CLIENT, DISPATCHER, DISPATCHER_LAST_CLOSE, HEIR_CLIENT, HEIR_CLOSES, PREEXISTING_CLIENT,
+                     PREFORK, REUSEPORT, THREADED)
 from traffic import free_port, wait_port_settled
 
 pytestmark = pytest.mark.kernel
@@ -216,6 +217,33 @@ def test_dispatcher_hands_sockets_to_a_worker_over_scm_rights(tracer, tmp_path):
 
 def test_dispatcher_closing_its_copy_last_does_not_become_the_owner(tracer, tmp_path):
     run_design(tracer, tmp_path, DISPATCHER_LAST_CLOSE, lambda ready: [int(ready[-1][1])])
+
+
+def test_a_socket_closed_by_its_heir_after_the_io_owner_exited_names_the_heir(tracer, tmp_path):
+    """Review3 #6 case B: the process that used the socket forks and exits; its
+    child inherited the socket and closes it without using it. The close and
+    everything after it name the child — the owner that exited is gone."""
+    from tcpstates.plugins.owner.kernel import owner_support
+    if not owner_support(1024).exits:
+        pytest.skip("this kernel has no sched:sched_process_exit group_dead field (Linux >= 6.13)")
+    port = free_port()
+    srv = spawn(HEIR_CLOSES, str(port))
+    read_until(srv, "ready")
+    t, out = trace(tracer, tmp_path)
+    n = 20
+    cli = spawn(HEIR_CLIENT, str(port), str(n))
+    client_ports = [int(w[1]) for w in read_until(cli, "done")[:-1]]
+    heirs = {int(w[2]): int(w[1]) for w in read_lines(srv, count=n)}
+    recs = records(t, out, port)
+    srv.stdin.close()
+    closes = [r for r in recs if r["lport"] == port and r["rport"] in client_ports
+              and (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "FIN_WAIT1")]
+    assert len(closes) == n, recs
+    wrong = [(r["rport"], r["owner_pid"], heirs[r["rport"]]) for r in closes if r["owner_pid"] != heirs[r["rport"]]]
+    assert not wrong, wrong
+    after = [r for r in recs if r["lport"] == port and r["rport"] in client_ports
+             and r["oldstate"] in ("FIN_WAIT1", "FIN_WAIT2")]
+    assert after and all(r["owner_pid"] == heirs[r["rport"]] for r in after), after
 
 
 def test_threaded_server(tracer, tmp_path):

@@ -9,7 +9,8 @@ from tcpstates.plugins.owner.kernel import owner_support
 
 def _owner() -> tuple[bool, str]:
     s = owner_support(65536)
-    have = [name for name, ok in (("send/recv", s.io), ("accept", s.accept), ("start-time identity", s.identity))
+    have = [name for name, ok in (("send/recv", s.io), ("accept", s.accept), ("start-time identity", s.identity),
+                                              ("process exits", s.exits))
             if ok]
     if not s.missing:
         return True, "owner learnt in the kernel: " + ", ".join(have)

@@ -22,6 +22,7 @@ TRACEFS = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
     "/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 IO_TRACEPOINTS = (("sock", "sock_send_length"), ("sock", "sock_recv_length"))
 ACCEPT_TRACEPOINTS = (("syscalls", "sys_exit_accept4"), ("syscalls", "sys_exit_accept"))
+EXIT_TRACEPOINTS = (("sched", "sched_process_exit"),)
 # -D name suffix → (struct, member): task identity, and fd → struct sock
 TASK_FIELDS = {
     "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
@@ -47,6 +48,7 @@ class OwnerSupport:
     io: bool = False
     accept: bool = False
     identity: bool = False
+    exits: bool = False
     missing: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -119,6 +121,14 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux") -
     except BTFError as exc:
         s.missing.append(f"task offsets in BTF ({exc}): owner identity is the PID only")
         return s
+    # process exits (group_dead: Linux >= 6.13), only needed with the send/recv owners
+    exits = _field_offsets(tracefs, EXIT_TRACEPOINTS, {"group_dead": 1}) if s.io else None
+    if exits is not None:
+        s.exits = True
+        s.cflags += ["-DTCPSTATES_OWNER_EXIT=1", f"-DTCPSTATES_TP_EXIT_GROUP_DEAD={exits['group_dead']}"]
+    elif s.io:
+        s.missing.append("sched:sched_process_exit with group_dead (Linux >= 6.13): a socket a "
+                         "second holder closes after its I/O owner exited keeps naming that owner")
     exit_ret = _field_offsets(tracefs, ACCEPT_TRACEPOINTS, {"ret": 8})
     if exit_ret is None:
         s.missing.append("syscalls:sys_exit_accept/accept4 tracepoints (CONFIG_FTRACE_SYSCALLS): "

@@ -144,3 +144,44 @@ for c in conns:
     c.close()
 print("done", flush=True)
 """
+
+# The I/O owner hands its socket down and exits; the heir closes it without
+# using it: the close names the heir (the only holder left), never the
+# process that has exited. Per connection: `served <heir pid> <client port>`.
+HEIR_CLOSES = COMMON + r"""
+s = listener()
+say("ready", os.getpid())
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+while True:
+    c, _ = s.accept()
+    if os.fork() == 0:                      # the I/O owner
+        s.close()
+        peer = c.getpeername()[1]
+        c.recv(4); c.sendall(b"ok")
+        r, w = os.pipe()
+        heir = os.fork()
+        if heir == 0:                       # inherits c, never uses it
+            os.close(w)
+            os.read(r, 1)                   # EOF: its parent has exited
+            say("served", os.getpid(), peer)
+            c.close()
+            os._exit(0)
+        os._exit(0)                         # exits holding c: the heir's copy stays
+    c.close()
+    os.waitpid(-1, 0)
+"""
+
+# the client of HEIR_CLOSES: waits for the server's close before its own
+HEIR_CLIENT = r"""
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for i in range(n):
+    c = socket.create_connection(("127.0.0.1", port))
+    print(f"conn {c.getsockname()[1]}", flush=True)
+    c.sendall(b"req!")
+    assert c.recv(2) == b"ok"
+    while c.recv(64):
+        pass
+    c.close()
+print("done", flush=True)
+"""
