@@ -244,6 +244,9 @@ def test_a_socket_closed_by_its_heir_after_the_io_owner_exited_names_the_heir(tr
     after = [r for r in recs if r["lport"] == port and r["rport"] in client_ports
              and r["oldstate"] in ("FIN_WAIT1", "FIN_WAIT2")]
     assert after and all(r["owner_pid"] == heirs[r["rport"]] for r in after), after
+    judged = closes + after
+    print(f"\nowner right {sum(r['owner_pid'] == heirs[r['rport']] for r in judged)}/{len(judged)}; "
+          f"bcc on-CPU C-PID right {sum(r['pid'] == heirs[r['rport']] for r in judged)}/{len(judged)}")
 
 
 def test_threaded_server(tracer, tmp_path):
