@@ -71,6 +71,8 @@ struct tcpstates_owner {
     u32 pid;
     u32 how;
     char comm[16];
+    u32 gen;              /* owner_exit_gen of its PID's slot when recorded */
+    u32 pad;
 };
 
 BPF_TABLE("lru_hash", u64, struct tcpstates_owner, sk_owner, TCPSTATES_OWNER_MAX);
@@ -98,6 +100,84 @@ static __always_inline void owner_current(struct tcpstates_owner *o, u32 how)
     bpf_get_current_comm(o->comm, sizeof(o->comm));
 }
 
+/* The start time of the current process's group leader (its identity with
+ * the TGID), 0 when the task offsets are not known. */
+static __always_inline u64 owner_current_start(void)
+{
+    u64 start = 0;
+#ifdef TCPSTATES_OWNER_TASK
+    char *task = (char *)bpf_get_current_task();
+    char *leader = NULL;
+    bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
+    if (leader)
+        bpf_probe_read_kernel(&start, sizeof(start), leader + TCPSTATES_OFF_TASK_START_BOOTTIME);
+#endif
+    return start;
+}
+
+#if defined(TCPSTATES_OWNER_EXIT) && defined(TCPSTATES_OWNER_TASK) && defined(TCPSTATES_OWNER_IO)
+#ifndef TCPSTATES_OWNER_GONE_MAX
+#define TCPSTATES_OWNER_GONE_MAX 16384
+#endif
+/* Processes that have exited, by identity (TGID and the start time of its
+ * group leader, as owners carry it): a later process with the same PID is
+ * another key, so its exit cannot hide an earlier one's. Written once per
+ * process exit, read only at a close-type transition of a socket whose
+ * owner was seen doing I/O. */
+struct tcpstates_identity {
+    u64 start_ns;
+    u32 pid;
+    u32 pad;
+};
+BPF_TABLE("lru_hash", struct tcpstates_identity, u8, owner_gone, TCPSTATES_OWNER_GONE_MAX);
+
+/* Exits per PID slot (PID modulo the size): an owner entry keeps the count of
+ * its PID's slot from when it was recorded, so the send/recv fast path can
+ * tell "no process with this PID can have exited since" with one array read,
+ * and checks the identity (two reads of the current task) only when one may
+ * have. Slots shared by several PIDs only send more cases to that check. */
+#define TCPSTATES_OWNER_GEN_SLOTS 65536
+BPF_ARRAY(owner_exit_gen, u32, TCPSTATES_OWNER_GEN_SLOTS);
+
+static __always_inline u32 owner_gen(u32 pid)
+{
+    u32 slot = pid & (TCPSTATES_OWNER_GEN_SLOTS - 1);
+    u32 *gen = owner_exit_gen.lookup(&slot);
+    return gen ? *gen : 0;
+}
+
+/* Runs in the exiting task, before its files are closed; group_dead: the
+ * last thread of the process (bcc attaches it by its name). */
+int tracepoint__sched__sched_process_exit(void *ctx)
+{
+    if (!*(u8 *)((char *)ctx + TCPSTATES_TP_EXIT_GROUP_DEAD))
+        return 0;
+    struct tcpstates_identity id = {};
+    u8 one = 1;
+    id.pid = bpf_get_current_pid_tgid() >> 32;
+    id.start_ns = owner_current_start();
+    owner_gone.update(&id, &one);
+    u32 slot = id.pid & (TCPSTATES_OWNER_GEN_SLOTS - 1);
+    u32 *gen = owner_exit_gen.lookup(&slot);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+    return 0;
+}
+
+/* Has the process `o` names exited? (Its identity, not only its PID: a new
+ * process with the same PID is another owner.) */
+static __always_inline int owner_exited(struct tcpstates_owner *o)
+{
+    struct tcpstates_identity id = {};
+    id.pid = o->pid;
+    id.start_ns = o->start_ns;
+    return owner_gone.lookup(&id) != NULL;
+}
+#else
+#define owner_exited(o) 0
+#define owner_gen(pid) 0
+#endif
+
 static __always_inline void owner_set_current(u64 sk, u32 how)
 {
     u32 zero = 0;
@@ -105,6 +185,7 @@ static __always_inline void owner_set_current(u64 sk, u32 how)
     if (!o)
         return;
     owner_current(o, how);
+    o->gen = owner_gen(o->pid);
     sk_owner.update(&sk, o);
 }
 
@@ -122,44 +203,6 @@ static __always_inline int owner_is_close_transition(int old, int new)
 {
     return (old == 1 && new == 4) || (old == 8 && new == 9) || (old == 10 && new == 7);
 }
-
-#if defined(TCPSTATES_OWNER_EXIT) && defined(TCPSTATES_OWNER_TASK) && defined(TCPSTATES_OWNER_IO)
-#ifndef TCPSTATES_OWNER_GONE_MAX
-#define TCPSTATES_OWNER_GONE_MAX 16384
-#endif
-/* Processes that have exited: TGID -> the start time of its group leader
- * (the identity owners carry). Written once per process exit, read only at
- * a close-type transition of a socket whose owner was seen doing I/O. */
-BPF_TABLE("lru_hash", u32, u64, owner_gone, TCPSTATES_OWNER_GONE_MAX);
-
-/* Runs in the exiting task, before its files are closed; group_dead: the
- * last thread of the process (bcc attaches it by its name). */
-int tracepoint__sched__sched_process_exit(void *ctx)
-{
-    if (!*(u8 *)((char *)ctx + TCPSTATES_TP_EXIT_GROUP_DEAD))
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    char *task = (char *)bpf_get_current_task();
-    char *leader = NULL;
-    u64 start = 0;
-    bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
-    if (leader)
-        bpf_probe_read_kernel(&start, sizeof(start), leader + TCPSTATES_OFF_TASK_START_BOOTTIME);
-    owner_gone.update(&tgid, &start);
-    return 0;
-}
-
-/* Has the process `o` names exited? (Its identity, not only its PID: a new
- * process with the same PID is another owner.) */
-static __always_inline int owner_exited(struct tcpstates_owner *o)
-{
-    u32 pid = o->pid;
-    u64 *start = owner_gone.lookup(&pid);
-    return start && *start == o->start_ns;
-}
-#else
-#define owner_exited(o) 0
-#endif
 
 /* Learn the owner from transition old->new of socket sk (no record).
  * A close-type transition runs in whoever dropped the last reference to the
@@ -211,8 +254,19 @@ static __always_inline int owner_io(u64 sk, u16 protocol)
     if (protocol != 6 /* IPPROTO_TCP */)
         return 0;
     struct tcpstates_owner *o = sk_owner.lookup(&sk);
-    if (o && o->pid == (u32)(bpf_get_current_pid_tgid() >> 32))
-        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (o && o->pid == tgid) {
+        /* the same PID: the same process unless one with this PID exited
+         * since (then a reused PID is another process, whose name and
+         * identity must replace the old one's) */
+        u32 gen = owner_gen(tgid);
+        if (o->gen == gen)
+            return 0;
+        if (o->start_ns == owner_current_start()) {
+            o->gen = gen;
+            return 0;
+        }
+    }
     owner_set_current(sk, TCPSTATES_OWNER_IO_);
     return 0;
 }

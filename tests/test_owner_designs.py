@@ -22,8 +22,8 @@ import threading
 
 import orjson
 import pytest
-from servers import (CLIENT, DISPATCHER, DISPATCHER_LAST_CLOSE, HEIR_CLIENT, HEIR_CLOSES, PREEXISTING_CLIENT,
-                     PREFORK, REUSEPORT, THREADED)
+from servers import (CLIENT, DISPATCHER, DISPATCHER_LAST_CLOSE, HEIR_CLIENT, HEIR_CLOSES, PID_REUSE,
+                     PREEXISTING_CLIENT, PREFORK, REUSEPORT, THREADED)
 from traffic import free_port, wait_port_settled
 
 pytestmark = pytest.mark.kernel
@@ -247,6 +247,37 @@ def test_a_socket_closed_by_its_heir_after_the_io_owner_exited_names_the_heir(tr
     judged = closes + after
     print(f"\nowner right {sum(r['owner_pid'] == heirs[r['rport']] for r in judged)}/{len(judged)}; "
           f"bcc on-CPU C-PID right {sum(r['pid'] == heirs[r['rport']] for r in judged)}/{len(judged)}")
+
+
+@pytest.mark.parametrize("mode", ["exit", "io"])
+def test_a_reused_pid_neither_hides_an_exited_owner_nor_inherits_its_identity(tracer, tmp_path, mode):
+    """The I/O owner exits and its PID is reused (ns_last_pid) by a process
+    that got the socket. "exit": that process exits without using it, the
+    heir closes: the close names the heir. "io": it sends on the socket and
+    lives on: it is the owner (its own start time, not the exited one's)."""
+    from tcpstates.plugins.owner.kernel import owner_support
+    if not owner_support(1024).exits:
+        pytest.skip("this kernel has no sched:sched_process_exit group_dead field (Linux >= 6.13)")
+    if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("/proc/sys/kernel/ns_last_pid is not writable: PID reuse cannot be arranged")
+    port = free_port()
+    srv = spawn(PID_REUSE, str(port), mode)
+    read_until(srv, "ready")
+    t, out = trace(tracer, tmp_path)
+    cli = spawn(HEIR_CLIENT, str(port), "1")
+    lines = read_lines(srv, count=2)
+    read_until(cli, "done")
+    said = {w[0]: w[1:] for w in lines}
+    assert said["expect"][0] != "none", "the PID was not reused in 50 forks"
+    first_owner, expected, peer = int(said["owner"][0]), int(said["expect"][0]), int(said["expect"][1])
+    recs = records(t, out, port)
+    srv.stdin.close()
+    mine = [r for r in recs if r["lport"] == port and r["rport"] == peer]
+    close = [r for r in mine if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "FIN_WAIT1")]
+    assert len(close) == 1 and close[0]["owner_pid"] == expected, (mode, first_owner, expected, mine)
+    if mode == "io":
+        # the same PID as the exited owner, but its own identity
+        assert close[0]["owner_source"] == "io" and close[0]["owner_start"] == int(said["expect"][2]), mine
 
 
 def test_threaded_server(tracer, tmp_path):

@@ -10,7 +10,7 @@ the client's FIN arrives.
 from __future__ import annotations
 
 COMMON = r"""
-import os, signal, socket, sys, threading
+import os, signal, socket, sys, threading, time
 port = int(sys.argv[1])
 def say(*words):
     # one write per line: the processes of a tree share stdout, and print()
@@ -184,4 +184,73 @@ for i in range(n):
         pass
     c.close()
 print("done", flush=True)
+"""
+
+# PID reuse around an owner's exit (root: /proc/sys/kernel/ns_last_pid picks
+# the next PID). The I/O owner A (PID P) hands the socket to its child H and
+# exits; H forks C so that C gets P again. argv[2] "exit": C never uses the
+# socket and exits, then H closes it -> the close names H (A is gone; C's
+# exit must not hide A's). "io": C sends on it, closes its copy and lives on
+# while H closes -> C, a live user of the socket, stays its owner (C's I/O
+# must replace A's identity although the PID is the same).
+# Says `owner P`, then `expect <pid the close must name> <client port> <C's start>`.
+PID_REUSE = COMMON + r"""
+mode = sys.argv[2]
+s = listener()
+say("ready", os.getpid())
+c, _ = s.accept()
+s.close()
+peer = c.getpeername()[1]
+def gone(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+if os.fork() == 0:                          # A
+    c.recv(4); c.sendall(b"ok")
+    P = os.getpid()
+    r, w = os.pipe()
+    if os.fork() == 0:                      # H
+        os.close(w); os.read(r, 1)          # EOF: A has exited
+        while not gone(P):
+            time.sleep(0.01)
+        cr, cw = os.pipe(); hr, hw = os.pipe()
+        child = None
+        for attempt in range(50):
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(P - 1))
+            pid = os.fork()
+            if pid == 0:                    # C, if it got P
+                if os.getpid() != P:
+                    os._exit(3)
+                if mode == "io":
+                    c.send(b"more")
+                c.close()
+                os.write(cw, b"c")
+                if mode == "io":
+                    os.read(hr, 1)          # alive until H has closed
+                os._exit(0)
+            if pid == P:
+                child = pid
+                break
+            os.waitpid(pid, 0)
+        if child is None:
+            say("expect", "none", peer)
+            os._exit(0)
+        os.read(cr, 1)
+        if mode == "exit":
+            os.waitpid(child, 0)
+        # C's start time (clock ticks since boot, as owner_start) while it lives
+        start = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[19] if mode == "io" else 0
+        say("expect", os.getpid() if mode == "exit" else child, peer, start)
+        c.close()
+        os.write(hw, b"h")
+        if mode == "io":
+            os.waitpid(child, 0)
+        os._exit(0)
+    say("owner", P)
+    os._exit(0)
+c.close()
+os.waitpid(-1, 0)
+sys.stdin.read()
 """
