@@ -168,6 +168,8 @@ int tracepoint__sched__sched_process_exit(void *ctx)
  * process with the same PID is another owner.) */
 static __always_inline int owner_exited(struct tcpstates_owner *o)
 {
+    if (o->gen == owner_gen(o->pid))
+        return 0;                     /* no process with its PID exited since */
     struct tcpstates_identity id = {};
     id.pid = o->pid;
     id.start_ns = o->start_ns;
