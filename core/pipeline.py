@@ -210,6 +210,9 @@ class Pipeline:
     def _write(self, batch: list[Event]) -> None:
         for slot in self.sinks:
             if not slot.active:
+                # closed (its reader left) or disabled: kept, never written there,
+                # so written + not written = kept for every sink
+                slot.lost += len(batch)
                 continue
             try:
                 # a sink returns how many events it handed over (None: all of them)

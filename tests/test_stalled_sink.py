@@ -125,3 +125,37 @@ def test_a_reader_that_stays_stopped_costs_one_stall_timeout_not_one_per_batch(t
     err = err_path.read_text()
     assert rc == 0, err
     assert "not written: text 2000" in err.splitlines()[-1], err
+
+
+def test_a_table_whose_reader_left_counts_the_rest_as_not_written(tmp_path):
+    """The text reader leaves (closes the pipe) mid-run; the table is closed
+    quietly and the jsonl file goes on. For every sink, written + not written
+    = kept, and "written: text" is what the pipe accepted before it closed."""
+    out = tmp_path / "e.jsonl"
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(_record(i) for i in range(1, 3001)))
+    r_out, w_out = os.pipe()
+    err_path = tmp_path / "err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(tcpstates_argv("--replay", str(trace), "--sink", "text", "--sink", "jsonl",
+                                               "-o", f"sinks.jsonl.path={out}", "-o", "sources.replay.batch_size=100"),
+                                stdin=subprocess.DEVNULL, stdout=w_out, stderr=err)
+    os.close(w_out)
+    got = b""
+    with os.fdopen(r_out, "rb", buffering=0) as reader:
+        while got.count(b"\n") < 150:
+            chunk = reader.read(4096)
+            assert chunk, "the table ended early"
+            got += chunk
+    # the reader has left (pipe closed): the tracer goes on with jsonl
+    rc = proc.wait(30)
+    err = err_path.read_text()
+    assert rc == 0, err
+    assert _lines(out) == 3000, err
+    summary = err.splitlines()[-1]
+    written = int(summary.split("written: text ")[1].split(",")[0])
+    not_written = int(summary.split("not written: text ")[1].split(",")[0].split(";")[0])
+    assert written + not_written == 3000, summary
+    # what the pipe accepted: at least the rows the reader saw (minus the header);
+    # what sat unread in the pipe when the reader left is gone with it
+    assert written >= got.count(b"\n") - 1, summary
