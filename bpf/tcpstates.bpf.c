@@ -297,7 +297,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
     u64 sk = (u64)args->skaddr;
     u64 ts, span = TCPSTATES_SPAN_UNKNOWN;
-    u64 *prev;
+    u64 *prev = NULL;
 #ifndef TCPSTATES_CONNECTIONS
     struct tcpstates_event *e = NULL;
     struct tcpstates_event local;
@@ -370,6 +370,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         if (!rules_pass(pbits, cbits, TCPSTATES_PROC_PKEEP, TCPSTATES_PROC_CKEEP,
                         TCPSTATES_PROC_PDROP, TCPSTATES_PROC_CDROP, TCPSTATES_PROC_DROP)) {
             ts = bpf_ktime_get_ns();
+            prev = last_change.lookup(&sk);
             goto filtered_update;
         }
     }
@@ -437,6 +438,8 @@ filtered_update:
 update:
     if (args->newstate == TCPSTATES_TCP_CLOSE)
         last_change.delete(&sk);
+    else if (prev)
+        *prev = ts;           /* in place: an update would allocate a new LRU node */
     else
         last_change.update(&sk, &ts);
     goto out;
