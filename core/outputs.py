@@ -101,6 +101,22 @@ class OutputStalled(OSError):
     """The destination took nothing for stall_timeout seconds."""
 
 
+class NoRoomForLine(BlockingIOError):
+    """The pipe has room, but not for the next whole line. poll() cannot wait
+    for that (a pipe is "writable" as soon as one buffer slot is free), so the
+    writer waits a moment instead of polling."""
+
+
+NO_ROOM_WAIT_S = 0.002
+
+
+def _no_readers(fd: int) -> bool:
+    """The pipe we write to has no reader left (poll's POLLERR on a write end)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & select.POLLERR for _, ev in poller.poll(0))
+
+
 class LineOutput:
     """A text destination taking whole lines; `path` "-" means stdout."""
 
@@ -307,10 +323,15 @@ class LineOutput:
             while view:
                 try:
                     n = self._send(view)
-                except BlockingIOError:
+                except BlockingIOError as exc:
                     # a reader that takes nothing for stall_timeout fails this
                     # sink's write only; the other sinks must not wait for it
                     left = progress + limit - time.monotonic()
+                    if isinstance(exc, NoRoomForLine) and left > 0:
+                        interrupt.sleep(min(left, NO_ROOM_WAIT_S))   # poll would not wait
+                        left = progress + limit - time.monotonic()
+                        if left > 0:
+                            continue
                     if left <= 0 or not interrupt.wait(self.fd, select.POLLOUT, left):
                         if time.monotonic() - progress >= limit:
                             self.stalled = True
@@ -398,7 +419,11 @@ class LineOutput:
             first = view.tobytes().find(b"\n")
             if first < 0 or first + 1 > room + _used_guard(self.fd):
                 return view          # one line bigger than the pipe: may split
-            raise BlockingIOError(errno.EAGAIN, "no room for a whole line")
+            if _no_readers(self.fd):
+                # nothing is written here, so the write that would say EPIPE
+                # never happens: say it (the reader left, e.g. `| head -3`)
+                raise BrokenPipeError(errno.EPIPE, "the reader of the pipe is gone")
+            raise NoRoomForLine(errno.EAGAIN, "no room for a whole line")
         return view[:cut + 1]
 
     def _send(self, view: memoryview) -> int:

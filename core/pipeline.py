@@ -139,7 +139,8 @@ class Pipeline:
             try:
                 slot.sink.open()
             except BrokenPipeError:
-                slot.active = False
+                # the reader left before the first line (its header): as later
+                self._reader_gone(slot)
             except interrupt.StopRequested:
                 self.stopping = True
                 slot.active = False

@@ -159,3 +159,42 @@ def test_a_table_whose_reader_left_counts_the_rest_as_not_written(tmp_path):
     # what the pipe accepted: at least the rows the reader saw (minus the header);
     # what sat unread in the pipe when the reader left is gone with it
     assert written >= got.count(b"\n") - 1, summary
+
+
+def test_reader_gone_while_the_pipe_has_no_room_for_a_line_is_seen_at_once(tmp_path):
+    """`tcpstates | head -3`, when head leaves with the pipe so full that the
+    next row does not fit: nothing is written (rows are never split), so no
+    write says EPIPE — the tracer must still see the reader gone at once and
+    exit quietly, not wait out its stall_timeout (30 s here) and complain."""
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(_record(i) for i in range(1, 201)))
+    r_out, w_out = os.pipe()
+    os.write(w_out, b"x" * (65536 - 40))          # room for 40 bytes: less than a row
+    pipe = os.readlink(f"/proc/self/fd/{w_out}")
+    proc = subprocess.Popen(tcpstates_argv("--replay", str(trace), "-o", "sinks.text.stall_timeout=30"),
+                            stdin=subprocess.DEVNULL, stdout=w_out, stderr=subprocess.PIPE)
+    os.close(w_out)
+    try:
+        # ready: the tracer holds its own write description of the pipe (it
+        # writes through that one), and its header cannot fit
+        def private_copy() -> bool:
+            fds = os.listdir(f"/proc/{proc.pid}/fd")
+            return sum(_link(proc.pid, fd) == pipe for fd in fds) >= 2
+        _wait_for(private_copy, "the tracer never opened its stdout")
+        os.close(r_out)                               # the reader leaves
+        r_out = -1
+        _, err = proc.communicate(timeout=5)          # not 30 s
+    finally:
+        if r_out >= 0:
+            os.close(r_out)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and err == b"", err
+
+
+def _link(pid: int, fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
