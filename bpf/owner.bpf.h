@@ -79,6 +79,30 @@ BPF_TABLE("lru_hash", u64, struct tcpstates_owner, sk_owner, TCPSTATES_OWNER_MAX
 /* one staging slot per CPU: the entry is too big to build twice on the stack */
 BPF_PERCPU_ARRAY(owner_scratch, struct tcpstates_owner, 1);
 
+/* The current process's thread-group leader (NULL when the task offsets are
+ * not known): its start time is the process's identity with the TGID. */
+static __always_inline char *owner_leader(void)
+{
+    char *leader = NULL;
+#ifdef TCPSTATES_OWNER_TASK
+    char *task = (char *)bpf_get_current_task();
+    bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
+#endif
+    return leader;
+}
+
+/* The start time of the current process (0 when not known). */
+static __always_inline u64 owner_current_start(void)
+{
+    u64 start = 0;
+#ifdef TCPSTATES_OWNER_TASK
+    char *leader = owner_leader();
+    if (leader)
+        bpf_probe_read_kernel(&start, sizeof(start), leader + TCPSTATES_OFF_TASK_START_BOOTTIME);
+#endif
+    return start;
+}
+
 /* The current process as an owner: TGID, cgroup, and (when the task offsets
  * are known) the group leader's start time and comm. */
 static __always_inline void owner_current(struct tcpstates_owner *o, u32 how)
@@ -88,9 +112,7 @@ static __always_inline void owner_current(struct tcpstates_owner *o, u32 how)
     o->cgroup_id = bpf_get_current_cgroup_id();
     o->start_ns = 0;
 #ifdef TCPSTATES_OWNER_TASK
-    char *task = (char *)bpf_get_current_task();
-    char *leader = NULL;
-    bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
+    char *leader = owner_leader();
     if (leader) {
         bpf_probe_read_kernel(&o->start_ns, sizeof(o->start_ns), leader + TCPSTATES_OFF_TASK_START_BOOTTIME);
         bpf_probe_read_kernel(o->comm, sizeof(o->comm), leader + TCPSTATES_OFF_TASK_COMM);
@@ -98,21 +120,6 @@ static __always_inline void owner_current(struct tcpstates_owner *o, u32 how)
     }
 #endif
     bpf_get_current_comm(o->comm, sizeof(o->comm));
-}
-
-/* The start time of the current process's group leader (its identity with
- * the TGID), 0 when the task offsets are not known. */
-static __always_inline u64 owner_current_start(void)
-{
-    u64 start = 0;
-#ifdef TCPSTATES_OWNER_TASK
-    char *task = (char *)bpf_get_current_task();
-    char *leader = NULL;
-    bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
-    if (leader)
-        bpf_probe_read_kernel(&start, sizeof(start), leader + TCPSTATES_OFF_TASK_START_BOOTTIME);
-#endif
-    return start;
 }
 
 #if defined(TCPSTATES_OWNER_EXIT) && defined(TCPSTATES_OWNER_TASK) && defined(TCPSTATES_OWNER_IO)

@@ -22,7 +22,7 @@ import threading
 
 import orjson
 import pytest
-from servers import (CLIENT, DISPATCHER, DISPATCHER_LAST_CLOSE, HEIR_CLIENT, HEIR_CLOSES, PID_REUSE,
+from servers import (CLIENT, DISPATCHER, DISPATCHER_LAST_CLOSE, HEIR_CLOSES, PID_REUSE,
                      PREEXISTING_CLIENT, PREFORK, REUSEPORT, THREADED)
 from traffic import free_port, wait_port_settled
 
@@ -231,7 +231,7 @@ def test_a_socket_closed_by_its_heir_after_the_io_owner_exited_names_the_heir(tr
     read_until(srv, "ready")
     t, out = trace(tracer, tmp_path)
     n = 20
-    cli = spawn(HEIR_CLIENT, str(port), str(n))
+    cli = spawn(CLIENT, str(port), str(n), "wait")
     client_ports = [int(w[1]) for w in read_until(cli, "done")[:-1]]
     heirs = {int(w[2]): int(w[1]) for w in read_lines(srv, count=n)}
     recs = records(t, out, port)
@@ -264,7 +264,7 @@ def test_a_reused_pid_neither_hides_an_exited_owner_nor_inherits_its_identity(tr
     srv = spawn(PID_REUSE, str(port), mode)
     read_until(srv, "ready")
     t, out = trace(tracer, tmp_path)
-    cli = spawn(HEIR_CLIENT, str(port), "1")
+    cli = spawn(CLIENT, str(port), "1", "wait")
     lines = read_lines(srv, count=2)
     read_until(cli, "done")
     said = {w[0]: w[1:] for w in lines}

@@ -11,6 +11,7 @@ import subprocess
 import threading
 
 from replayrec import replay_record as _record, wait_for as _wait_for, line_count as _lines
+from pipes import full_pipe
 from tracer import run_cli, tcpstates_argv
 
 
@@ -95,14 +96,7 @@ def test_a_reader_that_stays_stopped_costs_one_stall_timeout_not_one_per_batch(t
     out = tmp_path / "e.jsonl"
     trace = tmp_path / "in.jsonl"
     trace.write_bytes(b"".join(_record(i) for i in range(1, 2001)))
-    r_out, w_out = os.pipe()
-    os.set_blocking(w_out, False)
-    try:
-        while True:
-            os.write(w_out, b"x" * 65536)    # full before the first row
-    except BlockingIOError:
-        pass
-    os.set_blocking(w_out, True)
+    r_out, w_out, _ = full_pipe()                  # full before the first row
     err_path = tmp_path / "err"
     try:
         with open(err_path, "wb") as err:
@@ -168,8 +162,7 @@ def test_reader_gone_while_the_pipe_has_no_room_for_a_line_is_seen_at_once(tmp_p
     exit quietly, not wait out its stall_timeout (30 s here) and complain."""
     trace = tmp_path / "in.jsonl"
     trace.write_bytes(b"".join(_record(i) for i in range(1, 201)))
-    r_out, w_out = os.pipe()
-    os.write(w_out, b"x" * (65536 - 40))          # room for 40 bytes: less than a row
+    r_out, w_out, _ = full_pipe(room=40)           # room for 40 bytes: less than a row
     pipe = os.readlink(f"/proc/self/fd/{w_out}")
     proc = subprocess.Popen(tcpstates_argv("--replay", str(trace), "-o", "sinks.text.stall_timeout=30"),
                             stdin=subprocess.DEVNULL, stdout=w_out, stderr=subprocess.PIPE)

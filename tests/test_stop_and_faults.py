@@ -17,6 +17,8 @@ from pathlib import Path
 import orjson
 import pytest
 from replayrec import replay_record as _record, wait_for as _wait_for
+from journald import stopped_journald
+from pipes import full_pipe
 from tracer import Tracer, run_cli, tcpstates_argv
 
 F_GETPIPE_SZ = 1032
@@ -105,14 +107,7 @@ def test_sigterm_while_stderr_is_a_full_pipe_nobody_reads(tmp_path):
     tracer still stops within 2 s (what it could not say is dropped)."""
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
-    r_err, w_err = os.pipe()
-    os.set_blocking(w_err, False)
-    try:
-        while True:
-            os.write(w_err, b"x" * 4096)
-    except BlockingIOError:
-        pass
-    os.set_blocking(w_err, True)
+    r_err, w_err, _ = full_pipe()
     proc = subprocess.Popen(tcpstates_argv("--replay", str(fifo), "-s"), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=w_err)
     os.close(w_err)
@@ -135,15 +130,7 @@ def test_warnings_lost_to_a_full_stderr_are_counted_in_the_summary(tmp_path):
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
     out = tmp_path / "out.jsonl"
-    r_err, w_err = os.pipe()
-    os.set_blocking(w_err, False)
-    filled = 0
-    try:
-        while True:
-            filled += os.write(w_err, b"x" * 4096)
-    except BlockingIOError:
-        pass
-    os.set_blocking(w_err, True)
+    r_err, w_err, filled = full_pipe()
     proc = subprocess.Popen(tcpstates_argv("--replay", str(fifo), "--sink", "jsonl",
                                            "-o", f"sinks.jsonl.path={out}"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w_err)
@@ -375,13 +362,10 @@ def test_stopped_journald_costs_only_the_journal_sink(tmp_path):
     blocks. The journal sink gives up on each batch after its stall_timeout,
     the jsonl sink still gets every event, and after SIGCONT journald holds
     exactly what the summary says was written to it."""
-    from journald import PrivateJournald
     n = 5000
     trace = _trace(tmp_path, n, comm="stalltest")
     out = tmp_path / "e.jsonl"
-    j = PrivateJournald(tmp_path / "journald").start()
-    try:
-        os.kill(j.proc.pid, signal.SIGSTOP)   # unshare's child is journald itself (exec)
+    with stopped_journald(tmp_path / "journald") as j:
         start = time.monotonic()
         r = subprocess.run(j.argv(tcpstates_argv("--replay", str(trace), "--sink", "journal",
                                                  "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
@@ -397,27 +381,18 @@ def test_stopped_journald_costs_only_the_journal_sink(tmp_path):
         assert f"not written: journal {n - written}" in summary, summary
         assert "stall_timeout" in err, err
         assert took < 60, took
-        os.kill(j.proc.pid, signal.SIGCONT)
+        j.resume()
         j.sync()
         held = [e for e in j.read("TCP_CPU_COMM=stalltest")]
         assert len(held) == written, (len(held), summary)
-    finally:
-        try:
-            os.kill(j.proc.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-        j.stop()
 
 
 @pytest.mark.root
 def test_sigterm_while_journald_is_stopped(tmp_path):
     """Blocked in libsystemd's send to a stopped journald, with a stall_timeout
     far away: SIGTERM still ends the run within 2 s, with its summary."""
-    from journald import PrivateJournald
     trace = _trace(tmp_path, 2000)
-    j = PrivateJournald(tmp_path / "journald").start()
-    try:
-        os.kill(j.proc.pid, signal.SIGSTOP)
+    with stopped_journald(tmp_path / "journald") as j:
         t = Tracer(["--replay", str(trace), "--sink", "journal", "-o", "sinks.journal.stall_timeout=3600"],
                    workdir=tmp_path / "t", wrap=j.argv)
         # blocked for certain: the kernel says where the tracer's main thread sleeps
@@ -426,12 +401,6 @@ def test_sigterm_while_journald_is_stopped(tmp_path):
         err = _stop_within(t.proc, t.stderr_path)
         assert "not written: journal" in _summary(err), err
         t.notify.close()
-    finally:
-        try:
-            os.kill(j.proc.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-        j.stop()
 
 
 def _descendant_python(pid: int) -> int:

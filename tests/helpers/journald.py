@@ -8,12 +8,14 @@ in nsenter); readers use the journal files directly from the host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 JOURNALD = os.environ.get("JOURNALD_BIN", "/lib/systemd/systemd-journald")
 CONF = """[Journal]
@@ -77,6 +79,14 @@ class PrivateJournald:
                               *matches], capture_output=True, text=True, timeout=30)
         return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
+    def resume(self) -> None:
+        """SIGCONT after a SIGSTOP (nothing if it has exited)."""
+        if self.proc is not None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -85,3 +95,17 @@ class PrivateJournald:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextlib.contextmanager
+def stopped_journald(base: Path) -> Iterator[PrivateJournald]:
+    """A private journald that is started, then stopped (SIGSTOP): its socket
+    queue fills and senders block. Resumed and stopped at the end, whatever
+    the test did."""
+    j = PrivateJournald(base).start()
+    try:
+        os.kill(j.proc.pid, signal.SIGSTOP)
+        yield j
+    finally:
+        j.resume()
+        j.stop()

@@ -116,14 +116,18 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
 
+# argv: port, connections, and "wait" to close only after the server closed
 CLIENT = r"""
 import os, socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
+wait = sys.argv[3:] == ["wait"]
 for i in range(n):
     c = socket.create_connection(("127.0.0.1", port))
     print(f"conn {c.getsockname()[1]}", flush=True)
     c.sendall(b"req!")
     assert c.recv(2) == b"ok"
+    while wait and c.recv(64):
+        pass
     c.close()
 print("done", flush=True)
 """
@@ -147,7 +151,8 @@ print("done", flush=True)
 
 # The I/O owner hands its socket down and exits; the heir closes it without
 # using it: the close names the heir (the only holder left), never the
-# process that has exited. Per connection: `served <heir pid> <client port>`.
+# process that has exited. Per connection: `served <heir pid> <client port>`;
+# its clients run CLIENT with "wait" (they close after the server).
 HEIR_CLOSES = COMMON + r"""
 s = listener()
 say("ready", os.getpid())
@@ -169,21 +174,6 @@ while True:
         os._exit(0)                         # exits holding c: the heir's copy stays
     c.close()
     os.waitpid(-1, 0)
-"""
-
-# the client of HEIR_CLOSES: waits for the server's close before its own
-HEIR_CLIENT = r"""
-import socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-for i in range(n):
-    c = socket.create_connection(("127.0.0.1", port))
-    print(f"conn {c.getsockname()[1]}", flush=True)
-    c.sendall(b"req!")
-    assert c.recv(2) == b"ok"
-    while c.recv(64):
-        pass
-    c.close()
-print("done", flush=True)
 """
 
 # PID reuse around an owner's exit (root: /proc/sys/kernel/ns_last_pid picks

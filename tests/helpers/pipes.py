@@ -1,0 +1,23 @@
+"""Pipes in the states the fault tests need: full, with a reader that takes nothing."""
+
+from __future__ import annotations
+
+import os
+
+
+def full_pipe(room: int = 0) -> tuple[int, int, int]:
+    """(read end, blocking write end, bytes in it): a pipe holding all it can
+    but `room` bytes (a reader that stopped reading)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    filled = 0
+    try:
+        while True:
+            filled += os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    if room:
+        os.read(r, room)   # whole 4 KiB buffers were written: this frees exactly `room` bytes
+        filled -= room
+    return r, w, filled
