@@ -140,12 +140,20 @@ class ContainerEnricher(Enricher):
             names = self.docker.lookup(info.container_id) or {}
         return dict(names)           # a copy: the caller edits it, the cache keeps its own
 
-    def enrich(self, event: Event) -> None:
+    @staticmethod
+    def _owner_ids(event: Event) -> tuple[Any, Any]:
+        """The owner's PID and cgroup id (the on-CPU task's cgroup when that
+        task is the owner and the kernel captured none for the owner)."""
         extra = event.extra
         pid = extra.get("owner_pid")
         cgroup_id = extra.get("owner_cgroup_id")
         if not cgroup_id and pid is not None and pid == event.pid:
             cgroup_id = event.cgroup_id
+        return pid, cgroup_id
+
+    def enrich(self, event: Event) -> None:
+        extra = event.extra
+        pid, cgroup_id = self._owner_ids(event)
         info = self._lookup_in_batch(pid, cgroup_id, event.ts_ns)
         if info is None:
             return
@@ -201,14 +209,10 @@ class ContainerEnricher(Enricher):
         lookups: dict[tuple[Any, Any], tuple[CgroupInfo, int]] = {}
         made: dict[int, tuple[CgroupInfo, dict[str, str]]] = {}
         self._batch, self._fields_memo, self._lookup_memo = {}, made, lookups
-        id_types = _ID_TYPES
+        id_types, owner_ids = _ID_TYPES, self._owner_ids
         try:
             for e in batch:
-                extra = e.extra
-                pid = extra.get("owner_pid")
-                cgroup_id = extra.get("owner_cgroup_id")
-                if not cgroup_id and pid is not None and pid == e.pid:
-                    cgroup_id = e.cgroup_id
+                pid, cgroup_id = owner_ids(e)
                 if type(pid) not in id_types or type(cgroup_id) not in id_types:
                     self.enrich(e)               # not what the kernel gives: no memo
                     continue
@@ -222,6 +226,6 @@ class ContainerEnricher(Enricher):
                 fields = made.get(id(info))
                 if fields is None:
                     fields = made[id(info)] = (info, self._fields(info))
-                extra.update(fields[1])
+                e.extra.update(fields[1])
         finally:
             self._batch = self._fields_memo = self._lookup_memo = None
