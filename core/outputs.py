@@ -336,8 +336,12 @@ class LineOutput:
                         if time.monotonic() - progress >= limit:
                             self.stalled = True
                             where = "standard output" if self.is_stdout else self.path
-                            raise OutputStalled(errno.ETIMEDOUT, f"{where}: its reader took nothing "
-                                                f"for {self.stall_timeout:g} s (stall_timeout)") from None
+                            # "accepted", not "read": a pipe takes a write only when
+                            # its reader frees a whole page, so a trickling reader
+                            # counts as stopped too
+                            raise OutputStalled(errno.ETIMEDOUT, f"{where}: nothing could be written for "
+                                                f"{self.stall_timeout:g} s (stall_timeout): its reader "
+                                                f"stopped or reads too slowly") from None
                     continue
                 progress = time.monotonic()
                 self.stalled = False
