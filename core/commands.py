@@ -14,6 +14,7 @@ from tcpstates.doctor import doctor_command
 from tcpstates.options import describe_options
 from tcpstates.registry import make_plugin_manager
 from tcpstates.runconfig import plugins_section
+from tcpstates.text import escape_text
 
 
 def _describe(opt: dict[str, Any]) -> str:
@@ -45,9 +46,11 @@ def plugins_command(argv: Sequence[str]) -> int:
         return 0
     out = []
     for row in rows:
-        out.append(f"{row['name']} ({row['kind']}) from {row['distribution']} {row['version']}: "
-                   f"{row['description']}")
-        out.extend(_describe(opt) for opt in row["options"])
+        # names, versions, descriptions and help come from installed
+        # distributions' metadata and code: escaped like any text from outside
+        out.append(escape_text(f"{row['name']} ({row['kind']}) from {row['distribution']} "
+                               f"{row['version']}: {row['description']}"))
+        out.extend(escape_text(_describe(opt)) for opt in row["options"])
     sys.stdout.write("\n".join(out) + "\n")
     sys.stdout.flush()
     return 0

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from tcpstates.api import Warner
 from tcpstates.parsing import OneLineParser
+from tcpstates.text import escape_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,8 @@ def doctor_command(argv: Sequence[str]) -> int:
         except Exception as exc:   # a check must report, never crash the doctor
             ok, detail = False, f"the check itself failed: {type(exc).__name__}: {exc}"
         mark = "ok  " if ok else ("FAIL" if check.required else "warn")
-        print(f"{mark} {check.name:15s} {detail}", flush=True)
+        # details carry exception texts, paths and plugins' words: escaped
+        print(f"{mark} {escape_text(check.name):15s} {escape_text(detail)}", flush=True)
         failed |= check.required and not ok
     print("tracing can work" if not failed else "tracing cannot work: fix the FAIL lines above")
     return 1 if failed else 0

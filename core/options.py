@@ -15,6 +15,7 @@ import typing
 from typing import Any, Sequence
 
 from tcpstates.errors import ConfigError
+from tcpstates.text import escape_text
 
 
 @dataclasses.dataclass
@@ -94,10 +95,12 @@ def _check(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, str):
             # NUL cannot be in a path or name; other control characters in an
             # option are a typo or an attack (they would reach file names,
-            # journal fields, messages)
-            bad = next((ch for ch in value if ord(ch) < 32 or ord(ch) == 127), None)
-            if bad is not None:
-                raise ConfigError(path, f"contains the control character \\x{ord(bad):02x}; "
+            # journal fields, messages): every character escape_text would
+            # change is refused, C1 controls (\x9b is a terminal's CSI) and
+            # bidi overrides included, not only C0 and DEL
+            if not value.isprintable():
+                bad = next(ch for ch in value if not ch.isprintable())
+                raise ConfigError(path, f"contains the control character {escape_text(bad)}; "
                                   f"give plain text")
             return value
     elif isinstance(value, tp):

@@ -250,3 +250,105 @@ def test_owner_names_set_with_prctl_are_escaped_in_text(tracer, tmp_path):
     assert rc == 0, err
     assert "\x1b" not in out and "FAKE" in out
     assert not any(line.startswith("FAKE") for line in out.splitlines())   # no forged line
+
+
+# -- audit of issue 14: the same class at the remaining text boundaries ------------------------
+HOSTILE_PLUGIN = '''
+import dataclasses
+from tcpstates.api import Sink
+from tcpstates.doctor import Check
+from tcpstates.hookspecs import hookimpl
+from tcpstates.options import option
+
+
+@dataclasses.dataclass
+class Opts:
+    path: str = option("-", "help\\x1b[2Jclear\\nFORGED help line", choices=["-", "c\\nd"])
+
+
+class Evilsink(Sink):
+    description = "evil\\x1b[31m description\\nFORGED description line"
+    name = "evilsink"
+    Options = Opts
+
+    def write(self, batch):
+        pass
+
+
+@hookimpl
+def tcpstates_register_sinks(register):
+    register(Evilsink)
+
+
+@hookimpl
+def tcpstates_doctor_checks(register):
+    register(Check("evil\\x1b[31m", False, lambda: (False, "detail\\x1b]0;title\\x07\\nFORGED doctor line")))
+'''
+
+
+def _hostile_dist(tmp_path: Path) -> dict:
+    from fakedist import fake_dist
+    tmp_path.chmod(0o755)
+    site = tmp_path / "site"
+    fake_dist(site, "tcpstates-evil", "1.0", "evilsink", HOSTILE_PLUGIN)
+    meta = next(site.glob("*.dist-info")) / "METADATA"
+    meta.write_text("Metadata-Version: 2.1\nName: tcpstates-evil\x1b[31m\nVersion: 1.0\x1b[0m\n")
+    return {"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def test_plugins_listing_escapes_what_distributions_say(tmp_path):
+    """`tcpstates plugins`: a distribution's name, version, description and
+    option help reach the terminal escaped, one line per item."""
+    r = run_cli("plugins", env=_hostile_dist(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "\x1b" not in out and "\x07" not in out
+    assert not any(line.startswith("FORGED") for line in out.splitlines())
+    assert "evil\\x1b[31m description\\x0aFORGED" in out and "tcpstates-evil\\x1b[31m" in out
+    assert "help\\x1b[2Jclear\\x0aFORGED help line" in out
+
+
+@pytest.mark.kernel      # doctor's own checks look at BPF
+def test_doctor_escapes_check_details(tmp_path):
+    r = run_cli("doctor", env=_hostile_dist(tmp_path))
+    out = r.stdout.decode()
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert not any(line.startswith("FORGED") for line in out.splitlines()), out
+    assert "detail\\x1b]0;title\\x07\\x0aFORGED doctor line" in out
+
+
+@pytest.mark.parametrize("option,char", [("sinks.text.path", "\\u009b"), ("sinks.jsonl.path", "\\u0085"),
+                                         ("sinks.journal.identifier", "\\u202e"),
+                                         ("sinks.forward.tag", "\\u2028")])
+def test_c1_controls_and_bidi_overrides_in_options_are_refused(option, char):
+    """Not only C0 and DEL: a C1 control (\\x9b is CSI to an 8-bit terminal), a
+    bidi override or a line separator would reach file names and journal lines."""
+    sink = option.split(".")[1]
+    r = run_cli("--replay", os.devnull, "--sink", sink, "-o", f'{option}="a{char}b"')
+    one_line_error(r, f"{option}: contains the control character {char.replace('u00', 'x')}")
+
+
+@pytest.mark.root         # a private journald: a mount namespace
+def test_journal_message_escapes_process_names(tmp_path):
+    """MESSAGE is the line `journalctl -o cat` and syslog forwarding print:
+    a process name cannot forge a journal line or send escape sequences; the
+    COMM field keeps the raw name."""
+    from journald import PrivateJournald
+
+    from tcpstates.plugins.journal.sink import MESSAGE_ID_STATE_CHANGE
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(_record(comm=HOSTILE_NAME))
+    j = PrivateJournald(tmp_path / "journald").start()
+    try:
+        r = subprocess.run(j.argv(tcpstates_argv("--replay", str(trace), "--sink", "journal")),
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert b"written: journal 1;" in r.stderr, r.stderr
+        j.sync()
+        out = subprocess.run(["journalctl", "-D", str(j.journal_dir), "--no-pager", "-a", "-o", "cat",
+                              "SYSLOG_IDENTIFIER=tcpstates", "MESSAGE_ID=" + MESSAGE_ID_STATE_CHANGE],
+                             capture_output=True, timeout=30).stdout.decode()
+    finally:
+        j.stop()
+    assert out.startswith("a\\x0aFAKE\\x1b[31m\\u202e 10.0.0.1 1 → 10.0.0.2 2 LISTEN → CLOSE"), out
+    assert "\x1b" not in out and "\u202e" not in out and out.count("\n") == 1, out

@@ -27,6 +27,7 @@ from tcpstates.events import AF_INET, CONNECTION, STATE_NAMES, Connection, Event
 from tcpstates.options import option
 from tcpstates.plugins.journal.bounded import BoundedSends
 from tcpstates.records import Rfc3339
+from tcpstates.text import escape_text
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 MESSAGE_ID_STATE_CHANGE = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f50"
@@ -95,7 +96,7 @@ class JournalSink(Sink):
         wall = e.ts_ns + self.context.clock_offset_ns
         states = " ".join(f"{STATE_NAMES.get(s, s)}={ns // 1000}us" for s, ns in sorted(c.state_ns.items()))
         f = [
-            f"MESSAGE={e.comm} {e.saddr} {e.sport} → {e.daddr} {e.dport} connection {c.ending}, "
+            f"MESSAGE={escape_text(e.comm)} {e.saddr} {e.sport} → {e.daddr} {e.dport} connection {c.ending}, "
             f"{c.duration_ns // 1000}us: {states or '-'}",
             f"MESSAGE_ID={MESSAGE_ID_CONNECTION}",
             f"PRIORITY={PRIORITY_NORMAL if c.ending == 'normal' else PRIORITY_WARNING}",
@@ -134,7 +135,10 @@ class JournalSink(Sink):
         wall = e.ts_ns + self.context.clock_offset_ns
         priority = PRIORITY_WARNING if (e.oldstate, e.newstate) == (SYN_SENT, CLOSE) else PRIORITY_NORMAL
         f = [
-            f"MESSAGE={e.comm} {e.saddr} {e.sport} → {e.daddr} {e.dport} {old} → {new}",
+            # MESSAGE is the line journalctl (-o cat, syslog forwarding) prints: a
+            # process name is anyone's choice (prctl), so it is escaped here; COMM
+            # keeps the raw value as a structured field
+            f"MESSAGE={escape_text(e.comm)} {e.saddr} {e.sport} → {e.daddr} {e.dport} {old} → {new}",
             f"MESSAGE_ID={MESSAGE_ID_STATE_CHANGE}",
             f"PRIORITY={priority}",
             f"SYSLOG_IDENTIFIER={self.options.identifier}",
