@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tcpstates.errors import UsageError
+from tcpstates.text import escape_text
 
 PR_SET_DUMPABLE = 4
 
@@ -49,6 +50,41 @@ def check_plugin_file(path: Path, what: str, allow: bool) -> None:
     if bad is not None:
         raise UsageError(f"{what}: refusing to load {path} as root because {bad} is writable by "
                          f"someone other than root; fix its ownership/mode or pass --allow-insecure-plugins")
+
+
+def open_checked_file(path: str, what: str, *, secret: bool = False) -> int:
+    """A read-only descriptor of the regular file `path` (a CA bundle, a
+    certificate, a key), checked on that descriptor: as root every directory
+    and link on the way must be unchangeable by others and the file root's and
+    not writable by others (`secret`: not readable by every user either). A
+    FIFO or device is refused, never waited on. Raises UsageError (one line)."""
+    from tcpstates.safeopen import UntrustedPath, check_owned, open_path
+
+    enforce = os.geteuid() == 0
+    shown = escape_text(path)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = open_path(path, lambda d, n: os.open(n, flags, dir_fd=d), strict=enforce, follow_last=True)
+    except UntrustedPath as exc:
+        raise UsageError(f"{what}: refusing to read {shown} as root because {escape_text(exc.strerror)}; "
+                         f"keep it where only root can change it") from None
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot open {shown} ({escape_text(exc.strerror)}); check the path") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{what}: {shown} is not a regular file (a directory, FIFO, socket or "
+                             f"device); give the path of a file")
+        why = check_owned(fd, st) if enforce else None
+        if why is None and enforce and secret and st.st_mode & 0o004:
+            why = f"it is a private key readable by every user (mode {st.st_mode & 0o7777:o})"
+        if why is not None:
+            raise UsageError(f"{what}: refusing to read {shown} as root because {why}; fix it with "
+                             f"'chown root {shown} && chmod go-w{',o-r' if secret else ''} {shown}'")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _describe(st: os.stat_result) -> str:

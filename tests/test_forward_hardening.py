@@ -5,6 +5,7 @@ delivered even when no event follows."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -42,7 +43,8 @@ def test_invalid_addresses_refused_at_config_time(tmp_path, address):
 @pytest.mark.parametrize("opts,msg", [
     (("username=alice", "password=x"), "needs shared_key"),
     (("tls_ca_file=/etc/hostname",), "set tls = true"),
-    (("tls=true", "tls_ca_file=/nonexistent/ca.pem"), "TLS set-up failed"),
+    (("tls=true", "tls_ca_file=/nonexistent/ca.pem"), "tls_ca_file: cannot open /nonexistent/ca.pem"),
+    (("tls=true", "tls_ca_file=/etc/hostname"), "TLS set-up failed"),
 ])
 def test_inconsistent_auth_and_tls_options_refused(tmp_path, opts, msg):
     args = ["--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward"]
@@ -51,6 +53,56 @@ def test_inconsistent_auth_and_tls_options_refused(tmp_path, opts, msg):
     r = run_cli(*args)
     assert r.returncode == 2, r
     assert msg in r.stderr.decode() and len(r.stderr.decode().splitlines()) == 1
+
+
+def _tls_refusal(tmp_path, *opts: str) -> str:
+    args = ["--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward",
+            "-o", "sinks.forward.address=127.0.0.1:9", "-o", "sinks.forward.tls=true"]
+    for o in opts:
+        args += ["-o", f"sinks.forward.{o}"]
+    r = run_cli(*args, timeout=20)
+    assert r.returncode == 2, r
+    err = r.stderr.decode()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_tls_files_that_are_not_regular_files_are_refused_not_waited_on(tmp_path):
+    # a FIFO nobody writes hung the start for ever (ssl opened it by path and read)
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    for key in ("tls_ca_file", "tls_cert_file"):
+        err = _tls_refusal(tmp_path, f"{key}={fifo}")
+        assert f"sinks.forward.{key}" in err and "not a regular file" in err, err
+
+
+@pytest.mark.root
+def test_tls_files_others_could_change_are_refused_as_root(tmp_path):
+    import pwd
+    nobody = pwd.getpwnam("nobody").pw_uid
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read\n")
+    os.chown(ca, nobody, -1)          # another user's CA would vouch for any receiver
+    err = _tls_refusal(tmp_path, f"tls_ca_file={ca}")
+    assert "refusing to read" in err and f"owner uid {nobody}" in err, err
+    os.chown(ca, 0, -1)
+    ca.chmod(0o666)
+    assert "writable by someone other than root" in _tls_refusal(tmp_path, f"tls_ca_file={ca}")
+    # a link planted in a directory anyone may change, to a root-owned file
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    good = tmp_path / "good.pem"
+    good.write_text("x\n")
+    (shared / "ca.pem").symlink_to(good)
+    assert "refusing to read" in _tls_refusal(tmp_path, f"tls_ca_file={shared / 'ca.pem'}")
+    # a private key every user can read
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x\n")
+    key.write_text("x\n")
+    key.chmod(0o644)
+    err = _tls_refusal(tmp_path, f"tls_cert_file={cert}", f"tls_key_file={key}")
+    assert "tls_key_file" in err and "readable by every user" in err, err
 
 
 class Flooder:

@@ -6,22 +6,40 @@ exit) shuts the socket down so a blocked send or recv returns at once.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
+
+from tcpstates.security import open_checked_file
 
 from tcpstates.plugins.forward.protocol import MAX_REPLY_BYTES, Handshake, ProtocolError
 
 CONNECT_TIMEOUT = 10.0
 
 
+@contextlib.contextmanager
+def _checked(path: str, what: str, secret: bool = False) -> Iterator[str]:
+    """A name through which ssl reads the file `path` after the checks,
+    the very file checked (its open descriptor), not the path looked up again."""
+    fd = open_checked_file(path, what, secret=secret)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def tls_context(options: Any) -> ssl.SSLContext | None:
     """The client TLS context for the options, or None without `tls`.
 
-    Raises OSError/ssl.SSLError for unreadable or invalid files (reported at start-up).
+    The CA, certificate and key files are checked as any file read as root
+    (security.open_checked_file: raises UsageError); ssl.SSLError/OSError for
+    invalid contents (reported at start-up).
     """
     if not options.tls:
         return None
@@ -29,14 +47,21 @@ def tls_context(options: Any) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if options.tls_verify:
         if options.tls_ca_file:
-            ctx.load_verify_locations(cafile=options.tls_ca_file)
+            # a CA file others can change lets them vouch for any receiver
+            with _checked(options.tls_ca_file, "sinks.forward.tls_ca_file") as ca:
+                ctx.load_verify_locations(cafile=ca)
         else:
             ctx.load_default_certs()
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if options.tls_cert_file:
-        ctx.load_cert_chain(options.tls_cert_file, options.tls_key_file or None)
+        with contextlib.ExitStack() as files:
+            cert = files.enter_context(_checked(options.tls_cert_file, "sinks.forward.tls_cert_file",
+                                                secret=not options.tls_key_file))
+            key = (files.enter_context(_checked(options.tls_key_file, "sinks.forward.tls_key_file", secret=True))
+                   if options.tls_key_file else None)
+            ctx.load_cert_chain(cert, key)
     return ctx
 
 
