@@ -33,6 +33,9 @@
  *                              processes, so a close by a second holder after
  *                              the I/O owner exited names the closer
  *   TCPSTATES_OWNER_GONE_MAX   exited processes remembered (LRU)
+ *   TCPSTATES_OWNER_EXEC       attach sched:sched_process_exec: an owner's
+ *                              name is read again at its first send/recv
+ *                              (or close) after an exec
  *   TCPSTATES_OFF_<STRUCT>_<MEMBER>  byte offsets from BTF
  *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET,
  *   TCPSTATES_TP_EXIT_GROUP_DEAD
@@ -72,7 +75,8 @@ struct tcpstates_owner {
     u32 how;
     char comm[16];
     u32 gen;              /* owner_exit_gen of its PID's slot when recorded */
-    u32 pad;
+    u32 closed;           /* a close/shutdown was seen: the owner was the last holder,
+                             and stays named after it exits */
 };
 
 BPF_TABLE("lru_hash", u64, struct tcpstates_owner, sk_owner, TCPSTATES_OWNER_MAX);
@@ -171,6 +175,21 @@ int tracepoint__sched__sched_process_exit(void *ctx)
     return 0;
 }
 
+#ifdef TCPSTATES_OWNER_EXEC
+/* An exec changes the process's name but not its identity: moving its PID
+ * slot's count sends the owner's next send/recv to the slow path, which
+ * reads the name again (sched:sched_process_exec runs after de_thread, in
+ * the process with its final TGID). */
+int tracepoint__sched__sched_process_exec(void *ctx)
+{
+    u32 slot = (bpf_get_current_pid_tgid() >> 32) & (TCPSTATES_OWNER_GEN_SLOTS - 1);
+    u32 *gen = owner_exit_gen.lookup(&slot);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+    return 0;
+}
+#endif
+
 /* Has the process `o` names exited? (Its identity, not only its PID: a new
  * process with the same PID is another owner.) */
 static __always_inline int owner_exited(struct tcpstates_owner *o)
@@ -187,7 +206,7 @@ static __always_inline int owner_exited(struct tcpstates_owner *o)
 #define owner_gen(pid) 0
 #endif
 
-static __always_inline void owner_set_current(u64 sk, u32 how)
+static __always_inline void owner_set_current(u64 sk, u32 how, u32 closed)
 {
     u32 zero = 0;
     struct tcpstates_owner *o = owner_scratch.lookup(&zero);
@@ -195,7 +214,21 @@ static __always_inline void owner_set_current(u64 sk, u32 how)
         return;
     owner_current(o, how);
     o->gen = owner_gen(o->pid);
+    o->closed = closed;
     sk_owner.update(&sk, o);
+}
+
+/* Has the owner `o` left the socket to someone else? It exited before the
+ * socket was closed, and it is not the task running now (a process's exit
+ * closes its files after sched_process_exit, in its own context: then it is
+ * the closer). The socket is then held by a process that inherited it (a
+ * fork before the exit) and has not used it: who that is, is not known here
+ * — naming the exited process would be confidently wrong. */
+static __always_inline int owner_left(struct tcpstates_owner *o)
+{
+    if (o->closed || !owner_exited(o))
+        return 0;
+    return (bpf_get_current_pid_tgid() >> 32) != o->pid || owner_current_start() != o->start_ns;
 }
 
 static __always_inline int owner_is_syscall_transition(int old, int new)
@@ -225,9 +258,15 @@ static __always_inline int owner_is_close_transition(int old, int new)
 static __always_inline void owner_track(u64 sk, int old, int new)
 {
     if (owner_is_syscall_transition(old, new) && (bpf_get_current_pid_tgid() >> 32) != 0) {
-        struct tcpstates_owner *known = owner_is_close_transition(old, new) ? sk_owner.lookup(&sk) : NULL;
+        int closing = owner_is_close_transition(old, new);
+        struct tcpstates_owner *known = closing ? sk_owner.lookup(&sk) : NULL;
         if (!known || known->how != TCPSTATES_OWNER_IO_ || owner_exited(known))
-            owner_set_current(sk, TCPSTATES_OWNER_SYSCALL);
+            owner_set_current(sk, TCPSTATES_OWNER_SYSCALL, closing);
+        else {
+            known->closed = 1;           /* the user stays named after the close */
+            if (known->pid == (bpf_get_current_pid_tgid() >> 32))
+                owner_current(known, known->how);   /* itself: its name now (after an exec) */
+        }
     }
     else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */
         sk_owner.delete(&sk);            /* (a stale entry of a freed socket at this address) */
@@ -238,7 +277,7 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
 {
     owner_track(sk, old, new);
     struct tcpstates_owner *o = sk_owner.lookup(&sk);
-    if (o) {
+    if (o && !owner_left(o)) {
         e->owner_start_ns = o->start_ns;
         e->owner_cgroup_id = o->cgroup_id;
         e->owner_pid = o->pid;
@@ -272,11 +311,13 @@ static __always_inline int owner_io(u64 sk, u16 protocol)
         if (o->gen == gen)
             return 0;
         if (o->start_ns == owner_current_start()) {
-            o->gen = gen;
+            /* the same process, after another one with its PID slot exited
+             * or after its own exec: its name read again */
+            owner_set_current(sk, TCPSTATES_OWNER_IO_, o->closed);
             return 0;
         }
     }
-    owner_set_current(sk, TCPSTATES_OWNER_IO_);
+    owner_set_current(sk, TCPSTATES_OWNER_IO_, 0);
     return 0;
 }
 
@@ -339,7 +380,7 @@ static __always_inline int owner_accepted(long ret)
         return 0;
     u64 sk = owner_fd_sock(ret);
     if (sk)
-        owner_set_current(sk, TCPSTATES_OWNER_ACCEPT_);
+        owner_set_current(sk, TCPSTATES_OWNER_ACCEPT_, 0);
     return 0;
 }
 

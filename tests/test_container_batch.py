@@ -89,3 +89,27 @@ def test_a_pid_reused_within_a_batch_is_not_carried_over(tmp_path):
         e.extra = {"owner_pid": 101}
     enricher.enrich_batch(late)
     assert all("container_id" not in e.extra for e in late), [e.extra for e in late]
+
+
+def test_a_pid_reused_before_the_event_is_not_the_owner_the_event_names(tmp_path):
+    """The event names owner 101 with start time 3 (an owner the kernel still
+    remembers, e.g. one that exited while a child kept the socket); PID 101 now
+    belongs to a process that started at tick 5, before the event: another
+    process, whose container the event must not get — alone or in a batch."""
+    proc = tmp_path / "proc"
+    _proc(proc, 101, 5, CGROUPS[1])
+    (proc / "self").mkdir()
+    (proc / "self" / "cgroup").write_text("0::/\n")
+    enricher = _enricher(proc)
+    stale, alone = _events(3, 4), _events(1, 4)[0]
+    for e in [*stale, alone]:
+        e.extra = {"owner_pid": 101, "owner_start": 3, "owner_cgroup_id": 0}
+    enricher.enrich_batch(stale)
+    enricher.enrich(alone)
+    assert all("container_id" not in e.extra for e in [*stale, alone]), [e.extra for e in stale]
+    # the same PID with its own start time is that process
+    right = _events(2, 5)
+    for e in right:
+        e.extra = {"owner_pid": 101, "owner_start": 5, "owner_cgroup_id": 0}
+    enricher.enrich_batch(right)
+    assert all(e.extra.get("container_id") == "b" * 64 for e in right)

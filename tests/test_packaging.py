@@ -85,6 +85,8 @@ def test_systemd_unit_verifies(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == "", r.stderr
     assert "Type=notify" in unit and "ProtectSystem=strict" in unit and "CapabilityBoundingSet=" in unit
+    # journald must not drop what the journal sink counted as written (an unknown key fails above)
+    assert "\nLogRateLimitIntervalSec=0\n" in unit
 
 
 def test_service_config_is_valid(tmp_path):

@@ -11,7 +11,10 @@ the v2 line may name only containerd.service, or the root). There, and when
 the owner came from /proc at start (no id), the owner's /proc/PID is read
 through one directory descriptor and cached by (PID, start time); a process
 that started after the event is another process that reused the PID, and
-gets nothing. Only what the v2 path of an id says is ever cached by that
+gets nothing; and when the event names the owner's start time
+(`owner_start`), a process with another start time is another process —
+the owner exited and its PID was reused, even before the event — and gets
+nothing either. Only what the v2 path of an id says is ever cached by that
 id, so one process's v1 container never sticks to another process.
 
 Names (pod, namespace, container, image) come from the runtimes' files on
@@ -83,7 +86,7 @@ class ContainerEnricher(Enricher):
         # per-batch memo of the fields each cgroup gives (enrich_batch only)
         self._fields_memo: dict[int, tuple[CgroupInfo, dict[str, str]]] | None = None
         # per-batch memo of lookup() per (pid, cgroup id), with the event time it was made for
-        self._lookup_memo: dict[tuple[Any, Any], tuple[CgroupInfo, int]] | None = None
+        self._lookup_memo: dict[tuple[Any, Any, Any], tuple[CgroupInfo, int]] | None = None
 
     # -- resolution --------------------------------------------------------------------
     def _by_id(self, cgroup_id: int) -> CgroupInfo | None:
@@ -103,12 +106,17 @@ class ContainerEnricher(Enricher):
             memo[pid] = read_process(pid, self.proc)
         return memo[pid]
 
-    def _by_process(self, pid: int, event_ns: int) -> CgroupInfo | None:
+    def _by_process(self, pid: int, event_ns: int, start: int | None = None) -> CgroupInfo | None:
         p = self._process(pid)
         if p is None:
             return None
         if p.started_ns() > event_ns + self.boot_offset + TICK_NS:
             return None                               # started after the event: the PID was reused
+        if start is not None and p.start_ticks != start:
+            # not the process the event names: the owner exited and its PID was
+            # reused (possibly before the event, e.g. an owner the kernel still
+            # remembers for a socket a child inherited)
+            return None
         key = p.identity
         if key in self.by_identity:
             return self.by_identity[key]
@@ -116,14 +124,18 @@ class ContainerEnricher(Enricher):
         self.by_identity.put(key, info)
         return info
 
-    def lookup(self, pid: int | None, cgroup_id: int | None, event_ns: int = 0) -> CgroupInfo | None:
+    def lookup(self, pid: int | None, cgroup_id: int | None, event_ns: int = 0,
+               start: int | None = None) -> CgroupInfo | None:
+        """The owner's cgroup info: by the kernel's cgroup id, else (or on v1 and
+        hybrid hosts) by the process `pid` — only if it started by the event's
+        time and, when `start` (owner_start, clock ticks) is given, at that time."""
         info = self._by_id(cgroup_id) if cgroup_id else None
         if info is not None and (info.telling or not self.hybrid):
             return info
         if not self.hybrid and cgroup_id:
             return None                               # v2 only: the id was the whole truth, and it is gone
         if isinstance(pid, int) and pid > 0:
-            by_pid = self._by_process(pid, event_ns)
+            by_pid = self._by_process(pid, event_ns, start)
             if by_pid is not None and (info is None or by_pid.telling):
                 return by_pid
         return info
@@ -141,20 +153,21 @@ class ContainerEnricher(Enricher):
         return dict(names)           # a copy: the caller edits it, the cache keeps its own
 
     @staticmethod
-    def _owner_ids(event: Event) -> tuple[Any, Any]:
-        """The owner's PID and cgroup id (the on-CPU task's cgroup when that
-        task is the owner and the kernel captured none for the owner)."""
+    def _owner_ids(event: Event) -> tuple[Any, Any, Any]:
+        """The owner's PID, cgroup id (the on-CPU task's cgroup when that
+        task is the owner and the kernel captured none for the owner) and
+        start time (None when not known)."""
         extra = event.extra
         pid = extra.get("owner_pid")
         cgroup_id = extra.get("owner_cgroup_id")
         if not cgroup_id and pid is not None and pid == event.pid:
             cgroup_id = event.cgroup_id
-        return pid, cgroup_id
+        return pid, cgroup_id, extra.get("owner_start")
 
     def enrich(self, event: Event) -> None:
         extra = event.extra
-        pid, cgroup_id = self._owner_ids(event)
-        info = self._lookup_in_batch(pid, cgroup_id, event.ts_ns)
+        pid, cgroup_id, start = self._owner_ids(event)
+        info = self._lookup_in_batch(pid, cgroup_id, event.ts_ns, start)
         if info is None:
             return
         # a batch's events mostly share a few cgroups: their fields (names
@@ -171,21 +184,23 @@ class ContainerEnricher(Enricher):
             memo[id(info)] = (info, fields)
         extra.update(fields)
 
-    def _lookup_in_batch(self, pid: Any, cgroup_id: Any, event_ns: int) -> CgroupInfo | None:
-        """lookup(), remembered for the batch per (pid, cgroup id): a process
+    def _lookup_in_batch(self, pid: Any, cgroup_id: Any, event_ns: int, start: Any = None) -> CgroupInfo | None:
+        """lookup(), remembered for the batch per (pid, cgroup id, start): a process
         found for an event is the same process for any later event of the
         batch (it had started by the earlier one), so only a later event
         reuses an answer; an earlier one, or a miss, asks again."""
         memo = self._lookup_memo
         # only what the kernel gives (ints or nothing): a replayed 1.0 or True
         # equals 1 as a key but is not that process
+        if type(start) not in _ID_TYPES:
+            start = None                              # not a start time the owner stage makes
         if memo is None or type(pid) not in _ID_TYPES or type(cgroup_id) not in _ID_TYPES:
-            return self.lookup(pid, cgroup_id, event_ns)
-        key = (pid, cgroup_id)
+            return self.lookup(pid, cgroup_id, event_ns, start)
+        key = (pid, cgroup_id, start)
         hit = memo.get(key)
         if hit is not None and event_ns >= hit[1]:
             return hit[0]
-        info = self.lookup(pid, cgroup_id, event_ns)
+        info = self.lookup(pid, cgroup_id, event_ns, start)
         if info is not None:
             memo[key] = (info, event_ns)
         return info
@@ -206,21 +221,21 @@ class ContainerEnricher(Enricher):
     def enrich_batch(self, batch: list[Event]) -> None:
         """enrich() for each event, with its two memos inlined: at a busy
         server's rate the two method calls per event were half the cost."""
-        lookups: dict[tuple[Any, Any], tuple[CgroupInfo, int]] = {}
+        lookups: dict[tuple[Any, Any, Any], tuple[CgroupInfo, int]] = {}
         made: dict[int, tuple[CgroupInfo, dict[str, str]]] = {}
         self._batch, self._fields_memo, self._lookup_memo = {}, made, lookups
         id_types, owner_ids = _ID_TYPES, self._owner_ids
         try:
             for e in batch:
-                pid, cgroup_id = owner_ids(e)
-                if type(pid) not in id_types or type(cgroup_id) not in id_types:
+                pid, cgroup_id, start = owner_ids(e)
+                if type(pid) not in id_types or type(cgroup_id) not in id_types or type(start) not in id_types:
                     self.enrich(e)               # not what the kernel gives: no memo
                     continue
-                hit = lookups.get((pid, cgroup_id))
+                hit = lookups.get((pid, cgroup_id, start))
                 if hit is not None and e.ts_ns >= hit[1]:
                     info = hit[0]
                 else:
-                    info = self._lookup_in_batch(pid, cgroup_id, e.ts_ns)
+                    info = self._lookup_in_batch(pid, cgroup_id, e.ts_ns, start)
                     if info is None:
                         continue
                 fields = made.get(id(info))

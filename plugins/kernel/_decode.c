@@ -58,6 +58,26 @@ static inline unsigned slot_of(const unsigned char *raw) {
 }
 
 /* A new reference to the text of `raw`, or NULL with an exception set. */
+/* The last int built per repeating field (pid, tid, ports, cgroup): a busy
+ * host's records repeat them run after run, so the same immutable int is
+ * shared instead of allocating one per event (a value is a value: nothing
+ * can tell). One entry per field, kept across calls. */
+enum { I_PID, I_TID, I_SPORT, I_DPORT, I_CG, NINTS };
+typedef struct { uint64_t value; PyObject *obj; } int_memo_t;
+static int_memo_t ints[NINTS];
+
+static inline PyObject *int_of(int field, uint64_t value) {
+    int_memo_t *m = &ints[field];
+    if (m->obj != NULL && m->value == value)
+        return Py_NewRef(m->obj);
+    PyObject *obj = PyLong_FromUnsignedLongLong(value);
+    if (obj != NULL) {
+        Py_XSETREF(m->obj, Py_NewRef(obj));
+        m->value = value;
+    }
+    return obj;
+}
+
 static PyObject *text_of(int kind, const unsigned char *raw, int family, PyObject *cache, PyObject *slow) {
     memo_t *m = &memo[kind][slot_of(raw)];
     if (m->value != NULL && memcmp(m->key, raw, 16) == 0) {
@@ -144,17 +164,17 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
     SET(ev, F_TS, PyLong_FromUnsignedLongLong(u64(p + OFF_TS)));
     SET(ev, F_SK, PyLong_FromUnsignedLongLong(u64(p + OFF_SK)));
     SET(ev, F_SPAN, span == UINT64_MAX ? Py_NewRef(Py_None) : PyLong_FromUnsignedLongLong(span));
-    SET(ev, F_PID, PyLong_FromUnsignedLong(u32(p + OFF_PID)));
-    SET(ev, F_TID, PyLong_FromUnsignedLong(u32(p + OFF_TID)));
+    SET(ev, F_PID, int_of(I_PID, u32(p + OFF_PID)));
+    SET(ev, F_TID, int_of(I_TID, u32(p + OFF_TID)));
     SET(ev, F_COMM, comm);
     SET(ev, F_FAM, PyLong_FromLong(fam));
     SET(ev, F_SADDR, saddr);
-    SET(ev, F_SPORT, PyLong_FromLong(U16(p + OFF_SPORT)));
+    SET(ev, F_SPORT, int_of(I_SPORT, U16(p + OFF_SPORT)));
     SET(ev, F_DADDR, daddr);
-    SET(ev, F_DPORT, PyLong_FromLong(U16(p + OFF_DPORT)));
+    SET(ev, F_DPORT, int_of(I_DPORT, U16(p + OFF_DPORT)));
     SET(ev, F_OLD, PyLong_FromLong(p[OFF_OLD]));
     SET(ev, F_NEW, PyLong_FromLong(p[OFF_NEW]));
-    SET(ev, F_CG, PyLong_FromUnsignedLongLong(u64(p + OFF_CG)));
+    SET(ev, F_CG, int_of(I_CG, u64(p + OFF_CG)));
     SET(ev, F_EXTRA, extra);
     for (int i = 0; i < NFIELDS; i++)
         if (EVENT_SLOT(&slots, ev, i) == NULL) {    /* out of memory */

@@ -126,6 +126,11 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux") -
     if exits is not None:
         s.exits = True
         s.cflags += ["-DTCPSTATES_OWNER_EXIT=1", f"-DTCPSTATES_TP_EXIT_GROUP_DEAD={exits['group_dead']}"]
+        # exec renames a process: its owner entries' names are read again at its next send/recv
+        if tracefs is not None and (tracefs / "events" / "sched" / "sched_process_exec" / "format").is_file():
+            s.cflags.append("-DTCPSTATES_OWNER_EXEC=1")
+        else:
+            s.missing.append("sched:sched_process_exec: an owner that execs keeps its old name")
     elif s.io:
         s.missing.append("sched:sched_process_exit with group_dead (Linux >= 6.13): a socket a "
                          "second holder closes after its I/O owner exited keeps naming that owner")

@@ -1,0 +1,220 @@
+"""Owner workloads the design tests do not cover (audit of issue 12), on the real kernel.
+
+Each case is a real process tree on loopback with the real CLI, and each
+names the truth it knows:
+
+  * the I/O owner forks an heir and exits; the *client* closes first, so the
+    FIN arrives (ESTABLISHED->CLOSE_WAIT, in softirq) while only the heir
+    holds the socket: the exited process must not be named;
+  * the same, with the exited owner's PID reused by a process in another
+    (real, made-up) container before the FIN: neither the old PID nor the new
+    process's container may be given;
+  * exec after accept: the process's name after exec is its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import orjson
+import pytest
+from cgroupfs import CgroupMaker, unique
+from servers import COMMON
+from traffic import free_port, wait_port_settled
+
+pytestmark = pytest.mark.kernel
+
+# The I/O owner A accepts, serves the request, forks heir H and exits. H says
+# `heir <H> <peer> <A>` once A is gone, waits (poll, no I/O) for the client's
+# FIN, then closes.
+HEIR_KEEPS = COMMON + r"""
+import select
+s = listener()
+say("ready", os.getpid())
+c, _ = s.accept()
+s.close()
+if os.fork() == 0:                           # A
+    peer = c.getpeername()[1]
+    c.recv(4); c.sendall(b"ok")
+    A = os.getpid()
+    r, w = os.pipe()
+    if os.fork() == 0:                       # H
+        os.close(w); os.read(r, 1)           # EOF: A has exited
+        while True:
+            try:
+                st = open(f"/proc/{A}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                break
+            if st in ("Z", "X"):
+                break
+            time.sleep(0.01)
+        say("heir", os.getpid(), peer, A)
+        p = select.poll(); p.register(c, select.POLLIN); p.poll()   # the FIN, without a recv
+        c.close()
+        say("closed")
+        os._exit(0)
+    os._exit(0)
+c.close()
+os.wait()
+sys.stdin.read()
+"""
+
+# argv: port. Connects, sends, gets "ok", says `conn <port>`, closes when told.
+CLIENT_TOLD = r"""
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c.sendall(b"req!"); assert c.recv(2) == b"ok"
+print(f"conn {c.getsockname()[1]}", flush=True)
+sys.stdin.readline()
+c.close()
+print("done", flush=True)
+"""
+
+# exec after accept: named "preexec" before, execs a fresh interpreter that
+# serves the request and closes after the client.
+EXEC_AFTER_ACCEPT = COMMON + r"""
+open("/proc/self/comm", "w").write("preexec")
+s = listener()
+say("ready", os.getpid())
+c, _ = s.accept()
+s.close()
+c.recv(4)
+os.set_inheritable(c.fileno(), True)
+code = '''
+import os, socket, sys
+c = socket.socket(fileno=int(sys.argv[1]))
+c.sendall(b"ok")
+comm = open("/proc/self/comm").read().strip()
+os.write(1, f"served {os.getpid()} {c.getpeername()[1]} {comm}\\n".encode())
+while c.recv(64):
+    pass
+c.close()
+os.write(1, b"closed\\n")
+sys.stdin.read()
+'''
+os.execv(sys.executable, [sys.executable, "-c", code, str(c.fileno())])
+"""
+
+
+def spawn(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def said(p: subprocess.Popen, word: str) -> list[str]:
+    while True:
+        line = p.stdout.readline()
+        assert line, f"ended before {word}"
+        if line.split()[0] == word:
+            return line.split()
+
+
+def tell(p: subprocess.Popen) -> None:
+    p.stdin.write("go\n")
+    p.stdin.flush()
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+
+
+def _records(t, out, port):
+    assert not wait_port_settled(port)
+    rc, _, err = t.stop()
+    assert rc == 0, err
+    return [r for r in (orjson.loads(line) for line in out.read_bytes().splitlines())
+            if r["lport"] == port and r["rport"] != 0]
+
+
+def _reuse_pid(pid: int, cgroup_procs: list) -> subprocess.Popen | None:
+    """A live process with PID `pid` (ns_last_pid), moved into `cgroup_procs`."""
+    for _ in range(100):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+        if p.pid == pid:
+            for procs_file in cgroup_procs:
+                procs_file.write_text(str(p.pid))
+            return p
+        p.stdin.close()
+        p.wait(10)
+    return None
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["heir", "heir-pid-reused-in-a-container"])
+def test_fin_after_the_io_owner_exited_never_names_it(tracer, tmp_path, procs, reuse):
+    from tcpstates.plugins.owner.kernel import owner_support
+    if not owner_support(1024).exits:
+        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    if reuse and not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("ns_last_pid not writable")
+    port = free_port()
+    srv = spawn(HEIR_KEEPS, str(port))
+    procs.append(srv)
+    said(srv, "ready")
+    out = tmp_path / "e.jsonl"
+    t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    cli = spawn(CLIENT_TOLD, str(port))
+    procs.append(cli)
+    said(cli, "conn")
+    _, heir, peer, exited = said(srv, "heir")
+    heir, peer, exited = int(heir), int(peer), int(exited)
+    maker = CgroupMaker()
+    try:
+        newcomer = None
+        if reuse:
+            cid = unique()
+            dirs = [maker.make(f"docker/{cid}")] + maker.make_v1(f"docker/{cid}")
+            newcomer = _reuse_pid(exited, [d / "cgroup.procs" for d in dirs])
+            if newcomer is None:
+                pytest.skip("the PID was not reused in 100 forks")
+        tell(cli)
+        said(cli, "done")
+        said(srv, "closed")
+        recs = [r for r in _records(t, out, port) if r["rport"] == peer]
+    finally:
+        if reuse and newcomer is not None:
+            newcomer.kill()
+            newcomer.wait(10)
+        maker.cleanup()
+    fin = [r for r in recs if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "CLOSE_WAIT")]
+    assert len(fin) == 1, recs
+    if reuse:       # the process now holding the exited owner's PID is not the owner
+        assert "container_id" not in fin[0], fin[0]
+    # the truth is the heir; a process that has exited is confidently wrong
+    assert fin[0]["owner_pid"] in (heir, None), (exited, heir, orjson.dumps(fin[0]).decode())
+    close = [r for r in recs if (r["oldstate"], r["newstate"]) == ("CLOSE_WAIT", "LAST_ACK")]
+    assert len(close) == 1 and close[0]["owner_pid"] == heir, close
+
+
+def test_exec_after_accept_names_the_program_it_became(tracer, tmp_path, procs):
+    port = free_port()
+    srv = spawn(EXEC_AFTER_ACCEPT, str(port))
+    procs.append(srv)
+    said(srv, "ready")
+    out = tmp_path / "e.jsonl"
+    t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    cli = spawn(CLIENT_TOLD, str(port))
+    procs.append(cli)
+    said(cli, "conn")
+    _, pid, peer, comm = said(srv, "served")
+    tell(cli)
+    said(cli, "done")
+    said(srv, "closed")
+    recs = [r for r in _records(t, out, port) if r["rport"] == int(peer)]
+    after = [r for r in recs if r["oldstate"] in ("ESTABLISHED", "CLOSE_WAIT", "LAST_ACK")]
+    assert len(after) == 3, recs
+    wrong = [(r["oldstate"], r["newstate"], r["owner_pid"], r["owner_comm"]) for r in after
+             if r["owner_pid"] != int(pid) or r["owner_comm"] != comm]
+    assert not wrong, (pid, comm, wrong)
