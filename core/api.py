@@ -333,7 +333,9 @@ class Sink(Stage):
     def delivery_report(self) -> dict[str, int] | None:
         """For sinks whose destination confirms receipt (the forward sink's acks):
         events `queued`, `acknowledged` and `lost`, read after `close`. The exit
-        summary then counts acknowledged events as written. None (the default):
+        summary then counts acknowledged events as written; `confirmed` = 0 says
+        the destination was asked for no confirmation (the count is of events
+        sent, and the summary says so). None (the default):
         written means handed to the destination without error."""
         return None
 

@@ -432,8 +432,10 @@ def summary_line(summary: dict[str, Any]) -> str:
     if summary["errors"]:
         line += "; errors: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
     for name, report in summary.get("delivery", {}).items():
-        line += (f"; {name}: {report['queued']} queued, {report['acknowledged']} acknowledged, "
-                 f"{report['lost']} lost")
+        # a receiver asked for no acks (forward ack = false) confirms nothing:
+        # say "sent", never "acknowledged"
+        done = "acknowledged" if report.get("confirmed", 1) else "sent (no acks asked)"
+        line += f"; {name}: {report['queued']} queued, {report['acknowledged']} {done}, {report['lost']} lost"
     if summary.get("lost_by_sink"):
         line += "; not written: " + ", ".join(f"{k} {v}" for k, v in summary["lost_by_sink"].items())
     return line

@@ -225,6 +225,20 @@ def test_tls_client_certificate(tmp_path, fluent_bit, receiver, certs):
     check_exact(receiver.entries, n)
 
 
+def test_without_acks_the_summary_says_sent_not_acknowledged(tmp_path, fluent_bit, receiver):
+    """ack = false: Fluent Bit confirms nothing, so the summary must not claim it did."""
+    port = free_port()
+    fluent_bit(forward_input(port=port) + forward_output(receiver.address), wait_for=("127.0.0.1", port))
+    n = 2000
+    r = ship(f"address=127.0.0.1:{port}", "ack=false", n=n, tmp_path=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert f"forward: {n} queued, {n} sent (no acks asked), 0 lost" in err, err
+    assert "acknowledged" not in err
+    wait_until(lambda: len(receiver.records()) >= n, 30, "records")
+    check_exact(receiver.entries, n)
+
+
 def test_chunk_over_buffer_max_size_is_reported_and_split(tmp_path, fluent_bit, receiver):
     """Fluent Bit resets the connection on a request over Buffer_Max_Size: the sink
     says so and splits, instead of resending the same chunk forever."""

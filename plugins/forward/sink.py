@@ -193,7 +193,7 @@ class ForwardSink(Sink):
     def delivery_report(self) -> dict[str, int]:
         with self.cond:
             return {"queued": self.queued, "acknowledged": self.acknowledged,
-                    "lost": self.overflow + self.left}
+                    "lost": self.overflow + self.left, "confirmed": int(self.options.ack)}
 
     def close(self) -> None:
         with self.cond:
