@@ -180,7 +180,7 @@ def tune_memory() -> None:
 def run(argv: Sequence[str]) -> int:
     from tcpstates.notify import Notifier
     from tcpstates.pipeline import summary_line
-    from tcpstates.security import drop_privileges
+    from tcpstates.security import drop_privileges, lookup_user
     from tcpstates.session import build_pipeline, execute
 
     warner = Warner()
@@ -193,8 +193,8 @@ def run(argv: Sequence[str]) -> int:
         from tcpstates.registry import make_plugin_manager
         registry, tree = make_plugin_manager(warner=warner), {}
     args = build_parser(registry).parse_args(argv)
-    if args.user is not None and not args.user:
-        raise UsageError("--user: empty name")
+    if args.user is not None:
+        lookup_user(args.user)
     plan = configure(args, tree, registry)
     context = RunContext(strict=plan.strict, warner=warner)
     pipeline = build_pipeline(plan, context)

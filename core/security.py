@@ -146,17 +146,26 @@ def check_plugin_tree(root: Path, what: str, allow: bool, recursive: bool = True
                          f"(or remove it, e.g. a stale __pycache__), or pass --allow-insecure-plugins")
 
 
+def lookup_user(user: str) -> pwd.struct_passwd:
+    """The account --user names, or UsageError: asked before anything is
+    opened or printed, so a typo leaves no header and no empty files."""
+    if not user:
+        raise UsageError("--user: empty name")
+    try:
+        return pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        raise UsageError(f"--user {escape_text(user)}: no such user; give an existing account "
+                         f"(e.g. nobody)") from None
+
+
 def drop_privileges(user: str) -> None:
     """Become `user` (and its primary group), keeping open fds and mappings."""
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise UsageError(f"--user {user}: no such user") from None
+    pw = lookup_user(user)
     os.setgroups([])
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)
     if os.getuid() == 0 or os.geteuid() == 0:
-        raise UsageError(f"--user {user}: could not drop root")
+        raise UsageError(f"--user {escape_text(user)}: could not drop root")
     # setuid clears "dumpable", which makes /proc/self/fdinfo unreadable to
     # ourselves; we read the kernel's recursion-miss counter there
     libc = ctypes.CDLL(None, use_errno=True)

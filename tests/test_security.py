@@ -56,9 +56,14 @@ def test_user_drops_root_after_attaching_and_keeps_tracing(tracer, tmp_path):
     assert "0 dropped, 0 kernel misses" in err
 
 
-def test_user_that_does_not_exist():
-    r = run_cli("--user", "no-such-user-xyz", "--replay", os.devnull)
+def test_user_that_does_not_exist(tmp_path):
+    # asked before anything is opened: no table header, no empty output file
+    out = tmp_path / "u.jsonl"
+    r = run_cli("--user", "no-such-user-xyz", "--replay", os.devnull, "--sink", "text", "--sink", "jsonl",
+                "-o", f"sinks.jsonl.path={out}")
     assert r.returncode == 2 and b"no such user" in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stdout == b"" and not out.exists()
 
 
 @pytest.mark.root
