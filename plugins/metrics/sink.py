@@ -44,7 +44,8 @@ LOG2_TOP = 36
 @dataclasses.dataclass
 class MetricsOptions:
     listen: str = option("127.0.0.1:9464", "HOST:PORT of the HTTP endpoint (/metrics)")
-    max_clients: int = option(8, "HTTP clients served at once; more are closed at once",
+    max_clients: int = option(8, "HTTP clients served at once; a client that has not sent its "
+                              "request within 2 s, or the longest waiting one when all are taken, is cut off",
                               min=1, max=256)
     max_sockets: int = option(262144, "sockets tracked for connection lifetimes",
                               min=1024, max=1 << 24)
