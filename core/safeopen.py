@@ -61,6 +61,7 @@ def open_path(path: str, open_last: Callable[[int, str], int], *, strict: bool,
     parts = deque(path.split("/"))
     fd = os.open("/" if path.startswith("/") else ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     links = 0
+    dir_name = "/" if path.startswith("/") else "."   # the directory fd is, for messages
     try:
         dir_st = os.fstat(fd)
         if strict and path.startswith("/") and not dir_trusted(dir_st):
@@ -81,18 +82,22 @@ def open_path(path: str, open_last: Callable[[int, str], int], *, strict: bool,
                     if not stat.S_ISLNK(link_st.st_mode):
                         raise
                     parts.clear()
+                    if os.readlink(name, dir_fd=fd).startswith("/"):
+                        dir_name = "/"
                     fd, links = _follow(fd, dir_st, name, link_st, parts, links)
                     dir_st = os.fstat(fd)
                     continue
                 if strict and not entry_trusted(dir_st, os.fstat(last)):
                     os.close(last)
-                    raise UntrustedPath(errno.EPERM, f"{name} is in a directory writable by someone "
-                                        f"other than root ({_describe(dir_st)})")
+                    raise UntrustedPath(errno.EPERM, f"{name} is in directory {dir_name}, which someone "
+                                        f"other than root can change ({_describe(dir_st)})")
                 return last
             nfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             st = os.fstat(nfd)
             if stat.S_ISLNK(st.st_mode):
                 os.close(nfd)
+                if os.readlink(name, dir_fd=fd).startswith("/"):
+                    dir_name = "/"
                 fd, links = _follow(fd, dir_st, name, st, parts, links)
                 dir_st = os.fstat(fd)
                 continue
@@ -101,10 +106,10 @@ def open_path(path: str, open_last: Callable[[int, str], int], *, strict: bool,
                 raise NotADirectoryError(errno.ENOTDIR, f"{name} is not a directory")
             if strict and not entry_trusted(dir_st, st):
                 os.close(nfd)
-                raise UntrustedPath(errno.EPERM, f"directory {name} is writable by someone other "
-                                    f"than root ({_describe(dir_st)})")
+                raise UntrustedPath(errno.EPERM, f"directory {name} is in directory {dir_name}, which "
+                                    f"someone other than root can change ({_describe(dir_st)})")
             os.close(fd)
-            fd, dir_st = nfd, st
+            fd, dir_st, dir_name = nfd, st, name
         raise FileNotFoundError(errno.ENOENT, "no file name in the path")
     finally:
         os.close(fd)

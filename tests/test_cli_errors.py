@@ -86,6 +86,19 @@ def test_config_not_utf8(tmp_path):
 
 
 @pytest.mark.root
+def test_config_refusal_names_the_directory_others_can_change(tmp_path):
+    import pwd
+    tmp_path.chmod(0o755)
+    outer = tmp_path / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    os.chown(outer, pwd.getpwnam("nobody").pw_uid, -1)   # nobody may swap inner
+    (inner / "c.toml").write_text("")
+    r = run_cli("--config", str(inner / "c.toml"), "--replay", os.devnull)
+    _assert_one_line_error(r, "directory inner is in directory outer, which someone other than root can change")
+
+
+@pytest.mark.root
 def test_config_writable_by_others_is_refused_as_root(tmp_path):
     assert os.geteuid() == 0
     path = tmp_path / "open.toml"
