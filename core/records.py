@@ -132,6 +132,10 @@ class RecordError(ValueError):
 def _show(value: Any) -> str:
     """A bad value for a message: its repr, cut short (a record may hold a megabyte)."""
     text = repr(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1 << 63:
+        # the JSON reader turns an integer past 64 bits into a float: say so,
+        # rather than echo a float the file never held
+        return f"an integer beyond 64 bits (about {value:.4g})"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -248,6 +248,15 @@ def _hostile_records() -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
+def test_an_integer_past_64_bits_is_named_as_one(tmp_path):
+    # the JSON reader turns it into a float: the message must not echo a float the file never held
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(_record(1).replace(b'"cgroup_id":', b'"cgroup_id":18446744073709551616,"x":'))
+    err = run_cli("--replay", str(trace)).stderr.decode()
+    assert ("field 'cgroup_id' must be an integer in 0..18446744073709551615, got an integer beyond "
+            "64 bits (about 1.845e+19)") in err, err
+
+
 @pytest.mark.parametrize("sinks", [["-s", "--owner"], ["-w", "--owner", "-T"], ["--sink", "jsonl"]])
 def test_every_replay_field_with_every_wrong_value(tmp_path, sinks):
     trace = tmp_path / "in.jsonl"
