@@ -260,3 +260,37 @@ def test_fin_after_the_owner_exited_and_many_exits_since_never_names_it(tracer, 
     assert fin[0]["owner_pid"] in (heir, None), (exited, heir, fin[0])
     close = [r for r in recs if (r["oldstate"], r["newstate"]) == ("CLOSE_WAIT", "LAST_ACK")]
     assert len(close) == 1 and close[0]["owner_pid"] == heir, (exited, heir, close)
+
+
+# A serves, shuts its sending side down (ESTABLISHED->FIN_WAIT1, a close-type
+# transition in A), forks heir H and exits: H still holds the socket.
+SHUTDOWN_THEN_HEIR = HEIR_KEEPS.replace('c.recv(4); c.sendall(b"ok")',
+                                        'c.recv(4); c.sendall(b"ok"); c.shutdown(socket.SHUT_WR)')
+
+
+@pytest.mark.xfail(strict=True, reason="review7: a shutdown() sets `closed` as a close would, so the "
+                   "exited owner stays named while its heir holds the socket")
+def test_shutdown_then_exit_never_names_the_exited_owner(tracer, tmp_path, procs):
+    from tcpstates.plugins.owner.kernel import owner_support
+    if not owner_support(1024).exits:
+        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    assert SHUTDOWN_THEN_HEIR != HEIR_KEEPS
+    port = free_port()
+    srv = spawn(SHUTDOWN_THEN_HEIR, str(port))
+    procs.append(srv)
+    said(srv, "ready")
+    out = tmp_path / "e.jsonl"
+    t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    cli = spawn(CLIENT_TOLD, str(port))
+    procs.append(cli)
+    said(cli, "conn")
+    _, heir, peer, exited = said(srv, "heir")
+    heir, peer, exited = int(heir), int(peer), int(exited)
+    tell(cli)
+    said(cli, "done")
+    said(srv, "closed")
+    recs = [r for r in _records(t, out, port) if r["rport"] == peer]
+    late = [r for r in recs if r["oldstate"] == "FIN_WAIT2"]
+    assert late, recs
+    wrong = [(r["oldstate"], r["newstate"], r["owner_pid"]) for r in late if r["owner_pid"] not in (heir, None)]
+    assert not wrong, (exited, heir, wrong)
