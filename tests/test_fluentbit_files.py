@@ -5,11 +5,13 @@ with Fluent Bit restarted (SIGTERM, SIGKILL); a vanished pipe reader is loud."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -144,9 +146,8 @@ def test_tail_fluent_bit_restart_mid_stream(tmp_path, fluent_bit, receiver, feed
     down holding records it has read (its DB offset moved past them) but not
     delivered — its output's receiver never acks — so only tail.conf's
     `storage.type filesystem` keeps them (memory buffering lost ~4,000 here).
-    After SIGKILL it may resend (duplicates, never gaps). Not covered (README):
-    a file rotated away while Fluent Bit is down is not read to its end — tail
-    follows only the live path."""
+    After SIGKILL it may resend (duplicates, never gaps). Rotation while it is
+    down: test_tail_rotation_while_fluent_bit_down."""
     stuck = ForwardReceiver(ack=False)
     try:
         fb = fluent_bit(example("tail.conf", stuck, tmp_path), name="fb1")
@@ -171,6 +172,86 @@ def test_tail_fluent_bit_restart_mid_stream(tmp_path, fluent_bit, receiver, feed
     figures = check_exact(receiver.entries, n, time_tolerance_ns=TIME_TOLERANCE_NS,
                           allow_duplicates=sig == signal.SIGKILL)
     print(f"tail restart {sig.name}: {figures}")
+
+
+def _last_seq(directory: Path) -> int:
+    """The seq of the last line tcpstates has written (the live file, or the
+    newest rotated one right after a rotation)."""
+    for name in ("events.jsonl", "events.jsonl.1"):
+        try:
+            data = (directory / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        if data.endswith(b"\n"):
+            return json.loads(data.rsplit(b"\n", 2)[-2])["seq"]
+    return 0
+
+
+def _name_of(directory: Path, inode: int) -> str | None:
+    for p in directory.glob("events.jsonl*"):
+        try:
+            if p.stat().st_ino == inode:
+                return p.name
+        except FileNotFoundError:
+            pass
+    return None
+
+
+@pytest.mark.parametrize("rotations", [1, 3])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_tail_rotation_while_fluent_bit_down(tmp_path, fluent_bit, receiver, feeder, sig, rotations):
+    """Fluent Bit goes down; tcpstates writes on and rotates `rotations` times
+    (keep=3: up to keep is covered) before it comes back. The file it was
+    reading, with lines it never saw, is now events.jsonl.<rotations>, and the
+    files created while it was down were never seen at all. tail.conf's Path
+    covers the rotated names, so the restart finds them and its DB row per
+    inode (kept by the long Rotate_Wait) resumes the half-read file at its
+    offset: 0 lost. The exact-path tail.conf lost every unread line of them.
+    Duplicates: none after SIGKILL. A graceful stop deletes the DB rows of the
+    files Fluent Bit itself saw rotated (in_tail_exit -> flb_tail_file_remove,
+    `if (file->rotated > 0) flb_tail_db_file_delete`), so such a file still
+    there at the restart is read again from its head: after SIGTERM exactly
+    the lines of events.jsonl.1-at-the-stop come twice, unless tcpstates
+    deleted it meanwhile (keep)."""
+    cfg = example("tail.conf", receiver, tmp_path)
+    fb = fluent_bit(cfg, name="fb1")
+    path = _events_file(tmp_path)
+    keep, max_bytes = 3, 400_000
+    n = 12_000
+    f = feeder(n, "--sink", "events", "-o", "sinks.events.type=jsonl", "-o", f"sinks.events.path={path}",
+               "-o", f"sinks.events.max_bytes={max_bytes}", "-o", f"sinks.events.keep={keep}")
+    f.feed(100)
+    wait_until(lambda: _records_in(fb) >= 100, 20, "Fluent Bit to find the file")
+    f.feed(1900)          # one rotation while Fluent Bit is up: events.jsonl.1, read to its end
+    wait_until(lambda: len(receiver.records()) >= 2000, 20, "Fluent Bit to deliver the first 2,000")
+    rotated_before = {json.loads(line)["seq"] for line in (path.parent / "events.jsonl.1").read_bytes().splitlines()}
+    reading = path.stat().st_ino          # the file Fluent Bit is reading when it goes down
+    fb.stop(sig)
+    # while it is down: write until that file has been rotated `rotations` times
+    for _ in range(100):
+        if _name_of(path.parent, reading) == f"events.jsonl.{rotations}":
+            break
+        f.feed(100)
+        wait_until(lambda: _last_seq(path.parent) >= f.at, 20, "tcpstates to write")
+    assert _name_of(path.parent, reading) == f"events.jsonl.{rotations}"
+    down = f.at - 2000
+    fb2 = fluent_bit(cfg, name="fb2")
+    f.feed(2000)
+    rc, err = f.finish()
+    assert rc == 0, err
+    sent = f.at
+    wait_until(lambda: len({r["seq"] for r in receiver.records()}) >= sent, 30, "all records", fail=False)
+    fb2.stop()
+    figures = check_exact(receiver.entries, sent, time_tolerance_ns=TIME_TOLERANCE_NS, allow_duplicates=True)
+    print(f"tail rotation x{rotations} while down ({sig.name}, {down} events meanwhile): {figures}")
+    seqs = Counter(r["seq"] for r in receiver.records())
+    twice = {s for s, c in seqs.items() if c > 1}
+    assert max(seqs.values()) <= 2
+    # events.jsonl.1 at the stop is still there after fewer than keep rotations
+    if sig == signal.SIGTERM and rotations < keep:
+        assert twice == rotated_before     # read again from its head: its DB row went at the stop
+    else:
+        assert twice == set()
 
 
 def test_pipe_path_delivers_every_event(tmp_path, fluent_bit, receiver):
