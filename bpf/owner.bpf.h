@@ -36,6 +36,8 @@
  *   TCPSTATES_OWNER_EXEC       attach sched:sched_process_exec: an owner's
  *                              name is read again at its first send/recv
  *                              (or close) after an exec
+ *   TCPSTATES_OWNER_SLOT_PER_PID  pid_max fits the per-PID-slot counters: a
+ *                              slot's exit count moving proves its PID's exit
  *   TCPSTATES_OFF_<STRUCT>_<MEMBER>  byte offsets from BTF
  *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET,
  *   TCPSTATES_TP_EXIT_GROUP_DEAD
@@ -48,6 +50,10 @@
 #define TCPSTATES_OWNER_SYSCALL 1   /* connect/listen/close/shutdown transition */
 #define TCPSTATES_OWNER_ACCEPT_ 2   /* accept() returned it */
 #define TCPSTATES_OWNER_IO_     3   /* send/recv on it */
+/* or'ed into owner_how: the owner may have exited before this record (a
+ * process with its PID slot exited since, and its own exit is not among the
+ * ones remembered): user space checks that it is still alive, else unknown */
+#define TCPSTATES_OWNER_UNSURE  0x100
 
 #define TCPSTATES_OWNER_ZERO(e) do {                                     \
     (e)->owner_start_ns = 0;                                             \
@@ -74,9 +80,11 @@ struct tcpstates_owner {
     u32 pid;
     u32 how;
     char comm[16];
-    u32 gen;              /* owner_exit_gen of its PID's slot when recorded */
-    u32 closed;           /* a close/shutdown was seen: the owner was the last holder,
-                             and stays named after it exits */
+    u64 gen;              /* owner_exit_gen of its PID's slot when recorded */
+    u32 closed;           /* a close/shutdown was seen: once no file holds the socket
+                             (closed, not only shut down), that owner was the last
+                             holder and stays named after it exits */
+    u32 pad;
 };
 
 BPF_TABLE("lru_hash", u64, struct tcpstates_owner, sk_owner, TCPSTATES_OWNER_MAX);
@@ -142,18 +150,20 @@ struct tcpstates_identity {
 };
 BPF_TABLE("lru_hash", struct tcpstates_identity, u8, owner_gone, TCPSTATES_OWNER_GONE_MAX);
 
-/* Exits per PID slot (PID modulo the size): an owner entry keeps the count of
- * its PID's slot from when it was recorded, so the send/recv fast path can
- * tell "no process with this PID can have exited since" with one array read,
- * and checks the identity (two reads of the current task) only when one may
- * have. Slots shared by several PIDs only send more cases to that check. */
+/* Exits (low 32 bits) and execs (high 32 bits) per PID slot (PID modulo the
+ * size): an owner entry keeps the count of its PID's slot from when it was
+ * recorded, so the send/recv fast path can tell "no process with this PID can
+ * have exited or exec'd since" with one array read, and checks the identity
+ * (two reads of the current task) only when one may have. Slots shared by
+ * several PIDs (pid_max above the size) only send more cases to that check. */
 #define TCPSTATES_OWNER_GEN_SLOTS 65536
-BPF_ARRAY(owner_exit_gen, u32, TCPSTATES_OWNER_GEN_SLOTS);
+#define TCPSTATES_OWNER_EXEC_ONE (1ULL << 32)
+BPF_ARRAY(owner_exit_gen, u64, TCPSTATES_OWNER_GEN_SLOTS);
 
-static __always_inline u32 owner_gen(u32 pid)
+static __always_inline u64 owner_gen(u32 pid)
 {
     u32 slot = pid & (TCPSTATES_OWNER_GEN_SLOTS - 1);
-    u32 *gen = owner_exit_gen.lookup(&slot);
+    u64 *gen = owner_exit_gen.lookup(&slot);
     return gen ? *gen : 0;
 }
 
@@ -169,7 +179,7 @@ int tracepoint__sched__sched_process_exit(void *ctx)
     id.start_ns = owner_current_start();
     owner_gone.update(&id, &one);
     u32 slot = id.pid & (TCPSTATES_OWNER_GEN_SLOTS - 1);
-    u32 *gen = owner_exit_gen.lookup(&slot);
+    u64 *gen = owner_exit_gen.lookup(&slot);
     if (gen)
         __sync_fetch_and_add(gen, 1);
     return 0;
@@ -183,23 +193,32 @@ int tracepoint__sched__sched_process_exit(void *ctx)
 int tracepoint__sched__sched_process_exec(void *ctx)
 {
     u32 slot = (bpf_get_current_pid_tgid() >> 32) & (TCPSTATES_OWNER_GEN_SLOTS - 1);
-    u32 *gen = owner_exit_gen.lookup(&slot);
+    u64 *gen = owner_exit_gen.lookup(&slot);
     if (gen)
-        __sync_fetch_and_add(gen, 1);
+        __sync_fetch_and_add(gen, TCPSTATES_OWNER_EXEC_ONE);
     return 0;
 }
 #endif
 
-/* Has the process `o` names exited? (Its identity, not only its PID: a new
- * process with the same PID is another owner.) */
+/* Has the process `o` names exited? 0: no (no process with its PID exited
+ * since it was recorded); 1: yes (its identity is among the exits remembered,
+ * or its PID slot is its PID's alone and saw an exit: the first exit of that
+ * PID since was its own); 2: maybe (another PID of its slot exited, or its own
+ * exit was pushed out of the owner_gone LRU). */
 static __always_inline int owner_exited(struct tcpstates_owner *o)
 {
-    if (o->gen == owner_gen(o->pid))
-        return 0;                     /* no process with its PID exited since */
+    if ((u32)o->gen == (u32)owner_gen(o->pid))
+        return 0;
     struct tcpstates_identity id = {};
     id.pid = o->pid;
     id.start_ns = o->start_ns;
-    return owner_gone.lookup(&id) != NULL;
+    if (owner_gone.lookup(&id))
+        return 1;
+#ifdef TCPSTATES_OWNER_SLOT_PER_PID
+    return 1;
+#else
+    return 2;
+#endif
 }
 #else
 #define owner_exited(o) 0
@@ -218,17 +237,36 @@ static __always_inline void owner_set_current(u64 sk, u32 how, u32 closed)
     sk_owner.update(&sk, o);
 }
 
-/* Has the owner `o` left the socket to someone else? It exited before the
+/* No file holds socket sk any more (closed, not only shut down): its
+ * struct socket was detached (sock_orphan). Without the offset: assumed. */
+static __always_inline int owner_orphaned(u64 sk)
+{
+#ifdef TCPSTATES_OFF_SOCK_SK_SOCKET
+    u64 sock = 0;
+    bpf_probe_read_kernel(&sock, sizeof(sock), (char *)sk + TCPSTATES_OFF_SOCK_SK_SOCKET);
+    return sock == 0;
+#else
+    return 1;
+#endif
+}
+
+/* Has the owner `o` left socket sk to someone else? It exited before the
  * socket was closed, and it is not the task running now (a process's exit
  * closes its files after sched_process_exit, in its own context: then it is
  * the closer). The socket is then held by a process that inherited it (a
  * fork before the exit) and has not used it: who that is, is not known here
- * — naming the exited process would be confidently wrong. */
-static __always_inline int owner_left(struct tcpstates_owner *o)
+ * — naming the exited process would be confidently wrong. 0: it has not;
+ * 1: it has; 2: it may have (owner_exited's "maybe": user space checks). */
+static __always_inline int owner_left(struct tcpstates_owner *o, u64 sk)
 {
-    if (o->closed || !owner_exited(o))
+    if (o->closed && owner_orphaned(sk))
+        return 0;                    /* its close was the last: it stays named */
+    int exited = owner_exited(o);
+    if (!exited)
         return 0;
-    return (bpf_get_current_pid_tgid() >> 32) != o->pid || owner_current_start() != o->start_ns;
+    if ((bpf_get_current_pid_tgid() >> 32) == o->pid && owner_current_start() == o->start_ns)
+        return 0;
+    return exited;
 }
 
 static __always_inline int owner_is_syscall_transition(int old, int new)
@@ -277,11 +315,14 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
 {
     owner_track(sk, old, new);
     struct tcpstates_owner *o = sk_owner.lookup(&sk);
-    if (o && !owner_left(o)) {
+    int left = 1;
+    if (o)
+        left = owner_left(o, sk);
+    if (o && left != 1) {
         e->owner_start_ns = o->start_ns;
         e->owner_cgroup_id = o->cgroup_id;
         e->owner_pid = o->pid;
-        e->owner_how = o->how;
+        e->owner_how = o->how | (left == 2 ? TCPSTATES_OWNER_UNSURE : 0);
         __builtin_memcpy(e->owner_comm, o->comm, sizeof(e->owner_comm));
     } else {
         TCPSTATES_OWNER_ZERO(e);
@@ -307,7 +348,7 @@ static __always_inline int owner_io(u64 sk, u16 protocol)
         /* the same PID: the same process unless one with this PID exited
          * since (then a reused PID is another process, whose name and
          * identity must replace the old one's) */
-        u32 gen = owner_gen(tgid);
+        u64 gen = owner_gen(tgid);
         if (o->gen == gen)
             return 0;
         if (o->start_ns == owner_current_start()) {

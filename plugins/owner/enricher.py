@@ -39,7 +39,7 @@ from typing import Any
 from tcpstates.api import Enricher, KernelConstraints, RunContext
 from tcpstates.events import AF_INET, AF_INET6, STATE_NUMBERS, Event, sanitize_text
 from tcpstates.options import option
-from tcpstates.plugins.owner.sockowners import NS_PER_TICK, Holder, PortHolders, snapshot
+from tcpstates.plugins.owner.sockowners import NS_PER_TICK, Holder, PortHolders, process_identity, snapshot
 
 try:   # the optional C loop (setup.py); observe_batch's Python loop is the reference
     import tcpstates.plugins.owner._observe as _c_observe
@@ -57,6 +57,7 @@ KERNEL_OWNER = "_kernel_owner"
 RAW_OWNER = struct.Struct("<QQII16s")
 HOW = {1: "syscall", 2: "accept", 3: "io"}
 ACCEPT = 2
+UNSURE = 0x100      # TCPSTATES_OWNER_UNSURE: the owner may have exited before the record
 LOOKUP_SHARE = 20
 # how often a listener's holders are found by reading every process's fd table
 # (in between, only new processes' and the holders' own tables are read)
@@ -128,6 +129,8 @@ class OwnerEnricher(Enricher):
         """The fields a kernel owner record gives (cached per raw bytes: the
         same bytes always mean the same fields, so the cache cannot go stale)."""
         start_ns, cgroup, pid, how, rawcomm = RAW_OWNER.unpack(raw)
+        if how & UNSURE:
+            return self._unsure(raw)
         fields = {"owner_pid": pid,
                   "owner_comm": sanitize_text(rawcomm.split(b"\0", 1)[0].decode("utf-8", "replace")),
                   "owner_start": start_ns // NS_PER_TICK if start_ns else None,
@@ -136,6 +139,18 @@ class OwnerEnricher(Enricher):
             self.owned.clear()
         out = self.owned[raw] = (fields, pid if how == ACCEPT else 0)
         return out
+
+    def _unsure(self, raw: bytes) -> tuple[dict[str, Any], int]:
+        """A kernel owner that may have exited before its record (the kernel
+        saw an exit at its PID slot, not whose): the owner if it is alive now
+        (then it was at the record), else unknown. Never cached: whether it
+        lives changes."""
+        start_ns, _, pid, how, _ = RAW_OWNER.unpack(raw)
+        alive = process_identity(pid)
+        if not start_ns or alive is None or alive[0] != start_ns // NS_PER_TICK:
+            return UNKNOWN, 0
+        fields, accepter = self._owned(raw[:20] + struct.pack("<I", how & ~UNSURE) + raw[24:])
+        return fields, accepter
 
     def _holders(self, e: Event, now: float) -> dict[str, Any] | None:
         """The fields the processes holding the listener this event's socket

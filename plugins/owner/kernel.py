@@ -28,6 +28,8 @@ TASK_FIELDS = {
     "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
     "TASK_START_BOOTTIME": ("task_struct", "start_boottime"),
     "TASK_COMM": ("task_struct", "comm"),
+    # no struct socket attached any more: closed, not only shut down
+    "SOCK_SK_SOCKET": ("sock", "sk_socket"),
 }
 FD_FIELDS = {
     "TASK_FILES": ("task_struct", "files"),
@@ -38,6 +40,18 @@ FD_FIELDS = {
     "SOCKET_SK": ("socket", "sk"),
     "SOCK_SK_PROTOCOL": ("sock", "sk_protocol"),
 }
+
+
+GEN_SLOTS = 65536   # TCPSTATES_OWNER_GEN_SLOTS in bpf/owner.bpf.h
+
+
+def _pid_max() -> int:
+    """The kernel's pid_max now (if it is raised later, PIDs share exit
+    counters: owners are then only needlessly reported as possibly gone)."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 1 << 22
 
 
 @dataclasses.dataclass
@@ -94,7 +108,7 @@ def _offsets(btf: BTF, fields: dict[str, tuple[str, str]], sizes: dict[str, int]
 # members read whole by the probes: their size must be what the C assumes
 SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TASK_FILES": 8,
          "FILES_FDT": 8, "FDTABLE_FD": 8, "FDTABLE_MAX_FDS": 4, "FILE_PRIVATE_DATA": 8,
-         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2}
+         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8}
 
 
 def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux") -> OwnerSupport:
@@ -126,6 +140,10 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux") -
     if exits is not None:
         s.exits = True
         s.cflags += ["-DTCPSTATES_OWNER_EXIT=1", f"-DTCPSTATES_TP_EXIT_GROUP_DEAD={exits['group_dead']}"]
+        if _pid_max() <= GEN_SLOTS:
+            # each PID has its own exit counter: a moved count proves the exit,
+            # even of a process the LRU of exits no longer remembers
+            s.cflags.append("-DTCPSTATES_OWNER_SLOT_PER_PID=1")
         # exec renames a process: its owner entries' names are read again at its next send/recv
         if tracefs is not None and (tracefs / "events" / "sched" / "sched_process_exec" / "format").is_file():
             s.cflags.append("-DTCPSTATES_OWNER_EXEC=1")
