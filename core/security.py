@@ -4,6 +4,7 @@ or configs others could have written, and dropping root once attached."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import pwd
 import stat
@@ -62,9 +63,18 @@ def open_checked_file(path: str, what: str, *, secret: bool = False) -> int:
 
     enforce = os.geteuid() == 0
     shown = escape_text(path)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+    def open_last(dirfd: int, name: str) -> int:
+        # O_PATH: looked at before it is opened for reading, so a device or
+        # FIFO is never opened at all (opening some devices acts)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.ELOOP, "a symbolic link", name)   # open_path decides on links
+        return fd
+
     try:
-        fd = open_path(path, lambda d, n: os.open(n, flags, dir_fd=d), strict=enforce, follow_last=True)
+        fd = open_path(path, open_last, strict=enforce, follow_last=True)
     except UntrustedPath as exc:
         raise UsageError(f"{what}: refusing to read {shown} as root because {escape_text(exc.strerror)}; "
                          f"keep it where only root can change it") from None
@@ -81,10 +91,12 @@ def open_checked_file(path: str, what: str, *, secret: bool = False) -> int:
         if why is not None:
             raise UsageError(f"{what}: refusing to read {shown} as root because {why}; fix it with "
                              f"'chown root {shown} && chmod go-w{',o-r' if secret else ''} {shown}'")
-    except BaseException:
+        # the very inode checked, opened for reading through its O_PATH descriptor
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot read {shown} ({escape_text(exc.strerror)})") from None
+    finally:
         os.close(fd)
-        raise
-    return fd
 
 
 def _describe(st: os.stat_result) -> str:
