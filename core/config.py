@@ -54,14 +54,14 @@ def _open_config(path: Path, allow_insecure: bool) -> int:
     As root (unless --allow-insecure-config), every directory and symbolic
     link on the way must be unchangeable by others (as sshd and sudo demand),
     and the file itself must be root's and not writable by others: checked
-    with fstat on the open file, which is then read. O_NONBLOCK: a FIFO must
-    not hang the start (it is refused below anyway).
+    with fstat on an O_PATH descriptor first, so a FIFO or device is refused
+    without ever being opened (it could hang the start, or act on open), then
+    the same inode is opened for reading through that descriptor.
     """
-    from tcpstates.safeopen import check_owned, open_path
+    from tcpstates.safeopen import check_owned, open_last_path, open_path, reopen_for_reading
 
     enforce = os.geteuid() == 0 and not allow_insecure
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-    fd = open_path(str(path), lambda d, n: os.open(n, flags, dir_fd=d), strict=enforce, follow_last=True)
+    fd = open_path(str(path), open_last_path, strict=enforce, follow_last=True)
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -72,10 +72,9 @@ def _open_config(path: Path, allow_insecure: bool) -> int:
         if why is not None:
             raise UsageError(f"{path}: refusing to read as root because {why}; fix it with "
                              f"'chown root {path} && chmod go-w {path}', or pass --allow-insecure-config")
-    except BaseException:
+        return reopen_for_reading(fd)
+    finally:
         os.close(fd)
-        raise
-    return fd
 
 
 def _read_capped(fd: int, path: Path) -> bytes:

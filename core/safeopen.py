@@ -133,6 +133,24 @@ def _follow(fd: int, dir_st: os.stat_result, name: str, link_st: os.stat_result,
     return fd, links
 
 
+def open_last_path(dirfd: int, name: str) -> int:
+    """An `open_last` for open_path that opens only an O_PATH descriptor: the
+    file can be looked at (fstat) before it is opened for reading, so a FIFO
+    or device is never opened at all (opening some devices acts). A symbolic
+    link raises ELOOP, as O_NOFOLLOW would, for open_path to decide on."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    if stat.S_ISLNK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ELOOP, "a symbolic link", name)
+    return fd
+
+
+def reopen_for_reading(path_fd: int) -> int:
+    """The very inode an O_PATH descriptor names, opened for reading (through
+    /proc/self/fd, never by its path again)."""
+    return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+
+
 def check_owned(fd: int, st: os.stat_result | None = None) -> str | None:
     """Why an opened file may have been written by someone else, or None: as root,
     a file must belong to root, not be writable by group/others and have one link."""

@@ -4,7 +4,6 @@ or configs others could have written, and dropping root once attached."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import pwd
 import stat
@@ -59,22 +58,12 @@ def open_checked_file(path: str, what: str, *, secret: bool = False) -> int:
     and link on the way must be unchangeable by others and the file root's and
     not writable by others (`secret`: not readable by every user either). A
     FIFO or device is refused, never waited on. Raises UsageError (one line)."""
-    from tcpstates.safeopen import UntrustedPath, check_owned, open_path
+    from tcpstates.safeopen import UntrustedPath, check_owned, open_last_path, open_path, reopen_for_reading
 
     enforce = os.geteuid() == 0
     shown = escape_text(path)
-
-    def open_last(dirfd: int, name: str) -> int:
-        # O_PATH: looked at before it is opened for reading, so a device or
-        # FIFO is never opened at all (opening some devices acts)
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-        if stat.S_ISLNK(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OSError(errno.ELOOP, "a symbolic link", name)   # open_path decides on links
-        return fd
-
     try:
-        fd = open_path(path, open_last, strict=enforce, follow_last=True)
+        fd = open_path(path, open_last_path, strict=enforce, follow_last=True)
     except UntrustedPath as exc:
         raise UsageError(f"{what}: refusing to read {shown} as root because {escape_text(exc.strerror)}; "
                          f"keep it where only root can change it") from None
@@ -91,8 +80,7 @@ def open_checked_file(path: str, what: str, *, secret: bool = False) -> int:
         if why is not None:
             raise UsageError(f"{what}: refusing to read {shown} as root because {why}; fix it with "
                              f"'chown root {shown} && chmod go-w{',o-r' if secret else ''} {shown}'")
-        # the very inode checked, opened for reading through its O_PATH descriptor
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        return reopen_for_reading(fd)
     except OSError as exc:
         raise UsageError(f"{what}: cannot read {shown} ({escape_text(exc.strerror)})") from None
     finally:
