@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tcpstates.plugins.owner import kernel
 from tcpstates.plugins.owner.doctor import _owner
 
@@ -26,3 +28,15 @@ def test_format_file_offsets_are_read_not_assumed(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel, "TRACEFS", (str(tmp_path),))
     s = kernel.owner_support(1024, btf_path=str(tmp_path / "no-btf"))
     assert s.io and "-DTCPSTATES_TP_IO_SK=16" in s.cflags and "-DTCPSTATES_TP_IO_PROTOCOL=26" in s.cflags
+
+
+@pytest.mark.parametrize("pid_max,says", [(32768, "(proved per PID)"), (1 << 22, "checked in /proc")])
+def test_doctor_says_how_an_owners_exit_is_known(monkeypatch, pid_max, says):
+    # this machine's real tracefs and BTF; only pid_max is made up
+    if not kernel.owner_support(1024).exits:
+        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    monkeypatch.setattr(kernel, "_pid_max", lambda: pid_max)
+    s = kernel.owner_support(1024)
+    assert ("-DTCPSTATES_OWNER_SLOT_PER_PID=1" in s.cflags) == (pid_max <= kernel.GEN_SLOTS)
+    ok, detail = _owner()
+    assert ok and "process exits (" in detail and says in detail, detail

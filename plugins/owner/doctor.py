@@ -12,6 +12,10 @@ def _owner() -> tuple[bool, str]:
     have = [name for name, ok in (("send/recv", s.io), ("accept", s.accept), ("start-time identity", s.identity),
                                               ("process exits", s.exits))
             if ok]
+    if s.exits:
+        # which way an owner's exit is known (docs/events.md)
+        have[-1] += (" (proved per PID)" if "-DTCPSTATES_OWNER_SLOT_PER_PID=1" in s.cflags
+                     else " (pid_max > 65,536: an unsure exit is checked in /proc)")
     if not s.missing:
         return True, "owner learnt in the kernel: " + ", ".join(have)
     return False, ("fallback — " + "; ".join(s.missing) + (f" (available: {', '.join(have)})" if have else ""))
