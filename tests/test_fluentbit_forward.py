@@ -276,3 +276,40 @@ def test_live_kernel_events_through_real_fluent_bit(tmp_path, fluent_bit, receiv
     assert [r["seq"] for r in recs] == list(range(1, 8))
     for _, t_ns, r in receiver.entries:
         assert t_ns == r["time_ns"]
+
+
+def test_overflow_lost_record_arrives_through_real_fluent_bit(tmp_path, fluent_bit, receiver):
+    """Fluent Bit down while 500 events come in with room for 100: once it is up,
+    the 100 events and then the in-band `lost` record (400) pass through the
+    real Fluent Bit, although no event follows the overflow."""
+    port = free_port()
+    err_path = tmp_path / "err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            tcpstates_argv("--replay", str(trace(tmp_path / "t.jsonl", 500)), "--sink", "forward",
+                           "-o", f"sinks.forward.address=127.0.0.1:{port}",
+                           "-o", "sinks.forward.buffer_events=100", "-o", "sinks.forward.chunk_events=50",
+                           "-o", "sinks.forward.retry_min=0.05", "-o", "sinks.forward.retry_max=0.1",
+                           "-o", "sinks.forward.exit_timeout=30"),
+            stderr=err)
+        try:
+            # Fluent Bit starts only once the sink has said it cannot reach it
+            wait_until(lambda: b"retrying with backoff" in err_path.read_bytes(), 20,
+                       "the forward sink's outage warning")
+            fb = fluent_bit(forward_input(port=port) + forward_output(receiver.address),
+                            wait_for=("127.0.0.1", port))
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_path.read_bytes()
+    assert proc.returncode == 0, stderr
+    assert b"forward: 100 queued, 100 acknowledged, 400 lost" in stderr, stderr
+    wait_until(lambda: any(e[2].get("type") == "lost" for e in receiver.entries), 30,
+               "the lost record out of Fluent Bit")
+    fb.stop()
+    records = [e[2] for e in receiver.entries]
+    events = [r for r in records if r.get("type") == "state_change"]
+    lost = [r for r in records if r.get("type") == "lost"]
+    assert sorted(r["seq"] for r in events) == list(range(1, 101))
+    assert len(lost) == 1 and lost[0]["kind"] == "forward_overflow" and lost[0]["count"] == 400, lost
