@@ -173,18 +173,27 @@ def test_overflow_lost_record_is_delivered_without_a_following_event(tmp_path):
     the 100 and then the `lost` record (400) arrive, although no event follows."""
     port = free_port()
     import subprocess
-    proc = subprocess.Popen(tcpstates_argv("--replay", str(trace(tmp_path / "t.jsonl", 500)), "--sink", "forward",
-                                           "-o", f"sinks.forward.address=127.0.0.1:{port}",
-                                           "-o", "sinks.forward.buffer_events=100", "-o", "sinks.forward.chunk_events=50",
-                                           "-o", "sinks.forward.retry_min=0.05", "-o", "sinks.forward.retry_max=0.1",
-                                           "-o", "sinks.forward.exit_timeout=15"),
-                            stderr=subprocess.PIPE)
-    time.sleep(0.5)    # the point of the test: the receiver is absent while events arrive
+    err_path = tmp_path / "err"
+    with open(err_path, "wb") as err_file:
+        proc = subprocess.Popen(tcpstates_argv("--replay", str(trace(tmp_path / "t.jsonl", 500)), "--sink", "forward",
+                                               "-o", f"sinks.forward.address=127.0.0.1:{port}",
+                                               "-o", "sinks.forward.buffer_events=100",
+                                               "-o", "sinks.forward.chunk_events=50",
+                                               "-o", "sinks.forward.retry_min=0.05", "-o", "sinks.forward.retry_max=0.1",
+                                               "-o", "sinks.forward.exit_timeout=15"),
+                                stderr=err_file)
+    # the point of the test: the receiver is absent while events arrive; it
+    # starts once the sink has said it cannot reach it
+    deadline = time.monotonic() + 20
+    while b"retrying with backoff" not in err_path.read_bytes():
+        assert time.monotonic() < deadline and proc.poll() is None, err_path.read_bytes()
+        time.sleep(0.02)
     rx = ForwardReceiver(port=port)
     try:
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
         rx.stop()
+    err = err_path.read_bytes()
     assert proc.returncode == 0, err
     recs = rx.records()
     events = [r for r in recs if r["type"] == "state_change"]
