@@ -361,3 +361,43 @@ def test_a_live_owner_sharing_its_exit_counter_stays_named(tracer, tmp_path, pro
     recs = [r for r in _records(t, out, port) if r["rport"] == peer]
     fin = [r for r in recs if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "CLOSE_WAIT")]
     assert len(fin) == 1 and fin[0]["owner_pid"] == owner, fin
+
+
+# HEIR_KEEPS whose server does not reap A until told: A stays a zombie, and a
+# zombie's /proc/PID/stat still shows its PID and start time
+HEIR_KEEPS_ZOMBIE = HEIR_KEEPS.replace("c.close()\nos.wait()\nsys.stdin.read()",
+                                       "c.close()\nsys.stdin.readline()\nos.wait()\nsys.stdin.read()")
+
+
+def test_an_unreaped_exited_owner_is_not_named_as_alive(tracer, tmp_path, procs):
+    """pid_max above 65,536, the owner's exit pushed out of owner_gone: the
+    kernel says "maybe gone", and the owner is a zombie (exited, its parent has
+    not waited): its /proc entry is still there with its start time, but it
+    has exited: naming it is confidently wrong."""
+    from tcpstates.plugins.owner.kernel import owner_support
+    if not owner_support(1024).exits:
+        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    assert HEIR_KEEPS_ZOMBIE != HEIR_KEEPS
+    port = free_port()
+    srv = spawn(HEIR_KEEPS_ZOMBIE, str(port))
+    procs.append(srv)
+    said(srv, "ready")
+    out = tmp_path / "e.jsonl"
+    with _pid_max(1 << 22):
+        t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    cli = spawn(CLIENT_TOLD, str(port))
+    procs.append(cli)
+    said(cli, "conn")
+    _, heir, peer, exited = said(srv, "heir")
+    heir, peer, exited = int(heir), int(peer), int(exited)
+    subprocess.run([sys.executable, "-c", CHURN, "20000"], check=True, timeout=120)
+    state = Path(f"/proc/{exited}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state == "Z", state               # exited, not reaped
+    tell(cli)
+    said(cli, "done")
+    said(srv, "closed")
+    tell(srv)                                # now A is reaped
+    recs = [r for r in _records(t, out, port) if r["rport"] == peer]
+    fin = [r for r in recs if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "CLOSE_WAIT")]
+    assert len(fin) == 1, recs
+    assert fin[0]["owner_pid"] in (heir, None), (exited, heir, fin[0])

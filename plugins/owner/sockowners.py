@@ -96,6 +96,11 @@ def process_identity(pid: int, proc: Path = Path("/proc")) -> tuple[int, str] | 
     fields = rest.split()
     if len(fields) < 20 or b"(" not in head:
         return None
+    if fields[0] in (b"Z", b"X"):
+        # exited, not yet reaped: its PID and start time are still shown, but
+        # it is not live (it holds no files, and an owner that is a zombie
+        # has left its sockets to whoever inherited them)
+        return None
     comm = head.split(b"(", 1)[1].decode("utf-8", "replace")
     return int(fields[19]), comm
 
