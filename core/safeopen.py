@@ -145,10 +145,22 @@ def open_last_path(dirfd: int, name: str) -> int:
     return fd
 
 
+class ProcMissing(OSError):
+    """/proc/self/fd is not there (/proc not mounted): the checked file exists,
+    it cannot be reopened. Not a FileNotFoundError, so that no caller reports
+    the file itself as missing."""
+
+
 def reopen_for_reading(path_fd: int) -> int:
     """The very inode an O_PATH descriptor names, opened for reading (through
     /proc/self/fd, never by its path again)."""
-    return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    link = f"/proc/self/fd/{path_fd}"
+    try:
+        return os.open(link, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        # the O_PATH descriptor is open, so its /proc/self/fd entry can only be
+        # missing when /proc is not mounted
+        raise ProcMissing(errno.ENOENT, f"{link} is missing: is /proc mounted?") from None
 
 
 def check_owned(fd: int, st: os.stat_result | None = None) -> str | None:

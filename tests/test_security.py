@@ -80,3 +80,23 @@ def test_doctor_passes_here_and_fails_without_the_tracepoint(tmp_path):
     assert bad.returncode == 1
     out = bad.stdout.decode()
     assert "FAIL tracepoint" in out and out.splitlines()[-1].startswith("tracing cannot work")
+
+
+@pytest.mark.root
+def test_a_config_that_exists_is_not_called_missing_when_proc_is_not_mounted(tmp_path):
+    """The config is checked through an O_PATH descriptor and reopened through
+    /proc/self/fd: without /proc (here: a tmpfs over it, in a mount namespace
+    of its own) that reopen fails with ENOENT, which must not be reported as
+    "config file not found" — the file is there."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m not available here")
+    tmp_path.chmod(0o755)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[tcpstates]\n")
+    script = ('mount -t tmpfs none /proc && exec "$@"')
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+                        *tcpstates_argv("--config", str(cfg), "--replay", "/dev/null")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "not found" not in r.stderr and "/proc" in r.stderr, r.stderr
