@@ -122,8 +122,12 @@ class LineOutput:
 
     def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 5,
                  notice: Callable[[str], None] | None = None,
-                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
+                 stall_timeout: float = STALL_TIMEOUT_S, numbered: bool = False) -> None:
         self.path = path
+        # numbered: the live file is PATH.N, N rising at each rotation, and no
+        # file is ever renamed (a tailer following a glob reads each exactly once)
+        self.numbered = numbered and path != "-"
+        self.index = 0                           # N of the live file (numbered)
         self.stall_timeout = stall_timeout
         self.stalled = False                     # the last write gave up: probe briefly until one works
         self._pending = b""                      # the rest of a line a stall cut
@@ -201,10 +205,30 @@ class LineOutput:
         self.regular = stat.S_ISREG(st.st_mode)
         self.size = st.st_size
 
+    @property
+    def live_path(self) -> str:
+        """The file written now: PATH, or PATH.N when numbered."""
+        return f"{self.path}.{self.index}" if self.numbered else self.path
+
+    def _last_index(self) -> int:
+        """The highest N of an existing PATH.N (numbered mode), 1 when none: a
+        restart goes on appending to the newest file."""
+        head, sep, base = self.path.rpartition("/")
+        try:
+            # names only: the file itself is then opened by the safe walk
+            names = os.listdir(head or ("/" if sep else "."))
+        except OSError:
+            return 1
+        found = [int(n[len(base) + 1:]) for n in names
+                 if n.startswith(base + ".") and n[len(base) + 1:].isdigit() and len(n) - len(base) <= 19]
+        return max(found, default=1)
+
     def _open_file(self) -> int:
         """openat per component with O_NOFOLLOW (a symlinked parent is followed only
         when nobody else could have planted it); a FIFO without a reader is waited
         for, interruptibly."""
+        if self.numbered and self.index == 0:
+            self.index = self._last_index()
         flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
                  | os.O_NONBLOCK | os.O_NOCTTY)
         waited = False
@@ -219,7 +243,7 @@ class LineOutput:
 
         while True:
             try:
-                return open_path(self.path, open_last, strict=False, follow_last=False)
+                return open_path(self.live_path, open_last, strict=False, follow_last=False)
             except UntrustedPath as exc:
                 raise UsageError(f"{self.path}: refusing to write: {exc.strerror}") from None
             except OSError as exc:
@@ -362,7 +386,10 @@ class LineOutput:
 
     def rotate(self) -> None:
         """FILE → FILE.1 (older ones shifted), a new FILE; every step relative to
-        the directory descriptor from the safe open."""
+        the directory descriptor from the safe open. Numbered: a new FILE.N+1."""
+        if self.numbered:
+            self._rotate_numbered()
+            return
         d, name = self._dirfd, self._name
         try:
             cur: os.stat_result | None = os.stat(name, dir_fd=d, follow_symlinks=False)
@@ -396,6 +423,35 @@ class LineOutput:
             os.close(old)
         self._release()      # the destination is a new inode now
         self._claim()
+
+    def _rotate_numbered(self) -> None:
+        """PATH.N stays as it is; PATH.N+1 (the next free number) is created in
+        the same directory (its descriptor from the safe open) and written from
+        now on; PATH.(N+1-keep-1) and older, beyond `keep` old files, go."""
+        d, base = self._dirfd, self.path.rpartition("/")[2]
+        index = self.index
+        for _ in range(1000):
+            index += 1
+            try:
+                fd = os.open(f"{base}.{index}", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, FILE_MODE, dir_fd=d)
+                break
+            except FileExistsError:
+                continue        # someone's file, or ours from a clock-skewed past: never reused
+        else:
+            raise OSError(errno.EEXIST, f"no free number after {self.path}.{self.index}")
+        old, self.fd, self.size, self.index, self._name = self.fd, fd, 0, index, f"{base}.{index}"
+        if old >= 0:
+            os.close(old)
+        self._release()      # the destination is a new inode now
+        self._claim()
+        for gone in range(index - self.keep - 1, max(0, index - self.keep - 1 - 64), -1):
+            try:
+                os.unlink(f"{base}.{gone}", dir_fd=d)
+            except FileNotFoundError:
+                break           # the older ones went at earlier rotations
+            except OSError:
+                pass
 
     def _pipe_room(self) -> int | None:
         """Free bytes in the pipe or FIFO we write to (None: not a pipe, or unknown)."""

@@ -27,7 +27,7 @@ def kubernetes_config() -> str:
     return cm["data"]["fluent-bit.conf"]
 
 
-@pytest.mark.parametrize("name", ["tail.conf", "forward.conf", "journal.conf", "stdin.conf", "kubernetes"])
+@pytest.mark.parametrize("name", ["tail.conf", "tail-numbered.conf", "forward.conf", "journal.conf", "stdin.conf", "kubernetes"])
 def test_config_parses(tmp_path, name):
     if name == "kubernetes":
         path = tmp_path / "k8s.conf"

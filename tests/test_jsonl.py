@@ -142,6 +142,47 @@ def _wait_for_lines(path: Path, n: int, timeout: float = 20) -> None:
     raise AssertionError(f"{path}: fewer than {n} lines after {timeout}s")
 
 
+def test_numbered_rotation_never_renames_and_goes_on_after_a_restart(tmp_path):
+    from tracer import run_cli
+
+    def replay(first: int, count: int) -> None:
+        trace = tmp_path / "in.jsonl"
+        trace.write_bytes(b"".join(orjson.dumps(_sample(seq=first + i, mono_ns=10**9 + i)) + b"\n"
+                                   for i in range(count)))
+        r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
+                    "-o", "sinks.jsonl.max_bytes=20000", "-o", "sinks.jsonl.keep=3",
+                    "-o", "sinks.jsonl.rotate_names=numbered")
+        assert r.returncode == 0, r.stderr
+
+    def numbered() -> dict[int, Path]:
+        return {int(p.suffix[1:]): p for p in tmp_path.glob("r.jsonl.*")}
+
+    out = tmp_path / "r.jsonl"
+    (tmp_path / "r.jsonl.5").write_text("")      # a file already there is never written over
+    (tmp_path / "r.jsonl.5").chmod(0o640)
+    replay(1, 300)
+    files = numbered()
+    assert not out.exists() and min(files) >= 5 and len(files) == 4     # the live one + keep = 3
+    assert sorted(files) == list(range(max(files) - 3, max(files) + 1))
+    inodes = {n: p.stat().st_ino for n, p in files.items()}
+    newest = max(files)
+    replay(301, 100)                              # a restart appends to the newest file
+    after = numbered()
+    assert all(after[n].stat().st_ino == inodes[n] for n in inodes if n in after)   # never renamed
+    # the second run's 100 (its own seq from 1) follow the first run's last one
+    seqs = [x["seq"] for x in _records(*(after[n] for n in sorted(after)))]
+    assert seqs[-101:] == [300] + list(range(1, 101)), seqs[-102:]
+    assert after[newest].read_bytes().splitlines()[-1:] != [] and min(after) >= newest - 3
+    assert all(p.stat().st_size <= 20000 for p in after.values())
+
+
+def test_numbered_rotation_needs_a_file(tmp_path):
+    from tracer import run_cli
+    r = run_cli("--replay", os.devnull, "--sink", "jsonl", "-o", "sinks.jsonl.rotate_names=numbered")
+    assert r.returncode == 2 and b"numbered needs a file path" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
 def test_size_rotation(tmp_path):
     from tracer import run_cli
     trace = tmp_path / "in.jsonl"

@@ -38,6 +38,10 @@ class JsonlOptions:
     max_bytes: int = option(0, "rotate to PATH.1 ... before the file would exceed this size (0: never)",
                             min=0, max=1 << 50)
     keep: int = option(5, "rotated files to keep", min=1, max=1000)
+    rotate_names: str = option("shift", "shift: PATH is the live file, rotated ones are renamed "
+                               "PATH.1, PATH.2 ... (as logrotate); numbered: the live file is PATH.N, "
+                               "N rising, never renamed (a tailer on PATH.* reads each line once)",
+                               choices=["shift", "numbered"])
     stall_timeout: float = option(1.0, "seconds the reader may take nothing before a batch fails for this "
                                   "sink alone (counted as not written; the other sinks go on)",
                                   min=0.01, max=3600.0)
@@ -45,6 +49,8 @@ class JsonlOptions:
     def validate(self) -> None:
         if not self.path:
             raise ValueError("path: empty; give a file path or '-' for stdout")
+        if self.rotate_names == "numbered" and self.path == "-":
+            raise ValueError("rotate_names: numbered needs a file path, not '-' (stdout)")
 
 
 class JsonlSink(Sink):
@@ -58,7 +64,8 @@ class JsonlSink(Sink):
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
         self.output = LineOutput(options.path, max_bytes=options.max_bytes, keep=options.keep,
-                                 notice=context.warn, stall_timeout=options.stall_timeout)
+                                 notice=context.warn, stall_timeout=options.stall_timeout,
+                                 numbered=options.rotate_names == "numbered")
         self.seq = 0
         self.rfc3339 = Rfc3339()
         self.use_c = True
