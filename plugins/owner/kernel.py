@@ -47,7 +47,8 @@ GEN_SLOTS = 65536   # TCPSTATES_OWNER_GEN_SLOTS in bpf/owner.bpf.h
 
 def _pid_max() -> int:
     """The kernel's pid_max now (if it is raised later, PIDs share exit
-    counters: owners are then only needlessly reported as possibly gone)."""
+    counters: another PID's exit then makes an owner count as gone, shown as
+    unknown without need — never named wrongly)."""
     try:
         return int(Path("/proc/sys/kernel/pid_max").read_text())
     except (OSError, ValueError):
