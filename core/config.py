@@ -18,7 +18,6 @@ Every problem is a ConfigError naming its TOML path.
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -58,23 +57,17 @@ def _open_config(path: Path, allow_insecure: bool) -> int:
     without ever being opened (it could hang the start, or act on open), then
     the same inode is opened for reading through that descriptor.
     """
-    from tcpstates.safeopen import check_owned, open_last_path, open_path, reopen_for_reading
+    from tcpstates.safeopen import NotOwned, NotRegularFile, open_regular_checked
 
-    enforce = os.geteuid() == 0 and not allow_insecure
-    fd = open_path(str(path), open_last_path, strict=enforce, follow_last=True)
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"{path}: is a directory, not a config file; pass a .toml file to --config")
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{path}: not a regular file (a FIFO, socket or device); pass a .toml file")
-        why = check_owned(fd, st) if enforce else None
-        if why is not None:
-            raise UsageError(f"{path}: refusing to read as root because {why}; fix it with "
-                             f"'chown root {path} && chmod go-w {path}', or pass --allow-insecure-config")
-        return reopen_for_reading(fd)
-    finally:
-        os.close(fd)
+        return open_regular_checked(str(path), enforce=os.geteuid() == 0 and not allow_insecure)
+    except NotRegularFile as exc:
+        if exc.is_dir:
+            raise UsageError(f"{path}: is a directory, not a config file; pass a .toml file to --config") from None
+        raise UsageError(f"{path}: not a regular file (a FIFO, socket or device); pass a .toml file") from None
+    except NotOwned as exc:
+        raise UsageError(f"{path}: refusing to read as root because {exc.strerror}; fix it with "
+                         f"'chown root {path} && chmod go-w {path}', or pass --allow-insecure-config") from None
 
 
 def _read_capped(fd: int, path: Path) -> bytes:

@@ -163,6 +163,42 @@ def reopen_for_reading(path_fd: int) -> int:
         raise ProcMissing(errno.ENOENT, f"{link} is missing: is /proc mounted?") from None
 
 
+class NotRegularFile(OSError):
+    """The path names a directory, FIFO, socket or device, not a file."""
+
+    def __init__(self, is_dir: bool) -> None:
+        super().__init__(errno.EISDIR if is_dir else errno.EINVAL,
+                         "a directory" if is_dir else "not a regular file")
+        self.is_dir = is_dir
+
+
+class NotOwned(OSError):
+    """As root: the file could have been written (or, a secret, read) by
+    someone else; strerror says why."""
+
+
+def open_regular_checked(path: str, *, enforce: bool, secret: bool = False) -> int:
+    """A read-only descriptor of the regular file `path` for a root tool: the
+    walk of open_path (strict when `enforce`), then the checks on an O_PATH
+    descriptor (a FIFO or device is never opened), then the same inode opened
+    for reading. `enforce`: root-owned, not writable by others (`secret`: not
+    readable by every user either). Raises UntrustedPath, NotRegularFile,
+    NotOwned or another OSError."""
+    fd = open_path(path, open_last_path, strict=enforce, follow_last=True)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(stat.S_ISDIR(st.st_mode))
+        why = check_owned(fd, st) if enforce else None
+        if why is None and enforce and secret and st.st_mode & 0o004:
+            why = f"it is a private key readable by every user (mode {st.st_mode & 0o7777:o})"
+        if why is not None:
+            raise NotOwned(errno.EPERM, why)
+        return reopen_for_reading(fd)
+    finally:
+        os.close(fd)
+
+
 def check_owned(fd: int, st: os.stat_result | None = None) -> str | None:
     """Why an opened file may have been written by someone else, or None: as root,
     a file must belong to root, not be writable by group/others and have one link."""

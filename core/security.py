@@ -58,33 +58,22 @@ def open_checked_file(path: str, what: str, *, secret: bool = False) -> int:
     and link on the way must be unchangeable by others and the file root's and
     not writable by others (`secret`: not readable by every user either). A
     FIFO or device is refused, never waited on. Raises UsageError (one line)."""
-    from tcpstates.safeopen import UntrustedPath, check_owned, open_last_path, open_path, reopen_for_reading
+    from tcpstates.safeopen import NotOwned, NotRegularFile, UntrustedPath, open_regular_checked
 
-    enforce = os.geteuid() == 0
     shown = escape_text(path)
     try:
-        fd = open_path(path, open_last_path, strict=enforce, follow_last=True)
+        return open_regular_checked(path, enforce=os.geteuid() == 0, secret=secret)
     except UntrustedPath as exc:
         raise UsageError(f"{what}: refusing to read {shown} as root because {escape_text(exc.strerror)}; "
                          f"keep it where only root can change it") from None
+    except NotRegularFile:
+        raise UsageError(f"{what}: {shown} is not a regular file (a directory, FIFO, socket or "
+                         f"device); give the path of a file") from None
+    except NotOwned as exc:
+        raise UsageError(f"{what}: refusing to read {shown} as root because {exc.strerror}; fix it with "
+                         f"'chown root {shown} && chmod go-w{',o-r' if secret else ''} {shown}'") from None
     except OSError as exc:
         raise UsageError(f"{what}: cannot open {shown} ({escape_text(exc.strerror)}); check the path") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{what}: {shown} is not a regular file (a directory, FIFO, socket or "
-                             f"device); give the path of a file")
-        why = check_owned(fd, st) if enforce else None
-        if why is None and enforce and secret and st.st_mode & 0o004:
-            why = f"it is a private key readable by every user (mode {st.st_mode & 0o7777:o})"
-        if why is not None:
-            raise UsageError(f"{what}: refusing to read {shown} as root because {why}; fix it with "
-                             f"'chown root {shown} && chmod go-w{',o-r' if secret else ''} {shown}'")
-        return reopen_for_reading(fd)
-    except OSError as exc:
-        raise UsageError(f"{what}: cannot read {shown} ({escape_text(exc.strerror)})") from None
-    finally:
-        os.close(fd)
 
 
 def _describe(st: os.stat_result) -> str:
