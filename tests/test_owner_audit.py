@@ -139,6 +139,56 @@ def _records(t, out, port):
             if r["lport"] == port and r["rport"] != 0]
 
 
+def _needs_exits() -> None:
+    from tcpstates.plugins.owner.kernel import owner_support
+    if not owner_support(1024).exits:
+        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+
+
+def _served(tracer, tmp_path, procs, server: str, word: str, pid_max: int | None = None):
+    """`server` started and ready, the tracer started (with kernel.pid_max =
+    `pid_max` meanwhile), a CLIENT_TOLD connected: (tracer, output, port,
+    client, server, the server's `word` line as ints)."""
+    port = free_port()
+    srv = spawn(server, str(port))
+    procs.append(srv)
+    said(srv, "ready")
+    out = tmp_path / "e.jsonl"
+    with _pid_max(pid_max):
+        t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    cli = spawn(CLIENT_TOLD, str(port))
+    procs.append(cli)
+    said(cli, "conn")
+    return t, out, port, cli, srv, [int(x) for x in said(srv, word)[1:]]
+
+
+def _closed(t, out, port, cli, srv, peer: int) -> list[dict]:
+    """The client closes, the server side after it: the records of that connection."""
+    tell(cli)
+    said(cli, "done")
+    said(srv, "closed")
+    return [r for r in _records(t, out, port) if r["rport"] == peer]
+
+
+def _of(recs: list[dict], old: str, new: str) -> list[dict]:
+    return [r for r in recs if (r["oldstate"], r["newstate"]) == (old, new)]
+
+
+@contextlib.contextmanager
+def _pid_max(value: int | None):
+    """kernel.pid_max = value while the tracer starts (None: unchanged): above
+    65,536 the kernel stage's per-PID-slot exit counters are shared by several
+    PIDs, so a moved count no longer proves whose exit it was."""
+    path = Path("/proc/sys/kernel/pid_max")
+    old = path.read_text()
+    if value is not None:
+        path.write_text(str(value))
+    try:
+        yield
+    finally:
+        path.write_text(old)
+
+
 def _reuse_pid(pid: int, cgroup_procs: list) -> subprocess.Popen | None:
     """A live process with PID `pid` (ns_last_pid), moved into `cgroup_procs`."""
     for _ in range(100):
@@ -157,22 +207,10 @@ def _reuse_pid(pid: int, cgroup_procs: list) -> subprocess.Popen | None:
 
 @pytest.mark.parametrize("reuse", [False, True], ids=["heir", "heir-pid-reused-in-a-container"])
 def test_fin_after_the_io_owner_exited_never_names_it(tracer, tmp_path, procs, reuse):
-    from tcpstates.plugins.owner.kernel import owner_support
-    if not owner_support(1024).exits:
-        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    _needs_exits()
     if reuse and not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
         pytest.skip("ns_last_pid not writable")
-    port = free_port()
-    srv = spawn(HEIR_KEEPS, str(port))
-    procs.append(srv)
-    said(srv, "ready")
-    out = tmp_path / "e.jsonl"
-    t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
-    cli = spawn(CLIENT_TOLD, str(port))
-    procs.append(cli)
-    said(cli, "conn")
-    _, heir, peer, exited = said(srv, "heir")
-    heir, peer, exited = int(heir), int(peer), int(exited)
+    t, out, port, cli, srv, (heir, peer, exited) = _served(tracer, tmp_path, procs, HEIR_KEEPS, "heir")
     maker = CgroupMaker()
     try:
         newcomer = None
@@ -182,22 +220,19 @@ def test_fin_after_the_io_owner_exited_never_names_it(tracer, tmp_path, procs, r
             newcomer = _reuse_pid(exited, [d / "cgroup.procs" for d in dirs])
             if newcomer is None:
                 pytest.skip("the PID was not reused in 100 forks")
-        tell(cli)
-        said(cli, "done")
-        said(srv, "closed")
-        recs = [r for r in _records(t, out, port) if r["rport"] == peer]
+        recs = _closed(t, out, port, cli, srv, peer)
     finally:
         if reuse and newcomer is not None:
             newcomer.kill()
             newcomer.wait(10)
         maker.cleanup()
-    fin = [r for r in recs if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "CLOSE_WAIT")]
+    fin = _of(recs, "ESTABLISHED", "CLOSE_WAIT")
     assert len(fin) == 1, recs
     if reuse:       # the process now holding the exited owner's PID is not the owner
         assert "container_id" not in fin[0], fin[0]
     # the truth is the heir; a process that has exited is confidently wrong
     assert fin[0]["owner_pid"] in (heir, None), (exited, heir, orjson.dumps(fin[0]).decode())
-    close = [r for r in recs if (r["oldstate"], r["newstate"]) == ("CLOSE_WAIT", "LAST_ACK")]
+    close = _of(recs, "CLOSE_WAIT", "LAST_ACK")
     assert len(close) == 1 and close[0]["owner_pid"] == heir, close
 
 
@@ -233,53 +268,23 @@ for _ in range(int(sys.argv[1])):
 """
 
 
-@contextlib.contextmanager
-def _pid_max(value: int | None):
-    """kernel.pid_max = value while the tracer starts (None: unchanged): above
-    65,536 the kernel stage's per-PID-slot exit counters are shared by several
-    PIDs, so a moved count no longer proves whose exit it was."""
-    path = Path("/proc/sys/kernel/pid_max")
-    old = path.read_text()
-    if value is not None:
-        path.write_text(str(value))
-    try:
-        yield
-    finally:
-        path.write_text(old)
-
-
 # slot-per-pid: this machine's pid_max (32,768): the moved exit count proves the
 # exit; shared-slots: pid_max 4,194,304 at the tracer's start (as systemd sets it):
 # the kernel says "maybe" and user space finds the owner gone
 @pytest.mark.parametrize("pid_max", [None, 1 << 22], ids=["slot-per-pid", "shared-slots"])
 def test_fin_after_the_owner_exited_and_many_exits_since_never_names_it(tracer, tmp_path, procs, pid_max):
-    from tcpstates.plugins.owner.kernel import GEN_SLOTS, owner_support
-    if not owner_support(1024).exits:
-        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    from tcpstates.plugins.owner.kernel import GEN_SLOTS
+    _needs_exits()
     if pid_max is None and int(Path("/proc/sys/kernel/pid_max").read_text()) > GEN_SLOTS:
         pytest.skip("pid_max here is above 65,536: the shared-slots case covers it")
-    port = free_port()
-    srv = spawn(HEIR_KEEPS, str(port))
-    procs.append(srv)
-    said(srv, "ready")
-    out = tmp_path / "e.jsonl"
-    with _pid_max(pid_max):
-        t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
-    cli = spawn(CLIENT_TOLD, str(port))
-    procs.append(cli)
-    said(cli, "conn")
-    _, heir, peer, exited = said(srv, "heir")
-    heir, peer, exited = int(heir), int(peer), int(exited)
+    t, out, port, cli, srv, (heir, peer, exited) = _served(tracer, tmp_path, procs, HEIR_KEEPS, "heir", pid_max)
     # more exits than owner_gone remembers (16,384), e.g. a busy build host
     subprocess.run([sys.executable, "-c", CHURN, "20000"], check=True, timeout=120)
-    tell(cli)
-    said(cli, "done")
-    said(srv, "closed")
-    recs = [r for r in _records(t, out, port) if r["rport"] == peer]
-    fin = [r for r in recs if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "CLOSE_WAIT")]
+    recs = _closed(t, out, port, cli, srv, peer)
+    fin = _of(recs, "ESTABLISHED", "CLOSE_WAIT")
     assert len(fin) == 1, recs
     assert fin[0]["owner_pid"] in (heir, None), (exited, heir, fin[0])
-    close = [r for r in recs if (r["oldstate"], r["newstate"]) == ("CLOSE_WAIT", "LAST_ACK")]
+    close = _of(recs, "CLOSE_WAIT", "LAST_ACK")
     assert len(close) == 1 and close[0]["owner_pid"] == heir, (exited, heir, close)
 
 
@@ -290,25 +295,10 @@ SHUTDOWN_THEN_HEIR = HEIR_KEEPS.replace('c.recv(4); c.sendall(b"ok")',
 
 
 def test_shutdown_then_exit_never_names_the_exited_owner(tracer, tmp_path, procs):
-    from tcpstates.plugins.owner.kernel import owner_support
-    if not owner_support(1024).exits:
-        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    _needs_exits()
     assert SHUTDOWN_THEN_HEIR != HEIR_KEEPS
-    port = free_port()
-    srv = spawn(SHUTDOWN_THEN_HEIR, str(port))
-    procs.append(srv)
-    said(srv, "ready")
-    out = tmp_path / "e.jsonl"
-    t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
-    cli = spawn(CLIENT_TOLD, str(port))
-    procs.append(cli)
-    said(cli, "conn")
-    _, heir, peer, exited = said(srv, "heir")
-    heir, peer, exited = int(heir), int(peer), int(exited)
-    tell(cli)
-    said(cli, "done")
-    said(srv, "closed")
-    recs = [r for r in _records(t, out, port) if r["rport"] == peer]
+    t, out, port, cli, srv, (heir, peer, exited) = _served(tracer, tmp_path, procs, SHUTDOWN_THEN_HEIR, "heir")
+    recs = _closed(t, out, port, cli, srv, peer)
     late = [r for r in recs if r["oldstate"] == "FIN_WAIT2"]
     assert late, recs
     wrong = [(r["oldstate"], r["newstate"], r["owner_pid"]) for r in late if r["owner_pid"] not in (heir, None)]
@@ -335,9 +325,8 @@ def test_a_live_owner_sharing_its_exit_counter_stays_named(tracer, tmp_path, pro
     """pid_max above 65,536: another PID of the owner's counter slot exits, so
     the kernel can only say "maybe gone"; the owner is alive, so user space
     names it (not needlessly unknown)."""
-    from tcpstates.plugins.owner.kernel import GEN_SLOTS, owner_support
-    if not owner_support(1024).exits:
-        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    from tcpstates.plugins.owner.kernel import GEN_SLOTS
+    _needs_exits()
     if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
         pytest.skip("ns_last_pid not writable")
     port = free_port()
@@ -355,11 +344,8 @@ def test_a_live_owner_sharing_its_exit_counter_stays_named(tracer, tmp_path, pro
         assert sharer is not None, "could not get PID owner + 65,536"
         sharer.stdin.close()
         sharer.wait(10)                                 # its exit moves the slot's count
-    tell(cli)
-    said(cli, "done")
-    said(srv, "closed")
-    recs = [r for r in _records(t, out, port) if r["rport"] == peer]
-    fin = [r for r in recs if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "CLOSE_WAIT")]
+    recs = _closed(t, out, port, cli, srv, peer)
+    fin = _of(recs, "ESTABLISHED", "CLOSE_WAIT")
     assert len(fin) == 1 and fin[0]["owner_pid"] == owner, fin
 
 
@@ -374,30 +360,15 @@ def test_an_unreaped_exited_owner_is_not_named_as_alive(tracer, tmp_path, procs)
     kernel says "maybe gone", and the owner is a zombie (exited, its parent has
     not waited): its /proc entry is still there with its start time, but it
     has exited: naming it is confidently wrong."""
-    from tcpstates.plugins.owner.kernel import owner_support
-    if not owner_support(1024).exits:
-        pytest.skip("no sched:sched_process_exit group_dead (Linux >= 6.13)")
+    _needs_exits()
     assert HEIR_KEEPS_ZOMBIE != HEIR_KEEPS
-    port = free_port()
-    srv = spawn(HEIR_KEEPS_ZOMBIE, str(port))
-    procs.append(srv)
-    said(srv, "ready")
-    out = tmp_path / "e.jsonl"
-    with _pid_max(1 << 22):
-        t = tracer("--owner", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
-    cli = spawn(CLIENT_TOLD, str(port))
-    procs.append(cli)
-    said(cli, "conn")
-    _, heir, peer, exited = said(srv, "heir")
-    heir, peer, exited = int(heir), int(peer), int(exited)
+    t, out, port, cli, srv, (heir, peer, exited) = _served(tracer, tmp_path, procs, HEIR_KEEPS_ZOMBIE, "heir",
+                                                           1 << 22)
     subprocess.run([sys.executable, "-c", CHURN, "20000"], check=True, timeout=120)
     state = Path(f"/proc/{exited}/stat").read_text().rsplit(")", 1)[1].split()[0]
     assert state == "Z", state               # exited, not reaped
-    tell(cli)
-    said(cli, "done")
-    said(srv, "closed")
+    recs = _closed(t, out, port, cli, srv, peer)
     tell(srv)                                # now A is reaped
-    recs = [r for r in _records(t, out, port) if r["rport"] == peer]
-    fin = [r for r in recs if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "CLOSE_WAIT")]
+    fin = _of(recs, "ESTABLISHED", "CLOSE_WAIT")
     assert len(fin) == 1, recs
     assert fin[0]["owner_pid"] in (heir, None), (exited, heir, fin[0])
