@@ -197,6 +197,18 @@ def _name_of(directory: Path, inode: int) -> str | None:
     return None
 
 
+def _restart_and_finish(fluent_bit, cfg: str, f: Feeder, receiver) -> int:
+    """Fluent Bit started again, 2,000 more events, tcpstates ends, everything
+    Fluent Bit delivers collected: the number of events sent."""
+    fb2 = fluent_bit(cfg, name="fb2")
+    f.feed(2000)
+    rc, err = f.finish()
+    assert rc == 0, err
+    wait_until(lambda: len({r["seq"] for r in receiver.records()}) >= f.at, 30, "all records", fail=False)
+    fb2.stop()
+    return f.at
+
+
 @pytest.mark.parametrize("rotations", [1, 3])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_tail_rotation_while_fluent_bit_down(tmp_path, fluent_bit, receiver, feeder, sig, rotations):
@@ -235,13 +247,7 @@ def test_tail_rotation_while_fluent_bit_down(tmp_path, fluent_bit, receiver, fee
         wait_until(lambda: _last_seq(path.parent) >= f.at, 20, "tcpstates to write")
     assert _name_of(path.parent, reading) == f"events.jsonl.{rotations}"
     down = f.at - 2000
-    fb2 = fluent_bit(cfg, name="fb2")
-    f.feed(2000)
-    rc, err = f.finish()
-    assert rc == 0, err
-    sent = f.at
-    wait_until(lambda: len({r["seq"] for r in receiver.records()}) >= sent, 30, "all records", fail=False)
-    fb2.stop()
+    sent = _restart_and_finish(fluent_bit, cfg, f, receiver)
     figures = check_exact(receiver.entries, sent, time_tolerance_ns=TIME_TOLERANCE_NS, allow_duplicates=True)
     print(f"tail rotation x{rotations} while down ({sig.name}, {down} events meanwhile): {figures}")
     seqs = Counter(r["seq"] for r in receiver.records())
@@ -357,13 +363,7 @@ def test_tail_numbered_files_exactly_once_across_rotation_and_downtime(tmp_path,
         f.feed(100)
         assert f.at < n - 2000
         wait_until(lambda: _last_numbered_seq(path.parent) >= f.at, 20, "tcpstates to write")
-    fb2 = fluent_bit(cfg, name="fb2")
-    f.feed(2000)
-    rc, err = f.finish()
-    assert rc == 0, err
-    sent = f.at
-    wait_until(lambda: len({r["seq"] for r in receiver.records()}) >= sent, 30, "all records", fail=False)
-    fb2.stop()
+    sent = _restart_and_finish(fluent_bit, cfg, f, receiver)
     figures = check_exact(receiver.entries, sent, time_tolerance_ns=TIME_TOLERANCE_NS)
     print(f"tail numbered ({sig.name}): {figures}")
     assert figures == {"received": sent, "lost": 0, "duplicates": 0}
