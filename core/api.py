@@ -339,6 +339,12 @@ class Sink(Stage):
         written means handed to the destination without error."""
         return None
 
+    def unfinished(self) -> int:
+        """Read after `close`: events earlier counted as written whose line the
+        destination never got whole (a stall cut it and the output closed before
+        its rest could follow). The summary moves them to "not written"."""
+        return 0
+
     def write_aggregates(self, snapshot: Aggregates) -> None:
         """The source's latest cumulative Aggregates (sinks that set
         `consumes_aggregates`): about every 0.5 s, before `report` on SIGUSR1

@@ -28,7 +28,8 @@ with OutputStalled, so the pipeline counts it for this sink alone and the
 other sinks go on; until it takes something again, later writes give up
 after STALL_PROBE_S instead of a whole stall_timeout each. A line cut in the middle by the stall is finished first
 at the next write (so the reader never sees a torn line followed by another)
-and counts as written.
+and counts as written; if the output closes before its rest went out (the run
+ended, the reader left), `unfinished` says so and the sink un-counts it.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class LineOutput:
         self.stall_timeout = stall_timeout
         self.stalled = False                     # the last write gave up: probe briefly until one works
         self._pending = b""                      # the rest of a line a stall cut
+        self.unfinished = 0                      # lines counted as written but closed torn
         self.notice = notice                     # says once that we wait for a FIFO's reader
         self.max_bytes = max_bytes
         self.keep = keep
@@ -525,5 +527,22 @@ class LineOutput:
         self._own = False
 
     def close(self) -> None:
+        self._finish_pending()
         self._release()
         self._close_fd()
+
+    def _finish_pending(self) -> None:
+        """The rest of a line a stall cut goes out now if the destination takes it
+        without waiting (a close must not block); otherwise that line stays torn
+        and is counted in `unfinished`."""
+        if not self._pending:
+            return
+        try:
+            while self._pending and self.fd >= 0:
+                n = self._send(memoryview(self._pending))
+                self._pending = self._pending[n:]
+        except OSError:
+            pass
+        if self._pending:
+            self.unfinished += 1
+            self._pending = b""

@@ -211,3 +211,40 @@ def _link(pid: int, fd: str) -> str:
         return os.readlink(f"/proc/{pid}/fd/{fd}")
     except OSError:
         return ""
+
+
+def test_a_line_cut_by_a_stall_and_never_finished_is_not_counted_as_written(tmp_path):
+    """A stall cuts a line (the reader freed one page, then stopped again) and the
+    run ends before its rest can follow: that line is torn in the FIFO for good,
+    so "written: jsonl" is the whole lines the reader gets, not one more."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)      # lets the sink open it
+    err_path = tmp_path / "err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(tcpstates_argv("--replay", "-", "--sink", "jsonl", "-o", f"sinks.jsonl.path={fifo}",
+                                               "-o", "sinks.jsonl.stall_timeout=0.3",
+                                               "-o", "sources.replay.batch_size=100"),
+                                stdin=subprocess.PIPE, stderr=err)
+    try:
+        proc.stdin.write(b"".join(_record(i) for i in range(1, 301)))   # more than the FIFO holds
+        proc.stdin.flush()
+        _wait_for(lambda: "stall_timeout" in err_path.read_text(), "the sink never stalled")
+        got = bytearray(os.read(reader, 4096))          # one page free: the next write cuts a line
+        proc.stdin.write(b"".join(_record(i) for i in range(301, 401)))
+        proc.stdin.close()                              # ...and the run ends before its rest can go
+        rc = proc.wait(20)
+        while chunk := os.read(reader, 65536):          # the writer is gone: reads end at EOF
+            got += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(reader)
+    err = err_path.read_text()
+    assert rc == 0, err
+    # the scenario happened: the FIFO ends in the head of a line
+    assert not got.endswith(b"\n"), "no line was cut: the test proves nothing"
+    summary = parse_summary(err)
+    assert summary.written == {"jsonl": got.count(b"\n")}, err
+    assert summary.written["jsonl"] + summary.not_written["jsonl"] == 400, err

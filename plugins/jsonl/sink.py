@@ -138,3 +138,6 @@ class JsonlSink(Sink):
 
     def close(self) -> None:
         self.output.close()
+
+    def unfinished(self) -> int:
+        return self.output.unfinished
