@@ -299,9 +299,10 @@ class LineOutput:
         except (OSError, UsageError, interrupt.StopRequested) as exc:
             done = self._accepted
             written = bytes(data[:done]).count(b"\n")
-            if isinstance(exc, OutputStalled) and done and data[done - 1:done] != b"\n":
-                # a line cut by the stall: its rest goes first next time (never a
-                # torn line followed by another), so it counts as written
+            if isinstance(exc, (OutputStalled, interrupt.StopRequested)) and done and data[done - 1:done] != b"\n":
+                # a line cut by the stall or the stop: its rest goes first next
+                # time (never a torn line followed by another: the stop's drain
+                # still writes), so it counts as written unless close says otherwise
                 end = data.find(b"\n", done)
                 self._pending = bytes(data[done:] if end < 0 else data[done:end + 1])
                 written += end >= 0
@@ -312,7 +313,7 @@ class LineOutput:
         pending, self._pending = self._pending, b""
         try:
             self._write_all(pending)
-        except OutputStalled:
+        except (OutputStalled, interrupt.StopRequested):
             self._pending = pending[self._accepted:]
             self._accepted = 0
             raise
