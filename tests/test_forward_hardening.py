@@ -76,6 +76,17 @@ def test_tls_files_that_are_not_regular_files_are_refused_not_waited_on(tmp_path
         assert f"sinks.forward.{key}" in err and "not a regular file" in err, err
 
 
+def test_tls_files_openssl_cannot_use_are_named(tmp_path):
+    # OpenSSL saw only /proc/self/fd/N: "TLS set-up failed: [SSL] PEM lib" named no file
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not PEM\n")
+    bad.chmod(0o600)
+    err = _tls_refusal(tmp_path, f"tls_ca_file={bad}")
+    assert f"sinks.forward.tls_ca_file: {bad} does not hold usable CA certificates" in err, err
+    err = _tls_refusal(tmp_path, f"tls_cert_file={bad}")
+    assert f"sinks.forward.tls_cert_file: {bad} does not hold a usable certificate" in err, err
+
+
 @pytest.mark.root
 def test_tls_files_others_could_change_are_refused_as_root(tmp_path):
     import pwd
