@@ -44,7 +44,7 @@ def test_invalid_addresses_refused_at_config_time(tmp_path, address):
     (("username=alice", "password=x"), "needs shared_key"),
     (("tls_ca_file=/etc/hostname",), "set tls = true"),
     (("tls=true", "tls_ca_file=/nonexistent/ca.pem"), "tls_ca_file: cannot open /nonexistent/ca.pem"),
-    (("tls=true", "tls_ca_file=/etc/hostname"), "TLS set-up failed"),
+    (("tls=true", "tls_ca_file=/etc/hostname"), "tls_ca_file: /etc/hostname does not hold usable CA"),
 ])
 def test_inconsistent_auth_and_tls_options_refused(tmp_path, opts, msg):
     args = ["--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward"]
