@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 from journald import JOURNALD, PrivateJournald
-from traffic import free_port, refused
+from traffic import free_port, refused, wait_port_settled
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.kernel
@@ -236,3 +236,46 @@ def test_per_socket_map_full_gives_unknown_never_silent_zero(tracer, tmp_path):
     unknown = [r for r in closing if r["span_us"] is None]
     assert unknown, "with 1024 map entries some of the 1500 sockets must have been evicted"
     assert all(r["span_us"] is None or r["span_us"] > 0 for r in closing)   # never a fake 0
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["normal", "node-reused"])
+def test_a_reused_lru_node_never_lends_another_sockets_owner_or_clock(tracer, tmp_path, reuse):
+    """The kernel frees an LRU node at once on update/delete/eviction, so
+    another CPU can reuse it for another socket while a pointer from lookup()
+    is held (a concurrent send/recv replacing the socket's owner entry is
+    enough). That race cannot be provoked on demand, so it is injected
+    (TCPSTATES_TEST_REUSE: every node is "reused" between the reads and the
+    key check): every span and every kernel-learnt owner must then be
+    unknown. The same workload without injection has them all."""
+    out = tmp_path / "e.jsonl"
+    port = free_port()
+    env = {"TCPSTATES_TEST_REUSE": "1"} if reuse else {}
+    t = tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", "-L", str(port), env=env)
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(64)
+    for _ in range(20):
+        c = socket.create_connection(("127.0.0.1", port))
+        a = srv.accept()[0]
+        a.sendall(b"x")
+        c.recv(1)
+        c.sendall(b"y")
+        a.recv(1)
+        c.close()
+        a.recv(1)                           # the client's FIN: then close the server side
+        a.close()
+    srv.close()
+    assert not wait_port_settled(port), "the sockets never settled"
+    rc, _, err = t.stop()
+    assert rc == 0, err
+    recs = [r for r in _records(out) if r["type"] == "state_change" and r["lport"] == port]
+    assert len(recs) == 20 * 5 + 2          # the listener's 2, each server child's 5
+    spans = [r["span_us"] for r in recs if r["oldstate"] not in ("CLOSE", "LISTEN")]
+    learnt = [r for r in recs if r["owner_source"] in ("syscall", "accept", "io")]
+    if reuse:
+        assert spans and all(s is None for s in spans)
+        assert learnt == []
+    else:
+        assert all(s is not None for s in spans)
+        assert len(learnt) >= 20 * 3
