@@ -97,6 +97,15 @@ def _used_guard(fd: int) -> int:
         return 0
 
 
+def _numbered(suffix: str) -> bool:
+    """`suffix` is a number as rotation writes it: ASCII digits, no leading zero
+    (str.isdigit also takes "²", which int() refuses, and "٣", which it reads
+    as 3), of any length (every number rotation made is found again at a
+    restart, or the restart would go back to an older file and never delete
+    the newer ones)."""
+    return suffix.isascii() and suffix.isdigit() and (suffix == "0" or suffix[0] != "0")
+
+
 class OutputStalled(OSError):
     """The destination took nothing for stall_timeout seconds."""
 
@@ -188,18 +197,18 @@ class LineOutput:
         # regular files, FIFOs (a shipper reading a pipe) and character devices (/dev/null)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             self._close_fd()
-            raise UsageError(f"{self.path}: not a file, FIFO or device; give a file path or '-' for stdout")
+            raise UsageError(f"{self.live_path}: not a file, FIFO or device; give a file path or '-' for stdout")
         # a FIFO too: another user's FIFO hands them every event we write
         why = check_owned(self.fd, st) if stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) else None
         if why is not None:   # as root: never append to a file someone else controls
             self._close_fd()
-            raise UsageError(f"{self.path}: refusing to append as root because {why}; remove it or "
+            raise UsageError(f"{self.live_path}: refusing to append as root because {why}; remove it or "
                              f"fix its owner and mode")
         dir_st = os.fstat(self._dirfd)
         if os.geteuid() == 0 and not entry_trusted(dir_st, st):
             # another user could rename or replace what we write (and rotate)
             self._close_fd()
-            raise UsageError(f"{self.path}: refusing to write as root into a directory another user "
+            raise UsageError(f"{self.live_path}: refusing to write as root into a directory another user "
                              f"can change (owner uid {dir_st.st_uid}, mode {dir_st.st_mode & 0o7777:o}); "
                              f"use a directory owned by root and not writable by group/others")
         self.regular = stat.S_ISREG(st.st_mode)
@@ -219,9 +228,8 @@ class LineOutput:
             names = os.listdir(head or ("/" if sep else "."))
         except OSError:
             return 1
-        found = [int(n[len(base) + 1:]) for n in names
-                 if n.startswith(base + ".") and n[len(base) + 1:].isdigit() and len(n) - len(base) <= 19]
-        return max(found, default=1)
+        return max((int(n[len(base) + 1:]) for n in names
+                    if n.startswith(base + ".") and _numbered(n[len(base) + 1:])), default=1)
 
     def _open_file(self) -> int:
         """openat per component with O_NOFOLLOW (a symlinked parent is followed only
@@ -245,18 +253,18 @@ class LineOutput:
             try:
                 return open_path(self.live_path, open_last, strict=False, follow_last=False)
             except UntrustedPath as exc:
-                raise UsageError(f"{self.path}: refusing to write: {exc.strerror}") from None
+                raise UsageError(f"{self.live_path}: refusing to write: {exc.strerror}") from None
             except OSError as exc:
                 if exc.errno == errno.ENXIO:       # a FIFO nobody reads yet: wait for a reader
                     if not waited and self.notice is not None:
-                        self.notice(f"{self.path}: a FIFO nobody reads yet; waiting for a reader")
+                        self.notice(f"{self.live_path}: a FIFO nobody reads yet; waiting for a reader")
                     waited = True
                     interrupt.sleep(FIFO_RETRY_S)
                     continue
                 if exc.errno == errno.ELOOP:
-                    raise UsageError(f"{self.path}: is a symbolic link; tcpstates never writes "
+                    raise UsageError(f"{self.live_path}: is a symbolic link; tcpstates never writes "
                                      f"through links, give the real path") from None
-                raise UsageError(f"{self.path}: cannot open for appending ({exc.strerror}); "
+                raise UsageError(f"{self.live_path}: cannot open for appending ({exc.strerror}); "
                                  f"check the directory exists and is writable") from None
 
     def _open_stdout(self) -> None:
