@@ -453,13 +453,24 @@ class LineOutput:
             os.close(old)
         self._release()      # the destination is a new inode now
         self._claim()
-        for gone in range(index - self.keep - 1, max(0, index - self.keep - 1 - 64), -1):
+        # every PATH.M older than the kept ones, not only the run just below:
+        # a file removed by hand must not make all older ones stay forever
+        try:
+            # the directory descriptor may be O_PATH: listed through a readable one
+            listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=d)
             try:
-                os.unlink(f"{base}.{gone}", dir_fd=d)
-            except FileNotFoundError:
-                break           # the older ones went at earlier rotations
-            except OSError:
-                pass
+                names = os.listdir(listing)
+            finally:
+                os.close(listing)
+        except OSError:
+            names = []
+        for name in names:
+            suffix = name[len(base) + 1:]
+            if name.startswith(base + ".") and _numbered(suffix) and int(suffix) < index - self.keep:
+                try:
+                    os.unlink(name, dir_fd=d)
+                except OSError:
+                    pass
 
     def _pipe_room(self) -> int | None:
         """Free bytes in the pipe or FIFO we write to (None: not a pipe, or unknown)."""

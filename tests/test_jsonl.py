@@ -186,6 +186,25 @@ def _numbered_run(tmp_path: Path, out: Path, first: int, count: int, keep: int =
                    "-o", "sinks.jsonl.rotate_names=numbered")
 
 
+def test_numbered_rotation_deletes_every_older_file_past_a_gap(tmp_path):
+    """A file removed by hand in the middle of the numbers must not make the
+    older ones stay forever (the disk would fill with them)."""
+    from tracer import run_cli
+    out = tmp_path / "r.jsonl"
+    for n in (1, 2, 4, 5):                 # .3 was removed by hand
+        (tmp_path / f"r.jsonl.{n}").write_text("")
+        (tmp_path / f"r.jsonl.{n}").chmod(0o640)
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(orjson.dumps(_sample(seq=1 + i, mono_ns=10**9 + i)) + b"\n"
+                               for i in range(300)))
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
+                "-o", "sinks.jsonl.max_bytes=20000", "-o", "sinks.jsonl.keep=2",
+                "-o", "sinks.jsonl.rotate_names=numbered")
+    assert r.returncode == 0, r.stderr
+    left = sorted(int(p.suffix[1:]) for p in tmp_path.glob("r.jsonl.*"))
+    assert left == list(range(left[-1] - 2, left[-1] + 1)) and left[0] > 5, left   # live + keep=2
+
+
 def test_numbered_names_that_are_not_its_numbers_are_left_alone(tmp_path):
     """Names tcpstates never makes (a superscript or Arabic-Indic digit, a
     leading zero) are neither the newest file nor a crash: "r.jsonl.²" made
