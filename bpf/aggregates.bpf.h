@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* aggregates.bpf.h - in-kernel histograms and counters (-DTCPSTATES_AGGREGATES).
  *
  * Included by tcpstates.bpf.c. Without TCPSTATES_AGGREGATES it defines

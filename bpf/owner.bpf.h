@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* owner.bpf.h - the owner half of the kernel stage: which process holds each
  * TCP socket, learnt in that process's own context.
  *

@@ -209,6 +209,9 @@ class RunContext:
     # consume them (set by the source in request_aggregates, read by those
     # sinks: they then take their figures from the snapshots, not from events)
     aggregates: bool = False
+    # the account root switches to once the source is attached (--user), ""
+    # for none: a sink that must create files later (rotation) cannot as that user
+    drop_user: str = ""
 
     @staticmethod
     def measure_clock_offset() -> int:
