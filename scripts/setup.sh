@@ -27,12 +27,22 @@ if [ "$want_test" = yes ]; then
     # journald + journalctl for the private test journal, unshare/nsenter, ss,
     # /etc/services for the example plugin, bcc's own tcpstates for the benchmark,
     # a C compiler for the record-layout test, the real Fluent Bit's runtime libraries
+    # (libssl3t64|libssl3: Ubuntu 24.04 renamed it for 64-bit time_t; Debian 12 did not)
     pkgs+=(systemd util-linux iproute2 procps netbase bpfcc-tools gcc libc6-dev
-           libsqlite3-0 libssl3 libyaml-0-2 libsystemd0 libstdc++6)
+           libsqlite3-0 "libssl3t64|libssl3" libyaml-0-2 libsystemd0 libstdc++6)
 fi
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+# apt-cache show succeeds for a purely virtual name (Ubuntu: linux-headers-amd64),
+# so ask whether apt would install a real version.
+has_candidate() { apt-cache policy "$1" 2>/dev/null | grep -q '^  Candidate: [^(]'; }
 missing=()
 for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    # "a|b": alternatives (names differ between Debian and Ubuntu releases);
+    # present if any is installed, else the first one apt can install
+    found=no
+    for alt in ${p//|/ }; do installed "$alt" && found=yes && break; done
+    [ "$found" = yes ] || missing+=("$p")
 done
 
 # A header tree for bcc's compiler: the running kernel's own, else generic ones.
@@ -45,30 +55,40 @@ elif compgen -G "/usr/src/linux-headers-*/include/linux/kconfig.h" >/dev/null; t
 fi
 
 apt_updated=no
-apt_install() {
+apt_refresh() {
     if [ "$apt_updated" = no ]; then
         say "apt-get update"
         DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
         apt_updated=yes
     fi
+}
+apt_install() {
+    apt_refresh
     say "installing: $*"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
 }
-[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+if [ ${#missing[@]} -gt 0 ]; then
+    apt_refresh
+    names=()
+    for p in "${missing[@]}"; do
+        pick=
+        for alt in ${p//|/ }; do has_candidate "$alt" && pick=$alt && break; done
+        [ -n "$pick" ] || die "no package of ${p//|/ or } can be installed: are the main and universe components in /etc/apt/sources.list?"
+        names+=("$pick")
+    done
+    apt_install "${names[@]}"
+fi
 
 if [ "$have_headers" = no ]; then
-    if [ "$apt_updated" = no ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
-        apt_updated=yes
-    fi
-    if apt-cache show "linux-headers-$release" >/dev/null 2>&1; then
+    apt_refresh
+    if has_candidate "linux-headers-$release"; then
         apt_install "linux-headers-$release"
     else
         # No package matches this kernel (custom or cloud kernel): the generic
         # headers work because tcpstates reads no kernel struct layouts.
         arch=$(dpkg --print-architecture)
         generic=linux-headers-$arch
-        apt-cache show "$generic" >/dev/null 2>&1 || generic=linux-headers-generic   # Ubuntu
+        has_candidate "$generic" || generic=linux-headers-generic   # Ubuntu
         say "no headers packaged for kernel $release; using generic $generic"
         apt_install "$generic"
     fi
