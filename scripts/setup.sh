@@ -94,6 +94,27 @@ if [ "$have_headers" = no ]; then
     fi
 fi
 
+# --- Python >= 3.11 (pyproject.toml) ---------------------------------------------
+# Ubuntu 22.04's python3 is 3.10: use its python3.11 (universe) for the venv.
+# bcc's Python module is pure Python, so the OS's copy works from 3.11 too;
+# python3-systemd's C modules are built for 3.10 only, so the venv builds its own.
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+py=/usr/bin/python3
+if ! new_enough "$py"; then
+    py=/usr/bin/python3.11
+    extra=()
+    for p in python3.11 python3.11-venv python3.11-dev libsystemd-dev pkg-config; do
+        installed "$p" || extra+=("$p")
+    done
+    if [ ${#extra[@]} -gt 0 ]; then
+        apt_refresh
+        has_candidate python3.11-venv ||
+            die "tcpstates needs Python >= 3.11; $(/usr/bin/python3 -V 2>&1) is older and apt offers no python3.11 (on Ubuntu 22.04 enable the universe component)"
+        apt_install "${extra[@]}"
+    fi
+    new_enough "$py" || die "tcpstates needs Python >= 3.11; $py is not usable"
+fi
+
 # --- tracefs ------------------------------------------------------------------
 if [ ! -d /sys/kernel/tracing/events ] && [ ! -d /sys/kernel/debug/tracing/events ]; then
     say "mounting tracefs on /sys/kernel/tracing"
@@ -104,7 +125,17 @@ fi
 # --system-site-packages: bcc's Python module is the OS package's, never PyPI's.
 if [ ! -x "$venv/bin/python" ]; then
     say "creating $venv"
-    /usr/bin/python3 -m venv --system-site-packages "$venv"
+    "$py" -m venv --system-site-packages "$venv"
+elif ! new_enough "$venv/bin/python"; then
+    # made by an older set-up with a too old Python: nothing in it is usable
+    say "recreating $venv with $("$py" -V 2>&1)"
+    "$py" -m venv --clear --system-site-packages "$venv"
+fi
+if [ "$py" != /usr/bin/python3 ] && ! "$venv/bin/python" -c "import systemd.journal" 2>/dev/null; then
+    # the OS's python3-systemd satisfies pip's systemd-python requirement but
+    # its C modules do not load in this Python: build systemd-python here
+    say "building systemd-python for $("$py" -V 2>&1) into $venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --ignore-installed "systemd-python>=234"
 fi
 extras=journal,metrics
 [ "$want_test" = yes ] && extras=journal,metrics,test
