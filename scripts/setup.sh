@@ -32,10 +32,20 @@ if [ "$want_test" = yes ]; then
            libsqlite3-0 "libssl3t64|libssl3" libyaml-0-2 libsystemd0 libstdc++6)
 fi
 
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+# (output captured, not piped into grep -q: grep's early exit would kill the
+# writer with SIGPIPE, a failure under pipefail)
+installed() {
+    local status
+    status=$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) || return 1
+    [ "$status" = "install ok installed" ]
+}
 # apt-cache show succeeds for a purely virtual name (Ubuntu: linux-headers-amd64),
 # so ask whether apt would install a real version.
-has_candidate() { apt-cache policy "$1" 2>/dev/null | grep -q '^  Candidate: [^(]'; }
+has_candidate() {
+    local policy
+    policy=$(apt-cache policy "$1" 2>/dev/null) || return 1
+    [[ $policy =~ $'\n'"  Candidate: "[^\(] ]]
+}
 missing=()
 for p in "${pkgs[@]}"; do
     # "a|b": alternatives (names differ between Debian and Ubuntu releases);
