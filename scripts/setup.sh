@@ -131,6 +131,15 @@ if [ ! -d /sys/kernel/tracing/events ] && [ ! -d /sys/kernel/debug/tracing/event
     mount -t tracefs tracefs /sys/kernel/tracing || die "cannot mount tracefs; is this a container without CAP_SYS_ADMIN?"
 fi
 
+# bcc before 0.26 (Ubuntu 22.04: 0.18) reads tracepoint formats only under
+# /sys/kernel/debug/tracing; systemd mounts debugfs at boot, a chroot or a
+# container may not have it
+if [ ! -d /sys/kernel/debug/tracing/events ] &&
+   /usr/bin/python3 -c 'import bcc, sys; sys.exit(tuple(map(int, bcc.__version__.split(".")[:2])) >= (0, 26))' 2>/dev/null; then
+    say "mounting debugfs on /sys/kernel/debug (this bcc finds tracepoints only there)"
+    mount -t debugfs debugfs /sys/kernel/debug || die "cannot mount debugfs, which this bcc needs for tracepoints"
+fi
+
 # --- virtual environment ------------------------------------------------------
 # --system-site-packages: bcc's Python module is the OS package's, never PyPI's.
 if [ ! -x "$venv/bin/python" ]; then

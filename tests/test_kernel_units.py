@@ -30,7 +30,7 @@ from tcpstates.plugins.kernel.decoder import (
 )
 from tcpstates.plugins.kernel.headers import generic_trees
 from tcpstates.plugins.kernel.perfbuf import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, PerfBufferReader
-from tcpstates.plugins.kernel.probe import bpf_source_dir, build_cflags
+from tcpstates.plugins.kernel.probe import bcc_needs_debugfs, bpf_source_dir, build_cflags
 from tcpstates.plugins.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, RingBufferReader
 
 PAGE = mmap.PAGESIZE
@@ -352,3 +352,9 @@ def test_generic_headers_debian_pairs_the_arch_tree_with_its_common_tree(tmp_pat
     arch = _header_tree(tmp_path, "linux-headers-6.1.0-56-amd64", generated=True)
     _header_tree(tmp_path, "linux-headers-6.1.0-55-amd64", generated=True)   # its common is gone
     assert generic_trees(tmp_path) == [(arch, common)]
+
+
+@pytest.mark.parametrize("version, needs", [("0.18.0", True), ("0.25.0", True), ("0.26.0", False),
+                                            ("0.29.1", False), ("1.0", False), ("?", False)])
+def test_only_bcc_before_0_26_needs_the_debugfs_tracing_path(version, needs):
+    assert bcc_needs_debugfs(version) is needs

@@ -22,6 +22,7 @@ from typing import Any
 
 from tcpstates.errors import EnvironmentProblem, UsageError
 from tcpstates.plugins.kernel.perfbuf import PerfBufferReader
+from tcpstates.plugins.kernel.probe import DEBUGFS_TRACING, bcc_needs_debugfs
 
 PROG_NAME = b"tracepoint__sock__inet_sock_set_state"
 TRACEPOINT = b"sock:inet_sock_set_state"
@@ -116,6 +117,10 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
         hint = ("install kernel headers (linux-headers-$(uname -r), or the generic "
                 "linux-headers package) and retry" if "kconfig.h" in message or
                 "kernel headers" in message.lower() else "run 'tcpstates doctor' for details")
+        if "struct tracepoint__" in err[0] and bcc_needs_debugfs(str(getattr(bcc, "__version__", ""))):
+            # old bcc found no tracepoint format: it looks only under debugfs
+            hint = (f"bcc {bcc.__version__} reads tracepoints only under {DEBUGFS_TRACING}: "
+                    "mount -t debugfs debugfs /sys/kernel/debug and retry")
         raise EnvironmentProblem(f"BPF compile/load failed ({compile_error}): "
                                  f"{message or 'no compiler output'}; {hint}")
     import ctypes
