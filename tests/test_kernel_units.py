@@ -21,6 +21,7 @@ import pytest
 
 from tcpstates.config import apply_override, parse_override
 from tcpstates.errors import UsageError
+from tcpstates.plugins.kernel.bcccompat import bcc_needs_debugfs
 from tcpstates.plugins.kernel.decoder import (
     EVENT_SIZE,
     EVENT_STRUCT,
@@ -30,7 +31,7 @@ from tcpstates.plugins.kernel.decoder import (
 )
 from tcpstates.plugins.kernel.headers import generic_trees
 from tcpstates.plugins.kernel.perfbuf import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, PerfBufferReader
-from tcpstates.plugins.kernel.probe import bcc_needs_debugfs, bpf_source_dir, build_cflags
+from tcpstates.plugins.kernel.probe import bpf_source_dir, build_cflags
 from tcpstates.plugins.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, RingBufferReader
 
 PAGE = mmap.PAGESIZE

@@ -10,8 +10,8 @@ from typing import Callable
 
 from tcpstates.doctor import Check
 from tcpstates.plugins.kernel.headers import choose_header_tree
-from tcpstates.plugins.kernel.probe import (DEBUGFS_TRACING, bcc_needs_debugfs, find_tracefs, kernel_version,
-                                            tracepoint_exists)
+from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
+from tcpstates.plugins.kernel.probe import find_tracefs, kernel_version, tracepoint_exists
 
 Row = tuple[str, bool, bool, str]   # name, required, ok, detail / what to do
 

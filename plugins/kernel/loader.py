@@ -23,7 +23,7 @@ from typing import Any
 
 from tcpstates.errors import EnvironmentProblem, UsageError
 from tcpstates.plugins.kernel.perfbuf import PerfBufferReader
-from tcpstates.plugins.kernel.probe import DEBUGFS_TRACING, bcc_needs_debugfs
+from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
 
 PROG_NAME = b"tracepoint__sock__inet_sock_set_state"
 TRACEPOINT = b"sock:inet_sock_set_state"

@@ -59,18 +59,6 @@ def find_tracefs(mount: bool = True) -> Path | None:
     return None
 
 
-# bcc before 0.26 (Ubuntu 22.04 has 0.18) reads a tracepoint's format only under
-# /sys/kernel/debug/tracing (bcc PR 4216 added /sys/kernel/tracing); without it the
-# program compiles against no tracepoint struct. systemd mounts debugfs at boot.
-DEBUGFS_TRACING = Path("/sys/kernel/debug/tracing")
-
-
-def bcc_needs_debugfs(bcc_version: str) -> bool:
-    """Whether this bcc finds tracepoint formats only under DEBUGFS_TRACING."""
-    m = re.match(r"(\d+)\.(\d+)", bcc_version)
-    return m is not None and (int(m.group(1)), int(m.group(2))) < (0, 26)
-
-
 def tracepoint_exists(tracefs: Path) -> bool:
     return (tracefs / "events" / TRACEPOINT[0] / TRACEPOINT[1] / "format").is_file()
 
