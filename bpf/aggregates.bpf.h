@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* aggregates.bpf.h - in-kernel histograms and counters (-DTCPSTATES_AGGREGATES).
  *
  * Included by tcpstates.bpf.c. Without TCPSTATES_AGGREGATES it defines
@@ -32,7 +33,7 @@
 
 BPF_F_TABLE("array", u32, struct tcpstates_agg, agg, TCPSTATES_NCPUS, (1U << 10));
 BPF_F_TABLE("array", u32, u64, agg_ports, 2 * TCPSTATES_AGG_MAX_PORTS, (1U << 10));
-BPF_TABLE("lru_hash", u64, u64, est_start, TCPSTATES_MAX_SOCKETS);
+BPF_TABLE("lru_hash", u64, struct tcpstates_sk_ts, est_start, TCPSTATES_MAX_SOCKETS);
 
 /* bit length of v (0 for 0): the log2 bucket of a microsecond count */
 static __always_inline u32 agg_bucket(u64 ns)
@@ -80,11 +81,12 @@ static __always_inline void aggregate(u32 old, u32 new, u32 sport, u32 dport, u6
             }
         }
         if (new == TCPSTATES_TCP_ESTABLISHED) {
-            est_start.update(&sk, &ts);
+            struct tcpstates_sk_ts start = {.sk = sk, .ts = ts};
+            est_start.update(&sk, &start);
         } else if (new == TCPSTATES_TCP_CLOSE) {
-            u64 *start = est_start.lookup(&sk);
-            if (start) {
-                u64 life = ts - *start;
+            struct tcpstates_sk_ts *start = est_start.lookup(&sk);
+            u64 life = start ? ts - start->ts : 0;
+            if (start && TCPSTATES_SAME_SK(start, sk)) {
                 u32 lb = agg_bucket(life);
                 if (lb < TCPSTATES_AGG_BUCKETS) {
                     a->extra_hist[TCPSTATES_AGG_LIFETIME][lb]++;

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* owner.bpf.h - the owner half of the kernel stage: which process holds each
  * TCP socket, learnt in that process's own context.
  *
@@ -75,6 +76,7 @@
 #endif
 
 struct tcpstates_owner {
+    u64 sk;               /* its key (TCPSTATES_SAME_SK in tcpstates.bpf.c) */
     u64 start_ns;
     u64 cgroup_id;
     u32 pid;
@@ -88,6 +90,15 @@ struct tcpstates_owner {
 };
 
 BPF_TABLE("lru_hash", u64, struct tcpstates_owner, sk_owner, TCPSTATES_OWNER_MAX);
+/* The entry of socket sk, or NULL. Its node may be reused for another socket
+ * once a concurrent send/recv on another CPU replaces this socket's entry
+ * (each update takes a new node and frees the old one at once): a reader
+ * checks the key again after its reads (TCPSTATES_SAME_SK). */
+static __always_inline struct tcpstates_owner *owner_lookup(u64 sk)
+{
+    struct tcpstates_owner *o = sk_owner.lookup(&sk);
+    return o && o->sk == sk ? o : NULL;
+}
 /* one staging slot per CPU: the entry is too big to build twice on the stack */
 BPF_PERCPU_ARRAY(owner_scratch, struct tcpstates_owner, 1);
 
@@ -232,6 +243,7 @@ static __always_inline void owner_set_current(u64 sk, u32 how, u32 closed)
     if (!o)
         return;
     owner_current(o, how);
+    o->sk = sk;
     o->gen = owner_gen(o->pid);
     o->closed = closed;
     sk_owner.update(&sk, o);
@@ -297,13 +309,24 @@ static __always_inline void owner_track(u64 sk, int old, int new)
 {
     if (owner_is_syscall_transition(old, new) && (bpf_get_current_pid_tgid() >> 32) != 0) {
         int closing = owner_is_close_transition(old, new);
-        struct tcpstates_owner *known = closing ? sk_owner.lookup(&sk) : NULL;
+        struct tcpstates_owner *known = closing ? owner_lookup(sk) : NULL;
         if (!known || known->how != TCPSTATES_OWNER_IO_ || owner_exited(known))
             owner_set_current(sk, TCPSTATES_OWNER_SYSCALL, closing);
         else {
-            known->closed = 1;           /* the user stays named after the close */
-            if (known->pid == (bpf_get_current_pid_tgid() >> 32))
-                owner_current(known, known->how);   /* itself: its name now (after an exec) */
+            /* the user stays named after the close: written as a new entry
+             * from a copy, never into `known` (its node may be another
+             * socket's by now) */
+            u32 zero = 0;
+            struct tcpstates_owner *o = owner_scratch.lookup(&zero);
+            if (!o)
+                return;
+            __builtin_memcpy(o, known, sizeof(*o));
+            if (!TCPSTATES_SAME_SK(known, sk))
+                return;
+            o->closed = 1;
+            if (o->pid == (bpf_get_current_pid_tgid() >> 32))
+                owner_current(o, o->how);   /* itself: its name now (after an exec) */
+            sk_owner.update(&sk, o);
         }
     }
     else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */
@@ -314,7 +337,7 @@ static __always_inline void owner_track(u64 sk, int old, int new)
 static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int old, int new)
 {
     owner_track(sk, old, new);
-    struct tcpstates_owner *o = sk_owner.lookup(&sk);
+    struct tcpstates_owner *o = owner_lookup(sk);
     int left = 1;
     if (o)
         left = owner_left(o, sk);
@@ -324,6 +347,8 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
         e->owner_pid = o->pid;
         e->owner_how = o->how | (left == 2 ? TCPSTATES_OWNER_UNSURE : 0);
         __builtin_memcpy(e->owner_comm, o->comm, sizeof(e->owner_comm));
+        if (!TCPSTATES_SAME_SK(o, sk))
+            TCPSTATES_OWNER_ZERO(e);      /* reused under us: another socket's owner */
     } else {
         TCPSTATES_OWNER_ZERO(e);
     }
@@ -342,7 +367,7 @@ static __always_inline int owner_io(u64 sk, u16 protocol)
 {
     if (protocol != 6 /* IPPROTO_TCP */)
         return 0;
-    struct tcpstates_owner *o = sk_owner.lookup(&sk);
+    struct tcpstates_owner *o = owner_lookup(sk);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (o && o->pid == tgid) {
         /* the same PID: the same process unless one with this PID exited
@@ -354,7 +379,8 @@ static __always_inline int owner_io(u64 sk, u16 protocol)
         if (o->start_ns == owner_current_start()) {
             /* the same process, after another one with its PID slot exited
              * or after its own exec: its name read again */
-            owner_set_current(sk, TCPSTATES_OWNER_IO_, o->closed);
+            u32 closed = o->closed;
+            owner_set_current(sk, TCPSTATES_OWNER_IO_, TCPSTATES_SAME_SK(o, sk) ? closed : 0);
             return 0;
         }
     }

@@ -62,6 +62,27 @@
 #define TCPSTATES_TCP_SYN_RECV 3
 #define TCPSTATES_TCP_LISTEN 10
 
+/* Every value of an LRU map keyed by socket carries its key (`sk`). The
+ * kernel hands a node freed by an update, a delete or an eviction straight
+ * back to a free list (no RCU grace period), so another CPU's update can
+ * reuse it for another socket while a pointer lookup() returned is still
+ * held here. A reader checks the key after reading what it needs
+ * (TCPSTATES_SAME_SK, behind a compiler barrier so the check is not moved
+ * before the reads) and treats another key as "not found": unknown, never
+ * another socket's data. */
+#ifdef TCPSTATES_TEST_REUSE
+/* fault injection for the tests only: every node checked was reused for
+ * another socket between the reads and the check */
+#define TCPSTATES_REUSED_NOW(v) ((v)->sk ^= 1)
+#else
+#define TCPSTATES_REUSED_NOW(v) 0
+#endif
+#define TCPSTATES_SAME_SK(v, key) ({ TCPSTATES_REUSED_NOW(v); asm volatile("" ::: "memory"); (v)->sk == (key); })
+struct tcpstates_sk_ts {
+    u64 sk;
+    u64 ts;
+};
+
 /* the owner map and probes (-DTCPSTATES_OWNER); otherwise zeroes owner fields */
 #include "owner.bpf.h"
 /* in-kernel histograms (-DTCPSTATES_AGGREGATES); otherwise nothing */
@@ -69,7 +90,7 @@
 
 /* ns timestamp of each live socket's last transition. LRU, so a full map
  * evicts the oldest socket instead of silently refusing new ones. */
-BPF_TABLE("lru_hash", u64, u64, last_change, TCPSTATES_MAX_SOCKETS);
+BPF_TABLE("lru_hash", u64, struct tcpstates_sk_ts, last_change, TCPSTATES_MAX_SOCKETS);
 
 /* Per-CPU counters and the in-flight marker (struct tcpstates_cpu), indexed
  * by CPU number; BPF_F_MMAPABLE (1 << 10) so user space reads it from memory. */
@@ -78,6 +99,7 @@ BPF_F_TABLE("array", u32, struct tcpstates_cpu, cpu_state, TCPSTATES_NCPUS, (1U 
 #ifdef TCPSTATES_CONNECTIONS
 /* What a live connection has accumulated so far (connection-record mode). */
 struct tcpstates_conn {
+    u64 sk;               /* its key (TCPSTATES_SAME_SK) */
     u64 start_ns;
     u64 last_ns;
     u64 cgroup_id;
@@ -297,7 +319,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
     u64 sk = (u64)args->skaddr;
     u64 ts, span = TCPSTATES_SPAN_UNKNOWN;
-    u64 *prev = NULL;
+    struct tcpstates_sk_ts *prev = NULL;
 #ifndef TCPSTATES_CONNECTIONS
     struct tcpstates_event *e = NULL;
     struct tcpstates_event local;
@@ -371,6 +393,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
                         TCPSTATES_PROC_PDROP, TCPSTATES_PROC_CDROP, TCPSTATES_PROC_DROP)) {
             ts = bpf_ktime_get_ns();
             prev = last_change.lookup(&sk);
+            if (prev && !TCPSTATES_SAME_SK(prev, sk))
+                prev = NULL;
             goto filtered_update;
         }
     }
@@ -382,8 +406,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
      * later than its ring position was taken, which the reader's merge uses. */
     ts = bpf_ktime_get_ns();
     prev = last_change.lookup(&sk);
-    if (prev)
-        span = ts - *prev;
+    if (prev) {
+        span = ts - prev->ts;
+        if (!TCPSTATES_SAME_SK(prev, sk)) {
+            prev = NULL;
+            span = TCPSTATES_SPAN_UNKNOWN;
+        }
+    }
 #ifdef TCPSTATES_MIN_SPAN_NS
     /* duration filter: an unknown span passes (user space decides) */
     if (prev && span < TCPSTATES_MIN_SPAN_NS) {
@@ -439,9 +468,11 @@ update:
     if (args->newstate == TCPSTATES_TCP_CLOSE)
         last_change.delete(&sk);
     else if (prev)
-        *prev = ts;           /* in place: an update would allocate a new LRU node */
-    else
-        last_change.update(&sk, &ts);
+        prev->ts = ts;        /* in place: an update would allocate a new LRU node */
+    else {
+        struct tcpstates_sk_ts fresh = {.sk = sk, .ts = ts};
+        last_change.update(&sk, &fresh);
+    }
     goto out;
 #endif /* !TCPSTATES_CONNECTIONS */
 
@@ -459,6 +490,12 @@ connection: {
     struct tcpstates_conn *cn = fresh ? NULL : conns.lookup(&sk);
     if (cn) {
         span = ts - cn->last_ns;
+        if (!TCPSTATES_SAME_SK(cn, sk)) {
+            cn = NULL;        /* its node went to another socket: begun unseen */
+            span = TCPSTATES_SPAN_UNKNOWN;
+        }
+    }
+    if (cn) {
         cn->state_ns[old & (TCPSTATES_NSTATES - 1)] += span;
         cn->last_ns = ts;
     } else {
@@ -469,6 +506,7 @@ connection: {
             goto out;
         }
         __builtin_memset(cn, 0, sizeof(*cn));
+        cn->sk = sk;
         u64 pid_tgid = bpf_get_current_pid_tgid();
         cn->start_ns = ts;
         cn->last_ns = ts;

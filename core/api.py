@@ -209,6 +209,9 @@ class RunContext:
     # consume them (set by the source in request_aggregates, read by those
     # sinks: they then take their figures from the snapshots, not from events)
     aggregates: bool = False
+    # the account root switches to once the source is attached (--user), ""
+    # for none: a sink that must create files later (rotation) cannot as that user
+    drop_user: str = ""
 
     @staticmethod
     def measure_clock_offset() -> int:
@@ -338,6 +341,12 @@ class Sink(Stage):
         sent, and the summary says so). None (the default):
         written means handed to the destination without error."""
         return None
+
+    def unfinished(self) -> int:
+        """Read after `close`: events earlier counted as written whose line the
+        destination never got whole (a stall cut it and the output closed before
+        its rest could follow). The summary moves them to "not written"."""
+        return 0
 
     def write_aggregates(self, snapshot: Aggregates) -> None:
         """The source's latest cumulative Aggregates (sinks that set

@@ -196,7 +196,7 @@ def run(argv: Sequence[str]) -> int:
     if args.user is not None:
         lookup_user(args.user)
     plan = configure(args, tree, registry)
-    context = RunContext(strict=plan.strict, warner=warner)
+    context = RunContext(strict=plan.strict, warner=warner, drop_user=args.user or "")
     pipeline = build_pipeline(plan, context)
     pipeline.source.wakeup_fd(install_signals(pipeline))
     notifier = Notifier()

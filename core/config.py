@@ -163,7 +163,8 @@ def apply_override(config: dict[str, Any], parts: list[str], value: Any) -> None
     for i, part in enumerate(parts[:-1]):
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            # ASCII digits only: "٠" is a digit to str.isdigit and 0 to int()
+            if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
                 raise UsageError(f"-o {'.'.join(parts)}: {where} is not an existing index")
             node = node[int(part)]
         else:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* event_slots.h - Event's fields as object slots, for the optional C speed-ups.
  *
  * tcpstates.events.Event is a slots dataclass: each field is a member

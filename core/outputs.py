@@ -28,7 +28,8 @@ with OutputStalled, so the pipeline counts it for this sink alone and the
 other sinks go on; until it takes something again, later writes give up
 after STALL_PROBE_S instead of a whole stall_timeout each. A line cut in the middle by the stall is finished first
 at the next write (so the reader never sees a torn line followed by another)
-and counts as written.
+and counts as written; if the output closes before its rest went out (the run
+ended, the reader left), `unfinished` says so and the sink un-counts it.
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ def _used_guard(fd: int) -> int:
         return 0
 
 
+def _numbered(suffix: str) -> bool:
+    """`suffix` is a number as rotation writes it: ASCII digits, no leading zero
+    (str.isdigit also takes "²", which int() refuses, and "٣", which it reads
+    as 3), of any length (every number rotation made is found again at a
+    restart, or the restart would go back to an older file and never delete
+    the newer ones)."""
+    return suffix.isascii() and suffix.isdigit() and (suffix == "0" or suffix[0] != "0")
+
+
 class OutputStalled(OSError):
     """The destination took nothing for stall_timeout seconds."""
 
@@ -131,6 +141,7 @@ class LineOutput:
         self.stall_timeout = stall_timeout
         self.stalled = False                     # the last write gave up: probe briefly until one works
         self._pending = b""                      # the rest of a line a stall cut
+        self.unfinished = 0                      # lines counted as written but closed torn
         self.notice = notice                     # says once that we wait for a FIFO's reader
         self.max_bytes = max_bytes
         self.keep = keep
@@ -188,18 +199,18 @@ class LineOutput:
         # regular files, FIFOs (a shipper reading a pipe) and character devices (/dev/null)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             self._close_fd()
-            raise UsageError(f"{self.path}: not a file, FIFO or device; give a file path or '-' for stdout")
+            raise UsageError(f"{self.live_path}: not a file, FIFO or device; give a file path or '-' for stdout")
         # a FIFO too: another user's FIFO hands them every event we write
         why = check_owned(self.fd, st) if stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) else None
         if why is not None:   # as root: never append to a file someone else controls
             self._close_fd()
-            raise UsageError(f"{self.path}: refusing to append as root because {why}; remove it or "
+            raise UsageError(f"{self.live_path}: refusing to append as root because {why}; remove it or "
                              f"fix its owner and mode")
         dir_st = os.fstat(self._dirfd)
         if os.geteuid() == 0 and not entry_trusted(dir_st, st):
             # another user could rename or replace what we write (and rotate)
             self._close_fd()
-            raise UsageError(f"{self.path}: refusing to write as root into a directory another user "
+            raise UsageError(f"{self.live_path}: refusing to write as root into a directory another user "
                              f"can change (owner uid {dir_st.st_uid}, mode {dir_st.st_mode & 0o7777:o}); "
                              f"use a directory owned by root and not writable by group/others")
         self.regular = stat.S_ISREG(st.st_mode)
@@ -219,9 +230,8 @@ class LineOutput:
             names = os.listdir(head or ("/" if sep else "."))
         except OSError:
             return 1
-        found = [int(n[len(base) + 1:]) for n in names
-                 if n.startswith(base + ".") and n[len(base) + 1:].isdigit() and len(n) - len(base) <= 19]
-        return max(found, default=1)
+        return max((int(n[len(base) + 1:]) for n in names
+                    if n.startswith(base + ".") and _numbered(n[len(base) + 1:])), default=1)
 
     def _open_file(self) -> int:
         """openat per component with O_NOFOLLOW (a symlinked parent is followed only
@@ -245,18 +255,18 @@ class LineOutput:
             try:
                 return open_path(self.live_path, open_last, strict=False, follow_last=False)
             except UntrustedPath as exc:
-                raise UsageError(f"{self.path}: refusing to write: {exc.strerror}") from None
+                raise UsageError(f"{self.live_path}: refusing to write: {exc.strerror}") from None
             except OSError as exc:
                 if exc.errno == errno.ENXIO:       # a FIFO nobody reads yet: wait for a reader
                     if not waited and self.notice is not None:
-                        self.notice(f"{self.path}: a FIFO nobody reads yet; waiting for a reader")
+                        self.notice(f"{self.live_path}: a FIFO nobody reads yet; waiting for a reader")
                     waited = True
                     interrupt.sleep(FIFO_RETRY_S)
                     continue
                 if exc.errno == errno.ELOOP:
-                    raise UsageError(f"{self.path}: is a symbolic link; tcpstates never writes "
+                    raise UsageError(f"{self.live_path}: is a symbolic link; tcpstates never writes "
                                      f"through links, give the real path") from None
-                raise UsageError(f"{self.path}: cannot open for appending ({exc.strerror}); "
+                raise UsageError(f"{self.live_path}: cannot open for appending ({exc.strerror}); "
                                  f"check the directory exists and is writable") from None
 
     def _open_stdout(self) -> None:
@@ -297,9 +307,10 @@ class LineOutput:
         except (OSError, UsageError, interrupt.StopRequested) as exc:
             done = self._accepted
             written = bytes(data[:done]).count(b"\n")
-            if isinstance(exc, OutputStalled) and done and data[done - 1:done] != b"\n":
-                # a line cut by the stall: its rest goes first next time (never a
-                # torn line followed by another), so it counts as written
+            if isinstance(exc, (OutputStalled, interrupt.StopRequested)) and done and data[done - 1:done] != b"\n":
+                # a line cut by the stall or the stop: its rest goes first next
+                # time (never a torn line followed by another: the stop's drain
+                # still writes), so it counts as written unless close says otherwise
                 end = data.find(b"\n", done)
                 self._pending = bytes(data[done:] if end < 0 else data[done:end + 1])
                 written += end >= 0
@@ -310,7 +321,7 @@ class LineOutput:
         pending, self._pending = self._pending, b""
         try:
             self._write_all(pending)
-        except OutputStalled:
+        except (OutputStalled, interrupt.StopRequested):
             self._pending = pending[self._accepted:]
             self._accepted = 0
             raise
@@ -445,13 +456,24 @@ class LineOutput:
             os.close(old)
         self._release()      # the destination is a new inode now
         self._claim()
-        for gone in range(index - self.keep - 1, max(0, index - self.keep - 1 - 64), -1):
+        # every PATH.M older than the kept ones, not only the run just below:
+        # a file removed by hand must not make all older ones stay forever
+        try:
+            # the directory descriptor may be O_PATH: listed through a readable one
+            listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=d)
             try:
-                os.unlink(f"{base}.{gone}", dir_fd=d)
-            except FileNotFoundError:
-                break           # the older ones went at earlier rotations
-            except OSError:
-                pass
+                names = os.listdir(listing)
+            finally:
+                os.close(listing)
+        except OSError:
+            names = []
+        for name in names:
+            suffix = name[len(base) + 1:]
+            if name.startswith(base + ".") and _numbered(suffix) and int(suffix) < index - self.keep:
+                try:
+                    os.unlink(name, dir_fd=d)
+                except OSError:
+                    pass
 
     def _pipe_room(self) -> int | None:
         """Free bytes in the pipe or FIFO we write to (None: not a pipe, or unknown)."""
@@ -525,5 +547,22 @@ class LineOutput:
         self._own = False
 
     def close(self) -> None:
+        self._finish_pending()
         self._release()
         self._close_fd()
+
+    def _finish_pending(self) -> None:
+        """The rest of a line a stall cut goes out now if the destination takes it
+        without waiting (a close must not block); otherwise that line stays torn
+        and is counted in `unfinished`."""
+        if not self._pending:
+            return
+        try:
+            while self._pending and self.fd >= 0:
+                n = self._send(memoryview(self._pending))
+                self._pending = self._pending[n:]
+        except OSError:
+            pass
+        if self._pending:
+            self.unfinished += 1
+            self._pending = b""

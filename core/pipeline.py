@@ -249,12 +249,21 @@ class Pipeline:
         slot.written += done
         slot.lost += len(batch) - done
 
-    def _reader_gone(self, slot: SinkSlot) -> None:
-        slot.active = False
+    @staticmethod
+    def _close_sink(slot: SinkSlot) -> None:
         try:
             slot.sink.close()
         except Exception:
             pass
+        # a line counted as written that the output closed torn: not written after all
+        torn = slot.sink.unfinished()
+        torn = torn if isinstance(torn, int) and 0 <= torn <= slot.written else 0
+        slot.written -= torn
+        slot.lost += torn
+
+    def _reader_gone(self, slot: SinkSlot) -> None:
+        slot.active = False
+        self._close_sink(slot)
         if slot.sink.structured:
             self.broken_pipes.append(slot.name)
             self.stopping = True
@@ -378,10 +387,7 @@ class Pipeline:
                     pass
                 except Exception as exc:
                     self._sink_failed(slot, exc)
-                try:
-                    slot.sink.close()
-                except Exception:
-                    pass
+                self._close_sink(slot)
                 slot.active = False
         self.source.close()
 

@@ -141,15 +141,29 @@ def lookup_user(user: str) -> pwd.struct_passwd:
     if not user:
         raise UsageError("--user: empty name")
     try:
-        return pwd.getpwnam(user)
+        pw = pwd.getpwnam(user)
     except (KeyError, ValueError):
         raise UsageError(f"--user {escape_text(user)}: no such user; give an existing account "
                          f"(e.g. nobody)") from None
+    if pw.pw_uid == 0:
+        # the drop would "succeed" as root and then be refused after the outputs
+        # were opened and written to
+        raise UsageError(f"--user {escape_text(user)}: is root (uid 0); give an unprivileged "
+                         f"account (e.g. nobody)")
+    euid = os.geteuid()
+    if euid != 0 and pw.pw_uid != euid:
+        # only root may switch users: setgroups() would fail after the start
+        raise UsageError(f"--user {escape_text(user)}: only root can switch to another user "
+                         f"(running as uid {euid}); run as root or leave --user out")
+    return pw
 
 
 def drop_privileges(user: str) -> None:
-    """Become `user` (and its primary group), keeping open fds and mappings."""
+    """Become `user` (and its primary group), keeping open fds and mappings.
+    Not root (lookup_user let it through): already that user, nothing to do."""
     pw = lookup_user(user)
+    if os.geteuid() != 0:
+        return
     os.setgroups([])
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)

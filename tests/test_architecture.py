@@ -53,3 +53,20 @@ def test_the_import_contract_catches_each_kind_of_violation(tmp_path):
     assert "plugin tcpstates.plugins.jsonl imports tcpstates.pipeline, which is not in the plugin API" in problems
     assert "import cycle: tcpstates.cyc_a -> tcpstates.cyc_b" in problems
     assert len(check(tmp_path)) == 8, problems
+
+
+def test_the_testing_aid_changes_nothing_process_wide():
+    """GC tuning and signal handlers belong to the CLI entry point: a plugin
+    author's test process that calls run_pipeline keeps its own."""
+    import gc
+    import signal
+
+    from tcpstates.testing import make_event, run_pipeline
+    before = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(),
+              {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)})
+    events = [make_event(sport=1000 + i, dport=80, oldstate="CLOSE", newstate="SYN_SENT") for i in range(50)]
+    result = run_pipeline('[[chain]]\nuse = "ports"\nremote = [80]\n', events, entry_points=False)
+    assert len(result.events) == 50
+    after = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(),
+             {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)})
+    assert after == before

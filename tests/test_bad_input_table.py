@@ -107,6 +107,9 @@ OUT_OF_RANGE = [
     ("[tcpstates]\nsource = \"nosuch\"\n", "unknown source"),
     ("[tcpstates]\nsinks = [\"text\", \"text\"]\n", "given twice"),
     ("[sinks.a]\ntype = \"jsonl\"\ntype2 = 1\n", "sinks.a.type2: unknown option"),
+    # digits of other scripts: str.isdigit() takes them and int() reads them (9464)
+    ("[tcpstates]\nsinks = [\"metrics\"]\n[sinks.metrics]\nlisten = \"127.0.0.1:\u0669\u0664\u0666\u0664\"\n",
+     "listen: expected HOST:PORT"),
 ]
 
 

@@ -156,3 +156,12 @@ def test_plugins_listing_into_a_closed_pipe_is_quiet():
     from tracer import run_cli_reader_gone
     r = run_cli_reader_gone("plugins")
     assert r.returncode == 0 and r.stderr == b"", r.stderr
+
+
+def test_chain_index_takes_ascii_digits_only(tmp_path):
+    """`-o chain.N.key=` addresses [[chain]] entry N; "٠" is a digit to
+    str.isdigit() and 0 to int(), and must not reach entry 0."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[chain]]\nuse = "duration"\nmin_ms = 1.0\n')
+    _assert_one_line_error(run_cli("--config", str(cfg), "--replay", os.devnull, "-o", "chain.\u0660.min_ms=5"),
+                           "not an existing index")

@@ -367,3 +367,34 @@ def test_tail_numbered_files_exactly_once_across_rotation_and_downtime(tmp_path,
     figures = check_exact(receiver.entries, sent, time_tolerance_ns=TIME_TOLERANCE_NS)
     print(f"tail numbered ({sig.name}): {figures}")
     assert figures == {"received": sent, "lost": 0, "duplicates": 0}
+
+
+def test_examples_side_by_side_keep_their_buffers_apart(tmp_path, fluent_bit, receiver, feeder):
+    """Two shipped examples run at once (tail.conf and forward.conf, each its own
+    Fluent Bit): at its start Fluent Bit loads every chunk under its
+    storage.path, so with one shared path the second took the first's
+    undelivered tail chunks and shipped them through its own output (the
+    wrong destination; they came twice). Each example has its own path."""
+    stuck = ForwardReceiver(ack=False)
+    try:
+        fluent_bit(example("tail.conf", stuck, tmp_path), name="fb-tail")
+        path = _events_file(tmp_path)
+        f = feeder(2000, "--sink", "events", "-o", "sinks.events.type=jsonl", "-o", f"sinks.events.path={path}")
+        f.feed(2000)
+        rc, err = f.finish()
+        assert rc == 0, err
+        # read, buffered in the tail Fluent Bit's storage, never acked
+        wait_until(lambda: len(stuck.records()) >= 1000, 20, "the tail Fluent Bit to read and try to ship")
+        cfg = example("forward.conf", receiver, tmp_path)
+        sock = re.search(r"Unix_Path\s+(\S+)", cfg).group(1)
+        fb = fluent_bit(cfg, name="fb-forward", wait_for=sock)
+        # one record of its own through it: what it ships at its start has come by then
+        r = subprocess.run(tcpstates_argv("--replay", str(trace(tmp_path / "one.jsonl", 1)), "--sink", "forward",
+                                          "-o", f"sinks.forward.address=unix://{sock}"), capture_output=True)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: len(receiver.records()) >= 1, 20, "its own record")
+        wait_until(lambda: len(receiver.records()) > 1, 3, "another Fluent Bit's records", fail=False)
+        fb.stop()
+        assert len(receiver.records()) == 1, f"{len(receiver.records())} records, tail's among them"
+    finally:
+        stuck.stop()

@@ -44,7 +44,7 @@ def test_invalid_addresses_refused_at_config_time(tmp_path, address):
     (("username=alice", "password=x"), "needs shared_key"),
     (("tls_ca_file=/etc/hostname",), "set tls = true"),
     (("tls=true", "tls_ca_file=/nonexistent/ca.pem"), "tls_ca_file: cannot open /nonexistent/ca.pem"),
-    (("tls=true", "tls_ca_file=/etc/hostname"), "TLS set-up failed"),
+    (("tls=true", "tls_ca_file=/etc/hostname"), "tls_ca_file: /etc/hostname does not hold usable CA"),
 ])
 def test_inconsistent_auth_and_tls_options_refused(tmp_path, opts, msg):
     args = ["--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward"]
@@ -74,6 +74,17 @@ def test_tls_files_that_are_not_regular_files_are_refused_not_waited_on(tmp_path
     for key in ("tls_ca_file", "tls_cert_file"):
         err = _tls_refusal(tmp_path, f"{key}={fifo}")
         assert f"sinks.forward.{key}" in err and "not a regular file" in err, err
+
+
+def test_tls_files_openssl_cannot_use_are_named(tmp_path):
+    # OpenSSL saw only /proc/self/fd/N: "TLS set-up failed: [SSL] PEM lib" named no file
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not PEM\n")
+    bad.chmod(0o600)
+    err = _tls_refusal(tmp_path, f"tls_ca_file={bad}")
+    assert f"sinks.forward.tls_ca_file: {bad} does not hold usable CA certificates" in err, err
+    err = _tls_refusal(tmp_path, f"tls_cert_file={bad}")
+    assert f"sinks.forward.tls_cert_file: {bad} does not hold a usable certificate" in err, err
 
 
 @pytest.mark.root

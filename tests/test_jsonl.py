@@ -176,6 +176,76 @@ def test_numbered_rotation_never_renames_and_goes_on_after_a_restart(tmp_path):
     assert all(p.stat().st_size <= 20000 for p in after.values())
 
 
+def _numbered_run(tmp_path: Path, out: Path, first: int, count: int, keep: int = 2):
+    from tracer import run_cli
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(orjson.dumps(_sample(seq=first + i, mono_ns=10**9 + i)) + b"\n"
+                               for i in range(count)))
+    return run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
+                   "-o", "sinks.jsonl.max_bytes=20000", "-o", f"sinks.jsonl.keep={keep}",
+                   "-o", "sinks.jsonl.rotate_names=numbered")
+
+
+def test_numbered_rotation_deletes_every_older_file_past_a_gap(tmp_path):
+    """A file removed by hand in the middle of the numbers must not make the
+    older ones stay forever (the disk would fill with them)."""
+    from tracer import run_cli
+    out = tmp_path / "r.jsonl"
+    for n in (1, 2, 4, 5):                 # .3 was removed by hand
+        (tmp_path / f"r.jsonl.{n}").write_text("")
+        (tmp_path / f"r.jsonl.{n}").chmod(0o640)
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(orjson.dumps(_sample(seq=1 + i, mono_ns=10**9 + i)) + b"\n"
+                               for i in range(300)))
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
+                "-o", "sinks.jsonl.max_bytes=20000", "-o", "sinks.jsonl.keep=2",
+                "-o", "sinks.jsonl.rotate_names=numbered")
+    assert r.returncode == 0, r.stderr
+    left = sorted(int(p.suffix[1:]) for p in tmp_path.glob("r.jsonl.*"))
+    assert left == list(range(left[-1] - 2, left[-1] + 1)) and left[0] > 5, left   # live + keep=2
+
+
+def test_numbered_names_that_are_not_its_numbers_are_left_alone(tmp_path):
+    """Names tcpstates never makes (a superscript or Arabic-Indic digit, a
+    leading zero) are neither the newest file nor a crash: "r.jsonl.²" made
+    int() fail, so the sink wrote nothing at all."""
+    out = tmp_path / "r.jsonl"
+    for odd in ("r.jsonl.²", "r.jsonl.٩", "r.jsonl.09", "r.jsonl.-1", "r.jsonl.x"):
+        (tmp_path / odd).write_text("theirs\n")
+    r = _numbered_run(tmp_path, out, 1, 100)
+    assert r.returncode == 0 and b"failed" not in r.stderr, r.stderr
+    assert b"written: jsonl 100;" in r.stderr, r.stderr
+    assert (tmp_path / "r.jsonl.1").exists()              # from 1: none of those is a number of ours
+    for odd in ("r.jsonl.²", "r.jsonl.٩", "r.jsonl.09", "r.jsonl.-1", "r.jsonl.x"):
+        assert (tmp_path / odd).read_text() == "theirs\n"
+
+
+def test_numbered_restart_finds_numbers_past_18_digits(tmp_path):
+    """Every number rotation makes is found again at a restart: after
+    r.jsonl.999999999999999999 it made 19-digit names, which the restart
+    ignored (it went back to r.jsonl.1 and never deleted them)."""
+    out = tmp_path / "r.jsonl"
+    (tmp_path / "r.jsonl.999999999999999999").write_text("")
+    assert _numbered_run(tmp_path, out, 1, 300).returncode == 0
+    first = sorted(int(p.name.split(".")[-1]) for p in tmp_path.glob("r.jsonl.*"))
+    assert len(first) == 3 and first[0] >= 10**18          # the live one + keep = 2
+    r = _numbered_run(tmp_path, out, 301, 10)               # fits: no rotation
+    assert r.returncode == 0, r.stderr
+    after = sorted(int(p.name.split(".")[-1]) for p in tmp_path.glob("r.jsonl.*"))
+    assert after == first, after                           # no r.jsonl.1: appended to the newest
+    seqs = [x["seq"] for x in _records(tmp_path / f"r.jsonl.{first[-1]}")]
+    assert seqs[-11:] == [300] + list(range(1, 11)), seqs[-12:]
+
+
+def test_numbered_refusal_names_the_numbered_file(tmp_path):
+    """The live file is PATH.N: a refusal to open it names PATH.N, not PATH."""
+    from tracer import one_line_error
+    out = tmp_path / "r.jsonl"
+    (tmp_path / "r.jsonl.7").symlink_to(tmp_path / "elsewhere")
+    err = one_line_error(_numbered_run(tmp_path, out, 1, 10), "symbolic link")
+    assert f"{out}.7:" in err, err
+
+
 def test_numbered_rotation_needs_a_file(tmp_path):
     from tracer import run_cli
     r = run_cli("--replay", os.devnull, "--sink", "jsonl", "-o", "sinks.jsonl.rotate_names=numbered")

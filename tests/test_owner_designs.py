@@ -91,9 +91,9 @@ def clients(port: int, n: int, processes: int = 1) -> list[tuple[int, int]]:
     return out
 
 
-def trace(tracer, tmp_path):
+def trace(tracer, tmp_path, *extra: str):
     out = tmp_path / "e.jsonl"
-    return tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}"), out
+    return tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", *extra), out
 
 
 def records(t, out, port):
@@ -181,12 +181,12 @@ def _served(lines) -> list[tuple[int, int]]:
     return [(int(w[2]), int(w[1])) for w in lines if w[0] == "served"]
 
 
-def run_design(tracer, tmp_path, code, holders_of, *, before=None, processes=1):
+def run_design(tracer, tmp_path, code, holders_of, *, before=None, processes=1, extra=(), judged=None):
     port = free_port()
     srv = spawn(code, str(port))
     ready = read_until(srv, "ready")
     holders = servers = holders_of(ready)
-    t, out = trace(tracer, tmp_path)
+    t, out = trace(tracer, tmp_path, *extra)
     if before:
         holders = before(srv, holders)
     client_pids = clients(port, N, processes)
@@ -195,7 +195,7 @@ def run_design(tracer, tmp_path, code, holders_of, *, before=None, processes=1):
     srv.stdin.close()
     srv.wait(10)
     assert len([r for r in recs if r["rport"] != 0]) == 10 * N
-    return judge(recs, port, _served(lines), client_pids, holders, servers)
+    return (judged or judge)(recs, port, _served(lines), client_pids, holders, servers)
 
 
 def test_prefork_children_accept_on_a_shared_listener(tracer, tmp_path):
@@ -357,3 +357,40 @@ def test_reused_pid_never_carries_the_old_process_name(tracer, tmp_path):
     # the last connection is the new process's: its own name and start time
     assert recs[-1]["owner_comm"] == "newproc" and recs[0]["owner_comm"] == "oldproc"
     assert by_name["oldproc"].isdisjoint(by_name["newproc"])
+
+
+# The fallback of kernels before 6.4 (no sock:sock_send_length/sock_recv_length,
+# e.g. Debian 12's and Ubuntu 22.04's own kernels), forced on this one
+NO_IO = ("-o", 'chain=[{use="owner", kernel_io=false}]')
+HOLDERS = {"prefork": (PREFORK, lambda ready: [int(x) for x in ready[-1][1:]], 1),
+           "threaded": (THREADED, lambda ready: [int(ready[-1][1])], 1),
+           "short-lived": (THREADED, lambda ready: [int(ready[-1][1])], N)}
+
+
+@pytest.mark.parametrize("design", sorted(HOLDERS))
+def test_without_send_recv_tracking_designs_without_hand_off_stay_right(tracer, tmp_path, design):
+    """Compiled, loaded and as right as with send/recv tracking where nothing
+    is handed off: the owner is learnt at connect, listen, accept and close."""
+    code, holders_of, processes = HOLDERS[design]
+    run_design(tracer, tmp_path, code, holders_of, processes=processes, extra=NO_IO)
+
+
+def test_without_send_recv_tracking_a_hand_off_is_seen_at_the_close(tracer, tmp_path):
+    """The documented limit of the fallback: between a hand-off over
+    SCM_RIGHTS and the close, the kernel saw only the accept, so the socket is
+    named by its accepter with owner_source "accept" (what it is: who accepted
+    it, not who uses it — docs/events.md); the worker's close and everything
+    after it name the worker."""
+    def accepter_until_close(recs, port, served, clients_in_order, holders, servers):
+        truths = _truths(recs, port, served, clients_in_order, holders, servers)
+        accepter = holders[0]
+        for r in recs:
+            if r["rport"] in (0, port) or (r["oldstate"], r["newstate"]) in PRE_ACCEPT:
+                continue
+            worker = truths[id(r)]
+            if r["oldstate"] in ("CLOSE_WAIT", "LAST_ACK") or r["newstate"] == "LAST_ACK":
+                assert r["owner_pid"] in worker, r
+            else:
+                assert (r["owner_pid"], r["owner_source"]) == (accepter, "accept"), r
+    run_design(tracer, tmp_path, DISPATCHER, lambda ready: [int(ready[-1][1])], extra=NO_IO,
+               judged=accepter_until_close)

@@ -108,3 +108,14 @@ def test_kubernetes_configmap_holds_a_valid_config(tmp_path):
     r = run_cli("--config", str(tmp_path / "c.toml"), "--replay", os.devnull, "--no-summary",
                 "-o", "sinks.fluent.exit_timeout=0.1")
     assert r.returncode == 0, r.stderr
+
+
+def test_every_c_source_says_its_license():
+    """The BPF C is loaded as GPL and offered as GPL-2.0-only OR Apache-2.0;
+    the C extensions are Apache-2.0 like the Python: each file says which."""
+    sources = sorted([*ROOT.glob("bpf/*.[ch]"), *ROOT.glob("plugins/*/*.c"), *ROOT.glob("core/*.h")])
+    assert len(sources) >= 9, sources
+    for path in sources:
+        first = path.read_text().splitlines()[0]
+        want = "GPL-2.0-only OR Apache-2.0" if path.parent.name == "bpf" else "Apache-2.0"
+        assert first == f"/* SPDX-License-Identifier: {want} */", (path, first)

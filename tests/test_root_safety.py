@@ -51,6 +51,24 @@ def test_hostile_names_and_addresses_cannot_forge_lines_or_escapes(tmp_path, fla
         assert len({len(row) for row in rows}) == 1        # every row has the header's columns
 
 
+@pytest.mark.parametrize("flags", [[], ["-w"], ["--owner"], ["-w", "--owner"]])
+def test_a_text_column_is_cut_between_escapes_never_inside_one(tmp_path, flags):
+    """bcc's %-10.10s cut after escaping left "\\x1b\\x" — half an escape that
+    reads as other text. A column is cut before an escape that does not fit."""
+    import re
+    trace = tmp_path / "t.jsonl"
+    name = "ab" + "\x1b" * 9 + "tail"       # "ab": no column width is a whole number of escapes
+    trace.write_bytes(_record(comm=name, owner_pid=7, owner_comm=name, owner_source="syscall",
+                              container_name="a" + "\x01" * 40))
+    r = run_cli("--replay", str(trace), *flags, "--no-summary")
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.decode().splitlines()[1]
+    assert "\\x1b" in row and re.search(r"\\x(?![0-9a-f]{2})", row) is None, row
+    header = r.stdout.decode().splitlines()[0]
+    # the columns still line up with the header
+    assert row.index("10.0.0.1") == header.index("LADDR"), (header, row)
+
+
 def test_state_numbers_print_whole_not_modulo_256(tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_bytes(_record(oldstate="300", newstate="1"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fakedist import fake_dist, sink_plugin
-from tracer import run_cli, tcpstates_argv
+from tracer import one_line_error, run_cli, tcpstates_argv
 from traffic import free_port, refused
 
 def _plant(root: Path) -> None:
@@ -100,3 +100,62 @@ def test_a_config_that_exists_is_not_called_missing_when_proc_is_not_mounted(tmp
     assert r.returncode == 2, r
     assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "not found" not in r.stderr and "/proc" in r.stderr, r.stderr
+
+
+def test_user_root_is_refused_before_anything_is_written(tmp_path):
+    # the drop to uid 0 "succeeded" and was refused after the start: an empty
+    # output file and a table header were left
+    out = tmp_path / "u.jsonl"
+    r = run_cli("--user", "root", "--replay", os.devnull, "--sink", "text", "--sink", "jsonl",
+                "-o", f"sinks.jsonl.path={out}")
+    one_line_error(r, "--user root: is root (uid 0)")
+    assert r.stdout == b"" and not out.exists()
+
+
+@pytest.mark.root
+def test_user_without_root(tmp_path):
+    """Not root: --user naming oneself is nothing to do; another account is
+    refused before anything is written (setgroups() failed after the start:
+    'internal error: PermissionError', exit 1, an empty output file)."""
+    import shutil
+    import sys
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="tcpstates-user-", dir="/tmp"))
+    try:
+        d.chmod(0o777)
+        conf = d / "empty.toml"
+        conf.write_text("")
+        conf.chmod(0o644)
+
+        def as_nobody(user: str, out: Path) -> subprocess.CompletedProcess:
+            return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   sys.executable, "-m", "tcpstates", "--config", str(conf),
+                                   "--replay", os.devnull, "--user", user, "--sink", "jsonl",
+                                   "-o", f"sinks.jsonl.path={out}"],
+                                  capture_output=True, timeout=60, env={**os.environ, "HOME": str(d)})
+        same = as_nobody("nobody", d / "same.jsonl")
+        assert same.returncode == 0, same.stderr
+        assert (d / "same.jsonl").stat().st_uid == 65534
+        other = as_nobody("daemon", d / "other.jsonl")
+        one_line_error(other, "only root can switch to another user")
+        assert not (d / "other.jsonl").exists()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.root
+def test_user_with_size_rotation_is_refused_at_the_start(tmp_path):
+    """Rotation creates a file in the output's directory, which as root must
+    be one only root can write: after --user dropped root every rotation
+    failed (EACCES) and every later event was lost (580 of 3,000 written)."""
+    out_dir = tmp_path / "logs"
+    out_dir.mkdir(mode=0o755)
+    out = out_dir / "e.jsonl"
+    r = run_cli("--user", "nobody", "--replay", os.devnull, "--sink", "text", "--sink", "jsonl",
+                "-o", f"sinks.jsonl.path={out}", "-o", "sinks.jsonl.max_bytes=200000")
+    one_line_error(r, "max_bytes rotation cannot work with --user nobody")
+    assert r.stdout == b"" and not out.exists()
+    # without rotation, --user writes as before
+    ok = run_cli("--user", "nobody", "--replay", os.devnull, "--sink", "jsonl",
+                 "-o", f"sinks.jsonl.path={out}")
+    assert ok.returncode == 0, ok.stderr

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* bcc's default and -w table rows in C: a batch of Events -> one bytes object.
  *
  * Byte-identical to format.py's `%` rows (tests/test_speedups.py checks it on

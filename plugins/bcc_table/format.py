@@ -69,6 +69,23 @@ def workload(extra: dict[str, Any]) -> str:
     return "-" if "cgroup" in extra or "systemd_unit" in extra else "?"
 
 
+def escaped_column(raw: str, width: int) -> str:
+    """escape_text(raw) cut to a column of `width` characters between escapes,
+    never inside one (bcc's %-10.10s would leave "\\x1b\\x" of "\\x1b\\x1b": a
+    half escape that reads as other text)."""
+    text = escape_text(raw)
+    if len(text) <= width:
+        return text
+    out, used = [], 0
+    for ch in raw:
+        piece = escape_text(ch)
+        if used + len(piece) > width:
+            break
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
 def csv_field(value: str) -> str:
     """RFC 4180 quoting, only where a value needs it (bcc never quotes).
 
@@ -141,9 +158,11 @@ class BccFormatter:
 
     def _owner_text(self, e: Event) -> str:
         pid, comm = e.extra.get("owner_pid"), e.extra.get("owner_comm")
-        pid_text = "?" if pid is None else escape_text(str(pid))
-        comm = "?" if comm is None else escape_text(str(comm))
-        work = escape_text(workload(e.extra))
+        # text columns are cut between escapes; CSV keeps whole values
+        comm_w, pid_w, work_w = (10**6,) * 3 if self.csv else ((16, 7, 32) if self.wide else (10, 7, 20))
+        pid_text = "?" if pid is None else escaped_column(str(pid), pid_w)
+        comm = "?" if comm is None else escaped_column(str(comm), comm_w)
+        work = escaped_column(workload(e.extra), work_w)
         if self.csv:
             return ",%s,%s,%s" % ("" if pid is None else csv_field(pid_text),
                                   csv_field(comm) if pid is not None else "",
@@ -182,6 +201,7 @@ class BccFormatter:
         pairs = _PAIRS_CSV if csv else _PAIRS_TEXT
         pair_fmt = "%s,%s" if csv else "%-11s -> %-11s"
         ipcol = self.csv or self.wide
+        comm_width = 16 if self.wide else 10
         owner_of = self._owner if self.owner else None
         out: list[str] = []
         append = out.append
@@ -193,7 +213,8 @@ class BccFormatter:
             # addresses) is escaped: a name cannot forge a line or a column
             comm, saddr, daddr = e.comm, e.saddr, e.daddr
             if not (comm.isprintable() and saddr.isprintable() and daddr.isprintable()):
-                comm, saddr, daddr = escape_text(comm), escape_text(saddr), escape_text(daddr)
+                comm = escape_text(comm) if csv else escaped_column(comm, comm_width)
+                saddr, daddr = escape_text(saddr), escape_text(daddr)
             if csv and ("," in comm or '"' in comm or "," in saddr or '"' in saddr
                         or "," in daddr or '"' in daddr):
                 comm, saddr, daddr = csv_field(comm), csv_field(saddr), csv_field(daddr)

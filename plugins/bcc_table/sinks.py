@@ -79,6 +79,9 @@ class _BccSink(Sink):
     def close(self) -> None:
         self.output.close()
 
+    def unfinished(self) -> int:
+        return self.output.unfinished
+
 
 class TextSink(_BccSink):
     """bcc tcpstates' table: default, -w, -T and -t layouts."""

@@ -16,7 +16,9 @@ from typing import Any
 
 import msgpack
 
+from tcpstates.errors import UsageError
 from tcpstates.security import open_checked_file
+from tcpstates.text import escape_text
 
 from tcpstates.plugins.forward.protocol import MAX_REPLY_BYTES, Handshake, ProtocolError
 
@@ -34,6 +36,18 @@ def _checked(path: str, what: str, secret: bool = False) -> Iterator[str]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _names(what: str, path: str, holds: str) -> Iterator[None]:
+    """OpenSSL's complaint about a file's contents, with the option and the
+    path it came from (OpenSSL only knows /proc/self/fd/N, and often not even
+    that: '[SSL] PEM lib')."""
+    try:
+        yield
+    except ssl.SSLError as exc:
+        raise UsageError(f"{what}: {escape_text(path)} does not hold {holds} (PEM) "
+                         f"({escape_text(exc.reason or str(exc))}); check the file") from None
+
+
 def tls_context(options: Any) -> ssl.SSLContext | None:
     """The client TLS context for the options, or None without `tls`.
 
@@ -48,7 +62,8 @@ def tls_context(options: Any) -> ssl.SSLContext | None:
     if options.tls_verify:
         if options.tls_ca_file:
             # a CA file others can change lets them vouch for any receiver
-            with _checked(options.tls_ca_file, "sinks.forward.tls_ca_file") as ca:
+            with _checked(options.tls_ca_file, "sinks.forward.tls_ca_file") as ca, \
+                    _names("sinks.forward.tls_ca_file", options.tls_ca_file, "usable CA certificates"):
                 ctx.load_verify_locations(cafile=ca)
         else:
             ctx.load_default_certs()
@@ -61,7 +76,10 @@ def tls_context(options: Any) -> ssl.SSLContext | None:
                                                 secret=not options.tls_key_file))
             key = (files.enter_context(_checked(options.tls_key_file, "sinks.forward.tls_key_file", secret=True))
                    if options.tls_key_file else None)
-            ctx.load_cert_chain(cert, key)
+            shown = (f"{options.tls_cert_file} and {options.tls_key_file}" if options.tls_key_file
+                     else options.tls_cert_file)
+            with _names("sinks.forward.tls_cert_file", shown, "a usable certificate and its private key"):
+                ctx.load_cert_chain(cert, key)
     return ctx
 
 

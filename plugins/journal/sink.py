@@ -89,6 +89,10 @@ class JournalSink(Sink):
         return False
 
     def open(self) -> None:
+        if self.context.strict and not os.path.exists(JOURNAL_SOCKET):
+            # --strict: every entry would be lost, so the run does not start
+            raise OSError(f"{JOURNAL_SOCKET} does not exist (journald is not running); start "
+                          f"systemd-journald, or run without --strict to count the entries as lost")
         self._check_socket()
 
     def _connection_fields(self, e: Event, c: Connection) -> list[str]:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The JSON Lines hot path in C: a batch of Events -> one bytes object.
  *
  * Byte-identical to the pure-Python path (records.event_record + orjson.dumps,

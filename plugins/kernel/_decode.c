@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The kernel stage's decoder in C: a block of ring records -> Event objects.
  *
  * Equal, field for field, to the pure-Python Decoder.decode_block

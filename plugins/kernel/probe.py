@@ -202,6 +202,8 @@ class KernelProbe:
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
         if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
             cflags.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
+        if os.environ.get("TCPSTATES_TEST_REUSE") == "1":   # fault injection for the tests only
+            cflags.append("-DTCPSTATES_TEST_REUSE")
         # A perf buffer wake-up is an irq_work: a self-interrupt raised inside
         # the program, on whose exit pending softirqs (the loopback's packets)
         # run — and their tracepoint hits find the program busy (counted

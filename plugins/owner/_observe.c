@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The owner enricher's per-event loop in C (OwnerEnricher.observe_batch).
  *
  * Equal in effect to the Python loop in plugins/owner/enricher.py, which is

@@ -86,6 +86,9 @@ class OwnerOptions:
     scan_existing: bool = option(True, "at start, find owners of existing sockets in /proc (as ss -p)")
     kernel: bool = option(True, "learn owners in the kernel (accept, send/recv, syscalls); off: "
                           "only listeners and /proc")
+    kernel_io: bool = option(True, "with kernel: also learn at every send/recv (Linux >= 6.4), so "
+                             "hand-offs and pre-fork children are seen; off: as on older kernels, "
+                             "only at accept/connect/listen/close, nothing added to each send/recv")
     max_sockets: int = option(262144, "sockets whose owner the kernel remembers (LRU)",
                               min=1024, max=1 << 24)
     listener_refresh_ms: int = option(100, "how old the list of a listener's holders may be "
@@ -119,10 +122,11 @@ class OwnerEnricher(Enricher):
     def kernel_constraints(self) -> KernelConstraints | None:
         if not self.options.kernel:
             return None
-        from tcpstates.plugins.owner.kernel import owner_support
-        support = owner_support(self.options.max_sockets)
+        from tcpstates.plugins.owner.kernel import IO_OFF, owner_support
+        support = owner_support(self.options.max_sockets, io=self.options.kernel_io)
         for why in support.missing:
-            self.context.warn(f"owner: not available: {why}")
+            if why != IO_OFF:        # asked for: nothing to warn about
+                self.context.warn(f"owner: not available: {why}")
         return KernelConstraints(cflags=tuple(support.cflags))
 
     def _owned(self, raw: bytes) -> tuple[dict[str, Any], int]:

@@ -42,6 +42,8 @@ FD_FIELDS = {
 }
 
 
+IO_OFF = ("send/recv tracking turned off (owner kernel_io = false): hand-offs and pre-fork "
+          "children are only seen at accept/close")
 GEN_SLOTS = 65536   # TCPSTATES_OWNER_GEN_SLOTS in bpf/owner.bpf.h
 
 
@@ -112,15 +114,19 @@ SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TAS
          "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8}
 
 
-def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux") -> OwnerSupport:
-    """The -D flags for this kernel (always at least -DTCPSTATES_OWNER)."""
+def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
+                  io: bool = True) -> OwnerSupport:
+    """The -D flags for this kernel (always at least -DTCPSTATES_OWNER); io:
+    the send/recv probes are wanted (owner.kernel_io), where the kernel has them."""
     s = OwnerSupport(cflags=["-DTCPSTATES_OWNER=1", f"-DTCPSTATES_OWNER_MAX={int(max_sockets)}"])
     tracefs = _tracefs()
-    io = _field_offsets(tracefs, IO_TRACEPOINTS, {"sk": 8, "protocol": 2})
-    if io is not None:
+    offsets = _field_offsets(tracefs, IO_TRACEPOINTS, {"sk": 8, "protocol": 2}) if io else None
+    if not io:
+        s.missing.append(IO_OFF)
+    elif offsets is not None:
         s.io = True
-        s.cflags += ["-DTCPSTATES_OWNER_IO=1", f"-DTCPSTATES_TP_IO_SK={io['sk']}",
-                     f"-DTCPSTATES_TP_IO_PROTOCOL={io['protocol']}"]
+        s.cflags += ["-DTCPSTATES_OWNER_IO=1", f"-DTCPSTATES_TP_IO_SK={offsets['sk']}",
+                     f"-DTCPSTATES_TP_IO_PROTOCOL={offsets['protocol']}"]
     else:
         s.missing.append("sock:sock_send_length/sock_recv_length tracepoints (Linux >= 6.4): "
                          "hand-offs and pre-fork children are only seen at accept/close")

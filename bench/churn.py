@@ -1,0 +1,74 @@
+"""Container churn under the load: the load generator is moved into a fresh
+docker-style cgroup every `period` seconds and the one it left is removed.
+
+So every few hundred connections the load's events carry a cgroup id the
+tracer's container enricher has never seen, and the cgroups of earlier events
+are gone by the time they are looked up — what a node that starts and stops
+containers all the time does to the tracer. Used by `bench/run.py
+--container-churn` for the untraced run and every traced one alike.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+
+def cgroup2_mount() -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        f = line.split()
+        if len(f) > 2 and f[2] == "cgroup2":
+            return Path(f[1])
+    return None
+
+
+class Churn:
+    """Moves process `pid` between fresh scopes under its own slice until
+    stop(); every cgroup it made is removed (also on error)."""
+
+    def __init__(self, pid: int, period: float = 0.02) -> None:
+        root = cgroup2_mount()
+        if root is None:
+            raise RuntimeError("no cgroup v2 mount: --container-churn needs one")
+        self.base = root / f"tcpstates-bench-churn-{os.getpid()}.slice"
+        self.base.mkdir(exist_ok=True)
+        self.pid, self.period = pid, period
+        self.created = self.removed = 0
+        self._stop = threading.Event()
+        self._current: Path | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            scope = self.base / f"docker-{os.urandom(32).hex()}.scope"
+            scope.mkdir()
+            self.created += 1
+            try:
+                (scope / "cgroup.procs").write_text(str(self.pid))
+            except OSError:          # the load has exited
+                scope.rmdir()
+                self.removed += 1
+                return
+            self._retire(self._current)
+            self._current = scope
+            self._stop.wait(self.period)
+
+    def _retire(self, scope: Path | None) -> None:
+        if scope is not None:
+            try:
+                scope.rmdir()
+                self.removed += 1
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """After the process exited: its last cgroup and the slice go."""
+        self._stop.set()
+        self._thread.join()
+        self._retire(self._current)
+        for leftover in self.base.iterdir():
+            if leftover.is_dir():
+                self._retire(leftover)
+        self.base.rmdir()
