@@ -217,14 +217,14 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         try:
             t = TracerRun(name, full, workdir, env)
         except RuntimeError as exc:
-            if name != "bcc":
+            if not name.startswith("bcc"):
                 raise
             # bcc's own tool is an optional reference: Ubuntu 22.04's (bcc 0.18)
             # cannot compile against 5.15+ headers (iovisor/bcc#4758); say so
             # once and compare without it
             UNRUNNABLE.add(name)
             last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "?"
-            print(f"bench: {BCC_TOOL} cannot run here ({last}): not compared", file=sys.stderr)
+            print(f"bench: {name} ({BCC_TOOL}) cannot run here ({last}): not compared", file=sys.stderr)
             continue
         truth = TracepointCounter(port, conns * 10 + 10)
         split0 = cpu_split(t.proc.pid)
