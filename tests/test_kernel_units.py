@@ -21,6 +21,7 @@ import pytest
 
 from tcpstates.config import apply_override, parse_override
 from tcpstates.errors import UsageError
+from tcpstates.plugins.kernel.bcccompat import bcc_needs_debugfs
 from tcpstates.plugins.kernel.decoder import (
     EVENT_SIZE,
     EVENT_STRUCT,
@@ -28,6 +29,7 @@ from tcpstates.plugins.kernel.decoder import (
     SPAN_UNKNOWN,
     Decoder,
 )
+from tcpstates.plugins.kernel.headers import generic_trees
 from tcpstates.plugins.kernel.perfbuf import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, PerfBufferReader
 from tcpstates.plugins.kernel.probe import bpf_source_dir, build_cflags
 from tcpstates.plugins.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, RingBufferReader
@@ -327,3 +329,33 @@ def test_override_addresses_chain_entries_by_index_only():
     for parts in (["chain", "1", "x"], ["chain", "x", "y"], ["chain", "v"]):
         with pytest.raises(UsageError):
             apply_override(tree, parts, 1)
+
+
+def _header_tree(root, name, kconfig=False, generated=False):
+    tree = root / name
+    (tree / "include" / "linux").mkdir(parents=True)
+    if kconfig:
+        (tree / "include" / "linux" / "kconfig.h").write_text("/* kconfig */\n")
+    if generated:
+        (tree / "include" / "generated").mkdir()
+    return tree
+
+
+def test_generic_headers_ubuntu_picks_the_configured_tree_not_its_common_half(tmp_path):
+    # Ubuntu: linux-headers-V (common: kconfig.h, no autoconf) + linux-headers-V-generic (complete)
+    _header_tree(tmp_path, "linux-headers-6.8.0-151", kconfig=True)
+    generic = _header_tree(tmp_path, "linux-headers-6.8.0-151-generic", kconfig=True, generated=True)
+    assert generic_trees(tmp_path) == [(generic, None)]
+
+
+def test_generic_headers_debian_pairs_the_arch_tree_with_its_common_tree(tmp_path):
+    common = _header_tree(tmp_path, "linux-headers-6.1.0-56-common", kconfig=True)
+    arch = _header_tree(tmp_path, "linux-headers-6.1.0-56-amd64", generated=True)
+    _header_tree(tmp_path, "linux-headers-6.1.0-55-amd64", generated=True)   # its common is gone
+    assert generic_trees(tmp_path) == [(arch, common)]
+
+
+@pytest.mark.parametrize("version, needs", [("0.18.0", True), ("0.25.0", True), ("0.26.0", False),
+                                            ("0.29.1", False), ("1.0", False), ("?", False)])
+def test_only_bcc_before_0_26_needs_the_debugfs_tracing_path(version, needs):
+    assert bcc_needs_debugfs(version) is needs

@@ -10,6 +10,7 @@ from typing import Callable
 
 from tcpstates.doctor import Check
 from tcpstates.plugins.kernel.headers import choose_header_tree
+from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
 from tcpstates.plugins.kernel.probe import find_tracefs, kernel_version, tracepoint_exists
 
 Row = tuple[str, bool, bool, str]   # name, required, ok, detail / what to do
@@ -29,8 +30,17 @@ def _root() -> Row:
 
 def _tracefs() -> Row:
     tf = find_tracefs(mount=os.geteuid() == 0)
-    return ("tracefs", True, tf is not None, str(tf) if tf else
-            "not mounted: mount -t tracefs tracefs /sys/kernel/tracing")
+    if tf is None:
+        return ("tracefs", True, False, "not mounted: mount -t tracefs tracefs /sys/kernel/tracing")
+    try:
+        import bcc
+        version = str(getattr(bcc, "__version__", ""))
+    except ImportError:
+        version = ""                     # the bcc row says what to do
+    if bcc_needs_debugfs(version) and not (DEBUGFS_TRACING / "events").is_dir():
+        return ("tracefs", True, False, f"{tf}, but bcc {version} reads tracepoints only under "
+                f"{DEBUGFS_TRACING}: mount -t debugfs debugfs /sys/kernel/debug")
+    return ("tracefs", True, True, str(tf))
 
 
 def _tracepoint() -> Row:

@@ -44,12 +44,17 @@ def generic_trees(src: Path = Path("/usr/src")) -> list[tuple[Path, Path | None]
     for arch_dir in sorted(src.glob("linux-headers-*"), key=_version_key, reverse=True):
         if arch_dir.name.endswith("-common") or not arch_dir.is_dir():
             continue
+        generated = (arch_dir / "include" / "generated").is_dir()
         if (arch_dir / KCONFIG).is_file():
-            out.append((arch_dir, None))      # already complete (Fedora, Arch, Ubuntu)
+            # complete only with the configured headers (autoconf.h): Ubuntu's
+            # linux-headers-V (common half, no include/generated) is not, its
+            # linux-headers-V-generic (links into it) is; Fedora's tree is too
+            if generated:
+                out.append((arch_dir, None))
             continue
         base = re.sub(r"-[a-z0-9_]+$", "", arch_dir.name)   # linux-headers-6.1.0-56
         common = src / f"{base}-common"
-        if (common / KCONFIG).is_file() and (arch_dir / "include" / "generated").is_dir():
+        if (common / KCONFIG).is_file() and generated:
             out.append((arch_dir, common))
     return out
 

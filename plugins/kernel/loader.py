@@ -13,6 +13,7 @@ The tracer itself never imports bcc.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 from tcpstates.errors import EnvironmentProblem, UsageError
 from tcpstates.plugins.kernel.perfbuf import PerfBufferReader
+from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
 
 PROG_NAME = b"tracepoint__sock__inet_sock_set_state"
 TRACEPOINT = b"sock:inet_sock_set_state"
@@ -116,6 +118,10 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
         hint = ("install kernel headers (linux-headers-$(uname -r), or the generic "
                 "linux-headers package) and retry" if "kconfig.h" in message or
                 "kernel headers" in message.lower() else "run 'tcpstates doctor' for details")
+        if "struct tracepoint__" in err[0] and bcc_needs_debugfs(str(getattr(bcc, "__version__", ""))):
+            # old bcc found no tracepoint format: it looks only under debugfs
+            hint = (f"bcc {bcc.__version__} reads tracepoints only under {DEBUGFS_TRACING}: "
+                    "mount -t debugfs debugfs /sys/kernel/debug and retry")
         raise EnvironmentProblem(f"BPF compile/load failed ({compile_error}): "
                                  f"{message or 'no compiler output'}; {hint}")
     import ctypes
@@ -131,8 +137,13 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
             table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
     perf_table = bpf["events"] if req.perf_mode else bpf["spill"]
     pages = req.buffer_pages if req.perf_mode else SPILL_PAGES
-    perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None,
-                                wakeup_events=req.wakeup_events)
+    wakeup: dict[str, int] = {"wakeup_events": req.wakeup_events}
+    if "wakeup_events" not in inspect.signature(perf_table.open_perf_buffer).parameters:
+        # older bcc (Ubuntu 22.04's 0.18) wakes the reader at every sample: more
+        # wake-ups, so possibly more kernel misses under load (still counted),
+        # only when samples go through perf (the spill, or kernels before 5.8)
+        wakeup = {}
+    perf_table.open_perf_buffer(lambda *a: None, page_cnt=pages, lost_cb=lambda *a: None, **wakeup)
     from bcc.libbcc import lib as libbcc
     perf_fds = {cpu: libbcc.perf_reader_fd(reader)               # cpu → perf event fd
                 for (table_id, cpu), reader in bpf.perf_buffers.items() if table_id == id(perf_table)}

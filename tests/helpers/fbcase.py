@@ -6,10 +6,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from fluentbit import binary
+from fluentbit import binary, cannot_run
 
 needs_fluent_bit = pytest.mark.skipif(
-    binary() is None, reason="no Fluent Bit: set FLUENT_BIT or put it in ../shared/tools/fluent-bit/")
+    binary() is None or cannot_run() is not None,
+    reason=cannot_run() or "no Fluent Bit: set FLUENT_BIT or put it in ../shared/tools/fluent-bit/")
 
 BASE_NS = 1795766400_123456789
 

@@ -12,6 +12,7 @@ Readiness: Fluent Bit's own HTTP server (`/api/v1/health`) answering, then
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -34,6 +35,27 @@ def binary() -> str | None:
         path = os.environ["FLUENT_BIT"]
         return path if os.access(path, os.X_OK) else None
     return next((str(p) for p in CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+@functools.cache
+def cannot_run() -> str | None:
+    """Why the found binary can never run on this OS, else None. Only a C library
+    older than the one it was built against counts (the shared build is Debian 12's,
+    glibc 2.36; Ubuntu 22.04 has 2.35): nothing can be installed to fix that. Any
+    other failure (a missing library: set-up's job) is left to fail the tests."""
+    path = binary()
+    if path is None:
+        return None
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    err = r.stderr.decode(errors="replace")
+    m = re.search(r"version `(GLIBC_[0-9.]+)' not found", err)
+    if r.returncode != 0 and m:
+        have = os.confstr("CS_GNU_LIBC_VERSION") or "an older glibc"
+        return f"Fluent Bit at {path} needs {m.group(1)}, this OS has {have}: build it for this OS or set FLUENT_BIT"
+    return None
 
 
 def free_port() -> int:

@@ -159,8 +159,15 @@ say("ready", os.getpid())
 threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 while True:
     c, _ = s.accept()
+    # the I/O owner starts once this process dropped its copy of c: else a slow
+    # parent (Python 3.12 warns on its first fork of a threaded process) could
+    # hold the last reference and so, rightly, be the one that closes it
+    go_r, go_w = os.pipe()
     if os.fork() == 0:                      # the I/O owner
         s.close()
+        os.close(go_w)
+        os.read(go_r, 1)                    # EOF: the parent closed c
+        os.close(go_r)
         peer = c.getpeername()[1]
         c.recv(4); c.sendall(b"ok")
         r, w = os.pipe()
@@ -173,6 +180,8 @@ while True:
             os._exit(0)
         os._exit(0)                         # exits holding c: the heir's copy stays
     c.close()
+    os.close(go_r)
+    os.close(go_w)
     os.waitpid(-1, 0)
 """
 
