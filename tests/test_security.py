@@ -113,12 +113,13 @@ def test_user_root_is_refused_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.root
-def test_user_without_root(tmp_path):
+def test_user_without_root(as_nobody):
     """Not root: --user naming oneself is nothing to do; another account is
     refused before anything is written (setgroups() failed after the start:
-    'internal error: PermissionError', exit 1, an empty output file)."""
+    'internal error: PermissionError', exit 1, an empty output file).
+    Run through the as_nobody copy of the tool: a clone under /root (0700)
+    and its venv are out of nobody's reach."""
     import shutil
-    import sys
     import tempfile
     d = Path(tempfile.mkdtemp(prefix="tcpstates-user-", dir="/tmp"))
     try:
@@ -127,16 +128,13 @@ def test_user_without_root(tmp_path):
         conf.write_text("")
         conf.chmod(0o644)
 
-        def as_nobody(user: str, out: Path) -> subprocess.CompletedProcess:
-            return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                   sys.executable, "-m", "tcpstates", "--config", str(conf),
-                                   "--replay", os.devnull, "--user", user, "--sink", "jsonl",
-                                   "-o", f"sinks.jsonl.path={out}"],
-                                  capture_output=True, timeout=60, env={**os.environ, "HOME": str(d)})
-        same = as_nobody("nobody", d / "same.jsonl")
+        def run(user: str, out: Path) -> subprocess.CompletedProcess:
+            return as_nobody("--config", str(conf), "--replay", os.devnull, "--user", user,
+                             "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", env={"HOME": str(d)})
+        same = run("nobody", d / "same.jsonl")
         assert same.returncode == 0, same.stderr
         assert (d / "same.jsonl").stat().st_uid == 65534
-        other = as_nobody("daemon", d / "other.jsonl")
+        other = run("daemon", d / "other.jsonl")
         one_line_error(other, "only root can switch to another user")
         assert not (d / "other.jsonl").exists()
     finally:
