@@ -321,7 +321,11 @@ class LineOutput:
         pending, self._pending = self._pending, b""
         try:
             self._write_all(pending)
-        except (OutputStalled, interrupt.StopRequested):
+        except BaseException:
+            # whatever failed (a stall, the stop, the reader gone): the rest
+            # stays pending, so close() finishes it or counts the line as
+            # unfinished (it was counted as written when it was cut); and the
+            # bytes accepted here are the pending line's, not the new data's
             self._pending = pending[self._accepted:]
             self._accepted = 0
             raise

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import threading
 
+import pytest
+
 from replayrec import replay_record as _record, wait_for as _wait_for, line_count as _lines
 from pipes import full_pipe
 from summary import parse_summary
@@ -248,3 +250,47 @@ def test_a_line_cut_by_a_stall_and_never_finished_is_not_counted_as_written(tmp_
     summary = parse_summary(err)
     assert summary.written == {"jsonl": got.count(b"\n")}, err
     assert summary.written["jsonl"] + summary.not_written["jsonl"] == 400, err
+
+
+def test_a_line_cut_by_a_stall_whose_reader_then_leaves_is_not_counted_as_written(tmp_path):
+    """Review 10: a stall cuts a line (counted as written, its rest pending),
+    then the reader leaves: the next write's flush of the rest fails with
+    EPIPE. The rest was dropped there, so close() had nothing to count as
+    unfinished: one line more counted than the reader got whole."""
+    from tcpstates.outputs import LineOutput, OutputStalled
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    out = LineOutput(str(fifo), stall_timeout=0.2)
+    out.open()
+    line = b"x" * 99 + b"\n"
+    counted = 0
+    got = bytearray()
+    try:
+        with pytest.raises(OutputStalled) as full:
+            for _ in range(100000):                 # bounded: the FIFO holds far fewer
+                out.write(line * 10)
+                counted += 10
+        counted += full.value.written
+        got += os.read(reader, 4096)                # one page free: the next write cuts a line
+        with pytest.raises(OutputStalled) as cut:
+            out.write(line * 50)
+        counted += cut.value.written
+        while True:                                 # the reader takes everything, then leaves
+            try:
+                chunk = os.read(reader, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        os.close(reader)
+    assert not got.endswith(b"\n"), "no line was cut: the test proves nothing"
+    with pytest.raises(BrokenPipeError) as gone:
+        out.write(line * 3)
+    counted += gone.value.written
+    out.close()
+    counted -= out.unfinished
+    assert counted == got.count(b"\n")
