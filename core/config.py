@@ -164,7 +164,9 @@ def apply_override(config: dict[str, Any], parts: list[str], value: Any) -> None
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
             # ASCII digits only: "٠" is a digit to str.isdigit and 0 to int()
-            if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
+            # ASCII digits only, and few: int() refuses more than 4,300 digits
+            # (a ValueError, not a usage error) and no list is that long anyway
+            if not (part.isascii() and part.isdigit() and len(part) <= 9) or int(part) >= len(node):
                 raise UsageError(f"-o {'.'.join(parts)}: {where} is not an existing index")
             node = node[int(part)]
         else:

@@ -110,6 +110,12 @@ OUT_OF_RANGE = [
     # digits of other scripts: str.isdigit() takes them and int() reads them (9464)
     ("[tcpstates]\nsinks = [\"metrics\"]\n[sinks.metrics]\nlisten = \"127.0.0.1:\u0669\u0664\u0666\u0664\"\n",
      "listen: expected HOST:PORT"),
+    # more digits than int() converts (4,300): its ValueError told the user to call
+    # sys.set_int_max_str_digits()
+    ("[tcpstates]\nsinks = [\"metrics\"]\n[sinks.metrics]\nlisten = \"127.0.0.1:" + "9" * 5000 + "\"\n",
+     "listen: expected HOST:PORT"),
+    ("[tcpstates]\nsinks = [\"forward\"]\n[sinks.forward]\naddress = \"127.0.0.1:" + "9" * 5000 + "\"\n",
+     "address: expected HOST:PORT"),
 ]
 
 

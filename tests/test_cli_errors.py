@@ -165,3 +165,12 @@ def test_chain_index_takes_ascii_digits_only(tmp_path):
     cfg.write_text('[[chain]]\nuse = "duration"\nmin_ms = 1.0\n')
     _assert_one_line_error(run_cli("--config", str(cfg), "--replay", os.devnull, "-o", "chain.\u0660.min_ms=5"),
                            "not an existing index")
+
+
+def test_chain_index_of_thousands_of_digits_is_a_usage_error(tmp_path):
+    """Review 10: int() refuses a string of more than 4,300 digits with a
+    ValueError, which reached the user as 'internal error' (exit 1)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[chain]]\nuse = "duration"\nmin_ms = 1.0\n')
+    _assert_one_line_error(run_cli("--config", str(cfg), "--replay", os.devnull,
+                                   "-o", f"chain.{'9' * 5000}.min_ms=5"), "not an existing index")

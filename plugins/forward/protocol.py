@@ -52,7 +52,7 @@ def parse_address(text: str) -> tuple[int, Any]:
                              f"without NUL, got {shown!r}")
         return socket.AF_UNIX, path
     host, sep, port = text.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535 or not host:
+    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535 or not host:
         raise ValueError(f"address: expected HOST:PORT, [IPv6]:PORT or unix:///PATH, got {shown!r}")
     if host.startswith("[") and host.endswith("]"):
         try:

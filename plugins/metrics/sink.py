@@ -53,7 +53,7 @@ class MetricsOptions:
     def validate(self) -> None:
         host, sep, port = self.listen.rpartition(":")
         # ASCII digits only: str.isdigit also takes "٩٤٦٤", which int() reads as 9464
-        if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 <= int(port) <= 65535:
             raise ValueError(f"listen: expected HOST:PORT, got {self.listen!r}")
 
 
