@@ -23,6 +23,17 @@ def cgroup2_mount() -> Path | None:
     return None
 
 
+def _cgroup_of(root: Path, pid: int) -> Path | None:
+    """The cgroup v2 directory of process `pid` (None if it cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return root / line[3:].lstrip("/")
+    except OSError:
+        pass
+    return None
+
+
 class Churn:
     """Moves process `pid` between fresh scopes under its own slice until
     stop(); every cgroup it made is removed (also on error)."""
@@ -31,6 +42,9 @@ class Churn:
         root = cgroup2_mount()
         if root is None:
             raise RuntimeError("no cgroup v2 mount: --container-churn needs one")
+        # where the process was: it goes back there at stop() if it is still
+        # alive (an error, a timeout, Ctrl-C), or its scope could not be removed
+        self.home = _cgroup_of(root, pid)
         self.base = root / f"tcpstates-bench-churn-{os.getpid()}.slice"
         self.base.mkdir(exist_ok=True)
         self.pid, self.period = pid, period
@@ -64,9 +78,15 @@ class Churn:
                 pass
 
     def stop(self) -> None:
-        """After the process exited: its last cgroup and the slice go."""
+        """Its last cgroup and the slice go; a process still running (the run
+        failed or was interrupted) is first moved back where it came from."""
         self._stop.set()
         self._thread.join()
+        if self.home is not None:
+            try:
+                (self.home / "cgroup.procs").write_text(str(self.pid))
+            except OSError:      # exited (ESRCH): nothing holds the scope
+                pass
         self._retire(self._current)
         for leftover in self.base.iterdir():
             if leftover.is_dir():

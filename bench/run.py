@@ -98,6 +98,9 @@ def run_load(port: int, connections: int, rate: float, seconds: float) -> dict:
     try:
         out, err = proc.communicate(timeout=seconds * 3 + 60)
     finally:
+        if proc.poll() is None:      # a timeout or Ctrl-C: the load must not outlive the run
+            proc.kill()
+            proc.wait()
         churn.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen failed: {err[-500:]}")
