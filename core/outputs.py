@@ -223,15 +223,21 @@ class LineOutput:
 
     def _last_index(self) -> int:
         """The highest N of an existing PATH.N (numbered mode), 1 when none: a
-        restart goes on appending to the newest file."""
+        restart goes on appending to the newest file (after a switch from
+        the renaming scheme, a new file after them)."""
         head, sep, base = self.path.rpartition("/")
         try:
             # names only: the file itself is then opened by the safe walk
             names = os.listdir(head or ("/" if sep else "."))
         except OSError:
             return 1
-        return max((int(n[len(base) + 1:]) for n in names
-                    if n.startswith(base + ".") and _numbered(n[len(base) + 1:])), default=1)
+        newest = max((int(n[len(base) + 1:]) for n in names
+                      if n.startswith(base + ".") and _numbered(n[len(base) + 1:])), default=0)
+        if base in names and newest:
+            # PATH itself exists: the PATH.N here are the renaming scheme's, where
+            # the highest N is the OLDEST file; never append to it, start after it
+            return newest + 1
+        return max(newest, 1)
 
     def _open_file(self) -> int:
         """openat per component with O_NOFOLLOW (a symlinked parent is followed only
