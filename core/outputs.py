@@ -183,6 +183,18 @@ class LineOutput:
             where = "standard output" if self.is_stdout else self.path
             raise UsageError(f"{where}: another sink already writes there; give each "
                              f"sink its own path")
+        if stat.S_ISREG(st.st_mode) and not self.is_stdout:
+            # across processes too: two tracers appending to one file interleave
+            # rotations and delete each other's files (the lock goes with the
+            # open file: released at close, a rotated file is free again)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                self._close_fd()
+                raise UsageError(f"{self.live_path}: another process is writing it (a second "
+                                 f"tcpstates?); give each its own path") from None
         _IN_USE[key] = self._token
         self._key = key
 
