@@ -183,6 +183,18 @@ class LineOutput:
             where = "standard output" if self.is_stdout else self.path
             raise UsageError(f"{where}: another sink already writes there; give each "
                              f"sink its own path")
+        if stat.S_ISREG(st.st_mode) and not self.is_stdout:
+            # across processes too: two tracers appending to one file interleave
+            # rotations and delete each other's files (the lock goes with the
+            # open file: released at close, a rotated file is free again)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                self._close_fd()
+                raise UsageError(f"{self.live_path}: another process is writing it (a second "
+                                 f"tcpstates?); give each its own path") from None
         _IN_USE[key] = self._token
         self._key = key
 
@@ -223,15 +235,21 @@ class LineOutput:
 
     def _last_index(self) -> int:
         """The highest N of an existing PATH.N (numbered mode), 1 when none: a
-        restart goes on appending to the newest file."""
+        restart goes on appending to the newest file (after a switch from
+        the renaming scheme, a new file after them)."""
         head, sep, base = self.path.rpartition("/")
         try:
             # names only: the file itself is then opened by the safe walk
             names = os.listdir(head or ("/" if sep else "."))
         except OSError:
             return 1
-        return max((int(n[len(base) + 1:]) for n in names
-                    if n.startswith(base + ".") and _numbered(n[len(base) + 1:])), default=1)
+        newest = max((int(n[len(base) + 1:]) for n in names
+                      if n.startswith(base + ".") and _numbered(n[len(base) + 1:])), default=0)
+        if base in names and newest:
+            # PATH itself exists: the PATH.N here are the renaming scheme's, where
+            # the highest N is the OLDEST file; never append to it, start after it
+            return newest + 1
+        return max(newest, 1)
 
     def _open_file(self) -> int:
         """openat per component with O_NOFOLLOW (a symlinked parent is followed only

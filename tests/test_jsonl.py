@@ -205,6 +205,24 @@ def test_numbered_rotation_deletes_every_older_file_past_a_gap(tmp_path):
     assert left == list(range(left[-1] - 2, left[-1] + 1)) and left[0] > 5, left   # live + keep=2
 
 
+def test_numbered_after_the_renaming_scheme_never_appends_to_its_oldest_file(tmp_path):
+    """Switching an install from renaming rotation to numbered: PATH.1..PATH.3
+    are the renaming scheme's, PATH.3 its OLDEST; numbered mode starts a new
+    file after them instead of appending to the oldest one."""
+    from tracer import run_cli
+    out = tmp_path / "r.jsonl"
+    for n in ("", ".1", ".2", ".3"):
+        (tmp_path / f"r.jsonl{n}").write_text(f"old{n}\n")
+        (tmp_path / f"r.jsonl{n}").chmod(0o640)
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(orjson.dumps(_sample(seq=1, mono_ns=10**9)) + b"\n")
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
+                "-o", "sinks.jsonl.rotate_names=numbered")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r.jsonl.3").read_text() == "old.3\n"
+    assert len((tmp_path / "r.jsonl.4").read_bytes().splitlines()) == 1
+
+
 def test_numbered_names_that_are_not_its_numbers_are_left_alone(tmp_path):
     """Names tcpstates never makes (a superscript or Arabic-Indic digit, a
     leading zero) are neither the newest file nor a crash: "r.jsonl.²" made

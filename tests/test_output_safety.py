@@ -161,3 +161,22 @@ def test_rotation_after_the_file_was_moved_away_starts_a_new_file_and_loses_noth
     seqs = sorted(orjson.loads(line)["seq"] for p in d.iterdir() if p.name != "o.jsonl.r0"
                   for line in p.read_bytes().splitlines())
     assert seqs == list(range(4, 10))
+
+
+def test_a_file_another_process_writes_is_refused(tmp_path):
+    """Two tracers on one path interleave their rotations and delete each
+    other's files: the output file is locked (flock) while written, and a
+    second writer gets one line and exit 2, the file untouched."""
+    import fcntl
+    out = tmp_path / "e.jsonl"
+    out.write_bytes(b"theirs\n")
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(_record(seq=1))
+    with open(out, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)          # what a running tcpstates holds
+        r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+        one_line_error(r, "another process is writing it")
+    assert out.read_bytes() == b"theirs\n"
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    assert r.returncode == 0, r.stderr                # free again once released
+    assert out.read_bytes().count(b"\n") == 2
