@@ -467,7 +467,7 @@ filtered_update:
 update:
     if (args->newstate == TCPSTATES_TCP_CLOSE)
         last_change.delete(&sk);
-    else if (prev)
+    else if (prev && TCPSTATES_SAME_SK(prev, sk))
         prev->ts = ts;        /* in place: an update would allocate a new LRU node */
     else {
         struct tcpstates_sk_ts fresh = {.sk = sk, .ts = ts};
@@ -525,15 +525,25 @@ connection: {
     }
     struct tcpstates_conn_event *r = NULL;
 #ifndef TCPSTATES_PERF_BUFFER
+    /* The entry is checked again once the record is filled: if its node went
+     * to another socket meanwhile, the record would carry that socket's
+     * process and times; it is dropped and counted instead. */
     r = events.ringbuf_reserve(sizeof(*r));
     if (r) {
         FILL_CONN(r, args, ts, sk, span, cn);
-        events.ringbuf_submit(r, TCPSTATES_WAKEUP_FLAGS);
-        c->ringed++;
+        if (TCPSTATES_SAME_SK(cn, sk)) {
+            events.ringbuf_submit(r, TCPSTATES_WAKEUP_FLAGS);
+            c->ringed++;
+        } else {
+            events.ringbuf_discard(r, BPF_RB_NO_WAKEUP);
+            c->drops++;
+        }
     } else {
         struct tcpstates_conn_event local_conn;
         FILL_CONN(&local_conn, args, ts, sk, span, cn);
-        if (spill.perf_submit(args, &local_conn, sizeof(local_conn)) == 0)
+        if (!TCPSTATES_SAME_SK(cn, sk))
+            c->drops++;
+        else if (spill.perf_submit(args, &local_conn, sizeof(local_conn)) == 0)
             c->spilled++;
         else
             c->drops++;
@@ -541,7 +551,9 @@ connection: {
 #else
     struct tcpstates_conn_event local_conn;
     FILL_CONN(&local_conn, args, ts, sk, span, cn);
-    if (events.perf_submit(args, &local_conn, sizeof(local_conn)) == 0)
+    if (!TCPSTATES_SAME_SK(cn, sk))
+        c->drops++;
+    else if (events.perf_submit(args, &local_conn, sizeof(local_conn)) == 0)
         c->ringed++;
     else
         c->drops++;

@@ -302,3 +302,32 @@ def test_a_reused_lru_node_never_lends_another_sockets_owner_or_clock(tracer, tm
     else:
         assert all(s is not None for s in spans)
         assert len(learnt) >= 20 * 3
+
+
+def test_a_connection_record_from_a_reused_lru_node_is_dropped_and_counted(tracer, tmp_path):
+    """Connection mode fills the record from the socket's accumulated entry at
+    its close; if the entry's node was reused for another socket meanwhile
+    (injected: TCPSTATES_TEST_REUSE), the record would carry that socket's
+    process and times: it is dropped and counted, never written."""
+    out = tmp_path / "c.jsonl"
+    port = free_port()
+    t = tracer("--connections", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", "-L", str(port),
+               env={"TCPSTATES_TEST_REUSE": "1"})
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(64)
+    for _ in range(10):
+        c = socket.create_connection(("127.0.0.1", port))
+        a = srv.accept()[0]
+        c.close()
+        a.recv(1)
+        a.close()
+    srv.close()
+    assert not wait_port_settled(port), "the sockets never settled"
+    rc, _, err = t.stop()
+    assert rc == 0, err
+    mine = [r for r in _records(out) if r["type"] == "connection" and r["lport"] == port]
+    assert mine == []
+    dropped, _ = _summary(err)
+    assert dropped >= 10, err                # the 10 server-side records, counted

@@ -73,7 +73,7 @@ def remove_stale(tracefs: Path) -> list[str]:
         return removed
     for name in names:
         rest = name[len(PREFIX):]
-        if not name.startswith(PREFIX) or not rest.isdigit():
+        if not name.startswith(PREFIX) or not (rest.isascii() and rest.isdigit()):
             continue
         if Path(f"/proc/{rest}").exists():
             continue
