@@ -261,6 +261,29 @@ def test_per_socket_map_full_gives_unknown_never_silent_zero(tracer, tmp_path):
     assert all(r["span_us"] is None or r["span_us"] > 0 for r in closing)   # never a fake 0
 
 
+def _served_and_closed(port: int, n: int, exchange: bool) -> None:
+    """n loopback connections to a listener on `port` (optionally one round
+    trip each), the client closing first, then the server side, then the
+    listener; returns once every socket of the port has settled."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(64)
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", port))
+        a = srv.accept()[0]
+        if exchange:
+            a.sendall(b"x")
+            c.recv(1)
+            c.sendall(b"y")
+            a.recv(1)
+        c.close()
+        a.recv(1)                           # the client's FIN: then close the server side
+        a.close()
+    srv.close()
+    assert not wait_port_settled(port), "the sockets never settled"
+
+
 @pytest.mark.parametrize("reuse", [False, True], ids=["normal", "node-reused"])
 def test_a_reused_lru_node_never_lends_another_sockets_owner_or_clock(tracer, tmp_path, reuse):
     """The kernel frees an LRU node at once on update/delete/eviction, so
@@ -274,22 +297,7 @@ def test_a_reused_lru_node_never_lends_another_sockets_owner_or_clock(tracer, tm
     port = free_port()
     env = {"TCPSTATES_TEST_REUSE": "1"} if reuse else {}
     t = tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", "-L", str(port), env=env)
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port))
-    srv.listen(64)
-    for _ in range(20):
-        c = socket.create_connection(("127.0.0.1", port))
-        a = srv.accept()[0]
-        a.sendall(b"x")
-        c.recv(1)
-        c.sendall(b"y")
-        a.recv(1)
-        c.close()
-        a.recv(1)                           # the client's FIN: then close the server side
-        a.close()
-    srv.close()
-    assert not wait_port_settled(port), "the sockets never settled"
+    _served_and_closed(port, 20, exchange=True)
     rc, _, err = t.stop()
     assert rc == 0, err
     recs = [r for r in _records(out) if r["type"] == "state_change" and r["lport"] == port]
@@ -313,18 +321,7 @@ def test_a_connection_record_from_a_reused_lru_node_is_dropped_and_counted(trace
     port = free_port()
     t = tracer("--connections", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", "-L", str(port),
                env={"TCPSTATES_TEST_REUSE": "1"})
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port))
-    srv.listen(64)
-    for _ in range(10):
-        c = socket.create_connection(("127.0.0.1", port))
-        a = srv.accept()[0]
-        c.close()
-        a.recv(1)
-        a.close()
-    srv.close()
-    assert not wait_port_settled(port), "the sockets never settled"
+    _served_and_closed(port, 10, exchange=False)
     rc, _, err = t.stop()
     assert rc == 0, err
     mine = [r for r in _records(out) if r["type"] == "connection" and r["lport"] == port]
