@@ -6,6 +6,7 @@ offline formats."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import struct
@@ -241,3 +242,19 @@ def test_summary_and_metrics_take_their_numbers_from_connection_records(capsys):
     assert "tcpstates_handshake_seconds_count 1.0" in body
     assert "tcpstates_connection_lifetime_seconds_sum 0.099" in body
     assert "tcpstates_close_wait_seconds_count 0.0" in body
+
+
+def test_connection_rows_escape_the_process_name():
+    """A thread name is anyone's (prctl): in the connection table too it can
+    neither forge a line nor leave half an escape in its column."""
+    ctx = RunContext()
+    e = _event()
+    e.comm = "ab" + "\x1b" * 5 + "\nFAKE"
+    for wide in (False, True):
+        text = ConnectionFormatter(csv=False, wide=wide, time_col=False, timestamp_col=False, wall_ns=ctx.wall_ns)
+        (line,) = text.lines([e])
+        assert "\x1b" not in line and "\n" not in line and "ab\\x1b" in line, line
+        assert re.search(r"\\x(?![0-9a-f]{2})", line) is None, line
+    csv = ConnectionFormatter(csv=True, wide=False, time_col=False, timestamp_col=False, wall_ns=ctx.wall_ns)
+    (row,) = csv.lines([e])
+    assert "\n" not in row and "\\x0aFAKE" in row

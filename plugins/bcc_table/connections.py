@@ -18,7 +18,9 @@ state-change table, for the close time.
 from __future__ import annotations
 
 from tcpstates.events import AF_INET, CONNECTION, STATE_NUMBERS, Connection, Event
-from tcpstates.plugins.bcc_table.format import BccFormatter, csv_field
+from tcpstates.plugins.bcc_table.format import (_OWNER_DEFAULT, _OWNER_WIDE, COMM_WIDTH, BccFormatter,
+                                                csv_field, escaped_column)
+from tcpstates.text import escape_text
 
 # the order a connection passes through them (active, then passive, then closing)
 STATE_ORDER = ("SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSING",
@@ -56,7 +58,7 @@ class ConnectionFormatter(BccFormatter):
     def _owner_header(self, cols: tuple[str, str, str]) -> str:
         if not self.owner:
             return ""
-        return ("%-7s %-16.16s %-32.32s " if self.wide else "%-7s %-10.10s %-20.20s ") % cols
+        return (_OWNER_WIDE if self.wide else _OWNER_DEFAULT) % cols
 
     def lines(self, batch: list[Event]) -> list[str]:
         out: list[str] = []
@@ -75,16 +77,19 @@ class ConnectionFormatter(BccFormatter):
         states = " ".join(f"{name}={_ms(c.state_ns[num])}" for name, num in _ORDER if num in c.state_ns)
         life = ("" if c.complete else ">") + _ms(c.duration_ns)
         owner = self._owner(e) if self.owner else ""
+        # strings from outside, escaped as in the state-change table
+        comm = escaped_column(e.comm, COMM_WIDTH[self.wide])
+        saddr, daddr = escape_text(e.saddr), escape_text(e.daddr)
         if self.wide:
-            return _ROW_WIDE % (e.skaddr, e.pid, e.comm, owner, "4" if e.family == AF_INET else "6",
-                                e.saddr, e.sport, e.daddr, e.dport, c.ending, life, states or "-")
-        return _ROW_TEXT % (e.skaddr, e.pid, e.comm, owner, e.saddr, e.sport, e.daddr, e.dport,
+            return _ROW_WIDE % (e.skaddr, e.pid, comm, owner, "4" if e.family == AF_INET else "6",
+                                saddr, e.sport, daddr, e.dport, c.ending, life, states or "-")
+        return _ROW_TEXT % (e.skaddr, e.pid, comm, owner, saddr, e.sport, daddr, e.dport,
                             c.ending, life, states or "-")
 
     def _csv(self, e: Event, c: Connection) -> str:
         first = "%s" % (STATE_ORDER_NAMES.get(c.first_state) or c.first_state)
         cols = ["%x" % e.skaddr, str(e.pid), csv_field(e.comm), "4" if e.family == AF_INET else "6",
-                e.saddr, str(e.sport), e.daddr, str(e.dport), c.ending, first,
+                csv_field(e.saddr), str(e.sport), csv_field(e.daddr), str(e.dport), c.ending, first,
                 "1" if c.complete else "0", _ms(c.duration_ns)]
         cols += [_ms(c.state_ns[num]) if num in c.state_ns else "" for _, num in _ORDER]
         return ",".join(cols) + (self._owner(e) if self.owner else "")

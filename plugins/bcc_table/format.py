@@ -69,12 +69,19 @@ def workload(extra: dict[str, Any]) -> str:
     return "-" if "cgroup" in extra or "systemd_unit" in extra else "?"
 
 
+# widths of the cut text columns ([default, -w]): bcc's %-10.10s / %-16.16s C-COMM,
+# and the --owner O-COMM and WORKLOAD columns (_OWNER_DEFAULT, _OWNER_WIDE)
+COMM_WIDTH = (10, 16)
+WORKLOAD_WIDTH = (20, 32)
+
+
 def escaped_column(raw: str, width: int) -> str:
     """escape_text(raw) cut to a column of `width` characters between escapes,
     never inside one (bcc's %-10.10s would leave "\\x1b\\x" of "\\x1b\\x1b": a
-    half escape that reads as other text)."""
+    half escape that reads as other text). Printable text is returned whole
+    (the row's own %-N.Ns cuts it, as bcc's)."""
     text = escape_text(raw)
-    if len(text) <= width:
+    if len(text) <= width or len(text) == len(raw):
         return text
     out, used = [], 0
     for ch in raw:
@@ -158,11 +165,13 @@ class BccFormatter:
 
     def _owner_text(self, e: Event) -> str:
         pid, comm = e.extra.get("owner_pid"), e.extra.get("owner_comm")
-        # text columns are cut between escapes; CSV keeps whole values
-        comm_w, pid_w, work_w = (10**6,) * 3 if self.csv else ((16, 7, 32) if self.wide else (10, 7, 20))
-        pid_text = "?" if pid is None else escaped_column(str(pid), pid_w)
-        comm = "?" if comm is None else escaped_column(str(comm), comm_w)
-        work = escaped_column(workload(e.extra), work_w)
+        pid_text = "?" if pid is None else escape_text(str(pid))
+        if self.csv:       # whole values
+            comm = "?" if comm is None else escape_text(str(comm))
+            work = escape_text(workload(e.extra))
+        else:              # the cut columns, cut between escapes
+            comm = "?" if comm is None else escaped_column(str(comm), COMM_WIDTH[self.wide])
+            work = escaped_column(workload(e.extra), WORKLOAD_WIDTH[self.wide])
         if self.csv:
             return ",%s,%s,%s" % ("" if pid is None else csv_field(pid_text),
                                   csv_field(comm) if pid is not None else "",
@@ -201,7 +210,7 @@ class BccFormatter:
         pairs = _PAIRS_CSV if csv else _PAIRS_TEXT
         pair_fmt = "%s,%s" if csv else "%-11s -> %-11s"
         ipcol = self.csv or self.wide
-        comm_width = 16 if self.wide else 10
+        comm_width = COMM_WIDTH[self.wide]
         owner_of = self._owner if self.owner else None
         out: list[str] = []
         append = out.append
