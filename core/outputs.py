@@ -107,6 +107,12 @@ def _numbered(suffix: str) -> bool:
     return suffix.isascii() and suffix.isdigit() and (suffix == "0" or suffix[0] != "0")
 
 
+def _numbers(names: list[str], base: str) -> dict[int, str]:
+    """N → name of every BASE.N among `names` (numbered rotation's files)."""
+    cut = len(base) + 1
+    return {int(n[cut:]): n for n in names if n.startswith(base + ".") and _numbered(n[cut:])}
+
+
 class OutputStalled(OSError):
     """The destination took nothing for stall_timeout seconds."""
 
@@ -243,8 +249,7 @@ class LineOutput:
             names = os.listdir(head or ("/" if sep else "."))
         except OSError:
             return 1
-        newest = max((int(n[len(base) + 1:]) for n in names
-                      if n.startswith(base + ".") and _numbered(n[len(base) + 1:])), default=0)
+        newest = max(_numbers(names, base), default=0)
         if base in names and newest:
             # PATH itself exists: the PATH.N here are the renaming scheme's, where
             # the highest N is the OLDEST file; never append to it, start after it
@@ -489,9 +494,8 @@ class LineOutput:
                 os.close(listing)
         except OSError:
             names = []
-        for name in names:
-            suffix = name[len(base) + 1:]
-            if name.startswith(base + ".") and _numbered(suffix) and int(suffix) < index - self.keep:
+        for number, name in _numbers(names, base).items():
+            if number < index - self.keep:
                 try:
                     os.unlink(name, dir_fd=d)
                 except OSError:
