@@ -45,6 +45,10 @@ def test_invalid_addresses_refused_at_config_time(tmp_path, address):
     (("tls_ca_file=/etc/hostname",), "set tls = true"),
     (("tls=true", "tls_ca_file=/nonexistent/ca.pem"), "tls_ca_file: cannot open /nonexistent/ca.pem"),
     (("tls=true", "tls_ca_file=/etc/hostname"), "tls_ca_file: /etc/hostname does not hold usable CA"),
+    (("tls_server_name=fluent.example",), "set tls = true"),
+    (("tls=true", "tls_server_name=\"bad name\""), "tls_server_name: 'bad name': neither a host name nor"),
+    (("tls=true", "tls_server_name=\"fluent.example\\n\""), "tls_server_name: contains the control character"),
+    (("tls=true", "tls_server_name=\"-x.example\""), "tls_server_name: '-x.example': neither"),
 ])
 def test_inconsistent_auth_and_tls_options_refused(tmp_path, opts, msg):
     args = ["--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward"]
