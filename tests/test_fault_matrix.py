@@ -198,10 +198,10 @@ def test_sigterm_ends_the_run_within_two_seconds_with_its_summary(tmp_path, setu
         err_path = tmp_path / "stderr"
         argv = tcpstates_argv(*state.args)
         with open(err_path, "wb") as err:
-            proc = subprocess.Popen(state.wrap(argv) if state.wrap else argv, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(state.wrap(argv) if state.wrap else argv, stdin=state.stdin,
                                     stdout=state.stdout,
                                     stderr=err if state.stderr is None else state.stderr)
-        for fd in (state.stdout, state.stderr):
+        for fd in (state.stdin, state.stdout, state.stderr):
             if fd is not None and fd >= 0:
                 os.close(fd)             # only the tracer holds them now
         try:
@@ -221,5 +221,6 @@ def test_sigterm_ends_the_run_within_two_seconds_with_its_summary(tmp_path, setu
     assert took < 2.0, (took, text)
     assert rc == 0 and "Traceback" not in text and "internal error" not in text, (rc, text)
     assert "events seen" in text.splitlines()[-1] and state.summary_has in text.splitlines()[-1], text
+    assert state.never_says not in text, text
     summary = parse_summary(text)
     assert summary.seen == summary.kept and summary.dropped == 0, text

@@ -220,12 +220,14 @@ class Blocked:
     args: list[str]
     ready: Callable[[int], bool]
     stdout: int = subprocess.DEVNULL
+    stdin: int = subprocess.DEVNULL
     stderr: int | None = None                 # None: a file the test reads
     stderr_text: Callable[[], str] | None = None   # how to read stderr when it is a pipe
     at_stop: Callable[[], None] = lambda: None     # right after SIGTERM is sent
     wrap: Callable[[list[str]], list[str]] | None = None
     tracer_pid: Callable[[int], int] = lambda pid: pid
     summary_has: str = ""                     # what the summary must also say
+    never_says: str = "Traceback"             # what stderr must not say
 
 
 def wchan(pid: int) -> str:
@@ -357,8 +359,15 @@ def forward_receiver_that_never_reads(*auth: str) -> Callable[[Path, ExitStack],
             except TimeoutError:
                 pass
             return bool(conns)
-        return Blocked(["--replay", str(trace(tmp / "t.jsonl", 50)), "--sink", "forward",
-                        "-o", f"sinks.forward.address=127.0.0.1:{port}", *auth], ready=ready)
+        # replayed from a pipe kept open until the end: the run is live, not in its exit flush
+        r, w = os.pipe()
+        os.write(w, trace(tmp / "t.jsonl", 50).read_bytes())
+        stack.callback(os.close, w)
+        return Blocked(["--replay", "-", "--sink", "forward",
+                        "-o", f"sinks.forward.address=127.0.0.1:{port}", *auth], stdin=r, ready=ready,
+                       summary_has="not written: forward 50",
+                       # the sink's own cut at the stop is not the receiver closing
+                       never_says="receiver closed the connection")
     return make
 
 
