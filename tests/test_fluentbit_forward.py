@@ -177,7 +177,9 @@ def test_handshake_failures_are_reported_not_silent(tmp_path, fluent_bit, receiv
                wait_for=("127.0.0.1", port))
     r = ship(f"address=127.0.0.1:{port}", *creds, "exit_timeout=1", "ack_timeout=2", n=10, tmp_path=tmp_path)
     err = r.stderr.decode()
-    assert r.returncode == 0, err
+    # its only sink delivered nothing: the run failed
+    assert r.returncode == 1, err
+    assert "error: every sink failed (forward: delivered nothing, 0 of 10 events written)" in err
     assert expect in err
     assert "written: forward 0;" in err and "forward: 10 queued, 0 acknowledged, 10 lost" in err
     assert "10 events not acknowledged" in err
@@ -208,6 +210,7 @@ def test_tls_server_not_signed_by_our_ca_is_refused(tmp_path, fluent_bit, receiv
     r = ship(f"address=127.0.0.1:{port}", "tls=true", f"tls_ca_file={certs}/other-ca.crt",
              "exit_timeout=1", n=10, tmp_path=tmp_path)
     err = r.stderr.decode()
+    assert r.returncode == 1, err
     assert "CERTIFICATE_VERIFY_FAILED" in err and "10 lost" in err
     assert receiver.records() == []
 

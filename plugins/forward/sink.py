@@ -127,6 +127,7 @@ class ForwardSink(Sink):
         self.buffer: collections.deque[tuple[bytes, int]] = collections.deque()
         self.cond = threading.Condition()
         self.closing = False
+        self.aborted = False      # close() cut the network thread short (not the receiver)
         self.deadline = float("inf")
         self.conn: Connection | None = None
         self._connecting: Any = None   # the socket of a connect in progress (see close)
@@ -209,6 +210,7 @@ class ForwardSink(Sink):
         if self.thread.is_alive():
             # blocked in a connect, handshake, send or recv on a slow receiver:
             # cut it short (bounded exit)
+            self.aborted = True
             conn = self.conn
             if conn is not None:
                 conn.abort()
@@ -284,6 +286,10 @@ class ForwardSink(Sink):
                 self._send(chunk)
             except Exception as exc:   # refused, reset, timeout, TLS, handshake, protocol
                 self._disconnect()
+                if self.aborted:
+                    # our own shutdown at the stop, not the receiver's doing: close()
+                    # counts and reports what was left unacknowledged
+                    return
                 detail = sanitize_text(str(exc) if isinstance(exc, CertificateNameMismatch) else
                                        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 dropped_after_send = self._connected and isinstance(exc, (ConnectionError, BrokenPipeError))
