@@ -27,7 +27,7 @@ CONNECT_TIMEOUT = 10.0
 _NAME_MISMATCH = (62, 64)
 
 
-class CertificateNameMismatch(ssl.SSLCertVerificationError):
+class CertificateNameMismatch(Exception):
     """The receiver's certificate is not issued for the name we check: said in
     words that name the host and the option, not as OpenSSL's error code."""
 
