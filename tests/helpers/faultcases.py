@@ -228,6 +228,7 @@ class Blocked:
     tracer_pid: Callable[[int], int] = lambda pid: pid
     summary_has: str = ""                     # what the summary must also say
     never_says: str = "Traceback"             # what stderr must not say
+    status: int = 0                           # the exit status (1: every sink failed)
 
 
 def wchan(pid: int) -> str:
@@ -366,6 +367,7 @@ def forward_receiver_that_never_reads(*auth: str) -> Callable[[Path, ExitStack],
         return Blocked(["--replay", "-", "--sink", "forward",
                         "-o", f"sinks.forward.address=127.0.0.1:{port}", *auth], stdin=r, ready=ready,
                        summary_has="not written: forward 50",
+                       status=1,        # its only sink delivered nothing: every sink failed
                        # the sink's own cut at the stop is not the receiver closing
                        never_says="receiver closed the connection")
     return make
