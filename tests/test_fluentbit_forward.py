@@ -228,14 +228,15 @@ def test_tls_certificate_for_another_name_is_refused(tmp_path, fluent_bit, recei
     """Signed by our CA, but for fluent.example.internal only: with tls_verify (the
     default) the name checked is not in it. Refused before anything is sent: one
     warning naming the host and the way out, nothing acknowledged, every event
-    counted lost, nothing reaches Fluent Bit."""
+    counted lost, nothing reaches Fluent Bit, exit status 1."""
     port = free_port()
     fb = fluent_bit(forward_input(port=port, extra=ELSEWHERE.format(d=certs)) + forward_output(receiver.address),
                     wait_for=("127.0.0.1", port))
     r = ship(f"address={address}:{port}", "tls=true", f"tls_ca_file={certs}/ca.crt", *name_opts,
              "exit_timeout=1", "retry_min=0.05", n=10, tmp_path=tmp_path)
     err = r.stderr.decode()
-    assert r.returncode == 0, err
+    assert r.returncode == 1, err            # every sink failed: delivered nothing
+    assert "error: every sink failed (forward: delivered nothing, 0 of 10 events written)" in err, err
     warnings = [line for line in err.splitlines() if "certificate" in line]
     assert len(warnings) == 1, err          # said once, not at every retry
     assert f"certificate is not valid for {host!r}" in warnings[0], err
