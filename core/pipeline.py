@@ -80,6 +80,7 @@ class SinkSlot:
     broken: bool = False   # its last attempt raised an error (a stall is not one)
     disabled: bool = False  # stopped after an error (on_error=disable)
     reader_gone: bool = False  # its reader closed the pipe (EPIPE)
+    close_failed: bool = False  # its close raised (the summary's report not written)
 
 
 class Pipeline:
@@ -264,16 +265,23 @@ class Pipeline:
         slot.lost += len(batch) - done
 
     @staticmethod
-    def _close_sink(slot: SinkSlot) -> None:
+    def _close_sink(slot: SinkSlot) -> Exception | None:
+        """Close a sink; the error closing it, if any (its reader gone or a
+        stop is not one). A sink whose close writes its output (the summary's
+        report) failed when that write fails."""
+        error: Exception | None = None
         try:
             slot.sink.close()
-        except Exception:
+        except (BrokenPipeError, interrupt.StopRequested):
             pass
+        except Exception as exc:
+            error = exc
         # a line counted as written that the output closed torn: not written after all
         torn = slot.sink.unfinished()
         torn = torn if isinstance(torn, int) and 0 <= torn <= slot.written else 0
         slot.written -= torn
         slot.lost += torn
+        return error
 
     def _reader_gone(self, slot: SinkSlot) -> None:
         slot.active = False
@@ -419,8 +427,15 @@ class Pipeline:
                     pass
                 except Exception as exc:
                     self._sink_failed(slot, exc)
-                self._close_sink(slot)
+                error = self._close_sink(slot)
                 slot.active = False
+                if error is not None:
+                    # the last thing it did failed: never a success at exit
+                    slot.errors += 1
+                    slot.broken = True
+                    slot.close_failed = True
+                    self.context.warn(f"sink {slot.name} ({slot.sink.name}) failed when closed: "
+                                      f"{type(error).__name__}: {error}")
         self.source.close()
 
     def summary(self) -> dict[str, Any]:
@@ -464,6 +479,7 @@ class Pipeline:
             written = summary["written"].get(s.name, 0)
             lost = summary["lost_by_sink"].get(s.name, 0)
             how = ("disabled after an error" if s.disabled else
+                   "closing it failed" if s.close_failed else
                    "its last write failed" if s.broken else
                    "delivered nothing" if lost and not written else None)
             if how is not None:
@@ -471,8 +487,12 @@ class Pipeline:
         return out
 
     def every_sink_failed(self, summary: dict[str, Any]) -> bool:
-        """Did every sink of the run fail (so it exits with status 1)?"""
-        return bool(self.sinks) and len(self.failed_sinks(summary)) == len(self.sinks)
+        """Did every sink of the run fail (so it exits with status 1)? A table
+        whose reader left on purpose (`| head`) is set aside, neither a success
+        nor a failure: a jsonl sink beside it that delivered nothing still
+        makes the run a failure."""
+        stayed = [s for s in self.sinks if not s.reader_gone]
+        return bool(stayed) and len(self.failed_sinks(summary)) == len(stayed)
 
 
 def summary_line(summary: dict[str, Any]) -> str:

@@ -103,3 +103,42 @@ def test_structured_sink_into_head_exits_1(tmp_path):
     assert rc == 1, text
     assert "error: the reader of sink jsonl closed the pipe (EPIPE)" in text, text
     assert "every sink failed" not in text, text
+
+
+def test_summary_whose_report_cannot_be_written_exits_1(tmp_path):
+    # the summary sink's one output is its report at close: stderr /dev/full
+    # loses it, and a run that delivered nothing is not a success
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(tcpstates_argv("--replay", str(_trace(tmp_path)), "--sink", "summary"),
+                           stdout=subprocess.DEVNULL, stderr=full, timeout=60)
+    assert r.returncode == 1
+
+
+def test_summary_report_failing_beside_a_working_sink_exits_0(tmp_path):
+    out = tmp_path / "e.jsonl"
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(tcpstates_argv("--replay", str(_trace(tmp_path)), "--sink", "summary",
+                                          "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}"),
+                           stdout=subprocess.DEVNULL, stderr=full, timeout=60)
+    assert r.returncode == 0
+    assert out.read_bytes().count(b"\n") == N
+
+
+def test_table_into_head_beside_a_sink_that_delivered_nothing_exits_1(tmp_path):
+    # the table's reader left on purpose; the jsonl sink beside it wrote none
+    # of the 20,000 events: nothing reached a destination that wanted it
+    rc, out, err = _into_head(["--replay", str(_trace(tmp_path, 20_000)), "--sink", "text",
+                               "--sink", "jsonl", "-o", "sinks.jsonl.path=/dev/full"])
+    text = err.decode()
+    assert len(out.splitlines()) == 2
+    assert rc == 1, text
+    assert "error: every sink failed (jsonl: its last write failed, 0 of 20000 events written)" in text, text
+
+
+def test_table_into_head_beside_a_working_sink_exits_0(tmp_path):
+    out_path = tmp_path / "e.jsonl"
+    rc, out, err = _into_head(["--replay", str(_trace(tmp_path, 20_000)), "--sink", "text",
+                               "--sink", "jsonl", "-o", f"sinks.jsonl.path={out_path}"])
+    assert rc == 0, err
+    assert b"every sink failed" not in err, err
+    assert out_path.read_bytes().count(b"\n") == 20_000
