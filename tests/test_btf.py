@@ -112,3 +112,119 @@ def test_the_running_kernels_btf_answers_what_the_owner_probes_ask():
     assert size == 2
     # only what was asked for is decoded
     assert len(btf._decoded) < 200
+
+
+def _cut(blob: bytes, keep: int) -> bytes:
+    return blob[:keep]
+
+
+def _with_header(blob: bytes, offset: int, value: int) -> bytes:
+    out = bytearray(blob)
+    struct.pack_into("<I", out, offset, value)
+    return bytes(out)
+
+
+def _typedef_cycle() -> bytes:
+    b = Blob()
+    b.add(B.TYPEDEF, "A", 2)
+    b.add(B.TYPEDEF, "B", 1)
+    b.struct(B.STRUCT, "s", 8, [("a", 1, 0)])
+    return b.bytes()
+
+
+def _self_typedef() -> bytes:
+    b = Blob()
+    b.add(B.TYPEDEF, "A", 1)
+    b.struct(B.STRUCT, "s", 8, [("a", 1, 0)])
+    return b.bytes()
+
+
+def _anonymous_member_of_itself() -> bytes:
+    b = Blob()
+    b.struct(B.STRUCT, "s", 8, [("", 1, 0)])
+    return b.bytes()
+
+
+def _array_of_itself() -> bytes:
+    b = Blob()
+    b.add(B.ARRAY, "", 0, struct.pack("<III", 1, 1, 4))
+    b.struct(B.STRUCT, "s", 8, [("a", 1, 0)])
+    return b.bytes()
+
+
+def _name_outside_strings() -> bytes:
+    b = Blob()
+    u = b.add(B.INT, "int", 4, struct.pack("<I", 32))
+    b.types += struct.pack("<III", b.name("s"), (B.STRUCT << 24) | 1, 8) + struct.pack("<III", 9999, u, 0)
+    return b.bytes()
+
+
+def _not_utf8_name() -> bytes:
+    b = Blob()
+    b.strings += b"\xff\xfe\0"
+    b.types += struct.pack("<III", 1, B.STRUCT << 24, 8)
+    return b.bytes()
+
+
+def _void_member() -> bytes:
+    b = Blob()
+    b.add(B.TYPEDEF, "v", 0)
+    b.struct(B.STRUCT, "s", 8, [("a", 1, 0)])
+    return b.bytes()
+
+
+def _huge_array() -> bytes:
+    b = Blob()
+    u = b.add(B.INT, "int", 4, struct.pack("<I", 32))
+    a = b.add(B.ARRAY, "", 0, struct.pack("<III", u, u, 2**32 - 1))
+    b.struct(B.STRUCT, "s", 8, [("a", a, 0)])
+    return b.bytes()
+
+
+HOSTILE = {
+    "empty": lambda: b"",
+    "header-cut": lambda: _cut(sample(), 10),
+    "types-cut": lambda: _cut(sample(), 40),
+    "strings-cut": lambda: _cut(sample(), len(sample()) - 3),
+    "hdr-len-huge": lambda: _with_header(sample(), 4, 10**9),
+    "str-len-huge": lambda: _with_header(sample(), 20, 10**9),
+    "type-len-4": lambda: _with_header(sample(), 12, 4),
+    "typedef-cycle": _typedef_cycle,
+    "typedef-of-itself": _self_typedef,
+    "anonymous-member-of-itself": _anonymous_member_of_itself,
+    "array-of-itself": _array_of_itself,
+    "name-outside-strings": _name_outside_strings,
+    "name-not-utf8": _not_utf8_name,
+    "void-member": _void_member,
+    "array-of-16-GiB": _huge_array,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_btf_is_a_btf_error_never_a_hang_or_another_exception(case):
+    import signal
+
+    def hang(*_):
+        raise TimeoutError("the BTF reader hung")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(5)
+    try:
+        with pytest.raises(B.BTFError):
+            btf = B.BTF(HOSTILE[case]())
+            btf.member("s", "a")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_owner_support_with_cyclic_btf_falls_back_in_one_line(tmp_path):
+    from tcpstates.plugins.owner import kernel
+    b = Blob()
+    b.add(B.TYPEDEF, "A", 2)
+    b.add(B.TYPEDEF, "B", 1)
+    b.struct(B.STRUCT, "task_struct", 8, [("group_leader", 1, 0)])
+    path = tmp_path / "vmlinux"
+    path.write_bytes(b.bytes())
+    s = kernel.owner_support(16, btf_path=str(path), io=False)
+    assert not s.identity and "-DTCPSTATES_OWNER_TASK=1" not in s.cflags
+    assert any("task offsets in BTF" in m and "cycle" in m for m in s.missing), s.missing

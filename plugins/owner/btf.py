@@ -16,6 +16,12 @@ BTF_MAGIC = 0xEB9F
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, \
     FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(1, 20)
 _MODIFIERS = (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG)
+# hostile or corrupt BTF must end in BTFError, never a hang or a RecursionError:
+# a modifier chain (typedef of const of ...) and a nesting of anonymous
+# members or arrays longer than any real kernel's is refused as a cycle
+MAX_CHAIN = 64
+MAX_SIZE = 1 << 32     # no kernel struct member is 4 GiB
+HEADER = 24
 
 
 class BTFError(Exception):
@@ -46,10 +52,14 @@ class BTF:
     run, for the handful of members the owner probes need."""
 
     def __init__(self, data: bytes):
+        if len(data) < HEADER:
+            raise BTFError(f"{len(data)} bytes: shorter than the BTF header")
         magic, version, flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
         if magic != BTF_MAGIC:
             raise BTFError("not little-endian BTF (bad magic)")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        if hdr_len < HEADER or hdr_len + max(type_off + type_len, str_off + str_len) > len(data):
+            raise BTFError("header or sections beyond the end of the data (truncated?)")
         self.data = data
         self.strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
         self.starts = array("Q", [0])    # id 0 is void
@@ -60,6 +70,8 @@ class BTF:
         u = struct.unpack_from
         starts = self.starts
         while pos < end:
+            if pos + 12 > end:
+                raise BTFError("type section does not end on a record boundary")
             name_off, info = u("<II", data, pos)
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
@@ -98,8 +110,13 @@ class BTF:
             return cls(f.read())
 
     def name(self, off: int) -> str:
-        end = self.strings.index(b"\0", off)
-        return self.strings[off:end].decode()
+        end = self.strings.find(b"\0", off)
+        if not 0 <= off < len(self.strings) or end < 0:
+            raise BTFError(f"name offset {off} outside the string section")
+        try:
+            return self.strings[off:end].decode()
+        except UnicodeDecodeError:
+            raise BTFError(f"name at offset {off} is not UTF-8") from None
 
     def find(self, kind: int, name: str) -> int:
         names = self._by_name if kind == STRUCT else self._unions if kind == UNION else {}
@@ -109,26 +126,43 @@ class BTF:
             raise BTFError(f"no {name!r} of kind {kind} in BTF") from None
 
     def strip(self, tid: int) -> int:
-        while self._type(tid) is not None and self._type(tid)[0] in _MODIFIERS:
-            tid = self._type(tid)[2]
-        return tid
+        for _ in range(MAX_CHAIN):
+            t = self._type(tid)
+            if t is None or t[0] not in _MODIFIERS:
+                return tid
+            tid = t[2]
+        raise BTFError(f"type {tid}: a chain of more than {MAX_CHAIN} typedefs/modifiers (a cycle?)")
 
-    def sizeof(self, tid: int) -> int:
+    def sizeof(self, tid: int, depth: int = 0) -> int:
+        if depth > MAX_CHAIN:
+            raise BTFError(f"type {tid}: arrays nested more than {MAX_CHAIN} deep (a cycle?)")
         tid = self.strip(tid)
-        kind, _, size, _, extra = self._type(tid)
+        t = self._type(tid)
+        if t is None:
+            raise BTFError("no size for void")
+        kind, _, size, _, extra = t
         if kind in (INT, STRUCT, UNION, ENUM, ENUM64, FLOAT):
-            return size
-        if kind == PTR:
-            return 8
-        if kind == ARRAY:
-            return extra[2] * self.sizeof(extra[0])
-        raise BTFError(f"no size for kind {kind}")
+            out = size
+        elif kind == PTR:
+            out = 8
+        elif kind == ARRAY:
+            out = extra[2] * self.sizeof(extra[0], depth + 1)
+        else:
+            raise BTFError(f"no size for kind {kind}")
+        if out > MAX_SIZE:
+            raise BTFError(f"type {tid}: {out} bytes is no member's size")
+        return out
 
-    def _search(self, tid: int, member: str, base_bits: int):
+    def _search(self, tid: int, member: str, base_bits: int, depth: int = 0):
         """Depth-first through anonymous struct/union members; returns
         (bit offset, bitfield size, member type id) or None."""
+        if depth > MAX_CHAIN:
+            raise BTFError(f"type {tid}: anonymous members nested more than {MAX_CHAIN} deep (a cycle?)")
         tid = self.strip(tid)
-        kind, _, _, kflag, members = self._type(tid)
+        t = self._type(tid)
+        if t is None:
+            return None
+        kind, _, _, kflag, members = t
         if kind not in (STRUCT, UNION):
             return None
         for name_off, mtype, off in members:
@@ -137,7 +171,7 @@ class BTF:
             if mname == member:
                 return base_bits + bits, bsize, mtype
             if not mname:
-                hit = self._search(mtype, member, base_bits + bits)
+                hit = self._search(mtype, member, base_bits + bits, depth + 1)
                 if hit:
                     return hit
         return None
