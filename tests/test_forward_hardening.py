@@ -49,6 +49,8 @@ def test_invalid_addresses_refused_at_config_time(tmp_path, address):
     (("tls=true", "tls_server_name=\"bad name\""), "tls_server_name: 'bad name': neither a host name nor"),
     (("tls=true", "tls_server_name=\"fluent.example\\n\""), "tls_server_name: contains the control character"),
     (("tls=true", "tls_server_name=\"-x.example\""), "tls_server_name: '-x.example': neither"),
+    (("tls=true", "tls_verify=false", "tls_ca_file=/etc/hostname"),
+     "tls_ca_file: has no effect with tls_verify = false"),
 ])
 def test_inconsistent_auth_and_tls_options_refused(tmp_path, opts, msg):
     args = ["--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward"]
@@ -216,3 +218,12 @@ def test_overflow_lost_record_is_delivered_without_a_following_event(tmp_path):
     assert [r["seq"] for r in events] == list(range(1, 101))
     assert len(lost) == 1 and lost[0]["kind"] == "forward_overflow" and lost[0]["count"] == 400, lost
     assert b"forward: 100 queued, 100 acknowledged, 400 lost" in err
+
+
+def test_tls_without_verification_is_said_at_start(tmp_path):
+    r = run_cli("--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward",
+                "-o", "sinks.forward.address=127.0.0.1:9", "-o", "sinks.forward.tls=true",
+                "-o", "sinks.forward.tls_verify=false", "-o", "sinks.forward.exit_timeout=0.5", timeout=30)
+    err = r.stderr.decode()
+    assert "Traceback" not in err, err
+    assert "forward sink: tls_verify = false: the certificate of 127.0.0.1:9 is not verified" in err, err

@@ -104,6 +104,11 @@ class ForwardOptions:
                              f"name nor an IP address")
         if self.tls_key_file and not self.tls_cert_file:
             raise ValueError("tls_key_file: needs tls_cert_file")
+        if self.tls and not self.tls_verify and self.tls_ca_file:
+            # a CA file says "verify against these": with verification off it
+            # would be ignored without a word, and any receiver accepted
+            raise ValueError("tls_ca_file: has no effect with tls_verify = false (nothing is verified); "
+                             "remove one of them")
 
 
 class ForwardSink(Sink):
@@ -147,6 +152,11 @@ class ForwardSink(Sink):
 
     # -- pipeline side ---------------------------------------------------------
     def open(self) -> None:
+        if self.options.tls and not self.options.tls_verify:
+            # said at every start, so an unverified connection is never a surprise
+            self.context.warn(f"forward sink: tls_verify = false: the certificate of "
+                              f"{sanitize_text(self.options.address)} is not verified; anyone on the path "
+                              f"can receive the events")
         self.thread.start()
 
     def _loss_entry_locked(self) -> None:
