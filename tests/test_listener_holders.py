@@ -98,3 +98,132 @@ def test_a_listener_moved_to_another_fd_is_found_and_a_closed_one_is_dropped(hol
 
 def listener_inode(s: socket.socket) -> int:
     return os.fstat(s.fileno()).st_ino
+
+
+# -- every change a partial look-up must see (review11) ---------------------------------------
+OTHER = r"""
+import os, socket, sys
+fd = int(sys.argv[1])
+mode = sys.argv[2]
+if mode == "socket":              # another socket at the fd number the listener had
+    s = socket.socket()
+    os.dup2(s.fileno(), fd)
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _spawn(code: str, *args: str, fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, pass_fds=fds)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def _spawn_with_pid(pid: int, code: str, *args: str, fds: tuple[int, ...] = ()) -> subprocess.Popen | None:
+    """A process given `pid` (ns_last_pid, root): the reuse of a holder's PID."""
+    for _ in range(20):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, pass_fds=fds)
+        if proc.pid == pid:
+            assert proc.stdout.readline().strip() == "ready"
+            return proc
+        _stop(proc)           # another fork took it first: try again
+    return None
+
+
+def test_a_forked_holder_is_seen_by_a_partial_lookup(holder):
+    listener, proc = holder
+    watch = sockowners.PortHolders(listener.getsockname()[1], full_every=3600)
+    watch.lookup(time.monotonic())
+    child = _spawn(OTHER, str(listener.fileno()), "keep", fds=(listener.fileno(),))
+    try:
+        assert pids_of(watch.lookup(time.monotonic()), listener) == sorted([os.getpid(), proc.pid, child.pid])
+    finally:
+        _stop(child)
+    assert pids_of(watch.lookup(time.monotonic()), listener) == sorted([os.getpid(), proc.pid])
+
+
+@pytest.mark.parametrize("mode", ["socket", "keep"])
+def test_a_reused_pid_is_never_the_old_holder(holder, mode):
+    """The holder exits and its PID is given to a new process that has, at the
+    same fd number, another socket (dropped) or the listener itself (a holder,
+    with its own start time)."""
+    listener, proc = holder
+    watch = sockowners.PortHolders(listener.getsockname()[1], full_every=3600)
+    watch.lookup(time.monotonic())
+    old_pid = proc.pid
+    old_start = sockowners.process_identity(old_pid)[0]
+    _stop(proc)
+    time.sleep(0.02)              # one clock tick: a start time of its own
+    fds = (listener.fileno(),)
+    if mode == "socket":
+        fds = ()              # not passed: that fd number is another socket's
+    new = _spawn_with_pid(old_pid, OTHER, str(listener.fileno()), mode, fds=fds)
+    if new is None:
+        pytest.skip("cannot choose the next PID here (ns_last_pid needs root)")
+    try:
+        found = watch.lookup(time.monotonic())
+        holders = found.get((socket.AF_INET, "127.0.0.1"), [])
+        if mode == "socket":
+            assert sorted(h[0] for h in holders) == [os.getpid()], holders
+        else:
+            assert sorted(h[0] for h in holders) == sorted([os.getpid(), old_pid]), holders
+            now_start = sockowners.process_identity(old_pid)[0]
+            assert now_start != old_start
+            assert [h[1] for h in holders if h[0] == old_pid] == [now_start], "the old identity kept"
+    finally:
+        _stop(new)
+
+
+def test_another_socket_dup2_over_the_listeners_fd_drops_the_holder(holder):
+    listener, proc = holder
+    watch = sockowners.PortHolders(listener.getsockname()[1], full_every=3600)
+    watch.lookup(time.monotonic())
+    child = _spawn(OTHER, str(listener.fileno()), "keep", fds=(listener.fileno(),))
+    try:
+        assert child.pid in {h[0] for h in watch.lookup(time.monotonic())[(socket.AF_INET, "127.0.0.1")]}
+    finally:
+        _stop(child)
+    # a process whose fd (the listener's number) is another socket from the start
+    other = _spawn(OTHER, str(listener.fileno()), "socket")
+    try:
+        assert other.pid not in {h[0] for h in watch.lookup(time.monotonic())[(socket.AF_INET, "127.0.0.1")]}
+    finally:
+        _stop(other)
+
+
+def test_a_reuseport_group_names_every_member_and_a_member_leaving():
+    a, b = socket.socket(), socket.socket()
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    a.bind(("127.0.0.1", 0))
+    port = a.getsockname()[1]
+    b.bind(("127.0.0.1", port))
+    a.listen()
+    b.listen()
+    ca = _spawn(OTHER, str(a.fileno()), "keep", fds=(a.fileno(),))
+    cb = _spawn(OTHER, str(b.fileno()), "keep", fds=(b.fileno(),))
+    a.close()
+    b.close()                    # only the children hold them now
+    try:
+        watch = sockowners.PortHolders(port, full_every=3600)
+        got = watch.lookup(time.monotonic())[(socket.AF_INET, "127.0.0.1")]
+        assert sorted(h[0] for h in got) == sorted([ca.pid, cb.pid])
+        _stop(cb)
+        got = watch.lookup(time.monotonic())[(socket.AF_INET, "127.0.0.1")]
+        assert [h[0] for h in got] == [ca.pid]
+    finally:
+        _stop(ca)
+        if cb.poll() is None:
+            _stop(cb)
