@@ -11,6 +11,12 @@ sink is left; a structured sink (jsonl into a shipper) ends the run at once
 and the CLI reports it with a non-zero status (`broken_pipes`), because every
 event from then on would be lost without a word.
 
+A run whose every sink failed (`every_sink_failed`: disabled by an error, its
+last attempt an error, or nothing of what it was given delivered) ends with
+status 1: the summary's "not written" is then all there is to show for it. A
+warning about a failing sink says "the other sinks continue" only when another
+sink still works; otherwise it says that nothing is being written.
+
 Back-pressure policy: sinks are called synchronously, one after another, but
 no sink may hold the others up. A line-writing sink (text, csv, jsonl) whose
 reader takes nothing for its `stall_timeout` (default 1 s; a stopped shipper,
@@ -40,8 +46,12 @@ from tcpstates.api import Enricher, Filter, KernelConstraints, RunContext, Sink,
 from tcpstates.runconfig import StageSpec
 from tcpstates.errors import SinkUnavailable, StageError, UsageError
 from tcpstates.events import Event
+from tcpstates.outputs import OutputStalled
 
 LOSS_POLL_INTERVAL = 0.5
+# what to do when no sink works (the end of a warning)
+NEXT_STEP = ("fix the output (disk space, permissions, a reader for the pipe) or add a sink "
+             "that works (--sink NAME); exit status 1 if every sink has failed at the end")
 DRAIN_BUDGET_S = 1.5
 
 
@@ -67,6 +77,9 @@ class SinkSlot:
     failing: bool = False
     episodes: int = 0      # failure episodes: one warning each
     active: bool = True
+    broken: bool = False   # its last attempt raised an error (a stall is not one)
+    disabled: bool = False  # stopped after an error (on_error=disable)
+    reader_gone: bool = False  # its reader closed the pipe (EPIPE)
 
 
 class Pipeline:
@@ -224,6 +237,7 @@ class Pipeline:
                 if accepted < len(batch):
                     slot.lost += len(batch) - accepted
                     continue
+                slot.broken = False
                 if slot.failing:
                     slot.failing = False
                     self.context.warn(f"sink {slot.name} ({slot.sink.name}) works again after losing "
@@ -263,6 +277,7 @@ class Pipeline:
 
     def _reader_gone(self, slot: SinkSlot) -> None:
         slot.active = False
+        slot.reader_gone = True
         self._close_sink(slot)
         if slot.sink.structured:
             self.broken_pipes.append(slot.name)
@@ -277,18 +292,35 @@ class Pipeline:
         if not slot.failing:
             slot.failing = True
             slot.episodes += 1
+        # a stall is a slow reader (back-pressure), not a broken output
+        slot.broken = not isinstance(exc, OutputStalled)
         what = f"sink {slot.name} ({slot.sink.name}) failed: {type(exc).__name__}: {exc}"
         if slot.on_error == "fail":
             raise StageError(what) from exc
+        # "the other sinks continue" only when one of them still works
+        others = any(s is not slot and s.active and not s.failing for s in self.sinks)
         if slot.on_error == "disable":
             slot.active = False
-            self.context.warn(f"{what}; disabled (on_error=disable); the other sinks continue")
-            if not any(s.active for s in self.sinks):
+            slot.disabled = True
+            left = any(s.active for s in self.sinks)
+            if others:
+                self.context.warn(f"{what}; disabled (on_error=disable); the other sinks continue")
+            elif left:
+                self.context.warn(f"{what}; disabled (on_error=disable); no other sink works, so "
+                                  f"nothing is being written: {NEXT_STEP}")
+            else:
+                self.context.warn(f"{what}; disabled (on_error=disable); no sink is left, so nothing "
+                                  f"is written and the run stops: {NEXT_STEP}")
+            if not left:
                 self.stopping = True
-        else:
+        elif others:
             self.context.warn(f"{what}; the other sinks continue, its lost events are counted and "
                               f"it is retried with every batch (on_error=ignore)",
                               once_key=f"sink:{slot.name}:{slot.episodes}")
+        else:
+            self.context.warn(f"{what}; no other sink works, so nothing is being written: its lost "
+                              f"events are counted and it is retried with every batch (on_error=ignore); "
+                              f"{NEXT_STEP}", once_key=f"sink:{slot.name}:{slot.episodes}")
 
     def process(self, batch: list[Event]) -> None:
         self.seen += len(batch)
@@ -419,6 +451,28 @@ class Pipeline:
             "lost_by_sink": lost,
             "source_notes": {k: v for k, v in self.source.notes().items() if v},
         }
+
+    def failed_sinks(self, summary: dict[str, Any]) -> dict[str, str]:
+        """The sinks that failed at the end of the run, each with how: disabled
+        by an error, its last attempt an error, or nothing delivered of what
+        it was given (written per `summary`: acknowledged for a sink that
+        reports delivery). A sink whose reader left (`| head`) did not fail."""
+        out = {}
+        for s in self.sinks:
+            if s.reader_gone:
+                continue
+            written = summary["written"].get(s.name, 0)
+            lost = summary["lost_by_sink"].get(s.name, 0)
+            how = ("disabled after an error" if s.disabled else
+                   "its last write failed" if s.broken else
+                   "delivered nothing" if lost and not written else None)
+            if how is not None:
+                out[s.name] = f"{s.name}: {how}, {written} of {written + lost} events written"
+        return out
+
+    def every_sink_failed(self, summary: dict[str, Any]) -> bool:
+        """Did every sink of the run fail (so it exits with status 1)?"""
+        return bool(self.sinks) and len(self.failed_sinks(summary)) == len(self.sinks)
 
 
 def summary_line(summary: dict[str, Any]) -> str:

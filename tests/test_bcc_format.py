@@ -1,8 +1,10 @@
 """bcc compatibility of the text and CSV sinks, byte for byte.
 
 Fixture rows (real bcc output) are turned into records, replayed through the
-real CLI with the fixture's flags, and must come out identical. Headers are
-checked for every combination of -T -t -w -s.
+real CLI with the fixture's flags, and must come out identical. The filter
+fixtures (-L, -D, -4, -6) are replayed with foreign records between their rows
+that the flag must drop, so they pass only if the flag filters replayed events.
+Headers are checked for every combination of -T -t -w -s.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 
 import orjson
 import pytest
-from bccfixtures import MODES, fixture_records
+from bccfixtures import MODES, replay_records
 from tracer import run_cli
 
 from tcpstates.plugins.bcc_table.format import BccFormatter
@@ -24,13 +26,33 @@ UTC = {"TZ": "UTC"}
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_replayed_fixture_is_reproduced_byte_for_byte(name, fixtures_dir, tmp_path):
     path = fixtures_dir / "bcc" / name
-    header, records = fixture_records(path, MODES[name])
+    _header, records, _foreign = replay_records(path, MODES[name])
     trace = tmp_path / "trace.jsonl"
     trace.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
     result = run_cli("--replay", str(trace), "--no-summary", *MODES[name], env=UTC)
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""
     assert result.stdout.decode() == path.read_text()
+
+
+FILTER_FLAGS = ("-L", "-D", "-4", "-6")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in MODES.items() if set(f) & set(FILTER_FLAGS)))
+def test_filter_fixture_is_not_reproduced_without_its_flag(name, fixtures_dir, tmp_path):
+    # the byte-for-byte test above proves the filter only if the foreign
+    # records would show without it: replay the same trace minus the flag
+    path = fixtures_dir / "bcc" / name
+    flags = MODES[name]
+    _header, records, foreign = replay_records(path, flags)
+    assert foreign >= len(path.read_text().splitlines()) - 1
+    trace = tmp_path / "trace.jsonl"
+    trace.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    assert flags[0] in FILTER_FLAGS and len(flags) == (2 if flags[0] in ("-L", "-D") else 1)
+    result = run_cli("--replay", str(trace), "--no-summary", env=UTC)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == len(path.read_text().splitlines()) + foreign
 
 
 def _expected_header(csv: bool, wide: bool, time_col: bool, ts_col: bool, fixtures_dir) -> str:

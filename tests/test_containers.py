@@ -183,6 +183,12 @@ def _family(name: str, cid: str, roots: Roots) -> tuple[str, dict]:
         roots.podman(cid)
         return (f"user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{cid}.scope",
                 {"container_runtime": "podman", "container_name": None, "container_delegated_uid": "1000"})
+    if name == "docker-rootless":
+        # dockerd-rootless.sh under the user's systemd: the same rule as podman's
+        # (the root daemon's files on the node are never taken for it)
+        roots.docker_ctr(cid)
+        return (f"user.slice/user-1000.slice/user@1000.service/user.slice/docker-{cid}.scope",
+                {"container_runtime": "docker", "container_name": None, "container_delegated_uid": "1000"})
     if name == "lxc":
         return "lxc.payload.web1", {"container_runtime": "lxc", "container_id": "web1", "container_name": "web1"}
     if name == "nspawn":
@@ -199,7 +205,7 @@ def _family(name: str, cid: str, roots: Roots) -> tuple[str, dict]:
 
 FAMILIES = ["docker-systemd", "docker-cgroupfs", "containerd-systemd", "containerd-colon", "containerd-cgroupfs",
             "static-pod", "crio-cgroupfs", "crio-systemd-crun", "podman-split", "podman-cgroupfs",
-            "podman-rootless", "lxc", "nspawn", "kind"]
+            "podman-rootless", "docker-rootless", "lxc", "nspawn", "kind"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -126,7 +126,8 @@ def _input_records(fb) -> int:
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
-    """A test CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    """A test CA, a server certificate for localhost/127.0.0.1, one (same CA) only for
+    fluent.example.internal, and a client certificate."""
     d = tmp_path_factory.mktemp("certs")
 
     def run(*cmd: str) -> None:
@@ -137,6 +138,7 @@ def certs(tmp_path_factory):
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-ca.key",
         "-out", "other-ca.crt", "-days", "2", "-subj", "/CN=someone-else")
     for name, usage, san in (("server", "serverAuth", "DNS:localhost,IP:127.0.0.1"),
+                             ("elsewhere", "serverAuth", "DNS:fluent.example.internal"),
                              ("client", "clientAuth", "DNS:tcpstates-client")):
         run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
             f"{name}.csr", "-subj", f"/CN={name}")
@@ -175,7 +177,9 @@ def test_handshake_failures_are_reported_not_silent(tmp_path, fluent_bit, receiv
                wait_for=("127.0.0.1", port))
     r = ship(f"address=127.0.0.1:{port}", *creds, "exit_timeout=1", "ack_timeout=2", n=10, tmp_path=tmp_path)
     err = r.stderr.decode()
-    assert r.returncode == 0, err
+    # its only sink delivered nothing: the run failed
+    assert r.returncode == 1, err
+    assert "error: every sink failed (forward: delivered nothing, 0 of 10 events written)" in err
     assert expect in err
     assert "written: forward 0;" in err and "forward: 10 queued, 0 acknowledged, 10 lost" in err
     assert "10 events not acknowledged" in err
@@ -206,8 +210,58 @@ def test_tls_server_not_signed_by_our_ca_is_refused(tmp_path, fluent_bit, receiv
     r = ship(f"address=127.0.0.1:{port}", "tls=true", f"tls_ca_file={certs}/other-ca.crt",
              "exit_timeout=1", n=10, tmp_path=tmp_path)
     err = r.stderr.decode()
+    assert r.returncode == 1, err
     assert "CERTIFICATE_VERIFY_FAILED" in err and "10 lost" in err
     assert receiver.records() == []
+
+
+ELSEWHERE = "    tls on\n    tls.verify off\n    tls.crt_file {d}/elsewhere.crt\n    tls.key_file {d}/elsewhere.key\n"
+
+
+@pytest.mark.parametrize("address,name_opts,host", [
+    ("127.0.0.1", (), "127.0.0.1"),                             # the address's IP is what is checked
+    ("localhost", (), "localhost"),                             # the address's name, as written
+    ("127.0.0.1", ("tls_server_name=localhost",), "localhost"),  # tls_server_name replaces it
+])
+def test_tls_certificate_for_another_name_is_refused(tmp_path, fluent_bit, receiver, certs, address,
+                                                     name_opts, host):
+    """Signed by our CA, but for fluent.example.internal only: with tls_verify (the
+    default) the name checked is not in it. Refused before anything is sent: one
+    warning naming the host and the way out, nothing acknowledged, every event
+    counted lost, nothing reaches Fluent Bit, exit status 1."""
+    port = free_port()
+    fb = fluent_bit(forward_input(port=port, extra=ELSEWHERE.format(d=certs)) + forward_output(receiver.address),
+                    wait_for=("127.0.0.1", port))
+    r = ship(f"address={address}:{port}", "tls=true", f"tls_ca_file={certs}/ca.crt", *name_opts,
+             "exit_timeout=1", "retry_min=0.05", n=10, tmp_path=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 1, err            # every sink failed: delivered nothing
+    assert "error: every sink failed (forward: delivered nothing, 0 of 10 events written)" in err, err
+    warnings = [line for line in err.splitlines() if "certificate" in line]
+    assert len(warnings) == 1, err          # said once, not at every retry
+    assert f"certificate is not valid for {host!r}" in warnings[0], err
+    assert "tls_server_name" in warnings[0], err
+    assert "written: forward 0;" in err and "forward: 10 queued, 0 acknowledged, 10 lost" in err, err
+    assert "10 events not acknowledged" in err, err
+    assert _input_records(fb) == 0
+    assert receiver.records() == []
+
+
+def test_tls_server_name_matching_the_certificate_is_accepted(tmp_path, fluent_bit, receiver, certs):
+    """The same certificate, reached by IP with tls_server_name set to its name
+    (Fluent Bit's out_forward calls it tls.vhost): verified, every event delivered."""
+    port = free_port()
+    fluent_bit(forward_input(port=port, extra=ELSEWHERE.format(d=certs)) + forward_output(receiver.address),
+               wait_for=("127.0.0.1", port))
+    n = 2000
+    r = ship(f"address=127.0.0.1:{port}", "tls=true", f"tls_ca_file={certs}/ca.crt",
+             "tls_server_name=fluent.example.internal", n=n, tmp_path=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "forward sink:" not in err, err
+    assert f"written: forward {n};" in err and f"forward: {n} queued, {n} acknowledged, 0 lost" in err, err
+    wait_until(lambda: len(receiver.records()) >= n, 30, "records")
+    assert check_exact(receiver.entries, n) == {"received": n, "lost": 0, "duplicates": 0}
 
 
 def test_tls_client_certificate(tmp_path, fluent_bit, receiver, certs):

@@ -45,6 +45,10 @@ def test_invalid_addresses_refused_at_config_time(tmp_path, address):
     (("tls_ca_file=/etc/hostname",), "set tls = true"),
     (("tls=true", "tls_ca_file=/nonexistent/ca.pem"), "tls_ca_file: cannot open /nonexistent/ca.pem"),
     (("tls=true", "tls_ca_file=/etc/hostname"), "tls_ca_file: /etc/hostname does not hold usable CA"),
+    (("tls_server_name=fluent.example",), "set tls = true"),
+    (("tls=true", "tls_server_name=\"bad name\""), "tls_server_name: 'bad name': neither a host name nor"),
+    (("tls=true", "tls_server_name=\"fluent.example\\n\""), "tls_server_name: contains the control character"),
+    (("tls=true", "tls_server_name=\"-x.example\""), "tls_server_name: '-x.example': neither"),
 ])
 def test_inconsistent_auth_and_tls_options_refused(tmp_path, opts, msg):
     args = ["--replay", str(trace(tmp_path / "t.jsonl", 1)), "--sink", "forward"]
@@ -171,7 +175,7 @@ def test_receiver_flooding_replies_is_bounded_reported_and_reconnected(tmp_path)
     finally:
         rx.stop()
     err = r.stderr.decode()
-    assert r.returncode == 0, err
+    assert r.returncode == 1 and "every sink failed" in err, err     # nothing was acknowledged
     assert "not reading further" in err or "reply exceeds" in err, err
     assert rx.connections >= 2              # the thread survived and reconnected
     assert "100 events not acknowledged" in err and "0 acknowledged, 100 lost" in err
@@ -212,41 +216,3 @@ def test_overflow_lost_record_is_delivered_without_a_following_event(tmp_path):
     assert [r["seq"] for r in events] == list(range(1, 101))
     assert len(lost) == 1 and lost[0]["kind"] == "forward_overflow" and lost[0]["count"] == 400, lost
     assert b"forward: 100 queued, 100 acknowledged, 400 lost" in err
-
-
-@pytest.mark.parametrize("auth", [[], ["-o", "sinks.forward.shared_key=k"]], ids=["plain", "shared-key"])
-def test_sigterm_with_a_receiver_that_never_reads_ends_within_two_seconds(tmp_path, auth):
-    """A receiver that accepts and then does nothing (no HELO, no ack, no reads):
-    the stop still ends within 2 s, with the summary, the events counted as lost."""
-    import os
-    import signal
-    import subprocess
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    port = listener.getsockname()[1]
-    fifo = tmp_path / "in.fifo"
-    os.mkfifo(fifo)
-    err = tmp_path / "err"
-    with open(err, "wb") as e:
-        proc = subprocess.Popen(tcpstates_argv("--replay", str(fifo), "--sink", "forward",
-                                               "-o", f"sinks.forward.address=127.0.0.1:{port}", *auth),
-                                stdout=subprocess.DEVNULL, stderr=e)
-    writer = open(fifo, "wb")     # keeps the replay running until the stop
-    try:
-        writer.write(trace(tmp_path / "t.jsonl", 50).read_bytes())
-        writer.flush()
-        conn, _ = listener.accept()          # the sink connected: now it waits on us
-        start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(10)
-        took = time.monotonic() - start
-        text = err.read_text()
-        assert took < 2.0, (took, text)
-        assert rc == 0 and "events seen" in text.splitlines()[-1], text
-        conn.close()
-    finally:
-        writer.close()
-        if proc.poll() is None:
-            proc.kill()
-        listener.close()

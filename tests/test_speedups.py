@@ -14,7 +14,7 @@ import time
 
 import orjson
 import pytest
-from bccfixtures import MODES, fixture_records
+from bccfixtures import MODES, replay_records
 from tracer import run_cli
 
 from tcpstates.api import RunContext
@@ -208,7 +208,7 @@ def test_text_c_rows_of_an_event_subclass_read_its_attributes(tmp_path):
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_bcc_fixtures_identical_with_and_without_speedups(name, fixtures_dir, tmp_path):
     path = fixtures_dir / "bcc" / name
-    _header, records = fixture_records(path, MODES[name])
+    _header, records, _foreign = replay_records(path, MODES[name])
     trace = tmp_path / "trace.jsonl"
     trace.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
     outs = []

@@ -1,16 +1,13 @@
-"""Issue 14: SIGTERM ends the tracer within 2 s, with its summary, in every
-blocking state; one failing sink never takes another down; "written" counts
-exactly what the destination holds. Real CLI in a subprocess, real pipes,
-FIFOs and devices. One line per case in the tables below."""
+"""Issue 14, what the fault matrix (test_fault_matrix.py) does not cover: warnings
+lost to a full or closed stderr, hostile replay records, a failed reopen, two
+sinks on one destination, journald missing or stopped. Real CLI in a
+subprocess, real pipes, FIFOs and devices."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
-import termios
-import threading
 import time
 from pathlib import Path
 
@@ -21,108 +18,8 @@ from journald import stopped_journald
 from pipes import full_pipe
 from tracer import Tracer, run_cli, tcpstates_argv
 
-F_GETPIPE_SZ = 1032
 
-
-
-
-def _stop_within(proc: subprocess.Popen, stderr_path: Path, limit: float = 2.0) -> str:
-    start = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(10)
-    took = time.monotonic() - start
-    err = stderr_path.read_text(errors="replace")
-    assert took < limit, (took, err)
-    assert rc == 0 and "Traceback" not in err and "internal error" not in err, (rc, err)
-    assert "events seen" in err.splitlines()[-1], err
-    return err
-
-
-
-
-# -- SIGTERM in each blocking state ------------------------------------------------------------
-def test_sigterm_while_stdout_is_a_full_pipe_nobody_reads(tmp_path):
-    r_out, w_out = os.pipe()
-    r_in, w_in = os.pipe()
-    err = tmp_path / "err"
-    with open(err, "wb") as e:
-        proc = subprocess.Popen(tcpstates_argv("--replay", "-", "-s"), stdin=r_in, stdout=w_out, stderr=e)
-    os.close(r_in)
-    os.close(w_out)
-    size = fcntl.fcntl(r_out, F_GETPIPE_SZ)
-    data = b"".join(_record(i) for i in range(1, 3000))     # its CSV is ~2x what the pipe holds
-    # fed from a thread: the tracer stops reading once its stdout is full
-    threading.Thread(target=lambda: _write_quietly(w_in, data), daemon=True).start()
-
-    def full() -> bool:
-        n = bytearray(4)
-        fcntl.ioctl(r_out, termios.FIONREAD, n)
-        return int.from_bytes(n, "little") >= size - 4096
-    _wait_for(full, "stdout pipe never filled")
-    text = _stop_within(proc, err)
-    assert "not written: csv" in text.splitlines()[-1]
-    os.close(r_out)
-
-
-def _write_quietly(fd: int, data: bytes) -> None:
-    try:
-        os.write(fd, data)
-    except OSError:
-        pass       # the tracer stopped and went away
-    finally:
-        os.close(fd)
-
-
-def test_sigterm_while_waiting_for_a_fifo_output_reader(tmp_path):
-    fifo = tmp_path / "out.fifo"
-    os.mkfifo(fifo)
-    r_in, w_in = os.pipe()
-    err = tmp_path / "err"
-    with open(err, "wb") as e:
-        proc = subprocess.Popen(tcpstates_argv("--replay", "-", "--sink", "jsonl", "-o",
-                                               f"sinks.jsonl.path={fifo}"), stdin=r_in, stderr=e,
-                                stdout=subprocess.DEVNULL)
-    os.close(r_in)
-    _wait_for(lambda: "waiting for a reader" in err.read_text(), "no waiting notice")
-    _stop_within(proc, err)
-    os.close(w_in)
-
-
-@pytest.mark.parametrize("make", [
-    lambda p: (os.mkfifo(p / "in.fifo"), p / "in.fifo")[1],          # a FIFO nobody writes
-    lambda p: Path("/dev/zero"),                                      # endless NULs, no newline
-    lambda p: Path("/dev/urandom"),                                   # endless garbage
-    lambda p: (os.truncate(p / "big", 0) if (p / "big").touch() is None else 0, (p / "big"),
-               os.truncate(p / "big", 88 << 20))[1],                  # an 88 MB corrupt file
-], ids=["fifo", "dev-zero", "dev-urandom", "88MB-corrupt"])
-def test_sigterm_while_replaying_endless_or_stuck_input(tmp_path, make):
-    path = make(tmp_path)
-    t = Tracer(["--replay", str(path), "-s"], workdir=tmp_path / "t", stdin=subprocess.DEVNULL)
-    _stop_within(t.proc, t.stderr_path)
-    t.notify.close()
-
-
-def test_sigterm_while_stderr_is_a_full_pipe_nobody_reads(tmp_path):
-    """Warnings and the summary never block on a stderr nobody reads: the
-    tracer still stops within 2 s (what it could not say is dropped)."""
-    fifo = tmp_path / "in.fifo"
-    os.mkfifo(fifo)
-    r_err, w_err, _ = full_pipe()
-    proc = subprocess.Popen(tcpstates_argv("--replay", str(fifo), "-s"), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=w_err)
-    os.close(w_err)
-    try:
-        time.sleep(0.5)   # no readiness signal exists for "blocked opening the FIFO"; bounded
-        start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(10)
-        assert time.monotonic() - start < 2.0 and rc == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(r_err)
-
-
+# -- stderr full or closed --------------------------------------------------------------------------
 def test_warnings_lost_to_a_full_stderr_are_counted_in_the_summary(tmp_path):
     """A warning that could not be written (stderr a full pipe nobody reads)
     is not silently gone: the exit summary, written once stderr has room,
@@ -170,28 +67,6 @@ def _trace(tmp_path: Path, n: int = 50, **kw) -> Path:
 
 def _summary(err: str) -> str:
     return err.strip().splitlines()[-1]
-
-
-def test_text_to_dev_full_does_not_take_jsonl_down(tmp_path):
-    out = tmp_path / "e.jsonl"
-    r = run_cli("--replay", str(_trace(tmp_path)), "--sink", "text", "--sink", "jsonl",
-                "-o", "sinks.text.path=/dev/full", "-o", f"sinks.jsonl.path={out}")
-    err = r.stderr.decode()
-    assert r.returncode == 0 and "internal error" not in err, err
-    assert len(out.read_bytes().splitlines()) == 50
-    assert "written: text 0, jsonl 50" in _summary(err) and "not written: text 50" in _summary(err)
-
-
-def test_closed_stdout_is_one_sinks_failure(tmp_path):
-    out = tmp_path / "e.jsonl"
-    cmd = " ".join(tcpstates_argv("--replay", str(_trace(tmp_path)), "--sink", "text", "--sink", "jsonl",
-                                  "-o", f"sinks.jsonl.path={out}"))
-    r = subprocess.run(["bash", "-c", f"exec {cmd} >&-"], capture_output=False, stderr=subprocess.PIPE)
-    err = r.stderr.decode()
-    assert r.returncode == 0 and "internal error" not in err, err
-    assert "standard output is closed" in err
-    assert len(out.read_bytes().splitlines()) == 50
-    assert "written: text 0, jsonl 50" in _summary(err)
 
 
 def test_closed_stderr_warnings_are_not_fatal(tmp_path):
@@ -361,9 +236,11 @@ def test_journal_without_socket_counts_nothing_written(tmp_path, strict):
         # every entry would be lost: --strict does not start the run
         assert r.returncode == 1 and err.count("\n") == 1 and "journald is not running" in err, err
     else:
-        assert r.returncode == 0, err
+        # the run goes on (journald may come), but its only sink delivered nothing: status 1
+        assert r.returncode == 1, err
         assert "written: journal 0" in _summary(err) and "not written: journal 100" in _summary(err)
         assert "does not exist" in err
+        assert "error: every sink failed (journal: delivered nothing, 0 of 100 events written)" in err
 
 
 @pytest.mark.root
@@ -395,74 +272,6 @@ def test_stopped_journald_costs_only_the_journal_sink(tmp_path):
         j.sync()
         held = [e for e in j.read("TCP_CPU_COMM=stalltest")]
         assert len(held) == written, (len(held), summary)
-
-
-@pytest.mark.root
-def test_sigterm_while_journald_is_stopped(tmp_path):
-    """Blocked in libsystemd's send to a stopped journald, with a stall_timeout
-    far away: SIGTERM still ends the run within 2 s, with its summary."""
-    trace = _trace(tmp_path, 2000)
-    with stopped_journald(tmp_path / "journald") as j:
-        t = Tracer(["--replay", str(trace), "--sink", "journal", "-o", "sinks.journal.stall_timeout=3600"],
-                   workdir=tmp_path / "t", wrap=j.argv)
-        # blocked for certain: the kernel says where the tracer's main thread sleeps
-        pid = _descendant_python(t.proc.pid)
-        _wait_for(lambda: Path(f"/proc/{pid}/wchan").read_text() == "unix_wait_for_peer", "blocked in send")
-        err = _stop_within(t.proc, t.stderr_path)
-        assert "not written: journal" in _summary(err), err
-        t.notify.close()
-
-
-def _descendant_python(pid: int) -> int:
-    """nsenter execs or forks the tracer: the python process under `pid` (or it)."""
-    for _ in range(200):
-        if "python" in Path(f"/proc/{pid}/comm").read_text():
-            return pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        if children:
-            pid = int(children[0])
-            continue
-        time.sleep(0.01)
-    raise AssertionError("no python process found under nsenter")
-
-
-def _ro_tmpfs(p: Path) -> Path:
-    (p / "ro").mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(p / "ro")], check=True)
-    return p / "ro" / "e.jsonl"
-
-
-def _planted_link(p: Path) -> Path:
-    """A link in a sticky world-writable directory, owned by another user: anyone
-    could have planted it (the attack); /tmp stands for any such directory."""
-    (p / "real").mkdir()
-    link = Path("/tmp") / f"tcpstates-test-link-{os.getpid()}"
-    if link.is_symlink():
-        link.unlink()
-    link.symlink_to(p / "real")
-    os.lchown(link, 65534, 65534)
-    return link / "e.jsonl"
-
-
-@pytest.mark.root
-@pytest.mark.parametrize("make,needle", [
-    (lambda p: p / "gone" / "e.jsonl", "No such file or directory"),
-    (_ro_tmpfs, "Read-only file system"),
-    (_planted_link, "could be replaced by someone other than root"),
-], ids=["deleted-directory", "read-only", "symlinked-parent"])
-def test_unusable_output_locations_are_one_line_errors(tmp_path, make, needle):
-    path = make(tmp_path)
-    try:
-        r = run_cli("--replay", os.devnull, "--sink", "jsonl", "-o", f"sinks.jsonl.path={path}")
-        err = r.stderr.decode()
-        assert r.returncode == 2 and err.count("\n") == 1 and needle in err, err
-        assert not (tmp_path / "real" / "e.jsonl").exists(), "nothing written through the link"
-    finally:
-        if (tmp_path / "ro").is_dir():
-            subprocess.run(["umount", str(tmp_path / "ro")], check=False)
-        link = Path("/tmp") / f"tcpstates-test-link-{os.getpid()}"
-        if link.is_symlink():
-            link.unlink()
 
 
 @pytest.mark.parametrize("flags", [["--owner"], ["--owner", "-s"], ["--owner", "-w"]])

@@ -34,6 +34,20 @@ class ProtocolError(ValueError):
     """The receiver said something the protocol does not allow (text escaped)."""
 
 
+def valid_host_name(name: str) -> bool:
+    """An RFC 1123 host name (fullmatch: `$` would let a trailing newline in)."""
+    return _HOSTNAME.fullmatch(name) is not None
+
+
+def valid_tls_name(name: str) -> bool:
+    """A name a certificate can be checked against: a host name or an IP address."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return valid_host_name(name)
+
+
 def parse_address(text: str) -> tuple[int, Any]:
     """(family, sockaddr) for "host:port", "[v6]:port" or "unix:///path".
 
@@ -65,7 +79,7 @@ def parse_address(text: str) -> tuple[int, Any]:
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        if not _HOSTNAME.match(host):
+        if not valid_host_name(host):
             raise ValueError(f"address: {shown!r}: host is neither an IP address nor a valid "
                              f"host name") from None
     return socket.AF_INET, (host, int(port))

@@ -42,8 +42,8 @@ from tcpstates.errors import UsageError
 from tcpstates.events import Event, sanitize_text
 from tcpstates.options import option
 from tcpstates.plugins.forward.protocol import (Handshake, event_time,
-                                                parse_address, request)
-from tcpstates.plugins.forward.transport import Connection, tls_context
+                                                parse_address, request, valid_tls_name)
+from tcpstates.plugins.forward.transport import CertificateNameMismatch, Connection, tls_context
 from tcpstates.records import Rfc3339, event_record, loss_record
 
 __all__ = ["ForwardOptions", "ForwardSink", "parse_address", "event_time"]
@@ -80,7 +80,8 @@ class ForwardOptions:
     tls_ca_file: str = option("", "CA certificates (PEM) to verify the receiver (default: the system's)")
     tls_cert_file: str = option("", "client certificate (PEM), if the receiver asks for one")
     tls_key_file: str = option("", "key of the client certificate (default: in tls_cert_file)")
-    tls_server_name: str = option("", "name to verify and send as SNI (default: the address's host)")
+    tls_server_name: str = option("", "name to verify the receiver's certificate against and send as SNI "
+                                  "(default: the address's host; Fluent Bit's tls.vhost)")
 
     def validate(self) -> None:
         parse_address(self.address)
@@ -98,6 +99,9 @@ class ForwardOptions:
                    if getattr(self, k)]
         if tls_set and not self.tls:
             raise ValueError(f"{tls_set[0]}: set tls = true to use it")
+        if self.tls_server_name and not valid_tls_name(self.tls_server_name):
+            raise ValueError(f"tls_server_name: {sanitize_text(self.tls_server_name)!r}: neither a host "
+                             f"name nor an IP address")
         if self.tls_key_file and not self.tls_cert_file:
             raise ValueError("tls_key_file: needs tls_cert_file")
 
@@ -123,6 +127,7 @@ class ForwardSink(Sink):
         self.buffer: collections.deque[tuple[bytes, int]] = collections.deque()
         self.cond = threading.Condition()
         self.closing = False
+        self.aborted = False      # close() cut the network thread short (not the receiver)
         self.deadline = float("inf")
         self.conn: Connection | None = None
         self._connecting: Any = None   # the socket of a connect in progress (see close)
@@ -205,6 +210,7 @@ class ForwardSink(Sink):
         if self.thread.is_alive():
             # blocked in a connect, handshake, send or recv on a slow receiver:
             # cut it short (bounded exit)
+            self.aborted = True
             conn = self.conn
             if conn is not None:
                 conn.abort()
@@ -280,7 +286,12 @@ class ForwardSink(Sink):
                 self._send(chunk)
             except Exception as exc:   # refused, reset, timeout, TLS, handshake, protocol
                 self._disconnect()
-                detail = sanitize_text(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                if self.aborted:
+                    # our own shutdown at the stop, not the receiver's doing: close()
+                    # counts and reports what was left unacknowledged
+                    return
+                detail = sanitize_text(str(exc) if isinstance(exc, CertificateNameMismatch) else
+                                       f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 dropped_after_send = self._connected and isinstance(exc, (ConnectionError, BrokenPipeError))
                 refused_in_a_row = refused_in_a_row + 1 if dropped_after_send else 0
                 if refused_in_a_row >= 2:

@@ -23,6 +23,13 @@ from tcpstates.text import escape_text
 from tcpstates.plugins.forward.protocol import MAX_REPLY_BYTES, Handshake, ProtocolError
 
 CONNECT_TIMEOUT = 10.0
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = (62, 64)
+
+
+class CertificateNameMismatch(Exception):
+    """The receiver's certificate is not issued for the name we check: said in
+    words that name the host and the option, not as OpenSSL's error code."""
 
 
 @contextlib.contextmanager
@@ -83,6 +90,19 @@ def tls_context(options: Any) -> ssl.SSLContext | None:
     return ctx
 
 
+def _wrap(tls: ssl.SSLContext, raw: socket.socket, server_name: str) -> ssl.SSLSocket:
+    try:
+        return tls.wrap_socket(raw, server_hostname=server_name)
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code not in _NAME_MISMATCH:
+            raise
+        # the usual cause: the address is an IP (or another name) and the
+        # certificate names the receiver's DNS name
+        raise CertificateNameMismatch(
+            f"TLS: the receiver's certificate is not valid for {escape_text(server_name)!r} "
+            f"(name mismatch); set tls_server_name to a name it is issued for") from None
+
+
 class Connection:
     def __init__(self, family: int, sockaddr: Any, *, timeout: float, tls: ssl.SSLContext | None,
                  server_name: str, handshake: Handshake | None,
@@ -99,7 +119,7 @@ class Connection:
             if family != socket.AF_UNIX:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:
-                self.sock = tls.wrap_socket(raw, server_hostname=server_name)
+                self.sock = _wrap(tls, raw, server_name)
             self.sock.settimeout(timeout)
             self.unpacker = msgpack.Unpacker(raw=True, max_buffer_size=MAX_REPLY_BYTES)
             if handshake is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from tcpstates.plugins.owner import diag
@@ -51,14 +52,15 @@ def _pids(proc: Path) -> set[int]:
     return {int(entry.name) for entry in os.scandir(proc) if entry.name.isdigit()}
 
 
-def _held(proc: Path, pid: int, inodes: set[int] | None) -> set[int] | None:
-    """The socket inodes (only `inodes` when given) process `pid` holds; None
-    when its fd table cannot be read (exited, or not ours to read)."""
+def _held(proc: Path, pid: int, inodes: set[int] | None) -> dict[int, int] | None:
+    """The socket inodes (only `inodes` when given) process `pid` holds, each
+    with one fd number that holds it; None when its fd table cannot be read
+    (exited, or not ours to read)."""
     try:
         fds = os.scandir(f"{proc}/{pid}/fd")
     except OSError:
         return None
-    held: set[int] = set()
+    held: dict[int, int] = {}
     with fds:
         for fd in fds:
             try:
@@ -67,9 +69,22 @@ def _held(proc: Path, pid: int, inodes: set[int] | None) -> set[int] | None:
                 continue
             if target.startswith("socket:["):
                 inode = int(target[8:-1])
-                if inodes is None or inode in inodes:
-                    held.add(inode)
+                if (inodes is None or inode in inodes) and inode not in held:
+                    held[inode] = int(fd.name)
     return held
+
+
+def _still_held(proc: Path, pid: int, mine: dict[int, int]) -> bool:
+    """Does `pid` still hold each inode at the fd it was found at? One
+    readlink per inode instead of reading the whole fd table (a busy
+    server's holds thousands of connections)."""
+    for inode, fd in mine.items():
+        try:
+            if os.readlink(f"{proc}/{pid}/fd/{fd}") != f"socket:[{inode}]":
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def socket_holders(proc: Path = Path("/proc"), inodes: set[int] | None = None) -> dict[int, set[int]]:
@@ -136,7 +151,7 @@ def _listener_inodes(port: int, proc: Path) -> dict[int, tuple[int, str]]:
     return inodes
 
 
-def _by_addr(inodes: dict[int, tuple[int, str]], held: dict[int, set[int]],
+def _by_addr(inodes: dict[int, tuple[int, str]], held: Mapping[int, Iterable[int]],
              proc: Path) -> dict[tuple[int, str], list[Holder]]:
     by_addr: dict[tuple[int, str], set[int]] = {}
     for pid, mine in held.items():
@@ -166,8 +181,10 @@ class PortHolders:
     (sock_diag gives their inodes, cheaply), and at least every `full_every`
     seconds. In between only the fd tables that can have changed the answer
     are read: the processes that appeared since the last look-up (a fork
-    inherits the listener; a new server binds it) and the current holders (one
-    may have closed it). Processes that are gone are dropped, and every
+    inherits the listener; a new server binds it) and a current holder whose
+    fd no longer holds the listener (checked with one readlink of the fd it
+    was found at: a busy server's table of thousands of connections is not
+    read every time). Processes that are gone are dropped, and every
     holder's identity (start time) is read again, so a reused PID never keeps
     an old holder's place. What the partial read cannot see — an existing
     process that was handed the listener (SCM_RIGHTS, pidfd_getfd) — is seen
@@ -178,13 +195,15 @@ class PortHolders:
         self.port, self.full_every, self.proc = port, full_every, proc
         self.inodes: dict[int, tuple[int, str]] = {}
         self.pids: set[int] = set()          # the processes that existed at the last look-up
-        self.held: dict[int, set[int]] = {}  # holder PID → the port's listener inodes it holds
+        # holder PID → the port's listener inodes it holds, each with an fd holding it
+        self.held: dict[int, dict[int, int]] = {}
         self.full_at: float | None = None
 
     def invalidate(self) -> None:
         self.full_at = None
 
     def lookup(self, now: float) -> dict[tuple[int, str], list[Holder]]:
+        """(family, address) → the listener's holders now (see the class)."""
         inodes = _listener_inodes(self.port, self.proc)
         # the process list before the fd tables: a process born after this
         # listing is new at the next look-up, so it is read then
@@ -192,8 +211,11 @@ class PortHolders:
         if self.full_at is None or now - self.full_at >= self.full_every or inodes != self.inodes:
             scan, self.held, self.full_at = pids, {}, now
         else:
-            scan = (pids - self.pids) | (pids & set(self.held))
             self.held = {pid: mine for pid, mine in self.held.items() if pid in pids}
+            # a holder that still has each listener where it was needs no
+            # reading of its fd table; one that moved or closed it is read whole
+            kept = {pid for pid, mine in self.held.items() if _still_held(self.proc, pid, mine)}
+            scan = (pids - self.pids) | (set(self.held) - kept)
         self.inodes, self.pids = inodes, pids
         if not inodes:
             self.held = {}
