@@ -26,7 +26,6 @@ usage: flock /tmp/tcpstates-kernel.lock /usr/bin/python3 bench/tpcheck.py NPROC 
 import collections
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
