@@ -88,3 +88,20 @@ def test_the_process_timer_and_handler_are_given_back():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_journald_absent_tells_listening_stale_and_missing_apart(tmp_path):
+    """The start check of the journal sink (and `tcpstates doctor`): a socket
+    file with a listener, one left behind by a journald that is gone, none."""
+    import socket
+
+    from tcpstates.plugins.journal.sink import journald_absent
+    path = str(tmp_path / "socket")
+    assert "does not exist" in journald_absent(path)
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    live.bind(path)
+    try:
+        assert journald_absent(path) is None
+    finally:
+        live.close()
+    assert "nothing listens on it" in journald_absent(path)     # the file stays: stale

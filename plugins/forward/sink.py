@@ -333,8 +333,11 @@ class ForwardSink(Sink):
         self.rejected += 1
         size = sum(len(entry) for entry, _ in chunk)
         new_limit = max(size // 2, 1)
+        # a receiver restarted twice in a row looks the same from here: the
+        # wording says both, and a smaller chunk costs nothing but round trips
         self.context.warn(f"forward sink: {self.options.address} rejected a chunk of {len(chunk)} events "
                           f"({size} bytes): it closed the connection without an ack twice (Fluent Bit "
-                          f"does so above its Buffer_Max_Size); sending chunks of at most {new_limit} "
-                          f"bytes from now on", once_key=None)
+                          f"does so above its Buffer_Max_Size; or it restarted twice meanwhile); nothing "
+                          f"is lost: sending chunks of at most {new_limit} bytes from now on",
+                          once_key=None)
         self._chunk_limit = min(self._chunk_limit, new_limit)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tcpstates.doctor import Check
+from tcpstates.plugins.journal.sink import JOURNAL_SOCKET, journald_absent
 
 
 def _journal() -> tuple[str, bool, bool, str]:
-    ok = Path("/run/systemd/journal/socket").exists()
-    return ("journal socket", False, ok, "/run/systemd/journal/socket present" if ok else
-            "journald not running: the journal sink (-Y) would have nowhere to write")
+    absent = journald_absent()
+    return ("journal socket", False, absent is None, f"journald listens on {JOURNAL_SOCKET}" if absent is None
+            else f"{absent}: the journal sink (-Y) would have nowhere to write")
 
 
 def _systemd_python() -> tuple[str, bool, bool, str]:

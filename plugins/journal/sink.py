@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from typing import Any
 
 from tcpstates.api import RunContext, Sink
@@ -30,6 +31,27 @@ from tcpstates.records import Rfc3339
 from tcpstates.text import escape_text
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def journald_absent(path: str | None = None) -> str | None:
+    """Why journald cannot take entries at `path` (default JOURNAL_SOCKET), or
+    None when something listens there. A datagram connect() sends nothing: it
+    only finds out whether the socket file has a listener (a file left by a
+    journald that is gone answers ECONNREFUSED). Errors other than "no file"
+    and "refused" are not taken as absence (e.g. a policy refusing the probe)."""
+    path = path or JOURNAL_SOCKET
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return f"{path} does not exist (journald is not running)"
+    except ConnectionRefusedError:
+        return f"{path} exists but nothing listens on it (journald is not running; the file is stale)"
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None
 MESSAGE_ID_STATE_CHANGE = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f50"
 MESSAGE_ID_LOST = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f51"
 MESSAGE_ID_CONNECTION = "9b3c1f0e5d7a4c2e8f6b0a1d2c3e4f52"
@@ -89,10 +111,14 @@ class JournalSink(Sink):
         return False
 
     def open(self) -> None:
-        if self.context.strict and not os.path.exists(JOURNAL_SOCKET):
+        absent = journald_absent()
+        if self.context.strict and absent:
             # --strict: every entry would be lost, so the run does not start
-            raise OSError(f"{JOURNAL_SOCKET} does not exist (journald is not running); start "
-                          f"systemd-journald, or run without --strict to count the entries as lost")
+            raise OSError(f"{absent}; start systemd-journald, or run without --strict to count the "
+                          f"entries as lost")
+        if absent and os.path.exists(JOURNAL_SOCKET):
+            self.context.warn(f"journal sink: {absent}; entries are lost until it runs (start "
+                              f"systemd-journald or use another sink)", once_key="journal-socket")
         self._check_socket()
 
     def _connection_fields(self, e: Event, c: Connection) -> list[str]:
