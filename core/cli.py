@@ -242,6 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tcpstates.security import sanitize_sys_path
     sanitize_sys_path()
     try:
+        return _main(argv)
+    finally:
+        stdio.settle()
+
+
+def _main(argv: list[str]) -> int:
+    try:
         if argv and argv[0] in SUBCOMMANDS:
             return run_subcommand(argv[0], argv[1:])
         return run(argv)

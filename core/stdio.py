@@ -30,3 +30,23 @@ def guard() -> None:
 
 def was_closed(fd: int) -> bool:
     return fd in _closed
+
+
+def settle() -> None:
+    """At exit: flush sys.stdout and sys.stderr now, and where that fails (a
+    full disk, a closed pipe) put /dev/null under the stream. Python flushes
+    them once more at shutdown, and a failure there replaces the exit status
+    with 120 (the status that says how the run went would be lost); what
+    could not be written was already counted or said."""
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, stream.fileno())
+                os.close(null)
+            except (OSError, ValueError, AttributeError):
+                pass

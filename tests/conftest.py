@@ -12,6 +12,12 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS / "helpers"))
 
+# The CLI runs in subprocesses as a user's shell starts it: with Python's own
+# buffering of stdout/stderr. A developer's PYTHONUNBUFFERED (set on this
+# project's machines) hid that a failed flush at exit turned the exit status
+# into 120; CI's clean environment has no such variable.
+os.environ.pop("PYTHONUNBUFFERED", None)
+
 from tracer import Tracer  # noqa: E402
 
 
