@@ -56,6 +56,14 @@ def tell(proc: subprocess.Popen, cmd: str) -> str:
     return proc.stdout.readline().strip()
 
 
+def watched(listener: socket.socket) -> sockowners.PortHolders:
+    """A watch of the listener's port after its first (full) look-up: later
+    look-ups are partial (no full read for an hour)."""
+    watch = sockowners.PortHolders(listener.getsockname()[1], full_every=3600)
+    watch.lookup(time.monotonic())
+    return watch
+
+
 def pids_of(found: dict, listener: socket.socket) -> list[int]:
     return sorted(h[0] for h in found.get((socket.AF_INET, "127.0.0.1"), []))
 
@@ -80,9 +88,7 @@ def test_a_holder_keeping_its_listener_costs_no_fd_table_read(holder, monkeypatc
 
 def test_a_listener_moved_to_another_fd_is_found_and_a_closed_one_is_dropped(holder):
     listener, proc = holder
-    port = listener.getsockname()[1]
-    watch = sockowners.PortHolders(port, full_every=3600)
-    watch.lookup(time.monotonic())
+    watch = watched(listener)
     assert watch.held[proc.pid] == {listener_inode(listener): listener.fileno()}
     new_fd = int(tell(proc, "move").split()[1])
     found = watch.lookup(time.monotonic())
@@ -144,8 +150,7 @@ def _spawn_with_pid(pid: int, code: str, *args: str, fds: tuple[int, ...] = ()) 
 
 def test_a_forked_holder_is_seen_by_a_partial_lookup(holder):
     listener, proc = holder
-    watch = sockowners.PortHolders(listener.getsockname()[1], full_every=3600)
-    watch.lookup(time.monotonic())
+    watch = watched(listener)
     child = _spawn(OTHER, str(listener.fileno()), "keep", fds=(listener.fileno(),))
     try:
         assert pids_of(watch.lookup(time.monotonic()), listener) == sorted([os.getpid(), proc.pid, child.pid])
@@ -154,14 +159,14 @@ def test_a_forked_holder_is_seen_by_a_partial_lookup(holder):
     assert pids_of(watch.lookup(time.monotonic()), listener) == sorted([os.getpid(), proc.pid])
 
 
+@pytest.mark.root           # choosing the next PID (ns_last_pid) needs root; CI runs as root
 @pytest.mark.parametrize("mode", ["socket", "keep"])
 def test_a_reused_pid_is_never_the_old_holder(holder, mode):
     """The holder exits and its PID is given to a new process that has, at the
     same fd number, another socket (dropped) or the listener itself (a holder,
     with its own start time)."""
     listener, proc = holder
-    watch = sockowners.PortHolders(listener.getsockname()[1], full_every=3600)
-    watch.lookup(time.monotonic())
+    watch = watched(listener)
     old_pid = proc.pid
     old_start = sockowners.process_identity(old_pid)[0]
     _stop(proc)
@@ -170,8 +175,7 @@ def test_a_reused_pid_is_never_the_old_holder(holder, mode):
     if mode == "socket":
         fds = ()              # not passed: that fd number is another socket's
     new = _spawn_with_pid(old_pid, OTHER, str(listener.fileno()), mode, fds=fds)
-    if new is None:
-        pytest.skip("cannot choose the next PID here (ns_last_pid needs root)")
+    assert new is not None, f"PID {old_pid} could not be given to a new process (ns_last_pid)"
     try:
         found = watch.lookup(time.monotonic())
         holders = found.get((socket.AF_INET, "127.0.0.1"), [])
@@ -188,8 +192,7 @@ def test_a_reused_pid_is_never_the_old_holder(holder, mode):
 
 def test_another_socket_dup2_over_the_listeners_fd_drops_the_holder(holder):
     listener, proc = holder
-    watch = sockowners.PortHolders(listener.getsockname()[1], full_every=3600)
-    watch.lookup(time.monotonic())
+    watch = watched(listener)
     child = _spawn(OTHER, str(listener.fileno()), "keep", fds=(listener.fileno(),))
     try:
         assert child.pid in {h[0] for h in watch.lookup(time.monotonic())[(socket.AF_INET, "127.0.0.1")]}
