@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-from pipes import full_pipe
+from pipes import fill, full_pipe
 
 F_GETPIPE_SZ = 1032
 CLOSED = -100            # stdout closed before exec (a shell's `>&-`)
@@ -99,12 +99,7 @@ def fifo_reader_stopped(tmp: Path, stack: ExitStack, sink: str) -> Dest:
     r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     stack.callback(os.close, r)
     w = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    filled = 0
-    try:
-        while True:
-            filled += os.write(w, b"x" * 4096)
-    except BlockingIOError:
-        pass
+    filled = fill(w)
     os.close(w)
     os.read(r, ROOM)
     return Dest([f"sinks.{sink}.path={fifo}", f"sinks.{sink}.stall_timeout=0.3"],
