@@ -46,7 +46,7 @@ def _record_tail(kind: int, vlen: int) -> int:
 
 class BTF:
     """The type section indexed, not decoded: one pass records where each
-    type starts (an array of offsets) and the names of structs and unions;
+    type starts (an array of offsets) and the names of structs;
     a type is decoded when asked for. Decoding all ~130,000 types into
     Python objects cost ~50 MB at start and left ~10 MB behind for the whole
     run, for the handful of members the owner probes need."""
@@ -63,8 +63,7 @@ class BTF:
         self.data = data
         self.strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
         self.starts = array("Q", [0])    # id 0 is void
-        self._by_name: dict[str, int] = {}     # struct name -> its first id
-        self._unions: dict[str, int] = {}
+        self._by_name: dict[str, int] = {}     # struct name -> its first id (member() starts there)
         self._decoded: dict[int, Any] = {}
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         u = struct.unpack_from
@@ -75,9 +74,8 @@ class BTF:
             name_off, info = u("<II", data, pos)
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
-            if kind in (STRUCT, UNION) and name_off:
-                names = self._by_name if kind == STRUCT else self._unions
-                names.setdefault(self.name(name_off), len(starts))
+            if kind == STRUCT and name_off:
+                self._by_name.setdefault(self.name(name_off), len(starts))
             starts.append(pos)
             pos += 12 + _record_tail(kind, vlen)
         if pos != end:
@@ -119,9 +117,10 @@ class BTF:
             raise BTFError(f"name at offset {off} is not UTF-8") from None
 
     def find(self, kind: int, name: str) -> int:
-        names = self._by_name if kind == STRUCT else self._unions if kind == UNION else {}
         try:
-            return names[name]
+            if kind != STRUCT:
+                raise KeyError(name)     # only structs are looked up by name
+            return self._by_name[name]
         except KeyError:
             raise BTFError(f"no {name!r} of kind {kind} in BTF") from None
 
