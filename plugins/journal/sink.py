@@ -116,10 +116,10 @@ class JournalSink(Sink):
             # --strict: every entry would be lost, so the run does not start
             raise OSError(f"{absent}; start systemd-journald, or run without --strict to count the "
                           f"entries as lost")
-        if absent and os.path.exists(JOURNAL_SOCKET):
+        if absent:
+            # the same once_key as the per-batch check: said once
             self.context.warn(f"journal sink: {absent}; entries are lost until it runs (start "
                               f"systemd-journald or use another sink)", once_key="journal-socket")
-        self._check_socket()
 
     def _connection_fields(self, e: Event, c: Connection) -> list[str]:
         """A connection record: TCP_* fields of the connection, no OBJECT_* (bcc has none)."""
