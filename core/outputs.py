@@ -280,12 +280,9 @@ class LineOutput:
 
     def _open_via_opener(self) -> int:
         assert self._opener is not None
-        try:
-            fd, info = self._opener.open(self._slot)
-        except opener.OpenerError as exc:
-            if exc.errno == errno.ENXIO:
-                raise          # a FIFO nobody reads: waited for here, not in the opener
-            raise UsageError(str(exc)) from None
+        # refused (its reason), timed out or gone: OpenerError; ENXIO (a FIFO
+        # nobody reads yet) is waited for here, never in the opener
+        fd, info = self._opener.open(self._slot)
         self.index, self._name = int(info["index"]), str(info["name"])
         return fd
 
