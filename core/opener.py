@@ -135,7 +135,7 @@ class Opener:
                 raise OpenerError(reply.get("errno") or errno.EPERM, reply["error"])
             return (fds[0] if fds else -1), reply
 
-    def stop(self, timeout: float = 1.0) -> None:
+    def stop(self, timeout: float = 0.2) -> None:
         """Close our end (the opener sees EOF and exits) and reap it, waiting
         at most `timeout` (not interruptible: this runs after the stop)."""
         self.sock.close()
