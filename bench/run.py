@@ -310,7 +310,8 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
     return {"bpf_progs": progs,
             "bpf_ns_per_conn": round(total / load["connections"]) if load["connections"] else None,
             "bpf_ns_state": per_run(("sock__inet_sock",)),
-            "bpf_ns_sendrecv": per_run(("sock__sock_send", "sock__sock_recv")),
+            # perf-event tracepoints (sock__…) or raw tracepoints (the owner's default)
+            "bpf_ns_sendrecv": per_run(("sock__sock_send", "sock__sock_recv", "sock_send_len", "sock_recv_len")),
             "bpf_ns_accept": per_run(("syscalls__sys_e",))}
 
 
@@ -361,6 +362,9 @@ def main() -> int:
                    help="issue 12: text with/without --owner, jsonl with owner on/off, at max rate, 1 and 2 "
                    "load threads, connect and data modes (sets --rates max --threads 1,2 --modes "
                    "connect,data --no-bcc --bpf-stats; --repeat still applies)")
+    p.add_argument("--io-probe-too", action="store_true",
+                   help="with --owner-cost: also jsonl with the owner's send/recv probes as perf-event "
+                   "tracepoints (kernel_io_probe=tracepoint) beside the default raw tracepoints")
     a = p.parse_args()
     if os.geteuid() != 0:
         p.error("needs root (tracing, ftrace instance)")
@@ -404,6 +408,9 @@ def main() -> int:
         tracers = [("tcpstates text", OURS), ("tcpstates text --owner", OURS + ["--owner"]),
                    ("tcpstates jsonl owner=off", OURS + ["--sink", "jsonl"] + owner_off),
                    ("tcpstates jsonl (owner on)", OURS + ["--sink", "jsonl"])]
+        if a.io_probe_too:
+            tracers.append(("tcpstates jsonl owner tp-io", OURS + ["--sink", "jsonl", "-o",
+                            'chain=[{use="owner", kernel_io_probe="tracepoint"}]']))
     if a.container_churn:
         global CHURN_PERIOD
         CHURN_PERIOD = 0.02
