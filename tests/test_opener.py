@@ -105,6 +105,15 @@ def test_sighup_after_mv_reopens_through_the_opener_and_loses_nothing(tmp_path):
         pid = run.proc.pid
         opener = _opener_of(pid)
         assert (_uid(pid), _uid(opener)) == (NOBODY, 0)
+        # it holds nothing of the tracer's (BPF objects, stdin, stdout): /dev/null on
+        # 0-2, its socket, and the outputs' directory it rotates in
+        held = {os.readlink(f"/proc/{opener}/fd/{fd}") for fd in os.listdir(f"/proc/{opener}/fd")}
+        assert {h for h in held if not h.startswith("socket:")} == {"/dev/null", str(logs)}, held
+        assert len(held) == 3, held
+        status = Path(f"/proc/{opener}/status").read_text()
+        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            assert ignored & (1 << (sig - 1)), sig          # the tracer's signals, not its
         before = out.stat()
         # nobody could not have done this itself
         assert before.st_uid == 0 and before.st_mode & 0o777 == 0o640
