@@ -391,17 +391,19 @@ static __always_inline int owner_io_changed(u64 sk, struct tcpstates_owner *o, u
  * when BTF gives sock.sk_protocol's offset): the kernel calls the program
  * with the tracepoint's arguments (args[0] = struct sock *) without first
  * building the event record the perf-event path fills for every send/recv
- * on the host. The protocol is read from the socket only off the fast path:
- * a socket with an entry naming this process was already known as TCP. */
+ * on the host; the protocol is read from the socket at its BTF offset. */
 static __always_inline int owner_io_raw(u64 sk)
 {
-    struct tcpstates_owner *o = owner_lookup(sk);
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (owner_io_same(o, tgid))
-        return 0;
+    /* the protocol first: most of a host's sends and receives may be on
+     * unix or UDP sockets, which then cost one read, not a map lookup as well
+     * (bench/iocost.py: the TCP fast path pays ~20 ns for it) */
     u16 protocol = 0;
     bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
     if (protocol != 6 /* IPPROTO_TCP */)
+        return 0;
+    struct tcpstates_owner *o = owner_lookup(sk);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (owner_io_same(o, tgid))
         return 0;
     return owner_io_changed(sk, o, tgid);
 }
