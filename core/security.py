@@ -169,7 +169,13 @@ def drop_privileges(user: str) -> None:
     os.setuid(pw.pw_uid)
     if os.getuid() == 0 or os.geteuid() == 0:
         raise UsageError(f"--user {escape_text(user)}: could not drop root")
-    # setuid clears "dumpable", which makes /proc/self/fdinfo unreadable to
-    # ourselves; we read the kernel's recursion-miss counter there
+    # setuid cleared "dumpable" and it stays cleared: a dumpable process may be
+    # ptraced (or its descriptors taken with pidfd_getfd, its memory written
+    # through /proc/PID/mem) by every other process of that user, which would
+    # then hold our BPF objects, append to the root-owned outputs and make the
+    # privileged opener rotate them away. What we read of our own /proc entry
+    # (the program's fdinfo) was opened before the drop. Cleared explicitly:
+    # with fs.suid_dumpable = 1 setuid leaves it set.
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise UsageError(f"--user {escape_text(user)}: could not make the process non-dumpable")

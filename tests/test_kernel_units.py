@@ -359,3 +359,26 @@ def test_generic_headers_debian_pairs_the_arch_tree_with_its_common_tree(tmp_pat
                                             ("0.29.1", False), ("1.0", False), ("?", False)])
 def test_only_bcc_before_0_26_needs_the_debugfs_tracing_path(version, needs):
     assert bcc_needs_debugfs(version) is needs
+
+
+def test_recursion_misses_are_read_again_through_the_descriptor_kept_from_the_start():
+    """The program's fdinfo is opened once (as root, before --user drops it and
+    leaves the process non-dumpable) and re-read from offset 0 each time: the
+    second reading sees the new count, never the end of the first one."""
+    from tcpstates.plugins.kernel.probe import RecursionMisses
+    r, w = os.pipe()
+    counter = RecursionMisses(r)          # a real fdinfo: no such line, so 0
+    assert counter.fd >= 0 and counter.read() == 0
+    counter.close()
+    memfd = os.memfd_create("fdinfo")
+    os.write(memfd, b"prog_type:\t5\nrecursion_misses:\t7\n")
+    counter = RecursionMisses(memfd)
+    os.close(counter.fd)
+    counter.fd = os.dup(memfd)            # a stand-in with the line the kernel writes
+    assert (counter.read(), counter.read()) == (7, 7)
+    os.pwrite(memfd, b"prog_type:\t5\nrecursion_misses:\t9\n", 0)
+    assert counter.read() == 9
+    counter.close()
+    assert counter.fd == -1 and counter.read() == 0
+    for fd in (r, w, memfd):
+        os.close(fd)

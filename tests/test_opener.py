@@ -322,3 +322,62 @@ def test_the_opener_acts_only_on_the_outputs_fixed_at_the_start(tmp_path):
         assert res[name]["error"] == "malformed request", res[name]
     assert res["op"]["error"] == "unknown request 9"
     assert res["open0_again"]["ino"] == res["file_ino"]
+
+
+THIEF = r"""
+import ctypes, errno, json, os, sys
+pid = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+res = {"uid": os.getuid()}
+try:
+    res["fds"] = sorted(os.listdir(f"/proc/{pid}/fd"))
+except OSError as exc:
+    res["fds"] = errno.errorcode[exc.errno]
+pidfd = os.pidfd_open(pid)
+taken = []
+for n in range(64):
+    fd = libc.syscall(438, pidfd, n, 0)          # pidfd_getfd: needs ptrace rights over it
+    if fd >= 0:
+        taken.append(n)
+    elif ctypes.get_errno() != errno.EBADF:
+        res["getfd"] = errno.errorcode[ctypes.get_errno()]
+res["taken"] = taken
+try:
+    os.close(os.open(f"/proc/{pid}/mem", os.O_RDWR))
+    res["mem"] = "opened"
+except OSError as exc:
+    res["mem"] = errno.errorcode[exc.errno]
+PTRACE_ATTACH = 16
+res["ptrace"] = "attached" if libc.ptrace(PTRACE_ATTACH, pid, 0, 0) == 0 else errno.errorcode[ctypes.get_errno()]
+print(json.dumps(res))
+"""
+
+
+def test_another_process_of_the_user_cannot_take_over_the_tracer(tmp_path):
+    """After the drop the tracer runs as nobody, like other daemons: it was made
+    "dumpable" again, so any process of that user could ptrace it or take its
+    descriptors (pidfd_getfd) — the root-owned outputs (forged lines), the BPF
+    objects, and the opener's socket: 4 rotation requests emptied the file and
+    all 3 rotated ones (29 events written, none left)."""
+    logs = _root_only_dir(tmp_path)
+    out = logs / "e.jsonl"
+    run = Run("--user", "nobody", "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}",
+              "-o", "sinks.jsonl.max_bytes=2000", "-o", "sinks.jsonl.keep=9")
+    try:
+        run.feed(_records(1, 29))
+        wait_for(lambda: sum(line_count(f) for f in logs.iterdir()) == 29, "29 events written")
+        before = {f.name: f.read_bytes() for f in logs.iterdir()}
+        assert len(before) >= 4, before
+        r = subprocess.run([sys.executable, "-c", THIEF, str(run.proc.pid)], capture_output=True,
+                           timeout=30, user=NOBODY, group=NOBODY, extra_groups=[])
+        assert r.returncode == 0, r.stderr.decode()
+        res = json.loads(r.stdout)
+        assert res["uid"] == NOBODY
+        assert res["taken"] == [] and res["getfd"] == "EPERM", res
+        assert res["fds"] == "EACCES" and res["mem"] == "EACCES" and res["ptrace"] == "EPERM", res
+        assert {f.name: f.read_bytes() for f in logs.iterdir()} == before
+        rc, err = run.finish()
+    finally:
+        run.kill()
+    assert rc == 0, err
+    assert parse_summary(err).written == {"jsonl": 29}

@@ -67,17 +67,38 @@ def bpf_source_dir() -> Path:
     return Path(str(resources.files("tcpstates.bpf")))
 
 
-def recursion_misses(prog_fd: int) -> int:
+class RecursionMisses:
     """The kernel's count of times it skipped our program because another BPF
-    program was already running on that CPU (Linux >= 5.12 reports it)."""
-    try:
-        with open(f"/proc/self/fdinfo/{prog_fd}") as f:
-            for line in f:
-                if line.startswith("recursion_misses:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    program was already running on that CPU (Linux >= 5.12 reports it in the
+    program's fdinfo).
+
+    The fdinfo file is opened once, at load (as root), and re-read from offset
+    0 each time: after --user the process is not "dumpable" (so no process of
+    that user can ptrace it or take its descriptors), and on older kernels a
+    non-dumpable process cannot open its own /proc/self/fdinfo entries."""
+
+    def __init__(self, prog_fd: int) -> None:
+        try:
+            self.fd = os.open(f"/proc/self/fdinfo/{prog_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = -1
+
+    def read(self) -> int:
+        if self.fd < 0:
+            return 0
+        try:
+            text = os.pread(self.fd, 1 << 16, 0).decode("ascii", "replace")
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            if line.startswith("recursion_misses:"):
+                return int(line.split()[1])
+        return 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def build_cflags(src_dir: Path, *, max_sockets: int, ring_pages: int, buffer: str,
@@ -222,6 +243,7 @@ class KernelProbe:
             if transitions is not None and not connections else None,
             map_entries=rules.entries))
         self.prog_fd = self.loaded.prog_fd
+        self.misses = RecursionMisses(self.prog_fd)
         self.decoder = dec
         self.cpu = CpuState(self.loaded.state_fd, ncpus)
         self.aggregates: AggregateReader | None = None
@@ -261,7 +283,7 @@ class KernelProbe:
     def _seen(self) -> tuple[int, int, int, int]:
         """(hits, done, kernel misses, records handed over) right now."""
         t = self.cpu.rows()
-        return (sum(r[0] for r in t), sum(r[1] for r in t), recursion_misses(self.prog_fd),
+        return (sum(r[0] for r in t), sum(r[1] for r in t), self.misses.read(),
                 sum(r[4] + r[5] for r in t))
 
     def _start_crosscheck(self, tracefs: Path) -> None:
@@ -459,7 +481,7 @@ class KernelProbe:
         t = self.cpu.totals()
         # a record the perf buffer had no room for failed its submit and is in
         # `drops`; the buffer's own lost count is the same records again
-        out = {"dropped": t["drops"], "kernel_misses": recursion_misses(self.prog_fd)}
+        out = {"dropped": t["drops"], "kernel_misses": self.misses.read()}
         if self.unread_at_exit:
             out["unread_at_exit"] = self.unread_at_exit
         if self.truth is not None:
@@ -481,6 +503,7 @@ class KernelProbe:
             self.reader.close()
         self.perf.close()
         self.cpu.close()
+        self.misses.close()
         if self.aggregates is not None:
             self.aggregates.close()
         self.loaded.close()      # closing the attachment's fd detaches the program
