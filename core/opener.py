@@ -123,7 +123,14 @@ class Opener:
             if not data:
                 raise OpenerError(errno.EPIPE, "the privileged opener is gone (it exited)")
             self._unanswered = False
-            reply = json.loads(data)
+            try:
+                reply = json.loads(data)
+                if not isinstance(reply, dict) or flags & socket.MSG_TRUNC:
+                    raise ValueError("not one whole JSON object")
+            except ValueError:
+                for fd in fds:
+                    os.close(fd)
+                raise OpenerError(errno.EPROTO, "the privileged opener's answer could not be read") from None
             if reply.get("seq") != seq or flags & socket.MSG_CTRUNC:
                 # the late answer to a request that timed out: nobody wants it now
                 for fd in fds:
@@ -243,8 +250,23 @@ def _serve(sock: socket.socket, targets: list[Target]) -> None:
                 os.close(fd)   # the tracer has its own copy now
 
 
-def _reply(sock: socket.socket, reply: dict[str, Any], fd: int = -1) -> None:
+def _encode(reply: dict[str, Any]) -> bytes:
+    """The reply as one datagram the tracer reads whole: a refusal naming a
+    path may be longer than REPLY_MAX (paths are walked per component, so
+    longer than PATH_MAX too), and a cut datagram is no JSON at all — its
+    text is shortened in the middle instead, keeping the reason at its end."""
     data = json.dumps(reply).encode()
+    text = reply.get("error")
+    while len(data) > REPLY_MAX and isinstance(text, str) and text:
+        keep = max(0, len(text) - (len(data) - REPLY_MAX) - 8)   # a character is at least a byte
+        text = text[:keep // 2] + "..." + text[len(text) - keep // 2:] if keep else ""
+        reply = {**reply, "error": text}
+        data = json.dumps(reply).encode()
+    return data
+
+
+def _reply(sock: socket.socket, reply: dict[str, Any], fd: int = -1) -> None:
+    data = _encode(reply)
     try:
         if fd >= 0:
             socket.send_fds(sock, [data], [fd])

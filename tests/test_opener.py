@@ -381,3 +381,65 @@ def test_another_process_of_the_user_cannot_take_over_the_tracer(tmp_path):
         run.kill()
     assert rc == 0, err
     assert parse_summary(err).written == {"jsonl": 29}
+
+
+def test_a_refusal_longer_than_a_reply_still_arrives_whole(tmp_path):
+    """A refusal names the path, which may be longer than the 4096-byte reply
+    (and than PATH_MAX: the walk is per component): the datagram was cut and
+    the tracer reported 'JSONDecodeError: Unterminated string'. Now the text is
+    shortened in the middle, and the opener and tracer stay in step."""
+    logs = _root_only_dir(tmp_path)
+    parts = [f"d{i:02d}" * 50 for i in range(28)]
+    here = os.open(logs, os.O_RDONLY | os.O_DIRECTORY)
+    for part in parts:
+        os.mkdir(part, 0o755, dir_fd=here)
+        there = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=here)
+        os.close(here)
+        here = there
+    rel = "/".join(parts) + "/e.jsonl"
+    assert len(rel) > 4096
+
+    def lines() -> int:
+        try:
+            fd = os.open("e.jsonl", os.O_RDONLY, dir_fd=here)
+        except FileNotFoundError:
+            return 0
+        try:
+            return os.pread(fd, 1 << 20, 0).count(b"\n")
+        finally:
+            os.close(fd)
+    proc = subprocess.Popen(tcpstates_argv("--replay", "-", "--user", "nobody", "--sink", "jsonl",
+                                           "-o", f"sinks.jsonl.path={rel}"),
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=logs,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(_records(1, 3))
+        proc.stdin.flush()
+        wait_for(lambda: lines() == 3, "the first events written")
+        os.rename("e.jsonl", "e.jsonl.1", src_dir_fd=here, dst_dir_fd=here)
+        os.mkdir("e.jsonl", dir_fd=here)       # the reopen is refused: not a file
+        os.kill(proc.pid, signal.SIGHUP)
+        os.set_blocking(proc.stderr.fileno(), False)
+        said = b""
+
+        def refused() -> bool:
+            nonlocal said
+            said += proc.stderr.read() or b""
+            return b"failed: " in said
+        wait_for(refused, "the refused reopen reported")
+        assert b"OpenerError: " in said and b"JSONDecodeError" not in said, said[-300:]
+        os.rmdir("e.jsonl", dir_fd=here)
+        proc.stdin.write(_records(4, 6))       # their write retries the open: it works again
+        proc.stdin.flush()
+        wait_for(lambda: lines() == 3, "the later events written after the retry")
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        os.set_blocking(proc.stderr.fileno(), True)
+        err = (said + proc.stderr.read()).decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(here)
+    assert parse_summary(err).written == {"jsonl": 6}, err[-500:]
