@@ -28,7 +28,8 @@
  *   TCPSTATES_OWNER            enable all of this
  *   TCPSTATES_OWNER_MAX        sk_owner entries (LRU)
  *   TCPSTATES_OWNER_IO         attach the sock_send_length/sock_recv_length probes
- *   TCPSTATES_OWNER_IO_RAW     ... as raw tracepoints (needs TCPSTATES_OFF_SOCK_SK_PROTOCOL)
+ *   TCPSTATES_OWNER_IO_RAW     ... as raw tracepoints (needs TCPSTATES_OFF_SOCK_SK_PROTOCOL,
+ *                              _SK_FAMILY and _SK_TYPE)
  *   TCPSTATES_OWNER_ACCEPT     attach the accept/accept4 exit probes (needs the FD offsets)
  *   TCPSTATES_OWNER_TASK       task offsets are known (start time, leader comm)
  *   TCPSTATES_OWNER_EXIT       attach sched:sched_process_exit: remember exited
@@ -41,7 +42,7 @@
  *   TCPSTATES_OWNER_SLOT_PER_PID  pid_max fits the per-PID-slot counters: a
  *                              slot's exit count moving proves its PID's exit
  *   TCPSTATES_OFF_<STRUCT>_<MEMBER>  byte offsets from BTF
- *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET,
+ *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_FAMILY, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET,
  *   TCPSTATES_TP_EXIT_GROUP_DEAD
  *                              field offsets from the tracepoints' format files
  */
@@ -386,12 +387,16 @@ static __always_inline int owner_io_changed(u64 sk, struct tcpstates_owner *o, u
     return 0;
 }
 
+/* AF_INET or AF_INET6: a TCP socket's family */
+#define TCPSTATES_OWNER_INET(family) ((family) == 2 || (family) == 10)
+
 #ifdef TCPSTATES_OWNER_IO_RAW
 /* Raw tracepoints (TCPSTATES_OWNER_IO_RAW, chosen by plugins/owner/kernel.py
  * when BTF gives sock.sk_protocol's offset): the kernel calls the program
  * with the tracepoint's arguments (args[0] = struct sock *) without first
  * building the event record the perf-event path fills for every send/recv
- * on the host; the protocol is read from the socket at its BTF offset. */
+ * on the host; the protocol (then, for protocol 6 only, the family and
+ * type) is read from the socket at its BTF offsets. */
 static __always_inline int owner_io_raw(u64 sk)
 {
     /* the protocol first: most of a host's sends and receives may be on
@@ -400,6 +405,14 @@ static __always_inline int owner_io_raw(u64 sk)
     u16 protocol = 0;
     bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
     if (protocol != 6 /* IPPROTO_TCP */)
+        return 0;
+    /* 6 is not TCP alone: a netlink socket of NETLINK_XFRM (6), which any
+     * user may open, and a raw IPPROTO_TCP socket carry it too; their sends
+     * would fill sk_owner with entries that evict real connections' owners */
+    u16 family = 0, type = 0;
+    bpf_probe_read_kernel(&family, sizeof(family), (char *)sk + TCPSTATES_OFF_SOCK_SK_FAMILY);
+    bpf_probe_read_kernel(&type, sizeof(type), (char *)sk + TCPSTATES_OFF_SOCK_SK_TYPE);
+    if (!TCPSTATES_OWNER_INET(family) || type != 1 /* SOCK_STREAM */)
         return 0;
     struct tcpstates_owner *o = owner_lookup(sk);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -419,9 +432,12 @@ int raw_tracepoint__sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
     return owner_io_raw(ctx->args[0]);
 }
 #else
-static __always_inline int owner_io(u64 sk, u16 protocol)
+static __always_inline int owner_io(u64 sk, u16 family, u16 protocol)
 {
-    if (protocol != 6 /* IPPROTO_TCP */)
+    /* the family too: a NETLINK_XFRM socket's protocol is 6 as well (a raw
+     * IPPROTO_TCP socket, which needs CAP_NET_RAW, is told apart only by the
+     * raw form, which reads sk_type) */
+    if (protocol != 6 /* IPPROTO_TCP */ || !TCPSTATES_OWNER_INET(family))
         return 0;
     struct tcpstates_owner *o = owner_lookup(sk);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -437,12 +453,14 @@ static __always_inline int owner_io(u64 sk, u16 protocol)
 int tracepoint__sock__sock_send_length(void *ctx)
 {
     return owner_io(*(u64 *)((char *)ctx + TCPSTATES_TP_IO_SK),
+                    *(u16 *)((char *)ctx + TCPSTATES_TP_IO_FAMILY),
                     *(u16 *)((char *)ctx + TCPSTATES_TP_IO_PROTOCOL));
 }
 
 int tracepoint__sock__sock_recv_length(void *ctx)
 {
     return owner_io(*(u64 *)((char *)ctx + TCPSTATES_TP_IO_SK),
+                    *(u16 *)((char *)ctx + TCPSTATES_TP_IO_FAMILY),
                     *(u16 *)((char *)ctx + TCPSTATES_TP_IO_PROTOCOL));
 }
 #endif /* TCPSTATES_OWNER_IO_RAW */

@@ -24,10 +24,12 @@ def test_format_file_offsets_are_read_not_assumed(tmp_path, monkeypatch):
         d.mkdir(parents=True)
         (d / "format").write_text("\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
                                   "\tfield:void * sk;\toffset:16;\tsize:8;\tsigned:0;\n"
+                                  "\tfield:__u16 family;\toffset:24;\tsize:2;\tsigned:0;\n"
                                   "\tfield:__u16 protocol;\toffset:26;\tsize:2;\tsigned:0;\n")
     monkeypatch.setattr(kernel, "TRACEFS", (str(tmp_path),))
     s = kernel.owner_support(1024, btf_path=str(tmp_path / "no-btf"))
     assert s.io and "-DTCPSTATES_TP_IO_SK=16" in s.cflags and "-DTCPSTATES_TP_IO_PROTOCOL=26" in s.cflags
+    assert "-DTCPSTATES_TP_IO_FAMILY=24" in s.cflags
 
 
 @pytest.mark.parametrize("pid_max,says", [(32768, "(proved per PID)"), (1 << 22, "checked in /proc")])

@@ -112,7 +112,15 @@ def _offsets(btf: BTF, fields: dict[str, tuple[str, str]], sizes: dict[str, int]
 # members read whole by the probes: their size must be what the C assumes
 SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TASK_FILES": 8,
          "FILES_FDT": 8, "FDTABLE_FD": 8, "FDTABLE_MAX_FDS": 4, "FILE_PRIVATE_DATA": 8,
-         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8}
+         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8, "SOCK_SK_FAMILY": 2,
+         "SOCK_SK_TYPE": 2}
+# what the raw send/recv probes read of a socket: protocol 6 alone is also a
+# NETLINK_XFRM socket's (any user's) and a raw IPPROTO_TCP socket's
+RAW_IO_FIELDS = {
+    "SOCK_SK_PROTOCOL": FD_FIELDS["SOCK_SK_PROTOCOL"],
+    "SOCK_SK_FAMILY": ("sock", "__sk_common.skc_family"),
+    "SOCK_SK_TYPE": ("sock", "sk_type"),
+}
 
 
 def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
@@ -122,12 +130,13 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
     io_probe: how they attach (owner.kernel_io_probe: auto, tracepoint)."""
     s = OwnerSupport(cflags=["-DTCPSTATES_OWNER=1", f"-DTCPSTATES_OWNER_MAX={int(max_sockets)}"])
     tracefs = _tracefs()
-    offsets = _field_offsets(tracefs, IO_TRACEPOINTS, {"sk": 8, "protocol": 2}) if io else None
+    offsets = _field_offsets(tracefs, IO_TRACEPOINTS, {"sk": 8, "family": 2, "protocol": 2}) if io else None
     if not io:
         s.missing.append(IO_OFF)
     elif offsets is not None:
         s.io = True
         s.cflags += ["-DTCPSTATES_OWNER_IO=1", f"-DTCPSTATES_TP_IO_SK={offsets['sk']}",
+                     f"-DTCPSTATES_TP_IO_FAMILY={offsets['family']}",
                      f"-DTCPSTATES_TP_IO_PROTOCOL={offsets['protocol']}"]
     else:
         s.missing.append("sock:sock_send_length/sock_recv_length tracepoints (Linux >= 6.4): "
@@ -180,13 +189,13 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
 def _raw_io(s: OwnerSupport, btf: BTF) -> None:
     """Attach the send/recv probes as raw tracepoints: the kernel then calls
     them without first filling the perf-event record of every send/recv on the
-    host; what they need of the socket (its protocol) comes from BTF."""
+    host; what they need of the socket (protocol, family, type) comes from BTF."""
     try:
-        protocol = _offsets(btf, {"SOCK_SK_PROTOCOL": FD_FIELDS["SOCK_SK_PROTOCOL"]}, SIZES)
+        fields = _offsets(btf, RAW_IO_FIELDS, SIZES)
     except BTFError as exc:
-        s.missing.append(f"sock.sk_protocol in BTF ({exc}): send/recv probes attach as perf-event "
-                         f"tracepoints (more kernel time per send/recv)")
+        s.missing.append(f"sock.sk_protocol/skc_family/sk_type in BTF ({exc}): send/recv probes attach "
+                         f"as perf-event tracepoints (more kernel time per send/recv)")
         return
     s.io_raw = True
-    s.cflags += ["-DTCPSTATES_OWNER_IO_RAW=1", *protocol]
+    s.cflags += ["-DTCPSTATES_OWNER_IO_RAW=1", *fields]
 
