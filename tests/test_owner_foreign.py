@@ -8,7 +8,6 @@ on loopback, the flood as nobody."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
