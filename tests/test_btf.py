@@ -228,3 +228,49 @@ def test_owner_support_with_cyclic_btf_falls_back_in_one_line(tmp_path):
     s = kernel.owner_support(16, btf_path=str(path), io=False)
     assert not s.identity and "-DTCPSTATES_OWNER_TASK=1" not in s.cflags
     assert any("task offsets in BTF" in m and "cycle" in m for m in s.missing), s.missing
+
+
+def _owner_btf(protocol_size: int, type_size: int | None, family: bool = True) -> bytes:
+    """task_struct as the owner probes need it, and a struct sock whose
+    protocol/type/family are as given (sizes in bytes; None: no such member)."""
+    b = Blob()
+    ints = {n: b.add(B.INT, f"u{8 * n}", n, struct.pack("<I", 8 * n)) for n in (1, 2, 4, 8)}
+    ptr = b.add(B.PTR, "", 0)
+    comm = b.add(B.ARRAY, "", 0, struct.pack("<III", ints[1], ints[4], 16))
+    b.struct(B.STRUCT, "task_struct", 64, [("group_leader", ptr, 0), ("start_boottime", ints[8], 64),
+                                           ("comm", comm, 128)])
+    common = b.struct(B.STRUCT, "sock_common", 32, [("skc_family" if family else "skc_other", ints[2], 128)])
+    members = [("__sk_common", common, 0), ("sk_socket", ptr, 512), ("sk_protocol", ints[protocol_size], 640)]
+    if type_size is not None:
+        members.append(("sk_type", ints[type_size], 672))
+    b.struct(B.STRUCT, "sock", 128, members)
+    return b.bytes()
+
+
+@pytest.mark.parametrize("protocol,type_,family,raw,why", [
+    (2, 2, True, True, None),
+    (1, 2, True, False, "sock.sk_protocol is 1 bytes, expected 2"),
+    (2, 1, True, False, "sock.sk_type is 1 bytes, expected 2"),
+    (2, None, True, False, "no member 'sk_type'"),
+    (2, 2, False, False, "no member '__sk_common.skc_family'"),
+])
+def test_raw_send_recv_probes_need_protocol_family_and_type_at_their_sizes(tmp_path, protocol, type_, family,
+                                                                         raw, why):
+    """The raw probes read a socket's protocol, and for protocol 6 its family
+    and type (a NETLINK_XFRM socket has protocol 6 too): a BTF where one is
+    missing or of another size keeps the perf-event form, and says why."""
+    from tcpstates.plugins.owner import kernel
+    path = tmp_path / "vmlinux"
+    path.write_bytes(_owner_btf(protocol, type_, family))
+    s = kernel.owner_support(1024, btf_path=str(path))
+    if not s.io:
+        pytest.skip("no sock:sock_send_length/sock_recv_length (Linux >= 6.4)")
+    assert s.identity, s.missing
+    assert s.io_raw is raw and ("-DTCPSTATES_OWNER_IO_RAW=1" in s.cflags) is raw
+    if raw:
+        assert {"-DTCPSTATES_OFF_SOCK_SK_PROTOCOL=80", "-DTCPSTATES_OFF_SOCK_SK_TYPE=84",
+                "-DTCPSTATES_OFF_SOCK_SK_FAMILY=16"} <= set(s.cflags)
+    else:
+        said = [m for m in s.missing if "send/recv probes attach as perf-event" in m]
+        assert len(said) == 1 and why in said[0], s.missing
+        assert "-DTCPSTATES_TP_IO_FAMILY" in " ".join(s.cflags)   # the perf-event form checks it
