@@ -617,8 +617,14 @@ connection: {
         cn->state_ns[old & (TCPSTATES_NSTATES - 1)] += span;
         cn->last_ns = ts;
         cn->last_state = new;
-        if (cn->sport != args->sport || cn->dport != args->dport)
-            FILL_ENDPOINTS(cn, args);   /* once: the opener's port, bound after SYN_SENT */
+        /* The endpoints complete themselves once: an accepted socket's peer
+         * is set after LISTEN->SYN_RECV (read again, with the addresses); the
+         * opener's own port is bound after CLOSE->SYN_SENT (its addresses
+         * were already set: the port alone, no helper call) */
+        if (cn->dport != args->dport)
+            FILL_ENDPOINTS(cn, args);
+        else
+            cn->sport = args->sport;
     } else {
         u32 zero = 0;
         cn = conn_scratch.lookup(&zero);
