@@ -264,7 +264,7 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         # metrics-only prints nothing; connection records: 2 per connection
         # (client and server child; listeners make none), not 10 per connection
         filtered = ("-L" in argv or "metrics" in argv or "summary" in argv
-                    or any(x.startswith("chain=") and "container" not in x for x in argv))
+                    or any(x.startswith("chain=") and not ENRICHERS_ONLY.fullmatch(x) for x in argv))
         aggregated = re.search(r"; (\d+) aggregated in kernel", err)
         conn_mode = "--connections" in argv
         expected = 2 * load["connections"] if conn_mode else recorded
@@ -308,6 +308,10 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
     return results
 
 
+# a chain of enrichers only (nothing filtered): every event is still printed
+ENRICHERS_ONLY = re.compile(r'chain=\[(\{use="(?:owner|container)"[^}]*\},?\s*)+\]')
+
+
 def conn_unaccounted(missing: int, reported_lost_changes: int, unclosed: int = 0) -> int:
     """Connection records neither printed nor explained by a reported lost
     state change (each lost ->CLOSE costs one record); extra records show as
@@ -333,7 +337,8 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
     return {"bpf_progs": progs,
             "bpf_ns_per_conn": round(total / load["connections"]) if load["connections"] else None,
             "bpf_ns_state": per_run(("sock__inet_sock",)),
-            "bpf_ns_sendrecv": per_run(("sock__sock_send", "sock__sock_recv")),
+            # perf-event tracepoints (sock__…) or raw tracepoints (the owner's default)
+            "bpf_ns_sendrecv": per_run(("sock__sock_send", "sock__sock_recv", "sock_send_len", "sock_recv_len")),
             "bpf_ns_accept": per_run(("syscalls__sys_e",))}
 
 
@@ -384,6 +389,9 @@ def main() -> int:
                    help="issue 12: text with/without --owner, jsonl with owner on/off, at max rate, 1 and 2 "
                    "load threads, connect and data modes (sets --rates max --threads 1,2 --modes "
                    "connect,data --no-bcc --bpf-stats; --repeat still applies)")
+    p.add_argument("--io-probe-too", action="store_true",
+                   help="with --owner-cost: also jsonl with the owner's send/recv probes as perf-event "
+                   "tracepoints (kernel_io_probe=tracepoint) beside the default raw tracepoints")
     a = p.parse_args()
     if os.geteuid() != 0:
         p.error("needs root (tracing, ftrace instance)")
@@ -427,6 +435,9 @@ def main() -> int:
         tracers = [("tcpstates text", OURS), ("tcpstates text --owner", OURS + ["--owner"]),
                    ("tcpstates jsonl owner=off", OURS + ["--sink", "jsonl"] + owner_off),
                    ("tcpstates jsonl (owner on)", OURS + ["--sink", "jsonl"])]
+        if a.io_probe_too:
+            tracers.append(("tcpstates jsonl owner tp-io", OURS + ["--sink", "jsonl", "-o",
+                            'chain=[{use="owner", kernel_io_probe="tracepoint"}]']))
     if a.container_churn:
         global CHURN_PERIOD
         CHURN_PERIOD = 0.02

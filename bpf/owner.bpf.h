@@ -28,6 +28,7 @@
  *   TCPSTATES_OWNER            enable all of this
  *   TCPSTATES_OWNER_MAX        sk_owner entries (LRU)
  *   TCPSTATES_OWNER_IO         attach the sock_send_length/sock_recv_length probes
+ *   TCPSTATES_OWNER_IO_RAW     ... as raw tracepoints (needs TCPSTATES_OFF_SOCK_SK_PROTOCOL)
  *   TCPSTATES_OWNER_ACCEPT     attach the accept/accept4 exit probes (needs the FD offsets)
  *   TCPSTATES_OWNER_TASK       task offsets are known (start time, leader comm)
  *   TCPSTATES_OWNER_EXIT       attach sched:sched_process_exit: remember exited
@@ -362,30 +363,71 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
 
 #ifdef TCPSTATES_OWNER_IO
 /* Runs in the sending/receiving process for every send/recv on any socket:
- * keep it to one map lookup when the holder has not changed. */
+ * the holder is unchanged when the entry names this process and no process
+ * with its PID exited since it was recorded (one map lookup and, with
+ * process-exit tracking, one array read). */
+static __always_inline int owner_io_same(struct tcpstates_owner *o, u32 tgid)
+{
+    return o && o->pid == tgid && o->gen == owner_gen(tgid);
+}
+
+/* The holder changed (or may have): record the current process. */
+static __always_inline int owner_io_changed(u64 sk, struct tcpstates_owner *o, u32 tgid)
+{
+    if (o && o->pid == tgid && o->start_ns == owner_current_start()) {
+        /* the same process, after another one with its PID slot exited or
+         * after its own exec: its name read again (a reused PID is another
+         * process, whose name and identity replace the old one's below) */
+        u32 closed = o->closed;
+        owner_set_current(sk, TCPSTATES_OWNER_IO_, TCPSTATES_SAME_SK(o, sk) ? closed : 0);
+        return 0;
+    }
+    owner_set_current(sk, TCPSTATES_OWNER_IO_, 0);
+    return 0;
+}
+
+#ifdef TCPSTATES_OWNER_IO_RAW
+/* Raw tracepoints (TCPSTATES_OWNER_IO_RAW, chosen by plugins/owner/kernel.py
+ * when BTF gives sock.sk_protocol's offset): the kernel calls the program
+ * with the tracepoint's arguments (args[0] = struct sock *) without first
+ * building the event record the perf-event path fills for every send/recv
+ * on the host; the protocol is read from the socket at its BTF offset. */
+static __always_inline int owner_io_raw(u64 sk)
+{
+    /* the protocol first: most of a host's sends and receives may be on
+     * unix or UDP sockets, which then cost one read, not a map lookup as well
+     * (bench/iocost.py: the TCP fast path pays ~20 ns for it) */
+    u16 protocol = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
+    if (protocol != 6 /* IPPROTO_TCP */)
+        return 0;
+    struct tcpstates_owner *o = owner_lookup(sk);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (owner_io_same(o, tgid))
+        return 0;
+    return owner_io_changed(sk, o, tgid);
+}
+
+/* bcc attaches a function by its raw_tracepoint__<event> name */
+int raw_tracepoint__sock_send_length(struct bpf_raw_tracepoint_args *ctx)
+{
+    return owner_io_raw(ctx->args[0]);
+}
+
+int raw_tracepoint__sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
+{
+    return owner_io_raw(ctx->args[0]);
+}
+#else
 static __always_inline int owner_io(u64 sk, u16 protocol)
 {
     if (protocol != 6 /* IPPROTO_TCP */)
         return 0;
     struct tcpstates_owner *o = owner_lookup(sk);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (o && o->pid == tgid) {
-        /* the same PID: the same process unless one with this PID exited
-         * since (then a reused PID is another process, whose name and
-         * identity must replace the old one's) */
-        u64 gen = owner_gen(tgid);
-        if (o->gen == gen)
-            return 0;
-        if (o->start_ns == owner_current_start()) {
-            /* the same process, after another one with its PID slot exited
-             * or after its own exec: its name read again */
-            u32 closed = o->closed;
-            owner_set_current(sk, TCPSTATES_OWNER_IO_, TCPSTATES_SAME_SK(o, sk) ? closed : 0);
-            return 0;
-        }
-    }
-    owner_set_current(sk, TCPSTATES_OWNER_IO_, 0);
-    return 0;
+    if (owner_io_same(o, tgid))
+        return 0;
+    return owner_io_changed(sk, o, tgid);
 }
 
 /* bcc generates a tracepoint's args struct only for probes in the main file,
@@ -403,6 +445,7 @@ int tracepoint__sock__sock_recv_length(void *ctx)
     return owner_io(*(u64 *)((char *)ctx + TCPSTATES_TP_IO_SK),
                     *(u16 *)((char *)ctx + TCPSTATES_TP_IO_PROTOCOL));
 }
+#endif /* TCPSTATES_OWNER_IO_RAW */
 #endif /* TCPSTATES_OWNER_IO */
 
 #if defined(TCPSTATES_OWNER_ACCEPT) && defined(TCPSTATES_OWNER_TASK)

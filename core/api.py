@@ -210,7 +210,8 @@ class RunContext:
     # sinks: they then take their figures from the snapshots, not from events)
     aggregates: bool = False
     # the account root switches to once the source is attached (--user), ""
-    # for none: a sink that must create files later (rotation) cannot as that user
+    # for none: from then on the sink cannot open anything root could; the files
+    # of tcpstates.outputs are reopened and rotated by the privileged opener
     drop_user: str = ""
 
     @staticmethod

@@ -82,7 +82,8 @@ def build_parser(registry: Any) -> OneLineParser:
     p.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. -o sinks.text.wide=true (repeatable)")
     p.add_argument("--user", metavar="NAME", help="drop root to this user once the probe is "
-                   "attached and the outputs are open (files are not reopened afterwards as root)")
+                   "attached and the outputs are open (a small root process stays to reopen and rotate "
+                   "those files, nothing else)")
     p.add_argument("--no-summary", action="store_true", help="do not print the exit summary on stderr")
     p.add_argument("--version", action="version", version=f"tcpstates {tcpstates.__version__}")
     return p
@@ -179,6 +180,7 @@ def tune_memory() -> None:
 
 def run(argv: Sequence[str]) -> int:
     from tcpstates.notify import Notifier
+    from tcpstates.outputs import start_opener, stop_opener
     from tcpstates.pipeline import summary_line
     from tcpstates.security import drop_privileges, lookup_user
     from tcpstates.session import build_pipeline, execute
@@ -203,11 +205,22 @@ def run(argv: Sequence[str]) -> int:
 
     def started() -> None:
         if args.user:
+            if os.geteuid() == 0:
+                # the one process that stays root: reopens (SIGHUP) and rotations
+                # of the files opened so far, which the user could not make
+                try:
+                    start_opener()
+                except OSError as exc:
+                    raise EnvironmentProblem(f"--user: cannot start the privileged opener "
+                                             f"({exc.strerror}); leave --user out") from None
             drop_privileges(args.user)
         tune_memory()
         notifier.notify(f"READY=1\nSTATUS={pipeline.source.status()}")
 
-    summary = execute(pipeline, registry, context, on_started=started)
+    try:
+        summary = execute(pipeline, registry, context, on_started=started)
+    finally:
+        stop_opener()
 
     def summary_text() -> str:
         line = summary_line(summary)[len("tcpstates: "):]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import select
 
-__all__ = ["StopRequested", "install", "request", "requested", "wait", "sleep"]
+__all__ = ["StopRequested", "install", "forget", "request", "requested", "wait", "sleep"]
 
 _pipe: tuple[int, int] | None = None
 
@@ -29,6 +29,12 @@ def install() -> None:
     global _pipe
     if _pipe is None:
         _pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def forget() -> None:
+    """A forked helper that closed the pipe's descriptors: plain waits from now on."""
+    global _pipe
+    _pipe = None
 
 
 def request() -> None:

@@ -30,6 +30,11 @@ after STALL_PROBE_S instead of a whole stall_timeout each. A line cut in the mid
 at the next write (so the reader never sees a torn line followed by another)
 and counts as written; if the output closes before its rest went out (the run
 ended, the reader left), `unfinished` says so and the sink un-counts it.
+
+With --user, root is dropped once the outputs are open; from then on every
+open (SIGHUP, a retry, a file moved away) and every rotation goes through the
+privileged opener (tcpstates.opener, started by `start_opener` just before the
+drop), which runs exactly the steps below as root for the outputs known then.
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ import stat
 import sys
 import termios
 import time
-from typing import Callable
+import weakref
+from typing import Any, Callable
 
-from tcpstates import interrupt, stdio
+from tcpstates import interrupt, opener, stdio
 from tcpstates.errors import UsageError
 from tcpstates.safeopen import UntrustedPath, check_owned, entry_trusted, open_path
 
@@ -62,6 +68,8 @@ FIFO_RETRY_S = 0.1
 _RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
+# every file output made so far: the ones the privileged opener may act on
+_FILES: list[weakref.ref[LineOutput]] = []
 
 
 def exchange(dirfd: int, a: str, b: str) -> bool:
@@ -162,6 +170,12 @@ class LineOutput:
         self._accepted = 0                       # bytes the OS took in this write()
         self._token = f"{'stdout' if path == '-' else path} #{id(self)}"
         self._key: tuple[int, int] | None = None
+        # after --user dropped root: opens and rotations go through the opener, as output #_slot
+        self._opener: opener.Opener | None = None
+        self._slot = -1
+        if path != "-":
+            _FILES[:] = [r for r in _FILES if r() is not None]
+            _FILES.append(weakref.ref(self))
 
     @property
     def is_stdout(self) -> bool:
@@ -210,8 +224,16 @@ class LineOutput:
             del _IN_USE[key]
         self._key = None
 
-    def _open_path(self) -> None:
-        self.fd = self._open_file()
+    def _open_path(self, wait: bool = True) -> None:
+        if self._opener is not None:
+            # root was dropped: the opener ran the walk and every check below as root
+            self.fd = self._open_file(wait, self._open_via_opener)
+            self._own = True
+            st = os.fstat(self.fd)
+            self.regular = stat.S_ISREG(st.st_mode)
+            self.size = st.st_size
+            return
+        self.fd = self._open_file(wait)
         self._own = True
         st = os.fstat(self.fd)
         # regular files, FIFOs (a shipper reading a pipe) and character devices (/dev/null)
@@ -256,15 +278,35 @@ class LineOutput:
             return newest + 1
         return max(newest, 1)
 
-    def _open_file(self) -> int:
+    def _open_via_opener(self) -> int:
+        assert self._opener is not None
+        # refused (its reason), timed out or gone: OpenerError; ENXIO (a FIFO
+        # nobody reads yet) is waited for here, never in the opener
+        fd, info = self._opener.open(self._slot)
+        self.index, self._name = int(info["index"]), str(info["name"])
+        return fd
+
+    def _open_file(self, wait: bool = True, attempt: Callable[[], int] | None = None) -> int:
         """openat per component with O_NOFOLLOW (a symlinked parent is followed only
         when nobody else could have planted it); a FIFO without a reader is waited
-        for, interruptibly."""
+        for, interruptibly (`wait`; else ENXIO is raised)."""
+        waited = False
+        while True:
+            try:
+                return (attempt or self._open_once)()
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or not wait:   # ENXIO: a FIFO nobody reads yet
+                    raise
+                if not waited and self.notice is not None:
+                    self.notice(f"{self.live_path}: a FIFO nobody reads yet; waiting for a reader")
+                waited = True
+                interrupt.sleep(FIFO_RETRY_S)
+
+    def _open_once(self) -> int:
         if self.numbered and self.index == 0:
             self.index = self._last_index()
         flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
                  | os.O_NONBLOCK | os.O_NOCTTY)
-        waited = False
 
         def open_last(dirfd: int, name: str) -> int:
             fd = os.open(name, flags, FILE_MODE, dir_fd=dirfd)
@@ -274,23 +316,18 @@ class LineOutput:
             self._dirfd, self._name = os.dup(dirfd), name
             return fd
 
-        while True:
-            try:
-                return open_path(self.live_path, open_last, strict=False, follow_last=False)
-            except UntrustedPath as exc:
-                raise UsageError(f"{self.live_path}: refusing to write: {exc.strerror}") from None
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:       # a FIFO nobody reads yet: wait for a reader
-                    if not waited and self.notice is not None:
-                        self.notice(f"{self.live_path}: a FIFO nobody reads yet; waiting for a reader")
-                    waited = True
-                    interrupt.sleep(FIFO_RETRY_S)
-                    continue
-                if exc.errno == errno.ELOOP:
-                    raise UsageError(f"{self.live_path}: is a symbolic link; tcpstates never writes "
-                                     f"through links, give the real path") from None
-                raise UsageError(f"{self.live_path}: cannot open for appending ({exc.strerror}); "
-                                 f"check the directory exists and is writable") from None
+        try:
+            return open_path(self.live_path, open_last, strict=False, follow_last=False)
+        except UntrustedPath as exc:
+            raise UsageError(f"{self.live_path}: refusing to write: {exc.strerror}") from None
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{self.live_path}: is a symbolic link; tcpstates never writes "
+                                 f"through links, give the real path") from None
+            raise UsageError(f"{self.live_path}: cannot open for appending ({exc.strerror}); "
+                             f"check the directory exists and is writable") from None
 
     def _open_stdout(self) -> None:
         if stdio.was_closed(1) or sys.stdout is None:
@@ -424,22 +461,40 @@ class LineOutput:
 
     def rotate(self) -> None:
         """FILE → FILE.1 (older ones shifted), a new FILE; every step relative to
-        the directory descriptor from the safe open. Numbered: a new FILE.N+1."""
-        if self.numbered:
-            self._rotate_numbered()
-            return
-        d, name = self._dirfd, self._name
-        try:
-            cur: os.stat_result | None = os.stat(name, dir_fd=d, follow_symlinks=False)
-        except FileNotFoundError:
-            cur = None
+        the directory descriptor from the safe open. Numbered: a new FILE.N+1.
+        After --user dropped root, the opener takes these steps."""
         mine = os.fstat(self.fd)
-        if cur is None or (cur.st_dev, cur.st_ino) != (mine.st_dev, mine.st_ino):
+        if self._opener is not None:
+            fd, info = self._opener.rotate(self._slot, mine.st_dev, mine.st_ino)
+            if fd >= 0:
+                self.index, self._name = int(info["index"]), str(info["name"])
+        else:
+            fd = self._rotate_files(mine.st_dev, mine.st_ino)
+        if fd < 0:
             # moved away (logrotate's mv, its SIGHUP still to come): that file is
             # someone else's now; start a new FILE through the same safe open
             self._close_fd()
             self.open()
             return
+        old, self.fd, self.size = self.fd, fd, 0
+        if old >= 0:
+            os.close(old)
+        self._release()      # the destination is a new inode now
+        self._claim()
+
+    def _rotate_files(self, dev: int, ino: int) -> int:
+        """The file-system steps of a rotation (as root: by the tracer, or by the
+        opener after the drop); the new file, or -1 when the file written now,
+        (dev, ino), is no longer FILE."""
+        if self.numbered:
+            return self._rotate_numbered()
+        d, name = self._dirfd, self._name
+        try:
+            cur: os.stat_result | None = os.stat(name, dir_fd=d, follow_symlinks=False)
+        except FileNotFoundError:
+            cur = None
+        if cur is None or (cur.st_dev, cur.st_ino) != (dev, ino):
+            return -1
         for i in range(self.keep - 1, 0, -1):
             src = f"{name}.{i}"
             if _lexists(src, d):
@@ -456,13 +511,9 @@ class LineOutput:
         except OSError:
             os.close(fd)
             raise
-        old, self.fd, self.size = self.fd, fd, 0
-        if old >= 0:
-            os.close(old)
-        self._release()      # the destination is a new inode now
-        self._claim()
+        return fd
 
-    def _rotate_numbered(self) -> None:
+    def _rotate_numbered(self) -> int:
         """PATH.N stays as it is; PATH.N+1 (the next free number) is created in
         the same directory (its descriptor from the safe open) and written from
         now on; PATH.(N+1-keep-1) and older, beyond `keep` old files, go."""
@@ -478,11 +529,7 @@ class LineOutput:
                 continue        # someone's file, or ours from a clock-skewed past: never reused
         else:
             raise OSError(errno.EEXIST, f"no free number after {self.path}.{self.index}")
-        old, self.fd, self.size, self.index, self._name = self.fd, fd, 0, index, f"{base}.{index}"
-        if old >= 0:
-            os.close(old)
-        self._release()      # the destination is a new inode now
-        self._claim()
+        self.index, self._name = index, f"{base}.{index}"
         # every PATH.M older than the kept ones, not only the run just below:
         # a file removed by hand must not make all older ones stay forever
         try:
@@ -500,6 +547,25 @@ class LineOutput:
                     os.unlink(name, dir_fd=d)
                 except OSError:
                     pass
+        return fd
+
+    # -- the privileged opener's side (tcpstates.opener.Target), as root ---------
+    def kept_fds(self) -> list[int]:
+        return [self._dirfd]
+
+    def may_rotate(self) -> bool:
+        return bool(self.max_bytes)
+
+    def privileged_open(self) -> tuple[int, dict[str, Any]]:
+        """The whole safe open and its checks, as root; the descriptor for the
+        tracer. The directory descriptor stays here, for rotations."""
+        self.fd, self._own, self._sock = -1, False, None   # the tracer's, not this copy's
+        self._open_path(wait=False)
+        fd, self.fd, self._own = self.fd, -1, False
+        return fd, {"index": self.index, "name": self._name}
+
+    def privileged_rotate(self, dev: int, ino: int) -> tuple[int, dict[str, Any]]:
+        return self._rotate_files(dev, ino), {"index": self.index, "name": self._name}
 
     def _pipe_room(self) -> int | None:
         """Free bytes in the pipe or FIFO we write to (None: not a pipe, or unknown)."""
@@ -561,6 +627,7 @@ class LineOutput:
         self.open()
 
     def _close_fd(self) -> None:
+        # (the opener's directory descriptor, if any, is the opener's: -1 here)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -592,3 +659,28 @@ class LineOutput:
         if self._pending:
             self.unfinished += 1
             self._pending = b""
+
+
+_opener: opener.Opener | None = None
+
+
+def start_opener() -> bool:
+    """Just before --user drops root: fork the privileged opener for every
+    file output made so far, and route their later opens and rotations through
+    it. False (and nothing started) when there is no file output."""
+    global _opener
+    outs = [o for o in (r() for r in _FILES) if o is not None]
+    if not outs:
+        return False
+    _opener = opener.start(list(outs))
+    for i, out in enumerate(outs):
+        out._opener, out._slot = _opener, i
+    return True
+
+
+def stop_opener() -> None:
+    """At exit: the opener sees EOF, exits and is reaped (bounded)."""
+    global _opener
+    if _opener is not None:
+        _opener.stop()
+        _opener = None

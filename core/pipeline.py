@@ -375,6 +375,10 @@ class Pipeline:
             if slot.active:
                 try:
                     slot.sink.reopen()
+                except interrupt.StopRequested:
+                    # a stop came while the reopen waited (a FIFO's reader, the
+                    # opener): the sink stays closed, the drain's events are counted
+                    pass
                 except Exception as exc:
                     self._sink_failed(slot, exc)
 

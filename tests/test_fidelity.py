@@ -65,3 +65,14 @@ def test_benchmark_smoke_run(tmp_path):
             assert row["missing"] == row["dropped"] + row["kernel_misses"] or row["missing"] <= row["dropped"]
             assert row["startup_s"] > 0 and row["peak_rss_mb"] > 0
     assert "point  threads  tracer" in r.stdout
+
+
+def test_iocost_benchmark_smoke_run():
+    """bench/iocost.py runs end to end (one round, few calls): every variant and
+    socket kind gives a figure. Claims nothing about the figures (a smoke run)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "iocost.py"), "--rounds", "1", "--calls", "2000"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line[:30].strip(): line[30:].split() for line in r.stdout.splitlines()[2:] if line[:1] != "s"}
+    assert set(rows) == {"no tracer", "owner off", "owner, raw tracepoints", "owner, perf-event tracepoints"}
+    assert all(len([c for c in cells if not c.startswith("(")]) == 6 for cells in rows.values()), r.stdout

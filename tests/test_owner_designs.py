@@ -198,8 +198,14 @@ def run_design(tracer, tmp_path, code, holders_of, *, before=None, processes=1, 
     return (judged or judge)(recs, port, _served(lines), client_pids, holders, servers)
 
 
-def test_prefork_children_accept_on_a_shared_listener(tracer, tmp_path):
-    run_design(tracer, tmp_path, PREFORK, lambda ready: [int(x) for x in ready[-1][1:]])
+# The send/recv probes attach as raw tracepoints where BTF allows (the
+# default); "tracepoint" is their perf-event form, used without BTF
+PROBES = {"raw": (), "tracepoint": ("-o", 'chain=[{use="owner", kernel_io_probe="tracepoint"}]')}
+
+
+@pytest.mark.parametrize("probe", sorted(PROBES))
+def test_prefork_children_accept_on_a_shared_listener(tracer, tmp_path, probe):
+    run_design(tracer, tmp_path, PREFORK, lambda ready: [int(x) for x in ready[-1][1:]], extra=PROBES[probe])
 
 
 def test_reuseport_group_with_a_member_leaving(tracer, tmp_path):
@@ -211,8 +217,9 @@ def test_reuseport_group_with_a_member_leaving(tracer, tmp_path):
     run_design(tracer, tmp_path, REUSEPORT, lambda ready: [int(x) for x in ready[-1][1:]], before=leave)
 
 
-def test_dispatcher_hands_sockets_to_a_worker_over_scm_rights(tracer, tmp_path):
-    run_design(tracer, tmp_path, DISPATCHER, lambda ready: [int(ready[-1][1])])
+@pytest.mark.parametrize("probe", sorted(PROBES))
+def test_dispatcher_hands_sockets_to_a_worker_over_scm_rights(tracer, tmp_path, probe):
+    run_design(tracer, tmp_path, DISPATCHER, lambda ready: [int(ready[-1][1])], extra=PROBES[probe])
 
 
 def test_dispatcher_closing_its_copy_last_does_not_become_the_owner(tracer, tmp_path):

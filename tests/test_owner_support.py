@@ -40,3 +40,25 @@ def test_doctor_says_how_an_owners_exit_is_known(monkeypatch, pid_max, says):
     assert ("-DTCPSTATES_OWNER_SLOT_PER_PID=1" in s.cflags) == (pid_max <= kernel.GEN_SLOTS)
     ok, detail = _owner()
     assert ok and "process exits (" in detail and says in detail, detail
+
+
+def test_send_recv_probes_attach_raw_where_btf_gives_the_protocol_offset():
+    # this machine's real tracefs and BTF
+    s = kernel.owner_support(1024)
+    if not s.io:
+        pytest.skip("no sock:sock_send_length/sock_recv_length (Linux >= 6.4)")
+    assert s.io_raw and "-DTCPSTATES_OWNER_IO_RAW=1" in s.cflags
+    # one definition of the offset, shared with accept tracking
+    assert sum(f.startswith("-DTCPSTATES_OFF_SOCK_SK_PROTOCOL=") for f in s.cflags) == 1
+    ok, detail = _owner()
+    assert ok and "send/recv (raw tracepoints)" in detail, detail
+    forced = kernel.owner_support(1024, io_probe="tracepoint")
+    assert forced.io and not forced.io_raw and "-DTCPSTATES_OWNER_IO_RAW=1" not in forced.cflags
+    assert not forced.missing        # asked for: not a fallback
+
+
+def test_without_btf_send_recv_probes_stay_perf_event_tracepoints(tmp_path):
+    s = kernel.owner_support(1024, btf_path=str(tmp_path / "no-btf"))
+    if not s.io:
+        pytest.skip("no sock:sock_send_length/sock_recv_length (Linux >= 6.4)")
+    assert not s.io_raw and "-DTCPSTATES_OWNER_IO_RAW=1" not in s.cflags

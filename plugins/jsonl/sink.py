@@ -13,7 +13,6 @@ from typing import Any
 import orjson
 
 from tcpstates.api import RunContext, Sink
-from tcpstates.errors import UsageError
 from tcpstates.events import Event
 from tcpstates.options import option
 from tcpstates.outputs import LineOutput
@@ -64,14 +63,8 @@ class JsonlSink(Sink):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        if options.max_bytes and options.path != "-" and context.drop_user and os.geteuid() == 0:
-            # a rotation creates a file in the output's directory, and as root
-            # only a directory no other user can write is accepted: after the
-            # drop every rotation failed (EACCES) and every later event was lost
-            raise UsageError(f"{options.path}: max_bytes rotation cannot work with --user "
-                             f"{context.drop_user}: after root is dropped no new file can be made "
-                             f"in a directory only root can write; set max_bytes = 0 (rotate with "
-                             f"logrotate's copytruncate) or leave --user out")
+        # with --user, rotations after the drop go through the privileged opener
+        # (tcpstates.outputs.start_opener), which creates the new files as root
         self.output = LineOutput(options.path, max_bytes=options.max_bytes, keep=options.keep,
                                  notice=context.warn, stall_timeout=options.stall_timeout,
                                  numbered=options.rotate_names == "numbered")

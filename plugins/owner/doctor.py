@@ -9,7 +9,8 @@ from tcpstates.plugins.owner.kernel import owner_support
 
 def _owner() -> tuple[bool, str]:
     s = owner_support(65536)
-    have = [name for name, ok in (("send/recv", s.io), ("accept", s.accept), ("start-time identity", s.identity),
+    io = "send/recv (raw tracepoints)" if s.io_raw else "send/recv"
+    have = [name for name, ok in ((io, s.io), ("accept", s.accept), ("start-time identity", s.identity),
                                               ("process exits", s.exits))
             if ok]
     if s.exits:

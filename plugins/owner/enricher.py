@@ -89,6 +89,10 @@ class OwnerOptions:
     kernel_io: bool = option(True, "with kernel: also learn at every send/recv (Linux >= 6.4), so "
                              "hand-offs and pre-fork children are seen; off: as on older kernels, "
                              "only at accept/connect/listen/close, nothing added to each send/recv")
+    kernel_io_probe: str = option("auto", "how the send/recv probes attach: auto (raw tracepoints "
+                                  "where kernel BTF allows: the least kernel time per send/recv), "
+                                  "tracepoint (perf-event tracepoints, as without BTF)",
+                                  choices=("auto", "tracepoint"))
     max_sockets: int = option(262144, "sockets whose owner the kernel remembers (LRU)",
                               min=1024, max=1 << 24)
     listener_refresh_ms: int = option(100, "how old the list of a listener's holders may be "
@@ -123,7 +127,8 @@ class OwnerEnricher(Enricher):
         if not self.options.kernel:
             return None
         from tcpstates.plugins.owner.kernel import IO_OFF, owner_support
-        support = owner_support(self.options.max_sockets, io=self.options.kernel_io)
+        support = owner_support(self.options.max_sockets, io=self.options.kernel_io,
+                                io_probe=self.options.kernel_io_probe)
         for why in support.missing:
             if why != IO_OFF:        # asked for: nothing to warn about
                 self.context.warn(f"owner: not available: {why}")

@@ -63,6 +63,7 @@ class OwnerSupport:
 
     cflags: list[str]
     io: bool = False
+    io_raw: bool = False      # the send/recv probes attach as raw tracepoints
     accept: bool = False
     identity: bool = False
     exits: bool = False
@@ -115,9 +116,10 @@ SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TAS
 
 
 def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
-                  io: bool = True) -> OwnerSupport:
+                  io: bool = True, io_probe: str = "auto") -> OwnerSupport:
     """The -D flags for this kernel (always at least -DTCPSTATES_OWNER); io:
-    the send/recv probes are wanted (owner.kernel_io), where the kernel has them."""
+    the send/recv probes are wanted (owner.kernel_io), where the kernel has them;
+    io_probe: how they attach (owner.kernel_io_probe: auto, tracepoint)."""
     s = OwnerSupport(cflags=["-DTCPSTATES_OWNER=1", f"-DTCPSTATES_OWNER_MAX={int(max_sockets)}"])
     tracefs = _tracefs()
     offsets = _field_offsets(tracefs, IO_TRACEPOINTS, {"sk": 8, "protocol": 2}) if io else None
@@ -142,6 +144,8 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
     except BTFError as exc:
         s.missing.append(f"task offsets in BTF ({exc}): owner identity is the PID only")
         return s
+    if s.io and io_probe != "tracepoint":
+        _raw_io(s, btf)
     # process exits (group_dead: Linux >= 6.13), only needed with the send/recv owners
     exits = _field_offsets(tracefs, EXIT_TRACEPOINTS, {"group_dead": 1}) if s.io else None
     if exits is not None:
@@ -165,9 +169,24 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
                          "accepted sockets are named only once used")
         return s
     try:
-        s.cflags += _offsets(btf, FD_FIELDS, SIZES) + [
+        s.cflags += [f for f in _offsets(btf, FD_FIELDS, SIZES) if f not in s.cflags] + [
             "-DTCPSTATES_OWNER_ACCEPT=1", f"-DTCPSTATES_TP_EXIT_RET={exit_ret['ret']}"]
         s.accept = True
     except BTFError as exc:
         s.missing.append(f"file offsets in BTF ({exc}): accepted sockets are named only once used")
     return s
+
+
+def _raw_io(s: OwnerSupport, btf: BTF) -> None:
+    """Attach the send/recv probes as raw tracepoints: the kernel then calls
+    them without first filling the perf-event record of every send/recv on the
+    host; what they need of the socket (its protocol) comes from BTF."""
+    try:
+        protocol = _offsets(btf, {"SOCK_SK_PROTOCOL": FD_FIELDS["SOCK_SK_PROTOCOL"]}, SIZES)
+    except BTFError as exc:
+        s.missing.append(f"sock.sk_protocol in BTF ({exc}): send/recv probes attach as perf-event "
+                         f"tracepoints (more kernel time per send/recv)")
+        return
+    s.io_raw = True
+    s.cflags += ["-DTCPSTATES_OWNER_IO_RAW=1", *protocol]
+
