@@ -37,6 +37,13 @@
  *                             not with TCPSTATES_CONNECTIONS
  *   TCPSTATES_NO_EVENTS       (with TCPSTATES_AGGREGATES) no consumer needs the
  *                             records: aggregate and return, nothing reserved
+ * Fault injection, set only by the tests (environment variables read in
+ * plugins/kernel/probe.py, never by a configuration):
+ *   TCPSTATES_TEST_LOSE_EVERY  every Nth hit vanishes unseen
+ *   TCPSTATES_TEST_REUSE       every checked LRU node looks reused by another socket
+ *   TCPSTATES_TEST_SKIP_CLOSE_PORT  a connection's ->CLOSE whose local or remote
+ *                             port is this one vanishes unseen (the only way to
+ *                             make the kernel's rare lost ->CLOSE happen on demand)
  * The port sets themselves live in maps filled from Python after load, so the
  * C text never changes with the user's ports.
  */
@@ -109,7 +116,16 @@ struct tcpstates_conn {
     u64 state_ns[TCPSTATES_NSTATES];
     u8 first_state;
     u8 complete;
-    u8 pad[6];
+    u8 last_state;        /* the state its last transition seen entered */
+    u8 pad;
+    /* endpoints as last seen (the active opener's port is bound after
+     * CLOSE->SYN_SENT): a record for it can be made without its ->CLOSE */
+    u16 sport;
+    u16 dport;
+    u16 family;
+    u8 pad2[6];
+    u8 saddr[16];
+    u8 daddr[16];
 };
 /* LRU for the same reason as last_change; sized by the same switch */
 BPF_TABLE("lru_hash", u64, struct tcpstates_conn, conns, TCPSTATES_MAX_SOCKETS);
@@ -117,6 +133,9 @@ BPF_TABLE("lru_hash", u64, struct tcpstates_conn, conns, TCPSTATES_MAX_SOCKETS);
  * program never runs nested on one CPU (the kernel skips and counts such
  * runs), so one slot per CPU cannot be overwritten under us */
 BPF_PERCPU_ARRAY(conn_scratch, struct tcpstates_conn, 1);
+/* staging of an unclosed connection's record when the ring refuses it (the
+ * stack has no room for a second record beside the closing path's) */
+BPF_PERCPU_ARRAY(conn_stage, struct tcpstates_conn_event, 1);
 #endif
 
 #ifdef TCPSTATES_FILTER_LPORT
@@ -283,6 +302,50 @@ static __always_inline int port_allowed(void *map_lookup_result)
     TCPSTATES_OWNER_FILL(e, args, sk);                                   \
 } while (0)
 
+/* The endpoints of the tracepoint's args into x (an entry or an event). */
+#define FILL_ENDPOINTS(x, args) do {                                     \
+    (x)->sport = (args)->sport;                                          \
+    (x)->dport = (args)->dport;                                          \
+    (x)->family = (args)->family;                                        \
+    if ((args)->family == TCPSTATES_AF_INET) {                           \
+        __builtin_memset((x)->saddr, 0, sizeof((x)->saddr));             \
+        __builtin_memset((x)->daddr, 0, sizeof((x)->daddr));             \
+        bpf_probe_read_kernel((x)->saddr, 4, (args)->saddr);             \
+        bpf_probe_read_kernel((x)->daddr, 4, (args)->daddr);             \
+    } else {                                                             \
+        bpf_probe_read_kernel((x)->saddr, 16, (args)->saddr_v6);         \
+        bpf_probe_read_kernel((x)->daddr, 16, (args)->daddr_v6);         \
+    }                                                                    \
+} while (0)
+
+/* The record of an earlier connection at sk whose ->CLOSE the program never
+ * ran for, from its entry cn alone (args belong to the new connection): when
+ * it closed is unknown, ts is when that became known. */
+#define FILL_UNCLOSED(r, ts, sk, cn) do {                                \
+    (r)->ev.ts_ns = (ts);                                                \
+    (r)->ev.skaddr = (sk);                                               \
+    (r)->ev.span_ns = TCPSTATES_SPAN_UNKNOWN;                            \
+    (r)->ev.cgroup_id = (cn)->cgroup_id;                                 \
+    (r)->ev.pid = (cn)->pid;                                             \
+    (r)->ev.tid = (cn)->tid;                                             \
+    (r)->ev.sport = (cn)->sport;                                         \
+    (r)->ev.dport = (cn)->dport;                                         \
+    (r)->ev.family = (cn)->family;                                       \
+    (r)->ev.oldstate = (cn)->last_state;                                 \
+    (r)->ev.newstate = TCPSTATES_TCP_CLOSE;                              \
+    __builtin_memcpy((r)->ev.saddr, (cn)->saddr, sizeof((r)->ev.saddr)); \
+    __builtin_memcpy((r)->ev.daddr, (cn)->daddr, sizeof((r)->ev.daddr)); \
+    __builtin_memcpy((r)->ev.comm, (cn)->comm, sizeof((r)->ev.comm));    \
+    TCPSTATES_OWNER_ZERO(&(r)->ev);                                      \
+    (r)->start_ns = (cn)->start_ns;                                      \
+    (r)->last_ns = (cn)->last_ns;                                        \
+    __builtin_memcpy((r)->state_ns, (cn)->state_ns, sizeof((r)->state_ns)); \
+    (r)->first_state = (cn)->first_state;                                \
+    (r)->complete = (cn)->complete;                                      \
+    (r)->closed = 0;                                                     \
+    __builtin_memset((r)->pad, 0, sizeof((r)->pad));                     \
+} while (0)
+
 /* A connection record from the socket's accumulated entry cn. */
 #define FILL_CONN(r, args, ts, sk, span, cn) do {                        \
     FILL_EVENT(&(r)->ev, args, ts, sk, span);                            \
@@ -291,9 +354,11 @@ static __always_inline int port_allowed(void *map_lookup_result)
     (r)->ev.cgroup_id = (cn)->cgroup_id;                                 \
     __builtin_memcpy((r)->ev.comm, (cn)->comm, sizeof((r)->ev.comm));    \
     (r)->start_ns = (cn)->start_ns;                                      \
+    (r)->last_ns = (ts);                                                 \
     __builtin_memcpy((r)->state_ns, (cn)->state_ns, sizeof((r)->state_ns)); \
     (r)->first_state = (cn)->first_state;                                \
     (r)->complete = (cn)->complete;                                      \
+    (r)->closed = 1;                                                     \
     __builtin_memset((r)->pad, 0, sizeof((r)->pad));                     \
 } while (0)
 
@@ -310,6 +375,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     /* fault injection for the tests only: vanish without a trace, like a
      * tracepoint hit the program never got to see */
     if (++c->reserved % TCPSTATES_TEST_LOSE_EVERY == 0)
+        return 0;
+#endif
+#ifdef TCPSTATES_TEST_SKIP_CLOSE_PORT
+    /* fault injection for the tests only: a connection's ->CLOSE on this port
+     * vanishes as a lost tracepoint hit does (a listener's is kept) */
+    if (args->newstate == TCPSTATES_TCP_CLOSE && args->oldstate != TCPSTATES_TCP_LISTEN &&
+        (args->sport == TCPSTATES_TEST_SKIP_CLOSE_PORT || args->dport == TCPSTATES_TEST_SKIP_CLOSE_PORT))
         return 0;
 #endif
     /* A locked add: a full barrier, so the run is marked in flight before
@@ -479,15 +551,61 @@ update:
 #ifdef TCPSTATES_CONNECTIONS
 connection: {
     u32 old = args->oldstate, new = args->newstate;
-    if (new == TCPSTATES_TCP_LISTEN || (old == TCPSTATES_TCP_LISTEN && new == TCPSTATES_TCP_CLOSE)) {
+    int listener = new == TCPSTATES_TCP_LISTEN || (old == TCPSTATES_TCP_LISTEN && new == TCPSTATES_TCP_CLOSE);
+    ts = bpf_ktime_get_ns();
+    /* a new socket at this address: a connection starts afresh
+     * (CLOSE->SYN_SENT, LISTEN->SYN_RECV for an accepted one), or a listener */
+    int fresh = (old == TCPSTATES_TCP_CLOSE && new == TCPSTATES_TCP_SYN_SENT)
+             || (old == TCPSTATES_TCP_LISTEN && new == TCPSTATES_TCP_SYN_RECV);
+    int reborn = fresh || (old == TCPSTATES_TCP_CLOSE && new == TCPSTATES_TCP_LISTEN);
+    /* one lookup per transition (a new socket's too: that is where an entry
+     * left by a lost ->CLOSE is found); a listener's close needs none */
+    struct tcpstates_conn *cn = (listener && !reborn) ? NULL : conns.lookup(&sk);
+    if (cn && reborn) {
+        /* An entry left at a new socket's address: an earlier connection
+         * whose ->CLOSE the program never ran for (its socket was freed and the
+         * memory reused; a seen ->CLOSE deletes the entry). Handed over as an
+         * unclosed record, never overwritten unseen; checked again after the
+         * fill (its node may have gone to another socket meanwhile). */
+        struct tcpstates_conn_event *u = NULL;
+#ifndef TCPSTATES_PERF_BUFFER
+        u = events.ringbuf_reserve(sizeof(*u));
+        if (u) {
+            FILL_UNCLOSED(u, ts, sk, cn);
+            if (TCPSTATES_SAME_SK(cn, sk)) {
+                events.ringbuf_submit(u, TCPSTATES_WAKEUP_FLAGS);
+                c->ringed++;
+            } else
+                events.ringbuf_discard(u, BPF_RB_NO_WAKEUP);
+        }
+#endif
+        if (!u) {
+            u32 zero = 0;
+            u = conn_stage.lookup(&zero);
+            if (u) {
+                FILL_UNCLOSED(u, ts, sk, cn);
+                if (TCPSTATES_SAME_SK(cn, sk)) {
+#ifndef TCPSTATES_PERF_BUFFER
+                    if (spill.perf_submit(args, u, sizeof(*u)) == 0)
+                        c->spilled++;
+#else
+                    if (events.perf_submit(args, u, sizeof(*u)) == 0)
+                        c->ringed++;
+#endif
+                    else
+                        c->drops++;
+                }
+            } else
+                c->drops++;
+        }
+        if (listener)
+            conns.delete(&sk);    /* a connection's entry is replaced below */
+        cn = NULL;
+    }
+    if (listener) {
         TCPSTATES_OWNER_TRACK(args, sk);
         goto filtered;        /* a listener is not a connection */
     }
-    ts = bpf_ktime_get_ns();
-    /* a new connection at this address starts afresh, whatever is left there */
-    int fresh = (old == TCPSTATES_TCP_CLOSE && new == TCPSTATES_TCP_SYN_SENT)
-             || (old == TCPSTATES_TCP_LISTEN && new == TCPSTATES_TCP_SYN_RECV);
-    struct tcpstates_conn *cn = fresh ? NULL : conns.lookup(&sk);
     if (cn) {
         span = ts - cn->last_ns;
         if (!TCPSTATES_SAME_SK(cn, sk)) {
@@ -498,6 +616,15 @@ connection: {
     if (cn) {
         cn->state_ns[old & (TCPSTATES_NSTATES - 1)] += span;
         cn->last_ns = ts;
+        cn->last_state = new;
+        /* The endpoints complete themselves once: an accepted socket's peer
+         * is set after LISTEN->SYN_RECV (read again, with the addresses); the
+         * opener's own port is bound after CLOSE->SYN_SENT (its addresses
+         * were already set: the port alone, no helper call) */
+        if (cn->dport != args->dport)
+            FILL_ENDPOINTS(cn, args);
+        else
+            cn->sport = args->sport;
     } else {
         u32 zero = 0;
         cn = conn_scratch.lookup(&zero);
@@ -515,7 +642,9 @@ connection: {
         cn->tid = (u32)pid_tgid;
         bpf_get_current_comm(cn->comm, sizeof(cn->comm));
         cn->first_state = old;
+        cn->last_state = new;
         cn->complete = fresh;
+        FILL_ENDPOINTS(cn, args);
         if (new != TCPSTATES_TCP_CLOSE)
             conns.update(&sk, cn);
     }

@@ -38,7 +38,14 @@ struct tcpstates_event {
 
 /* Connection-record mode (-DTCPSTATES_CONNECTIONS): one record per socket
  * when it closes, instead of one per state change. Mirrored by CONN_STRUCT in
- * plugins/kernel/decoder.py. 280 bytes. */
+ * plugins/kernel/conndecoder.py. 288 bytes.
+ *
+ * closed = 0: a connection whose ->CLOSE the program never ran for (a
+ * tracepoint hit the kernel did not run it for), found still in the conns map
+ * when a new connection began at the same socket address. ev.ts_ns is then
+ * that moment (the close happened between last_ns and it), ev.span_ns unknown,
+ * ev.oldstate the last state seen, ev.newstate CLOSE, the endpoints those last
+ * seen, the owner fields zero (the owner map may already hold the new socket). */
 #define TCPSTATES_NSTATES 16      /* state_ns is indexed by state number & 15 */
 
 struct tcpstates_conn_event {
@@ -46,11 +53,13 @@ struct tcpstates_conn_event {
                                      its old state; pid/tid/comm/cgroup_id are
                                      the on-CPU task at the socket's first sight */
     u64 start_ns;                 /* bpf_ktime_get_ns() at the first transition seen */
+    u64 last_ns;                  /* ... at the last transition seen (closed: the close) */
     u64 state_ns[TCPSTATES_NSTATES];  /* ns spent in each state, by state number */
     u8 first_state;               /* old state of the first transition seen */
     u8 complete;                  /* 1: seen from connect()/the SYN (CLOSE->SYN_SENT,
                                      LISTEN->SYN_RECV); 0: it began before tracing */
-    u8 pad[6];
+    u8 closed;                    /* 1: its ->CLOSE was seen; 0: see above */
+    u8 pad[5];
 };
 
 /* One per CPU, in a memory-mappable array: user space reads it without a

@@ -80,7 +80,10 @@ class Event:
 # extra[CONNECTION]. pid/tid/comm/cgroup_id are then the on-CPU task at the
 # socket's first sight, span_ns the time in the last state before CLOSE.
 CONNECTION = "connection"
-ENDINGS = ("normal", "refused", "reset")
+# "unknown": its ->CLOSE was never seen (a tracepoint hit the kernel did not
+# run the program for); the record was made when a new connection began at
+# the same socket address (Connection.closed is False)
+ENDINGS = ("normal", "refused", "reset", "unknown")
 
 
 def connection_ending(last_state: int) -> str:
@@ -100,19 +103,25 @@ class Connection:
     """What a connection record adds to its closing Event (extra[CONNECTION])."""
 
     start_ns: int                # CLOCK_MONOTONIC ns of the first transition seen
-    end_ns: int                  # of the ->CLOSE transition (the Event's ts_ns)
-    state_ns: dict[int, int]     # ns spent in each state it passed through
+    end_ns: int | None           # of the ->CLOSE transition (the Event's ts_ns); None: not seen
+    state_ns: dict[int, int]     # ns spent in each state it passed through (and left)
     first_state: int             # old state of the first transition seen
-    last_state: int              # the state it left for CLOSE
+    last_state: int              # the state it left for CLOSE (unclosed: the last state seen)
     complete: bool               # seen from its start (connect, or the SYN)
+    # False: its ->CLOSE was never seen. The record was made when a new
+    # connection began at the same socket address (the Event's ts_ns is that
+    # moment, its span_ns None): it closed between last_ns and then.
+    closed: bool = True
+    last_ns: int | None = None   # CLOCK_MONOTONIC ns of the last transition seen
 
     @property
-    def duration_ns(self) -> int:
-        return self.end_ns - self.start_ns
+    def duration_ns(self) -> int | None:
+        """close − start; None when the close was not seen."""
+        return None if self.end_ns is None else self.end_ns - self.start_ns
 
     @property
     def ending(self) -> str:
-        return connection_ending(self.last_state)
+        return connection_ending(self.last_state) if self.closed else "unknown"
 
 
 def connection_of(e: "Event") -> Connection | None:

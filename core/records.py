@@ -73,7 +73,8 @@ def event_record(e: Event, seq: int, wall_ns: int, host: str, rfc3339: Rfc3339) 
 
 
 CONNECTION_FIELDS = ("type", "v", "seq", "time", "time_ns", "mono_ns", "start_time", "start_time_ns",
-                     "start_mono_ns", "duration_us", "complete", "ending", "first_state", "last_state",
+                     "start_mono_ns", "duration_us", "complete", "closed", "ending", "first_state",
+                     "last_state", "last_change_time", "last_change_time_ns", "last_change_mono_ns",
                      "states_us", "host", "skaddr", "family", "laddr", "lport", "raddr", "rport",
                      "pid", "tid", "comm", "cgroup_id")
 
@@ -81,8 +82,12 @@ CONNECTION_FIELDS = ("type", "v", "seq", "time", "time_ns", "mono_ns", "start_ti
 def connection_record(e: Event, c: Connection, seq: int, wall_ns: int, host: str,
                       rfc3339: Rfc3339) -> dict[str, Any]:
     """A connection record (`"type": "connection"`): the time is the close;
-    pid/tid/comm/cgroup_id are the on-CPU task at the socket's first sight."""
-    start_wall = wall_ns - c.duration_ns
+    pid/tid/comm/cgroup_id are the on-CPU task at the socket's first sight.
+    A connection whose close was not seen (`closed` false) has the time it was
+    found gone instead, no duration, and the time of its last transition seen."""
+    offset = wall_ns - e.ts_ns          # monotonic -> wall, as for the record's own time
+    start_wall = c.start_ns + offset
+    duration = c.duration_ns
     rec: dict[str, Any] = {
         "type": "connection",
         "v": SCHEMA_VERSION,
@@ -93,8 +98,9 @@ def connection_record(e: Event, c: Connection, seq: int, wall_ns: int, host: str
         "start_time": rfc3339(start_wall),
         "start_time_ns": start_wall,
         "start_mono_ns": c.start_ns,
-        "duration_us": c.duration_ns // 1000,
+        "duration_us": None if duration is None else duration // 1000,
         "complete": c.complete,
+        "closed": c.closed,
         "ending": c.ending,
         "first_state": STATE_NAMES.get(c.first_state) or str(c.first_state),
         "last_state": STATE_NAMES.get(c.last_state) or str(c.last_state),
@@ -111,6 +117,12 @@ def connection_record(e: Event, c: Connection, seq: int, wall_ns: int, host: str
         "comm": e.comm,
         "cgroup_id": e.cgroup_id,
     }
+    if not c.closed and c.last_ns is not None:
+        # what is known of its end: it closed after this and before `time`
+        last_wall = c.last_ns + offset
+        rec["last_change_time"] = rfc3339(last_wall)
+        rec["last_change_time_ns"] = last_wall
+        rec["last_change_mono_ns"] = c.last_ns
     rec.update((k, v) for k, v in e.extra.items() if k not in _CONNECTION_CORE and k != CONNECTION)
     return rec
 

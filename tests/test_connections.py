@@ -142,20 +142,22 @@ def test_c_connection_record_layout_matches_the_decoder(tmp_path):
         "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
         "typedef uint64_t u64; typedef uint32_t u32; typedef uint16_t u16; typedef uint8_t u8;\n"
         '#include "tcpstates.h"\n#define S struct tcpstates_conn_event\n'
-        'int main(void) { printf("%zu %zu %zu %zu %zu\\n", offsetof(S, start_ns), offsetof(S, state_ns), '
-        "offsetof(S, first_state), offsetof(S, complete), sizeof(S)); return 0; }\n")
+        'int main(void) { printf("%zu %zu %zu %zu %zu %zu %zu\\n", offsetof(S, start_ns), offsetof(S, last_ns), '
+        "offsetof(S, state_ns), offsetof(S, first_state), offsetof(S, complete), offsetof(S, closed), "
+        "sizeof(S)); return 0; }\n")
     subprocess.run([cc, "-I", str(bpf_source_dir()), "-o", str(tmp_path / "layout"), str(prog)], check=True)
     out = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split()
-    assert list(map(int, out)) == [136, 144, 272, 273, CONN_SIZE]
+    assert list(map(int, out)) == [136, 144, 152, 280, 281, 282, CONN_SIZE]
     assert struct.calcsize("<" + CONN_STRUCT.format[1:].split("16s16s16s40s")[0] + "16s16s16s40s") == 136
 
 
-def _conn_bytes(states: dict[int, int], first: int = 7, complete: int = 1, old: int = 5) -> bytes:
+def _conn_bytes(states: dict[int, int], first: int = 7, complete: int = 1, old: int = 5,
+                closed: int = 1) -> bytes:
     ns = [states.get(i, 0) for i in range(16)]
     return CONN_STRUCT.pack(10_000_000, 0xffff1, states.get(old, 0), 9, 42, 43, 40000, 80, socket.AF_INET,
                             old, 7, socket.inet_aton("127.0.0.1") + bytes(12),
                             socket.inet_aton("10.0.0.2") + bytes(12), b"cu,rl\n", bytes(40),
-                            10_000_000 - sum(ns), *ns, first, complete)
+                            10_000_000 - sum(ns), 10_000_000, *ns, first, complete, closed)
 
 
 def test_decoder_builds_connection_events_and_stops_at_a_foreign_record():
@@ -168,6 +170,14 @@ def test_decoder_builds_connection_events_and_stops_at_a_foreign_record():
     assert (e.saddr, e.sport, e.daddr, e.dport, e.comm) == ("127.0.0.1", 40000, "10.0.0.2", 80, "cu,rl\\x0a")
     assert c.state_ns == {1: 9_000_000, 2: 50_000, 4: 1_000, 5: 949_000}
     assert (c.duration_ns, c.ending, c.complete, c.first_state, c.last_state) == (10_000_000, "normal", True, 7, 5)
+    assert c.closed and c.last_ns == 10_000_000
+
+
+def test_decoder_builds_an_unclosed_connection_with_no_end():
+    rec = _conn_bytes({2: 50_000, 1: 9_000_000}, old=4, closed=0)
+    (e,), _ = decode_conn_block(Decoder(), struct.pack("<II", CONN_SIZE, 0) + rec)
+    c = e.extra[CONNECTION]
+    assert (c.closed, c.end_ns, c.duration_ns, c.ending, c.last_state) == (False, None, None, "unknown", 4)
 
 
 @pytest.mark.parametrize("last,ending", [(2, "refused"), (1, "reset"), (8, "reset"), (3, "reset"),

@@ -6,9 +6,12 @@ One line per closed connection:
   text  SKADDR C-PID C-COMM [owner] LADDR LPORT RADDR RPORT END LIFE_MS STATES
         STATES lists `STATE=ms` for every state it passed through, in the order
         a connection passes them; LIFE_MS starts with `>` when the connection
-        began before tracing did (its start and first state times are unknown).
+        began before tracing did (its start and first state times are unknown);
+        it is `?` when the close was not seen (END `unknown`: the kernel never
+        ran the program for its ->CLOSE; the row's time is when that was found).
   csv   SKADDR,C-PID,C-COMM,IP,LADDR,LPORT,RADDR,RPORT,END,FIRST,COMPLETE,LIFE_MS,
-        then one <STATE>_MS column per state (empty when never in it)
+        then one <STATE>_MS column per state (empty when never in it); LIFE_MS
+        is empty when END is `unknown`
         [,O-PID,O-COMM,WORKLOAD]
 C-PID/C-COMM are the on-CPU task when the socket was first seen (for an
 active open: the connecting process). -T/-t prefix the same columns as the
@@ -75,7 +78,8 @@ class ConnectionFormatter(BccFormatter):
 
     def _text(self, e: Event, c: Connection) -> str:
         states = " ".join(f"{name}={_ms(c.state_ns[num])}" for name, num in _ORDER if num in c.state_ns)
-        life = ("" if c.complete else ">") + _ms(c.duration_ns)
+        duration = c.duration_ns
+        life = "?" if duration is None else ("" if c.complete else ">") + _ms(duration)
         owner = self._owner(e) if self.owner else ""
         # strings from outside, escaped as in the state-change table
         comm = escaped_column(e.comm, COMM_WIDTH[self.wide])
@@ -90,7 +94,7 @@ class ConnectionFormatter(BccFormatter):
         first = "%s" % (STATE_ORDER_NAMES.get(c.first_state) or c.first_state)
         cols = ["%x" % e.skaddr, str(e.pid), csv_field(e.comm), "4" if e.family == AF_INET else "6",
                 csv_field(e.saddr), str(e.sport), csv_field(e.daddr), str(e.dport), c.ending, first,
-                "1" if c.complete else "0", _ms(c.duration_ns)]
+                "1" if c.complete else "0", "" if c.duration_ns is None else _ms(c.duration_ns)]
         cols += [_ms(c.state_ns[num]) if num in c.state_ns else "" for _, num in _ORDER]
         return ",".join(cols) + (self._owner(e) if self.owner else "")
 

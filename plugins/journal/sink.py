@@ -122,21 +122,27 @@ class JournalSink(Sink):
                               f"systemd-journald or use another sink)", once_key="journal-socket")
 
     def _connection_fields(self, e: Event, c: Connection) -> list[str]:
-        """A connection record: TCP_* fields of the connection, no OBJECT_* (bcc has none)."""
-        wall = e.ts_ns + self.context.clock_offset_ns
+        """A connection record: TCP_* fields of the connection, no OBJECT_* (bcc has none).
+        One whose close was not seen has no TCP_DURATION_US (unknown), TCP_CLOSED=0
+        and the time of its last transition seen."""
+        offset = self.context.clock_offset_ns
+        wall = e.ts_ns + offset
         states = " ".join(f"{STATE_NAMES.get(s, s)}={ns // 1000}us" for s, ns in sorted(c.state_ns.items()))
+        duration = c.duration_ns
+        lasted = (f"{duration // 1000}us" if duration is not None else
+                  f"close not seen, last seen in {STATE_NAMES.get(c.last_state, c.last_state)}")
         f = [
             f"MESSAGE={escape_text(e.comm)} {e.saddr} {e.sport} → {e.daddr} {e.dport} connection {c.ending}, "
-            f"{c.duration_ns // 1000}us: {states or '-'}",
+            f"{lasted}: {states or '-'}",
             f"MESSAGE_ID={MESSAGE_ID_CONNECTION}",
             f"PRIORITY={PRIORITY_NORMAL if c.ending == 'normal' else PRIORITY_WARNING}",
             f"SYSLOG_IDENTIFIER={self.options.identifier}",
             f"TCP_EVENT_TIME={self.rfc3339(wall)}",
             f"TCP_EVENT_TIME_USEC={wall // 1000}",
-            f"TCP_START_TIME_USEC={(wall - c.duration_ns) // 1000}",
-            f"TCP_DURATION_US={c.duration_ns // 1000}",
+            f"TCP_START_TIME_USEC={(c.start_ns + offset) // 1000}",
             f"TCP_ENDING={c.ending}",
             f"TCP_COMPLETE={int(c.complete)}",
+            f"TCP_CLOSED={int(c.closed)}",
             f"TCP_FIRST_STATE={STATE_NAMES.get(c.first_state, c.first_state)}",
             f"TCP_LAST_STATE={STATE_NAMES.get(c.last_state, c.last_state)}",
             f"TCP_SKADDR={e.skaddr:x}",
@@ -150,6 +156,10 @@ class JournalSink(Sink):
             f"TCP_CPU_COMM={e.comm}",
             f"TCP_CGROUP_ID={e.cgroup_id}",
         ]
+        if duration is not None:
+            f.append(f"TCP_DURATION_US={duration // 1000}")
+        elif c.last_ns is not None:
+            f.append(f"TCP_LAST_CHANGE_TIME_USEC={(c.last_ns + offset) // 1000}")
         f += [f"TCP_{STATE_NAMES.get(s, str(s))}_US={ns // 1000}" for s, ns in sorted(c.state_ns.items())]
         return f
 

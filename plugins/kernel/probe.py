@@ -225,6 +225,9 @@ class KernelProbe:
             cflags.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
         if os.environ.get("TCPSTATES_TEST_REUSE") == "1":   # fault injection for the tests only
             cflags.append("-DTCPSTATES_TEST_REUSE")
+        skip = os.environ.get("TCPSTATES_TEST_SKIP_CLOSE_PORT", "")
+        if skip.isdigit() and 0 < int(skip) < 65536:   # fault injection for the tests only
+            cflags.append(f"-DTCPSTATES_TEST_SKIP_CLOSE_PORT={int(skip)}")
         # A perf buffer wake-up is an irq_work: a self-interrupt raised inside
         # the program, on whose exit pending softirqs (the loopback's packets)
         # run — and their tracepoint hits find the program busy (counted

@@ -8,7 +8,7 @@ from typing import Any
 
 from tcpstates.api import Aggregates, KernelConstraints, RunContext, Source
 from tcpstates.errors import UsageError
-from tcpstates.events import Event
+from tcpstates.events import Event, connection_of
 from tcpstates.options import option
 from tcpstates.plugins.kernel.pushdown import MAX_RULES
 
@@ -92,6 +92,10 @@ class KernelSource(Source):
         self._final_notes: dict[str, int] = {}
         self._aggregates = False      # request_aggregates: histograms in the kernel
         self._no_events = False       # ... and no records at all
+        # connection records whose ->CLOSE the kernel never ran the program for
+        # (closed = False): the exit summary names them beside the lost state
+        # changes that explain them, so neither is taken for the other
+        self._unclosed = 0
         if options.mode == "connections":
             context.records = "connection"
 
@@ -141,7 +145,13 @@ class KernelSource(Source):
             self.probe.add_wakeup_fd(fd)
 
     def read(self, timeout: float) -> list[Event] | None:
-        return self.probe.read(timeout)
+        batch = self.probe.read(timeout)
+        if batch and self.probe.connections:
+            for e in batch:     # connection records are few: one per connection
+                c = connection_of(e)
+                if c is not None and not c.closed:
+                    self._unclosed += 1
+        return batch
 
     def loss_counters(self) -> dict[str, int]:
         return self.probe.loss_counters() if self.probe is not None else {}
@@ -151,6 +161,8 @@ class KernelSource(Source):
             return self._final_notes
         counts = self.probe.kernel_counts()
         notes = {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
+        if self.probe.connections:
+            notes["connections_with_close_unseen"] = self._unclosed
         if self.probe.aggregates is not None:
             notes["aggregated_in_kernel"] = self.probe.aggregates.events()
         return notes

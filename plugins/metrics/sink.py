@@ -133,7 +133,7 @@ class MetricsSink(Sink):
                     self.handshake.observe(states[syn_sent] / 1e9)
                 # from entering ESTABLISHED to CLOSE: the lifetime minus the handshake
                 before = states.get(syn_sent, 0) + states.get(S["SYN_RECV"], 0)
-                if c.complete:   # else ESTABLISHED began before it was seen
+                if c.complete and c.closed:   # else ESTABLISHED began, or it ended, unseen
                     self.lifetime.observe((c.duration_ns - before) / 1e9)
             if close_wait in states:   # only a time seen from its start is kept
                 self.close_wait.observe(states[close_wait] / 1e9)
