@@ -105,7 +105,8 @@ class Opener:
         except OSError as exc:
             raise OpenerError(errno.EPIPE, f"the privileged opener is gone ({exc.strerror})") from None
         limit = PROBE_TIMEOUT_S if self._unanswered else REQUEST_TIMEOUT_S
-        deadline = time.monotonic() + limit
+        sent = time.monotonic()
+        deadline = sent + limit
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not interrupt.wait(self.sock.fileno(), select.POLLIN, left):
@@ -122,6 +123,12 @@ class Opener:
                 raise OpenerError(errno.EPIPE, f"the privileged opener is gone ({exc.strerror})") from None
             if not data:
                 raise OpenerError(errno.EPIPE, "the privileged opener is gone (it exited)")
+            if self._unanswered:
+                # an answer, even a late one, shows the opener is there again:
+                # this request gets the whole bound (an opener slower than the
+                # probe, on a slow disk, would otherwise be refused for good)
+                limit = REQUEST_TIMEOUT_S
+                deadline = sent + limit
             self._unanswered = False
             try:
                 reply = json.loads(data)
