@@ -29,6 +29,7 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -214,8 +215,19 @@ def _settle(libc: Any, parent: int, devnull: int, keep: set[int]) -> None:
         if fd > low:
             os.closerange(low, fd)
         low = max(low, fd + 1)
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(low, _fd_bound())
     sys.stdout = sys.stderr = None   # nothing may print here
+
+
+def _fd_bound() -> int:
+    """Above every open descriptor. Not the soft RLIMIT_NOFILE (SC_OPEN_MAX):
+    a descriptor inherited from a parent with a higher limit, or opened before
+    the limit was lowered, may be numbered above it."""
+    try:
+        return max(int(n) for n in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        # no /proc: up to the hard limit (capped: a close per number)
+        return max(os.sysconf("SC_OPEN_MAX"), min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 20))
 
 
 def _serve(sock: socket.socket, targets: list[Target]) -> None:

@@ -443,3 +443,47 @@ def test_a_refusal_longer_than_a_reply_still_arrives_whole(tmp_path):
             proc.wait()
         os.close(here)
     assert parse_summary(err).written == {"jsonl": 6}, err[-500:]
+
+
+HIGH_FD = 1500
+
+
+def test_the_opener_closes_descriptors_numbered_above_the_soft_limit(tmp_path):
+    """It closed up to SC_OPEN_MAX (the soft RLIMIT_NOFILE): a descriptor
+    inherited from a parent with a higher limit stayed open in the root process
+    (here one of /etc/shadow, at 1500 under a limit of 1024)."""
+    import resource
+    logs = _root_only_dir(tmp_path)
+    out = logs / "e.jsonl"
+    secret = os.open("/etc/shadow", os.O_RDONLY)
+    os.dup2(secret, HIGH_FD, inheritable=True)
+    os.close(secret)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard > HIGH_FD
+
+    def lower_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        proc = subprocess.Popen(tcpstates_argv("--replay", "-", "--user", "nobody", "--sink", "jsonl",
+                                               "-o", f"sinks.jsonl.path={out}"),
+                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=[HIGH_FD],
+                                preexec_fn=lower_limit)
+    finally:
+        os.close(HIGH_FD)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(_records(1, 1))
+        proc.stdin.flush()
+        wait_for(lambda: line_count(out) == 1, "the first event written")
+        assert os.path.exists(f"/proc/{proc.pid}/fd/{HIGH_FD}")     # the tracer inherited it
+        opener = _opener_of(proc.pid)
+        held = {int(fd): os.readlink(f"/proc/{opener}/fd/{fd}") for fd in os.listdir(f"/proc/{opener}/fd")}
+        assert HIGH_FD not in held, held
+        assert len(held) == 5, held             # /dev/null on 0-2, the directory, the socket
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
