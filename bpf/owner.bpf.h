@@ -28,8 +28,8 @@
  *   TCPSTATES_OWNER            enable all of this
  *   TCPSTATES_OWNER_MAX        sk_owner entries (LRU)
  *   TCPSTATES_OWNER_IO         attach the sock_send_length/sock_recv_length probes
- *   TCPSTATES_OWNER_IO_RAW     ... as raw tracepoints (needs TCPSTATES_OFF_SOCK_SK_PROTOCOL,
- *                              _SK_FAMILY and _SK_TYPE)
+ *   TCPSTATES_OWNER_IO_RAW     ... as raw tracepoints (needs TCPSTATES_OFF_SOCK_SK_PROTOCOL
+ *                              and _SK_TYPE)
  *   TCPSTATES_OWNER_ACCEPT     attach the accept/accept4 exit probes (needs the FD offsets)
  *   TCPSTATES_OWNER_TASK       task offsets are known (start time, leader comm)
  *   TCPSTATES_OWNER_EXIT       attach sched:sched_process_exit: remember exited
@@ -387,32 +387,42 @@ static __always_inline int owner_io_changed(u64 sk, struct tcpstates_owner *o, u
     return 0;
 }
 
-/* AF_INET or AF_INET6: a TCP socket's family */
-#define TCPSTATES_OWNER_INET(family) ((family) == 2 || (family) == 10)
-
 #ifdef TCPSTATES_OWNER_IO_RAW
 /* Raw tracepoints (TCPSTATES_OWNER_IO_RAW, chosen by plugins/owner/kernel.py
  * when BTF gives sock.sk_protocol's offset): the kernel calls the program
  * with the tracepoint's arguments (args[0] = struct sock *) without first
  * building the event record the perf-event path fills for every send/recv
- * on the host; the protocol (then, for protocol 6 only, the family and
- * type) is read from the socket at its BTF offsets. */
+ * on the host; the protocol and type are read from the socket at their BTF
+ * offsets. */
 static __always_inline int owner_io_raw(u64 sk)
 {
     /* the protocol first: most of a host's sends and receives may be on
      * unix or UDP sockets, which then cost one read, not a map lookup as well
      * (bench/iocost.py: the TCP fast path pays ~20 ns for it) */
-    u16 protocol = 0;
+    /* protocol 6 is not TCP alone: a netlink socket of NETLINK_XFRM (6),
+     * which any user may open, and a raw IPPROTO_TCP socket carry it too, and
+     * their sends would fill sk_owner with entries that evict real
+     * connections' owners. Protocol 6 of type SOCK_STREAM is TCP (netlink
+     * and raw sockets are never streams). Where the two u16 members are
+     * neighbours (Linux >= 5.6: sk_type, sk_protocol) one read takes both. */
+    u16 protocol = 0, type = 0;
+#if TCPSTATES_OFF_SOCK_SK_TYPE + 2 == TCPSTATES_OFF_SOCK_SK_PROTOCOL
+    u16 pair[2] = {};
+    bpf_probe_read_kernel(pair, sizeof(pair), (char *)sk + TCPSTATES_OFF_SOCK_SK_TYPE);
+    type = pair[0];
+    protocol = pair[1];
+#elif TCPSTATES_OFF_SOCK_SK_PROTOCOL + 2 == TCPSTATES_OFF_SOCK_SK_TYPE
+    u16 pair[2] = {};
+    bpf_probe_read_kernel(pair, sizeof(pair), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
+    protocol = pair[0];
+    type = pair[1];
+#else
     bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
     if (protocol != 6 /* IPPROTO_TCP */)
         return 0;
-    /* 6 is not TCP alone: a netlink socket of NETLINK_XFRM (6), which any
-     * user may open, and a raw IPPROTO_TCP socket carry it too; their sends
-     * would fill sk_owner with entries that evict real connections' owners */
-    u16 family = 0, type = 0;
-    bpf_probe_read_kernel(&family, sizeof(family), (char *)sk + TCPSTATES_OFF_SOCK_SK_FAMILY);
     bpf_probe_read_kernel(&type, sizeof(type), (char *)sk + TCPSTATES_OFF_SOCK_SK_TYPE);
-    if (!TCPSTATES_OWNER_INET(family) || type != 1 /* SOCK_STREAM */)
+#endif
+    if (protocol != 6 /* IPPROTO_TCP */ || type != 1 /* SOCK_STREAM */)
         return 0;
     struct tcpstates_owner *o = owner_lookup(sk);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -437,7 +447,7 @@ static __always_inline int owner_io(u64 sk, u16 family, u16 protocol)
     /* the family too: a NETLINK_XFRM socket's protocol is 6 as well (a raw
      * IPPROTO_TCP socket, which needs CAP_NET_RAW, is told apart only by the
      * raw form, which reads sk_type) */
-    if (protocol != 6 /* IPPROTO_TCP */ || !TCPSTATES_OWNER_INET(family))
+    if (protocol != 6 /* IPPROTO_TCP */ || (family != 2 /* AF_INET */ && family != 10 /* AF_INET6 */))
         return 0;
     struct tcpstates_owner *o = owner_lookup(sk);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;

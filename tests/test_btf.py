@@ -252,13 +252,13 @@ def _owner_btf(protocol_size: int, type_size: int | None, family: bool = True) -
     (1, 2, True, False, "sock.sk_protocol is 1 bytes, expected 2"),
     (2, 1, True, False, "sock.sk_type is 1 bytes, expected 2"),
     (2, None, True, False, "no member 'sk_type'"),
-    (2, 2, False, False, "no member '__sk_common.skc_family'"),
+    (2, 2, False, True, None),           # the family is not read: type and protocol tell TCP
 ])
-def test_raw_send_recv_probes_need_protocol_family_and_type_at_their_sizes(tmp_path, protocol, type_, family,
+def test_raw_send_recv_probes_need_protocol_and_type_at_their_sizes(tmp_path, protocol, type_, family,
                                                                          raw, why):
-    """The raw probes read a socket's protocol, and for protocol 6 its family
-    and type (a NETLINK_XFRM socket has protocol 6 too): a BTF where one is
-    missing or of another size keeps the perf-event form, and says why."""
+    """The raw probes read a socket's protocol and type (a NETLINK_XFRM socket
+    has protocol 6 too, but is never a stream): a BTF where one is missing or
+    of another size keeps the perf-event form, and says why."""
     from tcpstates.plugins.owner import kernel
     path = tmp_path / "vmlinux"
     path.write_bytes(_owner_btf(protocol, type_, family))
@@ -268,8 +268,7 @@ def test_raw_send_recv_probes_need_protocol_family_and_type_at_their_sizes(tmp_p
     assert s.identity, s.missing
     assert s.io_raw is raw and ("-DTCPSTATES_OWNER_IO_RAW=1" in s.cflags) is raw
     if raw:
-        assert {"-DTCPSTATES_OFF_SOCK_SK_PROTOCOL=80", "-DTCPSTATES_OFF_SOCK_SK_TYPE=84",
-                "-DTCPSTATES_OFF_SOCK_SK_FAMILY=16"} <= set(s.cflags)
+        assert {"-DTCPSTATES_OFF_SOCK_SK_PROTOCOL=80", "-DTCPSTATES_OFF_SOCK_SK_TYPE=84"} <= set(s.cflags)
     else:
         said = [m for m in s.missing if "send/recv probes attach as perf-event" in m]
         assert len(said) == 1 and why in said[0], s.missing

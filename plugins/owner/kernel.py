@@ -112,13 +112,12 @@ def _offsets(btf: BTF, fields: dict[str, tuple[str, str]], sizes: dict[str, int]
 # members read whole by the probes: their size must be what the C assumes
 SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TASK_FILES": 8,
          "FILES_FDT": 8, "FDTABLE_FD": 8, "FDTABLE_MAX_FDS": 4, "FILE_PRIVATE_DATA": 8,
-         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8, "SOCK_SK_FAMILY": 2,
-         "SOCK_SK_TYPE": 2}
+         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8, "SOCK_SK_TYPE": 2}
 # what the raw send/recv probes read of a socket: protocol 6 alone is also a
-# NETLINK_XFRM socket's (any user's) and a raw IPPROTO_TCP socket's
+# NETLINK_XFRM socket's (any user's) and a raw IPPROTO_TCP socket's; of type
+# SOCK_STREAM it is TCP
 RAW_IO_FIELDS = {
     "SOCK_SK_PROTOCOL": FD_FIELDS["SOCK_SK_PROTOCOL"],
-    "SOCK_SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "SOCK_SK_TYPE": ("sock", "sk_type"),
 }
 
@@ -189,11 +188,11 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
 def _raw_io(s: OwnerSupport, btf: BTF) -> None:
     """Attach the send/recv probes as raw tracepoints: the kernel then calls
     them without first filling the perf-event record of every send/recv on the
-    host; what they need of the socket (protocol, family, type) comes from BTF."""
+    host; what they need of the socket (protocol, type) comes from BTF."""
     try:
         fields = _offsets(btf, RAW_IO_FIELDS, SIZES)
     except BTFError as exc:
-        s.missing.append(f"sock.sk_protocol/skc_family/sk_type in BTF ({exc}): send/recv probes attach "
+        s.missing.append(f"sock.sk_protocol/sk_type in BTF ({exc}): send/recv probes attach "
                          f"as perf-event tracepoints (more kernel time per send/recv)")
         return
     s.io_raw = True
