@@ -74,6 +74,8 @@ for k in kids:
 
 def _dispatcher(close_last: bool) -> str:
     """A dispatcher accepts and hands each socket to a worker over SCM_RIGHTS.
+    It closes its own copy at once, and the worker waits for that before it
+    serves (the worker's close is then the last, whatever the scheduler does);
     close_last: it closes its own copy only after the worker closed its one,
     so the close (CLOSE_WAIT->LAST_ACK) runs in the dispatcher, which must not
     become the owner of a socket the worker used."""
@@ -87,6 +89,8 @@ if pid == 0:                        # the worker: gets each socket over SCM_RIGH
         msg, fds, _, _ = socket.recv_fds(b, 1, 1)
         if not fds:
             os._exit(0)
+        if not close_last:
+            b.recv(1)               # the dispatcher closed its copy: the worker's close is the last
         serve(socket.socket(fileno=fds[0]))
         if close_last:
             b.send(b"d")            # closed: the dispatcher's copy is the last one
@@ -101,6 +105,9 @@ while True:
     if close_last:
         a.recv(1)
     c.close()                       # the dispatcher's copy
+    if not close_last:
+        a.send(b"c")                # (without this, a dispatcher descheduled before its close
+                                    # could close after the worker: then its close is the last)
 """ % close_last
 
 
