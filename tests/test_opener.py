@@ -368,8 +368,10 @@ def test_another_process_of_the_user_cannot_take_over_the_tracer(tmp_path):
         wait_for(lambda: sum(line_count(f) for f in logs.iterdir()) == 29, "29 events written")
         before = {f.name: f.read_bytes() for f in logs.iterdir()}
         assert len(before) >= 4, before
-        r = subprocess.run([sys.executable, "-c", THIEF, str(run.proc.pid)], capture_output=True,
-                           timeout=30, user=NOBODY, group=NOBODY, extra_groups=[])
+        # the system's Python: nobody cannot reach a venv in a clone under /root (0700)
+        r = subprocess.run([os.path.realpath(sys.executable), "-c", THIEF, str(run.proc.pid)],
+                           capture_output=True, timeout=30, cwd="/", user=NOBODY, group=NOBODY,
+                           extra_groups=[])
         assert r.returncode == 0, r.stderr.decode()
         res = json.loads(r.stdout)
         assert res["uid"] == NOBODY

@@ -8,6 +8,7 @@ on loopback, the flood as nobody."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -84,8 +85,10 @@ def test_protocol_6_sockets_that_are_not_tcp_do_not_evict_owners(tracer, tmp_pat
         assert srv.stdout.readline() == "served\n"
         # the descriptor limit (20000 here) caps one process: several, all holding theirs
         for _ in range(FLOODS):
-            f = subprocess.Popen([*py, FLOOD, str(PER_FLOOD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True, user=65534, group=65534, extra_groups=[])
+            # the system's Python: nobody cannot reach a venv in a clone under /root (0700)
+            f = subprocess.Popen([os.path.realpath(sys.executable), "-c", FLOOD, str(PER_FLOOD)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
+                                 user=65534, group=65534, extra_groups=[])
             floods.append(f)
             assert f.stdout.readline() == f"sent {PER_FLOOD}\n"
         cli.stdin.write("\n")
