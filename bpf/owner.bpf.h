@@ -387,6 +387,16 @@ static __always_inline int owner_io_changed(u64 sk, struct tcpstates_owner *o, u
     return 0;
 }
 
+/* A send/recv on TCP socket sk: one lookup when the holder is unchanged. */
+static __always_inline int owner_io_tcp(u64 sk)
+{
+    struct tcpstates_owner *o = owner_lookup(sk);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (owner_io_same(o, tgid))
+        return 0;
+    return owner_io_changed(sk, o, tgid);
+}
+
 #ifdef TCPSTATES_OWNER_IO_RAW
 /* Raw tracepoints (TCPSTATES_OWNER_IO_RAW, chosen by plugins/owner/kernel.py
  * when BTF gives sock.sk_protocol's offset): the kernel calls the program
@@ -396,10 +406,9 @@ static __always_inline int owner_io_changed(u64 sk, struct tcpstates_owner *o, u
  * offsets. */
 static __always_inline int owner_io_raw(u64 sk)
 {
-    /* the protocol first: most of a host's sends and receives may be on
-     * unix or UDP sockets, which then cost one read, not a map lookup as well
-     * (bench/iocost.py: the TCP fast path pays ~20 ns for it) */
-    /* protocol 6 is not TCP alone: a netlink socket of NETLINK_XFRM (6),
+    /* the socket first, the map after: most of a host's sends and receives
+     * may be on unix or UDP sockets, which then cost one read and no lookup
+     * (bench/iocost.py). Protocol 6 is not TCP alone: a netlink socket of NETLINK_XFRM (6),
      * which any user may open, and a raw IPPROTO_TCP socket carry it too, and
      * their sends would fill sk_owner with entries that evict real
      * connections' owners. Protocol 6 of type SOCK_STREAM is TCP (netlink
@@ -424,11 +433,7 @@ static __always_inline int owner_io_raw(u64 sk)
 #endif
     if (protocol != 6 /* IPPROTO_TCP */ || type != 1 /* SOCK_STREAM */)
         return 0;
-    struct tcpstates_owner *o = owner_lookup(sk);
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (owner_io_same(o, tgid))
-        return 0;
-    return owner_io_changed(sk, o, tgid);
+    return owner_io_tcp(sk);
 }
 
 /* bcc attaches a function by its raw_tracepoint__<event> name */
@@ -449,11 +454,7 @@ static __always_inline int owner_io(u64 sk, u16 family, u16 protocol)
      * raw form, which reads sk_type) */
     if (protocol != 6 /* IPPROTO_TCP */ || (family != 2 /* AF_INET */ && family != 10 /* AF_INET6 */))
         return 0;
-    struct tcpstates_owner *o = owner_lookup(sk);
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (owner_io_same(o, tgid))
-        return 0;
-    return owner_io_changed(sk, o, tgid);
+    return owner_io_tcp(sk);
 }
 
 /* bcc generates a tracepoint's args struct only for probes in the main file,

@@ -73,3 +73,22 @@ def as_nobody():
     cli = NobodyCli()
     yield cli.run
     cli.remove()
+
+
+@pytest.fixture
+def io_tracefs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tracefs holding only sock:sock_send_length/sock_recv_length's format
+    files (sk at 16, family at 24, protocol at 26), made the owner's: its
+    feature detection then runs the same on any kernel (a unit-test stand-in;
+    the real tracepoints are attached in test_owner_designs.py)."""
+    from tcpstates.plugins.owner import kernel
+    root = tmp_path / "tracefs"
+    for name in ("sock_send_length", "sock_recv_length"):
+        d = root / "events" / "sock" / name
+        d.mkdir(parents=True)
+        (d / "format").write_text("\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
+                                  "\tfield:void * sk;\toffset:16;\tsize:8;\tsigned:0;\n"
+                                  "\tfield:__u16 family;\toffset:24;\tsize:2;\tsigned:0;\n"
+                                  "\tfield:__u16 protocol;\toffset:26;\tsize:2;\tsigned:0;\n")
+    monkeypatch.setattr(kernel, "TRACEFS", (str(root),))
+    return root

@@ -254,8 +254,8 @@ def _owner_btf(protocol_size: int, type_size: int | None, family: bool = True) -
     (2, None, True, False, "no member 'sk_type'"),
     (2, 2, False, True, None),           # the family is not read: type and protocol tell TCP
 ])
-def test_raw_send_recv_probes_need_protocol_and_type_at_their_sizes(tmp_path, protocol, type_, family,
-                                                                         raw, why):
+def test_raw_send_recv_probes_need_protocol_and_type_at_their_sizes(tmp_path, io_tracefs, protocol, type_,
+                                                                         family, raw, why):
     """The raw probes read a socket's protocol and type (a NETLINK_XFRM socket
     has protocol 6 too, but is never a stream): a BTF where one is missing or
     of another size keeps the perf-event form, and says why."""
@@ -263,9 +263,7 @@ def test_raw_send_recv_probes_need_protocol_and_type_at_their_sizes(tmp_path, pr
     path = tmp_path / "vmlinux"
     path.write_bytes(_owner_btf(protocol, type_, family))
     s = kernel.owner_support(1024, btf_path=str(path))
-    if not s.io:
-        pytest.skip("no sock:sock_send_length/sock_recv_length (Linux >= 6.4)")
-    assert s.identity, s.missing
+    assert s.io and s.identity, s.missing
     assert s.io_raw is raw and ("-DTCPSTATES_OWNER_IO_RAW=1" in s.cflags) is raw
     if raw:
         assert {"-DTCPSTATES_OFF_SOCK_SK_PROTOCOL=80", "-DTCPSTATES_OFF_SOCK_SK_TYPE=84"} <= set(s.cflags)

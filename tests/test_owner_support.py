@@ -18,15 +18,7 @@ def test_missing_tracepoints_fall_back_and_doctor_says_so(tmp_path, monkeypatch)
     assert not ok and detail.startswith("fallback") and "sock_send_length" in detail
 
 
-def test_format_file_offsets_are_read_not_assumed(tmp_path, monkeypatch):
-    for name in ("sock_send_length", "sock_recv_length"):
-        d = tmp_path / "events" / "sock" / name
-        d.mkdir(parents=True)
-        (d / "format").write_text("\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n"
-                                  "\tfield:void * sk;\toffset:16;\tsize:8;\tsigned:0;\n"
-                                  "\tfield:__u16 family;\toffset:24;\tsize:2;\tsigned:0;\n"
-                                  "\tfield:__u16 protocol;\toffset:26;\tsize:2;\tsigned:0;\n")
-    monkeypatch.setattr(kernel, "TRACEFS", (str(tmp_path),))
+def test_format_file_offsets_are_read_not_assumed(tmp_path, io_tracefs):
     s = kernel.owner_support(1024, btf_path=str(tmp_path / "no-btf"))
     assert s.io and "-DTCPSTATES_TP_IO_SK=16" in s.cflags and "-DTCPSTATES_TP_IO_PROTOCOL=26" in s.cflags
     assert "-DTCPSTATES_TP_IO_FAMILY=24" in s.cflags
@@ -59,8 +51,6 @@ def test_send_recv_probes_attach_raw_where_btf_gives_the_protocol_offset():
     assert not forced.missing        # asked for: not a fallback
 
 
-def test_without_btf_send_recv_probes_stay_perf_event_tracepoints(tmp_path):
+def test_without_btf_send_recv_probes_stay_perf_event_tracepoints(tmp_path, io_tracefs):
     s = kernel.owner_support(1024, btf_path=str(tmp_path / "no-btf"))
-    if not s.io:
-        pytest.skip("no sock:sock_send_length/sock_recv_length (Linux >= 6.4)")
-    assert not s.io_raw and "-DTCPSTATES_OWNER_IO_RAW=1" not in s.cflags
+    assert s.io and not s.io_raw and "-DTCPSTATES_OWNER_IO_RAW=1" not in s.cflags
