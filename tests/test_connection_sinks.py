@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from fluent_receiver import ForwardReceiver
 from fluentbit import forward_output, wait_until
 from journald import PrivateJournald
 from summary import parse_summary
-from traffic import free_port, refused, wait_port_settled
+from traffic import client_closes_first, free_port, refused, wait_port_settled
 
 from tcpstates.plugins.journal.sink import MESSAGE_ID_CONNECTION
 
@@ -50,17 +49,7 @@ def _connections(port: int, refused_port: int) -> set[int]:
     def run() -> None:
         try:
             _set_comm(COMM)
-            with socket.socket() as srv:
-                srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                srv.bind(("127.0.0.1", port))
-                srv.listen(16)
-                for _ in range(N):
-                    client = socket.create_connection(("127.0.0.1", port))
-                    accepted, _ = srv.accept()
-                    cports.add(client.getsockname()[1])
-                    client.close()
-                    assert accepted.recv(16) == b""     # the client's FIN has arrived
-                    accepted.close()
+            cports.update(client_closes_first(port, N))
             for _ in range(REFUSED):
                 refused(refused_port)
         except BaseException as exc:   # re-raised in the test's thread

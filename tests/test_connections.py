@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from metricspage import metrics_page
 from traffic import free_port, refused, session
 
 from tcpstates.api import RunContext
@@ -228,9 +229,7 @@ def test_build_cflags_connections_leaves_transition_and_span_filters_to_user_spa
 
 def test_summary_and_metrics_take_their_numbers_from_connection_records(capsys):
     import io
-    import urllib.request
 
-    from tcpstates.plugins.metrics.sink import MetricsOptions, MetricsSink
     from tcpstates.plugins.summary.sink import SummaryOptions, SummarySink
     ctx = RunContext(records="connection")
     out = io.StringIO()
@@ -240,14 +239,7 @@ def test_summary_and_metrics_take_their_numbers_from_connection_records(capsys):
     text = out.getvalue()
     assert "state = ESTABLISHED (time spent in it)" in text and "state = SYN_SENT" in text
     assert "LPORT   CONNECTIONS" in text and "4000    1" in text
-    port = free_port()
-    metrics = MetricsSink(MetricsOptions(listen=f"127.0.0.1:{port}"), ctx)
-    metrics.open()
-    try:
-        metrics.write([_event()])
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        metrics.close()
+    body = metrics_page([_event()], ctx)
     assert 'tcpstates_connections_total{ending="reset"} 1.0' in body
     assert "tcpstates_handshake_seconds_count 1.0" in body
     assert "tcpstates_connection_lifetime_seconds_sum 0.099" in body

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from traffic import free_port
+from metricspage import metrics_page
+from traffic import client_closes_first, free_port
 
 from tcpstates.api import RunContext
 from tcpstates.events import CONNECTION, Connection, Event
@@ -39,24 +40,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from run import conn_unaccounted, count_unclosed  # noqa: E402
 
 SKIPPED = 3            # connections whose two ->CLOSE (client, server) are lost
-
-
-def _connections(port: int, n: int) -> list[int]:
-    """n loopback connections to a fresh listener on `port`: the client closes
-    first, the server after reading its FIN. Returns the client ports."""
-    ports = []
-    with socket.socket() as srv:
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", port))
-        srv.listen(64)
-        for _ in range(n):
-            client = socket.create_connection(("127.0.0.1", port))
-            accepted, _ = srv.accept()
-            ports.append(client.getsockname()[1])
-            client.close()
-            assert accepted.recv(16) == b""      # the client's FIN has arrived
-            accepted.close()
-    return ports
 
 
 def _complete_records(path: Path) -> list[dict]:
@@ -75,13 +58,13 @@ def test_a_connection_whose_close_was_lost_is_recorded_once_as_unclosed(tracer, 
     skip_port, churn_port = free_port(), free_port()
     t = tracer("--connections", "--sink", "jsonl", "-o", f"sources.kernel.buffer={buffer}",
                env={"TCPSTATES_TEST_SKIP_CLOSE_PORT": str(skip_port)})
-    clients = _connections(skip_port, SKIPPED)
+    clients = client_closes_first(skip_port, SKIPPED)
     # the six sockets are freed; later sockets (listeners and connections)
     # get their memory back from the kernel, each reuse by a new socket makes
     # the left entry's record. Bounded in count and time.
     churned, deadline = 0, time.monotonic() + 30
     while churned < 5000 and time.monotonic() < deadline:
-        churned += len(_connections(churn_port, 25))
+        churned += len(client_closes_first(churn_port, 25))
         if sum(not r["closed"] for r in _about(_complete_records(t.stdout_path), skip_port)) >= 2 * SKIPPED:
             break
     rc, out, err = t.stop()
@@ -200,17 +183,7 @@ def test_unclosed_connection_journal_fields():
 
 
 def test_metrics_count_unclosed_connections_by_ending_without_a_lifetime():
-    import urllib.request
-
-    from tcpstates.plugins.metrics.sink import MetricsOptions, MetricsSink
-    port = free_port()
-    metrics = MetricsSink(MetricsOptions(listen=f"127.0.0.1:{port}"), RunContext(records="connection"))
-    metrics.open()
-    try:
-        metrics.write([_unclosed_event()])
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        metrics.close()
+    body = metrics_page([_unclosed_event()], RunContext(records="connection"))
     assert 'tcpstates_connections_total{ending="unknown"} 1.0' in body
     assert "tcpstates_connection_lifetime_seconds_count 0.0" in body
     assert "tcpstates_handshake_seconds_count 1.0" in body

@@ -64,6 +64,25 @@ def session(family: int, port: int, hold: float = 0.1, server_delay: float = 0.0
     return cport
 
 
+def client_closes_first(port: int, n: int) -> list[int]:
+    """n loopback connections to a fresh listener on `port`, one at a time:
+    the client closes first, the server after reading its FIN. Returns the
+    clients' ports."""
+    ports = []
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", port))
+        srv.listen(64)
+        for _ in range(n):
+            client = socket.create_connection(("127.0.0.1", port))
+            accepted, _ = srv.accept()
+            ports.append(client.getsockname()[1])
+            client.close()
+            assert accepted.recv(16) == b""      # the client's FIN has arrived
+            accepted.close()
+    return ports
+
+
 def refused(port: int, family: int = socket.AF_INET) -> None:
     addr = "127.0.0.1" if family == socket.AF_INET else "::1"
     with socket.socket(family, socket.SOCK_STREAM) as c:
