@@ -30,6 +30,43 @@ def records(n: int) -> bytes:
     return b"".join(out)
 
 
+def conn_records(n: int) -> bytes:
+    """Connection records (`--connections`) as the kernel lays them out."""
+    from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD, CONN_SIZE
+    states = [0] * 16
+    states[2], states[1], states[4], states[5] = 50_000, 3_000_000, 40_000, 20_000
+    out = []
+    for i in range(n):
+        out.append(CONN_RING_RECORD.pack(
+            CONN_SIZE, 0, 10**9 + i * 1000, 0xffff888100000000 + (i % 512) * 0x40, 20_000, 1, 4000 + i % 3,
+            4000 + i % 3, 40000 + i % 20000, 8080, 2, 5, 7,
+            socket.inet_aton("127.0.0.1") + bytes(12), socket.inet_aton("10.1.%d.%d" % (i % 4, i % 200)) + bytes(12),
+            b"python3".ljust(16, b"\0"), bytes(40), 10**9 + i * 1000 - 3_110_000, 10**9 + i * 1000,
+            *states, 7, 1, 1))
+    return b"".join(out)
+
+
+def connections() -> None:
+    """µs per connection record: decode, then the text and JSON Lines sinks."""
+    from tcpstates.plugins.bcc_table.sinks import TextOptions, TextSink
+    from tcpstates.plugins.jsonl.sink import JsonlOptions, JsonlSink
+    from tcpstates.plugins.kernel.conndecoder import decode_conn_block
+    n = 50_000
+    data = conn_records(n)
+    ctx = RunContext()
+    ctx.records = "connection"
+    decoder = Decoder()
+    best = min(_timed(lambda: decode_conn_block(decoder, data)) for _ in range(5))
+    print(f"connections: decode {best / n * 1e6:.2f} µs/record")
+    events = decode_conn_block(decoder, data)[0]
+    assert len(events) == n
+    for name, sink in (("text", TextSink(TextOptions(path=os.devnull), ctx)),
+                       ("jsonl", JsonlSink(JsonlOptions(path=os.devnull), ctx))):
+        sink.open()
+        per = min(_timed(lambda: sink.write(events)) for _ in range(5))
+        print(f"connections: {name:5s} sink {per / n * 1e6:.2f} µs/record")
+
+
 def main() -> None:
     from tcpstates.plugins.bcc_table.sinks import CsvOptions, CsvSink, TextOptions, TextSink
     from tcpstates.plugins.jsonl.sink import JsonlOptions, JsonlSink
@@ -64,6 +101,7 @@ def main() -> None:
         per = min(_timed(lambda: sink.write(events)) for _ in range(5))
         both = min(_timed(lambda: sink.write(decoder.decode_block(data)[0])) for _ in range(5))
         print(f"{name:6s} sink     {per / n * 1e6:.2f} µs/event; decode + sink {both / n * 1e6:.2f}")
+    connections()
     sys.stdout.flush()
 
 

@@ -318,6 +318,78 @@ def test_c_decoder_survives_cache_clearing():
         assert dec_c.decode_block(data) == dec_py.decode_block(data)
 
 
+def raw_conn_records(n: int, seed: int) -> bytes:
+    """Connection records (`--connections`) as the kernel lays them out: the
+    state-change part from raw_records, then start, last, 16 state times and
+    the three flags, built to hit every edge (no state, every state, huge
+    times, unclosed, a first state outside the table)."""
+    from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD, CONN_SIZE, NSTATES
+    rnd = random.Random(seed)
+    step = 8 + EVENT_SIZE
+    events = raw_records(n, seed)
+    out = []
+    for i in range(n):
+        head = struct.unpack_from("<II", events, i * step)
+        fields = EVENT_STRUCT.unpack_from(events, i * step + 8)
+        states = rnd.choice([[0] * NSTATES, [rnd.randrange(1 << 64) for _ in range(NSTATES)],
+                             [rnd.choice([0, 0, 1, 999, 10**9, (1 << 64) - 1]) for _ in range(NSTATES)]])
+        out.append(CONN_RING_RECORD.pack(
+            CONN_SIZE, head[1], *fields, rnd.randrange(1 << 64), rnd.randrange(1 << 64), *states,
+            rnd.choice([7, 10, 2, 0, 255]), rnd.choice([0, 1, 2]), rnd.choice([0, 1, 1, 255])))
+    return b"".join(out)
+
+
+def _conn_both(data: bytes) -> tuple[tuple[list[Event], int], tuple[list[Event], int]]:
+    from tcpstates.plugins.kernel.conndecoder import decode_conn_block
+    return decode_conn_block(Decoder(use_c=True), data), decode_conn_block(Decoder(use_c=False), data)
+
+
+@needs_c_decoder
+def test_c_connection_decoder_equals_python_on_random_records():
+    from tcpstates.events import CONNECTION, Connection
+    from tcpstates.plugins.bcc_table.connections import ConnectionFormatter
+    data = raw_conn_records(3000, seed=21)
+    c, py = _conn_both(data)
+    assert c[1] == py[1] == len(data)
+    assert len(c[0]) == 3000
+    assert c[0] == py[0]
+    # the same keys in the same order (JSON Lines writes extra in its order)
+    assert [list(e.extra) for e in c[0]] == [list(e.extra) for e in py[0]]
+    conns = [e.extra[CONNECTION] for e in c[0]]
+    assert all(type(x) is Connection for x in conns)
+    assert any(not x.closed and x.end_ns is None for x in conns) and any(x.closed for x in conns)
+    assert any(x.state_ns == {} for x in conns) and any(len(x.state_ns) == 16 for x in conns)
+    assert all(0 not in x.state_ns.values() for x in conns)
+    for wide in (False, True):
+        fmt = ConnectionFormatter(csv=False, wide=wide, time_col=False, timestamp_col=False,
+                                  wall_ns=lambda t: t)
+        assert fmt.encoded(c[0]) == fmt.encoded(py[0])
+
+
+@needs_c_decoder
+def test_c_connection_decoder_stops_where_python_stops():
+    from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD_SIZE, CONN_SIZE
+    data = raw_conn_records(40, seed=22)
+    step = CONN_RING_RECORD_SIZE
+    busy = data[:7 * step] + struct.pack("<I", CONN_SIZE | (1 << 31)) + data[7 * step + 4:]
+    state_change = raw_records(3, seed=5)      # a state-change record is foreign here
+    for block in (busy, data[:-1], data[:step - 1], b"", data[:5 * step] + b"\0" * step,
+                  data[:2 * step] + state_change):
+        c, py = _conn_both(block)
+        assert c == py
+    assert _conn_both(busy)[0][1] == 7 * step
+
+
+@needs_c_decoder
+def test_c_connection_decoder_survives_cache_clearing_and_odd_families():
+    dec_c, dec_py = Decoder(use_c=True), Decoder(use_c=False)
+    dec_c.CACHE_LIMIT = dec_py.CACHE_LIMIT = 3
+    from tcpstates.plugins.kernel.conndecoder import decode_conn_block
+    for seed in range(4):
+        data = raw_conn_records(300, seed=30 + seed)
+        assert decode_conn_block(dec_c, data) == decode_conn_block(dec_py, data)
+
+
 @needs_c_decoder
 @pytest.mark.parametrize(("pure", "method"), [("1", "decode_block"), ("", "_decode_block_c")])
 def test_no_speedups_switch_decides_the_decoder(pure, method):

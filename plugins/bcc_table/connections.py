@@ -77,7 +77,8 @@ class ConnectionFormatter(BccFormatter):
         return out
 
     def _text(self, e: Event, c: Connection) -> str:
-        states = " ".join(f"{name}={_ms(c.state_ns[num])}" for name, num in _ORDER if num in c.state_ns)
+        spent = c.state_ns
+        states = " ".join([f"{name}={spent[num] // 1000 / 1000:.3f}" for name, num in _ORDER if num in spent])
         duration = c.duration_ns
         life = "?" if duration is None else ("" if c.complete else ">") + _ms(duration)
         owner = self._owner(e) if self.owner else ""

@@ -146,22 +146,22 @@ static PyObject *owner_bytes(const unsigned char *raw) {
 
 /* One Event from the record at p (past its header), or NULL. */
 static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObject *slow_addr,
-                            PyObject *slow_comm, PyObject *owner_key) {
+                            PyObject *slow_comm, PyObject *owner_key, PyObject *extra) {
     int fam = U16(p + OFF_FAM);
     int ak = fam == 2 ? K_ADDR4 : K_ADDR6;          /* AF_INET = 2, as decoder.py */
     uint64_t span = u64(p + OFF_SPAN);
     /* the texts first: they may call Python, which must not run with an
      * exception pending */
+    if (extra == NULL) return NULL;
     PyObject *comm = text_of(K_COMM, p + OFF_COMM, fam, caches[K_COMM], slow_comm);
-    if (comm == NULL) return NULL;
+    if (comm == NULL) { Py_DECREF(extra); return NULL; }
     PyObject *saddr = text_of(ak, p + OFF_SADDR, fam, caches[ak], slow_addr);
-    if (saddr == NULL) { Py_DECREF(comm); return NULL; }
+    if (saddr == NULL) { Py_DECREF(extra); Py_DECREF(comm); return NULL; }
     PyObject *daddr = text_of(ak, p + OFF_DADDR, fam, caches[ak], slow_addr);
-    if (daddr == NULL) { Py_DECREF(comm); Py_DECREF(saddr); return NULL; }
+    if (daddr == NULL) { Py_DECREF(extra); Py_DECREF(comm); Py_DECREF(saddr); return NULL; }
     PyObject *ev = slots.type->tp_alloc(slots.type, 0);
-    if (ev == NULL) { Py_DECREF(comm); Py_DECREF(saddr); Py_DECREF(daddr); return NULL; }
+    if (ev == NULL) { Py_DECREF(extra); Py_DECREF(comm); Py_DECREF(saddr); Py_DECREF(daddr); return NULL; }
     /* NULL slots are safe for dealloc: a half-built Event is simply dropped */
-    PyObject *extra = PyDict_New();
     SET(ev, F_TS, PyLong_FromUnsignedLongLong(u64(p + OFF_TS)));
     SET(ev, F_SK, PyLong_FromUnsignedLongLong(u64(p + OFF_SK)));
     SET(ev, F_SPAN, span == UINT64_MAX ? Py_NewRef(Py_None) : PyLong_FromUnsignedLongLong(span));
@@ -213,7 +213,7 @@ static PyObject *decode_block(PyObject *self, PyObject *args) {
     for (; i < n; i++) {
         const unsigned char *rec = data + i * RECORD;
         if (u32(rec) != EVENT_SIZE) break;   /* busy, discarded or foreign: stop (as decoder.py) */
-        PyObject *ev = decode_one(rec + HDR, caches, slow_addr, slow_comm, owner_key);
+        PyObject *ev = decode_one(rec + HDR, caches, slow_addr, slow_comm, owner_key, PyDict_New());
         if (ev == NULL || PyList_Append(out, ev) < 0) {
             Py_XDECREF(ev);
             Py_CLEAR(out);
@@ -228,9 +228,99 @@ done:
     return out;
 }
 
+/* struct tcpstates_conn_event: the event, then start_ns, last_ns, the ns
+ * spent in each of 16 states, first_state, complete, closed and 5 bytes of
+ * padding (conndecoder.py CONN_STRUCT; tests compare both with the C). */
+#define NSTATES 16
+#define OFF_START EVENT_SIZE
+#define OFF_LAST (EVENT_SIZE + 8)
+#define OFF_STATES (EVENT_SIZE + 16)
+#define OFF_FIRST (OFF_STATES + 8 * NSTATES)
+#define CONN_SIZE (OFF_FIRST + 8)
+#define CONN_RECORD (HDR + CONN_SIZE)
+
+/* Connection(start_ns, end_ns, state_ns, first_state, last_state, complete,
+ * closed, last_ns) of the record at p (past its header), as conndecoder.py
+ * builds it: state_ns holds the states with a non-zero time only. */
+static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_type) {
+    PyObject *spent = PyDict_New();
+    if (spent == NULL) return NULL;
+    for (int s = 0; s < NSTATES; s++) {
+        uint64_t ns = u64(p + OFF_STATES + 8 * s);
+        if (ns == 0) continue;
+        PyObject *k = PyLong_FromLong(s), *v = PyLong_FromUnsignedLongLong(ns);
+        int bad = k == NULL || v == NULL || PyDict_SetItem(spent, k, v) < 0;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (bad) { Py_DECREF(spent); return NULL; }
+    }
+    int closed = p[OFF_FIRST + 2] != 0;
+    PyObject *args[8] = {
+        PyLong_FromUnsignedLongLong(u64(p + OFF_START)),
+        closed ? PyLong_FromUnsignedLongLong(u64(p + OFF_TS)) : Py_NewRef(Py_None),
+        spent,
+        PyLong_FromLong(p[OFF_FIRST]),
+        PyLong_FromLong(p[OFF_OLD]),
+        PyBool_FromLong(p[OFF_FIRST + 1] != 0),
+        PyBool_FromLong(closed),
+        PyLong_FromUnsignedLongLong(u64(p + OFF_LAST)),
+    };
+    PyObject *conn = NULL;
+    int ok = 1;
+    for (int i = 0; i < 8; i++) ok &= args[i] != NULL;
+    if (ok) conn = PyObject_Vectorcall(conn_type, args, 8, NULL);
+    for (int i = 0; i < 8; i++) Py_XDECREF(args[i]);
+    return conn;
+}
+
+static PyObject *decode_conn_block(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    PyObject *type, *conn_type, *caches[3], *slow_addr, *slow_comm, *owner_key, *conn_key;
+    if (!PyArg_ParseTuple(args, "y*OOO!O!O!OOUU:decode_conn_block", &buf, &type, &conn_type,
+                          &PyDict_Type, &caches[K_ADDR4], &PyDict_Type, &caches[K_ADDR6],
+                          &PyDict_Type, &caches[K_COMM], &slow_addr, &slow_comm, &owner_key, &conn_key))
+        return NULL;
+    PyObject *out = NULL;
+    if (bind_type(type) < 0) goto done;
+    const unsigned char *data = buf.buf;
+    Py_ssize_t n = buf.len / CONN_RECORD;
+    out = PyList_New(0);
+    if (out == NULL) goto done;
+    Py_ssize_t i = 0;
+    for (; i < n; i++) {
+        const unsigned char *rec = data + i * CONN_RECORD;
+        if (u32(rec) != CONN_SIZE) break;   /* busy, discarded or foreign: stop (as conndecoder.py) */
+        /* the connection first in extra, the owner tail after it (as Python) */
+        PyObject *extra = PyDict_New();
+        PyObject *conn = extra ? connection_of_record(rec + HDR, conn_type) : NULL;
+        if (conn == NULL || PyDict_SetItem(extra, conn_key, conn) < 0) {
+            Py_XDECREF(conn);
+            Py_XDECREF(extra);
+            Py_CLEAR(out);
+            goto done;
+        }
+        Py_DECREF(conn);
+        PyObject *ev = decode_one(rec + HDR, caches, slow_addr, slow_comm, owner_key, extra);
+        if (ev == NULL || PyList_Append(out, ev) < 0) {
+            Py_XDECREF(ev);
+            Py_CLEAR(out);
+            goto done;
+        }
+        Py_DECREF(ev);
+    }
+    PyObject *res = Py_BuildValue("(Nn)", out, i * (Py_ssize_t)CONN_RECORD);
+    out = res;
+done:
+    PyBuffer_Release(&buf);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"decode_block", decode_block, METH_VARARGS,
      "decode_block(data, Event, addr4, addr6, comms, slow_addr, slow_comm, owner_key) -> (events, used)"},
+    {"decode_conn_block", decode_conn_block, METH_VARARGS,
+     "decode_conn_block(data, Event, Connection, addr4, addr6, comms, slow_addr, slow_comm, owner_key, "
+     "connection_key) -> (events, used)"},
     {NULL, NULL, 0, NULL},
 };
 

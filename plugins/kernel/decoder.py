@@ -50,7 +50,8 @@ class Decoder:
         self._addr4: dict[bytes, str] = {}
         self._addr6: dict[bytes, str] = {}
         self._comm: dict[bytes, str] = {}
-        if use_c and _c_decode is not None:
+        self.use_c = use_c and _c_decode is not None   # connection records follow the same choice
+        if self.use_c:
             self.decode_block = self._decode_block_c    # type: ignore[method-assign]
 
     def _decode_block_c(self, data: bytes) -> tuple[list[Event], int]:
