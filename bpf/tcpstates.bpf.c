@@ -346,13 +346,21 @@ static __always_inline int port_allowed(void *map_lookup_result)
     __builtin_memset((r)->pad, 0, sizeof((r)->pad));                     \
 } while (0)
 
-/* A connection record from the socket's accumulated entry cn. */
+/* A connection record from the socket's accumulated entry cn: the task is
+ * the one at its first sight (kept in cn), so none of the current task's
+ * helpers (pid, cgroup, comm) is called here, twice per connection. */
 #define FILL_CONN(r, args, ts, sk, span, cn) do {                        \
-    FILL_EVENT(&(r)->ev, args, ts, sk, span);                            \
+    (r)->ev.ts_ns = (ts);                                                \
+    (r)->ev.skaddr = (sk);                                               \
+    (r)->ev.span_ns = (span);                                            \
     (r)->ev.pid = (cn)->pid;                                             \
     (r)->ev.tid = (cn)->tid;                                             \
     (r)->ev.cgroup_id = (cn)->cgroup_id;                                 \
+    (r)->ev.oldstate = (args)->oldstate;                                 \
+    (r)->ev.newstate = (args)->newstate;                                 \
+    FILL_ENDPOINTS(&(r)->ev, args);                                      \
     __builtin_memcpy((r)->ev.comm, (cn)->comm, sizeof((r)->ev.comm));    \
+    TCPSTATES_OWNER_FILL(&(r)->ev, args, sk);                            \
     (r)->start_ns = (cn)->start_ns;                                      \
     (r)->last_ns = (ts);                                                 \
     __builtin_memcpy((r)->state_ns, (cn)->state_ns, sizeof((r)->state_ns)); \
