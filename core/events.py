@@ -86,16 +86,17 @@ CONNECTION = "connection"
 ENDINGS = ("normal", "refused", "reset", "unknown")
 
 
+# plain int keys: looked up twice per connection record
+_ENDINGS_BY_STATE = {int(TcpState.SYN_SENT): "refused", int(TcpState.ESTABLISHED): "reset",
+                     int(TcpState.SYN_RECV): "reset", int(TcpState.CLOSE_WAIT): "reset"}
+
+
 def connection_ending(last_state: int) -> str:
     """How a connection that went last_state -> CLOSE ended: `refused` (a
     connect that got a RST or timed out: SYN_SENT), `reset` (closed from
     SYN_RECV, ESTABLISHED or CLOSE_WAIT: no FIN exchange, an abort or RST),
     else `normal` (through the FIN states)."""
-    if last_state == TcpState.SYN_SENT:
-        return "refused"
-    if last_state in (TcpState.ESTABLISHED, TcpState.SYN_RECV, TcpState.CLOSE_WAIT):
-        return "reset"
-    return "normal"
+    return _ENDINGS_BY_STATE.get(last_state, "normal")
 
 
 @dataclass(slots=True)

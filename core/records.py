@@ -123,7 +123,8 @@ def connection_record(e: Event, c: Connection, seq: int, wall_ns: int, host: str
         rec["last_change_time"] = rfc3339(last_wall)
         rec["last_change_time_ns"] = last_wall
         rec["last_change_mono_ns"] = c.last_ns
-    rec.update((k, v) for k, v in e.extra.items() if k not in _CONNECTION_CORE and k != CONNECTION)
+    if len(e.extra) > 1:     # more than the connection itself: enrichers' fields
+        rec.update((k, v) for k, v in e.extra.items() if k not in _CONNECTION_CORE and k != CONNECTION)
     return rec
 
 
