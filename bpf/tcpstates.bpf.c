@@ -19,6 +19,8 @@
  *   TCPSTATES_FAMILY          AF_INET or AF_INET6 to keep only that family
  *   TCPSTATES_FILTER_TRANSITION  consult the transition_allowed map
  *   TCPSTATES_MIN_SPAN_NS     drop events whose known time in the old state is shorter
+ *   TCPSTATES_FILTER_SPAN     consult span_range: per old state, the [lo, hi] ns a
+ *                             known time in it must lie in (pushdown.py span_plan)
  *   TCPSTATES_NCPUS           entries of cpu_state (possible CPUs)
  *   TCPSTATES_WAKEUP_FLAGS    ring submit flags: 0 adaptive wake-ups, 1
  *                             (BPF_RB_NO_WAKEUP) when the reader polls on a timer
@@ -148,6 +150,14 @@ BPF_ARRAY(dport_allowed, u8, 65536);
 /* key (oldstate << 4) | newstate: 1 keeps that transition */
 BPF_ARRAY(transition_allowed, u8, 256);
 #endif
+#ifdef TCPSTATES_FILTER_SPAN
+struct tcpstates_span_range {
+    u64 lo;
+    u64 hi;
+};
+/* key: the old state (0..15), every entry filled from Python after load */
+BPF_ARRAY(span_range, struct tcpstates_span_range, 16);
+#endif
 
 /* Address and process rules (pushdown.py): each map value has bit i set when
  * the entry matches rule i; the event passes when every keep rule finds its
@@ -268,6 +278,18 @@ BPF_RINGBUF_OUTPUT(events, TCPSTATES_RINGBUF_PAGES);
  * instead, so they are late, never lost. */
 BPF_PERF_OUTPUT(spill);
 #endif
+/* A filter that drops an event after the record was reserved gives the
+ * reservation back. In perf-buffer mode nothing is reserved before the
+ * filters (the record is built on the stack after them): nothing to give
+ * back, and a perf output map has no ringbuf_discard to compile. */
+static __always_inline void discard_reserved(void *e)
+{
+#ifndef TCPSTATES_PERF_BUFFER
+    if (e)
+        events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+#endif
+}
+
 static __always_inline int port_allowed(void *map_lookup_result)
 {
     u8 *allowed = map_lookup_result;
@@ -496,15 +518,24 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #ifdef TCPSTATES_MIN_SPAN_NS
     /* duration filter: an unknown span passes (user space decides) */
     if (prev && span < TCPSTATES_MIN_SPAN_NS) {
-        if (e)
-            events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+        discard_reserved(e);
         goto filtered_update;
+    }
+#endif
+#ifdef TCPSTATES_FILTER_SPAN
+    /* duration filter per old state: an unknown span passes (user space decides) */
+    if (prev) {
+        u32 olds = args->oldstate & 15;
+        struct tcpstates_span_range *range = span_range.lookup(&olds);
+        if (range && (span < range->lo || span > range->hi)) {
+            discard_reserved(e);
+            goto filtered_update;
+        }
     }
 #endif
 #ifdef TCPSTATES_FILTER_TRANSITION
     if (!port_allowed(transition_allowed.lookup(&transition))) {
-        if (e)
-            events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+        discard_reserved(e);
         goto filtered_update;
     }
 #endif
@@ -540,11 +571,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
     goto update;
 
-#if defined(TCPSTATES_MIN_SPAN_NS) || defined(TCPSTATES_FILTER_TRANSITION) || defined(TCPSTATES_FILTER_PROC)
+#if defined(TCPSTATES_MIN_SPAN_NS) || defined(TCPSTATES_FILTER_SPAN) || defined(TCPSTATES_FILTER_TRANSITION) || defined(TCPSTATES_FILTER_PROC)
 filtered_update:
     c->filtered++;
 #endif
 update:
+    /* The compiler may carry "prev is set" in a flag of its own across the
+     * filters' branches; the verifier cannot tie such a flag to the pointer
+     * (perf-buffer mode with a duration filter was rejected: "invalid mem
+     * access 'scalar'"). Hiding prev's value makes the test below the
+     * pointer's own. */
+    asm volatile("" : "+r"(prev));
     if (args->newstate == TCPSTATES_TCP_CLOSE)
         last_change.delete(&sk);
     else if (prev && TCPSTATES_SAME_SK(prev, sk))

@@ -82,6 +82,10 @@ class KernelConstraints:
     transitions: frozenset[tuple[int, int]] | None = None
     #: drop events whose *known* time in the old state is shorter (unknown passes)
     min_span_ns: int | None = None
+    #: old state (kernel number 1..12) -> (lo, hi): drop events leaving that
+    #: state whose *known* time in it is outside [lo, hi] ns (unknown passes;
+    #: states not named are not judged)
+    span_ranges: dict[int, tuple[int, int]] | None = None
     #: address conditions, all of which an event must pass (AND)
     address_rules: tuple[AddressRule, ...] = ()
     #: on-CPU process conditions, all of which an event must pass (AND)

@@ -162,6 +162,9 @@ class DurationOptions:
         self.state_set = _states(self.states, "states")
 
 
+SPAN_NS_MAX = (1 << 64) - 2     # no upper bound (a span the kernel can measure)
+
+
 class DurationFilter(Filter):
     """Keep events by the time spent in the old state (e.g. slow handshakes)."""
 
@@ -184,11 +187,14 @@ class DurationFilter(Filter):
         return span >= self.lo and (self.hi is None or span <= self.hi)
 
     def kernel_constraints(self) -> KernelConstraints | None:
-        # only the simple, common case: a lower bound for every state. The
-        # kernel lets unknown spans through; this filter still judges them.
-        if self.options.state_set or self.lo <= 0:
-            return None
-        return KernelConstraints(min_span_ns=self.lo)
+        # The kernel lets unknown spans through; this filter still judges them
+        # (unknown = "drop"). A lower bound for every state is a constant in
+        # the program; an upper bound or a state list, a range per old state.
+        if not self.options.state_set and self.hi is None:
+            return KernelConstraints(min_span_ns=self.lo) if self.lo > 0 else None
+        hi = SPAN_NS_MAX if self.hi is None else self.hi
+        judged = self.options.state_set or range(1, 13)
+        return KernelConstraints(span_ranges={state: (self.lo, hi) for state in judged})
 
 
 @dataclasses.dataclass

@@ -42,8 +42,8 @@ class LoadRequest:
     ncpus: int = 128
     wakeup_events: int = 1                 # perf buffer: samples per reader wake-up
     transitions: list[int] | None = None   # (old << 4) | new keys to keep
-    #: map name -> [(raw key, u8 value)] (address/process rules, pushdown.py)
-    map_entries: dict[str, list[tuple[bytes, int]]] = dataclasses.field(default_factory=dict)
+    #: map name -> [(raw key, u8 value or raw value)] (address/process rules, span ranges: pushdown.py)
+    map_entries: dict[str, list[tuple[bytes, int | bytes]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -134,7 +134,8 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
     for name, entries in req.map_entries.items():
         table = bpf[name]
         for raw, value in entries:
-            table[table.Key.from_buffer_copy(raw)] = table.Leaf(value)
+            leaf = table.Leaf.from_buffer_copy(value) if isinstance(value, bytes) else table.Leaf(value)
+            table[table.Key.from_buffer_copy(raw)] = leaf
     perf_table = bpf["events"] if req.perf_mode else bpf["spill"]
     pages = req.buffer_pages if req.perf_mode else SPILL_PAGES
     wakeup: dict[str, int] = {"wakeup_events": req.wakeup_events}

@@ -164,7 +164,8 @@ class KernelProbe:
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 512, timer_wakeup: bool = True,
                  poll_s: float = 0.05, transitions: frozenset[tuple[int, int]] | None = None,
-                 min_span_ns: int | None = None, crosscheck: bool = False,
+                 min_span_ns: int | None = None, span_ranges: dict[int, tuple[int, int]] | None = None,
+                 crosscheck: bool = False,
                  warn: Callable[[str], None] | None = None,
                  extra_cflags: list[str] | None = None, connections: bool = False,
                  address_rules: tuple[AddressRule, ...] = (),
@@ -210,6 +211,10 @@ class KernelProbe:
         src_dir = bpf_source_dir()
         ncpus = possible_cpus()
         self.poll_s = poll_s if timer_wakeup else None
+        # duration bounds per old state: a map, with any lower bound folded in
+        spans = pushdown.span_plan(min_span_ns, span_ranges) if not connections else pushdown.MapPlan()
+        if spans.cflags:
+            min_span_ns = None
         cflags = build_cflags(src_dir, max_sockets=max_sockets, ring_pages=ring_pages, buffer=buffer,
                               filter_lport=local_ports is not None,
                               filter_dport=remote_ports is not None, family=family,
@@ -218,7 +223,7 @@ class KernelProbe:
                               connections=connections, aggregates=aggregates, no_events=no_events)
         # address and process filters: rule masks and map contents (pushdown.py)
         rules = pushdown.plan(address_rules, process_rules, connections=connections)
-        cflags += rules.cflags
+        cflags += rules.cflags + spans.cflags
         cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
         if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
@@ -244,7 +249,7 @@ class KernelProbe:
             wakeup_events=wakeup_events,
             transitions=sorted((o << 4) | n for o, n in transitions)
             if transitions is not None and not connections else None,
-            map_entries=rules.entries))
+            map_entries={**rules.entries, **spans.entries}))
         self.prog_fd = self.loaded.prog_fd
         self.misses = RecursionMisses(self.prog_fd)
         self.decoder = dec

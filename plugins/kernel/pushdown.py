@@ -17,6 +17,11 @@ both kinds of networks. Process maps are hashes: TGID -> mask, and the
 
 Rules beyond MAX_RULES are not pushed down (dropping fewer events is always
 correct: user space still checks every filter).
+
+Duration bounds per old state (the duration filter's max_ms and states) go
+into a 16-entry array indexed by the old state: [lo, hi] ns for a known time
+in that state (span_plan). A lower bound alone, the same for every state,
+stays a -D constant (no map look-up).
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ class MapPlan:
     """What to compile and what to put into which map after load."""
 
     cflags: list[str] = dataclasses.field(default_factory=list)
-    #: map name -> [(key bytes, u8 value)]
-    entries: dict[str, list[tuple[bytes, int]]] = dataclasses.field(default_factory=dict)
+    #: map name -> [(key bytes, u8 value or the value's bytes)]
+    entries: dict[str, list[tuple[bytes, int | bytes]]] = dataclasses.field(default_factory=dict)
 
 
 def _masks(sides: list[tuple[bool, bool, bool]]) -> tuple[int, int, int, int, int]:
@@ -158,3 +163,23 @@ def plan(address_rules: tuple[AddressRule, ...], process_rules: tuple[ProcessRul
         out.cflags += part.cflags
         out.entries.update(part.entries)
     return out
+
+
+NSTATES = 16               # entries of span_range (state numbers fit in 4 bits)
+SPAN_MAX = (1 << 64) - 2   # the largest known span (all ones means unknown)
+
+
+def span_plan(min_span_ns: int | None, span_ranges: dict[int, tuple[int, int]] | None) -> MapPlan:
+    """struct tcpstates_span_range {u64 lo, hi} per old state, keyed by its
+    number; a state no filter judges keeps [min_span_ns or 0, SPAN_MAX].
+    Empty when no per-state range is asked for (min_span_ns alone is a -D
+    constant, build_cflags)."""
+    if not span_ranges:
+        return MapPlan()
+    floor = min_span_ns or 0
+    entries: list[tuple[bytes, int | bytes]] = []
+    for state in range(NSTATES):
+        lo, hi = span_ranges.get(state, (0, SPAN_MAX))
+        entries.append((struct.pack("=I", state),
+                        struct.pack("=QQ", min(max(lo, floor), SPAN_MAX), min(max(hi, 0), SPAN_MAX))))
+    return MapPlan(cflags=["-DTCPSTATES_FILTER_SPAN=1"], entries={"span_range": entries})

@@ -68,6 +68,12 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
         merged.process_rules += c.process_rules
         if c.min_span_ns is not None:
             merged.min_span_ns = max(merged.min_span_ns or 0, c.min_span_ns)
+        if c.span_ranges is not None:     # per state: the tighter bound of each side
+            ranges = dict(merged.span_ranges or {})
+            for state, (lo, hi) in c.span_ranges.items():
+                have = ranges.get(state)
+                ranges[state] = (lo, hi) if have is None else (max(have[0], lo), min(have[1], hi))
+            merged.span_ranges = ranges
         for flag in c.cflags:    # optional parts asked for by chain stages (union)
             if not CFLAG.fullmatch(flag):
                 raise UsageError(f"a chain stage asked the kernel stage for {flag!r}: "
@@ -127,6 +133,7 @@ class KernelSource(Source):
                                  buffer=o.buffer, local_ports=merged.local_ports,
                                  remote_ports=merged.remote_ports, family=merged.family,
                                  transitions=merged.transitions, min_span_ns=merged.min_span_ns,
+                                 span_ranges=merged.span_ranges,
                                  crosscheck=o.crosscheck, warn=self.context.warn,
                                  batch_size=o.batch_size, timer_wakeup=o.wakeup == "timer",
                                  poll_s=o.poll_ms / 1000, extra_cflags=list(merged.cflags),
