@@ -484,15 +484,28 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             prev = NULL;
             span = TCPSTATES_SPAN_UNKNOWN;
         }
-    }
 #ifdef TCPSTATES_MIN_SPAN_NS
-    /* duration filter: an unknown span passes (user space decides) */
-    if (prev && span < TCPSTATES_MIN_SPAN_NS) {
-        if (e)
-            events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
-        goto filtered_update;
-    }
+        /* duration filter (an unknown span passes: user space decides),
+         * decided and the socket's clock moved here, inside the test of prev
+         * itself: tested after this block, the compiler dropped the prev test
+         * (a short span implies a found prev) and the verifier, seeing a path
+         * with prev NULL, refused to load the program */
+        else if (span < TCPSTATES_MIN_SPAN_NS) {
+            if (e)
+                events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+            c->filtered++;
+            if (args->newstate == TCPSTATES_TCP_CLOSE)
+                last_change.delete(&sk);
+            else if (TCPSTATES_SAME_SK(prev, sk))
+                prev->ts = ts;        /* in place, as below */
+            else {
+                struct tcpstates_sk_ts fresh = {.sk = sk, .ts = ts};
+                last_change.update(&sk, &fresh);
+            }
+            goto out;
+        }
 #endif
+    }
 #ifdef TCPSTATES_FILTER_TRANSITION
     if (!port_allowed(transition_allowed.lookup(&transition))) {
         if (e)
@@ -532,7 +545,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
     goto update;
 
-#if defined(TCPSTATES_MIN_SPAN_NS) || defined(TCPSTATES_FILTER_TRANSITION) || defined(TCPSTATES_FILTER_PROC)
+#if defined(TCPSTATES_FILTER_TRANSITION) || defined(TCPSTATES_FILTER_PROC)
 filtered_update:
     c->filtered++;
 #endif
