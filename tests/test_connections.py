@@ -191,7 +191,8 @@ def _event() -> Event:
     conn = Connection(start_ns=1_000_000, end_ns=101_000_000, state_ns={2: 1_000_000, 1: 100_000_000},
                       first_state=7, last_state=1, complete=True)
     return Event(101_000_000, 0xabc, 100_000_000, 7, 8, "x,y", socket.AF_INET, "127.0.0.1", 4000,
-                 "127.0.0.2", 80, 1, 7, 3, {CONNECTION: conn, "owner_pid": 12})
+                 "127.0.0.2", 80, 1, 7, 3, {CONNECTION: conn, "owner_pid": 12, "owner_comm": "srv",
+                                            "owner_start": 5, "owner_cgroup_id": 3, "owner_source": "syscall"})
 
 
 def test_connection_json_record_matches_the_schema():

@@ -1,6 +1,7 @@
-"""Nothing lost silently: under a connection storm, events written equal the
-kernel's own count of tracepoint hits for the storm's port, minus exactly the
-drops and kernel misses tcpstates reports. And the benchmark's smoke run."""
+"""Nothing lost silently: under a connection storm, the in-kernel cross-check
+finds no unaccounted event, and the events written for the storm's port are
+the kernel's own count of its tracepoint hits less at most the drops and kernel
+misses tcpstates reports. And the benchmark's smoke run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 from traffic import free_port
 
@@ -38,17 +40,33 @@ def test_storm_accounted_for_exactly(tracer, tmp_path, sink):
     assert overrun == 0
     made = json.loads(load.stdout)["connections"]
     assert recorded == made * 10 + 2
-    text = out.read_text()
-    if sink == "csv":
-        written = sum(1 for l in text.splitlines()[1:] if f",{port}," in l)
-    else:
-        written = sum(1 for l in text.splitlines() if f'"lport":{port},' in l or f'"rport":{port},' in l)
-    m = re.search(r"(\d+) dropped, (\d+) kernel misses", err)
-    dropped, misses = int(m.group(1)), int(m.group(2))
-    # a small kernel buffer (64 pages) makes drops likely; each must be reported
-    assert recorded - written <= dropped + misses
+    written = _port_rows(out.read_text(), sink, port)
+    m = re.search(r"(\d+) dropped, (\d+) kernel misses, (\d+) unaccounted", err)
+    assert m, err                  # the in-kernel cross-check ran (it does by default)
+    dropped, misses, unaccounted = map(int, m.groups())
+    # no silent loss: every event the tracepoint fired for was seen or counted
+    assert unaccounted == 0, err
+    # The storm's events (the ftrace count of its port) against those written:
+    # none invented or written twice ...
+    assert written <= recorded, (written, recorded)
+    # ... and every missing one reported. The drop and miss counts are of the
+    # whole host (the tracer has no port filter: -L and -D together keep only
+    # sockets with both ports, and the storm's server side has the port local,
+    # its client side remote), so other sockets' losses may be in them too: they
+    # bound the storm's from above; with none reported, nothing is missing.
+    assert recorded - written <= dropped + misses, (recorded, written, err)
     if dropped + misses == 0:
         assert written == recorded
+
+
+def _port_rows(text: str, sink: str, port: int) -> int:
+    """Records of `port` (local or remote) in the output. CSV: its last eight
+    columns are IP..MS whatever the process name (C-COMM) holds, commas too."""
+    if sink == "csv":
+        rows = [line.split(",")[-8:] for line in text.splitlines()[1:] if line]
+        return sum(1 for _ip, _la, lport, _ra, rport, *_ in rows if port in (int(lport), int(rport)))
+    recs = [orjson.loads(line) for line in text.splitlines() if line]
+    return sum(1 for r in recs if r["type"] == "state_change" and port in (r["lport"], r["rport"]))
 
 
 def test_benchmark_smoke_run(tmp_path):

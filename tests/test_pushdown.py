@@ -261,3 +261,86 @@ def test_complete_only_when_the_kernel_decides_the_whole_filter():
     assert _process(pid=[1], comm=["curl"]).kernel_constraints().complete
     assert not _process(pid=[1], comm=["cu*"]).kernel_constraints().complete
     assert not _process(comm=["cu*", "wget"], exclude=True).kernel_constraints().complete
+
+
+# -- transition and duration filters on the real kernel ------------------------------------
+def _summary_counts(err: str) -> tuple[int, int, int]:
+    """(events seen in user space, kept, filtered in the kernel) of a run's summary."""
+    m = re.search(r"(\d+) events seen, (\d+) kept", err)
+    assert m, err
+    f = re.search(r"; (\d+) filtered in kernel", err)
+    return int(m.group(1)), int(m.group(2)), int(f.group(1)) if f else 0
+
+
+def _clients(port: int, n: int, hold: float, refused_port: int) -> None:
+    """n connections to `port` whose client holds ESTABLISHED `hold` seconds and
+    then closes first (the server closes as soon as it reads the FIN: every
+    other state lasts well under a millisecond on loopback), and n refused
+    connects to `refused_port`."""
+    import time
+    from traffic import refused, wait_port_settled
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", port))
+        srv.listen(8)
+        for _ in range(n):
+            c = socket.create_connection(("127.0.0.1", port))
+            s, _ = srv.accept()
+            time.sleep(hold)
+            c.close()
+            s.recv(1)
+            s.close()
+            refused(refused_port)
+    assert not wait_port_settled(port), "the connections never settled"
+
+
+def _key_json(r: dict) -> tuple:
+    return (r["skaddr"], r["lport"], r["rport"], r["oldstate"], r["newstate"], r["pid"])
+
+
+def _pushed(tracer, chain: str, keep, hold: float) -> None:
+    """A tracer with `chain` and one without it (the reference), both on our
+    ports only (client side: -D), over the same traffic. The filtered one writes
+    exactly the reference's events `keep` accepts, and none of the others ever
+    reached user space: seen == kept. The kernel counted them as filtered: its
+    count is at least those, and at most those plus what the reference's port
+    filter dropped over a run that encloses this one (the traffic's server side
+    and other sockets of the host: the port filter counts there too), which is
+    exact on a quiet host."""
+    import orjson
+    from traffic import free_port
+    port, refused_port = free_port(), free_port()
+    ports = f"{port},{refused_port}"
+    reference = tracer("--sink", "jsonl", "-D", ports)
+    t = tracer("--sink", "jsonl", "-D", ports, "-o", chain)
+    _clients(port, 6, hold, refused_port)
+    rc, out, err = t.stop()                      # inside the reference's run
+    rc0, out0, err0 = reference.stop()
+    assert rc == 0 and rc0 == 0, err + err0
+    ours = [orjson.loads(line) for line in out.splitlines()]
+    ref = [orjson.loads(line) for line in out0.splitlines()]
+    assert {r["type"] for r in ours + ref} == {"state_change"}, "nothing lost, nothing else"
+    expected = sorted(_key_json(r) for r in ref if keep(r))
+    assert expected and len(expected) < len(ref), "the filter must keep some and drop some"
+    assert sorted(_key_json(r) for r in ours) == expected
+    seen, kept, in_kernel = _summary_counts(err)
+    assert seen == kept == len(ours), err        # user space dropped nothing: the kernel did
+    others = _summary_counts(err0)[2]            # other traffic on the reference's port filter
+    dropped = len(ref) - len(expected)
+    assert dropped <= in_kernel <= dropped + others, (dropped, in_kernel, others, err)
+
+
+@pytest.mark.kernel
+def test_transition_filter_is_pushed_into_the_kernel(tracer):
+    keep = {("SYN_SENT", "CLOSE"), ("FIN_WAIT1", "FIN_WAIT2")}
+    _pushed(tracer, 'chain=[{use="state", transitions=["SYN_SENT->CLOSE", "FIN_WAIT1->FIN_WAIT2"]}]',
+            lambda r: (r["oldstate"], r["newstate"]) in keep, hold=0)
+
+
+@pytest.mark.kernel
+def test_duration_filter_is_pushed_into_the_kernel(tracer):
+    # 50 ms: the held ESTABLISHED (200 ms) passes, every other known span (well
+    # under 1 ms) is dropped in the kernel; an unknown span (a socket's first
+    # transition) passes the kernel and is kept by unknown="keep"
+    _pushed(tracer, 'chain=[{use="duration", min_ms=50, unknown="keep"}]',
+            lambda r: r["span_us"] is None or r["span_us"] >= 50_000, hold=0.2)

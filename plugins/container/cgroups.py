@@ -80,7 +80,11 @@ class CgroupIdResolver:
         self.paths: LRU = LRU(limit)
         self.missing: LRU = LRU(limit)          # the negative cache
         self.rescan_interval = rescan_interval
+        # what resolving cost (tests/test_cgroup_resolver.py): tree walks, and
+        # ids asked of the kernel (open_by_handle_at); a cached answer, found
+        # or unresolvable, adds to neither
         self.walks = 0
+        self.handle_lookups = 0
         self._last_walk = -1e18
         self._max_seen = 0
         self._mount_fd = -1
@@ -100,6 +104,7 @@ class CgroupIdResolver:
 
     def _by_handle(self, cgroup_id: int) -> str | None | bool:
         """The path, None when the cgroup is gone, False when handles do not work here."""
+        self.handle_lookups += 1
         handle = ctypes.create_string_buffer(struct.pack("=IiQ", 8, FILEID_KERNFS, cgroup_id))
         fd = self._open_by_handle(self._mount_fd, handle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if fd < 0:

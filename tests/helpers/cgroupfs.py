@@ -4,11 +4,14 @@
 where the host has them, under v1 hierarchies); `cleanup()` moves every
 process left back to the root and removes the directories deepest first —
 it runs from a fixture finaliser, so a failing test cleans up too.
+`run_in()` runs a process that moves itself into given cgroups and connects.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from tcpstates.plugins.container.cgroups import cgroup2_root
@@ -63,3 +66,34 @@ class CgroupMaker:
 
 def unique() -> str:
     return os.urandom(32).hex()
+
+
+# moves itself into every cgroup.procs given, connects COUNT times (refused), then
+# waits for a line on stdin when told to stay (so /proc/PID still exists)
+WORKLOAD = r"""
+import socket, sys
+procs, port, count, stay = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "stay"
+for p in procs:
+    if p:
+        open(p, "w").write("0")
+for i in range(count):
+    c = socket.socket()
+    try:
+        c.connect(("127.0.0.1", port))
+    except ConnectionRefusedError:
+        pass
+    c.close()
+print("done", flush=True)
+if stay:
+    sys.stdin.readline()
+"""
+
+
+def run_in(dirs: list[Path], port: int, count: int = 2, stay: bool = False) -> subprocess.Popen:
+    """WORKLOAD in the cgroups `dirs`, `count` refused connects to `port`;
+    returned once they are made (staying, when told, until stdin gets a line)."""
+    p = subprocess.Popen([sys.executable, "-c", WORKLOAD, ",".join(str(d / "cgroup.procs") for d in dirs),
+                          str(port), str(count), "stay" if stay else "go"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "done"
+    return p
