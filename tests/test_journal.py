@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -88,3 +89,28 @@ def test_journal_field_names_are_validated():
     assert journal_field_name("owner_pid") == "TCP_OWNER_PID"
     assert journal_field_name("container.id") == "TCP_CONTAINER_ID"
     assert journal_field_name("x" * 80) is None
+
+
+def test_list_bool_and_mapping_fields_are_journal_text_not_python_repr(journald, tmp_path):
+    # a connection queued on a pre-fork server's listener: owner "shared", the
+    # holders in owner_candidates (a list); a third-party enricher's bool and
+    # mapping ride along. Replayed, so the fields are exactly these.
+    rec = {"type": "state_change", "v": 1, "seq": 1, "time": "2026-12-02T10:00:00.000000000Z",
+           "time_ns": 1_796_205_600_000_000_000, "mono_ns": 5_000_000_000, "host": "h",
+           "skaddr": "ffff888100000040", "family": "ipv4", "laddr": "127.0.0.1", "lport": 8080,
+           "raddr": "127.0.0.1", "rport": 40000, "oldstate": "LISTEN", "newstate": "SYN_RECV",
+           "span_us": None, "pid": 0, "tid": 0, "comm": "swapper/0", "cgroup_id": 1,
+           "owner_pid": None, "owner_comm": None, "owner_source": "shared",
+           "owner_candidates": [101, 202, 303], "x_flag": True, "x_map": {"a": 1}}
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    r = subprocess.run(journald.argv([sys.executable, "-m", "tcpstates", "--replay", str(path),
+                                      "--sink", "journal"]),
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    journald.sync()
+    (entry,) = journald.read("SYSLOG_IDENTIFIER=tcpstates")
+    assert entry["TCP_OWNER_CANDIDATES"] == "101 202 303"
+    assert entry["TCP_OWNER_SOURCE"] == "shared" and "TCP_OWNER_PID" not in entry
+    assert entry["TCP_X_FLAG"] == "1"
+    assert json.loads(entry["TCP_X_MAP"]) == {"a": 1}

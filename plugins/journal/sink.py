@@ -22,6 +22,8 @@ import re
 import socket
 from typing import Any
 
+import orjson
+
 from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
 from tcpstates.events import AF_INET, CONNECTION, STATE_NAMES, Connection, Event, connection_of
@@ -59,6 +61,19 @@ PRIORITY_NORMAL = 5
 PRIORITY_WARNING = 4
 SYN_SENT, CLOSE = 2, 7
 FIELD_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+
+
+def journal_value(value: Any) -> str:
+    """An enricher field's value as journal text: journal fields are strings,
+    so a list is its items separated by spaces (owner_candidates: PIDs), a
+    boolean 1 or 0 (as TCP_COMPLETE), a mapping JSON; not Python's repr."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (list, tuple)):
+        return " ".join(journal_value(v) for v in value)
+    if isinstance(value, dict):
+        return orjson.dumps(value, default=str).decode()
+    return str(value)
 
 
 def journal_field_name(key: str, prefix: str = "TCP_") -> str | None:
@@ -226,7 +241,7 @@ class JournalSink(Sink):
                                   once_key=f"journal-field:{key}")
                 continue
             if value is not None:
-                f.append(f"{name}={value}")
+                f.append(f"{name}={journal_value(value)}")
 
     def write(self, batch: list[Event]) -> int | None:
         if not self._check_socket():
