@@ -9,6 +9,11 @@ For each load rate it runs, in one invocation and one after the other:
                    the kernel applies (LPM trie): removes every load event
   tcpstates comm   ours with a process filter (an exact command name the load
                    does not have) that the kernel applies: removes every load event
+  (--filters-too)  tcpstates state: a state filter keeping only refused connects
+                   (SYN_SENT->CLOSE, the transition bitmap): removes every load
+                   event; tcpstates duration: ESTABLISHED for at most 1 µs (a
+                   range per old state): removes the load's known ESTABLISHED spans
+                   in the kernel (the rest is printed)
   bcc              Debian's tcpstates-bpfcc, when installed and it runs
 and reports per run: load rate and its ratio to untraced, events printed for
 the load's port vs the kernel's own count (bench/truth.py), reported drops
@@ -370,6 +375,8 @@ def main() -> int:
     p.add_argument("--metrics-too", action="store_true",
                    help="also run ours metrics-only and summary-only (in-kernel aggregates, no records), "
                    "and metrics-only counted from records (aggregates off)")
+    p.add_argument("--filters-too", action="store_true",
+                   help="also the state and duration filters pushed into the kernel")
     p.add_argument("--only-too", action="store_true",
                    help="run only the tracers the --*-too flags add (and bcc unless --no-bcc)")
     p.add_argument("--repeat", type=int, default=1, help="repeat every case (exactness runs)")
@@ -422,6 +429,10 @@ def main() -> int:
         tracers.insert(1, ("tcpstates jsonl", OURS + ["--sink", "jsonl"] + a.extra))
     if a.connections_too:
         tracers.insert(1, ("tcpstates --connections", OURS + ["--connections"] + a.extra))
+    if a.filters_too:
+        tracers += [("tcpstates state", OURS + ["-o", 'chain=[{use="state", transitions=["SYN_SENT->CLOSE"]}]']),
+                    ("tcpstates duration", OURS + ["-o", 'chain=[{use="duration", states=["ESTABLISHED"], '
+                                                   'max_ms=0.001, unknown="keep"}]'])]
     if a.metrics_too:
         metrics = ["--sink", "metrics", "-o", "sinks.metrics.listen=127.0.0.1:0"]
         # metrics or summary alone: histograms counted in the kernel, no record sent
