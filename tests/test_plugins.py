@@ -230,6 +230,46 @@ def test_an_in_process_plugin_is_named_as_one_not_as_tcpstates(plugin, needle):
     assert needle in str(exc.value) and "tcpstates 0.1" not in str(exc.value)
 
 
+SPY_SINK = """
+import dataclasses, json
+from tcpstates import Sink, hookimpl, option
+@dataclasses.dataclass
+class SpyOptions:
+    path: str = option("", "where to write the options it was given")
+    time: bool = option(False, "same name as the table's -T option")
+    timestamp: bool = option(False, "same name as the table's -t option")
+    wide: bool = option(False, "same name as the table's -w option")
+    owner: bool = option(False, "same name as the table's --owner option")
+class SpySink(Sink):
+    name = "spy"
+    Options = SpyOptions
+    def write(self, batch): pass
+    def close(self):
+        with open(self.options.path, "w") as f:
+            json.dump(dataclasses.asdict(self.options), f)
+@hookimpl
+def tcpstates_register_sinks(register):
+    register(SpySink)
+"""
+
+
+def test_table_flags_never_change_a_third_party_sinks_options_of_the_same_name(tmp_path):
+    """-T -t -w --owner belong to the text and CSV tables: a third-party sink with
+    options called time, timestamp, wide and owner keeps what it was configured
+    with, while the table beside it gets all four."""
+    fake_dist(tmp_path, "tcpstates-spy", "1.0", "spy_plugin", SPY_SINK)
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(orjson.dumps(REPLAY_RECORD) + b"\n")
+    spy = tmp_path / "spy.json"
+    r = run_cli("--replay", str(trace), "--sink", "text", "--sink", "spy", "-o", f"sinks.spy.path={spy}",
+                "-T", "-t", "-w", "--owner", "--no-summary", env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert orjson.loads(spy.read_bytes()) == {"path": str(spy), "time": False, "timestamp": False,
+                                              "wide": False, "owner": False}
+    header = r.stdout.decode().splitlines()[0].split()    # the table took every flag
+    assert header[:2] == ["TIME", "TIME(s)"] and "O-PID" in header and "IP" in header, header
+
+
 def test_disabling_a_builtin(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[plugins]\ndisable = ["journal"]\n')
