@@ -49,7 +49,8 @@ from truth import TracepointCounter  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BCC_TOOL = shutil.which("tcpstates-bpfcc") or "/usr/sbin/tcpstates-bpfcc"
 UNRUNNABLE: set[str] = set()   # optional tracers that failed to start (bcc's own tool)
-OURS = [sys.executable, "-m", "tcpstates"]
+# -P: as root, never the working directory's idea of tcpstates (docs/security.md)
+OURS = [sys.executable, "-P", "-m", "tcpstates"]
 
 
 def free_port() -> int:

@@ -41,7 +41,7 @@ def main() -> int:
         p.error("root, 1000 <= --connections <= 5000000, 1 <= --rounds <= 100")
     port = free_port()
     per_round = a.connections // a.rounds
-    argv = [sys.executable, "-m", "tcpstates"] + (["--sink", "jsonl"] if a.sink == "jsonl" else [])
+    argv = [sys.executable, "-P", "-m", "tcpstates"] + (["--sink", "jsonl"] if a.sink == "jsonl" else [])
     with tempfile.TemporaryDirectory(prefix="tcpstates-soak-", dir="/var/tmp") as tmp:
         t = TracerRun("soak", argv, Path(tmp), dict(os.environ))
         samples = []

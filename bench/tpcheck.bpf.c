@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /* tpcheck: two programs on sock:inet_sock_set_state (perf tracepoint and raw
  * tracepoint), each counting per transition and logging every FIN_WAIT1/2
  * transition (ktime, CPU, socket, ports) so each ftrace record can be matched

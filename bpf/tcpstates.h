@@ -2,10 +2,14 @@
 /* tcpstates.h - the records the kernel stage shares with user space.
  *
  * The event layout is mirrored by EVENT_STRUCT in plugins/kernel/decoder.py
- * (tests/test_kernel_units.py compiles this header with the C compiler and
- * compares every field's offset and size with the decoder's); the per-CPU
- * state by CPU_STATE in plugins/kernel/cpustate.py. Natural alignment, no
- * padding holes: the event is 136 bytes, the per-CPU state 64.
+ * (its owner tail by RAW_OWNER in plugins/owner/enricher.py), the connection
+ * record by CONN_STRUCT (plugins/kernel/conndecoder.py), the per-CPU state by
+ * CPU_STATE (plugins/kernel/cpustate.py), the aggregates by AGG_STRUCT
+ * (plugins/kernel/aggregates.py). tests/test_kernel_units.py compiles this
+ * header with the C compiler and compares every field's offset and size in
+ * all of them with the Python's (and reads aggregates written in C back).
+ * Natural alignment, no padding holes: the event is 136 bytes, the per-CPU
+ * state 64.
  */
 #ifndef TCPSTATES_H
 #define TCPSTATES_H

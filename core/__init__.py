@@ -13,7 +13,9 @@ import sys as _sys
 # `python -m tcpstates` puts the working directory first on sys.path, and this
 # package is imported before any of our code runs: drop it now, before the
 # imports below, so a root tool never imports argparse.py or tomllib.py lying
-# where it was started. (The package itself: use `python -P -m` or the script.)
+# where it was started. (The package itself cannot be protected from here: Python
+# imports a planted tcpstates/ instead of this one. Root uses the script or
+# `python -P -m`: docs/security.md.)
 if _sys.argv[:1] == ["-m"] and not _sys.flags.safe_path:
     import os as _os
 

@@ -1,4 +1,6 @@
-"""Exceptions that end a run with one clear line on stderr and exit status 2."""
+"""Exceptions that end a run with one clear line on stderr and their `exit_status`:
+2 for bad input (UsageError, ConfigError), 1 when the host cannot trace
+(EnvironmentProblem) or a stage failed under --strict/on_error=fail (StageError)."""
 
 
 class UsageError(Exception):

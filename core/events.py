@@ -41,11 +41,6 @@ AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
 
 
-def state_name(state: int) -> str:
-    """bcc prints an unknown state number as the number itself."""
-    return STATE_NAMES.get(state) or str(state)
-
-
 @dataclass(slots=True)
 class Event:
     """One TCP state change.

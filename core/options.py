@@ -57,18 +57,26 @@ def _value_name(value: Any) -> str:
             dict: "a table"}.get(type(value), type(value).__name__)
 
 
+class _WrongType(ConfigError):
+    """The value is not of the option's type at all (as opposed to a value of
+    the right type that is refused, such as NaN for a number)."""
+
+
 def _check(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for alt in typing.get_args(tp):
             try:
                 return _check(alt, value, path)
-            except ConfigError:
+            except _WrongType:
                 continue
-        raise ConfigError(path, f"expected {_type_name(tp)}, got {_value_name(value)}")
+            # any other refusal: the value has this alternative's type but is
+            # bad (NaN for `float | None`): say that, not "expected a number or
+            # nothing, got a number"
+        raise _WrongType(path, f"expected {_type_name(tp)}, got {_value_name(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(path, f"expected {_type_name(tp)}, got {_value_name(value)}")
+            raise _WrongType(path, f"expected {_type_name(tp)}, got {_value_name(value)}")
         (inner,) = typing.get_args(tp) or (Any,)
         return [_check(inner, item, f"{path}[{i}]") for i, item in enumerate(value)]
     if tp is Any:
@@ -105,7 +113,7 @@ def _check(tp: Any, value: Any, path: str) -> Any:
             return value
     elif isinstance(value, tp):
         return value
-    raise ConfigError(path, f"expected {_type_name(tp)}, got {_value_name(value)}")
+    raise _WrongType(path, f"expected {_type_name(tp)}, got {_value_name(value)}")
 
 
 def _check_bounds(field: dataclasses.Field, value: Any, path: str) -> None:

@@ -14,6 +14,7 @@ import importlib
 import importlib.metadata as metadata
 import importlib.util
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -27,6 +28,8 @@ from tcpstates.security import check_plugin_file, check_plugin_tree
 
 KINDS = {"source": Source, "filter": Filter, "enricher": Enricher, "sink": Sink}
 ENTRY_POINT_GROUP = "tcpstates"
+# where a plugin passed to make_plugin_manager(extra_plugins=...) comes from
+IN_PROCESS = ("registered in-process", "")
 
 
 @dataclasses.dataclass
@@ -76,7 +79,12 @@ class Registry:
         return current
 
     def where(self, plugin: str) -> tuple[str, str]:
-        return self._dists.get(plugin, ("tcpstates", tcpstates.__version__))
+        return _where(self._dists, plugin)
+
+    def label(self, plugin: str) -> str:
+        """Where `plugin` comes from, for messages: "tcpstates-foo 1.0",
+        "tcpstates 0.1.0" (a built-in), "registered in-process"."""
+        return _label(self._dists, plugin)
 
     def _register_from(self, kind: str, hook_name: str) -> None:
         base = KINDS[kind]
@@ -95,8 +103,8 @@ class Registry:
             prior = self.stages.get((kind, name))
             if prior is not None:
                 raise UsageError(
-                    f"{kind} {name!r} is provided by both {prior.distribution} "
-                    f"{prior.version} and {dist} {version}; uninstall one, or disable "
+                    f"{kind} {name!r} is provided by both {self.label(prior.plugin)} "
+                    f"and {self.label(plugin)}; uninstall one, or disable "
                     f"one with [plugins] disable = [\"<distribution>\"]")
             self.stages[(kind, name)] = StageInfo(name, kind, cls, plugin, dist, version)   # type: ignore[arg-type]
 
@@ -112,8 +120,7 @@ class Registry:
             raise   # already one clear line (or a reader that left): not the plugin's bug
         except Exception as exc:
             plugin = _raising_plugin(exc, hook) or current()
-            dist, version = self.where(plugin)
-            raise UsageError(f"plugin {plugin!r} ({dist} {version}) failed in {hook_name}: "
+            raise UsageError(f"plugin {plugin!r} ({self.label(plugin)}) failed in {hook_name}: "
                              f"{type(exc).__name__}: {exc}; fix or disable it in [plugins]") from exc
 
     def collect(self) -> None:
@@ -145,6 +152,29 @@ class Registry:
         order = list(KINDS)
         return sorted((i for i in self.stages.values() if i.name not in self.disabled),
                       key=lambda i: (order.index(i.kind), i.name))
+
+
+def _where(dists: dict[str, tuple[str, str]], plugin: str) -> tuple[str, str]:
+    return dists.get(plugin, ("tcpstates", tcpstates.__version__))
+
+
+def _label(dists: dict[str, tuple[str, str]], plugin: str) -> str:
+    return " ".join(part for part in _where(dists, plugin) if part)
+
+
+def _in_process_name(pm: pluggy.PluginManager, plugin: Any) -> str:
+    """A readable, unique pluggy name for a plugin object passed in-process
+    (pluggy's default is its id() number): its module's or class's dotted name."""
+    if isinstance(plugin, types.ModuleType):
+        base = plugin.__name__
+    else:
+        cls = plugin if isinstance(plugin, type) else type(plugin)
+        base = f"{cls.__module__}.{cls.__qualname__}"
+    name, n = base, 1
+    while pm.get_plugin(name) is not None or pm.is_blocked(name):
+        n += 1
+        name = f"{base}#{n}"
+    return name
 
 
 def _raising_plugin(exc: BaseException, hook: Any) -> str | None:
@@ -280,7 +310,9 @@ def make_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = (
     # built-ins (in reverse) so built-in hooks run in DEFAULT_PLUGINS order,
     # and a built-in's flags come first in --help.
     for plugin in extra_plugins:
-        pm.register(plugin)
+        name = _in_process_name(pm, plugin)
+        pm.register(plugin, name=name)
+        dists[name] = IN_PROCESS
     if entry_points:
         _load_entry_points(pm, dists, blocked, warner or Warner(), strict, allow_insecure)
     for modname in reversed(DEFAULT_PLUGINS):
@@ -292,9 +324,13 @@ def make_plugin_manager(*, entry_points: bool = True, blocked: Iterable[str] = (
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         plugin = pm.get_name(exc.plugin) or repr(exc.plugin)
-        dist, version = dists.get(plugin, ("tcpstates", tcpstates.__version__))
-        raise UsageError(f"plugin {plugin!r} ({dist} {version}) implements a hook tcpstates does not "
-                         f"have: {exc}; check the hook name against docs/plugins.md") from None
+        # (pluggy's message holds the plugin's repr: a path, or an object's address)
+        hooks = ", ".join(sorted(
+            name for name, caller in vars(pm.hook).items()
+            if not name.startswith("_") and not caller.has_spec()
+            and any(impl.plugin is exc.plugin for impl in caller.get_hookimpls()))) or str(exc)
+        raise UsageError(f"plugin {plugin!r} ({_label(dists, plugin)}) implements a hook tcpstates does "
+                         f"not have: {hooks}; check the hook name against docs/plugins.md") from None
     registry = Registry(pm, dists)
     registry.collect()
     registry.disable(blocked)
@@ -313,7 +349,8 @@ def call_lifecycle(registry: Registry, hook_name: str, warner: Warner, strict: b
         try:
             impl.function(**{k: kwargs[k] for k in impl.argnames})
         except Exception as exc:
-            message = f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+            message = (f"plugin {impl.plugin_name!r} ({registry.label(impl.plugin_name)}) failed in "
+                       f"{hook_name}: {type(exc).__name__}: {exc}")
             if strict:
                 raise UsageError(message) from exc
             warner.warn(f"warning: {message}")

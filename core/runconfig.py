@@ -216,9 +216,6 @@ class RunConfig:
         """The active sinks, in order."""
         return list(self._active)
 
-    def sink_names(self) -> list[str]:
-        return [s.name for s in self._active]
-
     def has_sink(self, name: str) -> bool:
         return any(s.name == name for s in self._active)
 

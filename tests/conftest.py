@@ -66,6 +66,25 @@ def fluent_bit(tmp_path: Path):
         fb.kill()
 
 
+@pytest.fixture
+def fluent_bit_binary() -> str:
+    """The real Fluent Bit's path (tests/helpers/fbcase.py's needs_fluent_bit).
+    $FLUENT_BIT set to something that cannot run: the test fails (an explicitly
+    named binary is not optional). Skipped only without any binary, or with one
+    this OS's C library is too old for."""
+    from fluentbit import binary, cannot_run, unusable
+    problem = unusable()
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    path = binary()
+    if path is None:
+        pytest.skip("no Fluent Bit: set FLUENT_BIT or put it in ../shared/tools/fluent-bit/")
+    reason = cannot_run()
+    if reason is not None:
+        pytest.skip(reason)
+    return path
+
+
 @pytest.fixture(scope="session")
 def as_nobody():
     """Run the real CLI as uid 65534 (needs root to switch): `as_nobody(*args, env=...)`."""

@@ -92,7 +92,9 @@ OUT_OF_RANGE = [
     ("[[chain]]\nuse = \"duration\"\nmin_ms = -1.0\n", "min_ms"),
     ("[[chain]]\nuse = \"duration\"\nmin_ms = 10.0\nmax_ms = 5.0\n", "max_ms"),
     ("[[chain]]\nuse = \"duration\"\nunknown = \"maybe\"\n", "unknown"),
-    ("[[chain]]\nuse = \"ports\"\nlocal = [0]\n", "out of range"),
+    ("[[chain]]\nuse = \"ports\"\nlocal = [0]\n", "chain[0].local[0]: expected at least 1, got 0"),
+    ("[[chain]]\nuse = \"ports\"\nremote = [80, 65536]\n", "chain[0].remote[1]: expected at most 65535"),
+    ("[[chain]]\nuse = \"ports\"\nremote = [\"0-80\"]\n", "out of range"),
     ("[[chain]]\nuse = \"ports\"\nremote = [\"\"]\n", "empty entry"),
     ("[[chain]]\nuse = \"family\"\nfamily = \"ipx\"\n", "family"),
     ("[[chain]]\nuse = \"state\"\nold = [\"SLEEPING\"]\n", "unknown TCP state"),
@@ -200,6 +202,45 @@ def _hostile_cases():
 
 
 HOSTILE_CASES = list(_hostile_cases())
+NON_FINITE = {"nan", "inf", "-inf"}
+
+
+def _is_numeric(tp) -> bool:
+    """An option holding numbers: int or float, alone, optional or in a list."""
+    if tp in (int, float):
+        return True
+    return any(_is_numeric(arg) for arg in typing.get_args(tp))
+
+
+def _field(name: str, kind: str, key: str):
+    info = REGISTRY.get(kind, name)
+    return next(f for f in option_fields(info.cls.Options) if f.name == key), \
+        typing.get_type_hints(info.cls.Options)[key]
+
+
+def _must_refuse(kind: str, name: str, key: str, label: str, literal: str) -> bool:
+    """Values a numeric option can never take: non-finite numbers, and numbers
+    outside its declared [min, max] (a float for an integer, too)."""
+    field, tp = _field(name, kind, key)
+    if not _is_numeric(tp):
+        return False
+    if label in NON_FINITE:
+        return True
+    try:
+        value = int(literal)
+    except ValueError:
+        try:
+            value = float(literal)
+        except ValueError:
+            return False
+    # one number (int, float, or optional): lists are refused for not being lists
+    scalar = [a for a in (typing.get_args(tp) or (tp,)) if a is not type(None)]
+    if scalar not in ([int], [float]):
+        return False
+    if isinstance(value, float) and scalar == [int]:
+        return True
+    low, high = field.metadata.get("min"), field.metadata.get("max")
+    return (low is not None and value < low) or (high is not None and value > high)
 
 
 def _override(kind: str, name: str, key: str) -> tuple[str, list[str]]:
@@ -224,5 +265,30 @@ def test_every_option_survives_hostile_values(tmp_path, kind, name, key, label, 
     err = r.stderr.decode()
     assert "Traceback" not in err and "internal error" not in err, err
     assert "\x1b" not in err and "\x00" not in err
-    if r.returncode != 0:
+    if _must_refuse(kind, name, key, label, literal):
+        # NaN, infinities and numbers out of the option's range: refused up front
+        assert r.returncode == 2 and err.count("\n") == 1 and f".{key}" in err, (r.returncode, err)
+        if label in NON_FINITE and "float" in str(_field(name, kind, key)[1]):
+            assert f"expected a finite number, got {label}" in err, err      # says what is wrong
+    elif r.returncode != 0:
         assert r.returncode in (1, 2) and err.count("\n") == 1, err
+
+
+NUMERIC_OPTIONS = [(info.kind, info.name, f.name) for info in REGISTRY.all()
+                   for f in option_fields(info.cls.Options)
+                   if _is_numeric(typing.get_type_hints(info.cls.Options)[f.name])]
+
+
+def test_the_hostile_corpus_has_numeric_options():
+    # the refusals above are checked for these; an empty list would check nothing
+    assert len(NUMERIC_OPTIONS) >= 25 and ("source", "kernel", "poll_ms") in NUMERIC_OPTIONS
+
+
+@pytest.mark.parametrize("kind,name,key", NUMERIC_OPTIONS, ids=[f"{k}:{n}.{o}" for k, n, o in NUMERIC_OPTIONS])
+def test_every_numeric_option_declares_its_bounds(kind, name, key):
+    """option(min=..., max=...): `tcpstates plugins` shows the range and the
+    schema refuses what is outside it; an option without one would take 1e308."""
+    field, _ = _field(name, kind, key)
+    low, high = field.metadata.get("min"), field.metadata.get("max")
+    assert low is not None and high is not None, f"{kind} {name}: option {key} has no min/max"
+    assert low <= high and high < 1e300

@@ -9,10 +9,11 @@ one clear line naming the output, the documented exit status; the healthy
 sink gets every event; and for every sink the summary's "written" is exactly
 what its destination holds, "not written" the rest.
 
-SIGTERM_STATES starts the tracer blocked in one state, waits for a readiness
+STOP_STATES starts the tracer blocked in one state, waits for a readiness
 signal (the kernel's wchan or fd table, the pipe being full, the tracer's own
-notice), sends SIGTERM and wants the exit, with the summary and the
-documented status (0; 1 when the run's only sink delivered nothing), within 2 s.
+notice), sends SIGTERM (as systemd does) or SIGINT (to the whole process group,
+as Ctrl-C does) and wants the exit, with the summary and the documented status
+(0; 1 when the run's only sink delivered nothing), within 2 s.
 """
 
 from __future__ import annotations
@@ -174,9 +175,9 @@ def test_output_fault(tmp_path, sink, make, outcome):
             assert got == 0, got
 
 
-# -- SIGTERM in each blocking state -------------------------------------------------------------
+# -- SIGTERM and SIGINT in each blocking state ----------------------------------------------------
 # (name, setup, readiness is in the setup's `ready`): one line per state
-SIGTERM_STATES = [
+STOP_STATES = [
     ("stdout-full-pipe-nobody-reads", stdout_full_pipe_nobody_reads),
     ("fifo-output-without-reader", fifo_output_without_reader),
     ("replay-fifo-without-writer", replay_of_fifo_without_writer),
@@ -191,15 +192,24 @@ SIGTERM_STATES = [
 _STATES_ROOT_ONLY = {"journald-stopped"}
 
 
-@pytest.mark.parametrize("setup", list(_params(SIGTERM_STATES, _STATES_ROOT_ONLY)))
-def test_sigterm_ends_the_run_within_two_seconds_with_its_summary(tmp_path, setup):
+def _stop(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)     # Ctrl-C: every process of the foreground group
+    else:
+        proc.send_signal(sig)        # systemd's stop: the main process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("setup", list(_params(STOP_STATES, _STATES_ROOT_ONLY)))
+def test_a_stop_signal_ends_the_run_within_two_seconds_with_its_summary(tmp_path, setup, sig):
     with ExitStack() as stack:
         state = setup(tmp_path, stack)
         err_path = tmp_path / "stderr"
         argv = tcpstates_argv(*state.args)
         with open(err_path, "wb") as err:
+            # its own process group: SIGINT reaches it and its helpers, never pytest
             proc = subprocess.Popen(state.wrap(argv) if state.wrap else argv, stdin=state.stdin,
-                                    stdout=state.stdout,
+                                    stdout=state.stdout, process_group=0,
                                     stderr=err if state.stderr is None else state.stderr)
         for fd in (state.stdin, state.stdout, state.stderr):
             if fd is not None and fd >= 0:
@@ -209,7 +219,7 @@ def test_sigterm_ends_the_run_within_two_seconds_with_its_summary(tmp_path, setu
             wait_for(lambda: proc.poll() is not None or state.ready(pid), "never reached the state")
             assert proc.poll() is None, f"exited before the stop: {err_path.read_text()}"
             start = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            _stop(proc, sig)
             state.at_stop()
             rc = proc.wait(10)
             took = time.monotonic() - start

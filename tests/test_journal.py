@@ -59,6 +59,36 @@ def test_dash_Y_journals_ipv4_and_ipv6_and_keeps_stdout(tracer, journald):
     assert syn[0]["OBJECT_TCP_SPAN_TIME"] == "0"   # bcc's field keeps bcc's 0
 
 
+def _stderr_closed(wrap):
+    """`tcpstates ... 2>&-` inside the journal's namespace: no descriptor 2 at start."""
+    return lambda argv: wrap(["bash", "-c", 'exec "$@" 2>&-', "bash", *argv])
+
+
+def test_dash_Y_with_stderr_closed_journals_every_event_and_ends_cleanly(tracer, journald):
+    """`tcpstates -Y 2>&-` (a shell or service manager that closed it): Python
+    starts with sys.stderr None, so the summary and any warning have nowhere to
+    go and must not cost the run (status 0, not an internal error); nothing may
+    reach the journal but the events (stdio.guard() puts /dev/null under fd 2
+    before the journal's socket is opened): the table is printed, every event
+    journalled once, nothing else journalled."""
+    port = free_port()
+    t = tracer("-Y", "-D", str(port), wrap=_stderr_closed(journald.argv))
+    refused(port)
+    refused(port)
+    rc, out, err = t.stop()
+    assert rc == 0 and err == "", (rc, err)      # nothing reached the file stderr would have been
+    lines = out.splitlines()
+    assert lines[0].startswith("SKADDR") and len(lines) == 1 + 4, out
+    journald.sync()
+    everything = journald.read()
+    ours = [e for e in everything if e.get("SYSLOG_IDENTIFIER") == "tcpstates"]
+    assert len(ours) == 4 and all(e["TCP_REMOTE_PORT"] == str(port) for e in ours), ours
+    pids = {e["_PID"] for e in ours}
+    assert [e for e in everything if e.get("_PID") in pids and e not in ours] == []   # no stray lines
+    assert [(e["TCP_OLD_STATE"], e["TCP_NEW_STATE"]) for e in ours] == [("CLOSE", "SYN_SENT"),
+                                                                       ("SYN_SENT", "CLOSE")] * 2
+
+
 def test_missing_journal_socket_is_said_once(tracer, tmp_path):
     port = free_port()
     # a private /run without a journal socket, whatever the host runs

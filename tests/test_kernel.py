@@ -146,7 +146,7 @@ def test_started_as_console_script_and_module_alike(tracer):
 
 
 def test_tracer_process_stays_small_after_the_helper_compiled(tracer):
-    # bcc/LLVM live only in the short-lived loader process (see core/loader.py)
+    # bcc/LLVM live only in the short-lived loader process (see plugins/kernel/loader.py)
     t = tracer("-L", "1")
     status = open(f"/proc/{t.proc.pid}/status").read()
     hwm_kb = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1])

@@ -248,33 +248,130 @@ def test_decoder_fields_unknown_span_ipv6_and_hostile_comm():
     assert second.saddr == "::1" and second.span_ns == 5 and second.family == socket.AF_INET6
 
 
-def test_c_record_layout_matches_the_decoder(tmp_path):
-    """Compile bpf/tcpstates.h with the C compiler: every field's offset and
-    size must be what EVENT_STRUCT unpacks."""
+EVENT_FIELDS = ["ts_ns", "skaddr", "span_ns", "cgroup_id", "pid", "tid", "sport", "dport", "family",
+                "oldstate", "newstate", "saddr", "daddr", "comm"]
+OWNER_FIELDS = ["owner_start_ns", "owner_cgroup_id", "owner_pid", "owner_how", "owner_comm"]
+CONN_FIELDS = ["start_ns", "last_ns", "state_ns", "first_state", "complete", "closed", "pad"]
+CPU_FIELDS = ["hits", "done", "start_ns", "filtered", "ringed", "spilled", "drops", "reserved"]
+AGG_FIELDS = ["events", "state_sum_ns", "state_hist", "transitions", "extra_sum_ns", "extra_hist"]
+C_CONSTANTS = ["TCPSTATES_NSTATES", "TCPSTATES_AGG_BUCKETS", "TCPSTATES_AGG_EXTRA",
+               "TCPSTATES_AGG_HANDSHAKE", "TCPSTATES_AGG_LIFETIME"]
+
+
+def _compile_and_run(tmp_path, body: str) -> str:
+    """Compile a C program including bpf/tcpstates.h (as the BPF side does) and run it."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         pytest.fail("no C compiler: apt-get install gcc (./test.sh installs it)")
-    fields = ["ts_ns", "skaddr", "span_ns", "cgroup_id", "pid", "tid", "sport", "dport", "family",
-              "oldstate", "newstate", "saddr", "daddr", "comm"]
     prog = tmp_path / "layout.c"
     prog.write_text(
-        "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
+        "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n#include <string.h>\n"
         "typedef uint64_t u64; typedef uint32_t u32; typedef uint16_t u16; typedef uint8_t u8;\n"
-        '#include "tcpstates.h"\n#define F(f) printf("%zu %zu\\n", offsetof(struct tcpstates_event, f), '
-        "sizeof(((struct tcpstates_event *)0)->f));\n"
-        "int main(void) {\n" + "".join(f"F({f})\n" for f in fields)
-        + 'printf("%zu\\n", sizeof(struct tcpstates_event)); return 0; }\n')
-    subprocess.run([cc, "-I", str(bpf_source_dir()), "-o", str(tmp_path / "layout"), str(prog)], check=True)
-    out = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split("\n")
-    c_layout = [tuple(map(int, line.split())) for line in out[:len(fields)]]
-    # the decoder's layout, field by field, from its struct format
-    py_layout, offset = [], 0
-    for item in _format_items(EVENT_STRUCT.format):
+        '#include "tcpstates.h"\n'
+        '#define F(s, f) printf("%s %s %zu %zu\\n", #s, #f, offsetof(struct s, f), sizeof(((struct s *)0)->f));\n'
+        '#define S(s) printf("%s sizeof %zu 0\\n", #s, sizeof(struct s));\n'
+        '#define K(k) printf("const %s %d 0\\n", #k, (int)(k));\n'
+        "int main(void) {\n" + body + "return 0; }\n")
+    subprocess.run([cc, "-Wall", "-I", str(bpf_source_dir()), "-o", str(tmp_path / "layout"), str(prog)],
+                   check=True)
+    return subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout
+
+
+def _c_layouts(tmp_path) -> dict[str, dict[str, tuple[int, int]]]:
+    """struct → member → (offset, size), "sizeof" → (size, 0); "const" → name → (value, 0)."""
+    members = {"tcpstates_event": EVENT_FIELDS + OWNER_FIELDS,
+               "tcpstates_conn_event": [f"ev.{f}" for f in EVENT_FIELDS + OWNER_FIELDS] + CONN_FIELDS,
+               "tcpstates_cpu": CPU_FIELDS, "tcpstates_agg": AGG_FIELDS}
+    body = "".join(f"F({s}, {f})\n" for s, fs in members.items() for f in fs)
+    body += "".join(f"S({s})\n" for s in members) + "".join(f"K({k})\n" for k in C_CONSTANTS)
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for line in _compile_and_run(tmp_path, body).splitlines():
+        struct_name, member, a, b = line.split()
+        out.setdefault(struct_name, {})[member] = (int(a), int(b))
+    return out
+
+
+def _py_layout(fmt: str, split: bool = False) -> list[tuple[int, int]]:
+    """(offset, size) of each item of a struct format, in order; `split`: "8Q"
+    is eight items (eight fields), not one (an array)."""
+    items = _format_items(fmt)
+    if split:
+        items = [one for item in items
+                 for one in ([item[-1]] * int(item[:-1]) if item[:-1] and item[-1] not in "sx" else [item])]
+    layout, offset = [], 0
+    for item in items:
         size = struct.calcsize("<" + item)
-        py_layout.append((offset, size))
+        layout.append((offset, size))
         offset += size
-    assert c_layout == py_layout[:len(fields)]
-    assert int(out[len(fields)]) == EVENT_SIZE
+    return layout
+
+
+def _owner_tail(c: dict[str, tuple[int, int]], prefix: str = "") -> tuple[int, int]:
+    """The owner fields as one span, as the decoder hands them on ("40s")."""
+    start = c[prefix + "owner_start_ns"][0]
+    last = c[prefix + "owner_comm"]
+    return start, last[0] + last[1] - start
+
+
+def test_c_record_layout_matches_the_decoder(tmp_path):
+    """Compile bpf/tcpstates.h with the C compiler: every field of every record
+    user space reads — the event with its owner tail, the connection record, the
+    per-CPU state and the aggregates — must sit where the Python unpacks it."""
+    from tcpstates.plugins.kernel import aggregates, conndecoder, cpustate
+    from tcpstates.plugins.owner.enricher import RAW_OWNER
+
+    c = _c_layouts(tmp_path)
+    const = {k: v for k, (v, _) in c["const"].items()}
+    # the event: 14 fields, then the owner tail the decoder hands on undecoded
+    ev = c["tcpstates_event"]
+    assert [ev[f] for f in EVENT_FIELDS] + [_owner_tail(ev)] == _py_layout(EVENT_STRUCT.format)
+    assert ev["sizeof"][0] == EVENT_SIZE
+    # the owner tail, field by field, as the owner enricher unpacks it
+    tail_start, tail_size = _owner_tail(ev)
+    assert [(ev[f][0] - tail_start, ev[f][1]) for f in OWNER_FIELDS] == _py_layout(RAW_OWNER.format)
+    assert tail_size == RAW_OWNER.size
+    # the connection record: the event, then start/last, state_ns[16], three flags, padding
+    conn = c["tcpstates_conn_event"]
+    want = ([conn[f"ev.{f}"] for f in EVENT_FIELDS] + [_owner_tail(conn, "ev.")]
+            + [conn[f] for f in CONN_FIELDS])
+    assert want == _py_layout(conndecoder.CONN_STRUCT.format)
+    assert conn["sizeof"][0] == conndecoder.CONN_SIZE and const["TCPSTATES_NSTATES"] == conndecoder.NSTATES
+    # the per-CPU state: eight u64, the first seven named as cpustate reads them
+    cpu = c["tcpstates_cpu"]
+    assert [cpu[f] for f in CPU_FIELDS] == _py_layout(cpustate.CPU_STATE.format, split=True)
+    assert tuple(CPU_FIELDS[:len(cpustate.FIELDS)]) == cpustate.FIELDS
+    assert cpu["sizeof"][0] == cpustate.CPU_STATE_SIZE
+    # the aggregates: one flat row of u64 words (what C writes is read back below)
+    assert c["tcpstates_agg"]["sizeof"][0] == aggregates.AGG_SIZE
+    assert (const["TCPSTATES_AGG_BUCKETS"], const["TCPSTATES_AGG_EXTRA"]) == (aggregates.BUCKETS,
+                                                                              len(aggregates.EXTRA))
+    assert (const["TCPSTATES_AGG_HANDSHAKE"], const["TCPSTATES_AGG_LIFETIME"]) == (
+        aggregates.EXTRA.index("handshake"), aggregates.EXTRA.index("lifetime"))
+
+
+def test_aggregates_written_by_c_read_back_by_the_reader(tmp_path):
+    """A struct tcpstates_agg filled in C, each array with a value at a distinct
+    index, is read by AggregateReader.snapshot() (its words, as the mapping holds
+    them) into exactly those histograms and counts."""
+    from tcpstates.plugins.kernel import aggregates
+    out = _compile_and_run(tmp_path, """
+        struct tcpstates_agg a; memset(&a, 0, sizeof a);
+        a.events = 3; a.state_sum_ns[4] = 1000; a.state_hist[4][7] = 5; a.transitions[2][7] = 9;
+        a.extra_sum_ns[TCPSTATES_AGG_LIFETIME] = 77; a.extra_hist[TCPSTATES_AGG_LIFETIME][3] = 6;
+        a.extra_hist[TCPSTATES_AGG_HANDSHAKE][2] = 8;
+        const unsigned char *p = (const unsigned char *)&a;
+        for (size_t i = 0; i < sizeof a; i++) printf("%02x", p[i]);
+        """)
+    reader = aggregates.AggregateReader.__new__(aggregates.AggregateReader)   # no BPF maps: bytes
+    reader.ncpus = 1
+    reader._agg = bytes.fromhex(out)
+    reader._ports = bytes(2 * aggregates.PORTS * 8)
+    snap = reader.snapshot()
+    assert snap.events == 3 and snap.transitions == {(2, 7): 9}
+    assert list(snap.states) == [4] and snap.states[4].sum_ns == 1000
+    assert snap.states[4].buckets == [5 if i == 7 else 0 for i in range(aggregates.BUCKETS)]
+    assert snap.extra["lifetime"].sum_ns == 77 and snap.extra["lifetime"].buckets[3] == 6
+    assert snap.extra["handshake"].buckets[2] == 8 and snap.extra["handshake"].count == 8
 
 
 def _format_items(fmt: str) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 from fakedist import fake_dist, sink_plugin
-from tracer import run_cli
+from tracer import one_line_error, run_cli
 
 from tcpstates import hookspecs
 from tcpstates.api import Filter, Sink
@@ -180,6 +180,94 @@ def test_duplicate_stage_names_name_both_distributions(tmp_path):
     ok = run_cli("--config", str(cfg), "--replay", os.devnull, "--sink", "dup", "--no-summary",
                  env={"PYTHONPATH": str(tmp_path)})
     assert ok.returncode == 0, ok.stderr
+
+
+MISSPELLED = """
+from tcpstates.hookspecs import hookimpl
+@hookimpl
+def tcpstates_register_snik(register):
+    pass
+"""
+
+
+def test_a_misspelled_hook_is_one_line_naming_the_plugin_and_the_hook(tmp_path):
+    """An installed plugin with `tcpstates_register_snik`: pluggy would only say
+    "unknown hook" with the module's repr; the run refuses to start and names
+    the plugin, its distribution and the hook."""
+    fake_dist(tmp_path, "tcpstates-snik", "1.2", "snik_plugin", MISSPELLED)
+    err = one_line_error(run_cli("--replay", os.devnull, env={"PYTHONPATH": str(tmp_path)}),
+                         "tcpstates_register_snik")
+    assert "plugin 'snik_plugin' (tcpstates-snik 1.2) implements a hook tcpstates does not have" in err
+    assert "<module" not in err, err           # the hook's name, not pluggy's repr of the module
+
+
+class _Misspelled:
+    @hookimpl
+    def tcpstates_register_snik(self, register):
+        pass
+
+
+class _RaisingRegister:
+    @hookimpl
+    def tcpstates_register_sinks(self, register):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("plugin,needle", [
+    (_Misspelled(), "implements a hook tcpstates does not have: tcpstates_register_snik"),
+    (_RaisingRegister(), "failed in tcpstates_register_sinks: RuntimeError: boom"),
+])
+def test_an_in_process_plugin_is_named_as_one_not_as_tcpstates(plugin, needle):
+    """A plugin object handed to the registry (run_pipeline's `plugins`, an
+    embedder's) has no distribution: it is named by its class and said to be
+    in-process, never "(tcpstates 0.1.0)" as if it were built in."""
+    from tcpstates.errors import UsageError
+    from tcpstates.registry import make_plugin_manager
+    with pytest.raises(UsageError) as exc:
+        make_plugin_manager(entry_points=False, extra_plugins=[plugin])
+    name = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+    assert str(exc.value).startswith(f"plugin {name!r} (registered in-process) "), exc.value
+    assert needle in str(exc.value) and "tcpstates 0.1" not in str(exc.value)
+
+
+SPY_SINK = """
+import dataclasses, json
+from tcpstates import Sink, hookimpl, option
+@dataclasses.dataclass
+class SpyOptions:
+    path: str = option("", "where to write the options it was given")
+    time: bool = option(False, "same name as the table's -T option")
+    timestamp: bool = option(False, "same name as the table's -t option")
+    wide: bool = option(False, "same name as the table's -w option")
+    owner: bool = option(False, "same name as the table's --owner option")
+class SpySink(Sink):
+    name = "spy"
+    Options = SpyOptions
+    def write(self, batch): pass
+    def close(self):
+        with open(self.options.path, "w") as f:
+            json.dump(dataclasses.asdict(self.options), f)
+@hookimpl
+def tcpstates_register_sinks(register):
+    register(SpySink)
+"""
+
+
+def test_table_flags_never_change_a_third_party_sinks_options_of_the_same_name(tmp_path):
+    """-T -t -w --owner belong to the text and CSV tables: a third-party sink with
+    options called time, timestamp, wide and owner keeps what it was configured
+    with, while the table beside it gets all four."""
+    fake_dist(tmp_path, "tcpstates-spy", "1.0", "spy_plugin", SPY_SINK)
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(orjson.dumps(REPLAY_RECORD) + b"\n")
+    spy = tmp_path / "spy.json"
+    r = run_cli("--replay", str(trace), "--sink", "text", "--sink", "spy", "-o", f"sinks.spy.path={spy}",
+                "-T", "-t", "-w", "--owner", "--no-summary", env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert orjson.loads(spy.read_bytes()) == {"path": str(spy), "time": False, "timestamp": False,
+                                              "wide": False, "owner": False}
+    header = r.stdout.decode().splitlines()[0].split()    # the table took every flag
+    assert header[:2] == ["TIME", "TIME(s)"] and "O-PID" in header and "IP" in header, header
 
 
 def test_disabling_a_builtin(tmp_path):

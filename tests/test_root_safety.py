@@ -4,6 +4,7 @@ through the real CLI (a subprocess), as an unprivileged user would mount it."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -216,6 +217,56 @@ def test_python_m_ignores_modules_in_the_working_directory(tmp_path):
     assert r.returncode == 0, r.stderr
     assert not marker.exists()
     assert r.stdout.startswith(b"SKADDR")
+
+
+PLANTED = "open({marker!r}, 'a').write({what!r})\nraise SystemExit(99)\n"
+
+
+def _plant(where: Path, marker: Path) -> None:
+    """What another user could leave in a directory where root starts tcpstates:
+    a `tcpstates` package of their own and modules the real one imports."""
+    pkg = where / "tcpstates"
+    pkg.mkdir()
+    for name in ("__init__", "__main__", "cli"):
+        (pkg / f"{name}.py").write_text(PLANTED.format(marker=str(marker), what=f"tcpstates/{name}"))
+    for mod in ("argparse", "tomllib", "pluggy", "orjson"):
+        (where / f"{mod}.py").write_text(PLANTED.format(marker=str(marker), what=mod))
+
+
+def test_the_script_and_python_P_ignore_a_tcpstates_package_in_the_working_directory(tmp_path):
+    """docs/security.md: as root, start the installed script or `python -P -m`.
+    Plain `python -m` runs the planted package (Python imports it before any of
+    our code): checked too, so that the plant is known to work and the doc's
+    warning stays true."""
+    marker = tmp_path / "pwned"
+    _plant(tmp_path, marker)
+    script = Path(sys.executable).with_name("tcpstates")
+    assert script.is_file(), f"no console script next to {sys.executable}: pip install the project"
+    for argv in ([str(script)], [sys.executable, "-P", "-m", "tcpstates"]):
+        r = subprocess.run([*argv, "--replay", os.devnull, "--no-summary"], cwd=tmp_path,
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0 and not marker.exists(), (argv, r.returncode, r.stderr,
+                                                          marker.exists() and marker.read_text())
+        assert r.stdout.startswith(b"SKADDR"), (argv, r.stdout)
+    plain = subprocess.run([sys.executable, "-m", "tcpstates", "--replay", os.devnull], cwd=tmp_path,
+                           capture_output=True, timeout=60)
+    assert plain.returncode == 99 and marker.read_text() == "tcpstates/__init__", plain.stderr
+
+
+def test_the_shipped_launchers_start_the_script():
+    """run.sh, the systemd unit and the container image start the installed
+    script, never `python -m tcpstates` (which would look in the working directory)."""
+    launchers = {"run.sh": 'bin/tcpstates" "$@"', "contrib/tcpstates.service": "ExecStart=/opt/tcpstates/bin/tcpstates ",
+                 "deploy/kubernetes/Containerfile": 'ENTRYPOINT ["/opt/tcpstates/bin/tcpstates"]'}
+    for path, needle in launchers.items():
+        text = (ROOT / path).read_text()
+        assert needle in text, (path, needle)
+    for path in [ROOT / "run.sh", ROOT / "test.sh", *ROOT.glob("scripts/*"), *ROOT.glob("contrib/*"),
+                 *ROOT.glob("deploy/**/*"), *ROOT.glob("bench/*.py")]:
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            # `-m tcpstates` only after -P
+            assert not re.search(r'(?<!-P )-m tcpstates|(?<!"-P", )"-m", "tcpstates"', text), path
 
 
 # -- numbers and text from outside ------------------------------------------------------------------

@@ -24,8 +24,10 @@ from tcpstates.plugins.filters.ports import parse_ports
 
 @dataclasses.dataclass
 class PortsOptions:
-    local: list[int | str] = option([], "local ports or ranges to keep, e.g. [80, \"8000-8100\"]")
-    remote: list[int | str] = option([], "remote ports or ranges to keep")
+    # min/max bound the numbers; "8000-8100" ranges are checked by parse_ports
+    local: list[int | str] = option([], "local ports or ranges to keep, e.g. [80, \"8000-8100\"]",
+                                    min=1, max=65535)
+    remote: list[int | str] = option([], "remote ports or ranges to keep", min=1, max=65535)
 
     def validate(self) -> None:
         self.local_set = parse_ports(self.local, "local") if self.local else None

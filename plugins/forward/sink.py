@@ -144,7 +144,6 @@ class ForwardSink(Sink):
         self.overflow = 0        # events that did not fit
         self.left = 0            # events still unacknowledged at exit
         self.rejected = 0        # chunks the receiver rejected
-        self.chunks_sent = 0
         self._overflow_reported = 0
         self._chunk_limit = options.chunk_bytes
         self._connected = False
@@ -279,7 +278,6 @@ class ForwardSink(Sink):
         payload = request(msgpack.Packer(use_bin_type=True), self.options.tag,
                           [entry for entry, _ in chunk], self.options.mode, chunk_id)
         self.conn.send_chunk(payload, chunk_id)
-        self.chunks_sent += 1
 
     def _run(self) -> None:
         backoff = self.options.retry_min

@@ -5,7 +5,7 @@ in a helper process, read from a BPF ring (or perf) buffer in whole batches.
     probe.py     compile/attach through the loader, read and decode batches
     loader.py    the short-lived helper that runs bcc and hands the fds over
     ringbuf.py   the ring buffer reader (mmap walk);  perfbuf.py  the perf buffer reader
-    decoder.py   raw records → Events;  bpfsys.py  bpf() map lookups without bcc
+    decoder.py   raw records → Events;  bpfsys.py  the possible-CPU count maps are sized by
     headers.py   a header tree for bcc when none matches the running kernel
     doctor.py    this stage's `tcpstates doctor` checks
 """

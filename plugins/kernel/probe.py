@@ -207,7 +207,7 @@ class KernelProbe:
             self._decode_block, self._decode = dec.decode_block, dec.decode
         self.max_block = batch_size * self._ring_record_size
         self._warn = warn or (lambda m: sys.stderr.write(f"tcpstates: {m}\n"))
-        tree, self.header_source = choose_header_tree()
+        tree, _ = choose_header_tree()   # how it was found: `tcpstates doctor` says
         src_dir = bpf_source_dir()
         ncpus = possible_cpus()
         self.poll_s = poll_s if timer_wakeup else None

@@ -1,5 +1,5 @@
 """The building blocks of tests/test_fault_matrix.py: destinations in a faulty
-state for an output sink, and the tracer blocked in one state for SIGTERM.
+state for an output sink, and the tracer blocked in one state for SIGTERM and SIGINT.
 
 An output destination (`Dest`) says how the tracer's command line and stdout
 look, what to do while the run goes on, and what the destination holds
@@ -208,7 +208,7 @@ def symlinked_parent_of_root(tmp: Path, stack: ExitStack, sink: str) -> Dest:
                 held=lambda: p.read_bytes() if p.exists() else b"")
 
 
-# -- blocking states for SIGTERM --------------------------------------------------------------------
+# -- blocking states for SIGTERM and SIGINT ---------------------------------------------------------
 @dataclasses.dataclass
 class Blocked:
     """The tracer started in a state where it blocks; `ready(pid)` says it is there."""
@@ -218,7 +218,7 @@ class Blocked:
     stdin: int = subprocess.DEVNULL
     stderr: int | None = None                 # None: a file the test reads
     stderr_text: Callable[[], str] | None = None   # how to read stderr when it is a pipe
-    at_stop: Callable[[], None] = lambda: None     # right after SIGTERM is sent
+    at_stop: Callable[[], None] = lambda: None     # right after the signal is sent
     wrap: Callable[[list[str]], list[str]] | None = None
     tracer_pid: Callable[[int], int] = lambda pid: pid
     summary_has: str = ""                     # what the summary must also say
@@ -295,7 +295,7 @@ def _full_pipe_filled_again(r: int) -> Callable[[int], bool]:
 
 def stdout_full_pipe_nobody_reads(tmp: Path, stack: ExitStack) -> Blocked:
     """The table into a pipe that takes ROOM bytes more, then nothing; its
-    stall_timeout far away: the tracer waits on the pipe when SIGTERM comes."""
+    stall_timeout far away: the tracer waits on the pipe when the stop comes."""
     from replayrec import replay_record
     trace = tmp / "in.jsonl"
     trace.write_bytes(b"".join(replay_record(i) for i in range(1, 2001)))

@@ -30,11 +30,22 @@ CANDIDATES = [base / "shared" / "tools" / "fluent-bit" / "fluent-bit" for base i
 
 
 def binary() -> str | None:
-    """$FLUENT_BIT if set (then it must exist), else the first default that does."""
+    """$FLUENT_BIT if set (whether or not it can run: `unusable()` says), else the
+    first default that exists, else None."""
     if os.environ.get("FLUENT_BIT"):
-        path = os.environ["FLUENT_BIT"]
-        return path if os.access(path, os.X_OK) else None
+        return os.environ["FLUENT_BIT"]
     return next((str(p) for p in CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+def unusable() -> str | None:
+    """Why $FLUENT_BIT, when set, names no runnable binary; None if it does (or is
+    not set). A binary named explicitly that cannot run is a broken set-up, to
+    be reported as an error, never a reason to skip the tests."""
+    path = os.environ.get("FLUENT_BIT")
+    if path and not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        why = "does not exist" if not os.path.lexists(path) else "is not an executable file"
+        return f"FLUENT_BIT={path} {why}: point it at a Fluent Bit binary or unset it"
+    return None
 
 
 @functools.cache
@@ -44,7 +55,7 @@ def cannot_run() -> str | None:
     glibc 2.36; Ubuntu 22.04 has 2.35): nothing can be installed to fix that. Any
     other failure (a missing library: set-up's job) is left to fail the tests."""
     path = binary()
-    if path is None:
+    if path is None or unusable() is not None:
         return None
     try:
         r = subprocess.run([path, "--version"], capture_output=True, timeout=30)
