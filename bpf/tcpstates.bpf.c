@@ -501,6 +501,19 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         }
     }
 #endif
+#ifdef TCPSTATES_FILTER_TRANSITION
+    /* decided before a record is reserved: a reserved and discarded record
+     * costs the ring and the reader as much as a kept one (a state filter
+     * that keeps only failures drops nearly every event); the socket's
+     * clock still moves */
+    if (!port_allowed(transition_allowed.lookup(&transition))) {
+        ts = bpf_ktime_get_ns();
+        prev = last_change.lookup(&sk);
+        if (prev && !TCPSTATES_SAME_SK(prev, sk))
+            prev = NULL;
+        goto filtered_update;
+    }
+#endif
 #if !defined(TCPSTATES_PERF_BUFFER) && !defined(TCPSTATES_NO_EVENTS)
     e = events.ringbuf_reserve(sizeof(*e));
 #endif
@@ -531,12 +544,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             discard_reserved(e);
             goto filtered_update;
         }
-    }
-#endif
-#ifdef TCPSTATES_FILTER_TRANSITION
-    if (!port_allowed(transition_allowed.lookup(&transition))) {
-        discard_reserved(e);
-        goto filtered_update;
     }
 #endif
     /* every in-kernel filter has passed: what a sink would be handed */

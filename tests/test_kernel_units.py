@@ -142,11 +142,29 @@ def test_ring_skips_discarded_and_foreign_records_but_not_ours(ring):
     fake.record(b"x" * 20)                      # a foreign size
     fake.record(event_bytes(2))
     assert reader.read_block(1 << 20, EVENT_SIZE) == b""
-    assert reader.skip_foreign(EVENT_SIZE) and reader.skip_foreign(EVENT_SIZE)
+    assert reader.skip_foreign(EVENT_SIZE)      # the whole run of foreign records at once
     assert not reader.skip_foreign(EVENT_SIZE), "our committed record is not foreign"
     assert reader.foreign == 2
     events, _ = Decoder().decode_block(reader.read_block(1 << 20, EVENT_SIZE))
     assert [e.pid for e in events] == [102]
+
+
+def test_ring_skips_a_long_run_of_discarded_records_in_one_call_and_stops_at_a_busy_one(ring):
+    # a kernel filter that drops most events (the state and duration filters
+    # discard a reserved record) leaves thousands of discarded records in a row
+    fake, reader = ring
+    n = (fake.size // 2) // RING_RECORD_SIZE
+    for i in range(n):
+        fake.record(event_bytes(i), discard=True)
+    busy_at = fake.record(event_bytes(7), busy=True)
+    fake.record(event_bytes(8), discard=True)
+    assert reader.read_block(1 << 20, EVENT_SIZE) == b""
+    assert reader.skip_foreign(EVENT_SIZE)
+    assert reader.foreign == n
+    assert not reader.skip_foreign(EVENT_SIZE), "a busy record of ours must never be skipped"
+    fake.commit(busy_at, EVENT_SIZE)
+    events, used = Decoder().decode_block(reader.read_block(1 << 20, EVENT_SIZE))
+    assert [e.pid for e in events] == [107]
 
 
 def test_ring_block_is_bounded_by_max_bytes(ring):

@@ -146,3 +146,35 @@ def test_a_lower_bound_and_a_state_filter_compile_in_perf_buffer_mode(tracer):
     assert {(r["OLDSTATE"], r["NEWSTATE"]) for r in mine} >= {("ESTABLISHED", "FIN_WAIT1"),
                                                               ("ESTABLISHED", "CLOSE_WAIT")}
     assert len(mine) >= 2 * 8, out
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("chain", [
+    # keeps only refused connects: decided before a record is reserved
+    '{use="state", transitions=["SYN_SENT->CLOSE"]}',
+    # the sockets' first transitions (unknown span) by state, before reserving;
+    # every other event by its known span: reserved, then discarded in the
+    # kernel, leaving long runs of discarded records for the reader to skip
+    '{use="state", transitions=["CLOSE->SYN_SENT", "LISTEN->SYN_RECV", "CLOSE->LISTEN"], exclude=true}, '
+    '{use="duration", min_ms=0, max_ms=0.000001, unknown="keep"}'])
+def test_a_storm_the_kernel_filters_away_ends_cleanly(tracer, chain):
+    # this tracer died under a storm with "RecursionError" (one recursive read
+    # per discarded ring record)
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from traffic import free_port
+    root = Path(__file__).resolve().parent.parent
+    t = tracer("-s", "-o", f"chain=[{chain}]", "-o", "sources.kernel.buffer_pages=64")
+    port = free_port()
+    load = subprocess.run([sys.executable, str(root / "bench" / "loadgen.py"), "--port", str(port),
+                           "--connections", "6000", "--seconds", "60"], capture_output=True, text=True,
+                          check=True)
+    assert json.loads(load.stdout)["connections"] == 6000
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    mine = [r for r in parse_csv(out) if port in (int(r["LPORT"]), int(r["RPORT"]))]
+    assert mine == []
+    m = re.search(r"(\d+) events seen, (\d+) kept", err)
+    assert m and m.group(1) == m.group(2), err

@@ -415,6 +415,16 @@ class KernelProbe:
         return []
 
     def _read(self, draining: bool) -> list[Event]:
+        # a loop, not a recursion: records a kernel filter discarded are
+        # skipped run by run and the read starts again, however many there are
+        while True:
+            events = self._read_once(draining)
+            if events is not None:
+                return events
+
+    def _read_once(self, draining: bool) -> list[Event] | None:
+        """One read; None when it only skipped records that are not ours
+        (then read again)."""
         # the watermark: taken before anything is read (see the class docstring)
         mark = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         bound = self.cpu.in_flight_bound()
@@ -443,7 +453,7 @@ class KernelProbe:
         if events:
             return events
         if reader is not None and reader.skip_foreign(self._record_size):
-            return self._read(draining)
+            return None
         if draining and not self._held:
             self._finish()
             return self._after_final

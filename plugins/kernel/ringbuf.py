@@ -116,20 +116,29 @@ class RingBufferReader:
             _U64.pack_into(self._consumer, 0, cons + nbytes)
 
     def skip_foreign(self, record_size: int) -> bool:
-        """At a record that is not ours (discarded, or not `record_size`
-        bytes): skip it and return True. A record of ours — busy, or
-        committed since the caller looked — is never skipped: False.
+        """At records that are not ours (discarded — a filter in the kernel
+        dropped the event after reserving it — or not `record_size` bytes):
+        skip every one of them up to the next record of ours and return True.
+        A record of ours — busy, or committed since the caller looked — is
+        never skipped: False when the first one is ours.
+
+        The whole run at once: a filter that drops most events leaves long
+        runs of discarded records, and one read per record made a storm
+        cost a reader call each (and once recursed past Python's limit).
         """
         cons = _U64.unpack_from(self._consumer, 0)[0]
         prod = _U64.unpack_from(self._producer, 0)[0]
-        if cons >= prod:
+        pos, skipped = cons, 0
+        while pos < prod:
+            length = _U32.unpack_from(self._producer, self._data_start + (pos & self._mask))[0]
+            if length & BUSY_BIT or length == record_size:
+                break
+            pos += ((length & ~(BUSY_BIT | DISCARD_BIT)) + HEADER_SIZE + 7) & ~7
+            skipped += 1
+        if not skipped:
             return False
-        length = _U32.unpack_from(self._producer, self._data_start + (cons & self._mask))[0]
-        if length & BUSY_BIT or length == record_size:
-            return False
-        real = length & ~(BUSY_BIT | DISCARD_BIT)
-        self.consume((real + HEADER_SIZE + 7) & ~7)
-        self.foreign += 1
+        self.consume(pos - cons)
+        self.foreign += skipped
         return True
 
     def close(self) -> None:
