@@ -188,3 +188,31 @@ def test_journal_value_of_what_a_third_party_enricher_may_add():
     assert journal_value({"s": {3}}) == '{"s":"{3}"}'     # orjson's default: str()
     with pytest.raises(TypeError):
         journal_value({"big": 1 << 70})     # the sink leaves such a field out
+
+
+SEND_ONE = """
+import sys
+from tcpstates.api import RunContext
+from tcpstates.events import Event
+from tcpstates.plugins.journal.sink import JournalOptions, JournalSink
+sink = JournalSink(JournalOptions(identifier="surrogate-test"), RunContext())
+sink.open()
+extra = {"x_name": "caf\\udce9", "x_names": ["ok", "\\ud800"], "x_plain": "été"}
+print(sink.write([Event(1, 2, 3, 4, 5, "c", 2, "127.0.0.1", 1, "127.0.0.1", 2, 1, 7, 0, extra)]))
+sink.close()
+"""
+
+
+def test_a_lone_surrogate_in_an_enricher_field_is_escaped_not_a_failed_batch(journald):
+    # a third-party enricher's str with a lone surrogate (os.fsdecode of a
+    # non-UTF-8 name): libsystemd's sendv raised UnicodeEncodeError before, the
+    # sink failed and lost the batch. No replayed record can carry one (orjson
+    # refuses them), hence a sink built in a process of its own, on a real journald.
+    r = subprocess.run(journald.argv([sys.executable, "-c", SEND_ONE]), capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+    journald.sync()
+    (entry,) = journald.read("SYSLOG_IDENTIFIER=surrogate-test")
+    assert entry["TCP_X_NAME"] == "caf\\xe9"          # the byte that was not UTF-8, as escape_text says it
+    assert entry["TCP_X_NAMES"] == "ok \\ud800"
+    assert entry["TCP_X_PLAIN"] == "été"              # valid non-ASCII text unchanged

@@ -263,6 +263,14 @@ class JournalSink(Sink):
                                   f"({type(exc).__name__}: {exc}); it is left out of the entries",
                                   once_key=f"journal-value:{key}")
                 continue
+            if not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    # a lone surrogate (a third-party enricher's os.fsdecode of a
+                    # name that is not UTF-8) cannot be sent: sendv would raise
+                    # and fail the batch. Escaped as every output escapes one.
+                    text = escape_text(text)
             f.append(f"{name}={text}")
 
     def write(self, batch: list[Event]) -> int | None:
