@@ -144,3 +144,75 @@ def test_list_bool_and_mapping_fields_are_journal_text_not_python_repr(journald,
     assert entry["TCP_OWNER_SOURCE"] == "shared" and "TCP_OWNER_PID" not in entry
     assert entry["TCP_X_FLAG"] == "1"
     assert json.loads(entry["TCP_X_MAP"]) == {"a": 1}
+
+
+def test_values_json_cannot_hold_leave_that_field_out_not_the_entry(journald, tmp_path):
+    # replayed fields nested deeper than orjson writes (it reads 1024 levels,
+    # writes 254) and a list nested past Python's recursion limit: before, the
+    # sink raised on them and lost the rest of the batch (a sink failure)
+    base = {"type": "state_change", "v": 1, "time": "2026-12-02T10:00:00.000000000Z",
+            "host": "h", "skaddr": "ffff888100000040", "family": "ipv4", "laddr": "127.0.0.1",
+            "lport": 8080, "raddr": "127.0.0.1", "rport": 40000, "oldstate": "SYN_SENT",
+            "newstate": "ESTABLISHED", "span_us": 5, "pid": 7, "tid": 7, "comm": "c", "cgroup_id": 1}
+    lines = []
+    for seq in (1, 2, 3):
+        rec = dict(base, seq=seq, time_ns=1_796_205_600_000_000_000 + seq, mono_ns=5_000_000_000 + seq,
+                   x_ok=f"kept{seq}")
+        text = json.dumps(rec)[:-1]
+        if seq == 2:
+            text += ', "x_deep_map": ' + '{"a": ' * 300 + "1" + "}" * 300
+            text += ', "x_deep_list": ' + "[" * 1000 + "]" * 1000
+            text += ', "x_nested": [[1, 2], {"k": [3]}], "x_flags": [true, false]'
+        lines.append(text + "}\n")
+    path = tmp_path / "deep.jsonl"
+    path.write_text("".join(lines))
+    r = subprocess.run(journald.argv([sys.executable, "-m", "tcpstates", "--replay", str(path),
+                                      "--sink", "journal"]),
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    journald.sync()
+    entries = sorted(journald.read("SYSLOG_IDENTIFIER=tcpstates"), key=lambda e: e["TCP_X_OK"])
+    assert [e["TCP_X_OK"] for e in entries] == ["kept1", "kept2", "kept3"]
+    second = entries[1]
+    assert "TCP_X_DEEP_MAP" not in second and "TCP_X_DEEP_LIST" not in second
+    assert second["TCP_X_NESTED"] == '[1,2] {"k":[3]}' and second["TCP_X_FLAGS"] == "1 0"
+    warned = [l for l in r.stderr.splitlines() if "could not be made journal text" in l]
+    assert len(warned) == 2 and "'x_deep_map'" in warned[0] + warned[1], r.stderr
+
+
+def test_journal_value_of_what_a_third_party_enricher_may_add():
+    from tcpstates.plugins.journal.sink import journal_value
+    assert journal_value({7: 1, "a": {2: [True]}}) == '{"7":1,"a":{"2":[true]}}'   # state-number keys
+    assert journal_value([1, None, "x y"]) == "1 None x y"
+    assert journal_value((True, 0)) == "1 0"
+    assert journal_value({"s": {3}}) == '{"s":"{3}"}'     # orjson's default: str()
+    with pytest.raises(TypeError):
+        journal_value({"big": 1 << 70})     # the sink leaves such a field out
+
+
+SEND_ONE = """
+import sys
+from tcpstates.api import RunContext
+from tcpstates.events import Event
+from tcpstates.plugins.journal.sink import JournalOptions, JournalSink
+sink = JournalSink(JournalOptions(identifier="surrogate-test"), RunContext())
+sink.open()
+extra = {"x_name": "caf\\udce9", "x_names": ["ok", "\\ud800"], "x_plain": "été"}
+print(sink.write([Event(1, 2, 3, 4, 5, "c", 2, "127.0.0.1", 1, "127.0.0.1", 2, 1, 7, 0, extra)]))
+sink.close()
+"""
+
+
+def test_a_lone_surrogate_in_an_enricher_field_is_escaped_not_a_failed_batch(journald):
+    # a third-party enricher's str with a lone surrogate (os.fsdecode of a
+    # non-UTF-8 name): libsystemd's sendv raised UnicodeEncodeError before, the
+    # sink failed and lost the batch. No replayed record can carry one (orjson
+    # refuses them), hence a sink built in a process of its own, on a real journald.
+    r = subprocess.run(journald.argv([sys.executable, "-c", SEND_ONE]), capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+    journald.sync()
+    (entry,) = journald.read("SYSLOG_IDENTIFIER=surrogate-test")
+    assert entry["TCP_X_NAME"] == "caf\\xe9"          # the byte that was not UTF-8, as escape_text says it
+    assert entry["TCP_X_NAMES"] == "ok \\ud800"
+    assert entry["TCP_X_PLAIN"] == "été"              # valid non-ASCII text unchanged

@@ -66,14 +66,26 @@ FIELD_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 def journal_value(value: Any) -> str:
     """An enricher field's value as journal text: journal fields are strings,
     so a list is its items separated by spaces (owner_candidates: PIDs), a
-    boolean 1 or 0 (as TCP_COMPLETE), a mapping JSON; not Python's repr."""
+    boolean 1 or 0 (as TCP_COMPLETE), a mapping JSON; not Python's repr.
+    A list's items that are lists or mappings themselves are JSON (no
+    recursion here: a replayed record may nest a thousand levels deep).
+    Raises TypeError/ValueError (or RecursionError) for a value JSON cannot
+    hold (nesting past orjson's limit, an integer above 64 bits in a
+    mapping): the caller leaves that field out, as it does a bad name."""
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, (list, tuple)):
-        return " ".join(journal_value(v) for v in value)
+        return " ".join(_json_text(v) if isinstance(v, (list, tuple, dict)) else
+                        ("1" if v else "0") if isinstance(v, bool) else str(v) for v in value)
     if isinstance(value, dict):
-        return orjson.dumps(value, default=str).decode()
+        return _json_text(value)
     return str(value)
+
+
+def _json_text(value: Any) -> str:
+    # keys that are not strings (a third-party enricher's {state number: count})
+    # become strings, as JSON needs; values orjson does not know, their str()
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def journal_field_name(key: str, prefix: str = "TCP_") -> str | None:
@@ -240,8 +252,26 @@ class JournalSink(Sink):
                                   f"(A-Z, 0-9, _ only); it is left out of the entries",
                                   once_key=f"journal-field:{key}")
                 continue
-            if value is not None:
-                f.append(f"{name}={journal_value(value)}")
+            if value is None:
+                continue
+            try:
+                text = journal_value(value)
+            except Exception as exc:     # any value of a third-party enricher's
+                # one field that cannot be text costs only itself, never the
+                # batch (the sink would fail and lose every entry after it)
+                self.context.warn(f"sink journal: field {key!r} could not be made journal text "
+                                  f"({type(exc).__name__}: {exc}); it is left out of the entries",
+                                  once_key=f"journal-value:{key}")
+                continue
+            if not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    # a lone surrogate (a third-party enricher's os.fsdecode of a
+                    # name that is not UTF-8) cannot be sent: sendv would raise
+                    # and fail the batch. Escaped as every output escapes one.
+                    text = escape_text(text)
+            f.append(f"{name}={text}")
 
     def write(self, batch: list[Event]) -> int | None:
         if not self._check_socket():

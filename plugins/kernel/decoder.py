@@ -72,10 +72,18 @@ class Decoder:
         return text
 
     def _slow_addr(self, family: int, raw: bytes) -> str:
-        cache = self._addr4 if family == AF_INET else self._addr6
+        # Any family but AF_INET is rendered as IPv6, as it is looked up in the
+        # IPv6 cache: the text is then a function of the raw bytes alone, which
+        # the C decoder's memo (shared by every Decoder, outliving the caches)
+        # relies on. The kernel only sends AF_INET and AF_INET6; another value
+        # (a corrupt record) must not raise and lose the whole block.
+        if family == AF_INET:
+            cache, text = self._addr4, socket.inet_ntop(AF_INET, raw[:4])
+        else:
+            cache, text = self._addr6, socket.inet_ntop(socket.AF_INET6, raw)
         if len(cache) >= self.CACHE_LIMIT:
             cache.clear()
-        text = cache[raw] = socket.inet_ntop(family, raw[:4] if family == AF_INET else raw)
+        cache[raw] = text
         return text
 
     def addr(self, family: int, raw: bytes) -> str:
