@@ -89,7 +89,7 @@ def address_plan(rules: tuple[AddressRule, ...] | list[AddressRule]) -> MapPlan:
         if any(s is not None for s in sets):
             entries = _lpm_entries(sets)
             plan.cflags += [f"-DTCPSTATES_FILTER_{side}ADDR={max(1, len(entries))}"]
-            plan.entries[f"{side.lower()}addr_rules"] = entries
+            plan.entries[f"{side.lower()}addr_rules"] = list(entries)
     names = ("LKEEP", "RKEEP", "LDROP", "RDROP", "DROP")
     plan.cflags += [f"-DTCPSTATES_ADDR_{n}={m}" for n, m in zip(names, masks)]
     return plan
