@@ -492,13 +492,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             cbits = v ? *v : 0;
         }
         if (!rules_pass(pbits, cbits, TCPSTATES_PROC_PKEEP, TCPSTATES_PROC_CKEEP,
-                        TCPSTATES_PROC_PDROP, TCPSTATES_PROC_CDROP, TCPSTATES_PROC_DROP)) {
-            ts = bpf_ktime_get_ns();
-            prev = last_change.lookup(&sk);
-            if (prev && !TCPSTATES_SAME_SK(prev, sk))
-                prev = NULL;
-            goto filtered_update;
-        }
+                        TCPSTATES_PROC_PDROP, TCPSTATES_PROC_CDROP, TCPSTATES_PROC_DROP))
+            goto filtered_clock;
     }
 #endif
 #ifdef TCPSTATES_FILTER_TRANSITION
@@ -506,13 +501,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
      * costs the ring and the reader as much as a kept one (a state filter
      * that keeps only failures drops nearly every event); the socket's
      * clock still moves */
-    if (!port_allowed(transition_allowed.lookup(&transition))) {
-        ts = bpf_ktime_get_ns();
-        prev = last_change.lookup(&sk);
-        if (prev && !TCPSTATES_SAME_SK(prev, sk))
-            prev = NULL;
-        goto filtered_update;
-    }
+    if (!port_allowed(transition_allowed.lookup(&transition)))
+        goto filtered_clock;
 #endif
 #if !defined(TCPSTATES_PERF_BUFFER) && !defined(TCPSTATES_NO_EVENTS)
     e = events.ringbuf_reserve(sizeof(*e));
@@ -578,6 +568,16 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
     goto update;
 
+#if defined(TCPSTATES_FILTER_TRANSITION) || defined(TCPSTATES_FILTER_PROC)
+filtered_clock:
+    /* dropped before a record was reserved (process and transition filters):
+     * the socket's clock still moves, so a later kept event gets its true
+     * time in the old state */
+    ts = bpf_ktime_get_ns();
+    prev = last_change.lookup(&sk);
+    if (prev && !TCPSTATES_SAME_SK(prev, sk))
+        prev = NULL;
+#endif
 #if defined(TCPSTATES_MIN_SPAN_NS) || defined(TCPSTATES_FILTER_SPAN) || defined(TCPSTATES_FILTER_TRANSITION) || defined(TCPSTATES_FILTER_PROC)
 filtered_update:
     c->filtered++;
