@@ -21,7 +21,6 @@
 /* struct tcpstates_event (bpf/tcpstates.h) behind the ring's 8-byte header */
 #define HDR 8
 #define EVENT_SIZE 136
-#define RECORD (HDR + EVENT_SIZE)
 #define OFF_TS 0
 #define OFF_SK 8
 #define OFF_SPAN 16
@@ -196,38 +195,6 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
     return ev;
 }
 
-static PyObject *decode_block(PyObject *self, PyObject *args) {
-    Py_buffer buf;
-    PyObject *type, *caches[3], *slow_addr, *slow_comm, *owner_key;
-    if (!PyArg_ParseTuple(args, "y*OO!O!O!OOU:decode_block", &buf, &type, &PyDict_Type, &caches[K_ADDR4],
-                          &PyDict_Type, &caches[K_ADDR6], &PyDict_Type, &caches[K_COMM],
-                          &slow_addr, &slow_comm, &owner_key))
-        return NULL;
-    PyObject *out = NULL;
-    if (bind_type(type) < 0) goto done;
-    const unsigned char *data = buf.buf;
-    Py_ssize_t n = buf.len / RECORD;
-    out = PyList_New(0);
-    if (out == NULL) goto done;
-    Py_ssize_t i = 0;
-    for (; i < n; i++) {
-        const unsigned char *rec = data + i * RECORD;
-        if (u32(rec) != EVENT_SIZE) break;   /* busy, discarded or foreign: stop (as decoder.py) */
-        PyObject *ev = decode_one(rec + HDR, caches, slow_addr, slow_comm, owner_key, PyDict_New());
-        if (ev == NULL || PyList_Append(out, ev) < 0) {
-            Py_XDECREF(ev);
-            Py_CLEAR(out);
-            goto done;
-        }
-        Py_DECREF(ev);
-    }
-    PyObject *res = Py_BuildValue("(Nn)", out, i * (Py_ssize_t)RECORD);
-    out = res;
-done:
-    PyBuffer_Release(&buf);
-    return out;
-}
-
 /* struct tcpstates_conn_event: the event, then start_ns, last_ns, the ns
  * spent in each of 16 states, first_state, complete, closed and 5 bytes of
  * padding (conndecoder.py CONN_STRUCT; tests compare both with the C). */
@@ -237,7 +204,6 @@ done:
 #define OFF_STATES (EVENT_SIZE + 16)
 #define OFF_FIRST (OFF_STATES + 8 * NSTATES)
 #define CONN_SIZE (OFF_FIRST + 8)
-#define CONN_RECORD (HDR + CONN_SIZE)
 
 /* Connection(start_ns, end_ns, state_ns, first_state, last_state, complete,
  * closed, last_ns) of the record at p (past its header), as conndecoder.py
@@ -273,6 +239,62 @@ static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_typ
     return conn;
 }
 
+/* The extra dict of the record at p (past its header): empty for a state
+ * change; for a connection record (conn_type set) holding its Connection
+ * first, so the owner tail decode_one adds comes after it (as Python). */
+static PyObject *extra_of_record(const unsigned char *p, PyObject *conn_type, PyObject *conn_key) {
+    PyObject *extra = PyDict_New();
+    if (extra == NULL || conn_type == NULL) return extra;
+    PyObject *conn = connection_of_record(p, conn_type);
+    if (conn == NULL || PyDict_SetItem(extra, conn_key, conn) < 0) {
+        Py_XDECREF(conn);
+        Py_DECREF(extra);
+        return NULL;
+    }
+    Py_DECREF(conn);
+    return extra;
+}
+
+/* Back-to-back ring records of `size` bytes (after their 8-byte header) ->
+ * (events, bytes used); stops at the first header that is not exactly ours
+ * (busy, discarded or foreign), as decoder.py and conndecoder.py do. */
+static PyObject *decode_records(Py_buffer *buf, PyObject *type, uint32_t size, PyObject *caches[3],
+                                PyObject *slow_addr, PyObject *slow_comm, PyObject *owner_key,
+                                PyObject *conn_type, PyObject *conn_key) {
+    if (bind_type(type) < 0) return NULL;
+    const Py_ssize_t step = HDR + size;
+    const unsigned char *data = buf->buf;
+    Py_ssize_t n = buf->len / step;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    Py_ssize_t i = 0;
+    for (; i < n; i++) {
+        const unsigned char *rec = data + i * step;
+        if (u32(rec) != size) break;
+        PyObject *ev = decode_one(rec + HDR, caches, slow_addr, slow_comm, owner_key,
+                                  extra_of_record(rec + HDR, conn_type, conn_key));
+        if (ev == NULL || PyList_Append(out, ev) < 0) {
+            Py_XDECREF(ev);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(ev);
+    }
+    return Py_BuildValue("(Nn)", out, i * step);
+}
+
+static PyObject *decode_block(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    PyObject *type, *caches[3], *slow_addr, *slow_comm, *owner_key;
+    if (!PyArg_ParseTuple(args, "y*OO!O!O!OOU:decode_block", &buf, &type, &PyDict_Type, &caches[K_ADDR4],
+                          &PyDict_Type, &caches[K_ADDR6], &PyDict_Type, &caches[K_COMM],
+                          &slow_addr, &slow_comm, &owner_key))
+        return NULL;
+    PyObject *out = decode_records(&buf, type, EVENT_SIZE, caches, slow_addr, slow_comm, owner_key, NULL, NULL);
+    PyBuffer_Release(&buf);
+    return out;
+}
+
 static PyObject *decode_conn_block(PyObject *self, PyObject *args) {
     Py_buffer buf;
     PyObject *type, *conn_type, *caches[3], *slow_addr, *slow_comm, *owner_key, *conn_key;
@@ -280,37 +302,8 @@ static PyObject *decode_conn_block(PyObject *self, PyObject *args) {
                           &PyDict_Type, &caches[K_ADDR4], &PyDict_Type, &caches[K_ADDR6],
                           &PyDict_Type, &caches[K_COMM], &slow_addr, &slow_comm, &owner_key, &conn_key))
         return NULL;
-    PyObject *out = NULL;
-    if (bind_type(type) < 0) goto done;
-    const unsigned char *data = buf.buf;
-    Py_ssize_t n = buf.len / CONN_RECORD;
-    out = PyList_New(0);
-    if (out == NULL) goto done;
-    Py_ssize_t i = 0;
-    for (; i < n; i++) {
-        const unsigned char *rec = data + i * CONN_RECORD;
-        if (u32(rec) != CONN_SIZE) break;   /* busy, discarded or foreign: stop (as conndecoder.py) */
-        /* the connection first in extra, the owner tail after it (as Python) */
-        PyObject *extra = PyDict_New();
-        PyObject *conn = extra ? connection_of_record(rec + HDR, conn_type) : NULL;
-        if (conn == NULL || PyDict_SetItem(extra, conn_key, conn) < 0) {
-            Py_XDECREF(conn);
-            Py_XDECREF(extra);
-            Py_CLEAR(out);
-            goto done;
-        }
-        Py_DECREF(conn);
-        PyObject *ev = decode_one(rec + HDR, caches, slow_addr, slow_comm, owner_key, extra);
-        if (ev == NULL || PyList_Append(out, ev) < 0) {
-            Py_XDECREF(ev);
-            Py_CLEAR(out);
-            goto done;
-        }
-        Py_DECREF(ev);
-    }
-    PyObject *res = Py_BuildValue("(Nn)", out, i * (Py_ssize_t)CONN_RECORD);
-    out = res;
-done:
+    PyObject *out = decode_records(&buf, type, CONN_SIZE, caches, slow_addr, slow_comm, owner_key,
+                                   conn_type, conn_key);
     PyBuffer_Release(&buf);
     return out;
 }
