@@ -277,20 +277,8 @@ def _clients(port: int, n: int, hold: float, refused_port: int) -> None:
     then closes first (the server closes as soon as it reads the FIN: every
     other state lasts well under a millisecond on loopback), and n refused
     connects to `refused_port`."""
-    import time
-    from traffic import refused, wait_port_settled
-    with socket.socket() as srv:
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", port))
-        srv.listen(8)
-        for _ in range(n):
-            c = socket.create_connection(("127.0.0.1", port))
-            s, _ = srv.accept()
-            time.sleep(hold)
-            c.close()
-            s.recv(1)
-            s.close()
-            refused(refused_port)
+    from traffic import client_closes_first, refused, wait_port_settled
+    client_closes_first(port, n, hold=hold, between=lambda: refused(refused_port))
     assert not wait_port_settled(port), "the connections never settled"
 
 

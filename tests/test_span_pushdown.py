@@ -8,13 +8,10 @@ the filter drops, and every event that reached user space was kept."""
 from __future__ import annotations
 
 import re
-import socket
 import struct
-import threading
-import time
 
 import pytest
-from traffic import parse_csv
+from traffic import client_closes_first, free_port, parse_csv
 
 from tcpstates.api import KernelConstraints, RunContext
 from tcpstates.events import STATE_NUMBERS
@@ -72,28 +69,11 @@ BOUND_MS = 150
 
 
 def _connections(long_ones: int, short_ones: int) -> int:
-    """Loopback connections on one listener: some held ESTABLISHED for
-    HOLD_S, the others closed at once; the client closes first."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    port = listener.getsockname()[1]
-
-    def one(hold: float) -> None:
-        with socket.socket() as c:
-            c.connect(("127.0.0.1", port))
-            conn, _ = listener.accept()
-            if hold:
-                time.sleep(hold)      # the time in ESTABLISHED under test, not a wait for readiness
-            c.close()
-            conn.recv(1)              # the FIN has arrived: the server side closes second
-            conn.close()
-
-    for hold in [HOLD_S] * long_ones + [0.0] * short_ones:
-        t = threading.Thread(target=one, args=(hold,))
-        t.start()
-        t.join(10)
-    listener.close()
+    """Loopback connections on one port: some held ESTABLISHED for HOLD_S,
+    the others closed at once; the client closes first."""
+    port = free_port()
+    client_closes_first(port, long_ones, hold=HOLD_S)
+    client_closes_first(port, short_ones)
     return port
 
 
@@ -164,7 +144,6 @@ def test_a_storm_the_kernel_filters_away_ends_cleanly(tracer, chain):
     import subprocess
     import sys
     from pathlib import Path
-    from traffic import free_port
     root = Path(__file__).resolve().parent.parent
     t = tracer("-s", "-o", f"chain=[{chain}]", "-o", "sources.kernel.buffer_pages=64")
     port = free_port()

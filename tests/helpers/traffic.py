@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # one implementation for the tests and the benchmark
@@ -64,10 +65,11 @@ def session(family: int, port: int, hold: float = 0.1, server_delay: float = 0.0
     return cport
 
 
-def client_closes_first(port: int, n: int) -> list[int]:
+def client_closes_first(port: int, n: int, hold: float = 0.0,
+                        between: Callable[[], None] | None = None) -> list[int]:
     """n loopback connections to a fresh listener on `port`, one at a time:
-    the client closes first, the server after reading its FIN. Returns the
-    clients' ports."""
+    the client closes first (after `hold` seconds in ESTABLISHED), the server
+    after reading its FIN; `between` runs after each. Returns the clients' ports."""
     ports = []
     with socket.socket() as srv:
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -77,9 +79,13 @@ def client_closes_first(port: int, n: int) -> list[int]:
             client = socket.create_connection(("127.0.0.1", port))
             accepted, _ = srv.accept()
             ports.append(client.getsockname()[1])
+            if hold:
+                time.sleep(hold)      # the time in ESTABLISHED under test, not a wait for readiness
             client.close()
             assert accepted.recv(16) == b""      # the client's FIN has arrived
             accepted.close()
+            if between:
+                between()
     return ports
 
 
