@@ -7,8 +7,12 @@ the filter drops, and every event that reached user space was kept."""
 
 from __future__ import annotations
 
+import json
 import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from traffic import client_closes_first, free_port, parse_csv
@@ -19,6 +23,7 @@ from tcpstates.plugins.filters.filters import SPAN_NS_MAX, DurationFilter, Durat
 from tcpstates.plugins.kernel import pushdown
 from tcpstates.plugins.kernel.source import merge_constraints
 
+ROOT = Path(__file__).resolve().parent.parent
 EST, SYN_SENT = STATE_NUMBERS["ESTABLISHED"], STATE_NUMBERS["SYN_SENT"]
 
 
@@ -140,14 +145,9 @@ def test_a_lower_bound_and_a_state_filter_compile_in_perf_buffer_mode(tracer):
 def test_a_storm_the_kernel_filters_away_ends_cleanly(tracer, chain):
     # this tracer died under a storm with "RecursionError" (one recursive read
     # per discarded ring record)
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
     t = tracer("-s", "-o", f"chain=[{chain}]", "-o", "sources.kernel.buffer_pages=64")
     port = free_port()
-    load = subprocess.run([sys.executable, str(root / "bench" / "loadgen.py"), "--port", str(port),
+    load = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port),
                            "--connections", "6000", "--seconds", "60"], capture_output=True, text=True,
                           check=True)
     assert json.loads(load.stdout)["connections"] == 6000
