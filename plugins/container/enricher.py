@@ -31,7 +31,7 @@ from typing import Any
 from tcpstates.api import Enricher, RunContext
 from tcpstates.events import Event
 from tcpstates.options import option
-from tcpstates.plugins.container.cgroups import (LRU, CgroupIdResolver, CgroupInfo, ProcessCgroups, classify,
+from tcpstates.plugins.container.cgroups import (CLK_TCK, LRU, CgroupIdResolver, CgroupInfo, ProcessCgroups, classify,
                                                  classify_proc, host_is_v1_or_hybrid, read_process)
 from tcpstates.plugins.container.docker_api import DockerNames
 from tcpstates.plugins.container.metadata import MetadataRoots, RuntimeMetadata
@@ -119,6 +119,13 @@ class ContainerEnricher(Enricher):
         return memo[pid]
 
     def _by_process(self, pid: int, event_ns: int, start: int | None = None) -> CgroupInfo | None:
+        if start is not None and (pid, start) in self.by_identity:
+            # the kernel named the owner's start time: this identity was read
+            # from /proc before, and a PID with that start time is that process
+            # (no re-read per batch, and still known after it exits)
+            if start * 1_000_000_000 // CLK_TCK > event_ns + self.boot_offset + TICK_NS:
+                return None                           # started after the event
+            return self.by_identity[(pid, start)]
         p = self._process(pid)
         if p is None:
             return None
