@@ -183,7 +183,10 @@ def test_values_json_cannot_hold_leave_that_field_out_not_the_entry(journald, tm
 def test_journal_value_of_what_a_third_party_enricher_may_add():
     from tcpstates.plugins.journal.sink import journal_value
     assert journal_value({7: 1, "a": {2: [True]}}) == '{"7":1,"a":{"2":[true]}}'   # state-number keys
-    assert journal_value([1, None, "x y"]) == "1 None x y"
+    assert journal_value([1, None, "x y"]) == '[1,null,"x y"]'      # not one token each: JSON
+    assert journal_value([412, 413, "a"]) == "412 413 a"
+    assert journal_value(["", 1]) == '["",1]'
+    assert journal_value({3, 1}) == "1 3"
     assert journal_value((True, 0)) == "1 0"
     assert journal_value({"s": {3}}) == '{"s":"{3}"}'     # orjson's default: str()
     with pytest.raises(TypeError):
