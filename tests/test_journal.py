@@ -175,7 +175,7 @@ def test_values_json_cannot_hold_leave_that_field_out_not_the_entry(journald, tm
     assert [e["TCP_X_OK"] for e in entries] == ["kept1", "kept2", "kept3"]
     second = entries[1]
     assert "TCP_X_DEEP_MAP" not in second and "TCP_X_DEEP_LIST" not in second
-    assert second["TCP_X_NESTED"] == '[1,2] {"k":[3]}' and second["TCP_X_FLAGS"] == "1 0"
+    assert second["TCP_X_NESTED"] == '[[1,2],{"k":[3]}]' and second["TCP_X_FLAGS"] == "1 0"
     warned = [l for l in r.stderr.splitlines() if "could not be made journal text" in l]
     assert len(warned) == 2 and "'x_deep_map'" in warned[0] + warned[1], r.stderr
 
