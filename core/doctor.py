@@ -24,18 +24,6 @@ class Check:
     run: Callable[[], tuple[bool, str]]
 
 
-def speedup_check(name: str, available: bool, in_use: str, same: str = "same output") -> Check:
-    """An informational check for an optional C speed-up of a plugin (never
-    required: the pure-Python path gives the same result with more CPU)."""
-    def run() -> tuple[bool, str]:
-        if available:
-            return True, in_use
-        return False, (f"pure Python ({same}, more CPU per event): the C extension is not built or "
-                       "TCPSTATES_NO_SPEEDUPS is set; install gcc and python3-dev, then run "
-                       "scripts/setup.sh again")
-    return Check(name, False, run)
-
-
 def doctor_command(argv: Sequence[str]) -> int:
     from tcpstates.registry import make_plugin_manager
 

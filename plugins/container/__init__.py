@@ -38,7 +38,7 @@ def tcpstates_configure(config: RunConfig, args: argparse.Namespace) -> None:
 
 @hookimpl
 def tcpstates_doctor_checks(register: Any) -> None:
-    from tcpstates.doctor import speedup_check
+    from tcpstates.speedups import doctor_check as speedup_check
     from tcpstates.plugins.container.enricher import C_ENRICH_AVAILABLE
     register(speedup_check("container loop", C_ENRICH_AVAILABLE, "C loop of the container enricher is in use",
                            "same fields"))

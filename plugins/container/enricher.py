@@ -24,10 +24,10 @@ the node (metadata.py) and, for Docker, the Engine socket when present.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
+from tcpstates import speedups
 from tcpstates.api import Enricher, RunContext
 from tcpstates.events import Event
 from tcpstates.options import option
@@ -42,12 +42,7 @@ TICK_NS = 10_000_000     # /proc start times have clock-tick (10 ms) resolution
 # the value types a per-batch memo key may hold (see _lookup_in_batch)
 _ID_TYPES = (int, type(None))
 
-try:   # the optional C loop (setup.py); enrich_batch's Python loop is the reference
-    import tcpstates.plugins.container._enrich as _c_enrich
-except ImportError:    # pragma: no cover - depends on the build
-    _c_enrich = None
-if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
-    _c_enrich = None
+_c_enrich = speedups.load("tcpstates.plugins.container._enrich")   # optional (setup.py); the Python path is the reference
 C_ENRICH_AVAILABLE = _c_enrich is not None
 
 

@@ -6,7 +6,8 @@ Without it tcpstates works the same, byte for byte, only with more CPU per event
 
 from __future__ import annotations
 
-from tcpstates.doctor import Check, speedup_check
+from tcpstates.doctor import Check
+from tcpstates.speedups import doctor_check as speedup_check
 from tcpstates.plugins.jsonl import sink
 
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from tcpstates.doctor import Check, speedup_check
+from tcpstates.doctor import Check
+from tcpstates.speedups import doctor_check as speedup_check
 from tcpstates.plugins.kernel.headers import choose_header_tree
 from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
 from tcpstates.plugins.kernel.decoder import C_DECODER_AVAILABLE

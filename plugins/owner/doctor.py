@@ -3,7 +3,8 @@ and whether the enricher's C loop is built."""
 
 from __future__ import annotations
 
-from tcpstates.doctor import Check, speedup_check
+from tcpstates.doctor import Check
+from tcpstates.speedups import doctor_check as speedup_check
 from tcpstates.plugins.owner.enricher import C_OBSERVE_AVAILABLE
 from tcpstates.plugins.owner.kernel import owner_support
 
