@@ -23,7 +23,7 @@ from typing import Any, NoReturn, Sequence
 
 import tcpstates
 from tcpstates import config as cfg
-from tcpstates.api import RunContext, Warner
+from tcpstates.api import REPORT_WAIT_S, RunContext, Warner
 from tcpstates.commands import run_subcommand
 from tcpstates.errors import EnvironmentProblem, StageError, UsageError
 from tcpstates.parsing import OneLineParser
@@ -252,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from tcpstates import stdio
     stdio.guard()   # before anything opens a file that could land on a closed fd 0/1/2
+    stdio.prepare_stderr()   # stderr's non-blocking twin, while /proc/self/fd is ours to open
     from tcpstates.security import sanitize_sys_path
     sanitize_sys_path()
     try:
@@ -295,10 +296,8 @@ def _quiet_stdout() -> None:
 
 def _fatal(message: str, status: int) -> NoReturn:
     from tcpstates.text import escape_text
-    try:
-        # an error may quote a path or value from outside: never raw control characters
-        sys.stderr.write(f"tcpstates: {escape_text(message)}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):   # AttributeError: started with 2>&-
-        pass
+    # an error may quote a path or value from outside: never raw control
+    # characters; and a stderr nobody reads must not keep us from exiting
+    # (the signal handlers are still ours: SIGTERM could not end that wait)
+    Warner().write_block(f"tcpstates: {escape_text(message)}\n", timeout=REPORT_WAIT_S)
     raise SystemExit(status)

@@ -128,13 +128,14 @@ class SummarySink(Sink):
             return
         rate = (self.events - self._last_events) / (now - self._last_status) if self._last_status else 0
         self._last_status, self._last_events = now, self.events
-        out = self.stream or sys.stderr
-        out.write(f"\r\x1b[Ktcpstates: {self.events} events, {rate:,.0f}/s, "
-                  f"{self.loss.get('dropped', 0)} dropped, {self.loss.get('kernel_misses', 0)} kernel misses")
-        out.flush()
+        # a status line that finds stderr full (a stopped terminal) is skipped:
+        # the next one says the same, newer
+        self.context.warner.write_block(
+            f"\r\x1b[Ktcpstates: {self.events} events, {rate:,.0f}/s, "
+            f"{self.loss.get('dropped', 0)} dropped, {self.loss.get('kernel_misses', 0)} kernel misses",
+            stream=self.stream, timeout=0, counted=False)
 
     def report(self) -> None:
-        out = self.stream or sys.stderr
         lines = []
         if self.live:
             lines.append("\r\x1b[K")          # the status line disappears
@@ -145,8 +146,9 @@ class SummarySink(Sink):
             if self.options.top_ports and counter:
                 lines.append(f"\n{title:<7s} {'CONNECTIONS' if self.context.records == 'connection' else 'EVENTS'}")
                 lines.extend(f"{port:<7d} {n}" for port, n in counter.most_common(self.options.top_ports))
-        out.write("\n".join(lines).lstrip("\n") + "\n")
-        out.flush()
+        # at most REPORT_WAIT_S for a stderr nobody reads: never blocked for good
+        # (SIGTERM could not end that wait); counted as not shown if so
+        self.context.warner.write_block("\n".join(lines).lstrip("\n") + "\n", stream=self.stream)
 
     def close(self) -> None:
         self.report()
