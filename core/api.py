@@ -154,14 +154,16 @@ class Warner:
         self.dropped = 0   # warnings not written because stderr stayed full
         self._stuck = False
 
-    def warn(self, message: str, *, once_key: str | None = None) -> None:
+    def warn(self, message: str, *, once_key: str | None = None, whole: bool = False) -> None:
+        """`whole`: never cut to MAX_WARNING_CHARS (the exit summary: its counts
+        come last, and a run with many sinks makes it long)."""
         key = once_key or message
         if key in self._seen:
             return
         self._seen.add(key)
         # messages quote paths, names and values from outside: one safe line
         text = escape_text(message)
-        if len(text) > MAX_WARNING_CHARS:   # a hostile key or value can be megabytes
+        if not whole and len(text) > MAX_WARNING_CHARS:   # a hostile key or value can be megabytes
             text = text[:MAX_WARNING_CHARS] + f"... ({len(text) - MAX_WARNING_CHARS} more characters)"
         self.write_block(f"tcpstates: {text}\n", timeout=WARNING_WAIT_S)
 

@@ -234,17 +234,17 @@ def run(argv: Sequence[str]) -> int:
         written = ", ".join(f"{n} {summary['written'].get(n, 0)}" for n in pipeline.broken_pipes)
         warner.warn(f"error: the reader of sink {', '.join(pipeline.broken_pipes)} closed the pipe "
                     f"(EPIPE) after {written} events; stopping, since everything after would be lost")
-        warner.warn(summary_text())
+        warner.warn(summary_text(), whole=True)
         return 1
     if pipeline.every_sink_failed(summary):
         # nothing reached its destination: not a success, whatever --no-summary says
         how = "; ".join(pipeline.failed_sinks(summary).values())
         warner.warn(f"error: every sink failed ({how}); see the warnings above")
-        warner.warn(summary_text())
+        warner.warn(summary_text(), whole=True)
         return 1
     # `tcpstates | head -3`: the reader of the table left on purpose; exit quietly.
     if not args.no_summary and not pipeline.readers_gone:
-        warner.warn(summary_text())
+        warner.warn(summary_text(), whole=True)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import os
 import sys
 import time
@@ -147,8 +148,10 @@ class SummarySink(Sink):
                 lines.append(f"\n{title:<7s} {'CONNECTIONS' if self.context.records == 'connection' else 'EVENTS'}")
                 lines.extend(f"{port:<7d} {n}" for port, n in counter.most_common(self.options.top_ports))
         # at most REPORT_WAIT_S for a stderr nobody reads: never blocked for good
-        # (SIGTERM could not end that wait); counted as not shown if so
-        self.context.warner.write_block("\n".join(lines).lstrip("\n") + "\n", stream=self.stream)
+        # (SIGTERM could not end that wait). Not written is this sink's failure
+        # (its only output): a run that delivered nothing else is not a success
+        if not self.context.warner.write_block("\n".join(lines).lstrip("\n") + "\n", stream=self.stream):
+            raise OSError(errno.EIO, "the report could not be written to stderr (full, stopped or closed)")
 
     def close(self) -> None:
         self.report()
