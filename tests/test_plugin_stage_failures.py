@@ -9,12 +9,14 @@ plugin an installed-looking distribution on PYTHONPATH.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import orjson
 import pytest
 from fakedist import fake_dist
-from replayrec import replay_record
-from tracer import one_line_error, run_cli
+from replayrec import replay_record, wait_for
+from tracer import one_line_error, run_cli, tcpstates_argv
 
 HEAD = """
 import dataclasses, pathlib, sys
@@ -171,3 +173,46 @@ def test_a_sink_that_calls_sys_exit_costs_only_itself(tmp_path, method):
     summary = err.strip().splitlines()[-1]
     assert "5 events seen" in summary and "jsonl 5" in summary, err
     assert out.read_bytes().count(b'"type":"state_change"') == 5
+
+
+BLOCKING_SINK = HEAD + """
+import os, select
+class Stuck(Sink):
+    name = "stuck"
+    def write(self, batch):
+        open(os.environ["STUCK_MARK"], "w").close()   # the test's readiness signal
+        select.select([], [], [])      # a call without a timeout that never returns
+@hookimpl
+def tcpstates_register_sinks(register):
+    register(Stuck)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_stop_signal_ends_a_run_a_stage_keeps_blocked(tmp_path, sig):
+    """Every wait of tcpstates' own ends at the first SIGTERM; a third-party
+    sink blocked in a call without a timeout kept the run alive through any
+    number of them (only SIGKILL ended it). The second one now ends it at once,
+    with one line naming the stage."""
+    mark = tmp_path / "in-write"
+    env = {**_env(tmp_path, "tcpstates-stuck", "stuck_plugin", BLOCKING_SINK), "STUCK_MARK": str(mark)}
+    proc = subprocess.Popen(tcpstates_argv("--replay", str(_trace(tmp_path)), "--sink", "stuck"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **env})
+    try:
+        wait_for(mark.exists, "the sink's write started")
+        proc.send_signal(sig)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1)                 # the first one cannot end it: the stage holds the run
+        proc.send_signal(sig)
+        rc = proc.wait(2)
+        err = proc.stderr.read().decode()
+        assert rc == 128 + sig, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"stopped at once by a second {signal.Signals(sig).name} while the stuck stage was " \
+               "blocked in write()" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
