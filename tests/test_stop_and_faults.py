@@ -392,3 +392,30 @@ def test_the_exit_summary_of_many_sinks_is_never_cut(tmp_path):
     assert r.returncode == 0 and len(summary) > 1000, summary
     assert summary.endswith("; 0 dropped, 0 kernel misses"), summary[-200:]
     assert all(f"{n} 3" in summary for n in names), summary
+
+
+def test_replayed_state_numbers_cannot_grow_the_summary_without_end(tmp_path):
+    """A state is any ASCII number below 2^31 in a replayed file: one histogram
+    per distinct number (and a report line block each) grew without bound."""
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(_record(i, oldstate=str(1000 + i), newstate="CLOSE") for i in range(1, 3001)))
+    r = run_cli("--replay", str(trace), "--sink", "summary")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-500:]
+    assert sum(line.startswith("state = ") for line in err.splitlines()) == 65, err[:300]   # 64 + "other"
+    assert "state = other (time spent in it)" in err
+    assert "3000 events seen" in _summary(err)
+
+
+def test_replayed_state_numbers_cannot_grow_the_metrics_page_without_end():
+    """The metrics sink made a transitions series per distinct (old, new) pair:
+    100,000 replayed pairs were a 13 MB page and 120 MB of memory."""
+    from metricspage import metrics_page
+    from tcpstates.api import RunContext
+    from tcpstates.testing import make_event
+    batch = [make_event(oldstate=1000 + i, newstate=7) for i in range(3000)]
+    page = metrics_page(batch, RunContext())
+    series = [line for line in page.splitlines() if line.startswith("tcpstates_transitions_total{")]
+    assert len(series) == 1024 + 1, len(series)
+    other = [line for line in series if 'old="other"' in line]
+    assert other and other[0].endswith(" 1976.0"), other     # 3000 - 1024 pairs kept apart

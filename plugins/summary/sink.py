@@ -23,6 +23,12 @@ from tcpstates.events import STATE_NAMES, Event, connection_of
 from tcpstates.options import option
 
 
+# histograms kept apart by state; beyond them (state numbers only a replayed
+# file has) the time in any new state is counted under "other"
+MAX_STATES = 64
+OTHER_STATE = -1
+
+
 def log2_histogram(counts: dict[int, int], unit: str = "usecs") -> list[str]:
     """bcc's print_log2_hist layout: bucket i holds values in [2^i, 2^(i+1)-1]."""
     if not counts:
@@ -111,7 +117,12 @@ class SummarySink(Sink):
             return
         for e in batch:
             if e.span_ns is not None:
-                hists[e.oldstate][(e.span_ns // 1000).bit_length()] += 1
+                state = e.oldstate
+                if state not in hists and len(hists) >= MAX_STATES:
+                    # a replayed file may carry any state number (up to 2^31): one
+                    # histogram each would grow memory and the report without end
+                    state = OTHER_STATE
+                hists[state][(e.span_ns // 1000).bit_length()] += 1
             if e.sport:
                 lports[e.sport] += 1
             if e.dport:
@@ -140,8 +151,8 @@ class SummarySink(Sink):
         lines = []
         if self.live:
             lines.append("\r\x1b[K")          # the status line disappears
-        for state in sorted(self.hists, key=lambda s: STATE_NAMES.get(s, str(s))):
-            lines.append(f"\nstate = {STATE_NAMES.get(state, str(state))} (time spent in it)")
+        for state in sorted(self.hists, key=lambda s: _state_name(s)):
+            lines.append(f"\nstate = {_state_name(state)} (time spent in it)")
             lines.extend(log2_histogram(self.hists[state]))
         for title, counter in (("LPORT", self.lports), ("RPORT", self.rports)):
             if self.options.top_ports and counter:
@@ -155,6 +166,10 @@ class SummarySink(Sink):
 
     def close(self) -> None:
         self.report()
+
+
+def _state_name(state: int) -> str:
+    return "other" if state == OTHER_STATE else STATE_NAMES.get(state, str(state))
 
 
 def _isatty(stream: Any) -> bool:
