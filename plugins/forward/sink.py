@@ -138,6 +138,7 @@ class ForwardSink(Sink):
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
         self.family, self.sockaddr = parse_address(options.address)
+        self._check_unix = os.geteuid() == 0    # started as root: also after --user
         if self.family == socket.AF_UNIX:
             _check_unix_receiver(self.sockaddr)
         try:
@@ -264,7 +265,7 @@ class ForwardSink(Sink):
         try:
             return Connection(self.family, self.sockaddr, timeout=o.ack_timeout, tls=self.tls,
                               server_name=self.server_name, handshake=handshake,
-                              on_socket=self._set_connecting)
+                              on_socket=self._set_connecting, check_unix=self._check_unix)
         finally:
             self._connecting = None
 

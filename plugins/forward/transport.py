@@ -34,17 +34,19 @@ class UntrustedReceiver(OSError):
     would then read every event (the rule for a FIFO output, docs/security.md)."""
 
 
-def checked_unix_socket(path: str) -> int:
+def checked_unix_socket(path: str, enforce: bool | None = None) -> int:
     """An O_PATH descriptor of the unix socket `path` to connect through
     (/proc/self/fd/N: the very inode checked), or -1 when not root (no check).
 
     As root, every directory on the (resolved) way must be changeable only by
     root — or by the owner of a directory that root placed where only root can
     (a receiver's own run directory, /run/td-agent) — and the socket must belong
-    to root or such an owner. A socket another user left in /tmp, or in a
+    to root or such an owner (`enforce`: whether to check; default: as root;
+    the sink keeps checking after --user dropped root, since who may plant a
+    socket there does not change). A socket another user left in /tmp, or in a
     directory of theirs there, is refused: UntrustedReceiver. FileNotFoundError
     and other OSErrors as connect() would give them."""
-    if os.geteuid() != 0:
+    if not (os.geteuid() == 0 if enforce is None else enforce):
         return -1
     real = os.path.realpath(path)
     trusted = {0}
@@ -79,11 +81,11 @@ def checked_unix_socket(path: str) -> int:
     raise FileNotFoundError(errno.ENOENT, "no socket name in the path")
 
 
-def _connect(raw: socket.socket, family: int, sockaddr: Any) -> None:
+def _connect(raw: socket.socket, family: int, sockaddr: Any, check_unix: bool | None) -> None:
     if family != socket.AF_UNIX:
         raw.connect(sockaddr)
         return
-    fd = checked_unix_socket(sockaddr)
+    fd = checked_unix_socket(sockaddr, check_unix)
     try:
         if fd < 0:
             raw.connect(sockaddr)
@@ -175,7 +177,7 @@ def _wrap(tls: ssl.SSLContext, raw: socket.socket, server_name: str) -> ssl.SSLS
 class Connection:
     def __init__(self, family: int, sockaddr: Any, *, timeout: float, tls: ssl.SSLContext | None,
                  server_name: str, handshake: Handshake | None,
-                 on_socket: Any = None) -> None:
+                 on_socket: Any = None, check_unix: bool | None = None) -> None:
         self.timeout = timeout
         raw = socket.socket(family, socket.SOCK_STREAM)
         self.sock: socket.socket = raw
@@ -184,7 +186,7 @@ class Connection:
             on_socket(raw)
         try:
             raw.settimeout(min(timeout, CONNECT_TIMEOUT))
-            _connect(raw, family, sockaddr)
+            _connect(raw, family, sockaddr, check_unix)
             if family != socket.AF_UNIX:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:
