@@ -9,16 +9,13 @@ batches (lists of Events), never a pluggy hook call.
 from __future__ import annotations
 
 import dataclasses
-import io
 import ipaddress
-import os
-import select
 import socket
-import stat
 import sys
 import time
 from typing import Any, ClassVar, TextIO
 
+from tcpstates import stdio
 from tcpstates.events import Event
 from tcpstates.options import NoOptions
 from tcpstates.text import escape_text
@@ -145,27 +142,9 @@ class Aggregates:
 
 
 MAX_WARNING_CHARS = 1000
-
-
-def _writable_soon(stream: TextIO, timeout_ms: int = 500) -> bool:
-    """Can a warning line go to `stream` without blocking (for long)?
-
-    Only pipes and sockets can be full; a line is shorter than PIPE_BUF, so
-    once poll says the pipe has room the write completes at once.
-    """
-    try:
-        fd = stream.fileno()
-        mode = os.fstat(fd).st_mode
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return True   # not a real descriptor (tests' StringIO): cannot block
-    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-        return True
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    try:
-        return bool(poller.poll(timeout_ms))
-    except InterruptedError:
-        return False
+WARNING_WAIT_S = 0.5    # how long one warning line may wait for a full stderr
+REPORT_WAIT_S = 1.0     # how long a report (the summary sink's histograms) may wait
+STUCK_WAIT_S = 0.05     # ... once a write found nobody reading, until one gets through
 
 
 class Warner:
@@ -175,27 +154,45 @@ class Warner:
         self._stream = stream
         self._seen: set[str] = set()
         self.dropped = 0   # warnings not written because stderr stayed full
+        self._stuck = False
 
-    def warn(self, message: str, *, once_key: str | None = None) -> None:
+    def warn(self, message: str, *, once_key: str | None = None, whole: bool = False) -> None:
+        """`whole`: never cut to MAX_WARNING_CHARS (the exit summary: its counts
+        come last, and a run with many sinks makes it long)."""
         key = once_key or message
         if key in self._seen:
             return
         self._seen.add(key)
-        stream = self._stream or sys.stderr
+        # messages quote paths, names and values from outside: one safe line
+        text = escape_text(message)
+        if not whole and len(text) > MAX_WARNING_CHARS:   # a hostile key or value can be megabytes
+            text = text[:MAX_WARNING_CHARS] + f"... ({len(text) - MAX_WARNING_CHARS} more characters)"
+        self.write_block(f"tcpstates: {text}\n", timeout=WARNING_WAIT_S)
+
+    def write_block(self, text: str, *, stream: TextIO | None = None, timeout: float = REPORT_WAIT_S,
+                    counted: bool = True) -> bool:
+        """Write `text` (a warning line, the summary sink's report) to stderr, or
+        `stream`, waiting at most `timeout` seconds for a consumer that takes
+        nothing (a full pipe nobody reads, a stopped terminal): never blocked
+        for good, so SIGTERM always ends the run. What could not be written is
+        counted in `dropped` (the exit summary says so) unless not `counted`
+        (a live status line: the next one says the same). False then."""
+        stream = stream or self._stream or sys.stderr
         if stream is None:
-            return   # started with stderr closed (2>&-): nothing left to tell
-        if not _writable_soon(stream):
-            self.dropped += 1   # stderr is a full pipe nobody reads: never block on it
-            return
+            return False   # started with stderr closed (2>&-): nothing left to tell
+        if self._stuck:
+            # the last write found nobody reading: only a short look until one
+            # gets through, so a reader that stays away costs the run (and a
+            # stop) one wait, not one per warning
+            timeout = min(timeout, STUCK_WAIT_S)
         try:
-            # messages quote paths, names and values from outside: one safe line
-            text = escape_text(message)
-            if len(text) > MAX_WARNING_CHARS:   # a hostile key or value can be megabytes
-                text = text[:MAX_WARNING_CHARS] + f"... ({len(text) - MAX_WARNING_CHARS} more characters)"
-            stream.write(f"tcpstates: {text}\n")
-            stream.flush()
+            ok = stdio.write_bounded(stream, text, timeout)
         except (OSError, ValueError):
-            pass   # stderr itself is gone: nothing left to tell
+            return False   # stderr itself is gone: nothing left to tell
+        if counted:
+            self._stuck = not ok
+            self.dropped += not ok
+        return ok
 
 
 @dataclasses.dataclass

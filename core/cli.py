@@ -23,7 +23,8 @@ from typing import Any, NoReturn, Sequence
 
 import tcpstates
 from tcpstates import config as cfg
-from tcpstates.api import RunContext, Warner
+from tcpstates import interrupt
+from tcpstates.api import REPORT_WAIT_S, RunContext, Warner
 from tcpstates.commands import run_subcommand
 from tcpstates.errors import EnvironmentProblem, StageError, UsageError
 from tcpstates.parsing import OneLineParser
@@ -122,13 +123,20 @@ def configure(args: argparse.Namespace, tree: dict[str, Any], registry: Any) -> 
 def install_signals(pipeline: Any) -> int:
     """SIGINT/SIGTERM: stop and drain; SIGHUP: reopen files; SIGUSR1: print
     the summary now. Returns a wake-up fd."""
-    from tcpstates import interrupt
 
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     interrupt.install()
 
+    stops = []
+
     def stop(signum: int, frame: Any) -> None:
+        stops.append(signum)
+        if len(stops) > 1:
+            # the first one did not end the run: something is blocked for good
+            # (every wait of our own ends at the first). The usual "press
+            # Ctrl-C again", and what systemd's second SIGTERM is for.
+            raise interrupt.ForcedStop(signum)
         pipeline.stopping = True
         interrupt.request()   # ends any wait on a slow consumer or input
 
@@ -234,17 +242,17 @@ def run(argv: Sequence[str]) -> int:
         written = ", ".join(f"{n} {summary['written'].get(n, 0)}" for n in pipeline.broken_pipes)
         warner.warn(f"error: the reader of sink {', '.join(pipeline.broken_pipes)} closed the pipe "
                     f"(EPIPE) after {written} events; stopping, since everything after would be lost")
-        warner.warn(summary_text())
+        warner.warn(summary_text(), whole=True)
         return 1
     if pipeline.every_sink_failed(summary):
         # nothing reached its destination: not a success, whatever --no-summary says
         how = "; ".join(pipeline.failed_sinks(summary).values())
         warner.warn(f"error: every sink failed ({how}); see the warnings above")
-        warner.warn(summary_text())
+        warner.warn(summary_text(), whole=True)
         return 1
     # `tcpstates | head -3`: the reader of the table left on purpose; exit quietly.
     if not args.no_summary and not pipeline.readers_gone:
-        warner.warn(summary_text())
+        warner.warn(summary_text(), whole=True)
     return 0
 
 
@@ -252,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from tcpstates import stdio
     stdio.guard()   # before anything opens a file that could land on a closed fd 0/1/2
+    stdio.prepare_stderr()   # stderr's non-blocking twin, while /proc/self/fd is ours to open
     from tcpstates.security import sanitize_sys_path
     sanitize_sys_path()
     try:
@@ -276,12 +285,28 @@ def _main(argv: list[str]) -> int:
         _fatal(f"error: {exc}; --strict or on_error=fail ended the run", exc.exit_status)
     except KeyboardInterrupt:
         return 130
+    except interrupt.ForcedStop as exc:
+        _fatal(f"stopped at once by a second {signal.Signals(exc.signum).name}{_blocked_in(exc)}; "
+               f"no summary (events in flight are lost)", 128 + exc.signum)
     except Exception as exc:   # a bug: still one line, the traceback on request
         if os.environ.get("TCPSTATES_DEBUG"):
             raise
         _fatal(f"internal error: {type(exc).__name__}: {exc} (rerun with TCPSTATES_DEBUG=1 "
                f"for the traceback and report it)", 1)
     return 0
+
+
+def _blocked_in(exc: BaseException) -> str:
+    """Which stage the forced stop found blocked (the deepest frame of a stage method)."""
+    from tcpstates.api import Stage
+    found = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, Stage):
+            found = f" while the {type(owner).name} stage was blocked in {tb.tb_frame.f_code.co_name}()"
+        tb = tb.tb_next
+    return found
 
 
 def _quiet_stdout() -> None:
@@ -295,10 +320,8 @@ def _quiet_stdout() -> None:
 
 def _fatal(message: str, status: int) -> NoReturn:
     from tcpstates.text import escape_text
-    try:
-        # an error may quote a path or value from outside: never raw control characters
-        sys.stderr.write(f"tcpstates: {escape_text(message)}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):   # AttributeError: started with 2>&-
-        pass
+    # an error may quote a path or value from outside: never raw control
+    # characters; and a stderr nobody reads must not keep us from exiting
+    # (the signal handlers are still ours: SIGTERM could not end that wait)
+    Warner().write_block(f"tcpstates: {escape_text(message)}\n", timeout=REPORT_WAIT_S)
     raise SystemExit(status)

@@ -17,8 +17,14 @@ from tcpstates.runconfig import plugins_section
 from tcpstates.text import escape_text
 
 
+def _json(value: Any, option: int = 0) -> bytes:
+    # a plugin's default may be any object (a Path, a set, a mapping by number):
+    # shown as its text, never a crash of the whole listing
+    return orjson.dumps(value, default=str, option=option | orjson.OPT_NON_STR_KEYS)
+
+
 def _describe(opt: dict[str, Any]) -> str:
-    default = orjson.dumps(opt["default"]).decode()
+    default = _json(opt["default"]).decode()
     bounds = []
     if "choices" in opt:
         bounds.append("one of " + ", ".join(map(str, opt["choices"])))
@@ -41,7 +47,7 @@ def plugins_command(argv: Sequence[str]) -> int:
                      "version": info.version, "description": info.description,
                      "options": describe_options(info.cls.Options)})
     if args.json:
-        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(_json(rows, orjson.OPT_INDENT_2) + b"\n")
         sys.stdout.flush()
         return 0
     out = []

@@ -13,9 +13,19 @@ from __future__ import annotations
 import os
 import select
 
-__all__ = ["StopRequested", "install", "forget", "request", "requested", "wait", "sleep"]
+__all__ = ["ForcedStop", "StopRequested", "install", "forget", "request", "requested", "wait", "sleep"]
 
 _pipe: tuple[int, int] | None = None
+
+
+class ForcedStop(BaseException):
+    """A second SIGINT/SIGTERM while the first one could not take effect: some
+    call (a third-party stage blocked without a timeout) never returned to let
+    the run stop. Raised from the signal handler, so it ends that call."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class StopRequested(Exception):

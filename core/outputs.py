@@ -448,13 +448,15 @@ class LineOutput:
                 self.size += n
                 self._accepted += n
         except (OSError, interrupt.StopRequested):
-            # e.g. ENOSPC halfway: take back our own partial append, so the
-            # file never holds a torn line (what was there before stays)
+            # e.g. ENOSPC halfway: take back the torn end of our own append, so
+            # the file never holds a torn line; the whole lines that fit stay
+            # (and are counted written: the caller counts the newlines accepted)
             if self.regular and self.size != before:
+                keep = before + bytes(data[:self.size - before]).rfind(b"\n") + 1
                 try:
-                    os.ftruncate(self.fd, before)
-                    self._accepted -= self.size - before
-                    self.size = before
+                    os.ftruncate(self.fd, keep)
+                    self._accepted -= self.size - keep
+                    self.size = keep
                 except OSError:
                     pass
             raise

@@ -44,7 +44,7 @@ from tcpstates import interrupt
 from tcpstates.api import ChainStage as ChainStageBase
 from tcpstates.api import Enricher, Filter, KernelConstraints, RunContext, Sink, Source
 from tcpstates.runconfig import StageSpec
-from tcpstates.errors import SinkUnavailable, StageError, UsageError
+from tcpstates.errors import EnvironmentProblem, SinkUnavailable, StageError, UsageError
 from tcpstates.events import Event
 from tcpstates.outputs import OutputStalled
 
@@ -53,6 +53,10 @@ LOSS_POLL_INTERVAL = 0.5
 NEXT_STEP = ("fix the output (disk space, permissions, a reader for the pipe) or add a sink "
              "that works (--sink NAME); exit status 1 if every sink has failed at the end")
 DRAIN_BUDGET_S = 1.5
+# Every `except (Exception, SystemExit)` below: a stage method that calls
+# sys.exit() (a plugin's CLI habit) is that stage's failure like any other
+# exception, under its on_error policy; it must not end the run silently for
+# every other sink, without a summary and with an exit status of its choosing.
 
 
 @dataclasses.dataclass
@@ -63,6 +67,23 @@ class ChainLink:
     is_filter: bool
     errors: int = 0
     removed: int = 0
+
+
+def _create(spec: StageSpec, context: RunContext) -> Any:
+    """The stage object of `spec`. A constructor that raises (a plugin's bug, a
+    file it cannot read) is one line naming the stage and where it comes from,
+    never an "internal error" that leaves the reader guessing which plugin."""
+    info = spec.info
+    try:
+        return info.cls(spec.options, context)
+    except (UsageError, EnvironmentProblem, StageError):
+        raise                  # already one clear line
+    except (Exception, SystemExit) as exc:
+        what = f"{info.kind} {spec.label} ({info.name})"
+        if info.distribution == "tcpstates":    # a built-in: the host, not a plugin, is at fault
+            raise EnvironmentProblem(f"{what} could not start: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(f"plugin {info.plugin!r} ({info.distribution} {info.version}) failed to create "
+                         f"{what}: {type(exc).__name__}: {exc}; fix or disable it in [plugins]") from exc
 
 
 @dataclasses.dataclass
@@ -87,14 +108,14 @@ class Pipeline:
     def __init__(self, source: StageSpec, chain: list[StageSpec], sinks: list[StageSpec],
                  context: RunContext) -> None:
         self.context = context
-        self.source: Source = source.info.cls(source.options, context)
-        self.chain = [ChainLink(s.label, s.info.cls(s.options, context),
+        self.source: Source = _create(source, context)
+        self.chain = [ChainLink(s.label, _create(s, context),
                                  "fail" if context.strict else s.on_error,
                                  issubclass(s.info.cls, Filter)) for s in chain]
         # stages that must see every event the source delivers (e.g. owner
         # tracking), whatever filters come before them in the chain
         self.observers = [c for c in self.chain if type(c.stage).observes()]
-        self.sinks = [SinkSlot(s.label, s.name, s.info.cls(s.options, context),
+        self.sinks = [SinkSlot(s.label, s.name, _create(s, context),
                                "fail" if context.strict else s.on_error) for s in sinks]
         self.seen = 0
         self.kept = 0
@@ -160,7 +181,7 @@ class Pipeline:
                 slot.active = False
             except StageError:
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 if isinstance(exc, UsageError) and not isinstance(exc, SinkUnavailable):
                     raise              # a configuration mistake: one line, exit 2
                 self._sink_failed(slot, exc)
@@ -173,7 +194,7 @@ class Pipeline:
         for c in self.observers:
             try:
                 c.stage.observe_batch(batch)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 c.errors += 1
                 if c.on_error == "fail":
                     raise StageError(f"{c.label} ({c.stage.name}) failed: {type(exc).__name__}: {exc}") from exc
@@ -190,11 +211,11 @@ class Pipeline:
                     c.removed += before - len(batch)
                 elif isinstance(stage, Enricher):
                     stage.enrich_batch(batch)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 batch = self._chain_per_event(c, batch, exc)
         return batch
 
-    def _chain_per_event(self, c: ChainLink, batch: list[Event], first: Exception) -> list[Event]:
+    def _chain_per_event(self, c: ChainLink, batch: list[Event], first: BaseException) -> list[Event]:
         """A batch call failed: redo it event by event so only bad events suffer."""
         out = []
         stage = c.stage
@@ -209,7 +230,7 @@ class Pipeline:
                 if isinstance(stage, Enricher):
                     stage.enrich(e)
                 out.append(e)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 c.errors += 1
                 if c.on_error == "fail":
                     raise StageError(f"{c.label} ({c.stage.name}) failed: {type(exc).__name__}: {exc}") from exc
@@ -252,7 +273,7 @@ class Pipeline:
                 self.context.warn(f"sink {slot.name} ({slot.sink.name}): its output accepted nothing "
                                   f"more before the stop; the rest is counted as not written",
                                   once_key=f"stopped:{slot.name}")
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 self._count_partial(slot, batch, exc)
                 self._sink_failed(slot, exc)
 
@@ -265,16 +286,16 @@ class Pipeline:
         slot.lost += len(batch) - done
 
     @staticmethod
-    def _close_sink(slot: SinkSlot) -> Exception | None:
+    def _close_sink(slot: SinkSlot) -> BaseException | None:
         """Close a sink; the error closing it, if any (its reader gone or a
         stop is not one). A sink whose close writes its output (the summary's
         report) failed when that write fails."""
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             slot.sink.close()
         except (BrokenPipeError, interrupt.StopRequested):
             pass
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             error = exc
         # a line counted as written that the output closed torn: not written after all
         torn = slot.sink.unfinished()
@@ -295,7 +316,7 @@ class Pipeline:
             self.stopping = True
             self.readers_gone = True
 
-    def _sink_failed(self, slot: SinkSlot, exc: Exception) -> None:
+    def _sink_failed(self, slot: SinkSlot, exc: BaseException) -> None:
         slot.errors += 1
         if not slot.failing:
             slot.failing = True
@@ -353,7 +374,7 @@ class Pipeline:
                             self._reader_gone(slot)
                         except interrupt.StopRequested:
                             pass   # the stop goes on; the summary reports the loss
-                        except Exception as exc:
+                        except (Exception, SystemExit) as exc:
                             self._sink_failed(slot, exc)
 
     def push_aggregates(self) -> None:
@@ -367,7 +388,7 @@ class Pipeline:
             if slot.active and type(slot.sink).consumes_aggregates:
                 try:
                     slot.sink.write_aggregates(snapshot)
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     self._sink_failed(slot, exc)
 
     def reopen(self) -> None:
@@ -379,7 +400,7 @@ class Pipeline:
                     # a stop came while the reopen waited (a FIFO's reader, the
                     # opener): the sink stays closed, the drain's events are counted
                     pass
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     self._sink_failed(slot, exc)
 
     # -- the loop -------------------------------------------------------------------
@@ -401,7 +422,7 @@ class Pipeline:
                     if slot.active:
                         try:
                             slot.sink.report()
-                        except Exception as exc:
+                        except (Exception, SystemExit) as exc:
                             self._sink_failed(slot, exc)
             now = time.monotonic()
             if now >= next_loss:
@@ -429,7 +450,7 @@ class Pipeline:
                     slot.sink.flush()
                 except (BrokenPipeError, interrupt.StopRequested):
                     pass
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     self._sink_failed(slot, exc)
                 error = self._close_sink(slot)
                 slot.active = False

@@ -16,7 +16,7 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import pluggy
 
@@ -24,6 +24,7 @@ import tcpstates
 from tcpstates import hookspecs
 from tcpstates.api import Enricher, Filter, Sink, Source, Stage, Warner
 from tcpstates.errors import EnvironmentProblem, StageError, UsageError
+from tcpstates.options import describe_options
 from tcpstates.security import check_plugin_file, check_plugin_tree
 
 KINDS = {"source": Source, "filter": Filter, "enricher": Enricher, "sink": Sink}
@@ -100,6 +101,18 @@ class Registry:
             if not name:
                 raise UsageError(f"plugin {plugin!r} ({dist}) registered a {kind} "
                                  f"{cls.__name__} without a name")
+            if not isinstance(name, str) or not name.isprintable() or any(c.isspace() for c in name):
+                # it is a config key, a --sink value and a column of `tcpstates plugins`
+                raise UsageError(f"plugin {plugin!r} ({dist}) registered a {kind} {cls.__name__} whose "
+                                 f"name {name!r} is not a plain word; give it a name such as \"my_{kind}\"")
+            try:
+                # what `tcpstates plugins` and the config checks read: found out here, with
+                # the plugin named, not as an internal error of whoever reads it first
+                describe_options(cast("type[Stage]", cls).Options)
+            except Exception as exc:
+                raise UsageError(f"plugin {plugin!r} ({dist}) registered a {kind} {name!r} whose Options "
+                                 f"cannot be read ({type(exc).__name__}: {exc}); declare them as a "
+                                 f"dataclass with option(...) fields (docs/plugins.md)") from None
             prior = self.stages.get((kind, name))
             if prior is not None:
                 raise UsageError(

@@ -227,3 +227,78 @@ def test_tls_without_verification_is_said_at_start(tmp_path):
     err = r.stderr.decode()
     assert "Traceback" not in err, err
     assert "forward sink: tls_verify = false: the certificate of 127.0.0.1:9 is not verified" in err, err
+
+
+def _planted_socket(path, owner: int) -> socket.socket:
+    """A listening unix socket at `path` that belongs to uid `owner` (as one
+    another user created): nothing is accepted, what connects stays queued."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    listener.setblocking(False)
+    os.chown(path, owner, owner)
+    return listener
+
+
+def _received(listener: socket.socket) -> bytes:
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return b""                       # nobody ever connected
+    conn.settimeout(5)
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    conn.close()
+    return data
+
+
+NOBODY = 65534
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("where", ["in a shared sticky directory", "in another user's directory there"])
+def test_a_unix_socket_another_user_planted_gets_no_event(tmp_path, where):
+    """As root, `address = "unix:///tmp/fluent.sock"` sent every event to whoever
+    had created that socket first (a FIFO output owned by another user was
+    already refused for the same reason)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)                 # as /tmp
+    place = shared
+    if where != "in a shared sticky directory":
+        place = shared / "fluent"
+        place.mkdir()
+        os.chown(place, NOBODY, NOBODY)  # made by that user, first
+    sock = place / "fluent.sock"
+    listener = _planted_socket(sock, NOBODY)
+    try:
+        r = run_cli("--replay", str(trace(tmp_path / "in.jsonl", 5)), "--sink", "forward",
+                    "-o", f"sinks.forward.address=unix://{sock}", "-o", "sinks.forward.ack=false")
+        err = r.stderr.decode()
+        assert r.returncode == 2 and err.count("\n") == 1, err
+        assert "refusing to send events as root" in err and "Traceback" not in err, err
+        assert _received(listener) == b""
+    finally:
+        listener.close()
+
+
+@pytest.mark.root
+def test_a_receiver_socket_in_its_own_run_directory_is_used(tmp_path):
+    """Not every receiver runs as root (fluentd as td-agent): its socket in the
+    run directory root made for it (/run/td-agent, owned by that user) is fine."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    own = run / "receiver"
+    own.mkdir(mode=0o755)
+    os.chown(own, NOBODY, NOBODY)
+    sock = own / "fluent.sock"
+    listener = _planted_socket(sock, NOBODY)
+    try:
+        r = run_cli("--replay", str(trace(tmp_path / "in.jsonl", 5)), "--sink", "forward",
+                    "-o", f"sinks.forward.address=unix://{sock}", "-o", "sinks.forward.ack=false")
+        err = r.stderr.decode()
+        assert r.returncode == 0 and "written: forward 5" in err, err
+        assert _received(listener).count(b"state_change") == 5
+    finally:
+        listener.close()

@@ -180,6 +180,26 @@ def test_values_json_cannot_hold_leave_that_field_out_not_the_entry(journald, tm
     assert len(warned) == 2 and "'x_deep_map'" in warned[0] + warned[1], r.stderr
 
 
+def test_a_new_bad_field_in_every_record_does_not_flood_stderr(journald, tmp_path):
+    """A replayed file with another unusable key in every record (too long for a
+    journal field name) wrote one warning per record — 3,000 lines, often into
+    the journal itself — and remembered every key. Now the first few are named,
+    then one line says the rest are left out; every entry still goes out."""
+    from replayrec import replay_record
+    path = tmp_path / "keys.jsonl"
+    path.write_bytes(b"".join(replay_record(i, **{"k" * 70 + str(i): 1, "x_ok": i}) for i in range(1, 501)))
+    r = subprocess.run(journald.argv([sys.executable, "-m", "tcpstates", "--replay", str(path),
+                                      "--sink", "journal"]),
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    named = [line for line in r.stderr.splitlines() if "cannot be a journal field name" in line]
+    assert len(named) == 5, r.stderr[:2000]
+    assert r.stderr.count("left out of the entries without a warning each") == 1, r.stderr[:2000]
+    assert len(r.stderr.splitlines()) == 5 + 1 + 1, r.stderr[:2000]      # + the summary
+    journald.sync()
+    assert len(journald.read("SYSLOG_IDENTIFIER=tcpstates")) == 500
+
+
 def test_journal_value_of_what_a_third_party_enricher_may_add():
     from tcpstates.plugins.journal.sink import journal_value
     assert journal_value({7: 1, "a": {2: [True]}}) == '{"7":1,"a":{"2":[true]}}'   # state-number keys

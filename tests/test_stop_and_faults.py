@@ -101,7 +101,38 @@ def test_replay_times_at_the_limits_never_overflow_the_encoder(tmp_path):
                 "-o", f"sinks.jsonl.path={out}", "-o", f"sinks.text.path={tmp_path / 'e.txt'}")
     err = r.stderr.decode()
     assert r.returncode == 0 and "Traceback" not in err, err
-    assert "written: jsonl 4, text 4" in _summary(err), err
+    # records 2 and 3 would be 2^64 ns after the epoch on the recording's clock
+    # (its first record: time_ns 2^63-1 at mono_ns 0): skipped and counted, not
+    # written with a time_ns no schema reader (nor replay itself) accepts
+    assert "written: jsonl 2, text 2" in _summary(err) and "2 unreadable records skipped" in _summary(err), err
+    assert err.count("skipped record: field 'mono_ns'") == 2, err
+    _assert_schema_valid(out)
+
+
+def test_replayed_times_before_the_epoch_are_skipped_not_written_negative(tmp_path):
+    """The first record's clock (time_ns 0 at mono_ns 2^63-1) puts mono_ns 0 at
+    -2^63 ns: once written as "time_ns": -9223372036854775807, 1677-09-21."""
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(_record(1, time_ns=0, mono_ns=2**63 - 1) + _record(2, mono_ns=0)
+                      + _record(3, mono_ns=2**63 - 1))
+    out = tmp_path / "e.jsonl"
+    r = run_cli("--replay", str(trace), "--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "in.jsonl:2: skipped record: field 'mono_ns' 0" in err, err
+    assert "written: jsonl 2" in _summary(err), err
+    _assert_schema_valid(out)
+    assert [orjson.loads(line)["time_ns"] for line in out.read_bytes().splitlines()
+            if b'"state_change"' in line] == [0, 0]
+    # and what was written replays again, every record
+    again = run_cli("--replay", str(out), "--sink", "jsonl", "-o", f"sinks.jsonl.path={tmp_path / 'again.jsonl'}")
+    assert again.returncode == 0 and "skipped" not in again.stderr.decode(), again.stderr
+
+
+def _assert_schema_valid(path: Path) -> None:
+    import jsonschema
+    schema = orjson.loads((Path(__file__).resolve().parent.parent / "docs" / "event.schema.json").read_bytes())
+    for line in path.read_bytes().splitlines():
+        jsonschema.validate(orjson.loads(line), schema)
 
 
 WRONG = [None, True, -1, 2**64, 2**70, 1.5, float("nan"), "", "\x1b[31m", [1], {"a": 1}, "٨٠"]
@@ -319,3 +350,72 @@ def test_replayed_connection_records_are_counted_as_skipped_not_dropped(tmp_path
     assert r.returncode == 0 and "1 unreadable records skipped" in err and "connection record" in err, err
     strict = run_cli("--replay", str(src), "-s", "--strict")
     assert strict.returncode == 2 and b"connection record" in strict.stderr
+
+
+@pytest.mark.root
+def test_a_full_disk_part_way_keeps_the_whole_lines_that_fit(tmp_path):
+    """docs/security.md: a write the disk refuses part-way is taken back to the
+    last whole line. It was taken back to the start of the batch: a batch
+    bigger than the free space lost every line that fit (written 0, file empty)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / "e.jsonl"
+        trace = _trace(tmp_path, n=2000)          # ~600 KB of JSON Lines, one batch
+        r = run_cli("--replay", str(trace), "--sink", "jsonl", "--sink", "csv",
+                    "-o", f"sinks.jsonl.path={out}", "-o", f"sinks.csv.path={tmp_path / 'all.csv'}")
+        err = r.stderr.decode()
+        assert r.returncode == 0 and "No space left on device" in err, err
+        data = out.read_bytes()
+        assert data.endswith(b"\n")                # no torn line
+        lines = [orjson.loads(line) for line in data.splitlines()]
+        assert len(lines) > 100                    # 64 KiB of whole lines, not nothing
+        assert [rec["seq"] for rec in lines] == list(range(1, len(lines) + 1))
+        summary = _summary(err)
+        assert f"written: jsonl {len(lines)}, csv 2000" in summary, summary   # counts what the file holds
+        assert f"not written: jsonl {2000 - len(lines)}" in summary, summary
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_the_exit_summary_of_many_sinks_is_never_cut(tmp_path):
+    """The summary went through the warnings' 1,000-character cap (meant for
+    hostile values): with 40 sinks it ended "0 droppe... (18 more characters)",
+    its loss counts cut off."""
+    names = [f"audit_sink_number_{i:02d}" for i in range(40)]
+    cfg = tmp_path / "many.toml"
+    cfg.write_text("[tcpstates]\nsinks = [" + ", ".join(f'"{n}"' for n in names) + "]\n" + "".join(
+        f'[sinks.{n}]\ntype = "jsonl"\npath = "{tmp_path / n}.jsonl"\n' for n in names))
+    r = run_cli("--config", str(cfg), "--replay", str(_trace(tmp_path, n=3)))
+    summary = _summary(r.stderr.decode())
+    assert r.returncode == 0 and len(summary) > 1000, summary
+    assert summary.endswith("; 0 dropped, 0 kernel misses"), summary[-200:]
+    assert all(f"{n} 3" in summary for n in names), summary
+
+
+def test_replayed_state_numbers_cannot_grow_the_summary_without_end(tmp_path):
+    """A state is any ASCII number below 2^31 in a replayed file: one histogram
+    per distinct number (and a report line block each) grew without bound."""
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(_record(i, oldstate=str(1000 + i), newstate="CLOSE") for i in range(1, 3001)))
+    r = run_cli("--replay", str(trace), "--sink", "summary")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-500:]
+    assert sum(line.startswith("state = ") for line in err.splitlines()) == 65, err[:300]   # 64 + "other"
+    assert "state = other (time spent in it)" in err
+    assert "3000 events seen" in _summary(err)
+
+
+def test_replayed_state_numbers_cannot_grow_the_metrics_page_without_end():
+    """The metrics sink made a transitions series per distinct (old, new) pair:
+    100,000 replayed pairs were a 13 MB page and 120 MB of memory."""
+    from metricspage import metrics_page
+    from tcpstates.api import RunContext
+    from tcpstates.testing import make_event
+    batch = [make_event(oldstate=1000 + i, newstate=7) for i in range(3000)]
+    page = metrics_page(batch, RunContext())
+    series = [line for line in page.splitlines() if line.startswith("tcpstates_transitions_total{")]
+    assert len(series) == 1024 + 1, len(series)
+    other = [line for line in series if 'old="other"' in line]
+    assert other and other[0].endswith(" 1976.0"), other     # 3000 - 1024 pairs kept apart

@@ -43,7 +43,8 @@ from tcpstates.events import Event, sanitize_text
 from tcpstates.options import option
 from tcpstates.plugins.forward.protocol import (Handshake, event_time,
                                                 parse_address, request, valid_tls_name)
-from tcpstates.plugins.forward.transport import CertificateNameMismatch, Connection, tls_context
+from tcpstates.plugins.forward.transport import (CertificateNameMismatch, Connection, UntrustedReceiver,
+                                                 checked_unix_socket, tls_context)
 from tcpstates.records import Rfc3339, event_record, loss_record
 
 __all__ = ["ForwardOptions", "ForwardSink", "parse_address", "event_time"]
@@ -111,6 +112,21 @@ class ForwardOptions:
                              "remove one of them")
 
 
+def _check_unix_receiver(path: str) -> None:
+    """At start: a socket another user could have planted is a configuration
+    error (exit 2), said at once rather than as a retried connection failure.
+    A socket not there yet is the receiver's business (retried, as a refused
+    connection); every connect checks again (transport.checked_unix_socket)."""
+    try:
+        fd = checked_unix_socket(path)
+    except UntrustedReceiver as exc:
+        raise UsageError(f"sinks forward: {exc.strerror}") from None
+    except OSError:
+        return
+    if fd >= 0:
+        os.close(fd)
+
+
 class ForwardSink(Sink):
     """Fluent Forward v1 client with acks, handshake, TLS, backoff and a bounded buffer."""
 
@@ -122,6 +138,9 @@ class ForwardSink(Sink):
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
         self.family, self.sockaddr = parse_address(options.address)
+        self._check_unix = os.geteuid() == 0    # started as root: also after --user
+        if self.family == socket.AF_UNIX:
+            _check_unix_receiver(self.sockaddr)
         try:
             self.tls = tls_context(options)
         except (OSError, ssl.SSLError) as exc:
@@ -246,7 +265,7 @@ class ForwardSink(Sink):
         try:
             return Connection(self.family, self.sockaddr, timeout=o.ack_timeout, tls=self.tls,
                               server_name=self.server_name, handshake=handshake,
-                              on_socket=self._set_connecting)
+                              on_socket=self._set_connecting, check_unix=self._check_unix)
         finally:
             self._connecting = None
 

@@ -7,9 +7,11 @@ exit) shuts the socket down so a blocked send or recv returns at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +27,75 @@ from tcpstates.plugins.forward.protocol import MAX_REPLY_BYTES, Handshake, Proto
 CONNECT_TIMEOUT = 10.0
 #: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
 _NAME_MISMATCH = (62, 64)
+
+
+class UntrustedReceiver(OSError):
+    """As root: the unix socket could have been put there by another user, who
+    would then read every event (the rule for a FIFO output, docs/security.md)."""
+
+
+def checked_unix_socket(path: str, enforce: bool | None = None) -> int:
+    """An O_PATH descriptor of the unix socket `path` to connect through
+    (/proc/self/fd/N: the very inode checked), or -1 when not root (no check).
+
+    As root, every directory on the (resolved) way must be changeable only by
+    root — or by the owner of a directory that root placed where only root can
+    (a receiver's own run directory, /run/td-agent) — and the socket must belong
+    to root or such an owner (`enforce`: whether to check; default: as root;
+    the sink keeps checking after --user dropped root, since who may plant a
+    socket there does not change). A socket another user left in /tmp, or in a
+    directory of theirs there, is refused: UntrustedReceiver. FileNotFoundError
+    and other OSErrors as connect() would give them."""
+    if not (os.geteuid() == 0 if enforce is None else enforce):
+        return -1
+    real = os.path.realpath(path)
+    trusted = {0}
+    where, where_st = "/", os.lstat("/")
+    parts = [p for p in real.split("/") if p]
+    for i, name in enumerate(parts):
+        entry = where.rstrip("/") + "/" + name
+        st = os.lstat(entry)
+        dir_ok = where_st.st_uid in trusted and not where_st.st_mode & 0o022
+        # a sticky directory (/tmp): only root's entries cannot be replaced by others
+        if not dir_ok and not (where_st.st_mode & 0o1000 and st.st_uid == 0):
+            why = (f"{escape_text(entry)} belongs to uid {st.st_uid} in the shared directory "
+                   f"{escape_text(where)} (mode {where_st.st_mode & 0o7777:o})" if where_st.st_mode & 0o1000 else
+                   f"{escape_text(entry)} is in {escape_text(where)}, which others can change "
+                   f"(owner uid {where_st.st_uid}, mode {where_st.st_mode & 0o7777:o})")
+            raise UntrustedReceiver(errno.EPERM, f"refusing to send events as root to {escape_text(path)}: "
+                                    f"{why}; whoever put a socket there would read every event")
+        if i == len(parts) - 1:
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid not in trusted:
+                raise UntrustedReceiver(errno.EPERM, f"refusing to send events as root to {escape_text(path)}: "
+                                        f"the socket belongs to uid {st.st_uid}, who owns no directory root "
+                                        f"placed on its way; put the receiver's socket in a directory of its own")
+            fd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)
+                raise UntrustedReceiver(errno.EAGAIN, f"{escape_text(path)} changed while it was checked")
+            return fd
+        if stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o022:
+            # root (or someone trusted) put this directory here: its owner keeps what is below
+            trusted.add(st.st_uid)
+        where, where_st = entry, st
+    raise FileNotFoundError(errno.ENOENT, "no socket name in the path")
+
+
+def _connect(raw: socket.socket, family: int, sockaddr: Any, check_unix: bool | None) -> None:
+    if family != socket.AF_UNIX:
+        raw.connect(sockaddr)
+        return
+    fd = checked_unix_socket(sockaddr, check_unix)
+    try:
+        if fd < 0:
+            raw.connect(sockaddr)
+        elif os.path.exists(f"/proc/self/fd/{fd}"):
+            raw.connect(f"/proc/self/fd/{fd}")   # the inode checked, not the path again
+        else:
+            raw.connect(sockaddr)                # no /proc: by path, right after the check
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 class CertificateNameMismatch(Exception):
@@ -106,7 +177,7 @@ def _wrap(tls: ssl.SSLContext, raw: socket.socket, server_name: str) -> ssl.SSLS
 class Connection:
     def __init__(self, family: int, sockaddr: Any, *, timeout: float, tls: ssl.SSLContext | None,
                  server_name: str, handshake: Handshake | None,
-                 on_socket: Any = None) -> None:
+                 on_socket: Any = None, check_unix: bool | None = None) -> None:
         self.timeout = timeout
         raw = socket.socket(family, socket.SOCK_STREAM)
         self.sock: socket.socket = raw
@@ -115,7 +186,7 @@ class Connection:
             on_socket(raw)
         try:
             raw.settimeout(min(timeout, CONNECT_TIMEOUT))
-            raw.connect(sockaddr)
+            _connect(raw, family, sockaddr, check_unix)
             if family != socket.AF_UNIX:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:

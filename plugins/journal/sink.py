@@ -61,6 +61,7 @@ PRIORITY_NORMAL = 5
 PRIORITY_WARNING = 4
 SYN_SENT, CLOSE = 2, 7
 FIELD_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+MAX_FIELD_WARNINGS = 5     # distinct fields left out that are named in a warning each
 
 
 def journal_value(value: Any) -> str:
@@ -138,6 +139,7 @@ class JournalSink(Sink):
         self._root = os.geteuid() == 0
         self.rfc3339 = Rfc3339()
         self.sent = 0
+        self._left_out_keys: set[str] = set()
 
     def _check_socket(self) -> bool:
         if os.path.exists(JOURNAL_SOCKET):
@@ -259,9 +261,8 @@ class JournalSink(Sink):
                 continue
             name = journal_field_name(key)
             if name is None:
-                self.context.warn(f"sink journal: field {key!r} cannot be a journal field name "
-                                  f"(A-Z, 0-9, _ only); it is left out of the entries",
-                                  once_key=f"journal-field:{key}")
+                self._left_out(key, f"sink journal: field {key!r} cannot be a journal field name "
+                                    f"(A-Z, 0-9, _ only); it is left out of the entries")
                 continue
             if value is None:
                 continue
@@ -270,9 +271,8 @@ class JournalSink(Sink):
             except Exception as exc:     # any value of a third-party enricher's
                 # one field that cannot be text costs only itself, never the
                 # batch (the sink would fail and lose every entry after it)
-                self.context.warn(f"sink journal: field {key!r} could not be made journal text "
-                                  f"({type(exc).__name__}: {exc}); it is left out of the entries",
-                                  once_key=f"journal-value:{key}")
+                self._left_out(key, f"sink journal: field {key!r} could not be made journal text "
+                                    f"({type(exc).__name__}: {exc}); it is left out of the entries")
                 continue
             if not text.isascii():
                 try:
@@ -283,6 +283,20 @@ class JournalSink(Sink):
                     # and fail the batch. Escaped as every output escapes one.
                     text = escape_text(text)
             f.append(f"{name}={text}")
+
+    def _left_out(self, key: str, message: str) -> None:
+        """Say which fields are left out, for the first few distinct ones only: a
+        replayed file can carry a new bad key in every record, and one warning
+        line (and one remembered key) each would flood stderr — often the
+        journal itself — without end."""
+        if key in self._left_out_keys:
+            return
+        if len(self._left_out_keys) >= MAX_FIELD_WARNINGS:
+            self.context.warn("sink journal: more fields that cannot be journal fields are left out "
+                              "of the entries without a warning each", once_key="journal-fields-more")
+            return
+        self._left_out_keys.add(key)
+        self.context.warn(message)
 
     def write(self, batch: list[Event]) -> int | None:
         if not self._check_socket():

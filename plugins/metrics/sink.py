@@ -33,6 +33,10 @@ from tcpstates.events import STATE_NAMES, STATE_NUMBERS, Event, connection_of
 from tcpstates.options import option
 from tcpstates.plugins.metrics.server import serve
 
+# transition series kept apart; beyond them (state numbers only a replayed file
+# has) every new pair is counted as old="other", new="other"
+MAX_TRANSITION_SERIES = 1024
+OTHER_TRANSITION = ("other", "other")
 S = STATE_NUMBERS
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
            1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
@@ -81,7 +85,7 @@ class MetricsSink(Sink):
         self.connections = prom.Counter("tcpstates_connections", "closed connections by how they ended",
                                         ["ending"], registry=self.registry)
         self.established: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._children: dict[tuple[int, int], Any] = {}
+        self._children: dict[tuple[int, int] | tuple[str, str], Any] = {}
         self.server: Any = None
 
     def _counting(self) -> bool:
@@ -163,11 +167,18 @@ class MetricsSink(Sink):
                 start = est.pop(e.skaddr, None)
                 if start is not None:
                     self.lifetime.observe((e.ts_ns - start) / 1e9)
-        for key, n in counts.items():
+        for pair, n in counts.items():
+            key: tuple[int, int] | tuple[str, str] = pair
             child = self._children.get(key)
             if child is None:
-                child = self._children[key] = self.transitions.labels(
-                    STATE_NAMES.get(key[0], str(key[0])), STATE_NAMES.get(key[1], str(key[1])))
+                if len(self._children) >= MAX_TRANSITION_SERIES:
+                    # a replayed file may carry any state number (up to 2^31): one
+                    # series per pair would grow the page and the memory without end
+                    key = OTHER_TRANSITION
+                    child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self.transitions.labels(
+                        *(STATE_NAMES.get(k, str(k)) if isinstance(k, int) else k for k in key))
             child.inc(n)
 
     def write_loss(self, kind: str, count: int, total: int) -> None:

@@ -26,6 +26,7 @@ from tcpstates.options import option
 from tcpstates.records import RecordError, record_event
 
 REPORTED_SKIPS = 5
+MAX_TIME_NS = (1 << 63) - 1   # as the records' own time_ns
 CHUNK = 1 << 16
 
 
@@ -186,6 +187,13 @@ class ReplaySource(Source):
             if not self._offset_set:
                 self.context.clock_offset_ns = rec["time_ns"] - event.ts_ns
                 self._offset_set = True
+            elif not 0 <= event.ts_ns + self.context.clock_offset_ns <= MAX_TIME_NS:
+                # each event's wall time is its mono_ns on the first record's clock:
+                # one outside the epoch's range would be written as a negative or
+                # 65-bit time_ns, which no schema reader (nor replay) accepts
+                self._skip(f"field 'mono_ns' {event.ts_ns} puts the event outside 0..{MAX_TIME_NS} ns "
+                           f"since the epoch on the recording's clock (the first record's time_ns - mono_ns)")
+                continue
             out.append(event)
         return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import os
 import sys
 import time
@@ -20,6 +21,12 @@ from typing import Any, TextIO
 from tcpstates.api import Aggregates, RunContext, Sink
 from tcpstates.events import STATE_NAMES, Event, connection_of
 from tcpstates.options import option
+
+
+# histograms kept apart by state; beyond them (state numbers only a replayed
+# file has) the time in any new state is counted under "other"
+MAX_STATES = 64
+OTHER_STATE = -1
 
 
 def log2_histogram(counts: dict[int, int], unit: str = "usecs") -> list[str]:
@@ -110,7 +117,12 @@ class SummarySink(Sink):
             return
         for e in batch:
             if e.span_ns is not None:
-                hists[e.oldstate][(e.span_ns // 1000).bit_length()] += 1
+                state = e.oldstate
+                if state not in hists and len(hists) >= MAX_STATES:
+                    # a replayed file may carry any state number (up to 2^31): one
+                    # histogram each would grow memory and the report without end
+                    state = OTHER_STATE
+                hists[state][(e.span_ns // 1000).bit_length()] += 1
             if e.sport:
                 lports[e.sport] += 1
             if e.dport:
@@ -128,28 +140,36 @@ class SummarySink(Sink):
             return
         rate = (self.events - self._last_events) / (now - self._last_status) if self._last_status else 0
         self._last_status, self._last_events = now, self.events
-        out = self.stream or sys.stderr
-        out.write(f"\r\x1b[Ktcpstates: {self.events} events, {rate:,.0f}/s, "
-                  f"{self.loss.get('dropped', 0)} dropped, {self.loss.get('kernel_misses', 0)} kernel misses")
-        out.flush()
+        # a status line that finds stderr full (a stopped terminal) is skipped:
+        # the next one says the same, newer
+        self.context.warner.write_block(
+            f"\r\x1b[Ktcpstates: {self.events} events, {rate:,.0f}/s, "
+            f"{self.loss.get('dropped', 0)} dropped, {self.loss.get('kernel_misses', 0)} kernel misses",
+            stream=self.stream, timeout=0, counted=False)
 
     def report(self) -> None:
-        out = self.stream or sys.stderr
         lines = []
         if self.live:
             lines.append("\r\x1b[K")          # the status line disappears
-        for state in sorted(self.hists, key=lambda s: STATE_NAMES.get(s, str(s))):
-            lines.append(f"\nstate = {STATE_NAMES.get(state, str(state))} (time spent in it)")
+        for state in sorted(self.hists, key=lambda s: _state_name(s)):
+            lines.append(f"\nstate = {_state_name(state)} (time spent in it)")
             lines.extend(log2_histogram(self.hists[state]))
         for title, counter in (("LPORT", self.lports), ("RPORT", self.rports)):
             if self.options.top_ports and counter:
                 lines.append(f"\n{title:<7s} {'CONNECTIONS' if self.context.records == 'connection' else 'EVENTS'}")
                 lines.extend(f"{port:<7d} {n}" for port, n in counter.most_common(self.options.top_ports))
-        out.write("\n".join(lines).lstrip("\n") + "\n")
-        out.flush()
+        # at most REPORT_WAIT_S for a stderr nobody reads: never blocked for good
+        # (SIGTERM could not end that wait). Not written is this sink's failure
+        # (its only output): a run that delivered nothing else is not a success
+        if not self.context.warner.write_block("\n".join(lines).lstrip("\n") + "\n", stream=self.stream):
+            raise OSError(errno.EIO, "the report could not be written to stderr (full, stopped or closed)")
 
     def close(self) -> None:
         self.report()
+
+
+def _state_name(state: int) -> str:
+    return "other" if state == OTHER_STATE else STATE_NAMES.get(state, str(state))
 
 
 def _isatty(stream: Any) -> bool:

@@ -106,8 +106,9 @@ class ServiceCountsSink(Sink):
     def close(self) -> None:
         lines = [f"{count} {name}\n" for name, count in self.counts.most_common(self.options.top)]
         if self.options.path == "-":
-            import sys
-            sys.stderr.writelines(lines)
+            # never a plain sys.stderr write: one nobody reads would block the
+            # exit for good (this waits at most a second, then counts it unshown)
+            self.context.warner.write_block("".join(lines))
         else:
             with open(self.options.path, "w") as f:
                 f.writelines(lines)
