@@ -14,7 +14,9 @@
  *                             (kernels older than 5.8)
  *   TCPSTATES_RINGBUF_PAGES   ring buffer size in pages (power of two)
  *   TCPSTATES_MAX_SOCKETS     entries of the per-socket LRU timestamp map
- *   TCPSTATES_FILTER_LPORT    consult the lport_allowed map
+ *   TCPSTATES_FILTER_LPORT    consult the lport_allowed map (with
+ *                             TCPSTATES_CONNECTIONS a connect's CLOSE->SYN_SENT,
+ *                             local port 0, is judged by its next change)
  *   TCPSTATES_FILTER_DPORT    consult the dport_allowed map
  *   TCPSTATES_FAMILY          AF_INET or AF_INET6 to keep only that family
  *   TCPSTATES_FILTER_TRANSITION  consult the transition_allowed map
@@ -446,7 +448,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (args->family != TCPSTATES_FAMILY)
         goto filtered;
 #endif
-#ifdef TCPSTATES_FILTER_LPORT
+#if defined(TCPSTATES_FILTER_LPORT) && !defined(TCPSTATES_CONNECTIONS)
     if (!port_allowed(lport_allowed.lookup(&lport)))
         goto filtered;
 #endif
@@ -607,6 +609,19 @@ update:
 #ifdef TCPSTATES_CONNECTIONS
 connection: {
     u32 old = args->oldstate, new = args->newstate;
+#ifdef TCPSTATES_FILTER_LPORT
+    /* A connect's first change (CLOSE->SYN_SENT) has local port 0: the port
+     * is bound after it. A record is judged by its ports at the close, so
+     * that change cannot be judged yet: it is folded in and the connection
+     * judged by its next change, whose failing drops the entry it began
+     * (else it would be handed over as unclosed when its memory is reused). */
+    if (!port_allowed(lport_allowed.lookup(&lport)) &&
+        (lport != 0 || old != TCPSTATES_TCP_CLOSE || new != TCPSTATES_TCP_SYN_SENT)) {
+        if (old == TCPSTATES_TCP_SYN_SENT)
+            conns.delete(&sk);
+        goto filtered;
+    }
+#endif
     int listener = new == TCPSTATES_TCP_LISTEN || (old == TCPSTATES_TCP_LISTEN && new == TCPSTATES_TCP_CLOSE);
     ts = bpf_ktime_get_ns();
     /* a new socket at this address: a connection starts afresh

@@ -82,15 +82,21 @@ ENDINGS = ("normal", "refused", "reset", "unknown")
 
 
 # plain int keys: looked up twice per connection record
+# FIN_WAIT1 -> CLOSE is never an orderly close: the ACK of our FIN moves the
+# socket to FIN_WAIT2 first and the peer's FIN to CLOSING; straight to CLOSE is a
+# RST, an abort (SO_LINGER 0 after shutdown, tcp_disconnect) or the retries
+# of an unacknowledged FIN running out
 _ENDINGS_BY_STATE = {int(TcpState.SYN_SENT): "refused", int(TcpState.ESTABLISHED): "reset",
-                     int(TcpState.SYN_RECV): "reset", int(TcpState.CLOSE_WAIT): "reset"}
+                     int(TcpState.SYN_RECV): "reset", int(TcpState.CLOSE_WAIT): "reset",
+                     int(TcpState.FIN_WAIT1): "reset"}
 
 
 def connection_ending(last_state: int) -> str:
     """How a connection that went last_state -> CLOSE ended: `refused` (a
     connect that got a RST or timed out: SYN_SENT), `reset` (closed from
-    SYN_RECV, ESTABLISHED or CLOSE_WAIT: no FIN exchange, an abort or RST),
-    else `normal` (through the FIN states)."""
+    SYN_RECV, ESTABLISHED, CLOSE_WAIT or FIN_WAIT1: no completed FIN exchange,
+    an abort or RST), else `normal` (FIN_WAIT2, CLOSING, LAST_ACK: through the
+    FIN states)."""
     return _ENDINGS_BY_STATE.get(last_state, "normal")
 
 

@@ -182,7 +182,7 @@ def test_decoder_builds_an_unclosed_connection_with_no_end():
 
 
 @pytest.mark.parametrize("last,ending", [(2, "refused"), (1, "reset"), (8, "reset"), (3, "reset"),
-                                         (5, "normal"), (9, "normal"), (11, "normal")])
+                                         (4, "reset"), (5, "normal"), (9, "normal"), (11, "normal")])
 def test_connection_ending_by_last_state(last, ending):
     assert Connection(0, 1, {}, 7, last, True).ending == ending
 

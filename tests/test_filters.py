@@ -77,6 +77,25 @@ def test_filters_through_the_real_cli_replay(tmp_path):
     assert [(x["OLDSTATE"], x["NEWSTATE"], x["MS"]) for x in rows] == [("SYN_SENT", "ESTABLISHED", "150.000")]
 
 
+def test_duration_bounds_equal_to_a_span_keep_it_through_the_real_cli_replay(tmp_path):
+    """min_ms/max_ms are inclusive, also for values like 2.01 or 1.001 whose
+    float times 10^6 lies just below the whole ns (2009999.9999999998): an
+    event of exactly 2.010 ms passes max_ms = 2.01, one of 1.000 ms fails
+    min_ms = 1.001."""
+    from tcpstates.records import Rfc3339, event_record
+    fmt = Rfc3339()
+    trace = tmp_path / "t.jsonl"
+    spans_us = [1000, 1001, 2009, 2010, 2011]
+    events = [make_event(oldstate="SYN_SENT", newstate="ESTABLISHED", span_ns=us * 1000, sport=41000 + i)
+              for i, us in enumerate(spans_us)]
+    trace.write_bytes(b"".join(orjson.dumps(event_record(e, i + 1, e.ts_ns, "h", fmt)) + b"\n"
+                               for i, e in enumerate(events)))
+    r = run_cli("--replay", str(trace), "-s", "--no-summary", "-o",
+                'chain=[{use="duration", min_ms=1.001, max_ms=2.01}]')
+    assert r.returncode == 0, r.stderr
+    assert [x["MS"] for x in parse_csv(r.stdout.decode())] == ["1.001", "2.009", "2.010"]
+
+
 def test_repository_config_is_valid_including_its_commented_examples(tmp_path):
     text = (ROOT / "tcpstates.toml").read_text()
     tomllib.loads(text)

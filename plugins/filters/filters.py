@@ -176,8 +176,10 @@ class DurationFilter(Filter):
 
     def __init__(self, options: Any, context: RunContext) -> None:
         super().__init__(options, context)
-        self.lo = int(options.min_ms * 1_000_000)
-        self.hi = None if options.max_ms is None else int(options.max_ms * 1_000_000)
+        # to the nearest ns: int() would truncate 2.01 ms (2009999.9999999998 ns)
+        # to 2009999 and drop an event of exactly 2.010 ms as "longer"
+        self.lo = round(options.min_ms * 1_000_000)
+        self.hi = None if options.max_ms is None else round(options.max_ms * 1_000_000)
         self.keep_unknown = options.unknown == "keep"
 
     def keep(self, event: Event) -> bool:

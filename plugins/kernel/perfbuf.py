@@ -71,7 +71,13 @@ class PerfBufferReader:
             while pos + 8 <= len(data):
                 rtype, _misc, rsize = _HEADER.unpack_from(data, pos)
                 if rsize < 8:
-                    break   # corrupt: never loop forever
+                    pos = n     # corrupt: never loop forever, skip to the head
+                    break
+                if pos + rsize > len(data):
+                    # a record the head we read does not wholly cover: left in
+                    # the buffer for the next read, never handed over cut short
+                    # (a short sample failed the whole run in the decoder)
+                    break
                 if rtype == PERF_RECORD_SAMPLE:
                     raw_size = struct.unpack_from("<I", data, pos + 8)[0]
                     if raw_size >= sample_size:
@@ -79,7 +85,8 @@ class PerfBufferReader:
                 elif rtype == PERF_RECORD_LOST:
                     self.lost += _U64.unpack_from(data, pos + 16)[0]
                 pos += rsize
-            _U64.pack_into(mm, 1032, head)
+            # release what was read, whole records only
+            _U64.pack_into(mm, 1032, tail + min(pos, n))
         return out
 
     def close(self) -> None:
