@@ -58,6 +58,12 @@ RAW_OWNER = struct.Struct("<QQII16s")
 HOW = {1: "syscall", 2: "accept", 3: "io"}
 ACCEPT = 2
 UNSURE = 0x100      # TCPSTATES_OWNER_UNSURE: the owner may have exited before the record
+# TCPSTATES_OWNER_FOREIGN: no owner, and the socket is in another network namespace
+# than tcpstates': this namespace's listeners and /proc snapshot say nothing about it
+FOREIGN = 0x200
+# TCPSTATES_OWNER_LEFT: its owner let it go (exited, or closed its descriptor while
+# another process holds it): unknown, and no longer in an accept queue
+LEFT = 0x400
 LOOKUP_SHARE = 20
 # how often a listener's holders are found by reading every process's fd table
 # (in between, only new processes' and the holders' own tables are read)
@@ -138,6 +144,9 @@ class OwnerEnricher(Enricher):
         """The fields a kernel owner record gives (cached per raw bytes: the
         same bytes always mean the same fields, so the cache cannot go stale)."""
         start_ns, cgroup, pid, how, rawcomm = RAW_OWNER.unpack(raw)
+        if how & (FOREIGN | LEFT):
+            out = self.owned[raw] = (UNKNOWN, 0)
+            return out
         if how & UNSURE:
             return self._unsure(raw)
         fields = {"owner_pid": pid,
@@ -229,9 +238,11 @@ class OwnerEnricher(Enricher):
             self._owned_event(e, accepter)
 
     def _owned_event(self, e: Event, accepter: int) -> None:
-        """The listener bookkeeping of an event the kernel named an owner for."""
+        """The listener bookkeeping of an event the kernel named an owner for
+        (or, LISTEN->SYN_RECV, said is in another network namespace)."""
         if e.oldstate == LISTEN or e.newstate == LISTEN:
-            self.listeners.pop(e.sport, None)    # the listener set changed
+            if e.newstate != SYN_RECV:
+                self.listeners.pop(e.sport, None)    # the listener set changed
             return
         watch = self.watches[e.sport]
         if accepter not in watch.held:
