@@ -45,8 +45,8 @@
  *                              record with no owner whose socket lives in another
  *                              one is marked TCPSTATES_OWNER_FOREIGN (needs
  *                              TCPSTATES_OFF_SOCK_SKC_NET, _NET_NS_INUM)
- *   TCPSTATES_OWNER_CLOSE      attach syscalls:sys_enter_close: an owner closing its
- *                              descriptor of a socket another process still holds
+ *   TCPSTATES_OWNER_CLOSE      attach syscalls:sys_enter_close/sys_exit_close: an owner
+ *                              closing its descriptor of a socket another process still holds
  *                              (a hand-off, a forking server's parent) is marked as
  *                              having let go (needs the FD offsets, TCPSTATES_TP_CLOSE_FD,
  *                              TCPSTATES_OFF_FILE_F_INODE, _INODE_I_MODE)
@@ -301,9 +301,9 @@ static __always_inline int owner_left(struct tcpstates_owner *o, u64 sk)
     if (o->closed && orphaned)
         return 0;                    /* its close was the last: it stays named */
     if (o->dropped && !orphaned)
-        return 1;                    /* it closed its descriptor; a file still holds the
-                                        socket: held by a process that got it (fork,
-                                        SCM_RIGHTS) and has not used it yet */
+        return 1;                    /* it closed a descriptor, and a file still held the
+                                        socket when its close returned: held by a process
+                                        that got it (fork, SCM_RIGHTS) and has not used it */
     int exited = owner_exited(o);
     if (!exited)
         return 0;
@@ -585,22 +585,27 @@ int tracepoint__syscalls__sys_exit_accept(void *ctx)
 }
 
 #ifdef TCPSTATES_OWNER_CLOSE
-/* close(fd) by the socket's owner while another descriptor still holds the
- * socket's file: a dispatcher that handed it to a worker over SCM_RIGHTS, a
- * forking server's parent after the fork. The next state change (the peer's
- * FIN, in softirq) must not name it: the entry is marked dropped (owner_left)
- * until a process uses or closes the socket. A last close (the file's only
- * reference) goes on to tcp_close in this same system call, whose close-type
- * transition names the closer as before. Runs for every close() on the host:
- * four reads to see that the descriptor is no socket, for a socket one more
- * read and one map lookup. */
-static __always_inline int owner_closing(long fd)
+/* close(fd) of a TCP socket that another descriptor still holds when the close
+ * returns: a dispatcher that handed it to a worker over SCM_RIGHTS, a forking
+ * server's parent after the fork. If the closing process is its owner (or the
+ * socket has no owner yet: from before tracing), the next state change (the
+ * peer's FIN, in softirq) must not name it: the entry is marked dropped
+ * (owner_left) until a process uses or closes the socket. Decided when the
+ * close returns, not when it starts: a last close runs tcp_close inside it,
+ * whose state changes (ESTABLISHED->CLOSE on unread data comes before the
+ * socket is orphaned) still name the closer; and the "current task" of a
+ * softirq transition may be any process, the owner too (loopback). Runs for
+ * every close() on the host: four reads to see that the descriptor is no
+ * socket; for a TCP socket one map update (enter) and one lookup (exit). */
+BPF_HASH(owner_closing, u32, u64, 4096);      /* thread in close() -> its socket */
+
+static __always_inline int owner_close_enter(long fd)
 {
     char *task = (char *)bpf_get_current_task();
     char *files = NULL, *fdt = NULL, *file = NULL, *inode = NULL, *sock = NULL;
     char **fdarr = NULL;
     u32 max_fds = 0;
-    u16 mode = 0;
+    u16 mode = 0, protocol = 0;
     u64 sk = 0;
     bpf_probe_read_kernel(&files, sizeof(files), task + TCPSTATES_OFF_TASK_FILES);
     if (!files)
@@ -629,16 +634,48 @@ static __always_inline int owner_closing(long fd)
     bpf_probe_read_kernel(&sk, sizeof(sk), sock + TCPSTATES_OFF_SOCKET_SK);
     if (!sk)
         return 0;
-    struct tcpstates_owner *known = owner_lookup(sk);
-    if (!known || known->pid != (bpf_get_current_pid_tgid() >> 32) || known->dropped)
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
+    if (protocol != 6 /* IPPROTO_TCP */)
         return 0;
+    u32 tid = bpf_get_current_pid_tgid();
+    owner_closing.update(&tid, &sk);
+    return 0;
+}
+
+static __always_inline int owner_close_exit(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 *found = owner_closing.lookup(&tid);
+    if (!found)
+        return 0;
+    u64 sk = *found;
+    owner_closing.delete(&tid);
+    u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (char *)sk + TCPSTATES_OFF_SOCK_SKC_STATE);
+    if (owner_orphaned(sk) || state == TCPSTATES_TCP_CLOSE)
+        return 0;                             /* that was the last: its close named the closer
+                                                 (and the socket may be freed by now) */
+    struct tcpstates_owner *known = owner_lookup(sk);
+    if (known && (known->pid != (bpf_get_current_pid_tgid() >> 32) || known->dropped))
+        return 0;                             /* someone else's (it still holds it), or marked */
     u32 zero = 0;
     struct tcpstates_owner *o = owner_scratch.lookup(&zero);
     if (!o)
         return 0;
-    __builtin_memcpy(o, known, sizeof(*o));
-    if (!TCPSTATES_SAME_SK(known, sk))
-        return 0;                             /* reused under us: another socket's entry */
+    if (known) {
+        __builtin_memcpy(o, known, sizeof(*o));
+        if (!TCPSTATES_SAME_SK(known, sk))
+            return 0;                         /* reused under us: another socket's entry */
+    } else {
+        /* a socket the probes never saw an owner of (from before tracing): the
+         * process that closed a descriptor of it is recorded as having let go,
+         * so a later record is not named after what /proc said at the start
+         * (user space's snapshot) while another process holds it now */
+        owner_current(o, TCPSTATES_OWNER_SYSCALL);
+        o->sk = sk;
+        o->gen = owner_gen(o->pid);
+        o->closed = 0;
+    }
     o->dropped = 1;
     sk_owner.update(&sk, o);
     return 0;
@@ -647,7 +684,12 @@ static __always_inline int owner_closing(long fd)
 /* the `fd` field at its format-file offset (TCPSTATES_TP_CLOSE_FD) */
 int tracepoint__syscalls__sys_enter_close(void *ctx)
 {
-    return owner_closing((long)*(u32 *)((char *)ctx + TCPSTATES_TP_CLOSE_FD));
+    return owner_close_enter((long)*(u32 *)((char *)ctx + TCPSTATES_TP_CLOSE_FD));
+}
+
+int tracepoint__syscalls__sys_exit_close(void *ctx)
+{
+    return owner_close_exit();
 }
 #endif /* TCPSTATES_OWNER_CLOSE */
 #endif /* TCPSTATES_OWNER_ACCEPT */

@@ -18,7 +18,9 @@ loopback, on its own port, and judges every event of that port:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -181,3 +183,80 @@ def test_connection_in_another_netns_is_not_named_after_this_netns_listener(trac
     # this namespace's own queued connection still gets its listener
     assert len(at_home) == 2 and all((r["owner_pid"], r["owner_source"]) == (me, "listener")
                                      for r in at_home), at_home
+
+
+
+# Before the tracer starts: S accepts a connection from the main process's
+# client socket and holds it (tcpstates' start-up snapshot names S, "proc").
+# On "go": S hands it on — fork: forks W and exits; scm: sends it to a waiting
+# W over SCM_RIGHTS and closes its copy. On "fin" the client closes (the FIN:
+# ESTABLISHED->CLOSE_WAIT, nobody's I/O seen since the start), then W closes.
+PREEXISTING = r"""
+import array, os, socket, sys
+port, mode = int(sys.argv[1]), sys.argv[2]
+def say(*w):
+    os.write(1, (" ".join(map(str, w)) + "\n").encode())
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", port)); ls.listen(4)
+a, b = socket.socketpair(socket.AF_UNIX)
+go_r, go_w = os.pipe()
+done_r, done_w = os.pipe()
+c = socket.create_connection(("127.0.0.1", port))
+def worker(s):
+    os.read(go_r, 1)                    # after the FIN
+    s.close(); say("W", os.getpid()); os._exit(0)
+if mode == "scm" and os.fork() == 0:
+    c.close(); ls.close()               # only the main process holds the client side
+    _, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(4))
+    worker(socket.socket(fileno=array.array("i", anc[0][2])[0]))
+if os.fork() == 0:
+    c.close()
+    s, _ = ls.accept(); ls.close()
+    say("S", os.getpid())
+    os.read(0, 3)                       # "go": the tracer is up
+    if mode == "fork":
+        if os.fork() == 0:
+            worker(s)
+        os.write(done_w, b"d"); os._exit(0)     # S exits; W holds the socket
+    a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
+    s.close()                           # S lets go, W holds the socket
+    os.write(done_w, b"d"); os.read(go_r, 1); os._exit(0)
+ls.close()
+os.read(done_r, 1)
+say("handed")
+os.read(0, 4)                           # "fin"
+c.close()
+os.write(go_w, b"gg")
+"""
+
+
+@pytest.mark.parametrize("mode", ["fork", "scm"])
+def test_socket_from_before_tracing_handed_on_is_not_named_after_its_first_holder(tracer, tmp_path, mode):
+    port = free_port()
+    out = tmp_path / "e.jsonl"
+    p = subprocess.Popen([sys.executable, "-c", PREEXISTING, str(port), mode], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        first = p.stdout.readline().split()
+        assert first[0] == b"S", first
+        holder = int(first[1])
+        t = tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().split() == [b"handed"]
+        p.stdin.write(b"fin\n")
+        p.stdin.flush()
+        worker = p.stdout.readline().split()
+        assert worker[0] == b"W", worker
+        assert p.wait(20) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert not wait_port_settled(port), "the connections never settled"
+    recs = _records(t, out, port)
+    fins = [r for r in recs if (r["oldstate"], r["newstate"]) == ("ESTABLISHED", "CLOSE_WAIT")]
+    assert len(fins) == 1, [(r["oldstate"], r["newstate"], r["lport"], r["rport"]) for r in recs]
+    # S held it at the start, and no longer at the FIN: not named (who holds it is not known)
+    assert (fins[0]["owner_pid"], fins[0]["owner_source"]) == (None, "unknown"), (holder, fins[0])
+    closes = [r for r in recs if (r["oldstate"], r["newstate"]) == ("CLOSE_WAIT", "LAST_ACK")]
+    assert [r["owner_pid"] for r in closes] == [int(worker[1])], closes

@@ -39,7 +39,8 @@ from typing import Any
 from tcpstates.api import Enricher, KernelConstraints, RunContext
 from tcpstates.events import AF_INET, AF_INET6, STATE_NUMBERS, Event, sanitize_text
 from tcpstates.options import option
-from tcpstates.plugins.owner.sockowners import NS_PER_TICK, Holder, PortHolders, process_identity, snapshot
+from tcpstates.plugins.owner.sockowners import (NS_PER_TICK, Holder, PortHolders, SnapHolder, process_identity,
+                                                snapshot, still_alive)
 
 try:   # the optional C loop (setup.py); observe_batch's Python loop is the reference
     import tcpstates.plugins.owner._observe as _c_observe
@@ -118,7 +119,7 @@ class OwnerEnricher(Enricher):
         self.queued: set[int] = set()
         # port → (read again after, (family, addr) → the fields its holders give)
         self.listeners: dict[int, tuple[float, dict[tuple[int, str], dict[str, Any]]]] = {}
-        self.existing: dict[tuple[int, str, int, str, int], list[Holder]] = {}
+        self.existing: dict[tuple[int, str, int, str, int], list[SnapHolder]] = {}
         # raw kernel owner tail → (its fields, ready to merge; the PID when it
         # was learnt at accept, else 0): one process's records repeat the same
         # bytes, so the unpack/decode/escape is done once
@@ -273,11 +274,13 @@ class OwnerEnricher(Enricher):
                 extra["owner_candidates"] = list(fields["owner_candidates"])
             return
         key = (e.family, e.saddr, e.sport, e.daddr, e.dport)
-        holders = self.existing.get(key) if self.existing else None
-        if holders:
+        snap = self.existing.get(key) if self.existing else None
+        if snap:
             if new == CLOSE:
                 del self.existing[key]
-            extra.update(_holder_fields(holders, "proc"))
+            # only those still alive: a holder at start may have exited since,
+            # leaving the socket to a child it forked (sockowners.still_alive)
+            extra.update(_holder_fields(still_alive(snap), "proc"))
         else:
             extra.update(UNKNOWN)
 

@@ -24,6 +24,7 @@ IO_TRACEPOINTS = (("sock", "sock_send_length"), ("sock", "sock_recv_length"))
 ACCEPT_TRACEPOINTS = (("syscalls", "sys_exit_accept4"), ("syscalls", "sys_exit_accept"))
 EXIT_TRACEPOINTS = (("sched", "sched_process_exit"),)
 CLOSE_TRACEPOINTS = (("syscalls", "sys_enter_close"),)
+CLOSE_EXIT_TRACEPOINT = ("syscalls", "sys_exit_close")
 # -D name suffix → (struct, member): task identity, and fd → struct sock
 TASK_FIELDS = {
     "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
@@ -45,6 +46,7 @@ FD_FIELDS = {
 CLOSE_FIELDS = {
     "FILE_F_INODE": ("file", "f_inode"),
     "INODE_I_MODE": ("inode", "i_mode"),
+    "SOCK_SKC_STATE": ("sock", "__sk_common.skc_state"),
 }
 # the network namespace of a socket: sk->__sk_common.skc_net (possible_net_t) -> net.ns.inum
 NETNS_FIELDS = {
@@ -126,7 +128,7 @@ def _offsets(btf: BTF, fields: dict[str, tuple[str, str]], sizes: dict[str, int]
 SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TASK_FILES": 8,
          "FILES_FDT": 8, "FDTABLE_FD": 8, "FDTABLE_MAX_FDS": 4, "FILE_PRIVATE_DATA": 8,
          "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8, "SOCK_SK_TYPE": 2,
-         "FILE_F_INODE": 8, "INODE_I_MODE": 2, "SOCK_SKC_NET": 8, "NET_NS_INUM": 4}
+         "FILE_F_INODE": 8, "INODE_I_MODE": 2, "SOCK_SKC_STATE": 1, "SOCK_SKC_NET": 8, "NET_NS_INUM": 4}
 # what the raw send/recv probes read of a socket: protocol 6 alone is also a
 # NETLINK_XFRM socket's (any user's) and a raw IPPROTO_TCP socket's; of type
 # SOCK_STREAM it is TCP
@@ -237,8 +239,10 @@ def _closes(s: OwnerSupport, btf: BTF, tracefs: Path | None) -> None:
         fields = _offsets(btf, CLOSE_FIELDS, SIZES) if fd is not None else []
     except BTFError:
         fields = []
-    if not fields or fd is None:
-        s.missing.append("syscalls:sys_enter_close tracepoint or file/inode offsets in BTF: an "
+    exit_tp = tracefs / "events" / CLOSE_EXIT_TRACEPOINT[0] / CLOSE_EXIT_TRACEPOINT[1] / "format" \
+        if tracefs is not None else None
+    if not fields or fd is None or exit_tp is None or not exit_tp.is_file():
+        s.missing.append("syscalls:sys_enter_close/sys_exit_close tracepoints or file/inode offsets in BTF: an "
                          "accepter that hands a socket on and closes its copy stays named until "
                          "the new holder uses it")
         return
