@@ -1,5 +1,5 @@
 """Optional C speed-ups for the hot path (kernel record decoder, JSON Lines encoder,
-bcc table rows, the owner enricher's loop).
+bcc table rows, the owner and container enrichers' loops).
 
 `optional=True`: without a compiler or Python headers the install still
 succeeds and tcpstates uses the pure-Python path (byte-identical output, more
@@ -16,4 +16,5 @@ setup(ext_modules=[
     Extension("tcpstates.plugins.bcc_table._rows", ["plugins/bcc_table/_rows.c"], **SLOTS),
     Extension("tcpstates.plugins.kernel._decode", ["plugins/kernel/_decode.c"], **SLOTS),
     Extension("tcpstates.plugins.owner._observe", ["plugins/owner/_observe.c"], **SLOTS),
+    Extension("tcpstates.plugins.container._enrich", ["plugins/container/_enrich.c"], **SLOTS),
 ])

@@ -5,11 +5,15 @@
  * prints this thread's CPU ns per call (a send or a receive). KIND-eagain:
  * CALLS receives on the empty socket, each ending in EAGAIN (the receive
  * tracepoint fires all the same): the kernel's own work per call is small, so
- * what a probe adds stands out.
+ * what a probe adds stands out. KIND-close: CALLS times "dup the descriptor,
+ * close the copy" (the owner's close probe runs for every close() on the
+ * host); the kind `file` is /dev/null, a descriptor that is no socket.
  *
- *   iocost tcp|unix|udp[-eagain] CALLS
+ *   iocost tcp|unix|udp[-eagain|-close] CALLS
+ *   iocost file-close CALLS
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -31,6 +35,10 @@ static int pair(const char *kind, int *a, int *b)
     int sv[2];
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t len = sizeof(addr);
+    if (!strcmp(kind, "file")) {
+        *a = *b = open("/dev/null", O_RDWR);
+        return *a < 0 ? -1 : 0;
+    }
     if (!strcmp(kind, "unix")) {
         if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv))
             return -1;
@@ -62,12 +70,25 @@ int main(int argc, char **argv)
     char buf[64] = {0}, kind[16] = "";
     long calls = argc == 3 ? atol(argv[2]) : 0;
     const char *dash = argc == 3 ? strchr(argv[1], '-') : NULL;
-    int eagain = dash && !strcmp(dash, "-eagain");
+    int eagain = dash && !strcmp(dash, "-eagain"), closing = dash && !strcmp(dash, "-close");
     if (argc == 3)
         snprintf(kind, sizeof(kind), "%.*s", dash ? (int)(dash - argv[1]) : (int)strlen(argv[1]), argv[1]);
-    if (calls < 1 || calls > 100000000 || (dash && !eagain) || pair(kind, &a, &b)) {
-        fprintf(stderr, "usage: iocost tcp|unix|udp[-eagain] CALLS (1..100000000)\n");
+    if (calls < 1 || calls > 100000000 || (dash && !eagain && !closing) || (!strcmp(kind, "file") && !closing)
+        || pair(kind, &a, &b)) {
+        fprintf(stderr, "usage: iocost tcp|unix|udp[-eagain|-close] CALLS, iocost file-close CALLS "
+                        "(1..100000000)\n");
         return 2;
+    }
+    if (closing) {
+        for (long i = 0; i < 10000; i++)
+            if (close(dup(b)))
+                return 1;
+        long long t0 = cpu_ns();
+        for (long i = 0; i < calls; i++)
+            if (close(dup(b)))
+                return 1;
+        printf("%.1f\n", (double)(cpu_ns() - t0) / calls);
+        return 0;
     }
     if (eagain) {
         for (long i = 0; i < 10000; i++)

@@ -9,7 +9,9 @@ here with cc):
 
     one thread, a connected pair of sockets, N times: send 64 bytes, receive them
     (tcp, unix, udp), or N receives on an empty socket that end in EAGAIN
-    (*-eagain: little kernel work per call, so what a probe adds stands out)
+    (*-eagain: little kernel work per call, so what a probe adds stands out), or
+    N times dup() and close() a descriptor (*-close: a TCP socket's, or /dev/null's
+    for file-close: what a probe on close() adds to every close on the host)
 
 with no tracer, with the tracer and the owner off (no send/recv probes), and with
 the owner's probes attached as raw tracepoints (the default where BTF allows) or
@@ -42,11 +44,11 @@ VARIANTS: dict[str, list[str] | None] = {
     "owner, raw tracepoints": OURS + ["--sink", "jsonl"],
     "owner, perf-event tracepoints": OURS + ["--sink", "jsonl", "-o", OWNER_TP],
 }
-KINDS = ("tcp", "unix", "udp", "tcp-eagain", "unix-eagain", "udp-eagain")
+KINDS = ("tcp", "unix", "udp", "tcp-eagain", "unix-eagain", "udp-eagain", "tcp-close", "file-close")
 
 
 def ns_per_call(binary: Path, kind: str, calls: int) -> float:
-    """The loop's CPU ns per call (a send or a receive)."""
+    """The loop's CPU ns per call (a send or a receive; a dup and close)."""
     out = subprocess.run([str(binary), kind, str(calls)], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError(f"iocost {kind}: {out.stderr.strip() or out.returncode}")

@@ -31,7 +31,8 @@
  *   TCPSTATES_FILTER_LADDR / _RADDR  consult the laddr_rules / raddr_rules LPM
  *                             tries (value: their entry count), with the rule masks
  *                             TCPSTATES_ADDR_{LKEEP,RKEEP,LDROP,RDROP,DROP}
- *   TCPSTATES_FILTER_PROC     consult pid_rules / comm_rules (value: entries), with
+ *   TCPSTATES_FILTER_PROC     consult pid_rules (hash) / comm_rules (LPM trie: names
+ *                             and prefix globs) (value: entries), with
  *                             the masks TCPSTATES_PROC_{PKEEP,CKEEP,PDROP,CDROP,DROP}
  *                             (address and process rules: plugins/kernel/pushdown.py)
  *   TCPSTATES_AGGREGATES      fold every kept state change into in-kernel
@@ -261,11 +262,14 @@ static __always_inline u32 raddr_bits(struct tcpstates_lpm_key *k)
 #ifndef TCPSTATES_PROC_DROP
 #define TCPSTATES_PROC_DROP 0
 #endif
+/* a whole command name is an entry with its NUL (prefixlen 8 * (length + 1)),
+ * a prefix glob (`nginx*`) one of its bytes only; looked up with all 128 bits */
 struct tcpstates_comm_key {
+    u32 prefixlen;
     char comm[16];
 };
 BPF_HASH(pid_rules, u32, u8, TCPSTATES_FILTER_PROC);
-BPF_HASH(comm_rules, struct tcpstates_comm_key, u8, TCPSTATES_FILTER_PROC);
+BPF_LPM_TRIE(comm_rules, struct tcpstates_comm_key, u8, TCPSTATES_FILTER_PROC);
 #endif
 
 #ifdef TCPSTATES_PERF_BUFFER
@@ -486,7 +490,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             pbits = v ? *v : 0;
         }
         if (TCPSTATES_PROC_CKEEP | TCPSTATES_PROC_CDROP) {
-            struct tcpstates_comm_key ck = {};
+            struct tcpstates_comm_key ck = {.prefixlen = 8 * sizeof(ck.comm)};
             bpf_get_current_comm(ck.comm, sizeof(ck.comm));
             u8 *v = comm_rules.lookup(&ck);
             cbits = v ? *v : 0;

@@ -49,13 +49,15 @@ class AddressRule:
 class ProcessRule:
     """One condition on the on-CPU process the kernel can test (the `process`
     filter with field = "cpu"): it matches when the TGID is in `pids` (None:
-    any) and the command name is exactly one of `comms` (None: any; names
-    of 1..15 UTF-8 bytes). The event passes when it matches, or, with
-    `exclude`, when it does not."""
+    any) and the command name is exactly one of `comms` or starts with one of
+    `comm_prefixes` (comms None: any name; names and prefixes of 1..15 UTF-8
+    bytes; a prefix is a glob such as `nginx*`). The event passes when it
+    matches, or, with `exclude`, when it does not."""
 
     pids: frozenset[int] | None = None
     comms: frozenset[str] | None = None
     exclude: bool = False
+    comm_prefixes: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass

@@ -113,3 +113,43 @@ def test_a_pid_reused_before_the_event_is_not_the_owner_the_event_names(tmp_path
         e.extra = {"owner_pid": 101, "owner_start": 5, "owner_cgroup_id": 0}
     enricher.enrich_batch(right)
     assert all(e.extra.get("container_id") == "b" * 64 for e in right)
+
+
+def test_an_identity_the_kernel_names_is_read_once_and_outlives_its_process(tmp_path, monkeypatch):
+    """With the owner's start time from the kernel, (PID, start) is the process:
+    read from /proc once, then known without a read per batch — and still
+    known after the process exits or its PID is reused, for the events that
+    name it. An event that names another start time, or none, asks /proc."""
+    from tcpstates.plugins.container import enricher as module
+    reads: list[int] = []
+    real = module.read_process
+    monkeypatch.setattr(module, "read_process", lambda pid, proc: (reads.append(pid), real(pid, proc))[1])
+    proc = tmp_path / "proc"
+    _proc(proc, 101, 5, CGROUPS[1])
+    (proc / "self").mkdir()
+    (proc / "self" / "cgroup").write_text("0::/\n")
+    enricher = _enricher(proc)
+
+    def batch(extra: dict, seed: int) -> list[Event]:
+        events = _events(3, seed)
+        for e in events:
+            e.extra = dict(extra)
+        enricher.enrich_batch(events)
+        return events
+
+    named = {"owner_pid": 101, "owner_start": 5, "owner_cgroup_id": 0}
+    assert all(e.extra.get("container_id") == "b" * 64 for e in batch(named, 6))
+    assert reads == [101]
+    assert all(e.extra.get("container_id") == "b" * 64 for e in batch(named, 7))
+    assert reads == [101]                                     # no read for the second batch
+    _proc(proc, 101, 9, CGROUPS[2])                           # exited; the PID reused since
+    assert all(e.extra.get("container_id") == "b" * 64 for e in batch(named, 8))
+    assert all(e.extra.get("systemd_unit") == "nginx.service"
+               for e in batch({"owner_pid": 101, "owner_start": 9, "owner_cgroup_id": 0}, 9))
+    assert all("container_id" not in e.extra and e.extra.get("systemd_unit") == "nginx.service"
+               for e in batch({"owner_pid": 101, "owner_cgroup_id": 0}, 10))    # no start: /proc says
+    assert reads == [101, 101, 101]
+    late = {"owner_pid": 101, "owner_start": 10**12, "owner_cgroup_id": 0}    # started after the events
+    batch(late, 11)
+    enricher.by_identity.put((101, 10**12), enricher.by_identity[(101, 5)])
+    assert all("container_id" not in e.extra for e in batch(late, 12))

@@ -175,7 +175,7 @@ def test_values_json_cannot_hold_leave_that_field_out_not_the_entry(journald, tm
     assert [e["TCP_X_OK"] for e in entries] == ["kept1", "kept2", "kept3"]
     second = entries[1]
     assert "TCP_X_DEEP_MAP" not in second and "TCP_X_DEEP_LIST" not in second
-    assert second["TCP_X_NESTED"] == '[1,2] {"k":[3]}' and second["TCP_X_FLAGS"] == "1 0"
+    assert second["TCP_X_NESTED"] == '[[1,2],{"k":[3]}]' and second["TCP_X_FLAGS"] == "1 0"
     warned = [l for l in r.stderr.splitlines() if "could not be made journal text" in l]
     assert len(warned) == 2 and "'x_deep_map'" in warned[0] + warned[1], r.stderr
 
@@ -183,7 +183,10 @@ def test_values_json_cannot_hold_leave_that_field_out_not_the_entry(journald, tm
 def test_journal_value_of_what_a_third_party_enricher_may_add():
     from tcpstates.plugins.journal.sink import journal_value
     assert journal_value({7: 1, "a": {2: [True]}}) == '{"7":1,"a":{"2":[true]}}'   # state-number keys
-    assert journal_value([1, None, "x y"]) == "1 None x y"
+    assert journal_value([1, None, "x y"]) == '[1,null,"x y"]'      # not one token each: JSON
+    assert journal_value([412, 413, "a"]) == "412 413 a"
+    assert journal_value(["", 1]) == '["",1]'
+    assert journal_value({3, 1}) == "1 3"
     assert journal_value((True, 0)) == "1 0"
     assert journal_value({"s": {3}}) == '{"s":"{3}"}'     # orjson's default: str()
     with pytest.raises(TypeError):

@@ -38,6 +38,11 @@ def test_wheel_holds_one_tcpstates_package_with_the_bpf_sources(tmp_path):
                for n in names), "the BPF C's GPL text ships with it"
     tops = {n.split("/")[0] for n in names}
     assert not tops & {"core", "plugins", "bpf", "tests"}, tops
+    # every C speed-up setup.py names is built (a compiler is here; they are optional elsewhere)
+    built = {n.split(".")[0] for n in names if n.endswith(".so")}
+    for c_file in re.findall(r'"(plugins/[^"]+\.c)"', (ROOT / "setup.py").read_text()):
+        assert "tcpstates/" + c_file[:-2] in built, c_file
+    assert len(built) >= 5, built
     ep = next(n for n in names if n.endswith("entry_points.txt"))
     assert "tcpstates = tcpstates.cli:main" in zipfile.ZipFile(wheel).read(ep).decode()
 

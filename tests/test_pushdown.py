@@ -19,6 +19,7 @@ from traffic import parse_csv
 from tcpstates.api import AddressRule, KernelConstraints, ProcessRule, RunContext
 from tcpstates.plugins.filters.filters import AddressFilter, AddressOptions, ProcessFilter, ProcessOptions
 from tcpstates.plugins.kernel import pushdown
+from tcpstates.plugins.kernel.decoder import Decoder
 from tcpstates.plugins.kernel.source import merge_constraints
 from tcpstates.testing import make_event, run_pipeline
 
@@ -51,10 +52,16 @@ def test_address_filter_hands_over_exactly_its_test():
     (dict(pid=[5, 6]), ProcessRule(frozenset({5, 6}), None, False)),
     (dict(comm=["nginx", "curl"]), ProcessRule(None, frozenset({"nginx", "curl"}), False)),
     (dict(pid=[5], comm=["curl"], exclude=True), ProcessRule(frozenset({5}), frozenset({"curl"}), True)),
-    # a glob cannot be decided in the kernel: a keep rule keeps only its pid part ...
-    (dict(pid=[5], comm=["ng*"]), ProcessRule(frozenset({5}), None, False)),
-    # ... and a drop rule only the exact names (dropping fewer is always correct)
-    (dict(comm=["ng*", "curl"], exclude=True), ProcessRule(None, frozenset({"curl"}), True)),
+    # a prefix glob is decided in the kernel (an LPM entry of its bytes) ...
+    (dict(pid=[5], comm=["ng*"]), ProcessRule(frozenset({5}), frozenset(), False, frozenset({"ng"}))),
+    (dict(comm=["ng*", "curl"], exclude=True), ProcessRule(None, frozenset({"curl"}), True, frozenset({"ng"}))),
+    # ... any other glob is not: a keep rule keeps only its pid part ...
+    (dict(pid=[5], comm=["ng*", "*x"]), ProcessRule(frozenset({5}), None, False)),
+    (dict(pid=[5], comm=["n?*"]), ProcessRule(frozenset({5}), None, False)),
+    # ... and a drop rule only the names and prefixes it can decide (dropping fewer is always correct)
+    (dict(comm=["ng*", "c[u]rl", "w*"], exclude=True), ProcessRule(None, frozenset(), True, frozenset({"ng", "w"}))),
+    (dict(pid=[1], comm=["a\\x*"]), ProcessRule(frozenset({1}), None, False)),      # an escape's backslash
+    (dict(pid=[1], comm=["*"]), ProcessRule(frozenset({1}), None, False)),
     # names the decoder would show differently than the raw bytes: not compared there
     (dict(pid=[1], comm=["a\\x01"]), ProcessRule(frozenset({1}), None, False)),
     (dict(pid=[1], comm=["sixteen-bytes-xx"]), ProcessRule(frozenset({1}), None, False)),
@@ -63,7 +70,7 @@ def test_process_filter_hands_over_what_the_kernel_can_decide(kw, rule):
     assert _process(**kw).kernel_constraints().process_rules == (rule,)
 
 
-@pytest.mark.parametrize("kw", [dict(comm=["ng*"]), dict(comm=["w*"], exclude=True),
+@pytest.mark.parametrize("kw", [dict(comm=["*ng"]), dict(comm=["w?"], exclude=True),
                                 dict(pid=[1], field="owner")])
 def test_process_filter_pushes_nothing_it_cannot_decide(kw):
     assert _process(**kw).kernel_constraints() is None
@@ -110,7 +117,61 @@ def test_process_plan_masks_and_entries():
     assert [_cflag(plan, f"TCPSTATES_PROC_{n}") for n in ("PKEEP", "CKEEP", "PDROP", "CDROP", "DROP")] == \
         [0b01, 0b00, 0b10, 0b10, 0b10]
     assert dict(plan.entries["pid_rules"]) == {struct.pack("=I", 5): 0b01, struct.pack("=I", 6): 0b11}
-    assert dict(plan.entries["comm_rules"]) == {b"curl" + bytes(12): 0b10}
+    # struct tcpstates_comm_key: u32 prefixlen (the name's bytes and its NUL), the name NUL-padded
+    assert dict(plan.entries["comm_rules"]) == {struct.pack("=I", 40) + b"curl" + bytes(12): 0b10}
+
+
+def test_comm_entries_carry_every_rule_that_matches_them():
+    rules = [ProcessRule(None, frozenset({"nginx"}), False),
+             ProcessRule(None, frozenset(), False, frozenset({"ng"})),
+             ProcessRule(None, frozenset({"ng"}), True, frozenset({"nginx-w"}))]
+    entries = dict(pushdown.process_plan(rules).entries["comm_rules"])
+    assert entries == {pushdown.comm_key("nginx"): 0b011, pushdown.comm_key("ng"): 0b110,
+                       pushdown.comm_key("ng", prefix=True): 0b010,
+                       pushdown.comm_key("nginx-w", prefix=True): 0b110}
+    look = list(entries.items())
+    assert pushdown.comm_lookup(look, b"nginx") == 0b011
+    assert pushdown.comm_lookup(look, b"nginx-worker") == 0b110
+    assert pushdown.comm_lookup(look, b"ngrep") == 0b010
+    assert pushdown.comm_lookup(look, b"ng") == 0b110
+    assert pushdown.comm_lookup(look, b"curl") == 0
+    assert pushdown.comm_key("fifteen-bytes-x")[:4] == struct.pack("=I", 128)     # its NUL is byte 16
+
+
+PROCESS_CONFIGS = [
+    'comm=["ng*"]', 'comm=["ng*", "curl"]', 'comm=["ngin*", "nginx"]', 'comm=["ng*"]\nexclude=true',
+    'comm=["ng*", "*x", "curl"]\nexclude=true', 'comm=["é*", "x"]', 'comm=["fifteen-bytes-x*"]',
+    'comm=["a*"]\n[[chain]]\nuse="process"\ncomm=["ab*", "b"]\nexclude=true',
+]
+RAW_COMMS = [c.encode() for c in ("nginx", "nginx-worker", "ng", "n", "ngrep", "curl", "curly", "x", "éa", "é",
+                                  "a\nb", "ab", "abc", "b", "fifteen-bytes-x", "fifteen-bytes-", "ngx\x7f", "",
+                                  "a\\x0a")] + [b"ng\xff", b"\xc3", b"a\xc3\xa9"]
+
+
+@pytest.mark.parametrize("config", PROCESS_CONFIGS)
+def test_kernel_comm_test_agrees_with_the_user_space_filter(config):
+    """The kernel's decision, modelled from the plan (the LPM lookup of the raw
+    comm, the mask test), keeps every event the filter keeps and, where the
+    filter says the kernel decides it all (complete), exactly those."""
+    import tomllib
+    text = '[[chain]]\nuse="process"\n' + config + "\n"
+    raw = RAW_COMMS
+    decoder = Decoder()           # the comm as the kernel stage shows it
+    events = [make_event(comm=decoder.comm(r.ljust(16, b"\0")), extra={"i": i}) for i, r in enumerate(raw)]
+    expected = [e.extra["i"] for e in run_pipeline(text, events, entry_points=False).events]
+    rules: tuple = ()
+    complete = True
+    for stage in tomllib.loads(text)["chain"]:
+        kc = _process(**{k: v for k, v in stage.items() if k != "use"}).kernel_constraints()
+        rules += kc.process_rules
+        complete &= kc.complete
+    plan = pushdown.process_plan(rules)
+    masks = tuple(_cflag(plan, f"TCPSTATES_PROC_{n}") for n in ("PKEEP", "CKEEP", "PDROP", "CDROP", "DROP"))
+    kernel = [i for i, r in enumerate(raw)
+              if pushdown.rules_pass(0, pushdown.comm_lookup(plan.entries["comm_rules"], r), masks)]
+    assert set(expected) <= set(kernel)
+    if complete:
+        assert kernel == expected
 
 
 def test_connection_records_keep_address_and_process_rules_in_user_space():
@@ -243,14 +304,17 @@ def test_address_filters_are_pushed_into_the_kernel(tracer):
 @pytest.mark.kernel
 def test_process_filters_are_pushed_into_the_kernel(tracer):
     import os
-    chain_cli = (f'chain=[{{use="process", pid=[{os.getpid()}], comm=["pd-keep", "pd-drop"]}}, '
+    # a prefix glob (pd-k*) is an LPM entry in the kernel; pd-*x is not a prefix,
+    # so the drop rule takes only pd-drop (narrower is correct) and user space the rest
+    chain_cli = (f'chain=[{{use="process", pid=[{os.getpid()}], comm=["pd-k*", "pd-drop"]}}, '
                  '{use="process", comm=["pd-drop", "pd-*x"], exclude=true}]')
-    chain_toml = (f'[[chain]]\nuse="process"\npid=[{os.getpid()}]\ncomm=["pd-keep", "pd-drop"]\n'
+    chain_toml = (f'[[chain]]\nuse="process"\npid=[{os.getpid()}]\ncomm=["pd-k*", "pd-drop"]\n'
                   '[[chain]]\nuse="process"\ncomm=["pd-drop", "pd-*x"]\nexclude=true\n')
 
     def traffic() -> set[int]:
         return {_connect(socket.AF_INET, "127.0.0.1", "127.0.0.1", b"pd-keep"),
-                _connect(socket.AF_INET6, "::1", "::1", b"pd-keep"),
+                _connect(socket.AF_INET6, "::1", "::1", b"pd-keeper"),
+                _connect(socket.AF_INET, "127.0.0.1", "127.0.0.1", b"pd-k"),
                 _connect(socket.AF_INET, "127.0.0.1", "127.0.0.1", b"pd-drop"),
                 _connect(socket.AF_INET, "127.0.0.1", "127.0.0.1", b"pd-other")}
     _run_both(tracer, chain_cli, chain_toml, traffic)
@@ -259,8 +323,10 @@ def test_process_filters_are_pushed_into_the_kernel(tracer):
 def test_complete_only_when_the_kernel_decides_the_whole_filter():
     assert _address(local=["10.0.0.0/8"], exclude=True).kernel_constraints().complete
     assert _process(pid=[1], comm=["curl"]).kernel_constraints().complete
-    assert not _process(pid=[1], comm=["cu*"]).kernel_constraints().complete
-    assert not _process(comm=["cu*", "wget"], exclude=True).kernel_constraints().complete
+    assert _process(pid=[1], comm=["cu*"]).kernel_constraints().complete          # a prefix: the kernel's
+    assert _process(comm=["cu*", "wget"], exclude=True).kernel_constraints().complete
+    assert not _process(pid=[1], comm=["c?*"]).kernel_constraints().complete
+    assert not _process(comm=["c[u]*", "wget"], exclude=True).kernel_constraints().complete
 
 
 # -- transition and duration filters on the real kernel ------------------------------------

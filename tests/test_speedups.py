@@ -21,6 +21,7 @@ from tcpstates.api import RunContext
 from tcpstates.events import AF_INET, AF_INET6, Event, TcpState
 from tcpstates.plugins.bcc_table import format as bcc_format
 from tcpstates.plugins.bcc_table.format import BccFormatter
+from tcpstates.plugins.container import enricher as container_enricher
 from tcpstates.plugins.jsonl import sink as jsonl_sink
 from tcpstates.plugins.jsonl.sink import JsonlOptions, JsonlSink
 from tcpstates.plugins.kernel import decoder as kernel_decoder
@@ -630,3 +631,75 @@ def test_c_owner_loop_equals_python_on_odd_events(case):
                 sorted(enricher.listeners))
 
     assert run(True) == run(False)
+
+
+def _container_batches(seed: int) -> list[list[Event]]:
+    """Batches whose owners repeat (the C loop's hits), come earlier than a
+    hit, need the on-CPU cgroup, or are not plain ints (Python's path)."""
+    rnd = random.Random(seed)
+    me = os.getpid()
+    cg_path = open("/proc/self/cgroup").read().split("::", 1)[1].strip()
+    my_cg = os.stat("/sys/fs/cgroup" + cg_path).st_ino        # kernfs node id = cgroup id
+    with open(f"/proc/{me}/stat") as f:
+        my_start = int(f.read().rsplit(")", 1)[1].split()[19])
+    owners = [
+        {"owner_pid": me, "owner_cgroup_id": my_cg, "owner_start": my_start},
+        {"owner_pid": me, "owner_cgroup_id": 0, "owner_start": my_start},      # the on-CPU task's cgroup
+        {"owner_pid": me, "owner_start": my_start},
+        {"owner_pid": me, "owner_cgroup_id": my_cg, "owner_start": my_start + 1},   # another process
+        {"owner_pid": 1, "owner_cgroup_id": None, "owner_start": None},
+        {"owner_pid": (1 << 22) + 7, "owner_cgroup_id": (1 << 60) + 3, "owner_start": 5},    # gone
+        {"owner_pid": str(me), "owner_cgroup_id": my_cg},                        # replayed oddities
+        {"owner_pid": me, "owner_cgroup_id": "", "owner_start": my_start},
+        {"owner_pid": me, "owner_cgroup_id": my_cg, "owner_start": float(my_start)},
+        {"owner_pid": True, "owner_cgroup_id": my_cg},
+        {},
+    ]
+    now = time.monotonic_ns()
+    batches = []
+    for _ in range(6):
+        batch = []
+        for _ in range(rnd.randrange(1, 400)):
+            extra = dict(rnd.choice(owners), owner_comm="x")
+            batch.append(Event(
+                # after this process started, in any order; a few at boot (before it: "another process")
+                ts_ns=rnd.choice((now + rnd.randrange(10**9),) * 9 + (1,)), skaddr=rnd.randrange(1 << 64), span_ns=None,
+                pid=rnd.choice((me, me, 1, 4242)), tid=me, comm="python3", family=2, saddr="127.0.0.1",
+                sport=rnd.randrange(65536), daddr="127.0.0.1", dport=80, oldstate=1, newstate=4,
+                cgroup_id=rnd.choice((my_cg, my_cg, 0, (1 << 61) + 9)), extra=extra))
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.skipif(not container_enricher.C_ENRICH_AVAILABLE, reason="C speed-ups not built (pure-Python install)")
+@pytest.mark.parametrize("seed", range(4))
+def test_container_c_loop_equals_python(seed):
+    """The container enricher's C loop (_enrich.c) gives every event what the
+    Python loop gives it, with the caches of both starting alike."""
+    results = []
+    for use_c in (False, True):
+        enricher = container_enricher.ContainerEnricher(container_enricher.ContainerOptions(names=False),
+                                                        RunContext())
+        enricher.use_c = use_c
+        out = []
+        for batch in _container_batches(seed):
+            enricher.enrich_batch(batch)
+            out.extend(e.extra for e in batch)
+        results.append(out)
+    py, c = results
+    assert c == py
+    assert sum(1 for x in py if "cgroup" in x) > 100         # the hits path ran, not only misses
+    assert any("cgroup" not in x for x in py)                # and some owners stayed unknown
+
+
+def test_container_c_loop_is_what_runs():
+    """Built: enrich_batch takes the C loop (a hit is answered without Python's one())."""
+    if not container_enricher.C_ENRICH_AVAILABLE:
+        pytest.skip("C speed-ups not built (pure-Python install)")
+    enricher = container_enricher.ContainerEnricher(container_enricher.ContainerOptions(names=False), RunContext())
+    batch = _container_batches(0)[0]
+    calls = []
+    one = enricher._enrich_one
+    enricher._enrich_one = lambda e: (calls.append(e), one(e))    # type: ignore[method-assign]
+    enricher.enrich_batch(batch)
+    assert 0 < len(calls) < len(batch)

@@ -9,19 +9,14 @@ on a whole batch and caches the HH:MM:SS string per second.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
+from tcpstates import speedups
 from tcpstates.events import AF_INET, STATE_NAMES, Event
 from tcpstates.text import escape_text
 
-try:   # the optional C rows (setup.py); the Python `%` rows below are the reference
-    import tcpstates.plugins.bcc_table._rows as _c_rows
-except ImportError:    # pragma: no cover - depends on the build
-    _c_rows = None
-if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
-    _c_rows = None
+_c_rows = speedups.load("tcpstates.plugins.bcc_table._rows")   # optional (setup.py); the Python path is the reference
 C_ROWS_AVAILABLE = _c_rows is not None
 
 # bcc's formats, for reference:

@@ -34,3 +34,11 @@ def tcpstates_configure(config: RunConfig, args: argparse.Namespace) -> None:
     if not config.uses("owner"):
         config.prepend_chain("owner", "--owner")
     config.prepend_chain("container", "--owner")
+
+
+@hookimpl
+def tcpstates_doctor_checks(register: Any) -> None:
+    from tcpstates.speedups import doctor_check as speedup_check
+    from tcpstates.plugins.container.enricher import C_ENRICH_AVAILABLE
+    register(speedup_check("container loop", C_ENRICH_AVAILABLE, "C loop of the container enricher is in use",
+                           "same fields"))

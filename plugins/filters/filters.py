@@ -241,28 +241,29 @@ class ProcessFilter(Filter):
         return match != self.options.exclude
 
     def kernel_constraints(self) -> KernelConstraints | None:
-        # the owner is known only in user space (the owner enricher); glob
-        # patterns cannot be matched in the kernel
+        # the owner is known only in user space (the owner enricher); of the
+        # glob patterns, the kernel can match a plain prefix (`nginx*`)
         if self.owner:
             return None
         o = self.options
         pids = self.pids or None
         pushable = frozenset(c for c in self.exact if kernel_comm(c))
+        prefixes = frozenset(g[:-1] for g in self.globs if kernel_comm_prefix(g))
+        # the kernel's comm test is this filter's whole comm test
+        whole_comm = not o.comm or (pushable == self.exact and len(prefixes) == len(self.globs))
         if not o.exclude:
             # a keep rule may only be wider than the filter: a comm condition
             # goes in only when the kernel can decide every name
-            whole = bool(o.comm) and not self.globs and pushable == self.exact
-            comms = pushable if whole else None
+            comms = pushable if o.comm and whole_comm else None
+            prefixes = prefixes if comms is not None else frozenset()
         else:
-            # a drop rule may only be narrower: the exact names it can decide
-            if o.comm and not pushable:
+            # a drop rule may only be narrower: the names and prefixes it can decide
+            if o.comm and not pushable and not prefixes:
                 return None
-            comms = pushable or None
+            comms = pushable if pushable or prefixes else None
         if pids is None and comms is None:
             return None
-        # complete: the kernel's rule is this filter's whole test
-        whole_comm = not o.comm or (not self.globs and pushable == self.exact)
-        return KernelConstraints(process_rules=(ProcessRule(pids, comms, o.exclude),), complete=whole_comm)
+        return KernelConstraints(process_rules=(ProcessRule(pids, comms, o.exclude, prefixes),), complete=whole_comm)
 
 
 def kernel_comm(name: str) -> bool:
@@ -271,6 +272,16 @@ def kernel_comm(name: str) -> bool:
     looks like one), valid UTF-8 of 1..15 bytes."""
     return (name.isprintable() and "\\" not in name and "\ufffd" not in name
             and 1 <= len(name.encode()) <= 15)
+
+
+def kernel_comm_prefix(pattern: str) -> bool:
+    """Is the glob `pattern` a plain prefix (`nginx*`: one trailing `*`, no
+    other glob character) that the kernel can compare with the raw comm's
+    first bytes (kernel_comm of the prefix)? A decoded name starts with such
+    a prefix exactly when the raw bytes do: the decoder leaves printable
+    UTF-8 as it is, and anything it escapes starts with a backslash."""
+    prefix = pattern[:-1]
+    return pattern.endswith("*") and not any(ch in prefix for ch in "*?[") and kernel_comm(prefix)
 
 
 @dataclasses.dataclass

@@ -65,21 +65,32 @@ FIELD_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
 def journal_value(value: Any) -> str:
     """An enricher field's value as journal text: journal fields are strings,
-    so a list is its items separated by spaces (owner_candidates: PIDs), a
-    boolean 1 or 0 (as TCP_COMPLETE), a mapping JSON; not Python's repr.
-    A list's items that are lists or mappings themselves are JSON (no
-    recursion here: a replayed record may nest a thousand levels deep).
+    so a list of plain tokens is its items separated by spaces
+    (owner_candidates: PIDs), a boolean 1 or 0 (as TCP_COMPLETE), a mapping
+    JSON; not Python's repr. A list (or set) with anything that would not
+    read back as one token - None, a string with a space or empty, a
+    nested list or mapping - is JSON as a whole, so its items stay apart.
     Raises TypeError/ValueError (or RecursionError) for a value JSON cannot
     hold (nesting past orjson's limit, an integer above 64 bits in a
     mapping): the caller leaves that field out, as it does a bad name."""
     if isinstance(value, bool):
         return "1" if value else "0"
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value, key=repr)       # one order per run, whatever the items' types
     if isinstance(value, (list, tuple)):
-        return " ".join(_json_text(v) if isinstance(v, (list, tuple, dict)) else
-                        ("1" if v else "0") if isinstance(v, bool) else str(v) for v in value)
+        if all(_token(v) for v in value):
+            return " ".join(("1" if v else "0") if isinstance(v, bool) else str(v) for v in value)
+        return _json_text(list(value))
     if isinstance(value, dict):
         return _json_text(value)
     return str(value)
+
+
+def _token(v: Any) -> bool:
+    """Does v print as one space-free, non-empty token?"""
+    if isinstance(v, int):
+        return True
+    return isinstance(v, str) and v != "" and not any(c.isspace() for c in v)
 
 
 def _json_text(value: Any) -> str:

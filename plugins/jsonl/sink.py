@@ -6,12 +6,12 @@ Every record carries a sequence number that increases by one per record
 
 from __future__ import annotations
 
-import os
 import dataclasses
 from typing import Any
 
 import orjson
 
+from tcpstates import speedups
 from tcpstates.api import RunContext, Sink
 from tcpstates.events import Event
 from tcpstates.options import option
@@ -19,12 +19,7 @@ from tcpstates.outputs import LineOutput
 from tcpstates.records import CORE_FIELDS, FAMILY_NAMES, Rfc3339, event_record, loss_record
 from tcpstates.events import STATE_NAMES
 
-try:   # the optional C encoder (setup.py); write_python is the reference
-    import tcpstates.plugins.jsonl._encode as _c_encode
-except ImportError:    # pragma: no cover - depends on the build
-    _c_encode = None
-if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
-    _c_encode = None
+_c_encode = speedups.load("tcpstates.plugins.jsonl._encode")   # optional (setup.py); the Python path is the reference
 C_ENCODER_AVAILABLE = _c_encode is not None
 # JSON of every state and family number as event_record renders it
 _STATES = tuple(orjson.dumps(STATE_NAMES.get(i) or str(i)) for i in range(256))

@@ -6,11 +6,11 @@ that the C layout and `EVENT_STRUCT` agree.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 from typing import Any
 
+from tcpstates import speedups
 from tcpstates.events import AF_INET, Event, sanitize_text
 
 # struct tcpstates_event in bpf/tcpstates.h
@@ -27,12 +27,7 @@ SPAN_UNKNOWN = (1 << 64) - 1
 KERNEL_OWNER = "_kernel_owner"        # extra key of the raw owner fields (private to owner)
 NO_OWNER = bytes(40)
 
-try:   # the optional C decoder (setup.py); Decoder(use_c=False) is the reference
-    import tcpstates.plugins.kernel._decode as _c_decode
-except ImportError:    # pragma: no cover - depends on the build
-    _c_decode = None
-if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
-    _c_decode = None
+_c_decode = speedups.load("tcpstates.plugins.kernel._decode")   # optional (setup.py); the Python path is the reference
 C_DECODER_AVAILABLE = _c_decode is not None
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 from tcpstates.doctor import Check
+from tcpstates.speedups import doctor_check as speedup_check
 from tcpstates.plugins.kernel.headers import choose_header_tree
 from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
+from tcpstates.plugins.kernel.decoder import C_DECODER_AVAILABLE
 from tcpstates.plugins.kernel.probe import find_tracefs, kernel_version, tracepoint_exists
 
 Row = tuple[str, bool, bool, str]   # name, required, ok, detail / what to do
@@ -95,14 +97,6 @@ ROWS: list[tuple[str, bool, Callable[[], Row]]] = [
     ("btf", False, _btf), ("bcc", True, _bcc), ("kernel headers", True, _headers)]
 
 
-def _decoder() -> tuple[bool, str]:
-    from tcpstates.plugins.kernel.decoder import C_DECODER_AVAILABLE
-    if C_DECODER_AVAILABLE:
-        return True, "C decoder of kernel records is in use"
-    return False, ("pure Python (same events, more CPU per event): the C extension is not built or "
-                   "TCPSTATES_NO_SPEEDUPS is set")
-
-
 def checks() -> list[Check]:
     return [Check(name, required, lambda fn=fn: fn()[2:4]) for name, required, fn in ROWS] + [   # type: ignore[misc]
-        Check("record decoder", False, _decoder)]
+        speedup_check("record decoder", C_DECODER_AVAILABLE, "C decoder of kernel records is in use", "same events")]

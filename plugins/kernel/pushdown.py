@@ -12,8 +12,8 @@ Address maps are LPM tries keyed by prefix length + a family tag (4 or 6) +
 the address; the longest matching entry answers, so each entry's mask is that
 of every rule network containing it. An IPv4-mapped IPv6 address is looked
 up twice (as IPv6 and as IPv4), as the user-space filter matches it against
-both kinds of networks. Process maps are hashes: TGID -> mask, and the
-16-byte NUL-padded command name -> mask.
+both kinds of networks. Process maps: a hash TGID -> mask, and an LPM trie of
+command names (a whole name with its NUL, or a prefix glob's bytes) -> mask.
 
 Rules beyond MAX_RULES are not pushed down (dropping fewer events is always
 correct: user space still checks every filter).
@@ -95,8 +95,28 @@ def address_plan(rules: tuple[AddressRule, ...] | list[AddressRule]) -> MapPlan:
     return plan
 
 
-def comm_key(name: str) -> bytes:
-    return name.encode().ljust(16, b"\0")
+def comm_key(name: str, prefix: bool = False) -> bytes:
+    """struct tcpstates_comm_key: u32 prefixlen (native order), the name NUL-padded
+    to 16 bytes. A whole name's prefix takes its NUL too (`curl` is `curl\\0`,
+    never `curly`); a prefix (`ng` of `ng*`) only its own bytes."""
+    raw = name.encode()
+    return struct.pack("=I", 8 * (len(raw) + (0 if prefix else 1))) + raw.ljust(16, b"\0")
+
+
+def _comm_entries(rules: list[ProcessRule]) -> list[tuple[bytes, int]]:
+    """The LPM entries of every rule's names and prefixes; each entry's mask has
+    the bit of every rule that matches whatever the entry matches (the longest
+    matching entry answers alone)."""
+    def mask(text: str, whole: bool) -> int:
+        out = 0
+        for i, r in enumerate(rules):
+            if (whole and text in (r.comms or ())) or any(text.startswith(p) for p in r.comm_prefixes):
+                out |= 1 << i
+        return out
+    names = {c for r in rules for c in r.comms or ()}
+    prefixes = {p for r in rules for p in r.comm_prefixes}
+    return ([(comm_key(c), mask(c, True)) for c in sorted(names)] +
+            [(comm_key(p, prefix=True), mask(p, False)) for p in sorted(prefixes)])
 
 
 def process_plan(rules: tuple[ProcessRule, ...] | list[ProcessRule]) -> MapPlan:
@@ -106,18 +126,28 @@ def process_plan(rules: tuple[ProcessRule, ...] | list[ProcessRule]) -> MapPlan:
         return plan
     masks = _masks([(r.pids is not None, r.comms is not None, r.exclude) for r in rules])
     pids: dict[int, int] = {}
-    comms: dict[str, int] = {}
     for i, r in enumerate(rules):
         for p in r.pids or ():
             pids[p] = pids.get(p, 0) | 1 << i
-        for c in r.comms or ():
-            comms[c] = comms.get(c, 0) | 1 << i
+    comms = _comm_entries(rules)
     plan.entries["pid_rules"] = [(struct.pack("=I", p), m) for p, m in sorted(pids.items())]
-    plan.entries["comm_rules"] = [(comm_key(c), m) for c, m in sorted(comms.items())]
+    plan.entries["comm_rules"] = list(comms)
     plan.cflags += [f"-DTCPSTATES_FILTER_PROC={max(1, len(pids), len(comms))}"]
     names = ("PKEEP", "CKEEP", "PDROP", "CDROP", "DROP")
     plan.cflags += [f"-DTCPSTATES_PROC_{n}={m}" for n, m in zip(names, masks)]
     return plan
+
+
+def comm_lookup(entries: list[tuple[bytes, int | bytes]], comm: bytes) -> int:
+    """What the kernel's lookup yields for a raw comm (up to 15 bytes), for the
+    tests: the mask of the longest entry whose first prefixlen bits it shares."""
+    data = comm[:15].ljust(16, b"\0")
+    best = (-1, 0)
+    for key, mask in entries:
+        plen = struct.unpack("=I", key[:4])[0]
+        if data[:plen // 8] == key[4:4 + plen // 8] and plen > best[0]:
+            best = (plen, int(mask) if isinstance(mask, int) else 0)
+    return best[1]
 
 
 def rules_pass(a: int, b: int, masks: tuple[int, int, int, int, int]) -> bool:

@@ -4,6 +4,8 @@ and whether the enricher's C loop is built."""
 from __future__ import annotations
 
 from tcpstates.doctor import Check
+from tcpstates.speedups import doctor_check as speedup_check
+from tcpstates.plugins.owner.enricher import C_OBSERVE_AVAILABLE
 from tcpstates.plugins.owner.kernel import owner_support
 
 
@@ -24,14 +26,7 @@ def _owner() -> tuple[bool, str]:
     return False, ("fallback — " + "; ".join(s.missing) + (f" (available: {', '.join(have)})" if have else ""))
 
 
-def _loop() -> tuple[bool, str]:
-    from tcpstates.plugins.owner.enricher import C_OBSERVE_AVAILABLE
-    if C_OBSERVE_AVAILABLE:
-        return True, "C loop of the owner enricher is in use"
-    return False, ("pure Python (same fields, more CPU per event): the C extension is not built or "
-                   "TCPSTATES_NO_SPEEDUPS is set")
-
-
 def checks() -> list[Check]:
     # not required: without these the owner is learnt from transitions only
-    return [Check("owner probes", False, _owner), Check("owner loop", False, _loop)]
+    return [Check("owner probes", False, _owner), speedup_check("owner loop", C_OBSERVE_AVAILABLE, "C loop of the owner enricher is in use",
+                                                                   "same fields")]

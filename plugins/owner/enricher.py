@@ -31,23 +31,18 @@ filter drops), so its place in the chain does not matter.
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
 import time
 from typing import Any
 
+from tcpstates import speedups
 from tcpstates.api import Enricher, KernelConstraints, RunContext
 from tcpstates.events import AF_INET, AF_INET6, STATE_NUMBERS, Event, sanitize_text
 from tcpstates.options import option
 from tcpstates.plugins.owner.sockowners import (NS_PER_TICK, Holder, PortHolders, SnapHolder, process_identity,
                                                 snapshot, still_alive)
 
-try:   # the optional C loop (setup.py); observe_batch's Python loop is the reference
-    import tcpstates.plugins.owner._observe as _c_observe
-except ImportError:    # pragma: no cover - depends on the build
-    _c_observe = None
-if os.environ.get("TCPSTATES_NO_SPEEDUPS"):   # the pure-Python path on purpose (tests, comparisons)
-    _c_observe = None
+_c_observe = speedups.load("tcpstates.plugins.owner._observe")   # optional (setup.py); the Python path is the reference
 C_OBSERVE_AVAILABLE = _c_observe is not None
 
 S = STATE_NUMBERS
