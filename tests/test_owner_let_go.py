@@ -13,7 +13,10 @@ loopback, on its own port, and judges every event of that port:
   namespace listening on 127.0.0.1:P: the namespace's connections, still in
   its accept queue, must not be named after the host's listener (tcpstates
   reads listeners of its own namespace only); a connection to the host
-  listener still is.
+  listener still is;
+* a socket from before tracing whose holder at the start (tcpstates' /proc
+  snapshot) exited after a fork, or handed it over SCM_RIGHTS and closed its
+  copy: the FIN must not name that first holder.
 """
 
 from __future__ import annotations

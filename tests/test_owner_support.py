@@ -81,3 +81,11 @@ def test_without_the_close_tracepoint_doctor_says_what_is_lost(tmp_path, monkeyp
     s = kernel.owner_support(1024)
     assert s.accept and not s.closes and "-DTCPSTATES_OWNER_CLOSE=1" not in s.cflags
     assert any("sys_enter_close" in why for why in s.missing), s.missing
+
+
+def test_close_tracking_can_be_turned_off():
+    # this machine's real tracefs and BTF: kernel_close = false spares every close()
+    # the two syscall tracepoints, and is said (not warned: it was asked for)
+    s = kernel.owner_support(1024, close=False)
+    assert not s.closes and "-DTCPSTATES_OWNER_CLOSE=1" not in s.cflags
+    assert kernel.CLOSE_OFF in s.missing

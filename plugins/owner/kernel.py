@@ -57,6 +57,8 @@ NETNS_FIELDS = {
 
 IO_OFF = ("send/recv tracking turned off (owner kernel_io = false): hand-offs and pre-fork "
           "children are only seen at accept/close")
+CLOSE_OFF = ("close tracking turned off (owner kernel_close = false): an accepter that hands a "
+             "socket on and closes its copy stays named until the new holder uses it")
 GEN_SLOTS = 65536   # TCPSTATES_OWNER_GEN_SLOTS in bpf/owner.bpf.h
 
 
@@ -139,7 +141,7 @@ RAW_IO_FIELDS = {
 
 
 def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
-                  io: bool = True, io_probe: str = "auto") -> OwnerSupport:
+                  io: bool = True, io_probe: str = "auto", close: bool = True) -> OwnerSupport:
     """The -D flags for this kernel (always at least -DTCPSTATES_OWNER); io:
     the send/recv probes are wanted (owner.kernel_io), where the kernel has them;
     io_probe: how they attach (owner.kernel_io_probe: auto, tracepoint)."""
@@ -200,7 +202,10 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
     except BTFError as exc:
         s.missing.append(f"file offsets in BTF ({exc}): accepted sockets are named only once used")
         return s
-    _closes(s, btf, tracefs)
+    if close:
+        _closes(s, btf, tracefs)
+    else:
+        s.missing.append(CLOSE_OFF)
     return s
 
 
