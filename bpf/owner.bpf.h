@@ -41,6 +41,15 @@
  *                              (or close) after an exec
  *   TCPSTATES_OWNER_SLOT_PER_PID  pid_max fits the per-PID-slot counters: a
  *                              slot's exit count moving proves its PID's exit
+ *   TCPSTATES_OWNER_HOME_NETNS  the inode of tcpstates' own network namespace: a
+ *                              record with no owner whose socket lives in another
+ *                              one is marked TCPSTATES_OWNER_FOREIGN (needs
+ *                              TCPSTATES_OFF_SOCK_SKC_NET, _NET_NS_INUM)
+ *   TCPSTATES_OWNER_CLOSE      attach syscalls:sys_enter_close/sys_exit_close: an owner
+ *                              closing its descriptor of a socket another process still holds
+ *                              (a hand-off, a forking server's parent) is marked as
+ *                              having let go (needs the FD offsets, TCPSTATES_TP_CLOSE_FD,
+ *                              TCPSTATES_OFF_FILE_F_INODE, _INODE_I_MODE)
  *   TCPSTATES_OFF_<STRUCT>_<MEMBER>  byte offsets from BTF
  *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_FAMILY, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET,
  *   TCPSTATES_TP_EXIT_GROUP_DEAD
@@ -57,6 +66,16 @@
  * process with its PID slot exited since, and its own exit is not among the
  * ones remembered): user space checks that it is still alive, else unknown */
 #define TCPSTATES_OWNER_UNSURE  0x100
+/* owner_how of a record with no owner whose socket is in another network
+ * namespace than tcpstates': what user space knows of listeners and of
+ * sockets from before tracing (sock_diag, /proc/net/tcp, its own namespace)
+ * is not about this socket, so it stays unknown */
+#define TCPSTATES_OWNER_FOREIGN 0x200
+/* owner_how of a record whose socket had an owner that has let it go (exited
+ * or closed its descriptor while another process still holds the socket):
+ * not known who holds it now, but it is no longer in an accept queue, so user
+ * space must not take it for one (owner_left) */
+#define TCPSTATES_OWNER_LEFT    0x400
 
 #define TCPSTATES_OWNER_ZERO(e) do {                                     \
     (e)->owner_start_ns = 0;                                             \
@@ -88,7 +107,11 @@ struct tcpstates_owner {
     u32 closed;           /* a close/shutdown was seen: once no file holds the socket
                              (closed, not only shut down), that owner was the last
                              holder and stays named after it exits */
-    u32 pad;
+    u32 dropped;          /* the owner closed a descriptor of it (TCPSTATES_OWNER_CLOSE)
+                             while the socket was still attached to its file: while
+                             a file still holds it, someone else may hold it, so the
+                             owner is not named until it or another process uses
+                             or closes it again */
 };
 
 BPF_TABLE("lru_hash", u64, struct tcpstates_owner, sk_owner, TCPSTATES_OWNER_MAX);
@@ -248,6 +271,7 @@ static __always_inline void owner_set_current(u64 sk, u32 how, u32 closed)
     o->sk = sk;
     o->gen = owner_gen(o->pid);
     o->closed = closed;
+    o->dropped = 0;
     sk_owner.update(&sk, o);
 }
 
@@ -273,8 +297,13 @@ static __always_inline int owner_orphaned(u64 sk)
  * 1: it has; 2: it may have (owner_exited's "maybe": user space checks). */
 static __always_inline int owner_left(struct tcpstates_owner *o, u64 sk)
 {
-    if (o->closed && owner_orphaned(sk))
+    int orphaned = owner_orphaned(sk);
+    if (o->closed && orphaned)
         return 0;                    /* its close was the last: it stays named */
+    if (o->dropped && !orphaned)
+        return 1;                    /* it closed a descriptor, and a file still held the
+                                        socket when its close returned: held by a process
+                                        that got it (fork, SCM_RIGHTS) and has not used it */
     int exited = owner_exited(o);
     if (!exited)
         return 0;
@@ -326,6 +355,7 @@ static __always_inline void owner_track(u64 sk, int old, int new)
             if (!TCPSTATES_SAME_SK(known, sk))
                 return;
             o->closed = 1;
+            o->dropped = 0;          /* its last close (this one) comes after any earlier one */
             if (o->pid == (bpf_get_current_pid_tgid() >> 32))
                 owner_current(o, o->how);   /* itself: its name now (after an exec) */
             sk_owner.update(&sk, o);
@@ -334,6 +364,22 @@ static __always_inline void owner_track(u64 sk, int old, int new)
     else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */
         sk_owner.delete(&sk);            /* (a stale entry of a freed socket at this address) */
 }
+
+#ifdef TCPSTATES_OWNER_HOME_NETNS
+/* Is socket sk in another network namespace than tcpstates'? */
+static __always_inline int owner_foreign_netns(u64 sk)
+{
+    char *net = NULL;
+    u32 inum = 0;
+    bpf_probe_read_kernel(&net, sizeof(net), (char *)sk + TCPSTATES_OFF_SOCK_SKC_NET);
+    if (!net)
+        return 0;
+    bpf_probe_read_kernel(&inum, sizeof(inum), net + TCPSTATES_OFF_NET_NS_INUM);
+    return inum != 0 && inum != TCPSTATES_OWNER_HOME_NETNS;
+}
+#else
+#define owner_foreign_netns(sk) 0
+#endif
 
 /* Fill the owner fields of record e for socket sk at transition old->new. */
 static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int old, int new)
@@ -353,7 +399,11 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
             TCPSTATES_OWNER_ZERO(e);      /* reused under us: another socket's owner */
     } else {
         TCPSTATES_OWNER_ZERO(e);
+        if (o && TCPSTATES_SAME_SK(o, sk))
+            e->owner_how = TCPSTATES_OWNER_LEFT;
     }
+    if (!e->owner_how && owner_foreign_netns(sk))
+        e->owner_how = TCPSTATES_OWNER_FOREIGN;
     if (new == TCPSTATES_TCP_CLOSE)
         sk_owner.delete(&sk);
 }
@@ -369,7 +419,7 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
  * process-exit tracking, one array read). */
 static __always_inline int owner_io_same(struct tcpstates_owner *o, u32 tgid)
 {
-    return o && o->pid == tgid && o->gen == owner_gen(tgid);
+    return o && o->pid == tgid && o->gen == owner_gen(tgid) && !o->dropped;
 }
 
 /* The holder changed (or may have): record the current process. */
@@ -533,6 +583,115 @@ int tracepoint__syscalls__sys_exit_accept(void *ctx)
 {
     return owner_accepted(*(long *)((char *)ctx + TCPSTATES_TP_EXIT_RET));
 }
+
+#ifdef TCPSTATES_OWNER_CLOSE
+/* close(fd) of a TCP socket that another descriptor still holds when the close
+ * returns: a dispatcher that handed it to a worker over SCM_RIGHTS, a forking
+ * server's parent after the fork. If the closing process is its owner (or the
+ * socket has no owner yet: from before tracing), the next state change (the
+ * peer's FIN, in softirq) must not name it: the entry is marked dropped
+ * (owner_left) until a process uses or closes the socket. Decided when the
+ * close returns, not when it starts: a last close runs tcp_close inside it,
+ * whose state changes (ESTABLISHED->CLOSE on unread data comes before the
+ * socket is orphaned) still name the closer; and the "current task" of a
+ * softirq transition may be any process, the owner too (loopback). Runs for
+ * every close() on the host: four reads to see that the descriptor is no
+ * socket; for a TCP socket one map update (enter) and one lookup (exit). */
+BPF_HASH(owner_closing, u32, u64, 4096);      /* thread in close() -> its socket */
+
+static __always_inline int owner_close_enter(long fd)
+{
+    char *task = (char *)bpf_get_current_task();
+    char *files = NULL, *fdt = NULL, *file = NULL, *inode = NULL, *sock = NULL;
+    char **fdarr = NULL;
+    u32 max_fds = 0;
+    u16 mode = 0, protocol = 0;
+    u64 sk = 0;
+    bpf_probe_read_kernel(&files, sizeof(files), task + TCPSTATES_OFF_TASK_FILES);
+    if (!files)
+        return 0;
+    bpf_probe_read_kernel(&fdt, sizeof(fdt), files + TCPSTATES_OFF_FILES_FDT);
+    if (!fdt)
+        return 0;
+    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + TCPSTATES_OFF_FDTABLE_MAX_FDS);
+    if (fd < 0 || fd >= max_fds)
+        return 0;
+    bpf_probe_read_kernel(&fdarr, sizeof(fdarr), fdt + TCPSTATES_OFF_FDTABLE_FD);
+    if (!fdarr)
+        return 0;
+    bpf_probe_read_kernel(&file, sizeof(file), fdarr + fd);
+    if (!file)
+        return 0;
+    bpf_probe_read_kernel(&inode, sizeof(inode), file + TCPSTATES_OFF_FILE_F_INODE);
+    if (!inode)
+        return 0;
+    bpf_probe_read_kernel(&mode, sizeof(mode), inode + TCPSTATES_OFF_INODE_I_MODE);
+    if ((mode & 0170000) != 0140000)          /* S_IFSOCK: private_data is a struct socket */
+        return 0;
+    bpf_probe_read_kernel(&sock, sizeof(sock), file + TCPSTATES_OFF_FILE_PRIVATE_DATA);
+    if (!sock)
+        return 0;
+    bpf_probe_read_kernel(&sk, sizeof(sk), sock + TCPSTATES_OFF_SOCKET_SK);
+    if (!sk)
+        return 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
+    if (protocol != 6 /* IPPROTO_TCP */)
+        return 0;
+    u32 tid = bpf_get_current_pid_tgid();
+    owner_closing.update(&tid, &sk);
+    return 0;
+}
+
+static __always_inline int owner_close_exit(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 *found = owner_closing.lookup(&tid);
+    if (!found)
+        return 0;
+    u64 sk = *found;
+    owner_closing.delete(&tid);
+    u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (char *)sk + TCPSTATES_OFF_SOCK_SKC_STATE);
+    if (owner_orphaned(sk) || state == TCPSTATES_TCP_CLOSE)
+        return 0;                             /* that was the last: its close named the closer
+                                                 (and the socket may be freed by now) */
+    struct tcpstates_owner *known = owner_lookup(sk);
+    if (known && (known->pid != (bpf_get_current_pid_tgid() >> 32) || known->dropped))
+        return 0;                             /* someone else's (it still holds it), or marked */
+    u32 zero = 0;
+    struct tcpstates_owner *o = owner_scratch.lookup(&zero);
+    if (!o)
+        return 0;
+    if (known) {
+        __builtin_memcpy(o, known, sizeof(*o));
+        if (!TCPSTATES_SAME_SK(known, sk))
+            return 0;                         /* reused under us: another socket's entry */
+    } else {
+        /* a socket the probes never saw an owner of (from before tracing): the
+         * process that closed a descriptor of it is recorded as having let go,
+         * so a later record is not named after what /proc said at the start
+         * (user space's snapshot) while another process holds it now */
+        owner_current(o, TCPSTATES_OWNER_SYSCALL);
+        o->sk = sk;
+        o->gen = owner_gen(o->pid);
+        o->closed = 0;
+    }
+    o->dropped = 1;
+    sk_owner.update(&sk, o);
+    return 0;
+}
+
+/* the `fd` field at its format-file offset (TCPSTATES_TP_CLOSE_FD) */
+int tracepoint__syscalls__sys_enter_close(void *ctx)
+{
+    return owner_close_enter((long)*(u32 *)((char *)ctx + TCPSTATES_TP_CLOSE_FD));
+}
+
+int tracepoint__syscalls__sys_exit_close(void *ctx)
+{
+    return owner_close_exit();
+}
+#endif /* TCPSTATES_OWNER_CLOSE */
 #endif /* TCPSTATES_OWNER_ACCEPT */
 
 #endif /* TCPSTATES_OWNER */

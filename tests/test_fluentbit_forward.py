@@ -168,7 +168,8 @@ def test_shared_key_handshake_with_user(tmp_path, fluent_bit, receiver):
 @pytest.mark.parametrize("creds,expect", [
     (("shared_key=s3cret", "username=alice", "password=wrong"),
      "receiver refused the handshake: username/password mismatch"),
-    (("shared_key=wrong", "username=alice", "password=wonderland"), "closed the connection"),
+    (("shared_key=wrong", "username=alice", "password=wonderland"),
+     "receiver closed the connection instead of answering our PING: it refused our shared_key"),
     ((), "receiver expects the Forward handshake (it sent HELO): set shared_key"),
 ])
 def test_handshake_failures_are_reported_not_silent(tmp_path, fluent_bit, receiver, creds, expect):

@@ -54,3 +54,38 @@ def test_send_recv_probes_attach_raw_where_btf_gives_the_protocol_offset():
 def test_without_btf_send_recv_probes_stay_perf_event_tracepoints(tmp_path, io_tracefs):
     s = kernel.owner_support(1024, btf_path=str(tmp_path / "no-btf"))
     assert s.io and not s.io_raw and "-DTCPSTATES_OWNER_IO_RAW=1" not in s.cflags
+
+
+def test_close_tracking_and_netns_marking_from_this_kernels_tracefs_and_btf():
+    # this machine's real tracefs and BTF: the close probe's fd offset comes from
+    # the format file, the netns of this process from /proc/self/ns/net
+    s = kernel.owner_support(1024)
+    if not s.accept:
+        pytest.skip("no accept tracking (syscall tracepoints or BTF missing)")
+    assert s.closes and "-DTCPSTATES_OWNER_CLOSE=1" in s.cflags and "-DTCPSTATES_TP_CLOSE_FD=16" in s.cflags
+    assert s.netns and f"-DTCPSTATES_OWNER_HOME_NETNS={kernel.home_netns()}U" in s.cflags
+    ok, detail = _owner()
+    assert ok and "closes of a handed-on socket" in detail and "network namespaces" in detail, detail
+
+
+def test_without_the_close_tracepoint_doctor_says_what_is_lost(tmp_path, monkeypatch):
+    # a tracefs with the accept tracepoints but no sys_enter_close; this machine's BTF
+    real = kernel._tracefs()
+    if real is None or not kernel.owner_support(1024).accept:
+        pytest.skip("no accept tracking on this kernel")
+    for name in ("sys_exit_accept4", "sys_exit_accept"):
+        d = tmp_path / "events" / "syscalls" / name
+        d.mkdir(parents=True)
+        d.joinpath("format").write_text((real / "events" / "syscalls" / name / "format").read_text())
+    monkeypatch.setattr(kernel, "TRACEFS", (str(tmp_path),))
+    s = kernel.owner_support(1024)
+    assert s.accept and not s.closes and "-DTCPSTATES_OWNER_CLOSE=1" not in s.cflags
+    assert any("sys_enter_close" in why for why in s.missing), s.missing
+
+
+def test_close_tracking_can_be_turned_off():
+    # this machine's real tracefs and BTF: kernel_close = false spares every close()
+    # the two syscall tracepoints, and is said (not warned: it was asked for)
+    s = kernel.owner_support(1024, close=False)
+    assert not s.closes and "-DTCPSTATES_OWNER_CLOSE=1" not in s.cflags
+    assert kernel.CLOSE_OFF in s.missing

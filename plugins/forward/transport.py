@@ -196,7 +196,16 @@ class Connection:
             if handshake is not None:
                 handshake_deadline = time.monotonic() + timeout
                 self.sock.sendall(handshake.ping(self.read_message(handshake_deadline)))
-                handshake.check_pong(self.read_message(handshake_deadline))
+                try:
+                    pong = self.read_message(handshake_deadline)
+                except ConnectionError:
+                    # Fluent Bit answers a wrong shared_key with no PONG at all: it
+                    # logs "shared_key mismatch" and closes (a wrong password gets
+                    # a PONG that says why)
+                    raise ConnectionError("receiver closed the connection instead of answering our "
+                                          "PING: it refused our shared_key (Fluent Bit logs "
+                                          "'shared_key mismatch')") from None
+                handshake.check_pong(pong)
         except BaseException:
             self.close()
             raise

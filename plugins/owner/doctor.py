@@ -13,11 +13,13 @@ def _owner() -> tuple[bool, str]:
     s = owner_support(65536)
     io = "send/recv (raw tracepoints)" if s.io_raw else "send/recv"
     have = [name for name, ok in ((io, s.io), ("accept", s.accept), ("start-time identity", s.identity),
-                                              ("process exits", s.exits))
+                                              ("process exits", s.exits),
+                                              ("closes of a handed-on socket", s.closes),
+                                              ("network namespaces", s.netns))
             if ok]
     if s.exits:
         # which way an owner's exit is known (docs/events.md)
-        have[-1] += (" (proved per PID)" if "-DTCPSTATES_OWNER_SLOT_PER_PID=1" in s.cflags
+        have[have.index("process exits")] += (" (proved per PID)" if "-DTCPSTATES_OWNER_SLOT_PER_PID=1" in s.cflags
                      else " (pid_max > 65,536: an unsure exit is checked in /proc)")
     if not s.missing:
         return True, "owner learnt in the kernel: " + ", ".join(have)

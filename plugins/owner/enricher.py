@@ -39,7 +39,8 @@ from tcpstates import speedups
 from tcpstates.api import Enricher, KernelConstraints, RunContext
 from tcpstates.events import AF_INET, AF_INET6, STATE_NUMBERS, Event, sanitize_text
 from tcpstates.options import option
-from tcpstates.plugins.owner.sockowners import NS_PER_TICK, Holder, PortHolders, process_identity, snapshot
+from tcpstates.plugins.owner.sockowners import (NS_PER_TICK, Holder, PortHolders, SnapHolder, process_identity,
+                                                snapshot, still_alive)
 
 _c_observe = speedups.load("tcpstates.plugins.owner._observe")   # optional (setup.py); the Python path is the reference
 C_OBSERVE_AVAILABLE = _c_observe is not None
@@ -53,6 +54,12 @@ RAW_OWNER = struct.Struct("<QQII16s")
 HOW = {1: "syscall", 2: "accept", 3: "io"}
 ACCEPT = 2
 UNSURE = 0x100      # TCPSTATES_OWNER_UNSURE: the owner may have exited before the record
+# TCPSTATES_OWNER_FOREIGN: no owner, and the socket is in another network namespace
+# than tcpstates': this namespace's listeners and /proc snapshot say nothing about it
+FOREIGN = 0x200
+# TCPSTATES_OWNER_LEFT: its owner let it go (exited, or closed its descriptor while
+# another process holds it): unknown, and no longer in an accept queue
+LEFT = 0x400
 LOOKUP_SHARE = 20
 # how often a listener's holders are found by reading every process's fd table
 # (in between, only new processes' and the holders' own tables are read)
@@ -84,6 +91,9 @@ class OwnerOptions:
     kernel_io: bool = option(True, "with kernel: also learn at every send/recv (Linux >= 6.4), so "
                              "hand-offs and pre-fork children are seen; off: as on older kernels, "
                              "only at accept/connect/listen/close, nothing added to each send/recv")
+    kernel_close: bool = option(True, "with kernel: also watch close() (two syscall tracepoints, "
+                                "~0.5-0.9 us per close() on the host), so an accepter that hands a socket "
+                                "on (fork, SCM_RIGHTS) and closes its copy is not named for it")
     kernel_io_probe: str = option("auto", "how the send/recv probes attach: auto (raw tracepoints "
                                   "where kernel BTF allows: the least kernel time per send/recv), "
                                   "tracepoint (perf-event tracepoints, as without BTF)",
@@ -107,7 +117,7 @@ class OwnerEnricher(Enricher):
         self.queued: set[int] = set()
         # port → (read again after, (family, addr) → the fields its holders give)
         self.listeners: dict[int, tuple[float, dict[tuple[int, str], dict[str, Any]]]] = {}
-        self.existing: dict[tuple[int, str, int, str, int], list[Holder]] = {}
+        self.existing: dict[tuple[int, str, int, str, int], list[SnapHolder]] = {}
         # raw kernel owner tail → (its fields, ready to merge; the PID when it
         # was learnt at accept, else 0): one process's records repeat the same
         # bytes, so the unpack/decode/escape is done once
@@ -121,11 +131,11 @@ class OwnerEnricher(Enricher):
     def kernel_constraints(self) -> KernelConstraints | None:
         if not self.options.kernel:
             return None
-        from tcpstates.plugins.owner.kernel import IO_OFF, owner_support
+        from tcpstates.plugins.owner.kernel import CLOSE_OFF, IO_OFF, owner_support
         support = owner_support(self.options.max_sockets, io=self.options.kernel_io,
-                                io_probe=self.options.kernel_io_probe)
+                                io_probe=self.options.kernel_io_probe, close=self.options.kernel_close)
         for why in support.missing:
-            if why != IO_OFF:        # asked for: nothing to warn about
+            if why not in (IO_OFF, CLOSE_OFF):        # asked for: nothing to warn about
                 self.context.warn(f"owner: not available: {why}")
         return KernelConstraints(cflags=tuple(support.cflags))
 
@@ -133,6 +143,9 @@ class OwnerEnricher(Enricher):
         """The fields a kernel owner record gives (cached per raw bytes: the
         same bytes always mean the same fields, so the cache cannot go stale)."""
         start_ns, cgroup, pid, how, rawcomm = RAW_OWNER.unpack(raw)
+        if how & (FOREIGN | LEFT):
+            out = self.owned[raw] = (UNKNOWN, 0)
+            return out
         if how & UNSURE:
             return self._unsure(raw)
         fields = {"owner_pid": pid,
@@ -224,9 +237,11 @@ class OwnerEnricher(Enricher):
             self._owned_event(e, accepter)
 
     def _owned_event(self, e: Event, accepter: int) -> None:
-        """The listener bookkeeping of an event the kernel named an owner for."""
+        """The listener bookkeeping of an event the kernel named an owner for
+        (or, LISTEN->SYN_RECV, said is in another network namespace)."""
         if e.oldstate == LISTEN or e.newstate == LISTEN:
-            self.listeners.pop(e.sport, None)    # the listener set changed
+            if e.newstate != SYN_RECV:
+                self.listeners.pop(e.sport, None)    # the listener set changed
             return
         watch = self.watches[e.sport]
         if accepter not in watch.held:
@@ -257,11 +272,13 @@ class OwnerEnricher(Enricher):
                 extra["owner_candidates"] = list(fields["owner_candidates"])
             return
         key = (e.family, e.saddr, e.sport, e.daddr, e.dport)
-        holders = self.existing.get(key) if self.existing else None
-        if holders:
+        snap = self.existing.get(key) if self.existing else None
+        if snap:
             if new == CLOSE:
                 del self.existing[key]
-            extra.update(_holder_fields(holders, "proc"))
+            # only those still alive: a holder at start may have exited since,
+            # leaving the socket to a child it forked (sockowners.still_alive)
+            extra.update(_holder_fields(still_alive(snap), "proc"))
         else:
             extra.update(UNKNOWN)
 

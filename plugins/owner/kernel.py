@@ -23,6 +23,8 @@ TRACEFS = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
 IO_TRACEPOINTS = (("sock", "sock_send_length"), ("sock", "sock_recv_length"))
 ACCEPT_TRACEPOINTS = (("syscalls", "sys_exit_accept4"), ("syscalls", "sys_exit_accept"))
 EXIT_TRACEPOINTS = (("sched", "sched_process_exit"),)
+CLOSE_TRACEPOINTS = (("syscalls", "sys_enter_close"),)
+CLOSE_EXIT_TRACEPOINT = ("syscalls", "sys_exit_close")
 # -D name suffix → (struct, member): task identity, and fd → struct sock
 TASK_FIELDS = {
     "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
@@ -40,10 +42,23 @@ FD_FIELDS = {
     "SOCKET_SK": ("socket", "sk"),
     "SOCK_SK_PROTOCOL": ("sock", "sk_protocol"),
 }
+# close(fd): is the descriptor a socket (its inode's mode) before private_data is read as one
+CLOSE_FIELDS = {
+    "FILE_F_INODE": ("file", "f_inode"),
+    "INODE_I_MODE": ("inode", "i_mode"),
+    "SOCK_SKC_STATE": ("sock", "__sk_common.skc_state"),
+}
+# the network namespace of a socket: sk->__sk_common.skc_net (possible_net_t) -> net.ns.inum
+NETNS_FIELDS = {
+    "SOCK_SKC_NET": ("sock", "__sk_common.skc_net"),
+    "NET_NS_INUM": ("net", "ns.inum"),
+}
 
 
 IO_OFF = ("send/recv tracking turned off (owner kernel_io = false): hand-offs and pre-fork "
           "children are only seen at accept/close")
+CLOSE_OFF = ("close tracking turned off (owner kernel_close = false): an accepter that hands a "
+             "socket on and closes its copy stays named until the new holder uses it")
 GEN_SLOTS = 65536   # TCPSTATES_OWNER_GEN_SLOTS in bpf/owner.bpf.h
 
 
@@ -67,6 +82,8 @@ class OwnerSupport:
     accept: bool = False
     identity: bool = False
     exits: bool = False
+    netns: bool = False       # records with no owner say when their socket is in another netns
+    closes: bool = False      # an owner's close() of one descriptor of a socket still held is seen
     missing: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -112,7 +129,8 @@ def _offsets(btf: BTF, fields: dict[str, tuple[str, str]], sizes: dict[str, int]
 # members read whole by the probes: their size must be what the C assumes
 SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TASK_FILES": 8,
          "FILES_FDT": 8, "FDTABLE_FD": 8, "FDTABLE_MAX_FDS": 4, "FILE_PRIVATE_DATA": 8,
-         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8, "SOCK_SK_TYPE": 2}
+         "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8, "SOCK_SK_TYPE": 2,
+         "FILE_F_INODE": 8, "INODE_I_MODE": 2, "SOCK_SKC_STATE": 1, "SOCK_SKC_NET": 8, "NET_NS_INUM": 4}
 # what the raw send/recv probes read of a socket: protocol 6 alone is also a
 # NETLINK_XFRM socket's (any user's) and a raw IPPROTO_TCP socket's; of type
 # SOCK_STREAM it is TCP
@@ -123,7 +141,7 @@ RAW_IO_FIELDS = {
 
 
 def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
-                  io: bool = True, io_probe: str = "auto") -> OwnerSupport:
+                  io: bool = True, io_probe: str = "auto", close: bool = True) -> OwnerSupport:
     """The -D flags for this kernel (always at least -DTCPSTATES_OWNER); io:
     the send/recv probes are wanted (owner.kernel_io), where the kernel has them;
     io_probe: how they attach (owner.kernel_io_probe: auto, tracepoint)."""
@@ -152,6 +170,7 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
     except BTFError as exc:
         s.missing.append(f"task offsets in BTF ({exc}): owner identity is the PID only")
         return s
+    _netns(s, btf)
     if s.io and io_probe != "tracepoint":
         _raw_io(s, btf)
     # process exits (group_dead: Linux >= 6.13), only needed with the send/recv owners
@@ -182,7 +201,58 @@ def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
         s.accept = True
     except BTFError as exc:
         s.missing.append(f"file offsets in BTF ({exc}): accepted sockets are named only once used")
+        return s
+    if close:
+        _closes(s, btf, tracefs)
+    else:
+        s.missing.append(CLOSE_OFF)
     return s
+
+
+def home_netns() -> int:
+    """The inode of this process's network namespace (0 when not known)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
+def _netns(s: OwnerSupport, btf: BTF) -> None:
+    """Mark records with no owner whose socket is in another network namespace:
+    the listeners and the /proc snapshot user space reads are this namespace's only."""
+    home = home_netns()
+    try:
+        fields = _offsets(btf, NETNS_FIELDS, SIZES) if home else []
+    except BTFError as exc:
+        fields, why = [], f"{exc}"
+    else:
+        why = "/proc/self/ns/net unreadable"
+    if not fields:
+        s.missing.append(f"network namespace of a socket ({why}): a connection in another "
+                         f"namespace queued on a listener may be named after a listener on the "
+                         f"same port in this one")
+        return
+    s.netns = True
+    s.cflags += [*fields, f"-DTCPSTATES_OWNER_HOME_NETNS={home}U"]
+
+
+def _closes(s: OwnerSupport, btf: BTF, tracefs: Path | None) -> None:
+    """Watch close(): an accepter that hands a socket on (SCM_RIGHTS, fork) and
+    closes its descriptor stops being named for it."""
+    fd = _field_offsets(tracefs, CLOSE_TRACEPOINTS, {"fd": 8})
+    try:
+        fields = _offsets(btf, CLOSE_FIELDS, SIZES) if fd is not None else []
+    except BTFError:
+        fields = []
+    exit_tp = tracefs / "events" / CLOSE_EXIT_TRACEPOINT[0] / CLOSE_EXIT_TRACEPOINT[1] / "format" \
+        if tracefs is not None else None
+    if not fields or fd is None or exit_tp is None or not exit_tp.is_file():
+        s.missing.append("syscalls:sys_enter_close/sys_exit_close tracepoints or file/inode offsets in BTF: an "
+                         "accepter that hands a socket on and closes its copy stays named until "
+                         "the new holder uses it")
+        return
+    s.closes = True
+    s.cflags += [*fields, "-DTCPSTATES_OWNER_CLOSE=1", f"-DTCPSTATES_TP_CLOSE_FD={fd['fd']}"]
 
 
 def _raw_io(s: OwnerSupport, btf: BTF) -> None:

@@ -132,12 +132,42 @@ def _identities(pids: set[int], proc: Path) -> list[Holder]:
     return out
 
 
-def snapshot(proc: Path = Path("/proc")) -> dict[Tuple4, list[Holder]]:
+# a holder found at start: pid, start ticks, comm, and where it held the socket
+# (inode, one fd number holding it) so that a later use can check it still does
+SnapHolder = tuple[int, int, str, int, int]
+
+
+def snapshot(proc: Path = Path("/proc")) -> dict[Tuple4, list[SnapHolder]]:
     """4-tuple → the processes holding that (non-listening) socket now."""
     sockets = tcp_sockets(proc)
-    holders = socket_holders(proc)
-    return {t4: _identities(holders[inode], proc) for inode, (t4, state) in sockets.items()
-            if state != LISTEN_STATE and inode in holders}
+    held: dict[int, dict[int, int]] = {}       # inode → pid → an fd holding it
+    for pid in _pids(proc):
+        for inode, fd in (_held(proc, pid, None) or {}).items():
+            held.setdefault(inode, {})[pid] = fd
+    out: dict[Tuple4, list[SnapHolder]] = {}
+    for inode, (t4, state) in sockets.items():
+        if state == LISTEN_STATE or inode not in held:
+            continue
+        fds = held[inode]
+        out[t4] = [(pid, start, comm, inode, fds[pid]) for pid, start, comm in _identities(set(fds), proc)]
+    return out
+
+
+def still_alive(holders: list[SnapHolder], proc: Path = Path("/proc")) -> list[Holder]:
+    """The snapshot's holders of one socket that are still alive (the same PID
+    and start time). One that exited since (after a fork left the socket to a
+    child) must not be named for it; who holds it instead is not known here.
+    A holder that closed its descriptor while another process holds the socket
+    (a hand-off) is seen by the kernel's close probe, whose record then names
+    no one: this list is not consulted. Its fd is not read again here: the
+    record is handled after the event, and a holder that closes the socket in
+    answer to the event (the usual end of a connection) held it at the event."""
+    out = []
+    for pid, start, comm, _inode, _fd in holders:
+        ident = process_identity(pid, proc)
+        if ident is not None and ident[0] == start:
+            out.append((pid, start, comm))
+    return out
 
 
 def _listener_inodes(port: int, proc: Path) -> dict[int, tuple[int, str]]:
