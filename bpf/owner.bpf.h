@@ -531,13 +531,12 @@ int tracepoint__sock__sock_recv_length(void *ctx)
 /* The struct sock behind descriptor fd of the current process:
  * task->files->fdt->fd[fd]->private_data (struct socket)->sk. accept()
  * returns a socket descriptor, so no file-type check is needed. */
-static __always_inline u64 owner_fd_sock(long fd)
+static __always_inline char *owner_fd_file(long fd)
 {
     char *task = (char *)bpf_get_current_task();
-    char *files = NULL, *fdt = NULL, *file = NULL, *sock = NULL;
+    char *files = NULL, *fdt = NULL, *file = NULL;
     char **fdarr = NULL;
     u32 max_fds = 0;
-    u64 sk = 0;
     bpf_probe_read_kernel(&files, sizeof(files), task + TCPSTATES_OFF_TASK_FILES);
     if (!files)
         return 0;
@@ -551,6 +550,15 @@ static __always_inline u64 owner_fd_sock(long fd)
     if (!fdarr)
         return 0;
     bpf_probe_read_kernel(&file, sizeof(file), fdarr + fd);
+    if (!file)
+        return 0;
+    return file;
+}
+
+static __always_inline u64 owner_fd_sock(long fd)
+{
+    char *file = owner_fd_file(fd), *sock = NULL;
+    u64 sk = 0;
     if (!file)
         return 0;
     bpf_probe_read_kernel(&sock, sizeof(sock), file + TCPSTATES_OFF_FILE_PRIVATE_DATA);
@@ -601,25 +609,9 @@ BPF_HASH(owner_closing, u32, u64, 4096);      /* thread in close() -> its socket
 
 static __always_inline int owner_close_enter(long fd)
 {
-    char *task = (char *)bpf_get_current_task();
-    char *files = NULL, *fdt = NULL, *file = NULL, *inode = NULL, *sock = NULL;
-    char **fdarr = NULL;
-    u32 max_fds = 0;
+    char *file = owner_fd_file(fd), *inode = NULL, *sock = NULL;
     u16 mode = 0, protocol = 0;
     u64 sk = 0;
-    bpf_probe_read_kernel(&files, sizeof(files), task + TCPSTATES_OFF_TASK_FILES);
-    if (!files)
-        return 0;
-    bpf_probe_read_kernel(&fdt, sizeof(fdt), files + TCPSTATES_OFF_FILES_FDT);
-    if (!fdt)
-        return 0;
-    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + TCPSTATES_OFF_FDTABLE_MAX_FDS);
-    if (fd < 0 || fd >= max_fds)
-        return 0;
-    bpf_probe_read_kernel(&fdarr, sizeof(fdarr), fdt + TCPSTATES_OFF_FDTABLE_FD);
-    if (!fdarr)
-        return 0;
-    bpf_probe_read_kernel(&file, sizeof(file), fdarr + fd);
     if (!file)
         return 0;
     bpf_probe_read_kernel(&inode, sizeof(inode), file + TCPSTATES_OFF_FILE_F_INODE);
