@@ -53,10 +53,11 @@ LOSS_POLL_INTERVAL = 0.5
 NEXT_STEP = ("fix the output (disk space, permissions, a reader for the pipe) or add a sink "
              "that works (--sink NAME); exit status 1 if every sink has failed at the end")
 DRAIN_BUDGET_S = 1.5
-# Every `except (Exception, SystemExit)` below: a stage method that calls
-# sys.exit() (a plugin's CLI habit) is that stage's failure like any other
-# exception, under its on_error policy; it must not end the run silently for
-# every other sink, without a summary and with an exit status of its choosing.
+# What a stage method may raise that is that stage's failure: a stage that calls
+# sys.exit() (a plugin's CLI habit) fails like any other, under its on_error
+# policy; it must not end the run silently for every other sink, without a
+# summary and with an exit status of its choosing.
+STAGE_FAILURES = (Exception, SystemExit)
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ def _create(spec: StageSpec, context: RunContext) -> Any:
         return info.cls(spec.options, context)
     except (UsageError, EnvironmentProblem, StageError):
         raise                  # already one clear line
-    except (Exception, SystemExit) as exc:
+    except STAGE_FAILURES as exc:
         what = f"{info.kind} {spec.label} ({info.name})"
         if info.distribution == "tcpstates":    # a built-in: the host, not a plugin, is at fault
             raise EnvironmentProblem(f"{what} could not start: {type(exc).__name__}: {exc}") from exc
@@ -181,7 +182,7 @@ class Pipeline:
                 slot.active = False
             except StageError:
                 raise
-            except (Exception, SystemExit) as exc:
+            except STAGE_FAILURES as exc:
                 if isinstance(exc, UsageError) and not isinstance(exc, SinkUnavailable):
                     raise              # a configuration mistake: one line, exit 2
                 self._sink_failed(slot, exc)
@@ -194,7 +195,7 @@ class Pipeline:
         for c in self.observers:
             try:
                 c.stage.observe_batch(batch)
-            except (Exception, SystemExit) as exc:
+            except STAGE_FAILURES as exc:
                 c.errors += 1
                 if c.on_error == "fail":
                     raise StageError(f"{c.label} ({c.stage.name}) failed: {type(exc).__name__}: {exc}") from exc
@@ -211,7 +212,7 @@ class Pipeline:
                     c.removed += before - len(batch)
                 elif isinstance(stage, Enricher):
                     stage.enrich_batch(batch)
-            except (Exception, SystemExit) as exc:
+            except STAGE_FAILURES as exc:
                 batch = self._chain_per_event(c, batch, exc)
         return batch
 
@@ -230,7 +231,7 @@ class Pipeline:
                 if isinstance(stage, Enricher):
                     stage.enrich(e)
                 out.append(e)
-            except (Exception, SystemExit) as exc:
+            except STAGE_FAILURES as exc:
                 c.errors += 1
                 if c.on_error == "fail":
                     raise StageError(f"{c.label} ({c.stage.name}) failed: {type(exc).__name__}: {exc}") from exc
@@ -273,7 +274,7 @@ class Pipeline:
                 self.context.warn(f"sink {slot.name} ({slot.sink.name}): its output accepted nothing "
                                   f"more before the stop; the rest is counted as not written",
                                   once_key=f"stopped:{slot.name}")
-            except (Exception, SystemExit) as exc:
+            except STAGE_FAILURES as exc:
                 self._count_partial(slot, batch, exc)
                 self._sink_failed(slot, exc)
 
@@ -295,7 +296,7 @@ class Pipeline:
             slot.sink.close()
         except (BrokenPipeError, interrupt.StopRequested):
             pass
-        except (Exception, SystemExit) as exc:
+        except STAGE_FAILURES as exc:
             error = exc
         # a line counted as written that the output closed torn: not written after all
         torn = slot.sink.unfinished()
@@ -374,7 +375,7 @@ class Pipeline:
                             self._reader_gone(slot)
                         except interrupt.StopRequested:
                             pass   # the stop goes on; the summary reports the loss
-                        except (Exception, SystemExit) as exc:
+                        except STAGE_FAILURES as exc:
                             self._sink_failed(slot, exc)
 
     def push_aggregates(self) -> None:
@@ -388,7 +389,7 @@ class Pipeline:
             if slot.active and type(slot.sink).consumes_aggregates:
                 try:
                     slot.sink.write_aggregates(snapshot)
-                except (Exception, SystemExit) as exc:
+                except STAGE_FAILURES as exc:
                     self._sink_failed(slot, exc)
 
     def reopen(self) -> None:
@@ -400,7 +401,7 @@ class Pipeline:
                     # a stop came while the reopen waited (a FIFO's reader, the
                     # opener): the sink stays closed, the drain's events are counted
                     pass
-                except (Exception, SystemExit) as exc:
+                except STAGE_FAILURES as exc:
                     self._sink_failed(slot, exc)
 
     # -- the loop -------------------------------------------------------------------
@@ -422,7 +423,7 @@ class Pipeline:
                     if slot.active:
                         try:
                             slot.sink.report()
-                        except (Exception, SystemExit) as exc:
+                        except STAGE_FAILURES as exc:
                             self._sink_failed(slot, exc)
             now = time.monotonic()
             if now >= next_loss:
@@ -450,7 +451,7 @@ class Pipeline:
                     slot.sink.flush()
                 except (BrokenPipeError, interrupt.StopRequested):
                     pass
-                except (Exception, SystemExit) as exc:
+                except STAGE_FAILURES as exc:
                     self._sink_failed(slot, exc)
                 error = self._close_sink(slot)
                 slot.active = False
