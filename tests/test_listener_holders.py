@@ -220,7 +220,7 @@ def test_a_reuseport_group_names_every_member_and_a_member_leaving():
     a.close()
     b.close()                    # only the children hold them now
     try:
-        watch = sockowners.PortHolders(port, full_every=3600)
+        watch = sockowners.PortHolders(port, full_every=0)
         got = watch.lookup(time.monotonic())[(socket.AF_INET, "127.0.0.1")]
         assert sorted(h[0] for h in got) == sorted([ca.pid, cb.pid])
         _stop(cb)
