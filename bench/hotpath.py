@@ -42,7 +42,7 @@ def conn_records(n: int) -> bytes:
             4000 + i % 3, 40000 + i % 20000, 8080, 2, 5, 7,
             socket.inet_aton("127.0.0.1") + bytes(12), socket.inet_aton("10.1.%d.%d" % (i % 4, i % 200)) + bytes(12),
             b"python3".ljust(16, b"\0"), bytes(40), 10**9 + i * 1000 - 3_110_000, 10**9 + i * 1000,
-            *states, 7, 1, 1))
+            *states, 7, 1, 1, 1, 0))
     return b"".join(out)
 
 

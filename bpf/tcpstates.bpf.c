@@ -3,7 +3,9 @@
  *
  * bcc dialect. Reads nothing but the fields of the sock:inet_sock_set_state
  * tracepoint and BPF helpers, so the header tree it is compiled against need
- * not match the running kernel (no kernel struct layouts).
+ * not match the running kernel (no kernel struct layouts from headers: the
+ * few kernel members read, by the owner probes and a connection's sk_err,
+ * are at offsets taken from the running kernel's BTF, passed as -D flags).
  *
  * Licence: GPL-2.0-only OR Apache-2.0 (LICENSES/GPL-2.0-only.txt, LICENSE).
  * bcc loads it declaring "GPL", which the kernel requires for the helpers
@@ -30,6 +32,9 @@
  *                             map) and emit one struct tcpstates_conn_event when
  *                             it closes, nothing per state change (the
  *                             transition and duration filters are not used)
+ *   TCPSTATES_OFF_SOCK_SK_ERR  (with TCPSTATES_CONNECTIONS) sock.sk_err's byte
+ *                             offset from the running kernel's BTF: a record
+ *                             carries the error the socket ended with
  *   TCPSTATES_FILTER_LADDR / _RADDR  consult the laddr_rules / raddr_rules LPM
  *                             tries (value: their entry count), with the rule masks
  *                             TCPSTATES_ADDR_{LKEEP,RKEEP,LDROP,RDROP,DROP}
@@ -371,8 +376,25 @@ static __always_inline int port_allowed(void *map_lookup_result)
     (r)->first_state = (cn)->first_state;                                \
     (r)->complete = (cn)->complete;                                      \
     (r)->closed = 0;                                                     \
-    __builtin_memset((r)->pad, 0, sizeof((r)->pad));                     \
+    (r)->error_read = 0;                                                 \
+    (r)->error = 0;                                                      \
 } while (0)
+
+/* The socket's error at its ->CLOSE (sk_err, at the running kernel's offset
+ * from BTF): the kernel stores it before it moves a socket to CLOSE for a RST
+ * (ECONNREFUSED in SYN_SENT, ECONNRESET, EPIPE), a timeout (ETIMEDOUT, or the
+ * ICMP error seen meanwhile) or an ICMP error to a connect; a close by its
+ * own process leaves it 0. Without the offset the record says "not read". */
+#ifdef TCPSTATES_OFF_SOCK_SK_ERR
+#define CONN_ERROR(r, sk) do {                                           \
+    int err_ = 0;                                                        \
+    (r)->error_read = bpf_probe_read_kernel(&err_, sizeof(err_),         \
+        (void *)(sk) + TCPSTATES_OFF_SOCK_SK_ERR) == 0;                  \
+    (r)->error = err_;                                                   \
+} while (0)
+#else
+#define CONN_ERROR(r, sk) do { (r)->error_read = 0; (r)->error = 0; } while (0)
+#endif
 
 /* A connection record from the socket's accumulated entry cn: the task is
  * the one at its first sight (kept in cn), so none of the current task's
@@ -395,7 +417,7 @@ static __always_inline int port_allowed(void *map_lookup_result)
     (r)->first_state = (cn)->first_state;                                \
     (r)->complete = (cn)->complete;                                      \
     (r)->closed = 1;                                                     \
-    __builtin_memset((r)->pad, 0, sizeof((r)->pad));                     \
+    CONN_ERROR(r, sk);                                                   \
 } while (0)
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)

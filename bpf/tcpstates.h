@@ -63,7 +63,10 @@ struct tcpstates_conn_event {
     u8 complete;                  /* 1: seen from connect()/the SYN (CLOSE->SYN_SENT,
                                      LISTEN->SYN_RECV); 0: it began before tracing */
     u8 closed;                    /* 1: its ->CLOSE was seen; 0: see above */
-    u8 pad[5];
+    u8 error_read;                /* 1: error below was read (sk_err at a BTF offset) */
+    s32 error;                    /* the socket's sk_err at its ->CLOSE: the errno a
+                                     failed connect or an aborted connection
+                                     ended with (ECONNREFUSED, ETIMEDOUT, ...), 0 none */
 };
 
 /* One per CPU, in a memory-mappable array: user space reads it without a

@@ -8,6 +8,7 @@ objects are slow to build and orjson cannot serialise them).
 from __future__ import annotations
 
 import enum
+import errno
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,10 +76,20 @@ class Event:
 # extra[CONNECTION]. pid/tid/comm/cgroup_id are then the on-CPU task at the
 # socket's first sight, span_ns the time in the last state before CLOSE.
 CONNECTION = "connection"
-# "unknown": its ->CLOSE was never seen (a tracepoint hit the kernel did not
-# run the program for); the record was made when a new connection began at
-# the same socket address (Connection.closed is False)
-ENDINGS = ("normal", "refused", "reset", "unknown")
+# How a connection ended (Connection.ending; docs/events.md):
+#   normal       through the FIN states (FIN_WAIT2, CLOSING, LAST_ACK -> CLOSE)
+#   refused      a connect answered with a RST (or an ICMP port unreachable)
+#   timeout      no answer: SYN or data retransmissions (or keepalives) ran out
+#   unreachable  an ICMP error ended it (host/network unreachable, prohibited)
+#   reset        an abort or a RST with no completed FIN exchange
+#   abandoned    a connect its own process closed before it completed
+#   failed       a connect that did not complete for another reason (the
+#                record's error names it), or whose error could not be read
+#                (no BTF): why not is then unknown
+#   unknown      its ->CLOSE was never seen (a tracepoint hit the kernel did
+#                not run the program for); the record was made when a new
+#                connection began at the same socket address (closed False)
+ENDINGS = ("normal", "refused", "timeout", "unreachable", "reset", "abandoned", "failed", "unknown")
 
 
 # plain int keys: looked up twice per connection record
@@ -86,17 +97,39 @@ ENDINGS = ("normal", "refused", "reset", "unknown")
 # socket to FIN_WAIT2 first and the peer's FIN to CLOSING; straight to CLOSE is a
 # RST, an abort (SO_LINGER 0 after shutdown, tcp_disconnect) or the retries
 # of an unacknowledged FIN running out
-_ENDINGS_BY_STATE = {int(TcpState.SYN_SENT): "refused", int(TcpState.ESTABLISHED): "reset",
+_ENDINGS_BY_STATE = {int(TcpState.SYN_SENT): "failed", int(TcpState.ESTABLISHED): "reset",
                      int(TcpState.SYN_RECV): "reset", int(TcpState.CLOSE_WAIT): "reset",
                      int(TcpState.FIN_WAIT1): "reset"}
+# The socket's error (sk_err) at its ->CLOSE names the cause outright.
+# ECONNREFUSED means refused only for a connect; in the FIN states (an
+# orderly close under way) only an error that ends a connection counts: with
+# IP_RECVERR an ICMP error is stored there without ending anything and may
+# still be there, unread, when the connection closes normally.
+_FATAL_ERRORS = {errno.ETIMEDOUT: "timeout", errno.ECONNRESET: "reset", errno.EPIPE: "reset",
+                 errno.ECONNABORTED: "reset"}
+_ICMP_ERRORS = dict.fromkeys((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENONET,
+                              errno.ENETDOWN, errno.EACCES, errno.ENOPROTOOPT,
+                              errno.EPROTO, errno.EOPNOTSUPP), "unreachable")
+_ABORT_ERRORS = {**_ICMP_ERRORS, **_FATAL_ERRORS}
+_CONNECT_ERRORS = {**_ABORT_ERRORS, errno.ECONNREFUSED: "refused"}
+_SYN_SENT = int(TcpState.SYN_SENT)
 
 
-def connection_ending(last_state: int) -> str:
-    """How a connection that went last_state -> CLOSE ended: `refused` (a
-    connect that got a RST or timed out: SYN_SENT), `reset` (closed from
-    SYN_RECV, ESTABLISHED, CLOSE_WAIT or FIN_WAIT1: no completed FIN exchange,
-    an abort or RST), else `normal` (FIN_WAIT2, CLOSING, LAST_ACK: through the
-    FIN states)."""
+def connection_ending(last_state: int, error: int | None = None) -> str:
+    """How a connection that went last_state -> CLOSE ended (ENDINGS above),
+    given the socket's error at the close: None when it could not be read,
+    0 when there was none."""
+    if error:
+        if last_state == _SYN_SENT:
+            by_error = _CONNECT_ERRORS.get(error)
+        elif last_state in _ENDINGS_BY_STATE:
+            by_error = _ABORT_ERRORS.get(error)
+        else:
+            by_error = _FATAL_ERRORS.get(error)
+        if by_error is not None:
+            return by_error
+    if error == 0 and last_state == _SYN_SENT:
+        return "abandoned"
     return _ENDINGS_BY_STATE.get(last_state, "normal")
 
 
@@ -115,6 +148,9 @@ class Connection:
     # moment, its span_ns None): it closed between last_ns and then.
     closed: bool = True
     last_ns: int | None = None   # CLOCK_MONOTONIC ns of the last transition seen
+    # the socket's error at the close (sk_err: an errno, 0 none); None: not
+    # read (no BTF offset, or the close was not seen)
+    error: int | None = None
 
     @property
     def duration_ns(self) -> int | None:
@@ -123,7 +159,14 @@ class Connection:
 
     @property
     def ending(self) -> str:
-        return connection_ending(self.last_state) if self.closed else "unknown"
+        return connection_ending(self.last_state, self.error) if self.closed else "unknown"
+
+    @property
+    def error_name(self) -> str | None:
+        """The error as its errno name (`ECONNREFUSED`), None when none or not read."""
+        if not self.error:
+            return None
+        return errno.errorcode.get(self.error, str(self.error))
 
 
 def connection_of(e: "Event") -> Connection | None:

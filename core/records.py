@@ -73,7 +73,7 @@ def event_record(e: Event, seq: int, wall_ns: int, host: str, rfc3339: Rfc3339) 
 
 
 CONNECTION_FIELDS = ("type", "v", "seq", "time", "time_ns", "mono_ns", "start_time", "start_time_ns",
-                     "start_mono_ns", "duration_us", "complete", "closed", "ending", "first_state",
+                     "start_mono_ns", "duration_us", "complete", "closed", "ending", "error", "first_state",
                      "last_state", "last_change_time", "last_change_time_ns", "last_change_mono_ns",
                      "states_us", "host", "skaddr", "family", "laddr", "lport", "raddr", "rport",
                      "pid", "tid", "comm", "cgroup_id")
@@ -102,6 +102,7 @@ def connection_record(e: Event, c: Connection, seq: int, wall_ns: int, host: str
         "complete": c.complete,
         "closed": c.closed,
         "ending": c.ending,
+        "error": c.error_name,
         "first_state": STATE_NAMES.get(c.first_state) or str(c.first_state),
         "last_state": STATE_NAMES.get(c.last_state) or str(c.last_state),
         "states_us": {STATE_NAMES.get(s) or str(s): ns // 1000 for s, ns in sorted(c.state_ns.items())},

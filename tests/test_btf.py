@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from tcpstates.plugins.owner import btf as B
+from tcpstates import btf as B
 
 
 class Blob:

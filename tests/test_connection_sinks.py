@@ -120,6 +120,7 @@ def _journal_entry_matches(e: dict, r: dict) -> None:
         "TCP_CPU_PID": str(r["pid"]), "TCP_CPU_TID": str(r["tid"]), "TCP_CGROUP_ID": str(r["cgroup_id"]),
     }
     assert {k: e.get(k) for k in expect} == expect
+    assert e.get("TCP_ERROR") == r["error"]       # absent when the record's is null
     # one TCP_<STATE>_US per state passed, nothing else
     states = {k[4:-3]: int(v) for k, v in e.items()
               if k.startswith("TCP_") and k.endswith("_US") and k[4:-3] in _STATE_NAMES}
@@ -129,8 +130,9 @@ def _journal_entry_matches(e: dict, r: dict) -> None:
     assert e["TCP_CPU_COMM"] == r["comm"]
     states_text = " ".join(f"{s}={us}us" for s, us in sorted(r["states_us"].items(),
                                                                   key=lambda kv: _STATE_NAMES.index(kv[0])))
+    why = f" ({r['error']})" if r["error"] else ""
     assert e["MESSAGE"] == (f"{r['comm']} {r['laddr']} {r['lport']} → {r['raddr']} {r['rport']} "
-                            f"connection {r['ending']}, {r['duration_us']}us: {states_text}")
+                            f"connection {r['ending']}{why}, {r['duration_us']}us: {states_text}")
 
 
 # kernel order (include/net/tcp_states.h): the order the journal's MESSAGE lists them in

@@ -296,7 +296,7 @@ def test_decoder_fields_unknown_span_ipv6_and_hostile_comm():
 EVENT_FIELDS = ["ts_ns", "skaddr", "span_ns", "cgroup_id", "pid", "tid", "sport", "dport", "family",
                 "oldstate", "newstate", "saddr", "daddr", "comm"]
 OWNER_FIELDS = ["owner_start_ns", "owner_cgroup_id", "owner_pid", "owner_how", "owner_comm"]
-CONN_FIELDS = ["start_ns", "last_ns", "state_ns", "first_state", "complete", "closed", "pad"]
+CONN_FIELDS = ["start_ns", "last_ns", "state_ns", "first_state", "complete", "closed", "error_read", "error"]
 CPU_FIELDS = ["hits", "done", "start_ns", "filtered", "ringed", "spilled", "drops", "reserved"]
 AGG_FIELDS = ["events", "state_sum_ns", "state_hist", "transitions", "extra_sum_ns", "extra_hist"]
 C_CONSTANTS = ["TCPSTATES_NSTATES", "TCPSTATES_AGG_BUCKETS", "TCPSTATES_AGG_EXTRA",
@@ -311,7 +311,7 @@ def _compile_and_run(tmp_path, body: str) -> str:
     prog = tmp_path / "layout.c"
     prog.write_text(
         "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n#include <string.h>\n"
-        "typedef uint64_t u64; typedef uint32_t u32; typedef uint16_t u16; typedef uint8_t u8;\n"
+        "typedef uint64_t u64; typedef uint32_t u32; typedef uint16_t u16; typedef uint8_t u8; typedef int32_t s32;\n"
         '#include "tcpstates.h"\n'
         '#define F(s, f) printf("%s %s %zu %zu\\n", #s, #f, offsetof(struct s, f), sizeof(((struct s *)0)->f));\n'
         '#define S(s) printf("%s sizeof %zu 0\\n", #s, sizeof(struct s));\n'
@@ -375,7 +375,7 @@ def test_c_record_layout_matches_the_decoder(tmp_path):
     tail_start, tail_size = _owner_tail(ev)
     assert [(ev[f][0] - tail_start, ev[f][1]) for f in OWNER_FIELDS] == _py_layout(RAW_OWNER.format)
     assert tail_size == RAW_OWNER.size
-    # the connection record: the event, then start/last, state_ns[16], three flags, padding
+    # the connection record: the event, then start/last, state_ns[16], four flags, the error
     conn = c["tcpstates_conn_event"]
     want = ([conn[f"ev.{f}"] for f in EVENT_FIELDS] + [_owner_tail(conn, "ev.")]
             + [conn[f] for f in CONN_FIELDS])

@@ -90,11 +90,15 @@ def test_closed_schema_rejects_an_unknown_key_and_a_mistyped_owner():
     assert not _valid(_sample(container_runtime="rkt"))
     conn = {"type": "connection", "start_time": "2026-11-27T08:00:00.000000000Z", "start_time_ns": 1,
             "start_mono_ns": 1, "duration_us": 5, "complete": True, "closed": True, "ending": "normal",
-            "first_state": "CLOSE", "last_state": "FIN_WAIT2", "states_us": {"SYN_SENT": 5}}
+            "error": None, "first_state": "CLOSE", "last_state": "FIN_WAIT2", "states_us": {"SYN_SENT": 5}}
     base = {k: v for k, v in _sample().items() if k not in ("oldstate", "newstate", "span_us")}
     assert _valid({**base, **conn, "owner_pid": 3, "owner_comm": "x", "owner_start": 1, "owner_cgroup_id": 2,
                    "owner_source": "syscall", "k8s_namespace": "shop", "container_image": "nginx"})
     assert not _valid({**base, **conn, "k8s_namespaces": "shop"})
+    assert _valid({**base, **conn, "ending": "timeout", "error": "ETIMEDOUT"})
+    assert not _valid({**base, **conn, "ending": "timedout"})
+    assert not _valid({**base, **conn, "error": "econnrefused"})
+    assert not _valid({k: v for k, v in {**base, **conn}.items() if k != "error"})     # always present
 
 
 def _doc_table_values(heading: str) -> list[str]:

@@ -319,8 +319,8 @@ def test_c_decoder_survives_cache_clearing():
 
 def raw_conn_records(n: int, seed: int) -> bytes:
     """Connection records (`--connections`) as the kernel lays them out: the
-    state-change part from raw_records, then start, last, 16 state times and
-    the three flags, built to hit every edge (no state, every state, huge
+    state-change part from raw_records, then start, last, 16 state times,
+    the flags and the error, built to hit every edge (no state, every state, huge
     times, unclosed, a first state outside the table)."""
     from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD, CONN_SIZE, NSTATES
     rnd = random.Random(seed)
@@ -334,7 +334,8 @@ def raw_conn_records(n: int, seed: int) -> bytes:
                              [rnd.choice([0, 0, 1, 999, 10**9, (1 << 64) - 1]) for _ in range(NSTATES)]])
         out.append(CONN_RING_RECORD.pack(
             CONN_SIZE, head[1], *fields, rnd.randrange(1 << 64), rnd.randrange(1 << 64), *states,
-            rnd.choice([7, 10, 2, 0, 255]), rnd.choice([0, 1, 2]), rnd.choice([0, 1, 1, 255])))
+            rnd.choice([7, 10, 2, 0, 255]), rnd.choice([0, 1, 2]), rnd.choice([0, 1, 1, 255]),
+            rnd.choice([0, 1, 1, 7]), rnd.choice([0, 111, 110, -1, (1 << 31) - 1, -(1 << 31)])))
     return b"".join(out)
 
 
@@ -413,7 +414,7 @@ def test_c_decoders_equal_python_on_a_family_neither_ipv4_nor_ipv6(family):
     def state_change(fam, a=addr):
         return struct.pack("<II", EVENT_SIZE, 0) + EVENT_STRUCT.pack(*fields(fam, a))
     def connection(fam, a=addr):
-        return CONN_RING_RECORD.pack(CONN_SIZE, 0, *fields(fam, a), 10, 20, *([0] * 16), 1, 1, 1)
+        return CONN_RING_RECORD.pack(CONN_SIZE, 0, *fields(fam, a), 10, 20, *([0] * 16), 1, 1, 1, 1, 0)
     for record, decode in ((state_change, lambda dec, data: dec.decode_block(data)),
                            (connection, decode_conn_block)):
         decode(Decoder(use_c=True), record(AF_INET6))          # the C memo now holds '::7'

@@ -9,9 +9,10 @@ One line per closed connection:
         began before tracing did (its start and first state times are unknown);
         it is `?` when the close was not seen (END `unknown`: the kernel never
         ran the program for its ->CLOSE; the row's time is when that was found).
-  csv   SKADDR,C-PID,C-COMM,IP,LADDR,LPORT,RADDR,RPORT,END,FIRST,COMPLETE,LIFE_MS,
-        then one <STATE>_MS column per state (empty when never in it); LIFE_MS
-        is empty when END is `unknown`
+  csv   SKADDR,C-PID,C-COMM,IP,LADDR,LPORT,RADDR,RPORT,END,ERROR,FIRST,COMPLETE,
+        LIFE_MS, then one <STATE>_MS column per state (empty when never in it);
+        ERROR is the socket's errno name at the close (ECONNREFUSED, ETIMEDOUT,
+        ...), empty when none or not known; LIFE_MS is empty when END is `unknown`
         [,O-PID,O-COMM,WORKLOAD]
 C-PID/C-COMM are the on-CPU task when the socket was first seen (for an
 active open: the connecting process). -T/-t prefix the same columns as the
@@ -29,11 +30,12 @@ from tcpstates.text import escape_text
 STATE_ORDER = ("SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSING",
                "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK")
 _ORDER = [(name, STATE_NUMBERS[name]) for name in STATE_ORDER]
-_ROW_TEXT = "%-16x %-6d %-10.10s %s%-15s %-5d %-15s %-5d %-7s %-10s %s"
-_ROW_WIDE = "%-16x %-6d %-16.16s %s%-2s %-39s %-5d %-39s %-5d %-7s %-10s %s"
-_HEAD_TEXT = "%-16s %-6s %-10.10s %s%-15s %-5s %-15s %-5s %-7s %-10s %s"
-_HEAD_WIDE = "%-16s %-6s %-16.16s %s%-2s %-39s %-5s %-39s %-5s %-7s %-10s %s"
-_CSV_HEAD = ("SKADDR,C-PID,C-COMM,IP,LADDR,LPORT,RADDR,RPORT,END,FIRST,COMPLETE,LIFE_MS,"
+# END is as wide as the longest ending (`unreachable`)
+_ROW_TEXT = "%-16x %-6d %-10.10s %s%-15s %-5d %-15s %-5d %-11s %-10s %s"
+_ROW_WIDE = "%-16x %-6d %-16.16s %s%-2s %-39s %-5d %-39s %-5d %-11s %-10s %s"
+_HEAD_TEXT = "%-16s %-6s %-10.10s %s%-15s %-5s %-15s %-5s %-11s %-10s %s"
+_HEAD_WIDE = "%-16s %-6s %-16.16s %s%-2s %-39s %-5s %-39s %-5s %-11s %-10s %s"
+_CSV_HEAD = ("SKADDR,C-PID,C-COMM,IP,LADDR,LPORT,RADDR,RPORT,END,ERROR,FIRST,COMPLETE,LIFE_MS,"
              + ",".join(f"{name}_MS" for name in STATE_ORDER))
 
 
@@ -94,7 +96,8 @@ class ConnectionFormatter(BccFormatter):
     def _csv(self, e: Event, c: Connection) -> str:
         first = "%s" % (STATE_ORDER_NAMES.get(c.first_state) or c.first_state)
         cols = ["%x" % e.skaddr, str(e.pid), csv_field(e.comm), "4" if e.family == AF_INET else "6",
-                csv_field(e.saddr), str(e.sport), csv_field(e.daddr), str(e.dport), c.ending, first,
+                csv_field(e.saddr), str(e.sport), csv_field(e.daddr), str(e.dport), c.ending,
+                c.error_name or "", first,
                 "1" if c.complete else "0", "" if c.duration_ns is None else _ms(c.duration_ns)]
         cols += [_ms(c.state_ns[num]) if num in c.state_ns else "" for _, num in _ORDER]
         return ",".join(cols) + (self._owner(e) if self.owner else "")

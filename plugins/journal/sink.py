@@ -172,7 +172,8 @@ class JournalSink(Sink):
         lasted = (f"{duration // 1000}us" if duration is not None else
                   f"close not seen, last seen in {STATE_NAMES.get(c.last_state, c.last_state)}")
         f = [
-            f"MESSAGE={escape_text(e.comm)} {e.saddr} {e.sport} → {e.daddr} {e.dport} connection {c.ending}, "
+            f"MESSAGE={escape_text(e.comm)} {e.saddr} {e.sport} → {e.daddr} {e.dport} connection {c.ending}"
+            f"{f' ({c.error_name})' if c.error_name else ''}, "
             f"{lasted}: {states or '-'}",
             f"MESSAGE_ID={MESSAGE_ID_CONNECTION}",
             f"PRIORITY={PRIORITY_NORMAL if c.ending == 'normal' else PRIORITY_WARNING}",
@@ -196,6 +197,8 @@ class JournalSink(Sink):
             f"TCP_CPU_COMM={e.comm}",
             f"TCP_CGROUP_ID={e.cgroup_id}",
         ]
+        if c.error_name is not None:
+            f.append(f"TCP_ERROR={c.error_name}")
         if duration is not None:
             f.append(f"TCP_DURATION_US={duration // 1000}")
         elif c.last_ns is not None:

@@ -196,17 +196,18 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
 }
 
 /* struct tcpstates_conn_event: the event, then start_ns, last_ns, the ns
- * spent in each of 16 states, first_state, complete, closed and 5 bytes of
- * padding (conndecoder.py CONN_STRUCT; tests compare both with the C). */
+ * spent in each of 16 states, first_state, complete, closed, error_read and
+ * the s32 error (conndecoder.py CONN_STRUCT; tests compare both with the C). */
 #define NSTATES 16
 #define OFF_START EVENT_SIZE
 #define OFF_LAST (EVENT_SIZE + 8)
 #define OFF_STATES (EVENT_SIZE + 16)
 #define OFF_FIRST (OFF_STATES + 8 * NSTATES)
+#define OFF_ERROR (OFF_FIRST + 4)
 #define CONN_SIZE (OFF_FIRST + 8)
 
 /* Connection(start_ns, end_ns, state_ns, first_state, last_state, complete,
- * closed, last_ns) of the record at p (past its header), as conndecoder.py
+ * closed, last_ns, error) of the record at p (past its header), as conndecoder.py
  * builds it: state_ns holds the states with a non-zero time only. */
 static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_type) {
     PyObject *spent = PyDict_New();
@@ -221,7 +222,9 @@ static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_typ
         if (bad) { Py_DECREF(spent); return NULL; }
     }
     int closed = p[OFF_FIRST + 2] != 0;
-    PyObject *args[8] = {
+    int32_t error;
+    memcpy(&error, p + OFF_ERROR, sizeof(error));
+    PyObject *args[9] = {
         PyLong_FromUnsignedLongLong(u64(p + OFF_START)),
         closed ? PyLong_FromUnsignedLongLong(u64(p + OFF_TS)) : Py_NewRef(Py_None),
         spent,
@@ -230,12 +233,13 @@ static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_typ
         PyBool_FromLong(p[OFF_FIRST + 1] != 0),
         PyBool_FromLong(closed),
         PyLong_FromUnsignedLongLong(u64(p + OFF_LAST)),
+        p[OFF_FIRST + 3] ? PyLong_FromLong(error) : Py_NewRef(Py_None),
     };
     PyObject *conn = NULL;
     int ok = 1;
-    for (int i = 0; i < 8; i++) ok &= args[i] != NULL;
-    if (ok) conn = PyObject_Vectorcall(conn_type, args, 8, NULL);
-    for (int i = 0; i < 8; i++) Py_XDECREF(args[i]);
+    for (int i = 0; i < 9; i++) ok &= args[i] != NULL;
+    if (ok) conn = PyObject_Vectorcall(conn_type, args, 9, NULL);
+    for (int i = 0; i < 9; i++) Py_XDECREF(args[i]);
     return conn;
 }
 

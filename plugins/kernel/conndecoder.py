@@ -3,7 +3,7 @@
 The layout is `struct tcpstates_conn_event` in bpf/tcpstates.h: the usual
 event (the ->CLOSE transition) followed by the connection's start time, the
 time of its last transition seen, the ns spent in each state (indexed by state
-number) and three flags. A record whose `closed` flag is 0 is a connection
+number), three flags and the socket's error at the close (sk_err). A record whose `closed` flag is 0 is a connection
 whose ->CLOSE the kernel never ran the program for: its end is unknown. A test
 compares it with the C layout. Kept apart from decoder.py, whose per-event
 hot loop it does not touch. When the C decoder is built (_decode.c
@@ -24,7 +24,7 @@ from tcpstates.events import CONNECTION, Connection, Event
 from tcpstates.plugins.kernel.decoder import EVENT_STRUCT, KERNEL_OWNER, NO_OWNER, SPAN_UNKNOWN, Decoder, _c_decode
 
 NSTATES = 16
-CONN_STRUCT = struct.Struct("<" + EVENT_STRUCT.format[1:] + "QQ%dQBBB5x" % NSTATES)
+CONN_STRUCT = struct.Struct("<" + EVENT_STRUCT.format[1:] + "QQ%dQBBBBi" % NSTATES)
 CONN_SIZE = CONN_STRUCT.size
 CONN_RING_RECORD = struct.Struct("<II" + CONN_STRUCT.format[1:])
 CONN_RING_RECORD_SIZE = CONN_RING_RECORD.size
@@ -49,11 +49,11 @@ def _events(dec: Decoder, records: Iterable[tuple[Any, ...]], skip: int) -> list
             break
         (ts, sk, span, cg, pid, tid, sport, dport, fam, old, new, saddr, daddr, rawcomm, owner,
          start, last) = rec[skip:skip + 17]
-        first, complete, closed = rec[first_state:]
+        first, complete, closed, error_read, error = rec[first_state:]
         extra: dict[str, Any] = {CONNECTION: Connection(
             start, ts if closed else None,
             dict(filter(_SPENT, zip(_STATE_NUMBERS, rec[skip + 17:first_state]))),
-            first, old, bool(complete), bool(closed), last)}
+            first, old, bool(complete), bool(closed), last, error if error_read else None)}
         if owner != NO_OWNER:
             extra[KERNEL_OWNER] = owner
         append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid, comm(rawcomm), fam,

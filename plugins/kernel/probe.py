@@ -39,6 +39,23 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+
+
+def connection_error_cflags(btf_path: str = BTF_PATH) -> tuple[list[str], str | None]:
+    """The -D flag that lets a connection record carry its socket's error
+    (sock.sk_err at the running kernel's offset), or why it cannot: then a
+    connect that did not complete is `failed`, why not unknown."""
+    from tcpstates.btf import BTF, BTFError, offset_cflags
+    try:
+        return offset_cflags(BTF.from_file(btf_path), {"SOCK_SK_ERR": ("sock", "sk_err")},
+                             {"SOCK_SK_ERR": 4}), None
+    except (OSError, BTFError) as exc:
+        return [], (f"no sock.sk_err offset from the kernel's BTF ({btf_path}: {exc}): connection "
+                    f"records cannot tell refused, timed-out, unreachable and abandoned connects "
+                    f"apart (`failed`) nor a timeout from a reset")
+
+
 def has_ring_buffer() -> bool:
     """BPF_MAP_TYPE_RINGBUF arrived in Linux 5.8."""
     return kernel_version() >= (5, 8)
@@ -225,6 +242,11 @@ class KernelProbe:
         rules = pushdown.plan(address_rules, process_rules, connections=connections)
         cflags += rules.cflags + spans.cflags
         cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
+        if connections:
+            error_cflags, why_not = connection_error_cflags()
+            cflags += error_cflags
+            if why_not:
+                self._warn(why_not)
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
         if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
             cflags.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")

@@ -16,7 +16,8 @@ import os
 import re
 from pathlib import Path
 
-from tcpstates.plugins.owner.btf import BTF, BTFError
+from tcpstates.btf import BTF, BTFError
+from tcpstates.btf import offset_cflags as _offsets
 
 TRACEFS = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
     "/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -114,16 +115,6 @@ def _field_offsets(tracefs: Path | None, tps: tuple[tuple[str, str], ...],
             return None
         found.update(mine)
     return found
-
-
-def _offsets(btf: BTF, fields: dict[str, tuple[str, str]], sizes: dict[str, int]) -> list[str]:
-    out = []
-    for macro, (struct_name, member) in fields.items():
-        off, size = btf.member(struct_name, member)
-        if macro in sizes and size != sizes[macro]:
-            raise BTFError(f"{struct_name}.{member} is {size} bytes, expected {sizes[macro]}")
-        out.append(f"-DTCPSTATES_OFF_{macro}={off}")
-    return out
 
 
 # members read whole by the probes: their size must be what the C assumes

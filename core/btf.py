@@ -1,9 +1,10 @@
 """A minimal pure-Python reader of the running kernel's BTF (/sys/kernel/btf/vmlinux).
 
 Enough to find byte offsets and sizes of (possibly nested, anonymous-union)
-struct members, e.g. task_struct -> group_leader, so the owner probes read the
+struct members, e.g. task_struct -> group_leader, so BPF code a plugin
+contributes (the owner probes, the kernel stage's connection endings) reads the
 running kernel's own layout (passed to the BPF compile as -D flags) and never
-a header tree's. No dependencies; ~0.08 s to index vmlinux BTF (~5-6 MB), types decoded on demand.
+a header tree's. Part of the plugin API. No dependencies; ~0.08 s to index vmlinux BTF (~5-6 MB), types decoded on demand.
 """
 from __future__ import annotations
 
@@ -191,3 +192,17 @@ class BTF:
         if bits % 8:
             raise BTFError(f"{struct_name}.{path} is not byte aligned")
         return bits // 8, self.sizeof(tid)
+
+
+def offset_cflags(btf: BTF, fields: dict[str, tuple[str, str]],
+                  sizes: dict[str, int]) -> list[str]:
+    """`-DTCPSTATES_OFF_<NAME>=<byte offset>` for each NAME -> (struct, member
+    path) of fields; a member whose size differs from sizes[NAME] (what the C
+    reads) raises BTFError, so a probe never reads half of a member or past it."""
+    out = []
+    for macro, (struct_name, member) in fields.items():
+        off, size = btf.member(struct_name, member)
+        if macro in sizes and size != sizes[macro]:
+            raise BTFError(f"{struct_name}.{member} is {size} bytes, expected {sizes[macro]}")
+        out.append(f"-DTCPSTATES_OFF_{macro}={off}")
+    return out

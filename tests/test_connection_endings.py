@@ -1,0 +1,231 @@
+"""How a connection ended, on the real tracepoint: the socket's error read in
+the kernel at its ->CLOSE (sock.sk_err at the running kernel's BTF offset)
+tells a refused connect from one that timed out, one an ICMP error ended, and
+one its own process gave up; a RST received from an abort on our side."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from traffic import free_port, refused, wait_port_settled
+
+LINGER_0 = struct.pack("ii", 1, 0)
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+BTF = Path("/sys/kernel/btf/vmlinux")
+
+needs_btf = pytest.mark.skipif(not BTF.exists(),
+                               reason="no kernel BTF (/sys/kernel/btf/vmlinux): the error is not read; "
+                                      "tests/test_connections.py covers the `failed` fallback")
+
+
+def _records(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+class FullListener:
+    """A listener whose accept queue is full (backlog 0, one connection
+    queued and never accepted): the kernel drops every further SYN, so a
+    connect to it gets no answer at all."""
+
+    def __init__(self, port: int) -> None:
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", port))
+        self.srv.listen(0)
+        self.first = socket.create_connection(("127.0.0.1", port))
+
+    def close(self) -> None:
+        self.first.close()
+        self.srv.close()
+
+
+def timed_out_connect(port: int) -> int:
+    """A connect nobody answers, given up by the kernel: TCP_USER_TIMEOUT
+    100 ms ends it at the first SYN retransmission (~1 s). Returns its port."""
+    c = socket.socket()
+    c.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, 100)
+    c.bind(("127.0.0.1", 0))
+    cport = c.getsockname()[1]
+    c.settimeout(10)
+    with pytest.raises(OSError) as exc:
+        c.connect(("127.0.0.1", port))
+    # the premise, checked: the kernel's own verdict was a timeout
+    assert exc.value.errno == 110 or isinstance(exc.value, TimeoutError), exc.value
+    c.close()
+    return cport
+
+
+def abandoned_connect(port: int) -> int:
+    """A connect its own process closes while the SYN is unanswered."""
+    c = socket.socket()
+    c.bind(("127.0.0.1", 0))
+    cport = c.getsockname()[1]
+    c.setblocking(False)
+    assert c.connect_ex(("127.0.0.1", port)) == 115        # EINPROGRESS
+    time.sleep(0.05)                                         # SYN_SENT for a while
+    c.close()
+    return cport
+
+
+def reset_by_peer(port: int) -> tuple[int, int]:
+    """An established connection the server aborts (SO_LINGER 0): the client
+    receives the RST while it still holds the socket. (client port, server port)."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", port))
+        srv.listen(1)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = srv.accept()
+        accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        accepted.close()
+        client.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            client.recv(1)
+        cport = client.getsockname()[1]
+        client.close()
+    return cport, port
+
+
+@needs_btf
+@pytest.mark.kernel
+def test_refused_timed_out_abandoned_and_reset_are_told_apart(tracer):
+    dead, silent, server = free_port(), free_port(), free_port()
+    # no port filter: the aborting server's record has the client's port as its remote one
+    t = tracer("--connections", "--sink", "jsonl")
+    refused(dead)
+    full = FullListener(silent)
+    try:
+        timed_out = timed_out_connect(silent)
+        gave_up = abandoned_connect(silent)
+    finally:
+        full.close()
+    client, _ = reset_by_peer(server)
+    for port in (dead, silent, server):
+        wait_port_settled(port, timeout=2.0)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    assert "sk_err" not in err, err          # the offset was found: no warning
+    ours = {dead, silent, server}
+    recs = [r for r in _records(out) if r["rport"] in ours or r["lport"] in ours]
+    by_lport = {r["lport"]: r for r in recs}
+
+    (ref,) = [r for r in recs if r["rport"] == dead]
+    assert (ref["ending"], ref["error"], ref["last_state"]) == ("refused", "ECONNREFUSED", "SYN_SENT"), ref
+
+    to = by_lport[timed_out]
+    assert (to["ending"], to["error"], to["last_state"]) == ("timeout", "ETIMEDOUT", "SYN_SENT"), to
+    # it waited for the SYN retransmission: about a second in SYN_SENT
+    assert 0.5e6 < to["states_us"]["SYN_SENT"] < 5e6, to
+
+    ab = by_lport[gave_up]
+    assert (ab["ending"], ab["error"], ab["last_state"]) == ("abandoned", None, "SYN_SENT"), ab
+
+    rs = by_lport[client]
+    assert (rs["ending"], rs["error"], rs["last_state"]) == ("reset", "ECONNRESET", "ESTABLISHED"), rs
+    # the aborting side itself had no error: still a reset (an abort)
+    (aborter,) = [r for r in recs if r["lport"] == server and r["rport"] == client]
+    assert (aborter["ending"], aborter["error"]) == ("reset", None), aborter
+
+
+@needs_btf
+@pytest.mark.kernel
+def test_csv_and_text_carry_the_ending_and_error(tracer):
+    dead = free_port()
+    t = tracer("--connections", "-s", "-D", str(dead))
+    refused(dead)
+    wait_port_settled(dead, timeout=2.0)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    head, *rows = out.splitlines()
+    cols = head.split(",")
+    (row,) = [dict(zip(cols, r.split(","))) for r in rows if r.split(",")[cols.index("RPORT")] == str(dead)]
+    assert (row["END"], row["ERROR"]) == ("refused", "ECONNREFUSED"), row
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def icmp_router():
+    """Two network namespaces joined by a veth pair: `client` (10.77.0.1)
+    routes 10.78.0.0/24 through `router` (10.77.0.2), which forwards and has
+    an `unreachable` route for it, so a SYN there is answered with an ICMP
+    host unreachable — the only way to get an ICMP error on this machine."""
+    if shutil.which("ip") is None:
+        pytest.fail("no `ip` command: apt-get install iproute2 (./test.sh installs it)")
+    tag = uuid.uuid4().hex[:6]
+    client, router = f"tcps-c-{tag}", f"tcps-r-{tag}"
+    _ip("netns", "add", client)
+    try:
+        _ip("netns", "add", router)
+        _ip("link", "add", f"tc{tag}", "netns", client, "type", "veth", "peer", "name", f"tr{tag}",
+            "netns", router)
+        _ip("-n", client, "addr", "add", "10.77.0.1/24", "dev", f"tc{tag}")
+        _ip("-n", router, "addr", "add", "10.77.0.2/24", "dev", f"tr{tag}")
+        for ns, dev in ((client, f"tc{tag}"), (router, f"tr{tag}")):
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", client, "route", "add", "10.78.0.0/24", "via", "10.77.0.2")
+        _ip("-n", router, "route", "add", "unreachable", "10.78.0.0/24")
+        subprocess.run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                       check=True, capture_output=True, timeout=10)
+        yield client
+    finally:
+        for ns in (client, router):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+# A blocking connect (no timeout: Python would poll and read SO_ERROR, which
+# clears the error). The first SYN's ICMP error comes back inside connect()
+# itself, while the process holds the socket: the kernel keeps it as a soft
+# error and retries. The retransmitted SYN's error arrives in softirq, with
+# the socket free, and ends the connect with it (sk_err) about a second later.
+CONNECT = """
+import signal, socket, sys
+signal.alarm(20)
+c = socket.socket()
+try:
+    c.connect(("10.78.0.5", int(sys.argv[1])))
+except OSError as exc:
+    print(c.getsockname()[1], exc.errno, flush=True)
+"""
+
+
+@needs_btf
+@pytest.mark.kernel
+def test_a_connect_ended_by_an_icmp_error_is_unreachable(tracer, icmp_router):
+    port = free_port()
+    t = tracer("--connections", "--sink", "jsonl", "-D", str(port))
+    done = subprocess.run(["ip", "netns", "exec", icmp_router, sys.executable, "-c", CONNECT, str(port)],
+                          capture_output=True, text=True, timeout=30, env={**os.environ})
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    cport, errno_ = (int(x) for x in done.stdout.split())
+    assert errno_ == 113, done               # the premise: EHOSTUNREACH from the ICMP error
+    (r,) = [r for r in _records(out) if r["lport"] == cport and r["raddr"] == "10.78.0.5"]
+    assert (r["ending"], r["error"], r["last_state"]) == ("unreachable", "EHOSTUNREACH", "SYN_SENT"), r
+
+
+def test_without_btf_the_error_is_not_read_and_says_so(tmp_path):
+    """No kernel BTF (or one without sock.sk_err of 4 bytes): no -D flag, and
+    the reason names what is lost; the records then say `failed` for a connect
+    that did not complete (tests/test_connections.py, ending unit tests)."""
+    from tcpstates.plugins.kernel.probe import connection_error_cflags
+    cflags, why = connection_error_cflags(str(tmp_path / "no-vmlinux"))
+    assert cflags == [] and "sk_err" in why and "`failed`" in why
+    bad = tmp_path / "vmlinux"
+    bad.write_bytes(b"\0" * 64)                      # not BTF at all
+    cflags, why = connection_error_cflags(str(bad))
+    assert cflags == [] and "bad magic" in why
+    if BTF.exists():
+        cflags, why = connection_error_cflags()
+        assert why is None and len(cflags) == 1 and cflags[0].startswith("-DTCPSTATES_OFF_SOCK_SK_ERR=")
