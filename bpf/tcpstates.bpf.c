@@ -34,7 +34,8 @@
  *                             transition and duration filters are not used)
  *   TCPSTATES_OFF_SOCK_SK_ERR  (with TCPSTATES_CONNECTIONS) sock.sk_err's byte
  *                             offset from the running kernel's BTF: a record
- *                             carries the error the socket ended with
+ *                             carries the error the socket ended with; with
+ *   TCPSTATES_OFF_TCP_SOCK_SEGS_OUT  tcp_sock.segs_out's: whether it sent anything
  *   TCPSTATES_FILTER_LADDR / _RADDR  consult the laddr_rules / raddr_rules LPM
  *                             tries (value: their entry count), with the rule masks
  *                             TCPSTATES_ADDR_{LKEEP,RKEEP,LDROP,RDROP,DROP}
@@ -376,7 +377,7 @@ static __always_inline int port_allowed(void *map_lookup_result)
     (r)->first_state = (cn)->first_state;                                \
     (r)->complete = (cn)->complete;                                      \
     (r)->closed = 0;                                                     \
-    (r)->error_read = 0;                                                 \
+    (r)->error_flags = 0;                                                \
     (r)->error = 0;                                                      \
 } while (0)
 
@@ -386,14 +387,23 @@ static __always_inline int port_allowed(void *map_lookup_result)
  * ICMP error seen meanwhile) or an ICMP error to a connect; a close by its
  * own process leaves it 0. Without the offset the record says "not read". */
 #ifdef TCPSTATES_OFF_SOCK_SK_ERR
+/* With it, whether the socket ever sent a segment (tcp_sock.segs_out): a
+ * SYN_SENT->CLOSE with no error and nothing sent is a connect that failed
+ * inside connect() (no free local port: EADDRNOTAVAIL, or its route gone),
+ * the errno returned to the caller alone; one whose SYN left and that its
+ * own process closed has sent at least that SYN. */
 #define CONN_ERROR(r, sk) do {                                           \
     int err_ = 0;                                                        \
-    (r)->error_read = bpf_probe_read_kernel(&err_, sizeof(err_),         \
-        (void *)(sk) + TCPSTATES_OFF_SOCK_SK_ERR) == 0;                  \
+    u32 segs_ = 1;                                                       \
+    (r)->error_flags = bpf_probe_read_kernel(&err_, sizeof(err_),        \
+        (void *)(sk) + TCPSTATES_OFF_SOCK_SK_ERR) == 0 ? TCPSTATES_ERROR_READ : 0; \
+    if (bpf_probe_read_kernel(&segs_, sizeof(segs_),                     \
+            (void *)(sk) + TCPSTATES_OFF_TCP_SOCK_SEGS_OUT) == 0 && segs_ == 0) \
+        (r)->error_flags |= TCPSTATES_ERROR_UNSENT;                      \
     (r)->error = err_;                                                   \
 } while (0)
 #else
-#define CONN_ERROR(r, sk) do { (r)->error_read = 0; (r)->error = 0; } while (0)
+#define CONN_ERROR(r, sk) do { (r)->error_flags = 0; (r)->error = 0; } while (0)
 #endif
 
 /* A connection record from the socket's accumulated entry cn: the task is

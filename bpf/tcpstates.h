@@ -51,6 +51,8 @@ struct tcpstates_event {
  * ev.oldstate the last state seen, ev.newstate CLOSE, the endpoints those last
  * seen, the owner fields zero (the owner map may already hold the new socket). */
 #define TCPSTATES_NSTATES 16      /* state_ns is indexed by state number & 15 */
+#define TCPSTATES_ERROR_READ 1    /* tcpstates_conn_event.error_flags */
+#define TCPSTATES_ERROR_UNSENT 2
 
 struct tcpstates_conn_event {
     struct tcpstates_event ev;    /* the ->CLOSE transition; span_ns is the time in
@@ -63,7 +65,12 @@ struct tcpstates_conn_event {
     u8 complete;                  /* 1: seen from connect()/the SYN (CLOSE->SYN_SENT,
                                      LISTEN->SYN_RECV); 0: it began before tracing */
     u8 closed;                    /* 1: its ->CLOSE was seen; 0: see above */
-    u8 error_read;                /* 1: error below was read (sk_err at a BTF offset) */
+    u8 error_flags;               /* TCPSTATES_ERROR_READ: error below was read (sk_err
+                                     at a BTF offset); TCPSTATES_ERROR_UNSENT with it:
+                                     the socket had sent no segment (tcp_sock.segs_out
+                                     0), so a connect that closes so ended inside
+                                     connect() itself, its error returned to the
+                                     caller and never stored in sk_err */
     s32 error;                    /* the socket's sk_err at its ->CLOSE: the errno a
                                      failed connect or an aborted connection
                                      ended with (ECONNREFUSED, ETIMEDOUT, ...), 0 none */

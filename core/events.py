@@ -84,8 +84,9 @@ CONNECTION = "connection"
 #   reset        an abort or a RST with no completed FIN exchange
 #   abandoned    a connect its own process closed before it completed
 #   failed       a connect that did not complete for another reason (the
-#                record's error names it), or whose error could not be read
-#                (no BTF): why not is then unknown
+#                record's error names it, or none: it failed inside connect()
+#                before its SYN was sent, e.g. no free local port), or whose
+#                error could not be read (no BTF): why not is then unknown
 #   unknown      its ->CLOSE was never seen (a tracepoint hit the kernel did
 #                not run the program for); the record was made when a new
 #                connection began at the same socket address (closed False)
@@ -115,10 +116,14 @@ _CONNECT_ERRORS = {**_ABORT_ERRORS, errno.ECONNREFUSED: "refused"}
 _SYN_SENT = int(TcpState.SYN_SENT)
 
 
-def connection_ending(last_state: int, error: int | None = None) -> str:
+def connection_ending(last_state: int, error: int | None = None, unsent: bool = False) -> str:
     """How a connection that went last_state -> CLOSE ended (ENDINGS above),
     given the socket's error at the close: None when it could not be read,
-    0 when there was none."""
+    0 when there was none. unsent: the socket had sent no segment, so a
+    connect that closed without an error failed inside connect() itself (no
+    free local port: EADDRNOTAVAIL; the kernel moves it to SYN_SENT before
+    choosing the port and back to CLOSE on failure, the errno going to the
+    caller alone) rather than being abandoned by its process."""
     if error:
         if last_state == _SYN_SENT:
             by_error = _CONNECT_ERRORS.get(error)
@@ -129,7 +134,7 @@ def connection_ending(last_state: int, error: int | None = None) -> str:
         if by_error is not None:
             return by_error
     if error == 0 and last_state == _SYN_SENT:
-        return "abandoned"
+        return "failed" if unsent else "abandoned"
     return _ENDINGS_BY_STATE.get(last_state, "normal")
 
 
@@ -151,6 +156,9 @@ class Connection:
     # the socket's error at the close (sk_err: an errno, 0 none); None: not
     # read (no BTF offset, or the close was not seen)
     error: int | None = None
+    # the socket had sent no segment at its close (tcp_sock.segs_out 0; False
+    # when not read): a connect that closed so failed inside connect()
+    unsent: bool = False
 
     @property
     def duration_ns(self) -> int | None:
@@ -159,7 +167,7 @@ class Connection:
 
     @property
     def ending(self) -> str:
-        return connection_ending(self.last_state, self.error) if self.closed else "unknown"
+        return connection_ending(self.last_state, self.error, self.unsent) if self.closed else "unknown"
 
     @property
     def error_name(self) -> str | None:

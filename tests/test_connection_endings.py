@@ -5,6 +5,7 @@ one its own process gave up; a RST received from an abort on our side."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -228,4 +229,47 @@ def test_without_btf_the_error_is_not_read_and_says_so(tmp_path):
     assert cflags == [] and "bad magic" in why
     if BTF.exists():
         cflags, why = connection_error_cflags()
-        assert why is None and len(cflags) == 1 and cflags[0].startswith("-DTCPSTATES_OFF_SOCK_SK_ERR=")
+        assert why is None and [f.partition("=")[0] for f in cflags] == [
+            "-DTCPSTATES_OFF_SOCK_SK_ERR", "-DTCPSTATES_OFF_TCP_SOCK_SEGS_OUT"]
+
+
+# Ephemeral ports run out (a namespace of its own: its port range is two
+# ports, both held): connect() fails with EADDRNOTAVAIL inside the kernel's
+# own connect, after it moved the socket to SYN_SENT and before any SYN. The
+# errno goes to the caller alone (sk_err stays 0), as it does when a process
+# closes its own connect: only whether the SYN left tells them apart.
+EXHAUST_CONNECT = """
+import signal, socket, subprocess
+signal.alarm(20)
+subprocess.run(["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001"], check=True)
+srv = socket.socket(); srv.bind(("127.0.0.1", 7000)); srv.listen(16)
+held = [socket.create_connection(("127.0.0.1", 7000)) for _ in range(2)]
+c = socket.socket()
+try:
+    c.connect(("127.0.0.1", 7000))
+    print("connected", flush=True)
+except OSError as exc:
+    print(exc.errno, flush=True)
+"""
+
+
+@needs_btf
+@pytest.mark.kernel
+def test_a_connect_that_fails_inside_connect_is_failed_not_abandoned(tracer):
+    tag = uuid.uuid4().hex[:6]
+    ns = f"tcps-p-{tag}"
+    _ip("netns", "add", ns)
+    try:
+        _ip("-n", ns, "link", "set", "lo", "up")
+        t = tracer("--connections", "--sink", "jsonl", "-D", "7000")
+        done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", EXHAUST_CONNECT],
+                              capture_output=True, text=True, timeout=30)
+        rc, out, err = t.stop()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    assert rc == 0, err
+    assert done.stdout.split() == [str(errno.EADDRNOTAVAIL)], done     # the premise
+    recs = [r for r in _records(out) if r["raddr"] == "127.0.0.1" and r["rport"] == 7000]
+    # the failed one never had a local port: the only record with none
+    (failed,) = [r for r in recs if r["lport"] == 0]
+    assert (failed["ending"], failed["error"], failed["last_state"]) == ("failed", None, "SYN_SENT"), failed

@@ -138,13 +138,13 @@ def test_connection_mode_is_one_program_that_compiles_with_owner_and_perf_buffer
 
 
 def _conn_bytes(states: dict[int, int], first: int = 7, complete: int = 1, old: int = 5,
-                closed: int = 1, error: int | None = 0) -> bytes:
+                closed: int = 1, error: int | None = 0, unsent: bool = False) -> bytes:
     ns = [states.get(i, 0) for i in range(16)]
     return CONN_STRUCT.pack(10_000_000, 0xffff1, states.get(old, 0), 9, 42, 43, 40000, 80, socket.AF_INET,
                             old, 7, socket.inet_aton("127.0.0.1") + bytes(12),
                             socket.inet_aton("10.0.0.2") + bytes(12), b"cu,rl\n", bytes(40),
                             10_000_000 - sum(ns), 10_000_000, *ns, first, complete, closed,
-                            int(error is not None), error or 0)
+                            (error is not None) | (2 * unsent), error or 0)
 
 
 def test_decoder_builds_connection_events_and_stops_at_a_foreign_record():
@@ -194,6 +194,26 @@ def test_decoder_reads_the_error_and_whether_it_was_read():
         for use_c in (True, False):
             (e,), _ = decode_conn_block(Decoder(use_c=use_c), struct.pack("<II", CONN_SIZE, 0) + rec)
             assert e.extra[CONNECTION].error == want, (use_c, error)
+
+
+def test_a_connect_that_sent_nothing_failed_in_connect_rather_than_being_abandoned():
+    """SYN_SENT->CLOSE with no error: abandoned when its SYN left, failed when
+    nothing was ever sent (the kernel's own failure inside connect(), e.g. no
+    free local port; its errno went to the caller, never to sk_err). Only
+    with the error read does the flag count (flags 2 alone: not read)."""
+    assert Connection(0, 1, {}, 0, 2, True, error=0).ending == "abandoned"
+    assert Connection(0, 1, {}, 0, 2, True, error=0, unsent=True).ending == "failed"
+    # an error names the cause either way; nothing sent changes no other state
+    assert Connection(0, 1, {}, 0, 2, True, error=errno.ECONNREFUSED, unsent=True).ending == "refused"
+    assert Connection(0, 1, {}, 0, 1, True, error=0, unsent=True).ending == "reset"
+    for flags_unsent, error, want in ((True, 0, (0, True)), (False, 0, (0, False)),
+                                      (True, None, (None, False))):
+        rec = _conn_bytes({2: 30_000}, old=2, error=error, unsent=flags_unsent)
+        for use_c in (True, False):
+            (e,), _ = decode_conn_block(Decoder(use_c=use_c), struct.pack("<II", CONN_SIZE, 0) + rec)
+            c = e.extra[CONNECTION]
+            assert (c.error, c.unsent) == want, (use_c, flags_unsent, error)
+            assert c.ending == ("failed" if want == (0, True) else "abandoned" if want[0] == 0 else "failed")
 
 
 def _event() -> Event:

@@ -296,7 +296,7 @@ def test_decoder_fields_unknown_span_ipv6_and_hostile_comm():
 EVENT_FIELDS = ["ts_ns", "skaddr", "span_ns", "cgroup_id", "pid", "tid", "sport", "dport", "family",
                 "oldstate", "newstate", "saddr", "daddr", "comm"]
 OWNER_FIELDS = ["owner_start_ns", "owner_cgroup_id", "owner_pid", "owner_how", "owner_comm"]
-CONN_FIELDS = ["start_ns", "last_ns", "state_ns", "first_state", "complete", "closed", "error_read", "error"]
+CONN_FIELDS = ["start_ns", "last_ns", "state_ns", "first_state", "complete", "closed", "error_flags", "error"]
 CPU_FIELDS = ["hits", "done", "start_ns", "filtered", "ringed", "spilled", "drops", "reserved"]
 AGG_FIELDS = ["events", "state_sum_ns", "state_hist", "transitions", "extra_sum_ns", "extra_hist"]
 C_CONSTANTS = ["TCPSTATES_NSTATES", "TCPSTATES_AGG_BUCKETS", "TCPSTATES_AGG_EXTRA",

@@ -196,7 +196,7 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
 }
 
 /* struct tcpstates_conn_event: the event, then start_ns, last_ns, the ns
- * spent in each of 16 states, first_state, complete, closed, error_read and
+ * spent in each of 16 states, first_state, complete, closed, error_flags and
  * the s32 error (conndecoder.py CONN_STRUCT; tests compare both with the C). */
 #define NSTATES 16
 #define OFF_START EVENT_SIZE
@@ -207,7 +207,7 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
 #define CONN_SIZE (OFF_FIRST + 8)
 
 /* Connection(start_ns, end_ns, state_ns, first_state, last_state, complete,
- * closed, last_ns, error) of the record at p (past its header), as conndecoder.py
+ * closed, last_ns, error, unsent) of the record at p (past its header), as conndecoder.py
  * builds it: state_ns holds the states with a non-zero time only. */
 static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_type) {
     PyObject *spent = PyDict_New();
@@ -224,7 +224,8 @@ static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_typ
     int closed = p[OFF_FIRST + 2] != 0;
     int32_t error;
     memcpy(&error, p + OFF_ERROR, sizeof(error));
-    PyObject *args[9] = {
+    int flags = p[OFF_FIRST + 3];   /* 1: error read; 2 with it: nothing sent (tcpstates.h) */
+    PyObject *args[10] = {
         PyLong_FromUnsignedLongLong(u64(p + OFF_START)),
         closed ? PyLong_FromUnsignedLongLong(u64(p + OFF_TS)) : Py_NewRef(Py_None),
         spent,
@@ -233,13 +234,14 @@ static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_typ
         PyBool_FromLong(p[OFF_FIRST + 1] != 0),
         PyBool_FromLong(closed),
         PyLong_FromUnsignedLongLong(u64(p + OFF_LAST)),
-        p[OFF_FIRST + 3] ? PyLong_FromLong(error) : Py_NewRef(Py_None),
+        (flags & 1) ? PyLong_FromLong(error) : Py_NewRef(Py_None),
+        PyBool_FromLong((flags & 3) == 3),
     };
     PyObject *conn = NULL;
     int ok = 1;
-    for (int i = 0; i < 9; i++) ok &= args[i] != NULL;
-    if (ok) conn = PyObject_Vectorcall(conn_type, args, 9, NULL);
-    for (int i = 0; i < 9; i++) Py_XDECREF(args[i]);
+    for (int i = 0; i < 10; i++) ok &= args[i] != NULL;
+    if (ok) conn = PyObject_Vectorcall(conn_type, args, 10, NULL);
+    for (int i = 0; i < 10; i++) Py_XDECREF(args[i]);
     return conn;
 }
 

@@ -48,8 +48,10 @@ def connection_error_cflags(btf_path: str = BTF_PATH) -> tuple[list[str], str | 
     connect that did not complete is `failed`, why not unknown."""
     from tcpstates.btf import BTF, BTFError, offset_cflags
     try:
-        return offset_cflags(BTF.from_file(btf_path), {"SOCK_SK_ERR": ("sock", "sk_err")},
-                             {"SOCK_SK_ERR": 4}), None
+        # segs_out: whether a connect's SYN ever left (events.connection_ending)
+        return offset_cflags(BTF.from_file(btf_path), {"SOCK_SK_ERR": ("sock", "sk_err"),
+                                                       "TCP_SOCK_SEGS_OUT": ("tcp_sock", "segs_out")},
+                             {"SOCK_SK_ERR": 4, "TCP_SOCK_SEGS_OUT": 4}), None
     except (OSError, BTFError) as exc:
         return [], (f"no sock.sk_err offset from the kernel's BTF ({btf_path}: {exc}): connection "
                     f"records cannot tell refused, timed-out, unreachable and abandoned connects "
