@@ -6,6 +6,7 @@ one its own process gave up; a RST received from an abort on our side."""
 from __future__ import annotations
 
 import errno
+import dataclasses
 import json
 import os
 import shutil
@@ -155,6 +156,13 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
+@dataclasses.dataclass
+class NetnsPair:
+    client: str
+    router: str
+    router_dev: str
+
+
 @pytest.fixture
 def icmp_router():
     """Two network namespaces joined by a veth pair: `client` (10.77.0.1)
@@ -179,7 +187,7 @@ def icmp_router():
         _ip("-n", router, "route", "add", "unreachable", "10.78.0.0/24")
         subprocess.run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
                        check=True, capture_output=True, timeout=10)
-        yield client
+        yield NetnsPair(client, router, f"tr{tag}")
     finally:
         for ns in (client, router):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
@@ -206,7 +214,7 @@ except OSError as exc:
 def test_a_connect_ended_by_an_icmp_error_is_unreachable(tracer, icmp_router):
     port = free_port()
     t = tracer("--connections", "--sink", "jsonl", "-D", str(port))
-    done = subprocess.run(["ip", "netns", "exec", icmp_router, sys.executable, "-c", CONNECT, str(port)],
+    done = subprocess.run(["ip", "netns", "exec", icmp_router.client, sys.executable, "-c", CONNECT, str(port)],
                           capture_output=True, text=True, timeout=30, env={**os.environ})
     rc, out, err = t.stop()
     assert rc == 0, err
@@ -273,3 +281,58 @@ def test_a_connect_that_fails_inside_connect_is_failed_not_abandoned(tracer):
     # the failed one never had a local port: the only record with none
     (failed,) = [r for r in recs if r["lport"] == 0]
     assert (failed["ending"], failed["error"], failed["last_state"]) == ("failed", None, "SYN_SENT"), failed
+
+
+# An established connection whose peer goes silent (its link goes down: the
+# segments vanish, no ICMP comes back): the data is retransmitted until
+# TCP_USER_TIMEOUT (300 ms) runs out and the kernel ends it with ETIMEDOUT.
+SERVER = """
+import signal, socket, sys
+signal.alarm(30)
+s = socket.socket()
+s.bind(("10.77.0.2", int(sys.argv[1])))
+s.listen(1)
+print("listening", flush=True)
+a, _ = s.accept()
+a.recv(16)
+signal.pause()
+"""
+SILENCED = """
+import signal, socket, subprocess, sys
+signal.alarm(20)
+port, router, dev = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+c = socket.create_connection(("10.77.0.2", port), timeout=5)
+c.settimeout(None)
+c.sendall(b"hi")
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 300)
+subprocess.run(["ip", "-n", router, "link", "set", dev, "down"], check=True)
+try:
+    while True:
+        c.send(b"x" * 1024)
+        c.recv(1)
+except OSError as exc:
+    print(c.getsockname()[1], exc.errno, flush=True)
+"""
+
+
+@needs_btf
+@pytest.mark.kernel
+def test_an_established_connection_whose_peer_went_silent_is_a_timeout(tracer, icmp_router):
+    port = free_port()
+    t = tracer("--connections", "--sink", "jsonl", "-D", str(port))
+    server = subprocess.Popen(["ip", "netns", "exec", icmp_router.router, sys.executable, "-c", SERVER,
+                               str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline() == "listening\n"
+        done = subprocess.run(["ip", "netns", "exec", icmp_router.client, sys.executable, "-c", SILENCED,
+                               str(port), icmp_router.router, icmp_router.router_dev],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        server.kill()
+        server.wait(10)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    cport, errno_ = (int(x) for x in done.stdout.split())
+    assert errno_ == 110, done               # the premise: the application saw ETIMEDOUT
+    (r,) = [r for r in _records(out) if r["lport"] == cport and r["rport"] == port]
+    assert (r["ending"], r["error"], r["last_state"]) == ("timeout", "ETIMEDOUT", "ESTABLISHED"), r
