@@ -12,6 +12,8 @@ import struct
 from array import array
 from typing import Any
 
+# the running kernel's own BTF (CONFIG_DEBUG_INFO_BTF)
+VMLINUX = "/sys/kernel/btf/vmlinux"
 BTF_MAGIC = 0xEB9F
 # kind numbers (include/uapi/linux/btf.h)
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, \
@@ -104,7 +106,7 @@ class BTF:
         return out
 
     @classmethod
-    def from_file(cls, path: str = "/sys/kernel/btf/vmlinux") -> "BTF":
+    def from_file(cls, path: str = VMLINUX) -> "BTF":
         with open(path, "rb") as f:
             return cls(f.read())
 

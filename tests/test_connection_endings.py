@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import dataclasses
 import json
-import os
 import shutil
 import socket
 import struct
@@ -214,14 +213,24 @@ except OSError as exc:
 def test_a_connect_ended_by_an_icmp_error_is_unreachable(tracer, icmp_router):
     port = free_port()
     t = tracer("--connections", "--sink", "jsonl", "-D", str(port))
-    done = subprocess.run(["ip", "netns", "exec", icmp_router.client, sys.executable, "-c", CONNECT, str(port)],
-                          capture_output=True, text=True, timeout=30, env={**os.environ})
+    # the premise: the application saw EHOSTUNREACH from the ICMP error
+    r = _client_record(t, icmp_router.client, CONNECT, [str(port)], port, errno.EHOSTUNREACH)
+    assert r["raddr"] == "10.78.0.5"
+    assert (r["ending"], r["error"], r["last_state"]) == ("unreachable", "EHOSTUNREACH", "SYN_SENT"), r
+
+
+def _client_record(t, netns: str, script: str, args: list[str], port: int, app_errno: int) -> dict:
+    """Run a client script in netns (it prints its local port and the errno
+    it got), stop the tracer and return the client's connection record,
+    after checking the application saw app_errno."""
+    done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", script, *args],
+                          capture_output=True, text=True, timeout=30)
     rc, out, err = t.stop()
     assert rc == 0, err
-    cport, errno_ = (int(x) for x in done.stdout.split())
-    assert errno_ == 113, done               # the premise: EHOSTUNREACH from the ICMP error
-    (r,) = [r for r in _records(out) if r["lport"] == cport and r["raddr"] == "10.78.0.5"]
-    assert (r["ending"], r["error"], r["last_state"]) == ("unreachable", "EHOSTUNREACH", "SYN_SENT"), r
+    cport, seen = (int(x) for x in done.stdout.split())
+    assert seen == app_errno, done
+    (r,) = [r for r in _records(out) if r["lport"] == cport and r["rport"] == port]
+    return r
 
 
 def test_without_btf_the_error_is_not_read_and_says_so(tmp_path):
@@ -324,15 +333,10 @@ def test_an_established_connection_whose_peer_went_silent_is_a_timeout(tracer, i
                                str(port)], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline() == "listening\n"
-        done = subprocess.run(["ip", "netns", "exec", icmp_router.client, sys.executable, "-c", SILENCED,
-                               str(port), icmp_router.router, icmp_router.router_dev],
-                              capture_output=True, text=True, timeout=30)
+        # the premise: the application saw ETIMEDOUT
+        r = _client_record(t, icmp_router.client, SILENCED,
+                           [str(port), icmp_router.router, icmp_router.router_dev], port, errno.ETIMEDOUT)
     finally:
         server.kill()
         server.wait(10)
-    rc, out, err = t.stop()
-    assert rc == 0, err
-    cport, errno_ = (int(x) for x in done.stdout.split())
-    assert errno_ == 110, done               # the premise: the application saw ETIMEDOUT
-    (r,) = [r for r in _records(out) if r["lport"] == cport and r["rport"] == port]
     assert (r["ending"], r["error"], r["last_state"]) == ("timeout", "ETIMEDOUT", "ESTABLISHED"), r

@@ -13,8 +13,8 @@ from tcpstates.speedups import doctor_check as speedup_check
 from tcpstates.plugins.kernel.headers import choose_header_tree
 from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
 from tcpstates.plugins.kernel.decoder import C_DECODER_AVAILABLE
-from tcpstates.plugins.kernel.probe import (BTF_PATH, connection_error_cflags, find_tracefs, kernel_version,
-                                            tracepoint_exists)
+from tcpstates.btf import VMLINUX
+from tcpstates.plugins.kernel.probe import connection_error_cflags, find_tracefs, kernel_version, tracepoint_exists
 
 Row = tuple[str, bool, bool, str]   # name, required, ok, detail / what to do
 
@@ -68,7 +68,7 @@ def _btf() -> Row:
     cflags, why_not = connection_error_cflags()
     if why_not:
         return ("btf", False, False, why_not + "; the owner rows say what the owner loses")
-    return ("btf", False, True, f"{BTF_PATH}: sock.sk_err at byte {cflags[0].rpartition('=')[2]} "
+    return ("btf", False, True, f"{VMLINUX}: sock.sk_err at byte {cflags[0].rpartition('=')[2]} "
             f"(connection records name the error a connection ended with)")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tcpstates.api import AddressRule, ProcessRule
+from tcpstates.btf import VMLINUX
 from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
 from tcpstates.plugins.kernel import pushdown
@@ -39,10 +40,7 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-BTF_PATH = "/sys/kernel/btf/vmlinux"
-
-
-def connection_error_cflags(btf_path: str = BTF_PATH) -> tuple[list[str], str | None]:
+def connection_error_cflags(btf_path: str = VMLINUX) -> tuple[list[str], str | None]:
     """The -D flag that lets a connection record carry its socket's error
     (sock.sk_err at the running kernel's offset), or why it cannot: then a
     connect that did not complete is `failed`, why not unknown."""

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from tcpstates.btf import BTF, BTFError
+from tcpstates.btf import VMLINUX, BTF, BTFError
 from tcpstates.btf import offset_cflags as _offsets
 
 TRACEFS = tuple(filter(None, (os.environ.get("TCPSTATES_TRACEFS"),))) or (
@@ -131,7 +131,7 @@ RAW_IO_FIELDS = {
 }
 
 
-def owner_support(max_sockets: int, btf_path: str = "/sys/kernel/btf/vmlinux",
+def owner_support(max_sockets: int, btf_path: str = VMLINUX,
                   io: bool = True, io_probe: str = "auto", close: bool = True) -> OwnerSupport:
     """The -D flags for this kernel (always at least -DTCPSTATES_OWNER); io:
     the send/recv probes are wanted (owner.kernel_io), where the kernel has them;
