@@ -1,16 +1,50 @@
-"""When a port's sockets are done changing state: the load's true end.
+"""The load's ports: a free one to listen on, and when its sockets are done
+changing state (the load's true end).
 
-Used by the benchmark before it stops its ground-truth counter, and by the
-tests before they stop the tracer.
+Used by the benchmark (its ground-truth counter is stopped once the port has
+settled) and by the tests (before they stop the tracer).
 """
 
 from __future__ import annotations
 
+import random
+import socket
 import time
+from pathlib import Path
 
 # /proc/net/tcp{,6} state codes: a TIME_WAIT socket makes no more state
 # changes, a listener none until its holder closes it
 _SETTLED = ("06", "0A")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    """A port nobody uses now, outside the kernel's ephemeral range: a
+    client's local port can then never equal a port a test listens on, so
+    records filtered by the test's ports are about its own connections only
+    (a client of one listener given the port of another would be counted
+    twice)."""
+    addr = "127.0.0.1" if family == socket.AF_INET else "::1"
+    low, high = _ephemeral_range()
+    # an ephemeral range covering everything leaves no such port: any will do
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high] or range(10000, 65536)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((addr, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found outside the ephemeral range {low}-{high} in 200 tries")
 
 
 def wait_port_settled(port: int, timeout: float = 10.0) -> list[str]:

@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bpfstats  # noqa: E402
 from churn import Churn  # noqa: E402
+from portstate import free_port  # noqa: E402
 from truth import TracepointCounter  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -51,12 +52,6 @@ BCC_TOOL = shutil.which("tcpstates-bpfcc") or "/usr/sbin/tcpstates-bpfcc"
 UNRUNNABLE: set[str] = set()   # optional tracers that failed to start (bcc's own tool)
 # -P: as root, never the working directory's idea of tcpstates (docs/security.md)
 OURS = [sys.executable, "-P", "-m", "tcpstates"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -16,15 +16,7 @@ from pathlib import Path
 
 # one implementation for the tests and the benchmark
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from portstate import wait_port_settled  # noqa: E402,F401
-
-
-def free_port(family: int = socket.AF_INET) -> int:
-    """A port nobody listens on now (bind to 0 and release)."""
-    addr = "127.0.0.1" if family == socket.AF_INET else "::1"
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
+from portstate import free_port, wait_port_settled  # noqa: E402,F401
 
 
 def session(family: int, port: int, hold: float = 0.1, server_delay: float = 0.05,
