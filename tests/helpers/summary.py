@@ -14,6 +14,7 @@ import re
 _HEAD = re.compile(r"^tcpstates: (\d+) events seen, (\d+) kept, written: (.*?); (\d+) dropped, "
                    r"(\d+) kernel misses")
 _COUNTS = re.compile(r"^([\w.-]+) (\d+)$")
+_UNACCOUNTED = re.compile(r"kernel misses, (\d+) unaccounted")
 
 
 @dataclasses.dataclass
@@ -24,6 +25,12 @@ class Summary:
     dropped: int
     kernel_misses: int
     not_written: dict[str, int]
+    unaccounted: int = 0       # hits the independent tracepoint count saw the program miss
+
+    @property
+    def reported_losses(self) -> int:
+        """State changes the tracer says it did not print (host-wide counts)."""
+        return self.dropped + self.kernel_misses + self.unaccounted
 
 
 def _counts(text: str) -> dict[str, int]:
@@ -48,5 +55,22 @@ def parse_summary(stderr: str) -> Summary:
     if "; not written: " in line:
         # always the last part of the line
         not_written = _counts(line.rsplit("; not written: ", 1)[1])
+    unaccounted = _UNACCOUNTED.search(line)
     return Summary(int(m.group(1)), int(m.group(2)), _counts(m.group(3)), int(m.group(4)),
-                   int(m.group(5)), not_written)
+                   int(m.group(5)), not_written, int(unaccounted.group(1)) if unaccounted else 0)
+
+
+def assert_printed_or_reported(printed: int, expected: int, stderr: str) -> None:
+    """Every one of `expected` state changes printed, or its loss reported.
+
+    The kernel, rarely, does not run the program for a hit (issue 15's
+    attach-path loss; a kernel miss when another BPF program runs on that CPU):
+    the tracer then counts it, which is all a tracer can do. A test of a load
+    large enough to meet one holds the tracer to that contract: printed plus
+    reported covers the truth, never more records than changes, a silent loss
+    fails."""
+    s = parse_summary(stderr)
+    missing = expected - printed
+    assert missing >= 0, f"{printed} records for {expected} state changes"
+    assert missing <= s.reported_losses, (
+        f"{missing} of {expected} state changes missing, {s.reported_losses} reported lost:\n{stderr}")
