@@ -164,10 +164,11 @@ class NetnsPair:
 
 @pytest.fixture
 def icmp_router():
-    """Two network namespaces joined by a veth pair: `client` (10.77.0.1)
-    routes 10.78.0.0/24 through `router` (10.77.0.2), which forwards and has
-    an `unreachable` route for it, so a SYN there is answered with an ICMP
-    host unreachable — the only way to get an ICMP error on this machine."""
+    """Two network namespaces joined by a veth pair: `client` (10.77.0.1,
+    fd77::1) routes 10.78.0.0/24 and fd78::/64 through `router` (10.77.0.2,
+    fd77::2), which forwards and has an `unreachable` route for them, so a SYN
+    there is answered with an ICMP host unreachable (ICMPv6 no route) — the
+    only way to get an ICMP error on this machine."""
     if shutil.which("ip") is None:
         pytest.fail("no `ip` command: apt-get install iproute2 (./test.sh installs it)")
     tag = uuid.uuid4().hex[:6]
@@ -179,13 +180,18 @@ def icmp_router():
             "netns", router)
         _ip("-n", client, "addr", "add", "10.77.0.1/24", "dev", f"tc{tag}")
         _ip("-n", router, "addr", "add", "10.77.0.2/24", "dev", f"tr{tag}")
+        # nodad: usable at once, not after duplicate address detection
+        _ip("-n", client, "-6", "addr", "add", "fd77::1/64", "dev", f"tc{tag}", "nodad")
+        _ip("-n", router, "-6", "addr", "add", "fd77::2/64", "dev", f"tr{tag}", "nodad")
         for ns, dev in ((client, f"tc{tag}"), (router, f"tr{tag}")):
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", client, "route", "add", "10.78.0.0/24", "via", "10.77.0.2")
         _ip("-n", router, "route", "add", "unreachable", "10.78.0.0/24")
-        subprocess.run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-                       check=True, capture_output=True, timeout=10)
+        _ip("-n", client, "-6", "route", "add", "fd78::/64", "via", "fd77::2")
+        _ip("-n", router, "-6", "route", "add", "unreachable", "fd78::/64")
+        subprocess.run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+                        "net.ipv6.conf.all.forwarding=1"], check=True, capture_output=True, timeout=10)
         yield NetnsPair(client, router, f"tr{tag}")
     finally:
         for ns in (client, router):
@@ -200,23 +206,29 @@ def icmp_router():
 CONNECT = """
 import signal, socket, sys
 signal.alarm(20)
-c = socket.socket()
+addr = sys.argv[2]
+c = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
 try:
-    c.connect(("10.78.0.5", int(sys.argv[1])))
+    c.connect((addr, int(sys.argv[1])))
 except OSError as exc:
     print(c.getsockname()[1], exc.errno, flush=True)
 """
 
 
+# the router's unreachable route answers IPv4 with "host unreachable" and
+# IPv6 with "no route to destination", which the kernel maps to ENETUNREACH
 @needs_btf
 @pytest.mark.kernel
-def test_a_connect_ended_by_an_icmp_error_is_unreachable(tracer, icmp_router):
+@pytest.mark.parametrize("addr,app_errno", [("10.78.0.5", errno.EHOSTUNREACH),
+                                            ("fd78::5", errno.ENETUNREACH)])
+def test_a_connect_ended_by_an_icmp_error_is_unreachable(tracer, icmp_router, addr, app_errno):
     port = free_port()
     t = tracer("--connections", "--sink", "jsonl", "-D", str(port))
-    # the premise: the application saw EHOSTUNREACH from the ICMP error
-    r = _client_record(t, icmp_router.client, CONNECT, [str(port)], port, errno.EHOSTUNREACH)
-    assert r["raddr"] == "10.78.0.5"
-    assert (r["ending"], r["error"], r["last_state"]) == ("unreachable", "EHOSTUNREACH", "SYN_SENT"), r
+    # the premise: the application saw the ICMP error's errno
+    r = _client_record(t, icmp_router.client, CONNECT, [str(port), addr], port, app_errno)
+    assert r["raddr"] == addr
+    assert (r["ending"], r["error"], r["last_state"]) == (
+        "unreachable", errno.errorcode[app_errno], "SYN_SENT"), r
 
 
 def _client_record(t, netns: str, script: str, args: list[str], port: int, app_errno: int) -> dict:

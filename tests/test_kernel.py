@@ -3,10 +3,10 @@ addresses, durations and in-kernel filters, on loopback ports of our own."""
 
 from __future__ import annotations
 
-import re
 import socket
 
 import pytest
+from summary import lost_reported
 from traffic import by_socket, free_port, parse_csv, refused, session, transitions
 
 pytestmark = pytest.mark.kernel
@@ -44,14 +44,6 @@ def _session_lives(out: str, port: int) -> dict[str, list[dict]]:
     return lives
 
 
-def _lost_reported(err: str) -> bool:
-    """Whether the exit summary reports a transition the tracer did not get."""
-    misses = re.search(r"(\d+) kernel misses", err)
-    assert misses, err
-    unaccounted = re.search(r"(\d+) unaccounted", err)
-    return int(misses.group(1)) + (int(unaccounted.group(1)) if unaccounted else 0) > 0
-
-
 # buffer "perf" is what kernels before 5.8 get: it must be as exact as the ring
 @pytest.mark.parametrize("buffer", ["ring", "perf"])
 @pytest.mark.parametrize("family,addr,ip", [(socket.AF_INET, "127.0.0.1", "4"),
@@ -63,7 +55,7 @@ def test_full_session_sequences_ports_addresses_and_durations(tracer, family, ad
         cport = session(family, port, hold=0.1, server_delay=0.05, listener_delay=0.02)
         rc, out, err = t.stop()
         assert rc == 0, err
-        if not _lost_reported(err):
+        if not lost_reported(err):
             break
         # The kernel can skip the program for a tracepoint hit (issue 15's
         # attach-path loss, rare); the run then says so, which is all a tracer

@@ -14,6 +14,7 @@ import struct
 import threading
 
 import pytest
+from summary import lost_reported
 from traffic import parse_csv
 
 from tcpstates.api import AddressRule, KernelConstraints, ProcessRule, RunContext
@@ -363,14 +364,19 @@ def _pushed(tracer, chain: str, keep, hold: float) -> None:
     exact on a quiet host."""
     import orjson
     from traffic import free_port
-    port, refused_port = free_port(), free_port()
-    ports = f"{port},{refused_port}"
-    reference = tracer("--sink", "jsonl", "-D", ports)
-    t = tracer("--sink", "jsonl", "-D", ports, "-o", chain)
-    _clients(port, 6, hold, refused_port)
-    rc, out, err = t.stop()                      # inside the reference's run
-    rc0, out0, err0 = reference.stop()
-    assert rc == 0 and rc0 == 0, err + err0
+    for _attempt in range(3):
+        port, refused_port = free_port(), free_port()
+        ports = f"{port},{refused_port}"
+        reference = tracer("--sink", "jsonl", "-D", ports)
+        t = tracer("--sink", "jsonl", "-D", ports, "-o", chain)
+        _clients(port, 6, hold, refused_port)
+        rc, out, err = t.stop()                      # inside the reference's run
+        rc0, out0, err0 = reference.stop()
+        assert rc == 0 and rc0 == 0, err + err0
+        if not (lost_reported(err) or lost_reported(err0)):
+            break
+        # a state change the kernel did not run a program for, reported: the
+        # two runs cannot be compared event for event; traffic again
     ours = [orjson.loads(line) for line in out.splitlines()]
     ref = [orjson.loads(line) for line in out0.splitlines()]
     assert {r["type"] for r in ours + ref} == {"state_change"}, "nothing lost, nothing else"
