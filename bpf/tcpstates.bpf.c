@@ -76,6 +76,7 @@
 #define TCPSTATES_IPPROTO_TCP 6
 #define TCPSTATES_AF_INET 2
 #define TCPSTATES_TCP_CLOSE 7
+#define TCPSTATES_TCP_FIN_WAIT2 5
 #define TCPSTATES_TCP_SYN_SENT 2
 #define TCPSTATES_TCP_SYN_RECV 3
 #define TCPSTATES_TCP_LISTEN 10
@@ -387,6 +388,13 @@ static __always_inline int port_allowed(void *map_lookup_result)
  * ICMP error seen meanwhile) or an ICMP error to a connect; a close by its
  * own process leaves it 0. Without the offset the record says "not read". */
 #ifdef TCPSTATES_OFF_SOCK_SK_ERR
+/* A FIN_WAIT2->CLOSE is orderly when the peer's FIN came (tcp_fin sets
+ * SOCK_DONE first) or when the socket's close orphaned it into a FIN_WAIT2
+ * timewait (sock_orphan sets SOCK_DEAD first); with neither, its own side
+ * aborted it (SO_LINGER 0, a close with unread data: a RST sent, sk_err
+ * left 0). enum sock_flags has begun SOCK_DEAD, SOCK_DONE since Linux 2.6;
+ * sock.sk_flags (__sk_common.skc_flags) is read at its BTF offset. */
+#define TCPSTATES_SOCK_DONE_OR_DEAD 3ULL
 /* With it, whether the socket ever sent a segment (tcp_sock.segs_out): a
  * SYN_SENT->CLOSE with no error and nothing sent is a connect that failed
  * inside connect() (no free local port: EADDRNOTAVAIL, or its route gone),
@@ -400,6 +408,13 @@ static __always_inline int port_allowed(void *map_lookup_result)
     if (bpf_probe_read_kernel(&segs_, sizeof(segs_),                     \
             (void *)(sk) + TCPSTATES_OFF_TCP_SOCK_SEGS_OUT) == 0 && segs_ == 0) \
         (r)->error_flags |= TCPSTATES_ERROR_UNSENT;                      \
+    if ((r)->ev.oldstate == TCPSTATES_TCP_FIN_WAIT2) {                   \
+        u64 flags_ = TCPSTATES_SOCK_DONE_OR_DEAD;                        \
+        bpf_probe_read_kernel(&flags_, sizeof(flags_),                   \
+            (void *)(sk) + TCPSTATES_OFF_SOCK_SK_FLAGS);                 \
+        if (!(flags_ & TCPSTATES_SOCK_DONE_OR_DEAD))                     \
+            (r)->error_flags |= TCPSTATES_ERROR_ABORTED;                 \
+    }                                                                    \
     (r)->error = err_;                                                   \
 } while (0)
 #else

@@ -53,6 +53,8 @@ struct tcpstates_event {
 #define TCPSTATES_NSTATES 16      /* state_ns is indexed by state number & 15 */
 #define TCPSTATES_ERROR_READ 1    /* tcpstates_conn_event.error_flags */
 #define TCPSTATES_ERROR_UNSENT 2
+#define TCPSTATES_ERROR_ABORTED 4 /* FIN_WAIT2->CLOSE with neither the peer's FIN
+                                     received nor the socket orphaned by its close */
 
 struct tcpstates_conn_event {
     struct tcpstates_event ev;    /* the ->CLOSE transition; span_ns is the time in
@@ -70,7 +72,9 @@ struct tcpstates_conn_event {
                                      the socket had sent no segment (tcp_sock.segs_out
                                      0), so a connect that closes so ended inside
                                      connect() itself, its error returned to the
-                                     caller and never stored in sk_err */
+                                     caller and never stored in sk_err;
+                                     TCPSTATES_ERROR_ABORTED with it: its own side
+                                     aborted it in FIN_WAIT2 (a RST sent) */
     s32 error;                    /* the socket's sk_err at its ->CLOSE: the errno a
                                      failed connect or an aborted connection
                                      ended with (ECONNREFUSED, ETIMEDOUT, ...), 0 none */

@@ -96,8 +96,9 @@ ENDINGS = ("normal", "refused", "timeout", "unreachable", "reset", "abandoned", 
 # plain int keys: looked up twice per connection record
 # FIN_WAIT1 -> CLOSE is never an orderly close: the ACK of our FIN moves the
 # socket to FIN_WAIT2 first and the peer's FIN to CLOSING; straight to CLOSE is a
-# RST, an abort (SO_LINGER 0 after shutdown, tcp_disconnect) or the retries
-# of an unacknowledged FIN running out
+# RST, an abort (SO_LINGER 0 after shutdown while the FIN is unacknowledged,
+# tcp_disconnect) or the retries of an unacknowledged FIN running out. The same
+# aborts once the FIN is acknowledged leave FIN_WAIT2 (Connection.aborted).
 _ENDINGS_BY_STATE = {int(TcpState.SYN_SENT): "failed", int(TcpState.ESTABLISHED): "reset",
                      int(TcpState.SYN_RECV): "reset", int(TcpState.CLOSE_WAIT): "reset",
                      int(TcpState.FIN_WAIT1): "reset"}
@@ -114,16 +115,20 @@ _ICMP_ERRORS = dict.fromkeys((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOST
 _ABORT_ERRORS = {**_ICMP_ERRORS, **_FATAL_ERRORS}
 _CONNECT_ERRORS = {**_ABORT_ERRORS, errno.ECONNREFUSED: "refused"}
 _SYN_SENT = int(TcpState.SYN_SENT)
+_FIN_WAIT2 = int(TcpState.FIN_WAIT2)
 
 
-def connection_ending(last_state: int, error: int | None = None, unsent: bool = False) -> str:
+def connection_ending(last_state: int, error: int | None = None, unsent: bool = False,
+                      aborted: bool = False) -> str:
     """How a connection that went last_state -> CLOSE ended (ENDINGS above),
     given the socket's error at the close: None when it could not be read,
     0 when there was none. unsent: the socket had sent no segment, so a
     connect that closed without an error failed inside connect() itself (no
     free local port: EADDRNOTAVAIL; the kernel moves it to SYN_SENT before
     choosing the port and back to CLOSE on failure, the errno going to the
-    caller alone) rather than being abandoned by its process."""
+    caller alone) rather than being abandoned by its process. aborted: a
+    FIN_WAIT2->CLOSE that was neither the peer's FIN nor the socket's own
+    close handing it to a FIN_WAIT2 timewait, but an abort by its own side."""
     if error:
         if last_state == _SYN_SENT:
             by_error = _CONNECT_ERRORS.get(error)
@@ -135,6 +140,8 @@ def connection_ending(last_state: int, error: int | None = None, unsent: bool = 
             return by_error
     if error == 0 and last_state == _SYN_SENT:
         return "failed" if unsent else "abandoned"
+    if aborted and last_state == _FIN_WAIT2:
+        return "reset"
     return _ENDINGS_BY_STATE.get(last_state, "normal")
 
 
@@ -159,6 +166,10 @@ class Connection:
     # the socket had sent no segment at its close (tcp_sock.segs_out 0; False
     # when not read): a connect that closed so failed inside connect()
     unsent: bool = False
+    # its own side aborted it in FIN_WAIT2 (SO_LINGER 0, a close with unread
+    # data: a RST sent, no error stored): neither the peer's FIN had come nor
+    # had its close orphaned it (sock.sk_flags; False when not read)
+    aborted: bool = False
 
     @property
     def duration_ns(self) -> int | None:
@@ -167,7 +178,7 @@ class Connection:
 
     @property
     def ending(self) -> str:
-        return connection_ending(self.last_state, self.error, self.unsent) if self.closed else "unknown"
+        return connection_ending(self.last_state, self.error, self.unsent, self.aborted) if self.closed else "unknown"
 
     @property
     def error_name(self) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import dataclasses
 import json
+import select
 import shutil
 import socket
 import struct
@@ -93,6 +94,60 @@ def reset_by_peer(port: int) -> tuple[int, int]:
         cport = client.getsockname()[1]
         client.close()
     return cport, port
+
+
+def half_closed(port: int, end: str) -> int:
+    """A client that shuts down its sending side and, once in FIN_WAIT2 (its
+    FIN acknowledged, the server's end still open), ends as `end` says:
+    "linger0" (SO_LINGER 0 and close: an abort, a RST sent), "unread" (close
+    with the server's answer unread: an abort), "orphan" (a plain close: the
+    kernel keeps it as a FIN_WAIT2 timewait) or "peer_fin" (the server closes
+    first, then the client). Returns the client's port."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", port))
+        srv.listen(1)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = srv.accept()
+        client.shutdown(socket.SHUT_WR)
+        assert accepted.recv(1) == b""                     # the client's FIN is in
+        # the premise: the client is in FIN_WAIT2 (tcp_info's first byte) —
+        # once the server's ACK of the FIN, which may be delayed, is in
+        deadline = time.monotonic() + 5
+        while client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] != 5:
+            assert time.monotonic() < deadline, "the client never reached FIN_WAIT2"
+            time.sleep(0.005)
+        cport = client.getsockname()[1]
+        if end == "linger0":
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        elif end == "unread":
+            accepted.sendall(b"answer")
+            assert select.select([client], [], [], 5)[0], "the answer never arrived"
+        elif end == "peer_fin":
+            accepted.close()
+            client.settimeout(5)
+            assert client.recv(1) == b""                   # the server's FIN is in
+        client.close()
+        accepted.close()
+    return cport
+
+
+@needs_btf
+@pytest.mark.kernel
+def test_an_abort_after_shutdown_is_a_reset_an_orderly_end_normal(tracer):
+    """FIN_WAIT2->CLOSE is an orderly end (the peer's FIN, or the socket's own
+    close) or an abort by its own side, which stores no error: told apart by
+    the socket's flags at the close."""
+    ports = {end: free_port() for end in ("linger0", "unread", "orphan", "peer_fin")}
+    t = tracer("--connections", "--sink", "jsonl", "-D", ",".join(map(str, ports.values())))
+    clients = {end: half_closed(port, end) for end, port in ports.items()}
+    for port in ports.values():
+        wait_port_settled(port, timeout=2.0)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    got = {end: [(r["ending"], r["error"], r["last_state"]) for r in _records(out)
+                 if (r["lport"], r["rport"]) == (clients[end], ports[end])] for end in ports}
+    assert got == {"linger0": [("reset", None, "FIN_WAIT2")], "unread": [("reset", None, "FIN_WAIT2")],
+                   "orphan": [("normal", None, "FIN_WAIT2")], "peer_fin": [("normal", None, "FIN_WAIT2")]}, got
 
 
 @needs_btf
@@ -259,7 +314,7 @@ def test_without_btf_the_error_is_not_read_and_says_so(tmp_path):
     if BTF.exists():
         cflags, why = connection_error_cflags()
         assert why is None and [f.partition("=")[0] for f in cflags] == [
-            "-DTCPSTATES_OFF_SOCK_SK_ERR", "-DTCPSTATES_OFF_TCP_SOCK_SEGS_OUT"]
+            "-DTCPSTATES_OFF_SOCK_SK_ERR", "-DTCPSTATES_OFF_TCP_SOCK_SEGS_OUT", "-DTCPSTATES_OFF_SOCK_SK_FLAGS"]
 
 
 # Ephemeral ports run out (a namespace of its own: its port range is two

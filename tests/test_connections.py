@@ -138,13 +138,14 @@ def test_connection_mode_is_one_program_that_compiles_with_owner_and_perf_buffer
 
 
 def _conn_bytes(states: dict[int, int], first: int = 7, complete: int = 1, old: int = 5,
-                closed: int = 1, error: int | None = 0, unsent: bool = False) -> bytes:
+                closed: int = 1, error: int | None = 0, unsent: bool = False,
+                aborted: bool = False) -> bytes:
     ns = [states.get(i, 0) for i in range(16)]
     return CONN_STRUCT.pack(10_000_000, 0xffff1, states.get(old, 0), 9, 42, 43, 40000, 80, socket.AF_INET,
                             old, 7, socket.inet_aton("127.0.0.1") + bytes(12),
                             socket.inet_aton("10.0.0.2") + bytes(12), b"cu,rl\n", bytes(40),
                             10_000_000 - sum(ns), 10_000_000, *ns, first, complete, closed,
-                            (error is not None) | (2 * unsent), error or 0)
+                            (error is not None) | (2 * unsent) | (4 * aborted), error or 0)
 
 
 def test_decoder_builds_connection_events_and_stops_at_a_foreign_record():
@@ -214,6 +215,25 @@ def test_a_connect_that_sent_nothing_failed_in_connect_rather_than_being_abandon
             c = e.extra[CONNECTION]
             assert (c.error, c.unsent) == want, (use_c, flags_unsent, error)
             assert c.ending == ("failed" if want == (0, True) else "abandoned" if want[0] == 0 else "failed")
+
+
+def test_an_abort_in_fin_wait2_is_a_reset_and_only_with_the_flags_read():
+    """FIN_WAIT2->CLOSE: normal (the peer's FIN, or the socket's close handing
+    it to a FIN_WAIT2 timewait) unless the kernel saw neither (aborted: its
+    own side sent a RST); the flag counts only with the error read (flags 4
+    alone: not read), and in no other state."""
+    assert Connection(0, 1, {}, 0, 5, True, error=0, aborted=True).ending == "reset"
+    assert Connection(0, 1, {}, 0, 5, True, error=0).ending == "normal"
+    assert Connection(0, 1, {}, 0, 9, True, error=0, aborted=True).ending == "normal"
+    # a RST received names itself by its error, aborted or not
+    assert Connection(0, 1, {}, 0, 5, True, error=errno.ECONNRESET).ending == "reset"
+    for aborted, error, want in ((True, 0, (0, True, "reset")), (False, 0, (0, False, "normal")),
+                                 (True, None, (None, False, "normal"))):
+        rec = _conn_bytes({5: 30_000}, old=5, error=error, aborted=aborted)
+        for use_c in (True, False):
+            (e,), _ = decode_conn_block(Decoder(use_c=use_c), struct.pack("<II", CONN_SIZE, 0) + rec)
+            c = e.extra[CONNECTION]
+            assert (c.error, c.aborted, c.ending) == want, (use_c, aborted, error)
 
 
 def _event() -> Event:

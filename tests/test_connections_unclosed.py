@@ -52,23 +52,41 @@ def _about(recs: list[dict], port: int) -> list[dict]:
     return [r for r in recs if r.get("type") == "connection" and port in (r["lport"], r["rport"])]
 
 
+def _losses(err: str) -> tuple[int, int, int]:
+    m = re.search(r"(\d+) dropped, (\d+) kernel misses, (\d+) unaccounted", err)
+    assert m, err
+    dropped, misses, unaccounted = map(int, m.groups())
+    return dropped, misses, unaccounted
+
+
 @pytest.mark.kernel
 @pytest.mark.parametrize("buffer", ["ring", "perf"])
 def test_a_connection_whose_close_was_lost_is_recorded_once_as_unclosed(tracer, buffer):
-    skip_port, churn_port = free_port(), free_port()
-    t = tracer("--connections", "--sink", "jsonl", "-o", f"sources.kernel.buffer={buffer}",
-               env={"TCPSTATES_TEST_SKIP_CLOSE_PORT": str(skip_port)})
-    clients = client_closes_first(skip_port, SKIPPED)
-    # the six sockets are freed; later sockets (listeners and connections)
-    # get their memory back from the kernel, each reuse by a new socket makes
-    # the left entry's record. Bounded in count and time.
-    churned, deadline = 0, time.monotonic() + 30
-    while churned < 5000 and time.monotonic() < deadline:
-        churned += len(client_closes_first(churn_port, 25))
-        if sum(not r["closed"] for r in _about(_complete_records(t.stdout_path), skip_port)) >= 2 * SKIPPED:
+    for _attempt in range(3):
+        skip_port, churn_port = free_port(), free_port()
+        t = tracer("--connections", "--sink", "jsonl", "-o", f"sources.kernel.buffer={buffer}",
+                   env={"TCPSTATES_TEST_SKIP_CLOSE_PORT": str(skip_port)})
+        clients = client_closes_first(skip_port, SKIPPED)
+        # the six sockets are freed; later sockets (listeners and connections)
+        # get their memory back from the kernel, each reuse by a new socket makes
+        # the left entry's record. Bounded in count and time.
+        churned, deadline = 0, time.monotonic() + 30
+        while churned < 5000 and time.monotonic() < deadline:
+            churned += len(client_closes_first(churn_port, 25))
+            if sum(not r["closed"] for r in _about(_complete_records(t.stdout_path), skip_port)) >= 2 * SKIPPED:
+                break
+        rc, out, err = t.stop()
+        assert rc == 0, err
+        dropped, misses, unaccounted = _losses(err)
+        if dropped == misses == 0 and unaccounted == 2 * SKIPPED:
             break
-    rc, out, err = t.stop()
-    assert rc == 0, err
+        # The kernel itself, rarely, skipped the program for another hit (the
+        # loss this test imitates), counted host-wide: this run cannot be held
+        # to exact counts. Traffic again.
+    # the summary: exactly the six lost state changes (unaccounted) and the
+    # records made for them, named apart
+    assert (dropped, misses, unaccounted) == (0, 0, 2 * SKIPPED), err
+    assert f"; {2 * SKIPPED} connections with close unseen" in err, err
     recs = [json.loads(line) for line in out.splitlines() if line.strip()]
     for r in recs:
         jsonschema.validate(r, SCHEMA)
@@ -94,40 +112,21 @@ def test_a_connection_whose_close_was_lost_is_recorded_once_as_unclosed(tracer, 
     for r in server_side:
         assert r["first_state"] == "LISTEN" and r["last_state"] == "LAST_ACK", r
         assert set(r["states_us"]) == {"SYN_RECV", "ESTABLISHED", "CLOSE_WAIT"}, r
-    # the summary: the lost state changes (unaccounted, at least the six) and
-    # the records made for them, named apart
-    m = re.search(r"(\d+) dropped, (\d+) kernel misses, (\d+) unaccounted", err)
-    assert m, err
-    dropped, misses, unaccounted = map(int, m.groups())
-    assert unaccounted >= 2 * SKIPPED, err
-    # the connections of the churn: each exactly once, closed normally. The
-    # kernel may itself, rarely, skip the program for one of their ->CLOSE
-    # (the loss this test imitates, a kernel miss or an unaccounted hit): such
-    # a record must be marked unclosed exactly like the six, and the loss be
-    # among the reported ones.
+    # the connections whose close was seen: closed normally, each exactly once
     churn = _about(recs, churn_port)
-    really_lost = [r for r in churn if not r["closed"]]
-    assert all(r["ending"] == "unknown" and r["duration_us"] is None for r in really_lost), really_lost
-    assert len(really_lost) <= misses + unaccounted - 2 * SKIPPED, (really_lost, err)
-    odd = [r for r in churn if r["closed"] and not (r["ending"] == "normal" and r["duration_us"] is not None)]
+    odd = [r for r in churn if not (r["closed"] and r["ending"] == "normal" and r["duration_us"] is not None)]
     assert not odd, (odd, err)
-    # one whose memory no later socket took before the stop makes no record
-    # (docs/events.md); it too must be among the reported losses
-    unrecorded = 2 * churned - len(churn)
-    assert 0 <= unrecorded <= misses + unaccounted - 2 * SKIPPED - len(really_lost), (unrecorded, err)
+    assert len(churn) == 2 * churned
     assert "last_change_time" not in churn[0]
-    assert f"; {2 * SKIPPED + len(really_lost)} connections with close unseen" in err, err
     # the benchmark's check: every connection's record printed or explained,
     # an unclosed record never counted a second time as missing
     path = t.stdout_path
     printed = sum(1 for r in recs if r.get("type") == "connection" and {r["lport"], r["rport"]}
                   & {skip_port, churn_port})
-    assert count_unclosed(path, skip_port) == 2 * SKIPPED
-    assert count_unclosed(path, churn_port) == len(really_lost)
+    assert count_unclosed(path, skip_port) == 2 * SKIPPED and count_unclosed(path, churn_port) == 0
     expected = 2 * (SKIPPED + churned)
-    assert expected - printed - dropped == unrecorded
-    assert conn_unaccounted(expected - printed - dropped, misses + unaccounted,
-                            2 * SKIPPED + len(really_lost)) == 0
+    assert expected - printed - dropped == 0
+    assert conn_unaccounted(expected - printed - dropped, misses + unaccounted, 2 * SKIPPED) == 0
 
 
 def test_bench_does_not_count_a_lost_close_twice():

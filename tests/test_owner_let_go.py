@@ -262,4 +262,5 @@ def test_socket_from_before_tracing_handed_on_is_not_named_after_its_first_holde
     # S held it at the start, and no longer at the FIN: not named (who holds it is not known)
     assert (fins[0]["owner_pid"], fins[0]["owner_source"]) == (None, "unknown"), (holder, fins[0])
     closes = [r for r in recs if (r["oldstate"], r["newstate"]) == ("CLOSE_WAIT", "LAST_ACK")]
-    assert [r["owner_pid"] for r in closes] == [int(worker[1])], closes
+    assert [r["owner_pid"] for r in closes] == [int(worker[1])], (
+        holder, worker, [(r["owner_pid"], r["owner_source"], r["pid"], r["comm"]) for r in closes])

@@ -207,7 +207,7 @@ static PyObject *decode_one(const unsigned char *p, PyObject *caches[3], PyObjec
 #define CONN_SIZE (OFF_FIRST + 8)
 
 /* Connection(start_ns, end_ns, state_ns, first_state, last_state, complete,
- * closed, last_ns, error, unsent) of the record at p (past its header), as conndecoder.py
+ * closed, last_ns, error, unsent, aborted) of the record at p (past its header), as conndecoder.py
  * builds it: state_ns holds the states with a non-zero time only. */
 static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_type) {
     PyObject *spent = PyDict_New();
@@ -224,8 +224,9 @@ static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_typ
     int closed = p[OFF_FIRST + 2] != 0;
     int32_t error;
     memcpy(&error, p + OFF_ERROR, sizeof(error));
-    int flags = p[OFF_FIRST + 3];   /* 1: error read; 2 with it: nothing sent (tcpstates.h) */
-    PyObject *args[10] = {
+    /* 1: error read; 2 with it: nothing sent; 4 with it: aborted in FIN_WAIT2 (tcpstates.h) */
+    int flags = p[OFF_FIRST + 3];
+    PyObject *args[11] = {
         PyLong_FromUnsignedLongLong(u64(p + OFF_START)),
         closed ? PyLong_FromUnsignedLongLong(u64(p + OFF_TS)) : Py_NewRef(Py_None),
         spent,
@@ -236,12 +237,13 @@ static PyObject *connection_of_record(const unsigned char *p, PyObject *conn_typ
         PyLong_FromUnsignedLongLong(u64(p + OFF_LAST)),
         (flags & 1) ? PyLong_FromLong(error) : Py_NewRef(Py_None),
         PyBool_FromLong((flags & 3) == 3),
+        PyBool_FromLong((flags & 5) == 5),
     };
     PyObject *conn = NULL;
     int ok = 1;
-    for (int i = 0; i < 10; i++) ok &= args[i] != NULL;
-    if (ok) conn = PyObject_Vectorcall(conn_type, args, 10, NULL);
-    for (int i = 0; i < 10; i++) Py_XDECREF(args[i]);
+    for (int i = 0; i < 11; i++) ok &= args[i] != NULL;
+    if (ok) conn = PyObject_Vectorcall(conn_type, args, 11, NULL);
+    for (int i = 0; i < 11; i++) Py_XDECREF(args[i]);
     return conn;
 }
 

@@ -24,8 +24,8 @@ from tcpstates.events import CONNECTION, Connection, Event
 from tcpstates.plugins.kernel.decoder import EVENT_STRUCT, KERNEL_OWNER, NO_OWNER, SPAN_UNKNOWN, Decoder, _c_decode
 
 NSTATES = 16
-# error_flags (bpf/tcpstates.h): TCPSTATES_ERROR_READ, and with it _UNSENT
-_READ, _READ_UNSENT = 1, 3
+# error_flags (bpf/tcpstates.h): TCPSTATES_ERROR_READ, and with it _UNSENT, _ABORTED
+_READ, _READ_UNSENT, _READ_ABORTED = 1, 3, 5
 CONN_STRUCT = struct.Struct("<" + EVENT_STRUCT.format[1:] + "QQ%dQBBBBi" % NSTATES)
 CONN_SIZE = CONN_STRUCT.size
 CONN_RING_RECORD = struct.Struct("<II" + CONN_STRUCT.format[1:])
@@ -56,7 +56,7 @@ def _events(dec: Decoder, records: Iterable[tuple[Any, ...]], skip: int) -> list
             start, ts if closed else None,
             dict(filter(_SPENT, zip(_STATE_NUMBERS, rec[skip + 17:first_state]))),
             first, old, bool(complete), bool(closed), last, error if error_flags & _READ else None,
-            error_flags & _READ_UNSENT == _READ_UNSENT)}
+            error_flags & _READ_UNSENT == _READ_UNSENT, error_flags & _READ_ABORTED == _READ_ABORTED)}
         if owner != NO_OWNER:
             extra[KERNEL_OWNER] = owner
         append(Event(ts, sk, None if span == SPAN_UNKNOWN else span, pid, tid, comm(rawcomm), fam,

@@ -47,9 +47,11 @@ def connection_error_cflags(btf_path: str = VMLINUX) -> tuple[list[str], str | N
     from tcpstates.btf import BTF, BTFError, offset_cflags
     try:
         # segs_out: whether a connect's SYN ever left (events.connection_ending)
+        # sk_flags: whether a FIN_WAIT2->CLOSE was orderly (bpf/tcpstates.bpf.c)
         return offset_cflags(BTF.from_file(btf_path), {"SOCK_SK_ERR": ("sock", "sk_err"),
-                                                       "TCP_SOCK_SEGS_OUT": ("tcp_sock", "segs_out")},
-                             {"SOCK_SK_ERR": 4, "TCP_SOCK_SEGS_OUT": 4}), None
+                                                       "TCP_SOCK_SEGS_OUT": ("tcp_sock", "segs_out"),
+                                                       "SOCK_SK_FLAGS": ("sock", "__sk_common.skc_flags")},
+                             {"SOCK_SK_ERR": 4, "TCP_SOCK_SEGS_OUT": 4, "SOCK_SK_FLAGS": 8}), None
     except (OSError, BTFError) as exc:
         return [], (f"no sock.sk_err offset from the kernel's BTF ({btf_path}: {exc}): connection "
                     f"records cannot tell refused, timed-out, unreachable and abandoned connects "

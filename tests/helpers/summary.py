@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _HEAD = re.compile(r"^tcpstates: (\d+) events seen, (\d+) kept, written: (.*?); (\d+) dropped, "
                    r"(\d+) kernel misses")
@@ -67,17 +71,18 @@ def lost_reported(stderr: str) -> bool:
     return parse_summary(stderr).reported_losses > 0
 
 
-def assert_printed_or_reported(printed: int, expected: int, stderr: str) -> None:
-    """Every one of `expected` state changes printed, or its loss reported.
+def until_no_reported_loss(run: Callable[[int], tuple[T, str]], attempts: int = 3) -> tuple[T, str]:
+    """run(attempt) -> (result, stderr), repeated while its exit summary reports
+    a lost state change, at most `attempts` times; returns the last.
 
     The kernel, rarely, does not run the program for a hit (issue 15's
-    attach-path loss; a kernel miss when another BPF program runs on that CPU):
-    the tracer then counts it, which is all a tracer can do. A test of a load
-    large enough to meet one holds the tracer to that contract: printed plus
-    reported covers the truth, never more records than changes, a silent loss
-    fails."""
-    s = parse_summary(stderr)
-    missing = expected - printed
-    assert missing >= 0, f"{printed} records for {expected} state changes"
-    assert missing <= s.reported_losses, (
-        f"{missing} of {expected} state changes missing, {s.reported_losses} reported lost:\n{stderr}")
+    attach-path loss; a kernel miss when another BPF program runs on that
+    CPU): the tracer counts it, which is all a tracer can do, but host-wide
+    and in state changes, so a test cannot tell its own losses from others.
+    A test of a load large enough to meet one runs again and holds the run it
+    keeps to exactness: a silent loss still fails."""
+    for attempt in range(attempts):
+        result, stderr = run(attempt)
+        if not lost_reported(stderr):
+            break
+    return result, stderr
