@@ -7,6 +7,7 @@ settled) and by the tests (before they stop the tracer).
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -25,6 +26,13 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def _unprivileged_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
 def free_port(family: int = socket.AF_INET) -> int:
     """A port nobody uses now, outside the kernel's ephemeral range: a
     client's local port can then never equal a port a test listens on, so
@@ -33,8 +41,16 @@ def free_port(family: int = socket.AF_INET) -> int:
     twice)."""
     addr = "127.0.0.1" if family == socket.AF_INET else "::1"
     low, high = _ephemeral_range()
-    # an ephemeral range covering everything leaves no such port: any will do
-    candidates = [p for p in range(10000, 65536) if not low <= p <= high] or range(10000, 65536)
+    # above the well-known services first; a wide range (`1024 65535` is a
+    # common tuning) leaves none there: then below 10000, as low as the kernel
+    # lets us bind (it refuses a range starting below ip_unprivileged_port_start,
+    # so no port under that is ever ephemeral; binding one needs root)
+    lowest = 512 if os.geteuid() == 0 else _unprivileged_start()
+    candidates = ([p for p in range(10000, 65536) if not low <= p <= high]
+                  or [p for p in range(lowest, 10000) if not low <= p <= high])
+    if not candidates:
+        raise RuntimeError(f"every port from {lowest} up is in the ephemeral range {low}-{high}: "
+                           f"no port to listen on that a client cannot be given (run as root)")
     rng = random.Random()
     for _ in range(200):
         port = rng.choice(candidates)
