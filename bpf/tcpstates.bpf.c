@@ -36,6 +36,8 @@
  *                             offset from the running kernel's BTF: a record
  *                             carries the error the socket ended with; with
  *   TCPSTATES_OFF_TCP_SOCK_SEGS_OUT  tcp_sock.segs_out's: whether it sent anything
+ *   TCPSTATES_OFF_SOCK_SK_FLAGS  (optional with them) sock.sk_flags': whether a
+ *                             FIN_WAIT2->CLOSE was an abort by its own side
  *   TCPSTATES_FILTER_LADDR / _RADDR  consult the laddr_rules / raddr_rules LPM
  *                             tries (value: their entry count), with the rule masks
  *                             TCPSTATES_ADDR_{LKEEP,RKEEP,LDROP,RDROP,DROP}
@@ -393,8 +395,23 @@ static __always_inline int port_allowed(void *map_lookup_result)
  * timewait (sock_orphan sets SOCK_DEAD first); with neither, its own side
  * aborted it (SO_LINGER 0, a close with unread data: a RST sent, sk_err
  * left 0). enum sock_flags has begun SOCK_DEAD, SOCK_DONE since Linux 2.6;
- * sock.sk_flags (__sk_common.skc_flags) is read at its BTF offset. */
+ * sock.sk_flags (__sk_common.skc_flags on newer kernels) is read at its
+ * BTF offset; without it (-DTCPSTATES_OFF_SOCK_SK_FLAGS) such an abort stays
+ * "normal". */
+#ifdef TCPSTATES_OFF_SOCK_SK_FLAGS
 #define TCPSTATES_SOCK_DONE_OR_DEAD 3ULL
+#define CONN_ABORTED(r, sk) do {                                         \
+    if ((r)->ev.oldstate == TCPSTATES_TCP_FIN_WAIT2) {                   \
+        u64 flags_ = TCPSTATES_SOCK_DONE_OR_DEAD;                        \
+        bpf_probe_read_kernel(&flags_, sizeof(flags_),                   \
+            (void *)(sk) + TCPSTATES_OFF_SOCK_SK_FLAGS);                 \
+        if (!(flags_ & TCPSTATES_SOCK_DONE_OR_DEAD))                     \
+            (r)->error_flags |= TCPSTATES_ERROR_ABORTED;                 \
+    }                                                                    \
+} while (0)
+#else
+#define CONN_ABORTED(r, sk) do { } while (0)
+#endif
 /* With it, whether the socket ever sent a segment (tcp_sock.segs_out): a
  * SYN_SENT->CLOSE with no error and nothing sent is a connect that failed
  * inside connect() (no free local port: EADDRNOTAVAIL, or its route gone),
@@ -408,13 +425,7 @@ static __always_inline int port_allowed(void *map_lookup_result)
     if (bpf_probe_read_kernel(&segs_, sizeof(segs_),                     \
             (void *)(sk) + TCPSTATES_OFF_TCP_SOCK_SEGS_OUT) == 0 && segs_ == 0) \
         (r)->error_flags |= TCPSTATES_ERROR_UNSENT;                      \
-    if ((r)->ev.oldstate == TCPSTATES_TCP_FIN_WAIT2) {                   \
-        u64 flags_ = TCPSTATES_SOCK_DONE_OR_DEAD;                        \
-        bpf_probe_read_kernel(&flags_, sizeof(flags_),                   \
-            (void *)(sk) + TCPSTATES_OFF_SOCK_SK_FLAGS);                 \
-        if (!(flags_ & TCPSTATES_SOCK_DONE_OR_DEAD))                     \
-            (r)->error_flags |= TCPSTATES_ERROR_ABORTED;                 \
-    }                                                                    \
+    CONN_ABORTED(r, sk);                                                 \
     (r)->error = err_;                                                   \
 } while (0)
 #else

@@ -317,6 +317,27 @@ def test_without_btf_the_error_is_not_read_and_says_so(tmp_path):
             "-DTCPSTATES_OFF_SOCK_SK_ERR", "-DTCPSTATES_OFF_TCP_SOCK_SEGS_OUT", "-DTCPSTATES_OFF_SOCK_SK_FLAGS"]
 
 
+@needs_btf
+def test_a_kernel_without_sk_flags_still_reads_the_error(monkeypatch):
+    """A kernel whose BTF names no sock.sk_flags (an older layout than this
+    machine's, which cannot exist here: the member lookup is made to fail for
+    it alone) keeps sk_err and segs_out; only the FIN_WAIT2 abort goes."""
+    from tcpstates.btf import BTF as Btf
+    from tcpstates.btf import BTFError
+    from tcpstates.plugins.kernel.probe import connection_error_cflags
+    member = Btf.member
+
+    def no_flags(self, struct_name: str, path: str):
+        if path.endswith("flags"):
+            raise BTFError(f"struct {struct_name} has no member {path!r}")
+        return member(self, struct_name, path)
+
+    monkeypatch.setattr(Btf, "member", no_flags)
+    cflags, why = connection_error_cflags()
+    assert why is None and [f.partition("=")[0] for f in cflags] == [
+        "-DTCPSTATES_OFF_SOCK_SK_ERR", "-DTCPSTATES_OFF_TCP_SOCK_SEGS_OUT"]
+
+
 # Ephemeral ports run out (a namespace of its own: its port range is two
 # ports, both held): connect() fails with EADDRNOTAVAIL inside the kernel's
 # own connect, after it moved the socket to SYN_SENT and before any SYN. The

@@ -46,16 +46,24 @@ def connection_error_cflags(btf_path: str = VMLINUX) -> tuple[list[str], str | N
     connect that did not complete is `failed`, why not unknown."""
     from tcpstates.btf import BTF, BTFError, offset_cflags
     try:
+        btf = BTF.from_file(btf_path)
         # segs_out: whether a connect's SYN ever left (events.connection_ending)
-        # sk_flags: whether a FIN_WAIT2->CLOSE was orderly (bpf/tcpstates.bpf.c)
-        return offset_cflags(BTF.from_file(btf_path), {"SOCK_SK_ERR": ("sock", "sk_err"),
-                                                       "TCP_SOCK_SEGS_OUT": ("tcp_sock", "segs_out"),
-                                                       "SOCK_SK_FLAGS": ("sock", "__sk_common.skc_flags")},
-                             {"SOCK_SK_ERR": 4, "TCP_SOCK_SEGS_OUT": 4, "SOCK_SK_FLAGS": 8}), None
+        cflags = offset_cflags(btf, {"SOCK_SK_ERR": ("sock", "sk_err"),
+                                     "TCP_SOCK_SEGS_OUT": ("tcp_sock", "segs_out")},
+                               {"SOCK_SK_ERR": 4, "TCP_SOCK_SEGS_OUT": 4})
     except (OSError, BTFError) as exc:
         return [], (f"no sock.sk_err offset from the kernel's BTF ({btf_path}: {exc}): connection "
                     f"records cannot tell refused, timed-out, unreachable and abandoned connects "
                     f"apart (`failed`) nor a timeout from a reset")
+    # sk_flags: whether a FIN_WAIT2->CLOSE was orderly (bpf/tcpstates.bpf.c).
+    # Newer kernels keep it in sock_common (skc_flags, sk_flags a macro);
+    # without it an abort in FIN_WAIT2 stays `normal`, as before it was read
+    for path in ("__sk_common.skc_flags", "sk_flags"):
+        try:
+            return cflags + offset_cflags(btf, {"SOCK_SK_FLAGS": ("sock", path)}, {"SOCK_SK_FLAGS": 8}), None
+        except BTFError:
+            continue
+    return cflags, None
 
 
 def has_ring_buffer() -> bool:
