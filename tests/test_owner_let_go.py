@@ -212,7 +212,8 @@ if mode == "scm" and os.fork() == 0:
     c.close(); ls.close()               # only the main process holds the client side
     _, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(4))
     worker(socket.socket(fileno=array.array("i", anc[0][2])[0]))
-if os.fork() == 0:
+spid = os.fork()
+if spid == 0:
     c.close()
     s, _ = ls.accept(); ls.close()
     say("S", os.getpid())
@@ -226,6 +227,11 @@ if os.fork() == 0:
     os.write(done_w, b"d"); os.read(go_r, 1); os._exit(0)
 ls.close()
 os.read(done_r, 1)
+if mode == "fork":
+    # S's exit closes its files only after its write: until it is reaped, it
+    # may still hold the socket, and W's close would not be the last one
+    # (S's exit would then close it, rightly named as the closer)
+    os.waitpid(spid, 0)
 say("handed")
 os.read(0, 4)                           # "fin"
 c.close()
