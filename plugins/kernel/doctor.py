@@ -68,8 +68,10 @@ def _btf() -> Row:
     cflags, why_not = connection_error_cflags()
     if why_not:
         return ("btf", False, False, why_not + "; the owner rows say what the owner loses")
+    flags = "" if any("SK_FLAGS" in f for f in cflags) else (
+        "; no sock.sk_flags: an abort after shutdown (FIN_WAIT2) reads as `normal`")
     return ("btf", False, True, f"{VMLINUX}: sock.sk_err at byte {cflags[0].rpartition('=')[2]} "
-            f"(connection records name the error a connection ended with)")
+            f"(connection records name the error a connection ended with){flags}")
 
 
 def _bcc() -> Row:
