@@ -18,7 +18,6 @@ later sockets, the ftrace count reporting the lost hits.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from metricspage import metrics_page
+from summary import parse_summary
 from traffic import client_closes_first, free_port
 
 from tcpstates.api import RunContext
@@ -52,13 +52,6 @@ def _about(recs: list[dict], port: int) -> list[dict]:
     return [r for r in recs if r.get("type") == "connection" and port in (r["lport"], r["rport"])]
 
 
-def _losses(err: str) -> tuple[int, int, int]:
-    m = re.search(r"(\d+) dropped, (\d+) kernel misses, (\d+) unaccounted", err)
-    assert m, err
-    dropped, misses, unaccounted = map(int, m.groups())
-    return dropped, misses, unaccounted
-
-
 @pytest.mark.kernel
 @pytest.mark.parametrize("buffer", ["ring", "perf"])
 def test_a_connection_whose_close_was_lost_is_recorded_once_as_unclosed(tracer, buffer):
@@ -77,7 +70,8 @@ def test_a_connection_whose_close_was_lost_is_recorded_once_as_unclosed(tracer, 
                 break
         rc, out, err = t.stop()
         assert rc == 0, err
-        dropped, misses, unaccounted = _losses(err)
+        summary = parse_summary(err)
+        dropped, misses, unaccounted = summary.dropped, summary.kernel_misses, summary.unaccounted
         if dropped == misses == 0 and unaccounted == 2 * SKIPPED:
             break
         # The kernel itself, rarely, skipped the program for another hit (the
