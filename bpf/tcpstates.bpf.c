@@ -38,6 +38,8 @@
  *   TCPSTATES_OFF_TCP_SOCK_SEGS_OUT  tcp_sock.segs_out's: whether it sent anything
  *   TCPSTATES_OFF_SOCK_SK_FLAGS  (optional with them) sock.sk_flags': whether a
  *                             FIN_WAIT2->CLOSE was an abort by its own side
+ *   TCPSTATES_OFF_TCP_SOCK_LINGER2  (optional with that) tcp_sock.linger2's:
+ *                             whether an orphan's FIN_WAIT2->CLOSE was an abort
  *   TCPSTATES_FILTER_LADDR / _RADDR  consult the laddr_rules / raddr_rules LPM
  *                             tries (value: their entry count), with the rule masks
  *                             TCPSTATES_ADDR_{LKEEP,RKEEP,LDROP,RDROP,DROP}
@@ -394,18 +396,34 @@ static __always_inline int port_allowed(void *map_lookup_result)
  * SOCK_DONE first) or when the socket's close orphaned it into a FIN_WAIT2
  * timewait (sock_orphan sets SOCK_DEAD first); with neither, its own side
  * aborted it (SO_LINGER 0, a close with unread data: a RST sent, sk_err
- * left 0). enum sock_flags has begun SOCK_DEAD, SOCK_DONE since Linux 2.6;
- * sock.sk_flags (__sk_common.skc_flags on newer kernels) is read at its
- * BTF offset; without it (-DTCPSTATES_OFF_SOCK_SK_FLAGS) such an abort stays
- * "normal". */
+ * left 0). An orphan with TCP_LINGER2 < 0 (tcp_sock.linger2 -1) gets no
+ * timewait: the kernel aborts it (a RST sent), at its close in FIN_WAIT2 or
+ * when the ACK of its FIN moves it there. enum sock_flags has begun
+ * SOCK_DEAD, SOCK_DONE since Linux 2.6; sock.sk_flags (__sk_common.skc_flags
+ * on newer kernels) and tcp_sock.linger2 are read at their BTF offsets;
+ * without the flags (-DTCPSTATES_OFF_SOCK_SK_FLAGS) such an abort stays
+ * "normal", without linger2 (-DTCPSTATES_OFF_TCP_SOCK_LINGER2) an orphan's.
+ * Still "normal": an orphan aborted for too many orphans or for data after
+ * its close (rare; nothing at the tracepoint tells them from a timewait). */
 #ifdef TCPSTATES_OFF_SOCK_SK_FLAGS
-#define TCPSTATES_SOCK_DONE_OR_DEAD 3ULL
+#define TCPSTATES_SOCK_DEAD 1ULL
+#define TCPSTATES_SOCK_DONE 2ULL
+#ifdef TCPSTATES_OFF_TCP_SOCK_LINGER2
+#define CONN_LINGER2(sk, linger2_)                                       \
+    bpf_probe_read_kernel(&(linger2_), sizeof(linger2_),                 \
+        (void *)(sk) + TCPSTATES_OFF_TCP_SOCK_LINGER2)
+#else
+#define CONN_LINGER2(sk, linger2_) do { } while (0)
+#endif
 #define CONN_ABORTED(r, sk) do {                                         \
     if ((r)->ev.oldstate == TCPSTATES_TCP_FIN_WAIT2) {                   \
-        u64 flags_ = TCPSTATES_SOCK_DONE_OR_DEAD;                        \
+        u64 flags_ = TCPSTATES_SOCK_DONE | TCPSTATES_SOCK_DEAD;          \
+        int linger2_ = 0;                                                \
         bpf_probe_read_kernel(&flags_, sizeof(flags_),                   \
             (void *)(sk) + TCPSTATES_OFF_SOCK_SK_FLAGS);                 \
-        if (!(flags_ & TCPSTATES_SOCK_DONE_OR_DEAD))                     \
+        CONN_LINGER2(sk, linger2_);                                      \
+        if (!(flags_ & TCPSTATES_SOCK_DONE) &&                           \
+                (!(flags_ & TCPSTATES_SOCK_DEAD) || linger2_ < 0))       \
             (r)->error_flags |= TCPSTATES_ERROR_ABORTED;                 \
     }                                                                    \
 } while (0)

@@ -100,7 +100,9 @@ def half_closed(port: int, end: str) -> int:
     """A client that shuts down its sending side and, once in FIN_WAIT2 (its
     FIN acknowledged, the server's end still open), ends as `end` says:
     "linger0" (SO_LINGER 0 and close: an abort, a RST sent), "unread" (close
-    with the server's answer unread: an abort), "orphan" (a plain close: the
+    with the server's answer unread: an abort), "linger2" (TCP_LINGER2 -1 and
+    close: the kernel orphans it, then aborts it, a RST sent, instead of
+    keeping a FIN_WAIT2 timewait), "orphan" (a plain close: the
     kernel keeps it as a FIN_WAIT2 timewait) or "peer_fin" (the server closes
     first, then the client). Returns the client's port."""
     with socket.socket() as srv:
@@ -119,6 +121,8 @@ def half_closed(port: int, end: str) -> int:
         cport = client.getsockname()[1]
         if end == "linger0":
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        elif end == "linger2":
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, -1)
         elif end == "unread":
             accepted.sendall(b"answer")
             assert select.select([client], [], [], 5)[0], "the answer never arrived"
@@ -127,6 +131,12 @@ def half_closed(port: int, end: str) -> int:
             client.settimeout(5)
             assert client.recv(1) == b""                   # the server's FIN is in
         client.close()
+        if end == "linger2":
+            # the premise: it was an abort (the server's CLOSE_WAIT ends, by the RST)
+            deadline = time.monotonic() + 5
+            while accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] != 7:
+                assert time.monotonic() < deadline, "no RST from the TCP_LINGER2 -1 close"
+                time.sleep(0.005)
         accepted.close()
     return cport
 
@@ -137,7 +147,7 @@ def test_an_abort_after_shutdown_is_a_reset_an_orderly_end_normal(tracer):
     """FIN_WAIT2->CLOSE is an orderly end (the peer's FIN, or the socket's own
     close) or an abort by its own side, which stores no error: told apart by
     the socket's flags at the close."""
-    ports = {end: free_port() for end in ("linger0", "unread", "orphan", "peer_fin")}
+    ports = {end: free_port() for end in ("linger0", "unread", "linger2", "orphan", "peer_fin")}
     t = tracer("--connections", "--sink", "jsonl", "-D", ",".join(map(str, ports.values())))
     clients = {end: half_closed(port, end) for end, port in ports.items()}
     for port in ports.values():
@@ -147,7 +157,7 @@ def test_an_abort_after_shutdown_is_a_reset_an_orderly_end_normal(tracer):
     got = {end: [(r["ending"], r["error"], r["last_state"]) for r in _records(out)
                  if (r["lport"], r["rport"]) == (clients[end], ports[end])] for end in ports}
     assert got == {"linger0": [("reset", None, "FIN_WAIT2")], "unread": [("reset", None, "FIN_WAIT2")],
-                   "orphan": [("normal", None, "FIN_WAIT2")], "peer_fin": [("normal", None, "FIN_WAIT2")]}, got
+                   "linger2": [("reset", None, "FIN_WAIT2")], "orphan": [("normal", None, "FIN_WAIT2")], "peer_fin": [("normal", None, "FIN_WAIT2")]}, got
 
 
 @needs_btf
@@ -314,7 +324,8 @@ def test_without_btf_the_error_is_not_read_and_says_so(tmp_path):
     if BTF.exists():
         cflags, why = connection_error_cflags()
         assert why is None and [f.partition("=")[0] for f in cflags] == [
-            "-DTCPSTATES_OFF_SOCK_SK_ERR", "-DTCPSTATES_OFF_TCP_SOCK_SEGS_OUT", "-DTCPSTATES_OFF_SOCK_SK_FLAGS"]
+            "-DTCPSTATES_OFF_SOCK_SK_ERR", "-DTCPSTATES_OFF_TCP_SOCK_SEGS_OUT", "-DTCPSTATES_OFF_SOCK_SK_FLAGS",
+            "-DTCPSTATES_OFF_TCP_SOCK_LINGER2"]
 
 
 @needs_btf

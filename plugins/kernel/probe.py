@@ -60,10 +60,19 @@ def connection_error_cflags(btf_path: str = VMLINUX) -> tuple[list[str], str | N
     # without it an abort in FIN_WAIT2 stays `normal`, as before it was read
     for path in ("__sk_common.skc_flags", "sk_flags"):
         try:
-            return cflags + offset_cflags(btf, {"SOCK_SK_FLAGS": ("sock", path)}, {"SOCK_SK_FLAGS": 8}), None
+            cflags = cflags + offset_cflags(btf, {"SOCK_SK_FLAGS": ("sock", path)}, {"SOCK_SK_FLAGS": 8})
+            break
         except BTFError:
             continue
-    return cflags, None
+    else:
+        return cflags, None
+    # linger2 (TCP_LINGER2, -1: no FIN_WAIT2 timewait): whether an orphan's
+    # FIN_WAIT2->CLOSE was the kernel's abort; without it that stays `normal`
+    try:
+        return cflags + offset_cflags(btf, {"TCP_SOCK_LINGER2": ("tcp_sock", "linger2")},
+                                      {"TCP_SOCK_LINGER2": 4}), None
+    except BTFError:
+        return cflags, None
 
 
 def has_ring_buffer() -> bool:
