@@ -4,8 +4,9 @@
  * bcc dialect. Reads nothing but the fields of the sock:inet_sock_set_state
  * tracepoint and BPF helpers, so the header tree it is compiled against need
  * not match the running kernel (no kernel struct layouts from headers: the
- * few kernel members read, by the owner probes and a connection's sk_err,
- * are at offsets taken from the running kernel's BTF, passed as -D flags).
+ * few kernel members read — by the raw-tracepoint form for the tracepoint's
+ * own fields, by the owner probes and for a connection's sk_err — are at
+ * offsets taken from the running kernel's BTF, passed as -D flags).
  *
  * Licence: GPL-2.0-only OR Apache-2.0 (LICENSES/GPL-2.0-only.txt, LICENSE).
  * bcc loads it declaring "GPL", which the kernel requires for the helpers
@@ -52,6 +53,16 @@
  *                             not with TCPSTATES_CONNECTIONS
  *   TCPSTATES_NO_EVENTS       (with TCPSTATES_AGGREGATES) no consumer needs the
  *                             records: aggregate and return, nothing reserved
+ *   TCPSTATES_STATE_RAW       attach as a raw tracepoint (the kernel calls the
+ *                             program without filling a perf-event record, and
+ *                             only its own nesting on a CPU can make it skip a
+ *                             hit, not every other tracing program's), reading
+ *                             the tracepoint's fields from the socket at the
+ *                             running kernel's BTF offsets, all required:
+ *                             TCPSTATES_OFF_SOCK_{SK_PROTOCOL,SKC_FAMILY,SKC_DPORT,
+ *                             SKC_DADDR,SKC_V6_DADDR,SKC_V6_RCV_SADDR},
+ *                             TCPSTATES_OFF_INET_SOCK_{SPORT,SADDR}
+ *                             (plugins/kernel/attach.py)
  * Fault injection, set only by the tests (environment variables read in
  * plugins/kernel/probe.py, never by a configuration):
  *   TCPSTATES_TEST_LOSE_EVERY  every Nth hit vanishes unseen
@@ -79,6 +90,7 @@
 
 #define TCPSTATES_IPPROTO_TCP 6
 #define TCPSTATES_AF_INET 2
+#define TCPSTATES_AF_INET6 10
 #define TCPSTATES_TCP_CLOSE 7
 #define TCPSTATES_TCP_FIN_WAIT2 5
 #define TCPSTATES_TCP_SYN_SENT 2
@@ -474,8 +486,86 @@ static __always_inline int port_allowed(void *map_lookup_result)
     CONN_ERROR(r, sk);                                                   \
 } while (0)
 
+#ifdef TCPSTATES_STATE_RAW
+/* The fields of the tracepoint's record, under the names bcc gives them, so
+ * the program below reads `args->x` in either attachment. */
+struct tcpstates_state_args {
+    const void *skaddr;
+    int oldstate;
+    int newstate;
+    u16 sport;
+    u16 dport;
+    u16 family;
+    u16 protocol;
+    u8 saddr[4];
+    u8 daddr[4];
+    u8 saddr_v6[16];
+    u8 daddr_v6[16];
+};
+
+static __always_inline u16 tcpstates_ntohs(u16 x)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return __builtin_bswap16(x);
+#else
+    return x;
+#endif
+}
+
+/* What include/trace/events/sock.h's TP_fast_assign stores, read from the
+ * same members: inet_sport, inet_saddr (inet_sock), skc_dport, skc_daddr,
+ * the v6 addresses for AF_INET6 and the v4-mapped form otherwise. Returns 0
+ * for a protocol other than TCP (nothing else is read then). */
+static __always_inline int read_state_args(struct bpf_raw_tracepoint_args *ctx,
+                                           struct tcpstates_state_args *a)
+{
+    const char *sk = (const char *)ctx->args[0];
+    u16 protocol = 0, be_sport = 0, be_dport = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
+    if (protocol != TCPSTATES_IPPROTO_TCP)
+        return 0;
+    a->skaddr = sk;
+    a->oldstate = (int)ctx->args[1];
+    a->newstate = (int)ctx->args[2];
+    a->protocol = protocol;
+    a->family = 0;
+    bpf_probe_read_kernel(&a->family, sizeof(a->family), sk + TCPSTATES_OFF_SOCK_SKC_FAMILY);
+    bpf_probe_read_kernel(&be_sport, sizeof(be_sport), sk + TCPSTATES_OFF_INET_SOCK_SPORT);
+    bpf_probe_read_kernel(&be_dport, sizeof(be_dport), sk + TCPSTATES_OFF_SOCK_SKC_DPORT);
+    a->sport = tcpstates_ntohs(be_sport);
+    a->dport = tcpstates_ntohs(be_dport);
+    if (bpf_probe_read_kernel(a->saddr, 4, sk + TCPSTATES_OFF_INET_SOCK_SADDR))
+        __builtin_memset(a->saddr, 0, 4);
+    if (bpf_probe_read_kernel(a->daddr, 4, sk + TCPSTATES_OFF_SOCK_SKC_DADDR))
+        __builtin_memset(a->daddr, 0, 4);
+    if (a->family == TCPSTATES_AF_INET6) {
+        if (bpf_probe_read_kernel(a->saddr_v6, 16, sk + TCPSTATES_OFF_SOCK_SKC_V6_RCV_SADDR))
+            __builtin_memset(a->saddr_v6, 0, 16);
+        if (bpf_probe_read_kernel(a->daddr_v6, 16, sk + TCPSTATES_OFF_SOCK_SKC_V6_DADDR))
+            __builtin_memset(a->daddr_v6, 0, 16);
+    } else {
+        __builtin_memset(a->saddr_v6, 0, 16);
+        __builtin_memset(a->daddr_v6, 0, 16);
+        a->saddr_v6[10] = a->saddr_v6[11] = a->daddr_v6[10] = a->daddr_v6[11] = 0xff;
+        __builtin_memcpy(&a->saddr_v6[12], a->saddr, 4);
+        __builtin_memcpy(&a->daddr_v6[12], a->daddr, 4);
+    }
+    return 1;
+}
+
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    struct tcpstates_state_args state_args;
+    struct tcpstates_state_args *args = &state_args;
+    if (!read_state_args(ctx, args))
+        return 0;
+/* the program's context, which perf_submit needs (args is on the stack here) */
+#define TCPSTATES_TP_CTX ctx
+#else
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
+#define TCPSTATES_TP_CTX args
+#endif
     if (args->protocol != TCPSTATES_IPPROTO_TCP)
         return 0;
     u32 cpu = bpf_get_smp_processor_id();
@@ -636,14 +726,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
          * perf buffer takes it. Staged on this run's own stack, never in a
          * shared per-CPU slot. A failure here is counted, never silent. */
         FILL_EVENT(&local, args, ts, sk, span);
-        if (spill.perf_submit(args, &local, sizeof(local)) == 0)
+        if (spill.perf_submit(TCPSTATES_TP_CTX, &local, sizeof(local)) == 0)
             c->spilled++;
         else
             c->drops++;
     }
 #else
     FILL_EVENT(&local, args, ts, sk, span);
-    if (events.perf_submit(args, &local, sizeof(local)) == 0)
+    if (events.perf_submit(TCPSTATES_TP_CTX, &local, sizeof(local)) == 0)
         c->ringed++;
     else
         c->drops++;
@@ -733,10 +823,10 @@ connection: {
                 FILL_UNCLOSED(u, ts, sk, cn);
                 if (TCPSTATES_SAME_SK(cn, sk)) {
 #ifndef TCPSTATES_PERF_BUFFER
-                    if (spill.perf_submit(args, u, sizeof(*u)) == 0)
+                    if (spill.perf_submit(TCPSTATES_TP_CTX, u, sizeof(*u)) == 0)
                         c->spilled++;
 #else
-                    if (events.perf_submit(args, u, sizeof(*u)) == 0)
+                    if (events.perf_submit(TCPSTATES_TP_CTX, u, sizeof(*u)) == 0)
                         c->ringed++;
 #endif
                     else
@@ -819,7 +909,7 @@ connection: {
         FILL_CONN(&local_conn, args, ts, sk, span, cn);
         if (!TCPSTATES_SAME_SK(cn, sk))
             c->drops++;
-        else if (spill.perf_submit(args, &local_conn, sizeof(local_conn)) == 0)
+        else if (spill.perf_submit(TCPSTATES_TP_CTX, &local_conn, sizeof(local_conn)) == 0)
             c->spilled++;
         else
             c->drops++;
@@ -829,7 +919,7 @@ connection: {
     FILL_CONN(&local_conn, args, ts, sk, span, cn);
     if (!TCPSTATES_SAME_SK(cn, sk))
         c->drops++;
-    else if (events.perf_submit(args, &local_conn, sizeof(local_conn)) == 0)
+    else if (events.perf_submit(TCPSTATES_TP_CTX, &local_conn, sizeof(local_conn)) == 0)
         c->ringed++;
     else
         c->drops++;

@@ -14,6 +14,7 @@ from tcpstates.plugins.kernel.headers import choose_header_tree
 from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
 from tcpstates.plugins.kernel.decoder import C_DECODER_AVAILABLE
 from tcpstates.btf import VMLINUX
+from tcpstates.plugins.kernel.attach import choose as choose_attachment
 from tcpstates.plugins.kernel.probe import connection_error_cflags, find_tracefs, kernel_version, tracepoint_exists
 
 Row = tuple[str, bool, bool, str]   # name, required, ok, detail / what to do
@@ -74,6 +75,15 @@ def _btf() -> Row:
             f"(connection records name the error a connection ended with){flags}")
 
 
+def _attach() -> Row:
+    a = choose_attachment("auto")
+    if a.raw:
+        return ("attach", False, True, "raw tracepoint (socket offsets from the kernel's BTF): only the "
+                "program's own nesting on a CPU can make it skip a state change")
+    return ("attach", False, False, f"perf-event tracepoint: {a.why_not}; a state change that interrupts "
+            f"another tracing program (kprobe, perf-event tracepoint) is skipped (counted as a kernel miss)")
+
+
 def _bcc() -> Row:
     try:
         import bcc
@@ -99,7 +109,7 @@ def _headers() -> Row:
 ROWS: list[tuple[str, bool, Callable[[], Row]]] = [
     ("kernel", True, _kernel), ("root", True, _root), ("tracefs", True, _tracefs),
     ("tracepoint", True, _tracepoint), ("bpf", True, _bpf), ("ring buffer", False, _ringbuf),
-    ("btf", False, _btf), ("bcc", True, _bcc), ("kernel headers", True, _headers)]
+    ("btf", False, _btf), ("attach", False, _attach), ("bcc", True, _bcc), ("kernel headers", True, _headers)]
 
 
 def checks() -> list[Check]:

@@ -22,11 +22,10 @@ import socket
 from typing import Any
 
 from tcpstates.errors import EnvironmentProblem, UsageError
+from tcpstates.plugins.kernel.attach import PROG_TRACEPOINT
 from tcpstates.plugins.kernel.perfbuf import PerfBufferReader
 from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
 
-PROG_NAME = b"tracepoint__sock__inet_sock_set_state"
-TRACEPOINT = b"sock:inet_sock_set_state"
 SPILL_PAGES = 64
 
 
@@ -42,6 +41,7 @@ class LoadRequest:
     ncpus: int = 128
     wakeup_events: int = 1                 # perf buffer: samples per reader wake-up
     transitions: list[int] | None = None   # (old << 4) | new keys to keep
+    prog_name: bytes = PROG_TRACEPOINT     # the state-change program (attach.py)
     #: map name -> [(raw key, u8 value or raw value)] (address/process rules, span ranges: pushdown.py)
     map_entries: dict[str, list[tuple[bytes, int | bytes]]] = dataclasses.field(default_factory=dict)
 
@@ -160,7 +160,7 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
             attach.extend(value.values() if isinstance(value, dict) else [value])
     attach = [fd for fd in attach if isinstance(fd, int) and fd >= 0]
     progs = {(k.decode() if isinstance(k, bytes) else str(k)): f.fd for k, f in bpf.funcs.items()}
-    named = {"prog": bpf.funcs[PROG_NAME].fd,
+    named = {"prog": bpf.funcs[req.prog_name].fd,
              "events": -1 if req.perf_mode else bpf["events"].map_fd,
              "state": bpf["cpu_state"].map_fd,
              # the perf-event array's own fd goes too: the kernel empties such a

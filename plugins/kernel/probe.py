@@ -206,7 +206,9 @@ class KernelProbe:
                  extra_cflags: list[str] | None = None, connections: bool = False,
                  address_rules: tuple[AddressRule, ...] = (),
                  process_rules: tuple[ProcessRule, ...] = (),
-                 aggregates: bool = False, no_events: bool = False) -> None:
+                 aggregates: bool = False, no_events: bool = False, attach: str = "auto") -> None:
+        from tcpstates.btf import BTFError
+        from tcpstates.plugins.kernel import attach as attachment
         from tcpstates.plugins.kernel.bpfsys import possible_cpus
         from tcpstates.plugins.kernel.cpustate import CpuState
         from tcpstates.plugins.kernel.loader import LoadRequest, load
@@ -227,6 +229,11 @@ class KernelProbe:
         if buffer == "ring" and not has_ring_buffer():
             raise EnvironmentProblem(f"BPF ring buffers need Linux 5.8 (this is {platform.release()}); "
                                      f"use buffer = \"perf\"")
+        try:
+            self.attachment = attachment.choose(attach)
+        except BTFError as exc:
+            raise EnvironmentProblem(f"attach = \"raw\" needs the kernel's BTF: {exc}; use "
+                                     f"attach = \"auto\" (the perf-event tracepoint where it is missing)") from None
         self.buffer = buffer
         self.batch_size = batch_size
         # connection records (conndecoder.py) or one record per state change
@@ -259,7 +266,7 @@ class KernelProbe:
                               connections=connections, aggregates=aggregates, no_events=no_events)
         # address and process filters: rule masks and map contents (pushdown.py)
         rules = pushdown.plan(address_rules, process_rules, connections=connections)
-        cflags += rules.cflags + spans.cflags
+        cflags += rules.cflags + spans.cflags + self.attachment.cflags
         cflags += extra_cflags or []     # asked for by chain stages (KernelConstraints.cflags)
         if connections:
             error_cflags, why_not = connection_error_cflags()
@@ -287,7 +294,7 @@ class KernelProbe:
             header_tree=str(tree) if tree is not None else None, perf_mode=buffer == "perf",
             buffer_pages=ring_pages, local_ports=sorted(local_ports) if local_ports is not None else None,
             remote_ports=sorted(remote_ports) if remote_ports is not None else None, ncpus=ncpus,
-            wakeup_events=wakeup_events,
+            wakeup_events=wakeup_events, prog_name=self.attachment.prog_name,
             transitions=sorted((o << 4) | n for o, n in transitions)
             if transitions is not None and not connections else None,
             map_entries={**rules.entries, **spans.entries}))

@@ -37,6 +37,10 @@ class KernelOptions:
                              "histograms in the kernel (and send no records at all when nothing needs "
                              "them); off: such sinks count from the records in user space",
                              choices=("auto", "off"))
+    attach: str = option("auto", "how the program attaches to the tracepoint: auto (a raw tracepoint where "
+                         "the kernel's BTF gives the socket's layout, else tracepoint), raw, or tracepoint "
+                         "(perf-event: skips a state change that interrupts another tracing program, "
+                         "counted as a kernel miss)", choices=("auto", "raw", "tracepoint"))
     crosscheck: bool = option(True, "count the tracepoint's hits independently in the kernel (a private "
                               "ftrace instance) and report every event neither seen nor counted as "
                               "'unaccounted'")
@@ -140,7 +144,8 @@ class KernelSource(Source):
                                  connections=o.mode == "connections",
                                  address_rules=merged.address_rules,
                                  process_rules=merged.process_rules,
-                                 aggregates=self._aggregates, no_events=self._no_events)
+                                 aggregates=self._aggregates, no_events=self._no_events,
+                                 attach=o.attach)
         if self._wakeup_fd is not None:
             self.probe.add_wakeup_fd(self._wakeup_fd)
         # measured after the (slow) compile so drift over the run starts small
@@ -180,7 +185,8 @@ class KernelSource(Source):
         what = "connection records, " if self.probe.connections else ""
         if self._aggregates:
             what += "in-kernel histograms only, " if self._no_events else "in-kernel histograms, "
-        return (f"tracing sock:inet_sock_set_state ({what}{self.probe.buffer} buffer); BPF compiled by a "
+        return (f"tracing sock:inet_sock_set_state ({what}{self.probe.attachment.label}, "
+                f"{self.probe.buffer} buffer); BPF compiled by a "
                 f"helper process, peak RSS {self.probe.loaded.helper_peak_rss_kb // 1024} MB")
 
     def close(self) -> None:
