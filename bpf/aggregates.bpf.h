@@ -24,14 +24,14 @@
 
 #ifndef TCPSTATES_AGGREGATES
 
-#define TCPSTATES_AGGREGATE(args, ts, sk, span, known) do { } while (0)
+#define TCPSTATES_AGGREGATE(args, ts, sk, span, known, slot) do { } while (0)
 
 #else /* TCPSTATES_AGGREGATES */
 
 #define TCPSTATES_TCP_ESTABLISHED 1
 #define TCPSTATES_AGG_MAX_PORTS 65536
 
-BPF_F_TABLE("array", u32, struct tcpstates_agg, agg, TCPSTATES_NCPUS, (1U << 10));
+BPF_F_TABLE("array", u32, struct tcpstates_agg, agg, TCPSTATES_NCPUS * TCPSTATES_SLOTS, (1U << 10));
 BPF_F_TABLE("array", u32, u64, agg_ports, 2 * TCPSTATES_AGG_MAX_PORTS, (1U << 10));
 BPF_TABLE("lru_hash", u64, struct tcpstates_sk_ts, est_start, TCPSTATES_MAX_SOCKETS);
 
@@ -60,10 +60,10 @@ static __always_inline void agg_port(u32 index)
  * was measured. A function, not a macro: bcc rewrites map calls only in
  * code it sees as written. */
 static __always_inline void aggregate(u32 old, u32 new, u32 sport, u32 dport, u64 ts, u64 sk,
-                                      u64 span, int known)
+                                      u64 span, int known, u32 cpu_slot)
 {
-    u32 cpu = bpf_get_smp_processor_id();
-    struct tcpstates_agg *a = agg.lookup(&cpu);
+    /* per CPU and program slot: the counters below are plain increments */
+    struct tcpstates_agg *a = agg.lookup(&cpu_slot);
     old &= TCPSTATES_NSTATES - 1;
     new &= TCPSTATES_NSTATES - 1;
     if (a) {
@@ -102,8 +102,8 @@ static __always_inline void aggregate(u32 old, u32 new, u32 sport, u32 dport, u6
         agg_port(TCPSTATES_AGG_MAX_PORTS + dport);
 }
 
-#define TCPSTATES_AGGREGATE(args, ts, sk, span, known) \
-    aggregate((args)->oldstate, (args)->newstate, (args)->sport, (args)->dport, ts, sk, span, known)
+#define TCPSTATES_AGGREGATE(args, ts, sk, span, known, slot) \
+    aggregate((args)->oldstate, (args)->newstate, (args)->sport, (args)->dport, ts, sk, span, known, slot)
 
 #endif /* TCPSTATES_AGGREGATES */
 #endif

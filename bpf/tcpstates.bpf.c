@@ -87,6 +87,15 @@
 #ifndef TCPSTATES_MAX_SOCKETS
 #define TCPSTATES_MAX_SOCKETS 65536
 #endif
+/* Per-CPU slots of everything a run writes outside the stack (cpu_state, agg,
+ * the staging entries): the raw form has two programs on the tracepoint, the
+ * main one (slot 0) and the rescue (slot 1), which runs only while the main
+ * one is interrupted on its CPU, so the two never share a slot. */
+#ifdef TCPSTATES_STATE_RAW
+#define TCPSTATES_SLOTS 2
+#else
+#define TCPSTATES_SLOTS 1
+#endif
 
 #define TCPSTATES_IPPROTO_TCP 6
 #define TCPSTATES_AF_INET 2
@@ -128,8 +137,9 @@ struct tcpstates_sk_ts {
 BPF_TABLE("lru_hash", u64, struct tcpstates_sk_ts, last_change, TCPSTATES_MAX_SOCKETS);
 
 /* Per-CPU counters and the in-flight marker (struct tcpstates_cpu), indexed
- * by CPU number; BPF_F_MMAPABLE (1 << 10) so user space reads it from memory. */
-BPF_F_TABLE("array", u32, struct tcpstates_cpu, cpu_state, TCPSTATES_NCPUS, (1U << 10));
+ * by CPU number + slot * TCPSTATES_NCPUS; BPF_F_MMAPABLE (1 << 10) so user
+ * space reads it from memory. */
+BPF_F_TABLE("array", u32, struct tcpstates_cpu, cpu_state, TCPSTATES_NCPUS * TCPSTATES_SLOTS, (1U << 10));
 
 #ifdef TCPSTATES_CONNECTIONS
 /* What a live connection has accumulated so far (connection-record mode). */
@@ -157,13 +167,13 @@ struct tcpstates_conn {
 };
 /* LRU for the same reason as last_change; sized by the same switch */
 BPF_TABLE("lru_hash", u64, struct tcpstates_conn, conns, TCPSTATES_MAX_SOCKETS);
-/* staging of a new entry (too big for the stack next to the record); the
+/* staging of a new entry (too big for the stack next to the record); a
  * program never runs nested on one CPU (the kernel skips and counts such
- * runs), so one slot per CPU cannot be overwritten under us */
-BPF_PERCPU_ARRAY(conn_scratch, struct tcpstates_conn, 1);
+ * runs) and the rescue has its own slot, so nothing is overwritten under us */
+BPF_PERCPU_ARRAY(conn_scratch, struct tcpstates_conn, TCPSTATES_SLOTS);
 /* staging of an unclosed connection's record when the ring refuses it (the
  * stack has no room for a second record beside the closing path's) */
-BPF_PERCPU_ARRAY(conn_stage, struct tcpstates_conn_event, 1);
+BPF_PERCPU_ARRAY(conn_stage, struct tcpstates_conn_event, TCPSTATES_SLOTS);
 #endif
 
 #ifdef TCPSTATES_FILTER_LPORT
@@ -503,6 +513,12 @@ struct tcpstates_state_args {
     u8 daddr_v6[16];
 };
 
+#define READ_ONCE_U64(x) (*(volatile u64 *)&(x))
+
+/* where a run keeps them: per CPU and program slot (the stack of the
+ * connection-record path has no room for them) */
+BPF_PERCPU_ARRAY(state_args, struct tcpstates_state_args, TCPSTATES_SLOTS);
+
 static __always_inline u16 tcpstates_ntohs(u16 x)
 {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -553,26 +569,34 @@ static __always_inline int read_state_args(struct bpf_raw_tracepoint_args *ctx,
     return 1;
 }
 
-RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+/* One state change, in slot 0 (the main program) or 1 (the rescue). */
+static __always_inline int state_change(struct bpf_raw_tracepoint_args *ctx, u32 slot)
 {
-    struct tcpstates_state_args state_args;
-    struct tcpstates_state_args *args = &state_args;
-    if (!read_state_args(ctx, args))
+    struct tcpstates_state_args *args = state_args.lookup(&slot);
+    if (!args || !read_state_args(ctx, args))
         return 0;
-/* the program's context, which perf_submit needs (args is on the stack here) */
+/* the program's context, which perf_submit needs (args is not the context here) */
 #define TCPSTATES_TP_CTX ctx
 #else
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
+    const u32 slot = 0;
 #define TCPSTATES_TP_CTX args
 #endif
     if (args->protocol != TCPSTATES_IPPROTO_TCP)
         return 0;
-    u32 cpu = bpf_get_smp_processor_id();
-    struct tcpstates_cpu *c = cpu_state.lookup(&cpu);
+    u32 cpu_slot = bpf_get_smp_processor_id() + slot * TCPSTATES_NCPUS;
+    struct tcpstates_cpu *c = cpu_state.lookup(&cpu_slot);
     if (!c)
         return 0;   /* cannot happen (sized for every possible CPU); the
                        in-kernel cross-check would report it as unaccounted */
+#ifdef TCPSTATES_TEST_NEST_PORT
+    /* fault injection for the tests only: the main program acts as if the
+     * kernel had skipped it (nested on its CPU) for this port's changes; the
+     * rescue takes them */
+    if (slot == 0 && (args->sport == TCPSTATES_TEST_NEST_PORT || args->dport == TCPSTATES_TEST_NEST_PORT))
+        return 0;
+#endif
 #ifdef TCPSTATES_TEST_LOSE_EVERY
     /* fault injection for the tests only: vanish without a trace, like a
      * tracepoint hit the program never got to see */
@@ -709,7 +733,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     }
 #endif
     /* every in-kernel filter has passed: what a sink would be handed */
-    TCPSTATES_AGGREGATE(args, ts, sk, span, prev != NULL);
+    TCPSTATES_AGGREGATE(args, ts, sk, span, prev != NULL, cpu_slot);
 #ifdef TCPSTATES_NO_EVENTS
     goto update;          /* nobody reads records: none is reserved or sent */
 #endif
@@ -817,8 +841,7 @@ connection: {
         }
 #endif
         if (!u) {
-            u32 zero = 0;
-            u = conn_stage.lookup(&zero);
+            u = conn_stage.lookup(&slot);
             if (u) {
                 FILL_UNCLOSED(u, ts, sk, cn);
                 if (TCPSTATES_SAME_SK(cn, sk)) {
@@ -863,8 +886,7 @@ connection: {
         else
             cn->sport = args->sport;
     } else {
-        u32 zero = 0;
-        cn = conn_scratch.lookup(&zero);
+        cn = conn_scratch.lookup(&slot);
         if (!cn) {
             c->drops++;
             goto out;
@@ -936,3 +958,40 @@ out:
     __sync_fetch_and_add(&c->done, 1);
     return 0;
 }
+
+#ifdef TCPSTATES_STATE_RAW
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    return state_change(ctx, 0);
+}
+
+/* The rescue, attached to the same tracepoint after the main program (by
+ * plugins/kernel/loader.py). The kernel skips a program that a state change
+ * interrupts on its own CPU (a softirq handling a packet on top of its run in
+ * a process's system call) and counts it as a miss. Whenever the main program
+ * is in flight on this CPU (hits != done) while the tracepoint is called, this
+ * call is such a skipped one: the rescue handles it, in its own slot. Any
+ * other time it returns at once. The main program's misses minus the rescue's
+ * runs (its slot's hits) are the state changes lost. */
+int tcpstates_rescue(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 cpu = bpf_get_smp_processor_id();
+    struct tcpstates_cpu *main_run = cpu_state.lookup(&cpu);
+    if (!main_run)
+        return 0;
+#ifdef TCPSTATES_TEST_NEST_PORT
+    {
+        u16 be_sport = 0, be_dport = 0;
+        const char *sk = (const char *)ctx->args[0];
+        bpf_probe_read_kernel(&be_sport, sizeof(be_sport), sk + TCPSTATES_OFF_INET_SOCK_SPORT);
+        bpf_probe_read_kernel(&be_dport, sizeof(be_dport), sk + TCPSTATES_OFF_SOCK_SKC_DPORT);
+        if (tcpstates_ntohs(be_sport) == TCPSTATES_TEST_NEST_PORT ||
+            tcpstates_ntohs(be_dport) == TCPSTATES_TEST_NEST_PORT)
+            return state_change(ctx, 1);
+    }
+#endif
+    if (READ_ONCE_U64(main_run->hits) == READ_ONCE_U64(main_run->done))
+        return 0;
+    return state_change(ctx, 1);
+}
+#endif

@@ -26,7 +26,11 @@ import dataclasses
 from tcpstates.btf import VMLINUX, BTF, BTFError, offset_cflags
 
 PROG_RAW = b"raw_tracepoint__inet_sock_set_state"
+# the raw form's second program: it runs a state change the kernel skipped the
+# main program for (nested on its CPU); attached after it by the loader
+PROG_RESCUE = b"tcpstates_rescue"
 PROG_TRACEPOINT = b"tracepoint__sock__inet_sock_set_state"
+RAW_TRACEPOINT = b"inet_sock_set_state"
 
 # what TP_fast_assign of sock:inet_sock_set_state reads (include/trace/events/sock.h)
 FIELDS = {
@@ -50,6 +54,15 @@ class Attachment:
     cflags: list[str]
     prog_name: bytes
     why_not: str | None = None     # why the perf-event form, when auto fell back
+
+    @property
+    def rescue(self) -> bytes | None:
+        return PROG_RESCUE if self.raw else None
+
+    @property
+    def slots(self) -> int:
+        """Programs with their own per-CPU state (bpf/tcpstates.bpf.c TCPSTATES_SLOTS)."""
+        return 2 if self.raw else 1
 
     @property
     def label(self) -> str:

@@ -22,7 +22,7 @@ import socket
 from typing import Any
 
 from tcpstates.errors import EnvironmentProblem, UsageError
-from tcpstates.plugins.kernel.attach import PROG_TRACEPOINT
+from tcpstates.plugins.kernel.attach import PROG_TRACEPOINT, RAW_TRACEPOINT
 from tcpstates.plugins.kernel.perfbuf import PerfBufferReader
 from tcpstates.plugins.kernel.bcccompat import DEBUGFS_TRACING, bcc_needs_debugfs
 
@@ -42,6 +42,7 @@ class LoadRequest:
     wakeup_events: int = 1                 # perf buffer: samples per reader wake-up
     transitions: list[int] | None = None   # (old << 4) | new keys to keep
     prog_name: bytes = PROG_TRACEPOINT     # the state-change program (attach.py)
+    rescue_prog: bytes | None = None       # attached after it to the same tracepoint
     #: map name -> [(raw key, u8 value or raw value)] (address/process rules, span ranges: pushdown.py)
     map_entries: dict[str, list[tuple[bytes, int | bytes]]] = dataclasses.field(default_factory=dict)
 
@@ -124,6 +125,19 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
                     "mount -t debugfs debugfs /sys/kernel/debug and retry")
         raise EnvironmentProblem(f"BPF compile/load failed ({compile_error}): "
                                  f"{message or 'no compiler output'}; {hint}")
+    rescue_attach: list[int] = []
+    if req.rescue_prog:
+        # After the main program (bcc attached it while loading; the
+        # tracepoint calls its programs in the order they were attached).
+        # bcc's attach_raw_tracepoint takes one program per tracepoint: the
+        # attachment is made here, as it does it.
+        from bcc.libbcc import lib as libbcc_lib
+        fn = bpf.load_func(req.rescue_prog, bcc.BPF.RAW_TRACEPOINT)
+        fd = libbcc_lib.bpf_attach_raw_tracepoint(fn.fd, RAW_TRACEPOINT)
+        if fd < 0:
+            raise EnvironmentProblem("could not attach the rescue program to the raw tracepoint "
+                                     "inet_sock_set_state: use attach = \"tracepoint\"")
+        rescue_attach.append(fd)
     import ctypes
     for name, keys in (("lport_allowed", req.local_ports), ("dport_allowed", req.remote_ports),
                        ("transition_allowed", req.transitions)):
@@ -158,7 +172,7 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
     for attr in ("kprobe_fds", "uprobe_fds"):   # {name: {fn: fd}} or {name: fd}
         for value in getattr(bpf, attr, {}).values():
             attach.extend(value.values() if isinstance(value, dict) else [value])
-    attach = [fd for fd in attach if isinstance(fd, int) and fd >= 0]
+    attach = [fd for fd in attach if isinstance(fd, int) and fd >= 0] + rescue_attach
     progs = {(k.decode() if isinstance(k, bytes) else str(k)): f.fd for k, f in bpf.funcs.items()}
     named = {"prog": bpf.funcs[req.prog_name].fd,
              "events": -1 if req.perf_mode else bpf["events"].map_fd,

@@ -278,6 +278,9 @@ class KernelProbe:
             cflags.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
         if os.environ.get("TCPSTATES_TEST_REUSE") == "1":   # fault injection for the tests only
             cflags.append("-DTCPSTATES_TEST_REUSE")
+        nest = os.environ.get("TCPSTATES_TEST_NEST_PORT", "")
+        if nest.isdigit() and 0 < int(nest) < 65536 and self.attachment.raw:   # fault injection, tests only
+            cflags.append(f"-DTCPSTATES_TEST_NEST_PORT={int(nest)}")
         skip = os.environ.get("TCPSTATES_TEST_SKIP_CLOSE_PORT", "")
         if skip.isdigit() and 0 < int(skip) < 65536:   # fault injection for the tests only
             cflags.append(f"-DTCPSTATES_TEST_SKIP_CLOSE_PORT={int(skip)}")
@@ -295,16 +298,20 @@ class KernelProbe:
             buffer_pages=ring_pages, local_ports=sorted(local_ports) if local_ports is not None else None,
             remote_ports=sorted(remote_ports) if remote_ports is not None else None, ncpus=ncpus,
             wakeup_events=wakeup_events, prog_name=self.attachment.prog_name,
+            rescue_prog=self.attachment.rescue,
             transitions=sorted((o << 4) | n for o, n in transitions)
             if transitions is not None and not connections else None,
             map_entries={**rules.entries, **spans.entries}))
         self.prog_fd = self.loaded.prog_fd
         self.misses = RecursionMisses(self.prog_fd)
         self.decoder = dec
-        self.cpu = CpuState(self.loaded.state_fd, ncpus)
+        # one row per CPU and program (the raw form's rescue has its own: attach.py)
+        self.ncpus = ncpus
+        self.cpu = CpuState(self.loaded.state_fd, ncpus * self.attachment.slots)
         self.aggregates: AggregateReader | None = None
         if self.loaded.agg_fd >= 0:
-            self.aggregates = AggregateReader(self.loaded.agg_fd, self.loaded.agg_ports_fd, ncpus)
+            self.aggregates = AggregateReader(self.loaded.agg_fd, self.loaded.agg_ports_fd,
+                                              ncpus * self.attachment.slots)
         self.spilled = 0
         self.received = 0          # records taken from the kernel buffers
         self._held: list[Event] = []
@@ -339,8 +346,18 @@ class KernelProbe:
     def _seen(self) -> tuple[int, int, int, int]:
         """(hits, done, kernel misses, records handed over) right now."""
         t = self.cpu.rows()
-        return (sum(r[0] for r in t), sum(r[1] for r in t), self.misses.read(),
+        return (sum(r[0] for r in t), sum(r[1] for r in t), self._kernel_misses(t),
                 sum(r[4] + r[5] for r in t))
+
+    def _rescued(self, rows: list[tuple[int, ...]]) -> int:
+        """State changes the rescue program ran for (its rows' hits)."""
+        return sum(r[0] for r in rows[self.ncpus:])
+
+    def _kernel_misses(self, rows: list[tuple[int, ...]]) -> int:
+        """Skipped runs of the main program that the rescue did not take.
+        rows must be read before this: every rescued run follows its main
+        program's counted miss, so the misses read after cover them."""
+        return max(0, self.misses.read() - self._rescued(rows))
 
     def _start_crosscheck(self, tracefs: Path) -> None:
         from tcpstates.plugins.kernel.truth import TruthCounter
@@ -544,10 +561,10 @@ class KernelProbe:
     def loss_counters(self) -> dict[str, int]:
         if self._draining and not self._final:
             self._abandon()
-        t = self.cpu.totals()
+        rows = self.cpu.rows()
         # a record the perf buffer had no room for failed its submit and is in
         # `drops`; the buffer's own lost count is the same records again
-        out = {"dropped": t["drops"], "kernel_misses": self.misses.read()}
+        out = {"dropped": sum(r[6] for r in rows), "kernel_misses": self._kernel_misses(rows)}
         if self.unread_at_exit:
             out["unread_at_exit"] = self.unread_at_exit
         if self.truth is not None:
@@ -559,7 +576,8 @@ class KernelProbe:
 
     def kernel_counts(self) -> dict[str, int]:
         """The program's own per-CPU counters, summed (for the exit summary and tests)."""
-        return self.cpu.totals()
+        rows = self.cpu.rows()
+        return {**self.cpu.totals(), "rescued": self._rescued(rows)}
 
     def close(self) -> None:
         if self.truth is not None:

@@ -173,6 +173,8 @@ class KernelSource(Source):
             return self._final_notes
         counts = self.probe.kernel_counts()
         notes = {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
+        if self.probe.attachment.raw:
+            notes["rescued_when_nested"] = counts["rescued"]
         if self.probe.connections:
             notes["connections_with_close_unseen"] = self._unclosed
         if self.probe.aggregates is not None:
