@@ -267,6 +267,7 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         filtered = ("-L" in argv or "metrics" in argv or "summary" in argv
                     or any(x.startswith("chain=") and not ENRICHERS_ONLY.fullmatch(x) for x in argv))
         aggregated = re.search(r"; (\d+) aggregated in kernel", err)
+        rescued = re.search(r"; (\d+) rescued when nested", err)
         conn_mode = "--connections" in argv
         expected = 2 * load["connections"] if conn_mode else recorded
         results.append({
@@ -280,6 +281,8 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
             "printed": printed, "aggregated": int(aggregated.group(1)) if aggregated else None,
             "missing": expected - printed if not filtered else None,
             "dropped": dropped, "kernel_misses": misses, "reported_unaccounted": reported_unacc,
+            # state changes the raw form's rescue program ran for (printed, not lost)
+            "rescued": int(rescued.group(1)) if rescued else 0 if name.startswith("tcpstates") else None,
             # the benchmark's own check: truth minus everything printed or reported.
             # Connection mode: 2 records per connection; a record is missing when
             # its socket's ->CLOSE never reached the program, which the tracer
@@ -345,7 +348,7 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["point", "threads", "tracer", "mode", "rate", "ratio", "cgroups_created", "container_named", "load_cpu_ratio", "truth", "printed", "unclosed", "aggregated", "missing",
-            "dropped", "kernel_misses", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "user_us", "sys_us",
+            "dropped", "kernel_misses", "rescued", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "user_us", "sys_us",
             "minflt_per_1k", "startup_s", "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn", "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]

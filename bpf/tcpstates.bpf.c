@@ -514,6 +514,7 @@ struct tcpstates_state_args {
 };
 
 #define READ_ONCE_U64(x) (*(volatile u64 *)&(x))
+#define WRITE_ONCE_U64(x, v) (*(volatile u64 *)&(x) = (v))
 
 /* where a run keeps them: per CPU and program slot (the stack of the
  * connection-record path has no room for them) */
@@ -962,17 +963,28 @@ out:
 #ifdef TCPSTATES_STATE_RAW
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-    return state_change(ctx, 0);
+    /* marked running before anything else and until the last: a state change
+     * that interrupts it anywhere in between is the rescue's */
+    u32 cpu = bpf_get_smp_processor_id();
+    struct tcpstates_cpu *c = cpu_state.lookup(&cpu);
+    if (!c)
+        return 0;
+    WRITE_ONCE_U64(c->running, 1);
+    int ret = state_change(ctx, 0);
+    WRITE_ONCE_U64(c->running, 0);
+    return ret;
 }
 
 /* The rescue, attached to the same tracepoint after the main program (by
  * plugins/kernel/loader.py). The kernel skips a program that a state change
  * interrupts on its own CPU (a softirq handling a packet on top of its run in
  * a process's system call) and counts it as a miss. Whenever the main program
- * is in flight on this CPU (hits != done) while the tracepoint is called, this
- * call is such a skipped one: the rescue handles it, in its own slot. Any
- * other time it returns at once. The main program's misses minus the rescue's
- * runs (its slot's hits) are the state changes lost. */
+ * is running on this CPU while the tracepoint is called, this call is such a
+ * skipped one: the rescue handles it, in its own slot. Any other time it
+ * returns at once. The main program's misses minus the rescue's runs (its
+ * slot's hits) are the state changes lost: a skip is lost only when the
+ * interruption came in the few instructions before `running` is set or after
+ * it is cleared. */
 int tcpstates_rescue(struct bpf_raw_tracepoint_args *ctx)
 {
     u32 cpu = bpf_get_smp_processor_id();
@@ -990,7 +1002,7 @@ int tcpstates_rescue(struct bpf_raw_tracepoint_args *ctx)
             return state_change(ctx, 1);
     }
 #endif
-    if (READ_ONCE_U64(main_run->hits) == READ_ONCE_U64(main_run->done))
+    if (!READ_ONCE_U64(main_run->running))
         return 0;
     return state_change(ctx, 1);
 }

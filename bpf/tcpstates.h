@@ -97,7 +97,9 @@ struct tcpstates_cpu {
     u64 ringed;       /* records committed to the ring (perf mode: the perf buffer) */
     u64 spilled;      /* records the ring refused that went to the spill buffer */
     u64 drops;        /* records that could not be handed over at all */
-    u64 reserved;
+    u64 reserved;     /* fault injection's counter (TCPSTATES_TEST_LOSE_EVERY) */
+    u64 running;      /* raw form, main program's slot: 1 from its first instruction
+                         to its last (what the rescue tests, bpf/tcpstates.bpf.c) */
 };
 
 /* In-kernel aggregates (-DTCPSTATES_AGGREGATES, bpf/aggregates.bpf.h): one

@@ -16,8 +16,8 @@ from __future__ import annotations
 import mmap
 import struct
 
-# struct tcpstates_cpu: 8 x u64
-CPU_STATE = struct.Struct("<8Q")
+# struct tcpstates_cpu: 9 x u64
+CPU_STATE = struct.Struct("<9Q")
 CPU_STATE_SIZE = CPU_STATE.size
 FIELDS = ("hits", "done", "start_ns", "filtered", "ringed", "spilled", "drops")
 
