@@ -75,7 +75,8 @@ def _edited_btf(tmp_path: Path, struct_name: str, member: str, *, type_of: tuple
     btf = BTF(bytes(data))
     at = _member_record(btf, struct_name, member)
     if type_of is not None:
-        struct.pack_into("<I", data, at + 4, struct.unpack_from("<I", data, _member_record(btf, *type_of) + 4)[0])
+        other_type = struct.unpack_from("<I", data, _member_record(btf, *type_of) + 4)[0]
+        struct.pack_into("<I", data, at + 4, other_type)
     if bitfield_bits:
         tid = btf.find(STRUCT, struct_name)
         assert btf._type(tid)[3], "needs a struct whose offsets carry bitfield sizes (kind_flag)"
@@ -255,9 +256,9 @@ def test_both_attachments_agree_in_other_modes_and_on_odd_sockets(tracer, extra)
     for _attempt in range(3):
         port4, port6, refused_port, odd_port = free_port(), free_port(), free_port(), free_port()
         ports = {port4, port6, refused_port, odd_port}
-        raw = tracer("--sink", "jsonl", "-o", "tcpstates.owner=off", "-o", "sources.kernel.attach=raw", *extra)
-        tp = tracer("--sink", "jsonl", "-o", "tcpstates.owner=off", "-o", "sources.kernel.attach=tracepoint",
-                    *extra)
+        common = ["--sink", "jsonl", "-o", "tcpstates.owner=off", *extra]
+        raw = tracer(*common, "-o", "sources.kernel.attach=raw")
+        tp = tracer(*common, "-o", "sources.kernel.attach=tracepoint")
         _traffic(port4, port6, refused_port)
         _odd_traffic(odd_port)
         rc, out, err = raw.stop()
