@@ -94,7 +94,7 @@ def test_a_real_btf_copy_takes_the_raw_tracepoint(tmp_path):
 
 
 @pytest.mark.parametrize("struct_name, member, edit, why", [
-    # skc_family as wide as skc_daddr: a 2-byte read would take half of it
+    # skc_family as wide as inet_saddr: a 2-byte read would take half of it
     ("sock_common", "skc_family", {"type_of": ("inet_sock", "inet_saddr")}, "is 4 bytes, expected 2"),
     # inet_sport (inet_sock's own member, not sock_common's) 4 bytes wide
     ("inet_sock", "inet_sport", {"type_of": ("inet_sock", "inet_saddr")}, "is 4 bytes, expected 2"),
