@@ -237,6 +237,8 @@ def _comparable(out: str, ports: set[int]) -> list[tuple]:
             continue
         if isinstance(r.get("states_us"), dict):
             r["states_us"] = sorted(r["states_us"])    # which states, not how long
+        if "span_us" in r:
+            r["span_known"] = r["span_us"] is not None   # whether, not how long
         rows.append(tuple(sorted((k, str(v)) for k, v in r.items() if k not in TIMES)))
     return sorted(rows)
 
