@@ -5,6 +5,7 @@ tracepoint's own fields say — for every kind of socket and transition."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import re
 import socket
@@ -20,12 +21,14 @@ from summary import lost_reported  # noqa: E402
 from tracer import run_cli  # noqa: E402
 from traffic import free_port  # noqa: E402
 
-from tcpstates.btf import BTFError  # noqa: E402
+from tcpstates.btf import BTF, STRUCT, VMLINUX, BTFError  # noqa: E402
 from tcpstates.plugins.kernel import attach  # noqa: E402
 
 # every field the kernel stage fills, but the times (taken at different instants
 # by the two programs) and seq (each sink's own)
-TIMES = {"seq", "time", "time_ns", "mono_ns", "span_us"}
+TIMES = {"seq", "time", "time_ns", "mono_ns", "span_us",
+         # a connection record's times
+         "start_time", "start_time_ns", "start_mono_ns", "duration_us"}
 
 
 def test_auto_takes_the_raw_tracepoint_where_btf_has_every_offset():
@@ -53,6 +56,60 @@ def test_a_btf_without_one_member_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(attach, "FIELDS", {**real, "INET_SOCK_SADDR": ("inet_sock", "no_such_member")})
     a = attach.choose("auto")
     assert not a.raw and "no_such_member" in (a.why_not or "")
+
+
+def _member_record(btf: BTF, struct_name: str, member: str) -> int:
+    """Where member's (name, type, offset) record of struct_name starts in the BTF bytes."""
+    tid = btf.find(STRUCT, struct_name)
+    for i, (name_off, _type, _off) in enumerate(btf._type(tid)[4]):
+        if name_off and btf.name(name_off) == member:
+            return btf.starts[tid] + 12 + 12 * i
+    raise AssertionError(f"{struct_name}.{member} not a direct member in this kernel's BTF")
+
+
+def _edited_btf(tmp_path: Path, struct_name: str, member: str, *, type_of: tuple[str, str] | None = None,
+                bitfield_bits: int = 0) -> str:
+    """A copy of the running kernel's BTF with one member changed: given the
+    type of another member (type_of), or made a bitfield (sk_protocol was an
+    8-bit bitfield before Linux 5.6)."""
+    data = bytearray(Path(VMLINUX).read_bytes())
+    btf = BTF(bytes(data))
+    at = _member_record(btf, struct_name, member)
+    if type_of is not None:
+        other_type = struct.unpack_from("<I", data, _member_record(btf, *type_of) + 4)[0]
+        struct.pack_into("<I", data, at + 4, other_type)
+    if bitfield_bits:
+        tid = btf.find(STRUCT, struct_name)
+        assert btf._type(tid)[3], "needs a struct whose offsets carry bitfield sizes (kind_flag)"
+        off = struct.unpack_from("<I", data, at + 8)[0]
+        struct.pack_into("<I", data, at + 8, (bitfield_bits << 24) | (off & 0xFFFFFF))
+    path = tmp_path / "vmlinux"
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def test_a_real_btf_copy_takes_the_raw_tracepoint(tmp_path):
+    # the control for the edited copies below: unedited, the copy gives what the kernel's does
+    path = _edited_btf(tmp_path, "sock", "sk_protocol")
+    assert attach.choose("auto", btf_path=path).cflags == attach.choose("auto").cflags
+
+
+@pytest.mark.parametrize("struct_name, member, edit, why", [
+    # skc_family as wide as inet_saddr: a 2-byte read would take half of it
+    ("sock_common", "skc_family", {"type_of": ("inet_sock", "inet_saddr")}, "is 4 bytes, expected 2"),
+    # inet_sport (inet_sock's own member, not sock_common's) 4 bytes wide
+    ("inet_sock", "inet_sport", {"type_of": ("inet_sock", "inet_saddr")}, "is 4 bytes, expected 2"),
+    # the layout before Linux 5.6: sk_protocol an 8-bit bitfield
+    ("sock", "sk_protocol", {"bitfield_bits": 8}, "is a bitfield"),
+])
+def test_a_btf_whose_member_has_another_size_or_is_a_bitfield_is_refused(tmp_path, struct_name, member,
+                                                                        edit, why):
+    path = _edited_btf(tmp_path, struct_name, member, **edit)
+    a = attach.choose("auto", btf_path=path)
+    assert not a.raw and a.prog_name == attach.PROG_TRACEPOINT and a.cflags == []
+    assert why in (a.why_not or ""), a.why_not
+    with pytest.raises(BTFError, match=why):
+        attach.choose("raw", btf_path=path)
 
 
 def _traffic(port4: int, port6: int, refused_port: int) -> None:
@@ -120,6 +177,107 @@ def test_raw_and_perf_event_tracepoints_record_the_same_fields(tmp_path, tracer)
         ("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")}
     # the spans are the same ones, known or unknown alike
     assert sorted(_known_span(r) for r in ours) == sorted(_known_span(r) for r in ref)
+
+
+def _odd_traffic(port: int) -> None:
+    """Sockets the plain traffic does not make: a self-connect (simultaneous
+    open: SYN_SENT->SYN_RECV, CLOSING), an explicit source address and port, a
+    connect(AF_UNSPEC) disconnect and reconnect, a TCP_REPAIR socket (CLOSE->
+    ESTABLISHED without a handshake), and MPTCP where the kernel has it (its
+    TCP subflows are traced, the MPTCP socket's own changes are not)."""
+    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as s:
+            s.bind((addr, port))
+            s.connect((addr, port))
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+    # local and remote addresses differ (on ::1 alone a raw program reading
+    # the remote address for the local one would go unnoticed): IPv4, and
+    # IPv6 sockets with v4-mapped addresses
+    libc = ctypes.CDLL(None, use_errno=True)
+    for family, server, client in ((socket.AF_INET, "127.0.0.2", "127.0.0.3"),
+                                   (socket.AF_INET6, "::ffff:127.0.0.2", "::ffff:127.0.0.3")):
+        with socket.socket(family) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((server, port))
+            listener.listen(4)
+            with socket.socket(family) as c:
+                c.bind((client, 0))
+                c.connect((server, port))
+                conn, _ = listener.accept()
+                unspec = struct.pack("H26s", 0, b"")       # sa_family AF_UNSPEC
+                assert libc.connect(c.fileno(), unspec, len(unspec)) == 0, ctypes.get_errno()
+                c.connect((server, port))
+                again, _ = listener.accept()
+                conn.close()
+                again.close()
+            with socket.socket(family) as c:
+                c.setsockopt(socket.IPPROTO_TCP, 19, 1)      # TCP_REPAIR
+                c.bind((client, 0))
+                c.connect((server, port))
+    try:
+        mptcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)    # IPPROTO_MPTCP
+    except OSError:
+        return
+    with mptcp as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.4", port))
+        listener.listen(4)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as c:
+            c.connect(("127.0.0.4", port))
+            conn, _ = listener.accept()
+            c.close()
+            conn.recv(1)
+            conn.close()
+
+
+def _comparable(out: str, ports: set[int]) -> list[tuple]:
+    rows = []
+    for r in map(orjson.loads, out.splitlines()):
+        if not {r.get("lport"), r.get("rport")} & ports:
+            continue
+        if isinstance(r.get("states_us"), dict):
+            r["states_us"] = sorted(r["states_us"])    # which states, not how long
+        if "span_us" in r:
+            r["span_known"] = r["span_us"] is not None   # whether, not how long
+        rows.append(tuple(sorted((k, str(v)) for k, v in r.items() if k not in TIMES)))
+    return sorted(rows)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("extra", [
+    ["--connections"],
+    # the perf buffer (kernels before 5.8) with every kind of in-kernel filter
+    ["-o", "sources.kernel.buffer=perf", "-o",
+     'chain=[{use="address", local=["127.0.0.0/8", "::1/128"]}, '
+     '{use="state", transitions=["SYN_RECV->ESTABLISHED"], exclude=true}, '
+     '{use="duration", max_ms=60000, unknown="keep"}]'],
+], ids=["connections", "perf-buffer-filters"])
+def test_both_attachments_agree_in_other_modes_and_on_odd_sockets(tracer, extra):
+    # auto takes the raw form wherever BTF exists, so this comparison is what
+    # keeps the perf-event form (kernels without BTF) checked in these modes
+    for _attempt in range(3):
+        port4, port6, refused_port, odd_port = free_port(), free_port(), free_port(), free_port()
+        ports = {port4, port6, refused_port, odd_port}
+        common = ["--sink", "jsonl", "-o", "tcpstates.owner=off", *extra]
+        raw = tracer(*common, "-o", "sources.kernel.attach=raw")
+        tp = tracer(*common, "-o", "sources.kernel.attach=tracepoint")
+        _traffic(port4, port6, refused_port)
+        _odd_traffic(odd_port)
+        rc, out, err = raw.stop()
+        rc0, out0, err0 = tp.stop()
+        assert rc == 0 and rc0 == 0, err + err0
+        if not (lost_reported(err) or lost_reported(err0)):
+            break
+    ours, ref = _comparable(out, ports), _comparable(out0, ports)
+    assert ours == ref
+    kinds = {dict(r)["type"] for r in ref}
+    assert kinds == ({"connection"} if "--connections" in extra else {"state_change"}), kinds
+    # the odd sockets were seen: the self-connect's simultaneous open
+    # (connections: a record whose states include SYN_RECV after SYN_SENT)
+    odd = [dict(r) for r in ref if odd_port in (int(dict(r)["lport"]), int(dict(r)["rport"]))]
+    assert any(r.get("oldstate") == "SYN_SENT" and r.get("newstate") == "SYN_RECV" for r in odd) or \
+        any(r.get("first_state") == "CLOSE" and "SYN_RECV" in r.get("states_us", "") for r in odd), odd
 
 
 def _known_span(r: dict) -> tuple:
