@@ -124,7 +124,12 @@ static __always_inline struct tcpstates_owner *owner_lookup(u64 sk)
     struct tcpstates_owner *o = sk_owner.lookup(&sk);
     return o && o->sk == sk ? o : NULL;
 }
-/* one staging slot per CPU: the entry is too big to build twice on the stack */
+/* one staging slot per CPU: the entry is too big to build twice on the stack.
+ * Written only in process context — the send/recv, accept and close probes,
+ * and the state-change program for transitions made in the owner's own
+ * system call (owner_is_syscall_transition) — where no other writer can
+ * interrupt it on that CPU: a state change in a softirq that interrupts one
+ * of them (the raw-tracepoint programs are not held off) never writes here. */
 BPF_PERCPU_ARRAY(owner_scratch, struct tcpstates_owner, 1);
 
 /* The current process's thread-group leader (NULL when the task offsets are

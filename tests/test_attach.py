@@ -10,6 +10,7 @@ import errno
 import re
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -289,6 +290,33 @@ def test_doctor_names_the_attachment():
     out = r.stdout.decode()
     line = next((l for l in out.splitlines() if "attach" in l), "")
     assert "raw tracepoint" in line, out
+
+
+def _without_btf(argv: list[str]) -> list[str]:
+    """argv run in a private mount namespace where the kernel's BTF file is
+    empty: a kernel without BTF, for this process only."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind /dev/null /sys/kernel/btf/vmlinux && exec "$@"', "sh", *argv]
+
+
+@pytest.mark.kernel
+def test_without_btf_the_tracer_says_it_falls_back_and_still_traces(tracer):
+    from traffic import client_closes_first
+    port = free_port()
+    t = tracer("--sink", "jsonl", "-L", str(port), wrap=_without_btf)
+    client_closes_first(port, 2)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    assert "attaching as a perf-event tracepoint (no socket offsets from the kernel's BTF" in err, err
+    assert "counted as a kernel miss" in err, err
+    server = [orjson.loads(line) for line in out.splitlines()]
+    # the listener's two changes and five of each of the two accepted sockets
+    assert len([r for r in server if r["type"] == "state_change" and r["lport"] == port]) == 12, out
+    # and doctor says what auto takes there
+    doctor = subprocess.run(_without_btf([sys.executable, "-m", "tcpstates", "doctor"]),
+                            capture_output=True, text=True, timeout=60)
+    line = next((l for l in doctor.stdout.splitlines() if l.split()[1:2] == ["attach"]), "")
+    assert line.startswith("warn") and "perf-event tracepoint" in line, doctor.stdout
 
 
 def test_an_unknown_attachment_is_one_line():

@@ -250,6 +250,10 @@ class KernelProbe:
             self._decode_block, self._decode = dec.decode_block, dec.decode
         self.max_block = batch_size * self._ring_record_size
         self._warn = warn or (lambda m: sys.stderr.write(f"tcpstates: {m}\n"))
+        if self.attachment.why_not:     # auto fell back: say what that costs
+            self._warn(f"attaching as a perf-event tracepoint ({self.attachment.why_not}): a state change "
+                       f"that interrupts another tracing program on its CPU is skipped (counted as a "
+                       f"kernel miss)")
         tree, _ = choose_header_tree()   # how it was found: `tcpstates doctor` says
         src_dir = bpf_source_dir()
         ncpus = possible_cpus()
