@@ -62,7 +62,8 @@
  *                             TCPSTATES_OFF_SOCK_{SK_PROTOCOL,SKC_FAMILY,SKC_DPORT,
  *                             SKC_DADDR,SKC_V6_DADDR,SKC_V6_RCV_SADDR},
  *                             TCPSTATES_OFF_INET_SOCK_{SPORT,SADDR}
- *                             (plugins/kernel/attach.py)
+ *                             (plugins/kernel/attach.py); adds the rescue program
+ *                             (tcpstates_rescue) and a second per-CPU slot
  * Fault injection, set only by the tests (environment variables read in
  * plugins/kernel/probe.py, never by a configuration):
  *   TCPSTATES_TEST_LOSE_EVERY  every Nth hit vanishes unseen
@@ -70,6 +71,9 @@
  *   TCPSTATES_TEST_SKIP_CLOSE_PORT  a connection's ->CLOSE whose local or remote
  *                             port is this one vanishes unseen (the only way to
  *                             make the kernel's rare lost ->CLOSE happen on demand)
+ *   TCPSTATES_TEST_NEST_PORT  (raw form) the main program acts as if the kernel had
+ *                             skipped it for this port's changes and the rescue
+ *                             takes them (nesting cannot be had on demand)
  * The port sets themselves live in maps filled from Python after load, so the
  * C text never changes with the user's ports.
  */
