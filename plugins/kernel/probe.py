@@ -348,20 +348,29 @@ class KernelProbe:
 
     # -- exactness cross-check ------------------------------------------------------
     def _seen(self) -> tuple[int, int, int, int]:
-        """(hits, done, kernel misses, records handed over) right now."""
+        """(hits, done, kernel misses, records handed over) right now. The
+        misses are the main program's, read after the rows, minus the rescued
+        runs in those rows: each rescue follows its counted miss, so that is
+        never below zero, and hits + misses is the main program's hits and
+        misses whatever the rescue did between the two reads (the clamp is for
+        the tests' fake skip, which no miss counts)."""
         t = self.cpu.rows()
-        return (sum(r[0] for r in t), sum(r[1] for r in t), self._kernel_misses(t),
+        return (sum(r[0] for r in t), sum(r[1] for r in t), max(0, self.misses.read() - self._rescued(t)),
                 sum(r[4] + r[5] for r in t))
 
     def _rescued(self, rows: list[tuple[int, ...]]) -> int:
         """State changes the rescue program ran for (its rows' hits)."""
         return sum(r[0] for r in rows[self.ncpus:])
 
-    def _kernel_misses(self, rows: list[tuple[int, ...]]) -> int:
-        """Skipped runs of the main program that the rescue did not take.
-        rows must be read before this: every rescued run follows its main
-        program's counted miss, so the misses read after cover them."""
-        return max(0, self.misses.read() - self._rescued(rows))
+    def _misses_and_rows(self) -> tuple[int, list[tuple[int, ...]]]:
+        """Skipped runs of the main program that the rescue did not take, and
+        the rows read for it. The misses are read first: a rescue follows its
+        counted miss, so a rescue still under way can only make the figure
+        low for a moment, never report a loss that is not one (the summary's
+        and the in-band notices' counts only ever go up)."""
+        misses = self.misses.read()
+        rows = self.cpu.rows()
+        return max(0, misses - self._rescued(rows)), rows
 
     def _start_crosscheck(self, tracefs: Path) -> None:
         from tcpstates.plugins.kernel.truth import TruthCounter
@@ -565,10 +574,10 @@ class KernelProbe:
     def loss_counters(self) -> dict[str, int]:
         if self._draining and not self._final:
             self._abandon()
-        rows = self.cpu.rows()
+        misses, rows = self._misses_and_rows()
         # a record the perf buffer had no room for failed its submit and is in
         # `drops`; the buffer's own lost count is the same records again
-        out = {"dropped": sum(r[6] for r in rows), "kernel_misses": self._kernel_misses(rows)}
+        out = {"dropped": sum(r[6] for r in rows), "kernel_misses": misses}
         if self.unread_at_exit:
             out["unread_at_exit"] = self.unread_at_exit
         if self.truth is not None:
