@@ -574,8 +574,10 @@ static __always_inline int read_state_args(struct bpf_raw_tracepoint_args *ctx,
     return 1;
 }
 
-/* One state change, in slot 0 (the main program) or 1 (the rescue). */
-static __always_inline int state_change(struct bpf_raw_tracepoint_args *ctx, u32 slot)
+/* One state change, in slot 0 (the main program) or 1 (the rescue); c is
+ * the slot's cpu_state row (the caller has it already). */
+static __always_inline int state_change(struct bpf_raw_tracepoint_args *ctx, u32 slot,
+                                        u32 cpu_slot, struct tcpstates_cpu *c)
 {
     struct tcpstates_state_args *args = state_args.lookup(&slot);
     if (!args || !read_state_args(ctx, args))
@@ -590,11 +592,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
     if (args->protocol != TCPSTATES_IPPROTO_TCP)
         return 0;
-    u32 cpu_slot = bpf_get_smp_processor_id() + slot * TCPSTATES_NCPUS;
+#ifndef TCPSTATES_STATE_RAW
+    u32 cpu_slot = bpf_get_smp_processor_id();
     struct tcpstates_cpu *c = cpu_state.lookup(&cpu_slot);
     if (!c)
         return 0;   /* cannot happen (sized for every possible CPU); the
                        in-kernel cross-check would report it as unaccounted */
+#endif
 #ifdef TCPSTATES_TEST_NEST_PORT
     /* fault injection for the tests only: the main program acts as if the
      * kernel had skipped it (nested on its CPU) for this port's changes; the
@@ -974,7 +978,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     if (!c)
         return 0;
     WRITE_ONCE_U64(c->running, 1);
-    int ret = state_change(ctx, 0);
+    int ret = state_change(ctx, 0, cpu, c);
     WRITE_ONCE_U64(c->running, 0);
     return ret;
 }
@@ -987,8 +991,15 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
  * skipped one: the rescue handles it, in its own slot. Any other time it
  * returns at once. The main program's misses minus the rescue's runs (its
  * slot's hits) are the state changes lost: a skip is lost only when the
- * interruption came in the few instructions before `running` is set or after
- * it is cleared. */
+ * interruption came before `running` is set or after it is cleared, while the
+ * kernel still holds the main program active (bench/README.md). */
+static __always_inline int rescue_run(struct bpf_raw_tracepoint_args *ctx, u32 cpu)
+{
+    u32 cpu_slot = cpu + TCPSTATES_NCPUS;
+    struct tcpstates_cpu *c = cpu_state.lookup(&cpu_slot);
+    return c ? state_change(ctx, 1, cpu_slot, c) : 0;
+}
+
 int tcpstates_rescue(struct bpf_raw_tracepoint_args *ctx)
 {
     u32 cpu = bpf_get_smp_processor_id();
@@ -1003,11 +1014,11 @@ int tcpstates_rescue(struct bpf_raw_tracepoint_args *ctx)
         bpf_probe_read_kernel(&be_dport, sizeof(be_dport), sk + TCPSTATES_OFF_SOCK_SKC_DPORT);
         if (tcpstates_ntohs(be_sport) == TCPSTATES_TEST_NEST_PORT ||
             tcpstates_ntohs(be_dport) == TCPSTATES_TEST_NEST_PORT)
-            return state_change(ctx, 1);
+            return rescue_run(ctx, cpu);
     }
 #endif
     if (!READ_ONCE_U64(main_run->running))
         return 0;
-    return state_change(ctx, 1);
+    return rescue_run(ctx, cpu);
 }
 #endif

@@ -348,14 +348,16 @@ def _shape(records: list[dict], port: int) -> list[tuple]:
                   if r["type"] == "state_change" and port in (r.get("lport"), r.get("rport")))
 
 
-@pytest.mark.kernel
-@pytest.mark.parametrize("buffer", ["ring", "perf"])
-def test_a_state_change_the_main_program_missed_is_taken_by_the_rescue(tracer, buffer):
-    from summary import parse_summary
+def _nest_run(tracer, *args: str) -> tuple[list[dict], str, int, int]:
+    """NESTED connections to a port whose changes the main program acts
+    skipped for (the rescue takes them) and NESTED to a plain port, in one JSON
+    Lines run with `args`; repeated (at most 3 runs) while a real loss is
+    reported, which would make the two ports incomparable.
+    Returns (records, stderr, nest_port, plain_port)."""
     from traffic import client_closes_first
     for _attempt in range(3):
         nest_port, plain_port = free_port(), free_port()
-        t = tracer("--sink", "jsonl", "-o", "tcpstates.owner=off", "-o", f"sources.kernel.buffer={buffer}",
+        t = tracer("--sink", "jsonl", "-o", "tcpstates.owner=off", *args,
                    env={"TCPSTATES_TEST_NEST_PORT": str(nest_port)})
         client_closes_first(nest_port, NESTED)
         client_closes_first(plain_port, NESTED)
@@ -363,7 +365,14 @@ def test_a_state_change_the_main_program_missed_is_taken_by_the_rescue(tracer, b
         assert rc == 0, err
         if not lost_reported(err):
             break
-    records = [orjson.loads(line) for line in out.splitlines()]
+    return [orjson.loads(line) for line in out.splitlines()], err, nest_port, plain_port
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("buffer", ["ring", "perf"])
+def test_a_state_change_the_main_program_missed_is_taken_by_the_rescue(tracer, buffer):
+    from summary import parse_summary
+    records, err, nest_port, plain_port = _nest_run(tracer, "-o", f"sources.kernel.buffer={buffer}")
     nested, plain = _shape(records, nest_port), _shape(records, plain_port)
     # every change of the port the main program "missed" is there, as complete
     # (each connection's whole chain, spans known where the other port's are) as
@@ -380,18 +389,7 @@ def test_a_state_change_the_main_program_missed_is_taken_by_the_rescue(tracer, b
 @pytest.mark.kernel
 def test_the_rescue_also_accumulates_connection_records(tracer):
     from summary import parse_summary
-    from traffic import client_closes_first
-    for _attempt in range(3):
-        nest_port, plain_port = free_port(), free_port()
-        t = tracer("--connections", "--sink", "jsonl", "-o", "tcpstates.owner=off",
-                   env={"TCPSTATES_TEST_NEST_PORT": str(nest_port)})
-        client_closes_first(nest_port, NESTED)
-        client_closes_first(plain_port, NESTED)
-        rc, out, err = t.stop()
-        assert rc == 0, err
-        if not lost_reported(err):
-            break
-    records = [orjson.loads(line) for line in out.splitlines()]
+    records, err, nest_port, plain_port = _nest_run(tracer, "--connections")
 
     def shape(port: int) -> list[tuple]:
         return sorted((r["first_state"], r["last_state"], r["ending"], r["closed"], tuple(sorted(r["states_us"])))
