@@ -45,3 +45,24 @@ def test_ebpf_prints_the_program():
     assert r.returncode == 0
     assert b"TRACEPOINT_PROBE(sock, inet_sock_set_state)" in r.stdout
     assert b"struct tcpstates_event" in r.stdout
+
+
+
+def test_loader_ended_by_llvm_says_how_and_what_the_compiler_printed(tmp_path):
+    # LLVM's BPF back end ends the process on some code it cannot compile (a
+    # fatal error: exit(1) from inside bcc.BPF(), no exception to report). The
+    # loader's child then dies without answering; the error must say how it
+    # ended and what the compiler printed, not "killed?". The compile is real.
+    from tcpstates.errors import EnvironmentProblem
+    from tcpstates.plugins.kernel.headers import choose_header_tree
+    from tcpstates.plugins.kernel.loader import LoadRequest, load
+
+    src = tmp_path / "prog.bpf.c"
+    src.write_text("int f(void *ctx) { volatile __int128 x = (long)ctx; return (int)(x / (x + 3)); }\n")
+    tree, _how = choose_header_tree()
+    with pytest.raises(EnvironmentProblem) as err:
+        load(LoadRequest(cflags=[], src_file=str(src), header_tree=str(tree) if tree else None,
+                         perf_mode=False, buffer_pages=8, local_ports=None, remote_ports=None))
+    text = str(err.value)
+    assert "exited with status 1" in text and "__divti3" in text and "is not supported" in text, text
+    assert "killed?" not in text and "\n" not in text

@@ -297,7 +297,8 @@ EVENT_FIELDS = ["ts_ns", "skaddr", "span_ns", "cgroup_id", "pid", "tid", "sport"
                 "oldstate", "newstate", "saddr", "daddr", "comm"]
 OWNER_FIELDS = ["owner_start_ns", "owner_cgroup_id", "owner_pid", "owner_how", "owner_comm"]
 CONN_FIELDS = ["start_ns", "last_ns", "state_ns", "first_state", "complete", "closed", "error_flags", "error"]
-CPU_FIELDS = ["hits", "done", "start_ns", "filtered", "ringed", "spilled", "drops", "reserved", "running"]
+CPU_FIELDS = ["hits", "done", "start_ns", "filtered", "ringed", "spilled", "drops", "reserved", "running",
+              "nested_other"]
 AGG_FIELDS = ["events", "state_sum_ns", "state_hist", "transitions", "extra_sum_ns", "extra_hist"]
 C_CONSTANTS = ["TCPSTATES_NSTATES", "TCPSTATES_AGG_BUCKETS", "TCPSTATES_AGG_EXTRA",
                "TCPSTATES_AGG_HANDSHAKE", "TCPSTATES_AGG_LIFETIME"]

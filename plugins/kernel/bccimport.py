@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from tcpstates.errors import EnvironmentProblem
 
@@ -31,12 +31,16 @@ def import_bcc() -> Any:
 
 
 @contextlib.contextmanager
-def captured_output() -> Iterator[list[str]]:
+def captured_output(into: IO[bytes] | None = None) -> Iterator[list[str]]:
     """Capture fds 1 and 2 while bcc compiles: clang and libbcc print there
     directly (libbcc's header warnings even go to stdout), and nothing may
-    reach stdout before the header."""
+    reach stdout before the header.
+
+    `into` is a file the caller owns (the loader's parent process): if LLVM
+    ends the process with a fatal error, what it printed is still there."""
     out: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
+    with (contextlib.nullcontext(into) if into is not None else tempfile.TemporaryFile()) as tmp:
+        start = tmp.seek(0, os.SEEK_END)
         saved = [os.dup(1), os.dup(2)]
         os.dup2(tmp.fileno(), 1)
         os.dup2(tmp.fileno(), 2)
@@ -47,5 +51,5 @@ def captured_output() -> Iterator[list[str]]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
-            tmp.seek(0)
+            tmp.seek(start)
             out.append(tmp.read().decode("utf-8", "replace"))

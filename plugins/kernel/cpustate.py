@@ -16,10 +16,11 @@ from __future__ import annotations
 import mmap
 import struct
 
-# struct tcpstates_cpu: 9 x u64
-CPU_STATE = struct.Struct("<9Q")
+# struct tcpstates_cpu: 10 x u64
+CPU_STATE = struct.Struct("<10Q")
 CPU_STATE_SIZE = CPU_STATE.size
 FIELDS = ("hits", "done", "start_ns", "filtered", "ringed", "spilled", "drops")
+NESTED_OTHER = 9   # the rescue's rows: skipped changes of sockets other than TCP
 
 
 class CpuState:

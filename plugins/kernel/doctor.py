@@ -76,12 +76,16 @@ def _btf() -> Row:
 
 
 def _attach() -> Row:
+    # What the default chooses: the doctor reads no configuration, so the row
+    # says so rather than claim what a configured `attach` would do.
     a = choose_attachment("auto")
     if a.raw:
-        return ("attach", False, True, "raw tracepoint (socket offsets from the kernel's BTF): only the "
-                "program's own nesting on a CPU can make it skip a state change")
-    return ("attach", False, False, f"perf-event tracepoint: {a.why_not}; a state change that interrupts "
-            f"another tracing program (kprobe, perf-event tracepoint) is skipped (counted as a kernel miss)")
+        return ("attach", False, True, "attach = \"auto\" (the default) uses the raw tracepoint (socket "
+                "offsets from the kernel's BTF): only the program's own nesting on a CPU can make it "
+                "skip a state change, and the rescue program runs it then")
+    return ("attach", False, False, f"attach = \"auto\" (the default) uses the perf-event tracepoint: "
+            f"{a.why_not}; a state change that interrupts another tracing program (kprobe, "
+            f"perf-event tracepoint) is skipped (counted as a kernel miss)")
 
 
 def _bcc() -> Row:

@@ -19,7 +19,8 @@ import os
 import re
 import signal
 import socket
-from typing import Any
+import tempfile
+from typing import IO, Any
 
 from tcpstates.errors import EnvironmentProblem, UsageError
 from tcpstates.plugins.kernel.attach import PROG_TRACEPOINT, RAW_TRACEPOINT
@@ -102,14 +103,14 @@ def inline_local_includes(src_file: str) -> str:
         return LOCAL_INCLUDE.sub(paste, f.read())
 
 
-def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
+def _child(req: LoadRequest, capture: IO[bytes]) -> tuple[dict[str, Any], list[int], Any]:
     from tcpstates.plugins.kernel.bccimport import captured_output, import_bcc
 
     bcc = import_bcc()
     if req.header_tree:
         os.environ["BCC_KERNEL_SOURCE"] = req.header_tree
     compile_error: Exception | None = None
-    with captured_output() as err:
+    with captured_output(capture) as err:
         try:
             bpf = bcc.BPF(text=inline_local_includes(req.src_file).encode(), cflags=req.cflags)
         except Exception as exc:
@@ -192,9 +193,29 @@ def _child(req: LoadRequest) -> tuple[dict[str, Any], list[int], Any]:
     return msg, fds, bpf
 
 
+def _silent_exit_message(status: int, capture: IO[bytes]) -> str:
+    """Why the loader's child ended without an answer: its exit or signal and
+    the last lines the compiler printed (an LLVM fatal error exits at once)."""
+    if os.WIFSIGNALED(status):
+        how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}" \
+            if os.WTERMSIG(status) in signal.Signals._value2member_map_ else \
+            f"was killed by signal {os.WTERMSIG(status)}"
+    else:
+        how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+    capture.seek(0)
+    lines = [line.strip() for line in capture.read().decode("utf-8", "replace").splitlines()]
+    printed = " | ".join([line for line in lines if line][-6:])
+    return (f"the BPF loader {how} without an answer"
+            + (f"; the compiler printed: {printed}" if printed else " and printed nothing")
+            + "; run 'tcpstates doctor' for details")
+
+
 def load(req: LoadRequest) -> Loaded:
     """Fork, load in the child, receive the descriptors; raise its errors here."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # The compiler's output goes to a file this process holds: when LLVM
+    # ends the child with a fatal error, its message is still readable here.
+    capture = tempfile.TemporaryFile()
     pid = os.fork()
     if pid == 0:   # ---- child ----
         try:
@@ -203,7 +224,7 @@ def load(req: LoadRequest) -> Loaded:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
             try:
-                msg, fds, _keepalive = _child(req)
+                msg, fds, _keepalive = _child(req, capture)
                 socket.send_fds(theirs, [json.dumps(msg).encode()], fds)
                 # Stay until the tracer has mapped the perf buffers: if our
                 # mappings went first, the kernel would tear the buffers down.
@@ -227,11 +248,12 @@ def load(req: LoadRequest) -> Loaded:
                 ours.send(b"k")
     finally:
         ours.close()
-        _, _, usage = os.wait4(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
     helper_peak_kb = usage.ru_maxrss
     if not data:
-        raise EnvironmentProblem("the BPF loader exited without an answer (killed?); "
-                                 "run 'tcpstates doctor' for details")
+        with capture:
+            raise EnvironmentProblem(_silent_exit_message(status, capture))
+    capture.close()
     if "error" in msg:
         for fd in fds:
             os.close(fd)

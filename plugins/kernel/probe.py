@@ -23,6 +23,7 @@ from tcpstates.errors import EnvironmentProblem
 from tcpstates.events import Event
 from tcpstates.plugins.kernel import pushdown
 from tcpstates.plugins.kernel.aggregates import AggregateReader
+from tcpstates.plugins.kernel.cpustate import NESTED_OTHER as NESTED_OTHER_FIELD
 from tcpstates.plugins.kernel.conndecoder import CONN_RING_RECORD_SIZE, CONN_SIZE, decode_conn, decode_conn_block
 from tcpstates.plugins.kernel.decoder import EVENT_SIZE, RING_RECORD_SIZE, Decoder
 from tcpstates.plugins.kernel.headers import choose_header_tree
@@ -285,6 +286,9 @@ class KernelProbe:
         nest = os.environ.get("TCPSTATES_TEST_NEST_PORT", "")
         if nest.isdigit() and 0 < int(nest) < 65536 and self.attachment.raw:   # fault injection, tests only
             cflags.append(f"-DTCPSTATES_TEST_NEST_PORT={int(nest)}")
+        other = os.environ.get("TCPSTATES_TEST_NOT_TCP_PORT", "")
+        if other.isdigit() and 0 < int(other) < 65536 and self.attachment.raw:   # tests only
+            cflags.append(f"-DTCPSTATES_TEST_NOT_TCP_PORT={int(other)}")
         skip = os.environ.get("TCPSTATES_TEST_SKIP_CLOSE_PORT", "")
         if skip.isdigit() and 0 < int(skip) < 65536:   # fault injection for the tests only
             cflags.append(f"-DTCPSTATES_TEST_SKIP_CLOSE_PORT={int(skip)}")
@@ -355,12 +359,17 @@ class KernelProbe:
         misses whatever the rescue did between the two reads (the clamp is for
         the tests' fake skip, which no miss counts)."""
         t = self.cpu.rows()
-        return (sum(r[0] for r in t), sum(r[1] for r in t), max(0, self.misses.read() - self._rescued(t)),
+        return (sum(r[0] for r in t), sum(r[1] for r in t), max(0, self.misses.read() - self._not_lost(t)),
                 sum(r[4] + r[5] for r in t))
 
     def _rescued(self, rows: list[tuple[int, ...]]) -> int:
         """State changes the rescue program ran for (its rows' hits)."""
         return sum(r[0] for r in rows[self.ncpus:])
+
+    def _not_lost(self, rows: list[tuple[int, ...]]) -> int:
+        """The main program's counted skips that lost nothing: the rescued
+        ones and those of sockets other than TCP (its rows' nested_other)."""
+        return sum(r[0] + r[NESTED_OTHER_FIELD] for r in rows[self.ncpus:])
 
     def _misses_and_rows(self) -> tuple[int, list[tuple[int, ...]]]:
         """Skipped runs of the main program that the rescue did not take, and
@@ -370,7 +379,7 @@ class KernelProbe:
         and the in-band notices' counts only ever go up)."""
         misses = self.misses.read()
         rows = self.cpu.rows()
-        return max(0, misses - self._rescued(rows)), rows
+        return max(0, misses - self._not_lost(rows)), rows
 
     def _start_crosscheck(self, tracefs: Path) -> None:
         from tcpstates.plugins.kernel.truth import TruthCounter
@@ -590,7 +599,8 @@ class KernelProbe:
     def kernel_counts(self) -> dict[str, int]:
         """The program's own per-CPU counters, summed (for the exit summary and tests)."""
         rows = self.cpu.rows()
-        return {**self.cpu.totals(), "rescued": self._rescued(rows)}
+        return {**self.cpu.totals(), "rescued": self._rescued(rows),
+                "not_tcp_when_nested": sum(r[NESTED_OTHER_FIELD] for r in rows[self.ncpus:])}
 
     def close(self) -> None:
         if self.truth is not None:
