@@ -101,7 +101,8 @@ struct tcpstates_cpu {
     u64 running;      /* raw form, main program's slot: 1 from its first instruction
                          to its last (what the rescue tests, bpf/tcpstates.bpf.c) */
     u64 nested_other; /* raw form, rescue's slot: skipped changes of sockets other
-                         than TCP (MPTCP's msk): the main program's misses, not ours */
+                         than TCP (DCCP's, before Linux 6.16): the main program's
+                         misses, not lost events of ours */
 };
 
 /* In-kernel aggregates (-DTCPSTATES_AGGREGATES, bpf/aggregates.bpf.h): one

@@ -476,9 +476,9 @@ def _repeated_transitions(records: list[dict]) -> list[tuple]:
     return repeated
 
 
-@pytest.mark.kernel
-def test_real_nesting_is_rescued_once_and_every_change_accounted(tracer, lo_steered_to_cpu0):
-    from summary import parse_summary
+def _steered_storm(tracer) -> tuple[list[dict], str, int]:
+    """A 2-thread connection storm on one port under a JSON Lines tracer:
+    (the port's state-change records, the tracer's stderr, the connections made)."""
     port = free_port()
     t = tracer("--sink", "jsonl", "-o", "tcpstates.owner=off")
     load = subprocess.run([sys.executable, str(LOADGEN), "--port", str(port), "--threads", "2",
@@ -490,13 +490,28 @@ def test_real_nesting_is_rescued_once_and_every_change_accounted(tracer, lo_stee
     assert rc == 0, err
     records = [r for r in map(orjson.loads, out.splitlines())
                if r["type"] == "state_change" and port in (r["lport"], r["rport"])]
-    m = re.search(r"; (\d+) rescued when nested", err)
+    return records, err, connections
+
+
+@pytest.mark.kernel
+def test_real_nesting_is_rescued_once_and_every_change_accounted(tracer, lo_steered_to_cpu0):
+    from summary import parse_summary
+    rescued_runs = []
+    # Nesting is likely under the steering, not certain in 2 s (the scheduler
+    # may keep CPU 0 out of system calls): up to 3 storms until one nested.
+    # The invariants are required of every storm.
+    for _attempt in range(3):
+        records, err, connections = _steered_storm(tracer)
+        m = re.search(r"; (\d+) rescued when nested", err)
+        # ...`running` cleared after the main program's run: nothing recorded by both programs
+        assert _repeated_transitions(records) == [], _repeated_transitions(records)[:5]
+        # every change of the load (10 a connection, the listener's 2) printed or reported lost
+        expected = 10 * connections + 2
+        s = parse_summary(err)
+        assert len(records) <= expected, (len(records), expected)
+        assert expected - len(records) <= s.reported_losses, (expected, len(records), err)
+        rescued_runs.append(int(m.group(1)) if m else 0)
+        if rescued_runs[-1] > 0:
+            break
     # nesting happened and the rescue took it: `running` is set while the main program runs
-    assert m and int(m.group(1)) > 0, err
-    # ...and cleared after: nothing is recorded by both programs
-    assert _repeated_transitions(records) == [], _repeated_transitions(records)[:5]
-    # every change of the load (10 a connection, the listener's 2) printed or reported lost
-    expected = 10 * connections + 2
-    s = parse_summary(err)
-    assert len(records) <= expected, (len(records), expected)
-    assert expected - len(records) <= s.reported_losses, (expected, len(records), err)
+    assert rescued_runs[-1] > 0, (rescued_runs, err)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,16 @@ def test_example_is_listed_with_distribution_and_options(example_installed):
     # the schema's bounds and choices are shown
     proto = next(o for o in svc["options"] if o["name"] == "protocol")
     assert proto["choices"] == ["tcp", "udp", "sctp"]
+
+
+def test_the_examples_own_tests_pass(example_installed):
+    """examples/tcpstates-services/tests, as its README tells a plugin author to
+    run them (pytest's testpaths cover only tests/: run here, so ./test.sh runs them)."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(EXAMPLE / "tests")], capture_output=True, text=True, timeout=300, cwd=EXAMPLE)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    collected = len(re.findall(r"^def test_", (EXAMPLE / "tests" / "test_services.py").read_text(), re.M))
+    assert f"{collected} passed" in r.stdout, r.stdout[-2000:]
 
 
 REPLAY_RECORD = {"type": "state_change", "v": 1, "seq": 1, "time": "2026-11-27T08:00:00.000000000Z",
