@@ -74,9 +74,6 @@
  *   TCPSTATES_TEST_NEST_PORT  (raw form) the main program acts as if the kernel had
  *                             skipped it for this port's changes and the rescue
  *                             takes them (nesting cannot be had on demand)
- *   TCPSTATES_TEST_NOT_TCP_PORT  (raw form) this port's sockets read as another
- *                             protocol than TCP (on Linux >= 6.16 no other
- *                             protocol fires the tracepoint: DCCP is gone)
  * The port sets themselves live in maps filled from Python after load, so the
  * C text never changes with the user's ports.
  */
@@ -546,13 +543,6 @@ static __always_inline int read_state_args(struct bpf_raw_tracepoint_args *ctx,
     const char *sk = (const char *)ctx->args[0];
     u16 protocol = 0, be_sport = 0, be_dport = 0;
     bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
-#ifdef TCPSTATES_TEST_NOT_TCP_PORT
-    bpf_probe_read_kernel(&be_sport, sizeof(be_sport), sk + TCPSTATES_OFF_INET_SOCK_SPORT);
-    bpf_probe_read_kernel(&be_dport, sizeof(be_dport), sk + TCPSTATES_OFF_SOCK_SKC_DPORT);
-    if (tcpstates_ntohs(be_sport) == TCPSTATES_TEST_NOT_TCP_PORT ||
-        tcpstates_ntohs(be_dport) == TCPSTATES_TEST_NOT_TCP_PORT)
-        protocol = 33;   /* as a DCCP socket's would read (IPPROTO_DCCP) */
-#endif
     if (protocol != TCPSTATES_IPPROTO_TCP)
         return 0;
     a->skaddr = sk;

@@ -82,7 +82,9 @@ struct tcpstates_conn_event {
 
 /* One per CPU, in a memory-mappable array: user space reads it without a
  * bpf() syscall (a map syscall blocks tracepoint programs on that CPU for
- * its duration, which the kernel counts as misses). 64 bytes: one cache line.
+ * its duration, which the kernel counts as misses). 128 bytes, two cache lines:
+ * the rows are written on every state change, each by its own CPU, and must not
+ * share a line (a row of ten u64 would straddle into the next CPU's).
  *
  * hits/done bracket every run of the program that passed the protocol check:
  * hits != done means a run is in flight on that CPU, and start_ns (written
@@ -101,8 +103,9 @@ struct tcpstates_cpu {
     u64 running;      /* raw form, main program's slot: 1 from its first instruction
                          to its last (what the rescue tests, bpf/tcpstates.bpf.c) */
     u64 nested_other; /* raw form, rescue's slot: skipped changes of sockets other
-                         than TCP (DCCP's, before Linux 6.16): the main program's
+                         than TCP (MPTCP's own socket, SCTP): the main program's
                          misses, not lost events of ours */
+    u64 pad[6];       /* to 128 bytes (above) */
 };
 
 /* In-kernel aggregates (-DTCPSTATES_AGGREGATES, bpf/aggregates.bpf.h): one

@@ -402,32 +402,60 @@ def test_the_rescue_also_accumulates_connection_records(tracer):
     assert s.kernel_misses == 0 and s.unaccounted == 0 and re.search(r"; \d+ rescued when nested", err), err
 
 
+def _mptcp_connections(port: int, n: int) -> None:
+    """n MPTCP connections on loopback: the MPTCP sockets' own state changes fire
+    the tracepoint (protocol 262), their TCP subflows' too."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(8)
+        for _ in range(n):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP) as c:
+                c.connect(("127.0.0.1", port))
+                conn, _ = listener.accept()
+                c.sendall(b"x")
+                assert conn.recv(1) == b"x"
+                c.close()
+                conn.recv(1)
+                conn.close()
+
+
+IPPROTO_MPTCP = 262
+
+
 @pytest.mark.kernel
 def test_a_skipped_change_of_another_protocol_is_not_a_lost_event(tracer):
     # The kernel counts every skipped run as a miss, whatever the socket; a
-    # nested change of a socket other than TCP (DCCP's, before Linux 6.16) is
-    # no lost event of ours. On this kernel only TCP sockets fire the
-    # tracepoint, so a second test-only switch (TCPSTATES_TEST_NOT_TCP_PORT)
-    # makes one port's sockets read as DCCP's, on top of the nesting fake.
+    # nested change of a socket other than TCP (an MPTCP socket's own, an SCTP
+    # socket's: they fire the same tracepoint) is no lost event of ours. Real
+    # MPTCP sockets, under the nesting fake of the tests above: the main program
+    # acts skipped for the port, the rescue takes the TCP subflows' changes and
+    # counts the MPTCP sockets' own apart.
     from summary import parse_summary
-    from traffic import client_closes_first
-    port, plain_port = free_port(), free_port()
-    t = tracer("--sink", "jsonl", "-o", "tcpstates.owner=off",
-               env={"TCPSTATES_TEST_NEST_PORT": str(port), "TCPSTATES_TEST_NOT_TCP_PORT": str(port)})
-    client_closes_first(port, NESTED)
-    client_closes_first(plain_port, NESTED)
-    rc, out, err = t.stop()
-    assert rc == 0, err
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP).close()
+    except OSError as exc:
+        pytest.skip(f"no MPTCP here ({exc}): net.mptcp.enabled=1 and a kernel with CONFIG_MPTCP")
+    for _attempt in range(3):
+        port = free_port()
+        t = tracer("--sink", "jsonl", "-o", "tcpstates.owner=off",
+                   env={"TCPSTATES_TEST_NEST_PORT": str(port)})
+        _mptcp_connections(port, NESTED)
+        rc, out, err = t.stop()
+        assert rc == 0, err
+        if not lost_reported(err):
+            break
     records = [orjson.loads(line) for line in out.splitlines()]
-    assert _shape(records, port) == [] and len(_shape(records, plain_port)) == 2 + 10 * NESTED, records
     m = re.search(r"; (\d+) not tcp when nested", err)
-    # exactly this port's changes (the listener's two, five per socket); a
-    # change elsewhere on the host can only add to them, never more than a few
-    assert m and 2 + 10 * NESTED <= int(m.group(1)) < 2 + 10 * NESTED + 5, err
+    # at least a listen and a close of the MPTCP listener, and each connection's sockets' own
+    assert m and int(m.group(1)) >= 2 + NESTED, err
+    # the subflows are TCP: taken by the rescue and printed, every connection's
+    subflows = _shape(records, port)
+    assert len(subflows) >= 2 + 10 * NESTED, records
+    m = re.search(r"; (\d+) rescued when nested", err)
+    assert m and int(m.group(1)) >= len(subflows), err
     s = parse_summary(err)
-    # no miss is counted for them; the cross-check (ftrace, which sees these
-    # sockets as the TCP sockets they really are) reports exactly them unseen
-    assert s.kernel_misses == 0 and s.unaccounted == int(m.group(1)), err
+    assert s.kernel_misses == 0 and s.unaccounted == 0, err
 
 
 # -- real nesting, on demand ---------------------------------------------------------------

@@ -382,11 +382,13 @@ def test_c_record_layout_matches_the_decoder(tmp_path):
             + [conn[f] for f in CONN_FIELDS])
     assert want == _py_layout(conndecoder.CONN_STRUCT.format)
     assert conn["sizeof"][0] == conndecoder.CONN_SIZE and const["TCPSTATES_NSTATES"] == conndecoder.NSTATES
-    # the per-CPU state: eight u64, the first seven named as cpustate reads them
+    # the per-CPU state: ten u64, the first seven named as cpustate reads them, the
+    # tenth where the probe reads it, the row padded to 128 bytes (its own cache lines)
     cpu = c["tcpstates_cpu"]
     assert [cpu[f] for f in CPU_FIELDS] == _py_layout(cpustate.CPU_STATE.format, split=True)
     assert tuple(CPU_FIELDS[:len(cpustate.FIELDS)]) == cpustate.FIELDS
-    assert cpu["sizeof"][0] == cpustate.CPU_STATE_SIZE
+    assert cpu["sizeof"][0] == cpustate.CPU_STATE_SIZE == 128
+    assert CPU_FIELDS[cpustate.NESTED_OTHER] == "nested_other"
     # the aggregates: one flat row of u64 words (what C writes is read back below)
     assert c["tcpstates_agg"]["sizeof"][0] == aggregates.AGG_SIZE
     assert (const["TCPSTATES_AGG_BUCKETS"], const["TCPSTATES_AGG_EXTRA"]) == (aggregates.BUCKETS,
@@ -525,3 +527,43 @@ def test_recursion_misses_are_read_again_through_the_descriptor_kept_from_the_st
     assert counter.fd == -1 and counter.read() == 0
     for fd in (r, w, memfd):
         os.close(fd)
+
+
+class _Fixed:
+    """A stand-in for the kernel's counters (RecursionMisses, CpuState): fixed
+    values, since no real nesting can be had on demand for a unit test."""
+
+    def __init__(self, misses: int, rows: list[tuple[int, ...]]) -> None:
+        self._misses, self._rows = misses, rows
+
+    def read(self) -> int:
+        return self._misses
+
+    def rows(self) -> list[tuple[int, ...]]:
+        return self._rows
+
+    def totals(self) -> dict[str, int]:
+        return {}
+
+
+def _row(hits: int = 0, nested_other: int = 0) -> tuple[int, ...]:
+    return (hits, hits, 0, 0, hits, 0, 0, 0, 0, nested_other)
+
+
+@pytest.mark.parametrize("misses, rescue_rows, lost", [
+    (10, [_row(3, 2), _row(1, 0)], 4),     # 3 + 1 rescued, 2 of MPTCP/SCTP sockets: 4 lost
+    (5, [_row(2, 3), _row(0, 0)], 0),      # every skip taken or not TCP's
+    (0, [_row(0, 0), _row(0, 0)], 0),      # nothing skipped
+    (1, [_row(2, 0), _row(0, 0)], 0),      # the test-only nesting fake: rescues no miss counts
+])
+def test_kernel_misses_are_the_skips_nobody_took_and_not_tcp_ones_are_not_lost(misses, rescue_rows, lost):
+    from tcpstates.plugins.kernel.probe import KernelProbe
+    probe = object.__new__(KernelProbe)      # the accounting only, without a kernel
+    probe.ncpus = 2
+    main_rows = [_row(100), _row(50)]
+    probe.misses = _Fixed(misses, [])
+    probe.cpu = _Fixed(0, main_rows + rescue_rows)
+    got, rows = probe._misses_and_rows()
+    assert got == lost and rows == main_rows + rescue_rows
+    assert probe._seen()[2] == lost
+    assert probe.kernel_counts()["not_tcp_when_nested"] == sum(r[9] for r in rescue_rows)

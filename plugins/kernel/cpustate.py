@@ -16,9 +16,10 @@ from __future__ import annotations
 import mmap
 import struct
 
-# struct tcpstates_cpu: 10 x u64
+# struct tcpstates_cpu: 10 x u64 read, padded to 128 bytes (a row per CPU,
+# never sharing a cache line with another CPU's)
 CPU_STATE = struct.Struct("<10Q")
-CPU_STATE_SIZE = CPU_STATE.size
+CPU_STATE_SIZE = 128
 FIELDS = ("hits", "done", "start_ns", "filtered", "ringed", "spilled", "drops")
 NESTED_OTHER = 9   # the rescue's rows: skipped changes of sockets other than TCP
 

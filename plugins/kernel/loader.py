@@ -212,11 +212,25 @@ def _silent_exit_message(status: int, capture: IO[bytes]) -> str:
 
 def load(req: LoadRequest) -> Loaded:
     """Fork, load in the child, receive the descriptors; raise its errors here."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # The compiler's output goes to a file this process holds: when LLVM
     # ends the child with a fatal error, its message is still readable here.
-    capture = tempfile.TemporaryFile()
-    pid = os.fork()
+    try:
+        capture = tempfile.TemporaryFile()
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot create a temporary file for the BPF compiler's output "
+                                 f"({exc}): set TMPDIR to a writable directory") from None
+    with capture:
+        return _load_with(req, capture)
+
+
+def _load_with(req: LoadRequest, capture: IO[bytes]) -> Loaded:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        raise
     if pid == 0:   # ---- child ----
         try:
             ours.close()
@@ -251,9 +265,7 @@ def load(req: LoadRequest) -> Loaded:
         _, status, usage = os.wait4(pid, 0)
     helper_peak_kb = usage.ru_maxrss
     if not data:
-        with capture:
-            raise EnvironmentProblem(_silent_exit_message(status, capture))
-    capture.close()
+        raise EnvironmentProblem(_silent_exit_message(status, capture))
     if "error" in msg:
         for fd in fds:
             os.close(fd)

@@ -286,9 +286,6 @@ class KernelProbe:
         nest = os.environ.get("TCPSTATES_TEST_NEST_PORT", "")
         if nest.isdigit() and 0 < int(nest) < 65536 and self.attachment.raw:   # fault injection, tests only
             cflags.append(f"-DTCPSTATES_TEST_NEST_PORT={int(nest)}")
-        other = os.environ.get("TCPSTATES_TEST_NOT_TCP_PORT", "")
-        if other.isdigit() and 0 < int(other) < 65536 and self.attachment.raw:   # tests only
-            cflags.append(f"-DTCPSTATES_TEST_NOT_TCP_PORT={int(other)}")
         skip = os.environ.get("TCPSTATES_TEST_SKIP_CLOSE_PORT", "")
         if skip.isdigit() and 0 < int(skip) < 65536:   # fault injection for the tests only
             cflags.append(f"-DTCPSTATES_TEST_SKIP_CLOSE_PORT={int(skip)}")

@@ -175,7 +175,7 @@ class KernelSource(Source):
         notes = {"via_spill_buffer": counts["spilled"], "filtered_in_kernel": counts["filtered"]}
         if self.probe.attachment.raw:
             notes["rescued_when_nested"] = counts["rescued"]
-            # skips the kernel counted that were no TCP socket's (DCCP's):
+            # skips the kernel counted that were no TCP socket's (MPTCP's, SCTP's):
             # not losses, and not among the kernel misses either
             notes["not_tcp_when_nested"] = counts["not_tcp_when_nested"]
         if self.probe.connections:
