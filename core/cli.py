@@ -283,6 +283,12 @@ def _main(argv: list[str]) -> int:
         _fatal(f"error: {exc}", exc.exit_status)
     except StageError as exc:
         _fatal(f"error: {exc}; --strict or on_error=fail ended the run", exc.exit_status)
+    except interrupt.StopRequested:
+        # SIGINT/SIGTERM while the source attached (the BPF compile): a stop,
+        # not a failure; nothing was traced, so there is no summary to give
+        Warner().write_block("tcpstates: stopped before tracing began; nothing was traced\n",
+                             timeout=REPORT_WAIT_S)
+        return 0
     except KeyboardInterrupt:
         return 130
     except interrupt.ForcedStop as exc:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from tracer import run_cli
+from tracer import run_cli, tcpstates_argv
 
 pytestmark = pytest.mark.root
 
@@ -66,3 +69,41 @@ def test_loader_ended_by_llvm_says_how_and_what_the_compiler_printed(tmp_path):
     text = str(err.value)
     assert "exited with status 1" in text and "__divti3" in text and "is not supported" in text, text
     assert "killed?" not in text and "\n" not in text
+
+
+def _loader_child_ready(pid: int, deadline: float) -> int:
+    """The loader's child of tracer `pid` once it takes SIGINT's default action
+    (its first step: before that, a SIGINT would run the tracer's own handler
+    in the child). Returns the child's PID."""
+    while time.monotonic() < deadline:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    try:
+                        with open(f"/proc/{child}/status") as st:
+                            caught = next(int(l.split()[1], 16) for l in st if l.startswith("SigCgt:"))
+                    except (OSError, StopIteration):
+                        continue
+                    if not caught & (1 << (signal.SIGINT - 1)):
+                        return int(child)
+        time.sleep(0.005)   # polling /proc: the child signals nothing of its own
+    raise AssertionError("the BPF loader's child never appeared")
+
+
+def test_ctrl_c_while_the_program_compiles_is_a_stop_not_an_error():
+    # Ctrl-C reaches the whole process group: the tracer and its loader child,
+    # which dies of it mid-compile. That is a stop before tracing began — exit 0,
+    # one line, nothing on stdout — not "BPF loader killed by SIGINT", exit 1.
+    proc = subprocess.Popen(tcpstates_argv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _loader_child_ready(proc.pid, time.monotonic() + 30)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert err == b"tcpstates: stopped before tracing began; nothing was traced\n", err
+    assert out == b""

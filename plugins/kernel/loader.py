@@ -22,6 +22,7 @@ import socket
 import tempfile
 from typing import IO, Any
 
+from tcpstates import interrupt
 from tcpstates.errors import EnvironmentProblem, UsageError
 from tcpstates.plugins.kernel.attach import PROG_TRACEPOINT, RAW_TRACEPOINT
 from tcpstates.plugins.kernel.perfbuf import PerfBufferReader
@@ -265,6 +266,11 @@ def _load_with(req: LoadRequest, capture: IO[bytes]) -> Loaded:
         _, status, usage = os.wait4(pid, 0)
     helper_peak_kb = usage.ru_maxrss
     if not data:
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGINT, signal.SIGTERM) \
+                and interrupt.requested():
+            # Ctrl-C (the whole process group) or a stop of the service while
+            # the program compiled: a stop before tracing began, not a fault
+            raise interrupt.StopRequested()
         raise EnvironmentProblem(_silent_exit_message(status, capture))
     if "error" in msg:
         for fd in fds:
