@@ -134,7 +134,16 @@ def _child(req: LoadRequest, capture: IO[bytes]) -> tuple[dict[str, Any], list[i
         # bcc's attach_raw_tracepoint takes one program per tracepoint: the
         # attachment is made here, as it does it.
         from bcc.libbcc import lib as libbcc_lib
-        fn = bpf.load_func(req.rescue_prog, bcc.BPF.RAW_TRACEPOINT)
+        rescue_error: Exception | None = None
+        with captured_output(capture) as err:   # a verifier log goes here, not to our stderr
+            try:
+                fn = bpf.load_func(req.rescue_prog, bcc.BPF.RAW_TRACEPOINT)
+            except Exception as exc:
+                rescue_error = exc
+        if rescue_error is not None:
+            log = " | ".join(l for l in err[0].strip().splitlines()[-4:] if l.strip())
+            raise EnvironmentProblem(f"the rescue program did not load ({rescue_error}): "
+                                     f"{log or 'no verifier output'}; use attach = \"tracepoint\"")
         fd = libbcc_lib.bpf_attach_raw_tracepoint(fn.fd, RAW_TRACEPOINT)
         if fd < 0:
             raise EnvironmentProblem("could not attach the rescue program to the raw tracepoint "
