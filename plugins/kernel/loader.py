@@ -104,6 +104,11 @@ def inline_local_includes(src_file: str) -> str:
         return LOCAL_INCLUDE.sub(paste, f.read())
 
 
+def _last_lines(text: str, n: int = 6) -> str:
+    """The last n non-blank lines of what the compiler or verifier printed, on one line."""
+    return " | ".join([line.strip() for line in text.strip().splitlines() if line.strip()][-n:])
+
+
 def _child(req: LoadRequest, capture: IO[bytes]) -> tuple[dict[str, Any], list[int], Any]:
     from tcpstates.plugins.kernel.bccimport import captured_output, import_bcc
 
@@ -117,7 +122,7 @@ def _child(req: LoadRequest, capture: IO[bytes]) -> tuple[dict[str, Any], list[i
         except Exception as exc:
             compile_error = exc
     if compile_error is not None:
-        message = " | ".join(l for l in err[0].strip().splitlines()[-6:] if l.strip())
+        message = _last_lines(err[0])
         hint = ("install kernel headers (linux-headers-$(uname -r), or the generic "
                 "linux-headers package) and retry" if "kconfig.h" in message or
                 "kernel headers" in message.lower() else "run 'tcpstates doctor' for details")
@@ -141,7 +146,7 @@ def _child(req: LoadRequest, capture: IO[bytes]) -> tuple[dict[str, Any], list[i
             except Exception as exc:
                 rescue_error = exc
         if rescue_error is not None:
-            log = " | ".join(l for l in err[0].strip().splitlines()[-4:] if l.strip())
+            log = _last_lines(err[0], 4)
             raise EnvironmentProblem(f"the rescue program did not load ({rescue_error}): "
                                      f"{log or 'no verifier output'}; use attach = \"tracepoint\"")
         fd = libbcc_lib.bpf_attach_raw_tracepoint(fn.fd, RAW_TRACEPOINT)
@@ -207,14 +212,14 @@ def _silent_exit_message(status: int, capture: IO[bytes]) -> str:
     """Why the loader's child ended without an answer: its exit or signal and
     the last lines the compiler printed (an LLVM fatal error exits at once)."""
     if os.WIFSIGNALED(status):
-        how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}" \
-            if os.WTERMSIG(status) in signal.Signals._value2member_map_ else \
-            f"was killed by signal {os.WTERMSIG(status)}"
+        try:
+            how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:
+            how = f"was killed by signal {os.WTERMSIG(status)}"
     else:
         how = f"exited with status {os.waitstatus_to_exitcode(status)}"
     capture.seek(0)
-    lines = [line.strip() for line in capture.read().decode("utf-8", "replace").splitlines()]
-    printed = " | ".join([line for line in lines if line][-6:])
+    printed = _last_lines(capture.read().decode("utf-8", "replace"))
     return (f"the BPF loader {how} without an answer"
             + (f"; the compiler printed: {printed}" if printed else " and printed nothing")
             + "; run 'tcpstates doctor' for details")

@@ -363,10 +363,14 @@ class KernelProbe:
         """State changes the rescue program ran for (its rows' hits)."""
         return sum(r[0] for r in rows[self.ncpus:])
 
+    def _not_tcp(self, rows: list[tuple[int, ...]]) -> int:
+        """Skipped changes of sockets other than TCP (the rescue's rows' nested_other)."""
+        return sum(r[NESTED_OTHER_FIELD] for r in rows[self.ncpus:])
+
     def _not_lost(self, rows: list[tuple[int, ...]]) -> int:
         """The main program's counted skips that lost nothing: the rescued
-        ones and those of sockets other than TCP (its rows' nested_other)."""
-        return sum(r[0] + r[NESTED_OTHER_FIELD] for r in rows[self.ncpus:])
+        ones and those of sockets other than TCP."""
+        return self._rescued(rows) + self._not_tcp(rows)
 
     def _misses_and_rows(self) -> tuple[int, list[tuple[int, ...]]]:
         """Skipped runs of the main program that the rescue did not take, and
@@ -597,7 +601,7 @@ class KernelProbe:
         """The program's own per-CPU counters, summed (for the exit summary and tests)."""
         rows = self.cpu.rows()
         return {**self.cpu.totals(), "rescued": self._rescued(rows),
-                "not_tcp_when_nested": sum(r[NESTED_OTHER_FIELD] for r in rows[self.ncpus:])}
+                "not_tcp_when_nested": self._not_tcp(rows)}
 
     def close(self) -> None:
         if self.truth is not None:
