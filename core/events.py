@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from tcpstates.text import escape_text
+from tcpstates.text import escape_name
 
 
 
@@ -197,5 +197,7 @@ def connection_of(e: "Event") -> Connection | None:
 
 
 def sanitize_text(raw: str) -> str:
-    """Kept for plugins written against it: the same as `tcpstates.text.escape_text`."""
-    return escape_text(raw)
+    """A name from outside as an event field holds it: `tcpstates.text.escape_name`
+    (control characters as \\xNN, a backslash doubled). Kept under this name for
+    plugins written against it."""
+    return escape_name(raw)

@@ -321,6 +321,36 @@ def test_owner_names_set_with_prctl_are_escaped_in_text(tracer, tmp_path):
     assert not any(line.startswith("FAKE") for line in out.splitlines())   # no forged line
 
 
+@pytest.mark.kernel
+def test_a_name_that_spells_an_escape_never_looks_like_the_name_it_spells(tracer, tmp_path):
+    """Escaping is one-to-one: one real process names itself with the printable
+    characters `a\\x0aB`, another with a real newline (`a`, LF, `B`). Each
+    connects; both rows (C-COMM and the owner's O-COMM) must tell them apart."""
+    from traffic import free_port
+    port = free_port()
+    t = tracer("-w", "--owner", "-D", str(port))
+    for name in (rb"a\x0aB", b"a\nB"):
+        code = textwrap.dedent(f"""
+            import ctypes, socket
+            ctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)
+            s = socket.socket()
+            try:
+                s.connect(("127.0.0.1", {port}))
+            except OSError:
+                pass
+            """)
+        subprocess.run([sys.executable, "-c", code], check=True)
+    rc, out, err = t.stop()
+    assert rc == 0, err
+    rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
+    comms = {row[2] for row in rows}                       # C-COMM
+    assert "a\\\\x0aB" in comms, out                        # the literal name, backslash doubled
+    assert "a\\x0aB" in comms, out                           # the newline, escaped
+    assert len(rows) == 4, out                  # 2 refused connects, 2 changes each: no forged row
+    owners = [line for line in out.splitlines() if "a\\\\x0aB" in line]
+    assert any(line.count("a\\\\x0aB") == 2 for line in owners), out   # O-COMM too
+
+
 # -- audit of issue 14: the same class at the remaining text boundaries ------------------------
 HOSTILE_PLUGIN = '''
 import dataclasses

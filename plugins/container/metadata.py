@@ -21,24 +21,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import stat
 import time
 from typing import Any
 
+from tcpstates.text import escape_name
+
 MAX_BUNDLE = 4 << 20           # a config.json is a few KiB; refuse anything absurd
 MAX_STORE = 64 << 20           # containers.json grows with the number of containers
 MAX_NAME = 512
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 
 FIELDS = ("k8s_namespace", "k8s_pod", "k8s_container", "container_name", "container_image")
 
 
 def clean(value: Any) -> str | None:
-    """A name from outside: a non-empty bounded string, control characters escaped."""
+    """A name from outside: a non-empty bounded string, escaped as every name in
+    an event is (escape_name: control and format characters as \\xNN, a
+    backslash doubled)."""
     if not isinstance(value, str) or not value or len(value) > MAX_NAME:
         return None
-    return _CONTROL.sub(lambda m: "\\\\" if m.group() == "\\" else "\\x%02x" % ord(m.group()), value)
+    return escape_name(value)
 
 
 def read_json(path: str, limit: int = MAX_BUNDLE) -> Any:

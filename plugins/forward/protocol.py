@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from tcpstates.events import sanitize_text
+from tcpstates.text import escape_text
 
 #: an ack is ~40 bytes and a HELO/PONG a few hundred: a receiver sending more
 #: than this in one exchange is broken or hostile, never buffered further
@@ -55,7 +55,7 @@ def parse_address(text: str) -> tuple[int, Any]:
     or an RFC 1123 name, a port 1-65535, a unix path absolute and short
     enough for sun_path.
     """
-    shown = sanitize_text(text)
+    shown = escape_text(text)
     if text.startswith("unix:"):
         path = text[len("unix:"):]
         path = path[2:] if path.startswith("//") else path
@@ -150,7 +150,7 @@ class Handshake:
         if not (isinstance(pong, list) and len(pong) >= 5 and pong[0] in (b"PONG", "PONG")):
             raise ProtocolError(f"expected PONG from the receiver, got {describe(pong)}")
         if pong[1] is not True:
-            reason = sanitize_text(_bytes(pong[2]).decode("utf-8", "replace")) if pong[2] else "no reason"
+            reason = escape_text(_bytes(pong[2]).decode("utf-8", "replace")) if pong[2] else "no reason"
             raise ProtocolError(f"receiver refused the handshake: {reason} "
                                 f"(check shared_key, username, password)")
         expect = _hex(self.salt, _bytes(pong[3]), self.nonce, self.key)
@@ -161,4 +161,4 @@ class Handshake:
 def describe(value: Any) -> str:
     """A short, escaped rendering of a receiver's message for our warnings."""
     text = repr(value)
-    return sanitize_text(text[:120] + ("..." if len(text) > 120 else ""))
+    return escape_text(text[:120] + ("..." if len(text) > 120 else ""))
