@@ -299,15 +299,11 @@ def test_doctor_as_non_root_reports_instead_of_crashing(as_nobody):
     assert r.returncode == 1 and "FAIL root" in r.stdout.decode()
 
 
-@pytest.mark.kernel
-def test_owner_names_set_with_prctl_are_escaped_in_text(tracer, tmp_path):
-    """A real process renames itself with prctl(PR_SET_NAME) and connects."""
-    from traffic import free_port
-    port = free_port()
-    t = tracer("--owner", "-D", str(port))
+def _connect_as(name: bytes, port: int) -> None:
+    """A real process that renames itself with prctl(PR_SET_NAME) and connects to port."""
     code = textwrap.dedent(f"""
         import ctypes, socket
-        ctypes.CDLL(None).prctl(15, b"a\\nFAKE\\x1b[31m", 0, 0, 0)
+        ctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)
         s = socket.socket()
         try:
             s.connect(("127.0.0.1", {port}))
@@ -315,6 +311,15 @@ def test_owner_names_set_with_prctl_are_escaped_in_text(tracer, tmp_path):
             pass
         """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.kernel
+def test_owner_names_set_with_prctl_are_escaped_in_text(tracer, tmp_path):
+    """A real process renames itself with prctl(PR_SET_NAME) and connects."""
+    from traffic import free_port
+    port = free_port()
+    t = tracer("--owner", "-D", str(port))
+    _connect_as(b"a\nFAKE\x1b[31m", port)
     rc, out, err = t.stop()
     assert rc == 0, err
     assert "\x1b" not in out and "FAKE" in out
@@ -330,16 +335,7 @@ def test_a_name_that_spells_an_escape_never_looks_like_the_name_it_spells(tracer
     port = free_port()
     t = tracer("-w", "--owner", "-D", str(port))
     for name in (rb"a\x0aB", b"a\nB"):
-        code = textwrap.dedent(f"""
-            import ctypes, socket
-            ctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)
-            s = socket.socket()
-            try:
-                s.connect(("127.0.0.1", {port}))
-            except OSError:
-                pass
-            """)
-        subprocess.run([sys.executable, "-c", code], check=True)
+        _connect_as(name, port)
     rc, out, err = t.stop()
     assert rc == 0, err
     rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
