@@ -32,11 +32,11 @@ from tcpstates.api import (  # noqa: E402
     Sink,
     Source,
 )
-from tcpstates.errors import ConfigError, UsageError  # noqa: E402
+from tcpstates.errors import ConfigError, UsageError, mark_written  # noqa: E402
 from tcpstates.events import Event, TcpState, sanitize_text  # noqa: E402
 from tcpstates.hookspecs import hookimpl  # noqa: E402
 from tcpstates.options import NoOptions, option  # noqa: E402
 
 __all__ = ["hookimpl", "Source", "Filter", "Enricher", "Sink", "Event", "TcpState", "option",
            "ConfigError", "UsageError", "NoOptions", "KernelConstraints", "RunContext",
-           "sanitize_text", "__version__"]
+           "sanitize_text", "mark_written", "__version__"]

@@ -38,3 +38,25 @@ class StageError(Exception):
 class SinkUnavailable(UsageError):
     """A sink's destination is missing or refused at run time (a sink failure
     handled by its on_error policy, unlike a configuration mistake)."""
+
+
+# The attribute an error raised by Sink.write carries: how many events of the
+# batch the sink's output holds. An attribute, not a wrapper exception, so the
+# error keeps its own type (BrokenPipeError stays "the reader is gone").
+_WRITTEN = "tcpstates_written"
+
+
+def mark_written(exc: BaseException, events: int) -> BaseException:
+    """Say, on the error a sink's `write(batch)` is about to raise, how many of
+    the batch's first events its output already holds: the pipeline counts
+    those as written and the rest as lost (the exit summary's "written" then
+    equals what the file, journald or receiver holds). Returns `exc`."""
+    setattr(exc, _WRITTEN, events)
+    return exc
+
+
+def written_before(exc: BaseException, batch: int) -> int:
+    """How many events of a batch of `batch` a failed write delivered: what
+    `mark_written` recorded, when it is a count within the batch; 0 otherwise."""
+    done = getattr(exc, _WRITTEN, 0)
+    return done if type(done) is int and 0 <= done <= batch else 0

@@ -54,7 +54,7 @@ import weakref
 from typing import Any, Callable
 
 from tcpstates import interrupt, opener, stdio
-from tcpstates.errors import UsageError
+from tcpstates.errors import UsageError, mark_written
 from tcpstates.safeopen import UntrustedPath, check_owned, entry_trusted, open_path
 
 FILE_MODE = 0o640
@@ -374,7 +374,7 @@ class LineOutput:
                 end = data.find(b"\n", done)
                 self._pending = bytes(data[done:] if end < 0 else data[done:end + 1])
                 written += end >= 0
-            exc.written = written  # type: ignore[union-attr]
+            mark_written(exc, written)
             raise
 
     def _flush_pending(self) -> None:

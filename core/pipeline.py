@@ -44,7 +44,7 @@ from tcpstates import interrupt
 from tcpstates.api import ChainStage as ChainStageBase
 from tcpstates.api import Enricher, Filter, KernelConstraints, RunContext, Sink, Source
 from tcpstates.runconfig import StageSpec
-from tcpstates.errors import EnvironmentProblem, SinkUnavailable, StageError, UsageError
+from tcpstates.errors import EnvironmentProblem, SinkUnavailable, StageError, UsageError, written_before
 from tcpstates.events import Event
 from tcpstates.outputs import OutputStalled
 
@@ -280,9 +280,8 @@ class Pipeline:
 
     @staticmethod
     def _count_partial(slot: SinkSlot, batch: list[Event], exc: BaseException) -> None:
-        """A write that failed part-way: `exc.written` events made it (default none)."""
-        done = getattr(exc, "written", 0)
-        done = done if isinstance(done, int) and 0 <= done <= len(batch) else 0
+        """A write that failed part-way: the events `mark_written` said made it (default none)."""
+        done = written_before(exc, len(batch))
         slot.written += done
         slot.lost += len(batch) - done
 

@@ -216,3 +216,43 @@ def test_a_second_stop_signal_ends_a_run_a_stage_keeps_blocked(tmp_path, sig):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+PARTIAL_SINK = HEAD + """
+from tcpstates import mark_written
+class Partial(Sink):
+    name = "partial"
+    def write(self, batch):
+        with open(pathlib.Path({out!r}), "ab") as f:
+            for i, e in enumerate(batch):
+                if i == 3:
+                    raise mark_written(OSError(28, "No space left on device"), i)
+                f.write(b"%d\\n" % e.sport)
+@hookimpl
+def tcpstates_register_sinks(register):
+    register(Partial)
+"""
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_third_party_sink_that_fails_part_way_is_counted_as_its_file_holds(tmp_path, marked):
+    """The public `mark_written` (docs/plugins.md): a sink that wrote 3 of a batch of
+    5 and then failed is summarised as 3 written and 2 lost — what its file holds;
+    without the mark, the whole batch counts as lost."""
+    out = tmp_path / "partial.out"
+    source = PARTIAL_SINK.format(out=str(out))
+    if not marked:
+        source = source.replace("raise mark_written(OSError(28, \"No space left on device\"), i)",
+                                "raise OSError(28, \"No space left on device\")")
+    env = _env(tmp_path, "tcpstates-partial", "partial_plugin", source)
+    good = tmp_path / "good.jsonl"
+    r = run_cli("--replay", str(_trace(tmp_path)), "--sink", "partial", "--sink", "jsonl",
+                "-o", f"sinks.jsonl.path={good}", env=env)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err                       # another sink works: not every sink failed
+    held = len(out.read_bytes().splitlines())
+    assert held == 3, out.read_bytes()
+    summary = err.strip().splitlines()[-1]
+    assert f"written: partial {3 if marked else 0}, jsonl 5" in summary, err
+    assert f"not written: partial {2 if marked else 5}" in summary, err
+    assert "No space left on device" in err, err

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from tcpstates.api import RunContext, Sink
-from tcpstates.errors import UsageError
+from tcpstates.errors import UsageError, mark_written
 from tcpstates.events import AF_INET, CONNECTION, STATE_NAMES, Connection, Event, connection_of
 from tcpstates.options import option
 from tcpstates.plugins.journal.bounded import BoundedSends
@@ -313,7 +313,7 @@ class JournalSink(Sink):
                     send(fields(e))
                     done += 1
         except Exception as exc:
-            exc.written = done   # type: ignore[attr-defined]
+            mark_written(exc, done)
             raise
         finally:
             self.sent += done
