@@ -197,6 +197,33 @@ class KernelProbe:
     by an earlier record of the same socket.
     """
 
+    def _fault_injection_cflags(self) -> list[str]:
+        """The test suite's fault injection (lost, reused, nested and skipped
+        hits that cannot be had on demand): compile switches named by
+        TCPSTATES_TEST_* environment variables. A run with any of them on loses
+        or alters events on purpose, so it says so: never silently."""
+        out, named = [], []
+        lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
+        if lose.isdigit() and int(lose) > 0:
+            out.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
+            named.append("TCPSTATES_TEST_LOSE_EVERY")
+        if os.environ.get("TCPSTATES_TEST_REUSE") == "1":
+            out.append("-DTCPSTATES_TEST_REUSE")
+            named.append("TCPSTATES_TEST_REUSE")
+        nest = os.environ.get("TCPSTATES_TEST_NEST_PORT", "")
+        if nest.isdigit() and 0 < int(nest) < 65536 and self.attachment.raw:
+            out.append(f"-DTCPSTATES_TEST_NEST_PORT={int(nest)}")
+            named.append("TCPSTATES_TEST_NEST_PORT")
+        skip = os.environ.get("TCPSTATES_TEST_SKIP_CLOSE_PORT", "")
+        if skip.isdigit() and 0 < int(skip) < 65536:
+            out.append(f"-DTCPSTATES_TEST_SKIP_CLOSE_PORT={int(skip)}")
+            named.append("TCPSTATES_TEST_SKIP_CLOSE_PORT")
+        if named:
+            self._warn(f"fault injection for tests is on ({', '.join(named)}): this run loses or "
+                       f"alters events on purpose; unset {'these variables' if len(named) > 1 else 'it'} "
+                       f"for a real trace")
+        return out
+
     def __init__(self, *, ring_pages: int, max_sockets: int, buffer: str,
                  local_ports: frozenset[int] | None, remote_ports: frozenset[int] | None,
                  family: int | None, batch_size: int = 512, timer_wakeup: bool = True,
@@ -278,17 +305,7 @@ class KernelProbe:
             cflags += error_cflags
             if why_not:
                 self._warn(why_not)
-        lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
-        if lose.isdigit() and int(lose) > 0:   # fault injection for the tests only
-            cflags.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
-        if os.environ.get("TCPSTATES_TEST_REUSE") == "1":   # fault injection for the tests only
-            cflags.append("-DTCPSTATES_TEST_REUSE")
-        nest = os.environ.get("TCPSTATES_TEST_NEST_PORT", "")
-        if nest.isdigit() and 0 < int(nest) < 65536 and self.attachment.raw:   # fault injection, tests only
-            cflags.append(f"-DTCPSTATES_TEST_NEST_PORT={int(nest)}")
-        skip = os.environ.get("TCPSTATES_TEST_SKIP_CLOSE_PORT", "")
-        if skip.isdigit() and 0 < int(skip) < 65536:   # fault injection for the tests only
-            cflags.append(f"-DTCPSTATES_TEST_SKIP_CLOSE_PORT={int(skip)}")
+        cflags += self._fault_injection_cflags()
         # A perf buffer wake-up is an irq_work: a self-interrupt raised inside
         # the program, on whose exit pending softirqs (the loopback's packets)
         # run — and their tracepoint hits find the program busy (counted
