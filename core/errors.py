@@ -51,7 +51,10 @@ def mark_written(exc: BaseException, events: int) -> BaseException:
     the batch's first events its output already holds: the pipeline counts
     those as written and the rest as lost (the exit summary's "written" then
     equals what the file, journald or receiver holds). Returns `exc`."""
-    setattr(exc, _WRITTEN, events)
+    try:
+        setattr(exc, _WRITTEN, events)
+    except (AttributeError, TypeError):   # an error that takes no attributes: counted as none written
+        pass
     return exc
 
 

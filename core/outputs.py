@@ -355,8 +355,8 @@ class LineOutput:
     def write(self, data: bytes) -> None:
         """Write whole lines; with rotation, split so no file passes max_bytes.
 
-        On failure the exception carries `written`: the whole lines of `data`
-        the OS accepted before it (so a sink counts exactly)."""
+        On failure the exception carries, by `mark_written`, the whole lines of
+        `data` the OS accepted before it (so a sink counts exactly)."""
         self._accepted = 0
         try:
             if self.fd < 0 and not self.is_stdout:

@@ -19,7 +19,7 @@ def _escape_char(ch: str) -> str:
     code = ord(ch)
     if 0xDC80 <= code <= 0xDCFF:      # a byte that was not UTF-8 (surrogateescape)
         return f"\\x{code - 0xDC00:02x}"
-    if code < 0x100:
+    if code < 0x80:                   # C0, DEL; C1 below is \u0080-\u009f: never one of those bytes
         return f"\\x{code:02x}"
     if code < 0x10000:
         return f"\\u{code:04x}"

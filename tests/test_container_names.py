@@ -26,6 +26,28 @@ def test_clean_escapes_and_bounds():
     assert clean({"a": 1}) is None
 
 
+def test_names_the_docker_engine_gives_are_escaped_bounded_and_checked():
+    """The engine's JSON is outside input like the runtimes' files: names escaped
+    one-to-one, what is missing or not a string left out, never a crash."""
+    from tcpstates.plugins.container.docker_api import _names
+    assert _names({"Name": "/web\x1b[31m", "Config": {"Image": "a\\b"}}) == \
+        {"container_name": "web\\x1b[31m", "container_image": "a\\\\b"}
+    assert _names({"Name": "/web\\x1b[31m"}) == {"container_name": "web\\\\x1b[31m"}
+    assert _names({"Name": 7, "Config": ["Image"]}) == {}
+    assert _names(["not", "an", "object"]) == {} and _names(None) == {}
+    assert _names({"Name": "/" + "x" * 600}) == {}
+
+
+def test_names_taken_from_a_cgroup_path_are_escaped_one_to_one():
+    """An LXC container's name is its cgroup directory's, which a user with a
+    delegated subtree chooses: a real ESC and the four characters `\\x1b` must
+    give different names; the path itself stays as the kernel gives it."""
+    from tcpstates.plugins.container.layouts import classify
+    esc, spelled = classify("/lxc.payload.x\x1by").fields(), classify("/lxc.payload.x\\x1by").fields()
+    assert esc["container_name"] == "x\\x1by" and spelled["container_name"] == "x\\\\x1by"
+    assert esc["cgroup"] == "/lxc.payload.x\x1by"
+
+
 def test_docker_file_symlink_and_oversize_are_refused(tmp_path):
     d = tmp_path / "docker" / "containers" / CID
     d.mkdir(parents=True)

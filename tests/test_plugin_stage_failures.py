@@ -256,3 +256,19 @@ def test_a_third_party_sink_that_fails_part_way_is_counted_as_its_file_holds(tmp
     assert f"written: partial {3 if marked else 0}, jsonl 5" in summary, err
     assert f"not written: partial {2 if marked else 5}" in summary, err
     assert "No space left on device" in err, err
+
+
+def test_mark_written_takes_only_counts_within_the_batch_and_never_replaces_the_error():
+    import dataclasses as dc
+
+    from tcpstates.errors import mark_written, written_before
+
+    @dc.dataclass(frozen=True)
+    class Frozen(Exception):
+        why: str
+
+    frozen = Frozen("no attributes here")
+    assert mark_written(frozen, 3) is frozen and written_before(frozen, 5) == 0   # the sink's own error
+    for n, expected in ((3, 3), (5, 5), (6, 0), (-1, 0), (True, 0), (2.0, 0)):
+        assert written_before(mark_written(OSError(), n), 5) == expected, n
+    assert written_before(OSError(), 5) == 0

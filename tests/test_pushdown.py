@@ -88,6 +88,15 @@ def test_several_filters_are_anded_as_separate_rules():
     assert [r.exclude for r in merged.process_rules] == [False, True]
 
 
+def test_a_chain_stage_cannot_turn_on_the_tests_fault_injection():
+    """Only the environment turns the test suite's fault injection on (and the
+    tracer then warns); a plugin asking for it through its cflags is refused."""
+    from tcpstates.errors import UsageError
+    with pytest.raises(UsageError, match="test-only fault-injection switch"):
+        merge_constraints([KernelConstraints(cflags=("-DTCPSTATES_TEST_LOSE_EVERY=2",))])
+    assert merge_constraints([KernelConstraints(cflags=("-DTCPSTATES_OWNER_IO",))]).cflags == ("-DTCPSTATES_OWNER_IO",)
+
+
 # -- rules -> -D masks and map contents -----------------------------------------------
 def _cflag(plan: pushdown.MapPlan, name: str) -> int:
     values = [f.split("=", 1)[1] for f in plan.cflags if f.startswith(f"-D{name}=")]

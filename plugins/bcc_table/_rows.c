@@ -45,15 +45,16 @@ static int get_u64(PyObject *obj, int f, PyObject *name, unsigned long long *out
 }
 
 /* a new reference to a printable-ASCII str attribute (1), or 0: anything
- * else - non-ASCII, or a control character Python escapes (escape_text) -
- * is the Python row's to render; -1: error */
+ * else - non-ASCII, a control character Python escapes (escape_text), or a
+ * backslash: an escape, which Python's column cut keeps whole
+ * (escaped_column) - is the Python row's to render; -1: error */
 static int get_ascii(PyObject *obj, int f, PyObject *name, PyObject **out) {
     PyObject *v = field(obj, f, name);
     if (!v) return -1;
     if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) { Py_DECREF(v); return 0; }
     const Py_UCS1 *c = PyUnicode_1BYTE_DATA(v);
     for (Py_ssize_t i = 0, n = PyUnicode_GET_LENGTH(v); i < n; i++)
-        if (c[i] < 0x20 || c[i] == 0x7f) { Py_DECREF(v); return 0; }
+        if (c[i] < 0x20 || c[i] == 0x7f || c[i] == '\\') { Py_DECREF(v); return 0; }
     *out = v;
     return 1;
 }

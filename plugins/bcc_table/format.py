@@ -9,6 +9,7 @@ on a whole batch and caches the HH:MM:SS string per second.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable
 
@@ -70,17 +71,23 @@ COMM_WIDTH = (10, 16)
 WORKLOAD_WIDTH = (20, 32)
 
 
+# one token of escaped text: an escape (escape_text's and escape_name's \\xNN,
+# \\uNNNN, \\UNNNNNNNN, a doubled backslash) or one character
+_TOKEN = re.compile(r"\\(?:\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})|.", re.S)
+
+
 def escaped_column(raw: str, width: int) -> str:
     """escape_text(raw) cut to a column of `width` characters between escapes,
-    never inside one (bcc's %-10.10s would leave "\\x1b\\x" of "\\x1b\\x1b": a
-    half escape that reads as other text). Printable text is returned whole
-    (the row's own %-N.Ns cuts it, as bcc's)."""
+    never inside one (bcc's %-10.10s would leave "\\x1b\\x" of "\\x1b\\x1b", or
+    half of a doubled backslash: text that reads as something else). `raw` may
+    be raw or already escaped (a kernel command name is escaped where it is
+    decoded). Text without an escape is returned whole (the row's own %-N.Ns
+    cuts it, as bcc's)."""
     text = escape_text(raw)
-    if len(text) <= width or len(text) == len(raw):
+    if len(text) <= width or "\\" not in text:
         return text
     out, used = [], 0
-    for ch in raw:
-        piece = escape_text(ch)
+    for piece in _TOKEN.findall(text):
         if used + len(piece) > width:
             break
         out.append(piece)
@@ -216,7 +223,7 @@ class BccFormatter:
             # every string from outside (kernel comm, replayed names and
             # addresses) is escaped: a name cannot forge a line or a column
             comm, saddr, daddr = e.comm, e.saddr, e.daddr
-            if not (comm.isprintable() and saddr.isprintable() and daddr.isprintable()):
+            if not (comm.isprintable() and "\\" not in comm and saddr.isprintable() and daddr.isprintable()):
                 comm = escape_text(comm) if csv else escaped_column(comm, comm_width)
                 saddr, daddr = escape_text(saddr), escape_text(daddr)
             if csv and ("," in comm or '"' in comm or "," in saddr or '"' in saddr

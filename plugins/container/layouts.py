@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from tcpstates.text import escape_name
+
 HEX64 = r"[0-9a-f]{64}"
 UID = r"(?:[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})"
 
@@ -74,12 +76,17 @@ class CgroupInfo:
         return self.container_id is not None or self.pod_uid is not None or self.podman_pod_id is not None
 
     def fields(self) -> dict[str, str]:
+        # names taken from the path (an LXC or nspawn container's name, a unit
+        # unescaped from systemd's \\xNN) are escaped as every name in an event
+        # is; the path itself stays as the kernel gives it (a structured field,
+        # never put into a line of text)
         out = {"cgroup": self.path}
         for key in ("container_id", "runtime", "pod_uid", "pod_qos", "systemd_unit", "container_name",
                     "podman_pod_id", "delegated_uid"):
             value = getattr(self, key)
             if value is not None:
-                out[{"runtime": "container_runtime", "delegated_uid": "container_delegated_uid"}.get(key, key)] = value
+                out[{"runtime": "container_runtime", "delegated_uid": "container_delegated_uid"}.get(key, key)] = \
+                    escape_name(value) if isinstance(value, str) else value
         return out
 
 

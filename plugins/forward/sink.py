@@ -39,13 +39,14 @@ import msgpack
 
 from tcpstates.api import RunContext, Sink
 from tcpstates.errors import UsageError
-from tcpstates.events import Event, sanitize_text
+from tcpstates.events import Event
 from tcpstates.options import option
 from tcpstates.plugins.forward.protocol import (Handshake, event_time,
                                                 parse_address, request, valid_tls_name)
 from tcpstates.plugins.forward.transport import (CertificateNameMismatch, Connection, UntrustedReceiver,
                                                  checked_unix_socket, tls_context)
 from tcpstates.records import Rfc3339, event_record, loss_record
+from tcpstates.text import escape_text
 
 __all__ = ["ForwardOptions", "ForwardSink", "parse_address", "event_time"]
 
@@ -101,7 +102,7 @@ class ForwardOptions:
         if tls_set and not self.tls:
             raise ValueError(f"{tls_set[0]}: set tls = true to use it")
         if self.tls_server_name and not valid_tls_name(self.tls_server_name):
-            raise ValueError(f"tls_server_name: {sanitize_text(self.tls_server_name)!r}: neither a host "
+            raise ValueError(f"tls_server_name: {escape_text(self.tls_server_name)!r}: neither a host "
                              f"name nor an IP address")
         if self.tls_key_file and not self.tls_cert_file:
             raise ValueError("tls_key_file: needs tls_cert_file")
@@ -144,7 +145,7 @@ class ForwardSink(Sink):
         try:
             self.tls = tls_context(options)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"sinks forward: TLS set-up failed: {sanitize_text(str(exc))}") from None
+            raise UsageError(f"sinks forward: TLS set-up failed: {escape_text(str(exc))}") from None
         self.server_name = options.tls_server_name or (
             self.sockaddr[0] if self.family != socket.AF_UNIX else "localhost")
         # buffer items: (packed [time, record] entry, 1 for an event / 0 for a lost record)
@@ -173,7 +174,7 @@ class ForwardSink(Sink):
         if self.options.tls and not self.options.tls_verify:
             # said at every start, so an unverified connection is never a surprise
             self.context.warn(f"forward sink: tls_verify = false: the certificate of "
-                              f"{sanitize_text(self.options.address)} is not verified; anyone on the path "
+                              f"{escape_text(self.options.address)} is not verified; anyone on the path "
                               f"can receive the events")
         self.thread.start()
 
@@ -317,7 +318,7 @@ class ForwardSink(Sink):
                     # our own shutdown at the stop, not the receiver's doing: close()
                     # counts and reports what was left unacknowledged
                     return
-                detail = sanitize_text(str(exc) if isinstance(exc, CertificateNameMismatch) else
+                detail = escape_text(str(exc) if isinstance(exc, CertificateNameMismatch) else
                                        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 dropped_after_send = self._connected and isinstance(exc, (ConnectionError, BrokenPipeError))
                 refused_in_a_row = refused_in_a_row + 1 if dropped_after_send else 0

@@ -219,8 +219,9 @@ class JournalSink(Sink):
         priority = PRIORITY_WARNING if (e.oldstate, e.newstate) == (SYN_SENT, CLOSE) else PRIORITY_NORMAL
         f = [
             # MESSAGE is the line journalctl (-o cat, syslog forwarding) prints: a
-            # process name is anyone's choice (prctl), so it is escaped here; COMM
-            # keeps the raw value as a structured field
+            # process name is anyone's choice (prctl): escaped where it was decoded
+            # (escape_name) and again here (escape_text leaves that form as it is,
+            # and escapes a replayed name); TCP_CPU_COMM holds the same text
             f"MESSAGE={escape_text(e.comm)} {e.saddr} {e.sport} → {e.daddr} {e.dport} {old} → {new}",
             f"MESSAGE_ID={MESSAGE_ID_STATE_CHANGE}",
             f"PRIORITY={priority}",

@@ -204,18 +204,18 @@ class KernelProbe:
         or alters events on purpose, so it says so: never silently."""
         out, named = [], []
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
-        if lose.isdigit() and int(lose) > 0:
+        if lose.isascii() and lose.isdigit() and int(lose) > 0:
             out.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
             named.append("TCPSTATES_TEST_LOSE_EVERY")
         if os.environ.get("TCPSTATES_TEST_REUSE") == "1":
             out.append("-DTCPSTATES_TEST_REUSE")
             named.append("TCPSTATES_TEST_REUSE")
         nest = os.environ.get("TCPSTATES_TEST_NEST_PORT", "")
-        if nest.isdigit() and 0 < int(nest) < 65536 and self.attachment.raw:
+        if nest.isascii() and nest.isdigit() and 0 < int(nest) < 65536 and self.attachment.raw:
             out.append(f"-DTCPSTATES_TEST_NEST_PORT={int(nest)}")
             named.append("TCPSTATES_TEST_NEST_PORT")
         skip = os.environ.get("TCPSTATES_TEST_SKIP_CLOSE_PORT", "")
-        if skip.isdigit() and 0 < int(skip) < 65536:
+        if skip.isascii() and skip.isdigit() and 0 < int(skip) < 65536:
             out.append(f"-DTCPSTATES_TEST_SKIP_CLOSE_PORT={int(skip)}")
             named.append("TCPSTATES_TEST_SKIP_CLOSE_PORT")
         if named:

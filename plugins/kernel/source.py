@@ -82,6 +82,11 @@ def merge_constraints(constraints: list[KernelConstraints]) -> KernelConstraints
             if not CFLAG.fullmatch(flag):
                 raise UsageError(f"a chain stage asked the kernel stage for {flag!r}: "
                                  f"only -DNAME or -DNAME=VALUE switches are accepted")
+            if flag.startswith("-DTCPSTATES_TEST_"):
+                # the test suite's fault injection loses events on purpose: only the
+                # environment turns it on, and the tracer then says so
+                raise UsageError(f"a chain stage asked the kernel stage for {flag!r}: a test-only "
+                                 f"fault-injection switch; remove it from the plugin")
             if flag not in merged.cflags:
                 merged.cflags += (flag,)
     return merged
