@@ -71,7 +71,7 @@ def test_a_connection_whose_close_was_lost_is_recorded_once_as_unclosed(tracer, 
         rc, out, err = t.stop()
         assert rc == 0, err
         # the fault injection is never silent
-        assert "fault injection for tests is on (TCPSTATES_TEST_SKIP_CLOSE_PORT)" in err, err
+        assert "test switches are set (TCPSTATES_TEST_SKIP_CLOSE_PORT)" in err, err
         summary = parse_summary(err)
         dropped, misses, unaccounted = summary.dropped, summary.kernel_misses, summary.unaccounted
         if dropped == misses == 0 and unaccounted == 2 * SKIPPED:

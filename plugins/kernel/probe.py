@@ -200,8 +200,10 @@ class KernelProbe:
     def _fault_injection_cflags(self) -> list[str]:
         """The test suite's fault injection (lost, reused, nested and skipped
         hits that cannot be had on demand): compile switches named by
-        TCPSTATES_TEST_* environment variables. A run with any of them on loses
-        or alters events on purpose, so it says so: never silently."""
+        TCPSTATES_TEST_* environment variables; and TCPSTATES_TRACEFS, another
+        tracefs tree whose format files the probes' offsets come from. A run
+        with any of them set may lose or alter events on purpose, so it says
+        so: never silently."""
         out, named = [], []
         lose = os.environ.get("TCPSTATES_TEST_LOSE_EVERY", "")
         if lose.isascii() and lose.isdigit() and int(lose) > 0:
@@ -218,9 +220,11 @@ class KernelProbe:
         if skip.isascii() and skip.isdigit() and 0 < int(skip) < 65536:
             out.append(f"-DTCPSTATES_TEST_SKIP_CLOSE_PORT={int(skip)}")
             named.append("TCPSTATES_TEST_SKIP_CLOSE_PORT")
+        if os.environ.get("TCPSTATES_TRACEFS"):
+            named.append("TCPSTATES_TRACEFS")
         if named:
-            self._warn(f"fault injection for tests is on ({', '.join(named)}): this run loses or "
-                       f"alters events on purpose; unset {'these variables' if len(named) > 1 else 'it'} "
+            self._warn(f"test switches are set ({', '.join(named)}): this run may lose or alter "
+                       f"events on purpose; unset {'these variables' if len(named) > 1 else 'it'} "
                        f"for a real trace")
         return out
 
