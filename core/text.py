@@ -45,4 +45,4 @@ def escape_name(raw: object) -> str:
     as `a\\\\x0aFAKE`, never as the name holding a newline. Its result is
     printable, so `escape_text` at a text boundary leaves it as it is."""
     text = raw if isinstance(raw, str) else str(raw)
-    return escape_text(text.replace("\\", "\\\\") if "\\" in text else text)
+    return escape_text(text.replace("\\", "\\\\"))

@@ -29,7 +29,7 @@ def test_clean_escapes_and_bounds():
 def test_names_the_docker_engine_gives_are_escaped_bounded_and_checked():
     """The engine's JSON is outside input like the runtimes' files: names escaped
     one-to-one, what is missing or not a string left out, never a crash."""
-    from tcpstates.plugins.container.docker_api import _names
+    from tcpstates.plugins.container.metadata import docker_names as _names
     assert _names({"Name": "/web\x1b[31m", "Config": {"Image": "a\\b"}}) == \
         {"container_name": "web\\x1b[31m", "container_image": "a\\\\b"}
     assert _names({"Name": "/web\\x1b[31m"}) == {"container_name": "web\\\\x1b[31m"}

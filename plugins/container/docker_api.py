@@ -11,9 +11,8 @@ import http.client
 import json
 import os
 import socket
-from typing import Any
 
-from tcpstates.plugins.container.metadata import clean
+from tcpstates.plugins.container.metadata import docker_names
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
 
@@ -53,7 +52,7 @@ class DockerNames:
                 body = resp.read()
                 conn.close()
                 if resp.status == 200:
-                    info = _names(json.loads(body))
+                    info = docker_names(json.loads(body))
             except (OSError, ValueError, http.client.HTTPException):
                 info = None
         if len(self.cache) >= self.limit:
@@ -61,15 +60,3 @@ class DockerNames:
         self.cache[container_id] = info
         return info
 
-
-def _names(data: Any) -> dict[str, str]:
-    """The name and image of an engine's container JSON, escaped and bounded
-    as the runtimes' own files are (metadata.clean); what it does not give,
-    or gives as anything but a string, is left out: unknown stays unknown."""
-    if not isinstance(data, dict):
-        return {}
-    config = data.get("Config")
-    name = data.get("Name")
-    found = {"container_name": clean(name.lstrip("/")) if isinstance(name, str) else None,
-             "container_image": clean(config.get("Image")) if isinstance(config, dict) else None}
-    return {k: v for k, v in found.items() if v}

@@ -70,6 +70,18 @@ def read_json(path: str, limit: int = MAX_BUNDLE) -> Any:
         os.close(fd)
 
 
+def docker_names(doc: Any) -> dict[str, str]:
+    """container_name and container_image of a Docker container document: the
+    engine's own `config.v2.json` and its API's `/containers/ID/json` have the
+    same shape. What is missing or not a string is left out."""
+    if not isinstance(doc, dict):
+        return {}
+    config = doc.get("Config")
+    name = doc.get("Name")
+    name = name[1:] if isinstance(name, str) and name.startswith("/") else name
+    return _names(container_name=name, container_image=config.get("Image") if isinstance(config, dict) else None)
+
+
 def _names(**values: Any) -> dict[str, str]:
     out = {}
     for key, value in values.items():
@@ -227,9 +239,7 @@ class RuntimeMetadata:
         config: dict[str, Any] = raw_config if isinstance(raw_config, dict) else {}
         raw_labels = config.get("Labels")
         labels: dict[str, Any] = raw_labels if isinstance(raw_labels, dict) else {}
-        name = doc.get("Name")
-        name = name[1:] if isinstance(name, str) and name.startswith("/") else name
-        names = _names(container_name=name, container_image=config.get("Image"))
+        names = docker_names(doc)
         if labels.get("io.kubernetes.pod.name"):        # cri-dockerd / dockershim
             kube = _names(k8s_namespace=labels.get("io.kubernetes.pod.namespace"),
                           k8s_pod=labels.get("io.kubernetes.pod.name"),
