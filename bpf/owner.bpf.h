@@ -45,11 +45,14 @@
  *                              record with no owner whose socket lives in another
  *                              one is marked TCPSTATES_OWNER_FOREIGN (needs
  *                              TCPSTATES_OFF_SOCK_SKC_NET, _NET_NS_INUM)
- *   TCPSTATES_OWNER_CLOSE      attach syscalls:sys_enter_close/sys_exit_close: an owner
- *                              closing its descriptor of a socket another process still holds
+ *   TCPSTATES_OWNER_CLOSE      attach syscalls:sys_enter_close: an owner closing its
+ *                              descriptor of a socket another reference still holds
  *                              (a hand-off, a forking server's parent) is marked as
  *                              having let go (needs the FD offsets, TCPSTATES_TP_CLOSE_FD,
- *                              TCPSTATES_OFF_FILE_F_INODE, _INODE_I_MODE)
+ *                              TCPSTATES_OFF_FILE_F_INODE, _INODE_I_MODE, _FILE_F_REF,
+ *                              TCPSTATES_FILE_REF_ONE: what a file's reference count
+ *                              reads with one reference, 0 for the file_ref_t of
+ *                              Linux >= 6.13, 1 for the atomic f_count before)
  *   TCPSTATES_OFF_<STRUCT>_<MEMBER>  byte offsets from BTF
  *   TCPSTATES_TP_IO_SK, TCPSTATES_TP_IO_FAMILY, TCPSTATES_TP_IO_PROTOCOL, TCPSTATES_TP_EXIT_RET,
  *   TCPSTATES_TP_EXIT_GROUP_DEAD
@@ -302,13 +305,16 @@ static __always_inline int owner_orphaned(u64 sk)
  * 1: it has; 2: it may have (owner_exited's "maybe": user space checks). */
 static __always_inline int owner_left(struct tcpstates_owner *o, u64 sk)
 {
-    int orphaned = owner_orphaned(sk);
-    if (o->closed && orphaned)
-        return 0;                    /* its close was the last: it stays named */
-    if (o->dropped && !orphaned)
-        return 1;                    /* it closed a descriptor, and a file still held the
-                                        socket when its close returned: held by a process
-                                        that got it (fork, SCM_RIGHTS) and has not used it */
+    if (o->closed || o->dropped) {   /* (the socket is read only for them: most records
+                                        have neither) */
+        int orphaned = owner_orphaned(sk);
+        if (o->closed && orphaned)
+            return 0;                /* its close was the last: it stays named */
+        if (o->dropped && !orphaned)
+            return 1;                /* it closed a descriptor while another reference
+                                        held the socket: held by a process that got it
+                                        (fork, SCM_RIGHTS) and has not used it */
+    }
     int exited = owner_exited(o);
     if (!exited)
         return 0;
@@ -366,8 +372,10 @@ static __always_inline void owner_track(u64 sk, int old, int new)
             sk_owner.update(&sk, o);
         }
     }
-    else if (old == 10 && new == 3)      /* LISTEN->SYN_RECV: a new child, no owner yet */
-        sk_owner.delete(&sk);            /* (a stale entry of a freed socket at this address) */
+    else if (old == 10 && new == 3 && sk_owner.lookup(&sk))  /* LISTEN->SYN_RECV: a new child */
+        sk_owner.delete(&sk);            /* has no owner yet: a stale entry of a freed socket at
+                                            this address goes (looked up first: a lookup takes
+                                            no lock, a delete the bucket's) */
 }
 
 #ifdef TCPSTATES_OWNER_HOME_NETNS
@@ -409,7 +417,7 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
     }
     if (!e->owner_how && owner_foreign_netns(sk))
         e->owner_how = TCPSTATES_OWNER_FOREIGN;
-    if (new == TCPSTATES_TCP_CLOSE)
+    if (new == TCPSTATES_TCP_CLOSE && (o || sk_owner.lookup(&sk)))
         sk_owner.delete(&sk);
 }
 
@@ -598,25 +606,28 @@ int tracepoint__syscalls__sys_exit_accept(void *ctx)
 }
 
 #ifdef TCPSTATES_OWNER_CLOSE
-/* close(fd) of a TCP socket that another descriptor still holds when the close
- * returns: a dispatcher that handed it to a worker over SCM_RIGHTS, a forking
+/* close(fd) of a TCP socket that another reference still holds: a dispatcher
+ * that handed it to a worker over SCM_RIGHTS (or has it in flight), a forking
  * server's parent after the fork. If the closing process is its owner (or the
  * socket has no owner yet: from before tracing), the next state change (the
  * peer's FIN, in softirq) must not name it: the entry is marked dropped
  * (owner_left) until a process uses or closes the socket. Decided when the
- * close returns, not when it starts: a last close runs tcp_close inside it,
- * whose state changes (ESTABLISHED->CLOSE on unread data comes before the
- * socket is orphaned) still name the closer; and the "current task" of a
- * softirq transition may be any process, the owner too (loopback). Runs for
- * every close() on the host: four reads to see that the descriptor is no
- * socket; for a TCP socket one map update (enter) and one lookup (exit). */
-BPF_HASH(owner_closing, u32, u64, 4096);      /* thread in close() -> its socket */
-
+ * close starts, from the file's reference count: one reference (this
+ * descriptor's) means the last close, which runs tcp_close whose state
+ * changes (ESTABLISHED->CLOSE on unread data comes before the socket is
+ * orphaned) name the closer — never marked; more means another descriptor
+ * (this process's or another's) or a message in flight holds the socket. (A
+ * system call of another thread of the same process on that file holds a
+ * reference for its duration: it is the closer's own process, whose next use
+ * or close names it again.) Runs for every close() on the host: the walk of
+ * the descriptor table and two reads to see that the descriptor is no
+ * socket; for a TCP socket still held elsewhere, one lookup and one update. */
 static __always_inline int owner_close_enter(long fd)
 {
     char *file = owner_fd_file(fd), *inode = NULL, *sock = NULL;
     u16 mode = 0, protocol = 0;
     u64 sk = 0;
+    s64 refs = 0;
     if (!file)
         return 0;
     bpf_probe_read_kernel(&inode, sizeof(inode), file + TCPSTATES_OFF_FILE_F_INODE);
@@ -625,6 +636,9 @@ static __always_inline int owner_close_enter(long fd)
     bpf_probe_read_kernel(&mode, sizeof(mode), inode + TCPSTATES_OFF_INODE_I_MODE);
     if ((mode & 0170000) != 0140000)          /* S_IFSOCK: private_data is a struct socket */
         return 0;
+    bpf_probe_read_kernel(&refs, sizeof(refs), file + TCPSTATES_OFF_FILE_F_REF);
+    if (refs <= TCPSTATES_FILE_REF_ONE)
+        return 0;                             /* the last reference: tcp_close names the closer */
     bpf_probe_read_kernel(&sock, sizeof(sock), file + TCPSTATES_OFF_FILE_PRIVATE_DATA);
     if (!sock)
         return 0;
@@ -634,24 +648,10 @@ static __always_inline int owner_close_enter(long fd)
     bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
     if (protocol != 6 /* IPPROTO_TCP */)
         return 0;
-    u32 tid = bpf_get_current_pid_tgid();
-    owner_closing.update(&tid, &sk);
-    return 0;
-}
-
-static __always_inline int owner_close_exit(void)
-{
-    u32 tid = bpf_get_current_pid_tgid();
-    u64 *found = owner_closing.lookup(&tid);
-    if (!found)
-        return 0;
-    u64 sk = *found;
-    owner_closing.delete(&tid);
     u8 state = 0;
     bpf_probe_read_kernel(&state, sizeof(state), (char *)sk + TCPSTATES_OFF_SOCK_SKC_STATE);
-    if (owner_orphaned(sk) || state == TCPSTATES_TCP_CLOSE)
-        return 0;                             /* that was the last: its close named the closer
-                                                 (and the socket may be freed by now) */
+    if (state == TCPSTATES_TCP_CLOSE)
+        return 0;                             /* over: no state change is left to name */
     struct tcpstates_owner *known = owner_lookup(sk);
     if (known && (known->pid != (bpf_get_current_pid_tgid() >> 32) || known->dropped))
         return 0;                             /* someone else's (it still holds it), or marked */
@@ -682,11 +682,6 @@ static __always_inline int owner_close_exit(void)
 int tracepoint__syscalls__sys_enter_close(void *ctx)
 {
     return owner_close_enter((long)*(u32 *)((char *)ctx + TCPSTATES_TP_CLOSE_FD));
-}
-
-int tracepoint__syscalls__sys_exit_close(void *ctx)
-{
-    return owner_close_exit();
 }
 #endif /* TCPSTATES_OWNER_CLOSE */
 #endif /* TCPSTATES_OWNER_ACCEPT */

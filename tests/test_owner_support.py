@@ -85,7 +85,7 @@ def test_without_the_close_tracepoint_doctor_says_what_is_lost(tmp_path, monkeyp
 
 def test_close_tracking_can_be_turned_off():
     # this machine's real tracefs and BTF: kernel_close = false spares every close()
-    # the two syscall tracepoints, and is said (not warned: it was asked for)
+    # the syscall tracepoint, and is said (not warned: it was asked for)
     s = kernel.owner_support(1024, close=False)
     assert not s.closes and "-DTCPSTATES_OWNER_CLOSE=1" not in s.cflags
     assert kernel.CLOSE_OFF in s.missing

@@ -91,7 +91,7 @@ class OwnerOptions:
     kernel_io: bool = option(True, "with kernel: also learn at every send/recv (Linux >= 6.4), so "
                              "hand-offs and pre-fork children are seen; off: as on older kernels, "
                              "only at accept/connect/listen/close, nothing added to each send/recv")
-    kernel_close: bool = option(True, "with kernel: also watch close() (two syscall tracepoints, "
+    kernel_close: bool = option(True, "with kernel: also watch close() (a syscall tracepoint, "
                                 "~0.5-0.9 us per close() on the host), so an accepter that hands a socket "
                                 "on (fork, SCM_RIGHTS) and closes its copy is not named for it")
     kernel_io_probe: str = option("auto", "how the send/recv probes attach: auto (raw tracepoints "

@@ -25,7 +25,6 @@ IO_TRACEPOINTS = (("sock", "sock_send_length"), ("sock", "sock_recv_length"))
 ACCEPT_TRACEPOINTS = (("syscalls", "sys_exit_accept4"), ("syscalls", "sys_exit_accept"))
 EXIT_TRACEPOINTS = (("sched", "sched_process_exit"),)
 CLOSE_TRACEPOINTS = (("syscalls", "sys_enter_close"),)
-CLOSE_EXIT_TRACEPOINT = ("syscalls", "sys_exit_close")
 # -D name suffix → (struct, member): task identity, and fd → struct sock
 TASK_FIELDS = {
     "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
@@ -49,6 +48,9 @@ CLOSE_FIELDS = {
     "INODE_I_MODE": ("inode", "i_mode"),
     "SOCK_SKC_STATE": ("sock", "__sk_common.skc_state"),
 }
+# a file's reference count: file_ref_t f_ref (Linux >= 6.13) reads 0 with one
+# reference, the atomic f_count before it 1 (TCPSTATES_FILE_REF_ONE)
+FILE_REFS = (("f_ref", 0), ("f_count", 1))
 # the network namespace of a socket: sk->__sk_common.skc_net (possible_net_t) -> net.ns.inum
 NETNS_FIELDS = {
     "SOCK_SKC_NET": ("sock", "__sk_common.skc_net"),
@@ -121,7 +123,8 @@ def _field_offsets(tracefs: Path | None, tps: tuple[tuple[str, str], ...],
 SIZES = {"TASK_GROUP_LEADER": 8, "TASK_START_BOOTTIME": 8, "TASK_COMM": 16, "TASK_FILES": 8,
          "FILES_FDT": 8, "FDTABLE_FD": 8, "FDTABLE_MAX_FDS": 4, "FILE_PRIVATE_DATA": 8,
          "SOCKET_SK": 8, "SOCK_SK_PROTOCOL": 2, "SOCK_SK_SOCKET": 8, "SOCK_SK_TYPE": 2,
-         "FILE_F_INODE": 8, "INODE_I_MODE": 2, "SOCK_SKC_STATE": 1, "SOCK_SKC_NET": 8, "NET_NS_INUM": 4}
+         "FILE_F_INODE": 8, "INODE_I_MODE": 2, "SOCK_SKC_STATE": 1, "SOCK_SKC_NET": 8, "NET_NS_INUM": 4,
+         "FILE_F_REF": 8}
 # what the raw send/recv probes read of a socket: protocol 6 alone is also a
 # NETLINK_XFRM socket's (any user's) and a raw IPPROTO_TCP socket's; of type
 # SOCK_STREAM it is TCP
@@ -232,18 +235,29 @@ def _closes(s: OwnerSupport, btf: BTF, tracefs: Path | None) -> None:
     closes its descriptor stops being named for it."""
     fd = _field_offsets(tracefs, CLOSE_TRACEPOINTS, {"fd": 8})
     try:
-        fields = _offsets(btf, CLOSE_FIELDS, SIZES) if fd is not None else []
+        fields = _offsets(btf, CLOSE_FIELDS, SIZES) + _file_refs(btf) if fd is not None else []
     except BTFError:
         fields = []
-    exit_tp = tracefs / "events" / CLOSE_EXIT_TRACEPOINT[0] / CLOSE_EXIT_TRACEPOINT[1] / "format" \
-        if tracefs is not None else None
-    if not fields or fd is None or exit_tp is None or not exit_tp.is_file():
-        s.missing.append("syscalls:sys_enter_close/sys_exit_close tracepoints or file/inode offsets in BTF: an "
+    if not fields or fd is None:
+        s.missing.append("syscalls:sys_enter_close tracepoint or file/inode offsets in BTF: an "
                          "accepter that hands a socket on and closes its copy stays named until "
                          "the new holder uses it")
         return
     s.closes = True
     s.cflags += [*fields, "-DTCPSTATES_OWNER_CLOSE=1", f"-DTCPSTATES_TP_CLOSE_FD={fd['fd']}"]
+
+
+def _file_refs(btf: BTF) -> list[str]:
+    """The offset of struct file's reference count and what one reference reads as."""
+    for member, one in FILE_REFS:
+        try:
+            off, size = btf.member("file", member)
+        except BTFError:
+            continue
+        if size != SIZES["FILE_F_REF"]:
+            raise BTFError(f"file.{member} is {size} bytes, expected {SIZES['FILE_F_REF']}")
+        return [f"-DTCPSTATES_OFF_FILE_F_REF={off}", f"-DTCPSTATES_FILE_REF_ONE={one}"]
+    raise BTFError("struct file has neither f_ref nor f_count")
 
 
 def _raw_io(s: OwnerSupport, btf: BTF) -> None:
