@@ -59,23 +59,31 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="rounds (1..50)")
     p.add_argument("--calls", type=int, default=200000, help="round trips per socket kind (1000..5000000)")
+    p.add_argument("--baseline", metavar="PYTHON",
+                   help="also the owner variant of another checkout, run by that checkout's "
+                   "venv Python (e.g. ../old/.venv/bin/python): before/after in one run")
     a = p.parse_args()
     if os.geteuid() != 0:
         p.error("needs root (tracing)")
     if not 1 <= a.rounds <= 50 or not 1000 <= a.calls <= 5_000_000:
         p.error("bounds: --rounds 1..50, --calls 1000..5000000")
+    if a.baseline and not os.access(a.baseline, os.X_OK):
+        p.error(f"--baseline {a.baseline}: not an executable Python")
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         p.error("needs a C compiler (cc) for bench/iocost.c")
     env = {**os.environ}
     runs: dict[tuple[str, str], list[float]] = {}
-    names = list(VARIANTS)
+    variants = dict(VARIANTS)
+    if a.baseline:
+        variants["owner, baseline checkout"] = [a.baseline, "-P", "-m", "tcpstates", "--sink", "jsonl"]
+    names = list(variants)
     with tempfile.TemporaryDirectory(prefix="tcpstates-iocost-") as tmp:
         binary = Path(tmp, "iocost")
         subprocess.run([cc, "-O2", "-o", str(binary), str(Path(__file__).with_suffix(".c"))], check=True)
         for r in range(a.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                argv = VARIANTS[name]
+                argv = variants[name]
                 tracer = TracerRun(f"iocost{r}-{names.index(name)}", argv, Path(tmp), env) if argv else None
                 try:
                     for kind in KINDS:

@@ -398,6 +398,9 @@ def main() -> int:
     p.add_argument("--io-probe-too", action="store_true",
                    help="with --owner-cost: also jsonl with the owner's send/recv probes as perf-event "
                    "tracepoints (kernel_io_probe=tracepoint) beside the default raw tracepoints")
+    p.add_argument("--baseline", metavar="PYTHON",
+                   help="with --owner-cost: also jsonl (owner on) from another checkout, run by that "
+                   "checkout's venv Python (e.g. ../old/.venv/bin/python): before/after in one run")
     a = p.parse_args()
     if os.geteuid() != 0:
         p.error("needs root (tracing, ftrace instance)")
@@ -445,6 +448,8 @@ def main() -> int:
         tracers = [("tcpstates text", OURS), ("tcpstates text --owner", OURS + ["--owner"]),
                    ("tcpstates jsonl owner=off", OURS + ["--sink", "jsonl"] + owner_off),
                    ("tcpstates jsonl (owner on)", OURS + ["--sink", "jsonl"])]
+        if a.baseline:
+            tracers.append(("tcpstates jsonl baseline", [a.baseline, "-P", "-m", "tcpstates", "--sink", "jsonl"]))
         if a.io_probe_too:
             tracers.append(("tcpstates jsonl owner tp-io", OURS + ["--sink", "jsonl", "-o",
                             'chain=[{use="owner", kernel_io_probe="tracepoint"}]']))
