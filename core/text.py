@@ -12,7 +12,7 @@ never look the same.
 
 from __future__ import annotations
 
-__all__ = ["escape_name", "escape_text"]
+__all__ = ["escape_name", "escape_text", "lone_backslash", "refuse_lone_backslash"]
 
 
 def _escape_char(ch: str) -> str:
@@ -46,3 +46,35 @@ def escape_name(raw: object) -> str:
     printable, so `escape_text` at a text boundary leaves it as it is."""
     text = raw if isinstance(raw, str) else str(raw)
     return escape_text(text.replace("\\", "\\\\"))
+
+
+# what may follow a backslash in a name escape_name made (a doubled backslash,
+# \xNN, \uNNNN, \UNNNNNNNN), or in a shell glob over such names (a glob
+# character standing for what follows)
+_AFTER_BACKSLASH = frozenset("\\xuU*?[")
+
+
+def lone_backslash(pattern: str) -> bool:
+    """Does the glob `pattern` hold a backslash that no escaped name can hold
+    there (`a\\b`, a trailing one)? Names are matched as escape_name shows them,
+    where a backslash is always doubled or starts an escape: such a pattern can
+    never match (`a\\\\b` matches the name `a\\b`)."""
+    at = pattern.find("\\")
+    while at >= 0:
+        if at + 1 >= len(pattern) or pattern[at + 1] not in _AFTER_BACKSLASH:
+            return True
+        at = pattern.find("\\", at + 2)
+    return False
+
+
+def refuse_lone_backslash(option: str, patterns: list[str]) -> None:
+    """Refuse a name pattern with a lone backslash: names are matched as they
+    are shown, escaped (a backslash doubled, a control byte as \\xNN), so it
+    could never match, and a filter that silently keeps or drops nothing is a
+    wrong answer, not a result."""
+    for pattern in patterns:
+        if lone_backslash(pattern):
+            doubled = pattern.replace("\\", "\\\\")
+            raise ValueError(f"{option}: the pattern {escape_text(pattern)} can never match: names are "
+                             f"matched as shown, with a backslash doubled and a control byte as "
+                             f"\\xNN; write {escape_text(doubled)} for a backslash")

@@ -100,6 +100,13 @@ OUT_OF_RANGE = [
     ("[[chain]]\nuse = \"state\"\nold = [\"SLEEPING\"]\n", "unknown TCP state"),
     ("[[chain]]\nuse = \"process\"\n", "give pid or comm"),
     ("[[chain]]\nuse = \"process\"\npid = [1]\nfield = \"other\"\n", "field"),
+    # names are matched as shown, a backslash doubled: a lone one can never match
+    ("[[chain]]\nuse = \"process\"\ncomm = ['ok', 'a\\b*']\n",
+     "comm: the pattern a\\b* can never match: names are matched as shown, with a backslash "
+     "doubled and a control byte as \\xNN; write a\\\\b* for a backslash"),
+    ("[[chain]]\nuse = \"process\"\ncomm = ['trailing\\']\n", "the pattern trailing\\ can never match"),
+    ("[[chain]]\nuse = \"workload\"\npod = ['web-*']\nimage = ['C:\\img']\n",
+     "image: the pattern C:\\img can never match"),
     ("[[chain]]\nuse = \"address\"\n", "give local or remote"),
     ("[[chain]]\nuse = \"workload\"\n", "give container_id"),
     ("[[chain]]\nuse = \"workload\"\ncontainer_id = [\"\"]\n", "empty prefix"),

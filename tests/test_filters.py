@@ -162,3 +162,21 @@ def test_the_documented_example_config_does_not_change_the_output(tmp_path):
     assert with_example.returncode == 0 and without.returncode == 0, with_example.stderr
     assert with_example.stdout == without.stdout
     assert with_example.stdout.count(b"\n") == 1 + len(recs)
+
+
+def test_a_name_with_a_backslash_is_matched_as_it_is_shown():
+    # names are escaped once where they enter (escape_name): a backslash is
+    # doubled, a newline is \x0a; a pattern matches that form, and one with a
+    # lone backslash is refused (tests/test_bad_input_table.py)
+    from tcpstates.text import escape_name
+    events = [make_event(pid=20, comm=escape_name("a\\b")), make_event(pid=21, comm=escape_name("a\nb")),
+              make_event(pid=22, comm="ab")]
+    assert [e.comm for e in events[:2]] == ["a\\\\b", "a\\x0ab"]
+
+    def kept(patterns: str) -> list[int]:
+        config = f'[[chain]]\nuse="process"\ncomm=[{patterns}]\n'
+        return [e.pid for e in run_pipeline(config, events, entry_points=False).events]
+    assert kept(r"'a\\b'") == [20]
+    assert kept(r"'a\x0ab'") == [21]
+    assert kept(r"'a\*'") == [20, 21]          # a glob after the backslash stands for the escape
+    assert kept("'a*b'") == [20, 21, 22]

@@ -16,6 +16,7 @@ from typing import Any
 from tcpstates.api import Filter
 from tcpstates.events import Event
 from tcpstates.options import option
+from tcpstates.text import refuse_lone_backslash
 
 # option name → event field matched as glob
 _GLOBS = {"namespace": "k8s_namespace", "pod": "k8s_pod", "container": "k8s_container|container_name",
@@ -44,6 +45,8 @@ class WorkloadOptions:
                              "systemd_unit")
         if any(not p for p in self.container_id):
             raise ValueError("container_id: empty prefix would match every container")
+        for opt in _GLOBS:
+            refuse_lone_backslash(opt, getattr(self, opt))
 
 
 def _glob(values: list[str], patterns: list[str]) -> bool:

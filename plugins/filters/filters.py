@@ -19,6 +19,7 @@ from typing import Any
 from tcpstates.api import AddressRule, Filter, KernelConstraints, ProcessRule, RunContext
 from tcpstates.events import STATE_NUMBERS, Event
 from tcpstates.options import option
+from tcpstates.text import refuse_lone_backslash
 from tcpstates.plugins.filters.ports import parse_ports
 
 
@@ -212,6 +213,7 @@ class ProcessOptions:
     def validate(self) -> None:
         if not self.pid and not self.comm:
             raise ValueError("give pid or comm (or both)")
+        refuse_lone_backslash("comm", self.comm)
 
 
 class ProcessFilter(Filter):
