@@ -92,7 +92,7 @@ class OwnerOptions:
                              "hand-offs and pre-fork children are seen; off: as on older kernels, "
                              "only at accept/connect/listen/close, nothing added to each send/recv")
     kernel_close: bool = option(True, "with kernel: also watch close() (a syscall tracepoint, "
-                                "~0.5-0.9 us per close() on the host), so an accepter that hands a socket "
+                                "~0.45-0.65 us per close() on the host), so an accepter that hands a socket "
                                 "on (fork, SCM_RIGHTS) and closes its copy is not named for it")
     kernel_io_probe: str = option("auto", "how the send/recv probes attach: auto (raw tracepoints "
                                   "where kernel BTF allows: the least kernel time per send/recv), "
