@@ -330,7 +330,9 @@ def conn_unaccounted(missing: int, reported_lost_changes: int, unclosed: int = 0
 def kernel_cost(progs: list[dict], load: dict) -> dict:
     """In-kernel ns of the tracer's programs during the load: in all per
     connection, and ns per run of the state-change program, of the send/recv
-    programs together (the owner's per-send/recv cost) and of accept's exit.
+    programs together (the owner's per-send/recv cost) and of the syscall
+    probes together (accept's exit and close's entry share the 15-character
+    prefix "syscalls__sys_e"; bpf_progs has each one).
     bcc names a program after its function without "tracepoint__"; the kernel
     keeps 15 characters, enough to tell these apart."""
     def per_run(prefixes: tuple[str, ...]) -> float | None:

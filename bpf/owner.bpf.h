@@ -111,9 +111,9 @@ struct tcpstates_owner {
                              (closed, not only shut down), that owner was the last
                              holder and stays named after it exits */
     u32 dropped;          /* the owner closed a descriptor of it (TCPSTATES_OWNER_CLOSE)
-                             while the socket was still attached to its file: while
-                             a file still holds it, someone else may hold it, so the
-                             owner is not named until it or another process uses
+                             while another reference to the file remained: while a
+                             file still holds the socket, someone else may hold it, so
+                             the owner is not named until it or another process uses
                              or closes it again */
 };
 

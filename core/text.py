@@ -48,22 +48,95 @@ def escape_name(raw: object) -> str:
     return escape_text(text.replace("\\", "\\\\"))
 
 
-# what may follow a backslash in a name escape_name made (a doubled backslash,
-# \xNN, \uNNNN, \UNNNNNNNN), or in a shell glob over such names (a glob
-# character standing for what follows)
-_AFTER_BACKSLASH = frozenset("\\xuU*?[")
+# the escapes escape_text writes: a marker, its hex width, and whether a value
+# is one it writes (lowercase hex; C0, DEL and undecodable bytes as \\xNN, other
+# non-printable characters as \\uNNNN or \\UNNNNNNNN)
+_ESCAPES = {
+    "x": (2, lambda v: v < 0x20 or v >= 0x7F),
+    "u": (4, lambda v: 0x80 <= v and not 0xDC80 <= v <= 0xDCFF and not chr(v).isprintable()),
+    "U": (8, lambda v: 0x10000 <= v <= 0x10FFFF and not chr(v).isprintable()),
+}
+_HEX = frozenset("0123456789abcdef")
+
+
+def _glob_tokens(pattern: str) -> list[str | None]:
+    """The glob as fnmatch reads it: a literal character, or None for `?`, `*`
+    and a bracket expression (each of which can stand for part of an escape)."""
+    out: list[str | None] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        i += 1
+        if ch in "*?":
+            out.append(None)
+        elif ch == "[":
+            j = i + (i < n and pattern[i] == "!")
+            j += j < n and pattern[j] == "]"
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append("[")          # no closing bracket: a literal, as fnmatch takes it
+            else:
+                out.append(None)
+                i = j + 1
+        else:
+            out.append(ch)
+    return out
+
+
+def _literal_run_fits(run: str, start: int, open_end: bool) -> bool:
+    """Can the literal run, from index start, be part of an escaped name? Every
+    backslash must be doubled or begin an escape escape_text writes; open_end:
+    a wildcard follows, which may complete what the run leaves open."""
+    i = start
+    while i < len(run):
+        if run[i] != "\\":
+            i += 1
+            continue
+        if i + 1 == len(run):
+            return open_end
+        mark = run[i + 1]
+        if mark == "\\":
+            i += 2
+            continue
+        if mark not in _ESCAPES:
+            return False
+        width, written = _ESCAPES[mark]
+        digits = run[i + 2:i + 2 + width]
+        if not set(digits) <= _HEX:
+            return False
+        if len(digits) < width:
+            return open_end and i + 2 + len(digits) == len(run)
+        if not written(int(digits, 16)):
+            return False
+        i += 2 + width
+    return True
 
 
 def lone_backslash(pattern: str) -> bool:
-    """Does the glob `pattern` hold a backslash that no escaped name can hold
-    there (`a\\b`, a trailing one)? Names are matched as escape_name shows them,
-    where a backslash is always doubled or starts an escape: such a pattern can
-    never match (`a\\\\b` matches the name `a\\b`)."""
-    at = pattern.find("\\")
-    while at >= 0:
-        if at + 1 >= len(pattern) or pattern[at + 1] not in _AFTER_BACKSLASH:
+    """Can the glob `pattern` match no name as escape_name shows it, because of
+    a backslash (`a\\b`, `a\\`, `\\x2d`: a printable character is never
+    escaped)? Names hold a backslash only doubled or as the start of an escape
+    escape_text writes; a wildcard next to a backslash may stand for the rest
+    of either (`*\\b` matches the name `a\\b` shown as `a\\\\b`)."""
+    if "\\" not in pattern:
+        return False
+    tokens = _glob_tokens(pattern)
+    i = 0
+    while i < len(tokens):
+        if tokens[i] is None:
+            i += 1
+            continue
+        j = i
+        while j < len(tokens) and tokens[j] is not None:
+            j += 1
+        run = "".join(t for t in tokens[i:j] if t is not None)
+        open_end, after_wild = j < len(tokens), i > 0
+        # after a wildcard the run may begin with the second half of a doubled backslash
+        if not (_literal_run_fits(run, 0, open_end)
+                or (after_wild and run.startswith("\\") and _literal_run_fits(run, 1, open_end))):
             return True
-        at = pattern.find("\\", at + 2)
+        i = j
     return False
 
 

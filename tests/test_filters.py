@@ -180,3 +180,34 @@ def test_a_name_with_a_backslash_is_matched_as_it_is_shown():
     assert kept(r"'a\x0ab'") == [21]
     assert kept(r"'a\*'") == [20, 21]          # a glob after the backslash stands for the escape
     assert kept("'a*b'") == [20, 21, 22]
+
+
+@pytest.mark.parametrize("pattern,refused", [
+    ("a\\b", True), ("trailing\\", True), ("a\\b*", True), ("a\\xZZ", True),
+    ("unit-by\\x2duuid*", True),          # a printable character is never escaped: write \\x2d
+    ("a\\u0041", True), ("x\\x0", True),
+    ("a\\\\b", False), ("a\\x0ab", False), ("a\\u0085", False), ("a\\xff", False),
+    ("*\\b", False), ("*\\", False), ("a?\\b", False), ("[\\][\\]", False), ("a\\*", False), ("x\\x0*", False),
+])
+def test_a_pattern_is_refused_exactly_when_no_escaped_name_can_match_it(pattern, refused):
+    from tcpstates.text import lone_backslash
+    assert lone_backslash(pattern) is refused
+
+
+def test_no_refused_pattern_matches_any_escaped_name():
+    # every pattern of up to 5 characters over an alphabet of glob characters,
+    # backslashes and escape letters, against every name of up to 3 characters
+    # (backslash, newline, C1, plain) as escape_name shows it
+    import fnmatch
+    import itertools
+
+    from tcpstates.text import escape_name, lone_backslash
+    shown = [escape_name("".join(p)) for n in range(4) for p in itertools.product("a\\\n\x85x0", repeat=n)]
+    refused = 0
+    for n in range(1, 6):
+        for chars in itertools.product("a\\*?x0u", repeat=n):
+            pattern = "".join(chars)
+            if lone_backslash(pattern):
+                refused += 1
+                assert not any(fnmatch.fnmatchcase(s, pattern) for s in shown), pattern
+    assert refused > 1000        # the alphabet does produce refusals
