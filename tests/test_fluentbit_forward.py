@@ -7,12 +7,15 @@ Python receiver through its own `forward` output."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
+import msgpack
 import pytest
 from fbcase import check_exact, needs_fluent_bit, trace
 from fluent_receiver import ForwardReceiver
@@ -163,6 +166,54 @@ def test_shared_key_handshake_with_user(tmp_path, fluent_bit, receiver):
     assert f"{n} acknowledged, 0 lost" in r.stderr.decode()
     wait_until(lambda: len(receiver.records()) >= n, 30, "records")
     check_exact(receiver.entries, n)
+
+
+def test_self_hostname_passes_real_fluent_bits_handshake(tmp_path, fluent_bit, receiver):
+    """Fluent Bit checks the PING's digest with the hostname the PING carries
+    (and refuses one that is not a string): a self_hostname of ours that did not
+    go into both would be refused."""
+    port = free_port()
+    fluent_bit(forward_input(port=port, extra=AUTH) + forward_output(receiver.address),
+               wait_for=("127.0.0.1", port))
+    r = ship(f"address=127.0.0.1:{port}", "shared_key=s3cret", "username=alice", "password=wonderland",
+             "self_hostname=edge-7.example", n=50, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "50 acknowledged, 0 lost" in r.stderr.decode()
+    wait_until(lambda: len(receiver.records()) >= 50, 30, "records")
+
+
+@pytest.mark.parametrize("option,sent", [("self_hostname=edge-7.example", "edge-7.example"), (None, None)])
+def test_the_ping_carries_self_hostname_or_this_hosts_name(tmp_path, option, sent):
+    """What Fluent Bit does not show: which hostname our PING named. A server
+    of the test's own (Fluent Bit exposes the client's hostname nowhere) sends
+    the HELO, keeps the PING and closes; the digest must be over that name."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(30)
+    pings: list = []
+
+    def serve() -> None:
+        with srv:
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(30)
+                conn.sendall(msgpack.packb(["HELO", {"nonce": b"n0nce", "auth": b"", "keepalive": True}]))
+                unpacker = msgpack.Unpacker(raw=False)
+                while not pings:
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    unpacker.feed(data)
+                    pings.extend(unpacker)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    opts = [f"address=127.0.0.1:{srv.getsockname()[1]}", "shared_key=k3y", "exit_timeout=1",
+            "ack_timeout=2"] + ([option] if option else [])
+    ship(*opts, n=3, tmp_path=tmp_path)
+    t.join(30)
+    assert len(pings) == 1 and pings[0][0] == "PING" and len(pings[0]) == 6, pings
+    _, hostname, salt, digest, _, _ = pings[0]
+    assert hostname == (sent or socket.gethostname()), hostname
+    assert digest == hashlib.sha512(salt.encode() + hostname.encode() + b"n0nce" + b"k3y").hexdigest()
 
 
 @pytest.mark.parametrize("creds,expect", [
