@@ -271,3 +271,26 @@ def test_raw_send_recv_probes_need_protocol_and_type_at_their_sizes(tmp_path, io
         said = [m for m in s.missing if "send/recv probes attach as perf-event" in m]
         assert len(said) == 1 and why in said[0], s.missing
         assert "-DTCPSTATES_TP_IO_FAMILY" in " ".join(s.cflags)   # the perf-event form checks it
+
+
+def _file_btf(member: str, size: int):
+    b = Blob()
+    u64 = b.add(B.INT, "long unsigned int", size, struct.pack("<I", size * 8))
+    b.struct(B.STRUCT, "file", 256, [("f_mode", u64, 0), (member, u64, 176 * 8)])
+    return B.BTF(b.bytes())
+
+
+@pytest.mark.parametrize("member,size,answer", [
+    ("f_ref", 8, ["-DTCPSTATES_OFF_FILE_F_REF=176", "-DTCPSTATES_FILE_REF_ONE=0"]),   # file_ref_t, Linux >= 6.13
+    ("f_count", 8, ["-DTCPSTATES_OFF_FILE_F_REF=176", "-DTCPSTATES_FILE_REF_ONE=1"]),  # atomic_long_t before
+    ("f_count", 4, "is 4 bytes"),           # a 32-bit kernel: no close tracking rather than a misread
+    ("f_other", 8, "neither f_ref nor f_count"),
+])
+def test_the_close_probe_reads_the_file_reference_count_the_kernel_has(member, size, answer):
+    from tcpstates.plugins.owner import kernel
+    btf = _file_btf(member, size)
+    if isinstance(answer, list):
+        assert kernel._file_refs(btf) == answer
+    else:
+        with pytest.raises(kernel.BTFError, match=answer):
+            kernel._file_refs(btf)

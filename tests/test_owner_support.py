@@ -89,3 +89,4 @@ def test_close_tracking_can_be_turned_off():
     s = kernel.owner_support(1024, close=False)
     assert not s.closes and "-DTCPSTATES_OWNER_CLOSE=1" not in s.cflags
     assert kernel.CLOSE_OFF in s.missing
+
