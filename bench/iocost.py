@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import OURS, TracerRun  # noqa: E402
+from run import OURS, TracerRun, tracer_argv  # noqa: E402
 
 OWNER_TP = 'chain=[{use="owner", kernel_io_probe="tracepoint"}]'
 VARIANTS: dict[str, list[str] | None] = {
@@ -76,7 +76,7 @@ def main() -> int:
     runs: dict[tuple[str, str], list[float]] = {}
     variants = dict(VARIANTS)
     if a.baseline:
-        variants["owner, baseline checkout"] = [a.baseline, "-P", "-m", "tcpstates", "--sink", "jsonl"]
+        variants["owner, baseline checkout"] = tracer_argv(a.baseline) + ["--sink", "jsonl"]
     names = list(variants)
     with tempfile.TemporaryDirectory(prefix="tcpstates-iocost-") as tmp:
         binary = Path(tmp, "iocost")

@@ -51,7 +51,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 BCC_TOOL = shutil.which("tcpstates-bpfcc") or "/usr/sbin/tcpstates-bpfcc"
 UNRUNNABLE: set[str] = set()   # optional tracers that failed to start (bcc's own tool)
 # -P: as root, never the working directory's idea of tcpstates (docs/security.md)
-OURS = [sys.executable, "-P", "-m", "tcpstates"]
+def tracer_argv(python: str) -> list[str]:
+    """tcpstates run by `python`: ours, or another checkout's venv (--baseline)."""
+    return [python, "-P", "-m", "tcpstates"]
+
+
+OURS = tracer_argv(sys.executable)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -451,7 +456,7 @@ def main() -> int:
                    ("tcpstates jsonl owner=off", OURS + ["--sink", "jsonl"] + owner_off),
                    ("tcpstates jsonl (owner on)", OURS + ["--sink", "jsonl"])]
         if a.baseline:
-            tracers.append(("tcpstates jsonl baseline", [a.baseline, "-P", "-m", "tcpstates", "--sink", "jsonl"]))
+            tracers.append(("tcpstates jsonl baseline", tracer_argv(a.baseline) + ["--sink", "jsonl"]))
         if a.io_probe_too:
             tracers.append(("tcpstates jsonl owner tp-io", OURS + ["--sink", "jsonl", "-o",
                             'chain=[{use="owner", kernel_io_probe="tracepoint"}]']))

@@ -48,14 +48,23 @@ def escape_name(raw: object) -> str:
     return escape_text(text.replace("\\", "\\\\"))
 
 
-# the escapes escape_text writes: a marker, its hex width, and whether a value
-# is one it writes (lowercase hex; C0, DEL and undecodable bytes as \\xNN, other
-# non-printable characters as \\uNNNN or \\UNNNNNNNN)
-_ESCAPES = {
-    "x": (2, lambda v: v < 0x20 or v >= 0x7F),
-    "u": (4, lambda v: 0x80 <= v and not 0xDC80 <= v <= 0xDCFF and not chr(v).isprintable()),
-    "U": (8, lambda v: 0x10000 <= v <= 0x10FFFF and not chr(v).isprintable()),
-}
+# the escapes escape_text writes: marker -> hex width (lowercase hex)
+_ESCAPES = {"x": 2, "u": 4, "U": 8}
+
+
+def _written(mark: str, value: int) -> bool:
+    """Does escape_text ever write the escape `\\<mark><value>`? Asked of
+    _escape_char itself, so this stays what it writes: a byte that was not
+    UTF-8 (0x80-0xff) as \\xNN, a non-printable character as its own escape."""
+    if mark == "x" and 0x80 <= value <= 0xFF:
+        return True
+    try:
+        ch = chr(value)
+    except (ValueError, OverflowError):
+        return False
+    return not ch.isprintable() and _escape_char(ch) == f"\\{mark}{value:0{_ESCAPES[mark]}x}"
+
+
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -101,13 +110,13 @@ def _literal_run_fits(run: str, start: int, open_end: bool) -> bool:
             continue
         if mark not in _ESCAPES:
             return False
-        width, written = _ESCAPES[mark]
+        width = _ESCAPES[mark]
         digits = run[i + 2:i + 2 + width]
         if not set(digits) <= _HEX:
             return False
         if len(digits) < width:
             return open_end and i + 2 + len(digits) == len(run)
-        if not written(int(digits, 16)):
+        if not _written(mark, int(digits, 16)):
             return False
         i += 2 + width
     return True
@@ -141,9 +150,9 @@ def lone_backslash(pattern: str) -> bool:
 
 
 def refuse_lone_backslash(option: str, patterns: list[str]) -> None:
-    """Refuse a name pattern with a lone backslash: names are matched as they
-    are shown, escaped (a backslash doubled, a control byte as \\xNN), so it
-    could never match, and a filter that silently keeps or drops nothing is a
+    """Refuse a name pattern that lone_backslash says no escaped name can
+    match: names are matched as they are shown (a backslash doubled, a control
+    byte as \\xNN), and a filter that silently keeps or drops nothing is a
     wrong answer, not a result."""
     for pattern in patterns:
         if lone_backslash(pattern):
