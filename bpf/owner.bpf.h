@@ -48,7 +48,7 @@
  *   TCPSTATES_OWNER_CLOSE      attach syscalls:sys_enter_close: an owner closing its
  *                              descriptor of a socket another reference still holds
  *                              (a hand-off, a forking server's parent) is marked as
- *                              having let go (needs the FD offsets, TCPSTATES_TP_CLOSE_FD,
+ *                              having let go (needs the FD offsets, TCPSTATES_TP_CLOSE_FD, _SOCK_SK_TYPE,
  *                              TCPSTATES_OFF_FILE_F_INODE, _INODE_I_MODE, _FILE_F_REF,
  *                              TCPSTATES_FILE_REF_ONE: what a file's reference count
  *                              reads with one reference, 0 for the file_ref_t of
@@ -425,6 +425,37 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
 /* connection-record mode: transitions that make no record still teach the owner */
 #define TCPSTATES_OWNER_TRACK(args, sk) owner_track((sk), (args)->oldstate, (args)->newstate)
 
+#ifdef TCPSTATES_OFF_SOCK_SK_TYPE
+/* Is sk a TCP socket? Read from the socket at the BTF offsets of sk_protocol
+ * and sk_type. Protocol 6 is not TCP alone: a netlink socket of NETLINK_XFRM
+ * (6), which any user may open, and a raw IPPROTO_TCP socket carry it too, and
+ * an owner entry written for them would evict a real connection's. Protocol 6
+ * of type SOCK_STREAM is TCP (netlink and raw sockets are never streams).
+ * Where the two u16 members are neighbours (Linux >= 5.6: sk_type,
+ * sk_protocol) one read takes both. */
+static __always_inline int owner_sk_is_tcp(u64 sk)
+{
+    u16 protocol = 0, type = 0;
+#if TCPSTATES_OFF_SOCK_SK_TYPE + 2 == TCPSTATES_OFF_SOCK_SK_PROTOCOL
+    u16 pair[2] = {};
+    bpf_probe_read_kernel(pair, sizeof(pair), (char *)sk + TCPSTATES_OFF_SOCK_SK_TYPE);
+    type = pair[0];
+    protocol = pair[1];
+#elif TCPSTATES_OFF_SOCK_SK_PROTOCOL + 2 == TCPSTATES_OFF_SOCK_SK_TYPE
+    u16 pair[2] = {};
+    bpf_probe_read_kernel(pair, sizeof(pair), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
+    protocol = pair[0];
+    type = pair[1];
+#else
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
+    if (protocol != 6 /* IPPROTO_TCP */)
+        return 0;
+    bpf_probe_read_kernel(&type, sizeof(type), (char *)sk + TCPSTATES_OFF_SOCK_SK_TYPE);
+#endif
+    return protocol == 6 /* IPPROTO_TCP */ && type == 1 /* SOCK_STREAM */;
+}
+#endif
+
 #ifdef TCPSTATES_OWNER_IO
 /* Runs in the sending/receiving process for every send/recv on any socket:
  * the holder is unchanged when the entry names this process and no process
@@ -465,38 +496,19 @@ static __always_inline int owner_io_tcp(u64 sk)
  * when BTF gives sock.sk_protocol's offset): the kernel calls the program
  * with the tracepoint's arguments (args[0] = struct sock *) without first
  * building the event record the perf-event path fills for every send/recv
- * on the host; the protocol and type are read from the socket at their BTF
- * offsets. */
+ * on the host. The map first, the socket after: a send/recv by the process
+ * an entry already names (a busy connection's every call but its first)
+ * costs one lookup and no read of the socket. That early return writes
+ * nothing, so it needs no type check; only a write does (entries exist only
+ * for TCP sockets, and a lookup of a unix or UDP socket misses:
+ * bench/iocost.py measures both orders' cost). */
 static __always_inline int owner_io_raw(u64 sk)
 {
-    /* the socket first, the map after: most of a host's sends and receives
-     * may be on unix or UDP sockets, which then cost one read and no lookup
-     * (bench/iocost.py). Protocol 6 is not TCP alone: a netlink socket of NETLINK_XFRM (6),
-     * which any user may open, and a raw IPPROTO_TCP socket carry it too, and
-     * their sends would fill sk_owner with entries that evict real
-     * connections' owners. Protocol 6 of type SOCK_STREAM is TCP (netlink
-     * and raw sockets are never streams). Where the two u16 members are
-     * neighbours (Linux >= 5.6: sk_type, sk_protocol) one read takes both. */
-    u16 protocol = 0, type = 0;
-#if TCPSTATES_OFF_SOCK_SK_TYPE + 2 == TCPSTATES_OFF_SOCK_SK_PROTOCOL
-    u16 pair[2] = {};
-    bpf_probe_read_kernel(pair, sizeof(pair), (char *)sk + TCPSTATES_OFF_SOCK_SK_TYPE);
-    type = pair[0];
-    protocol = pair[1];
-#elif TCPSTATES_OFF_SOCK_SK_PROTOCOL + 2 == TCPSTATES_OFF_SOCK_SK_TYPE
-    u16 pair[2] = {};
-    bpf_probe_read_kernel(pair, sizeof(pair), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
-    protocol = pair[0];
-    type = pair[1];
-#else
-    bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
-    if (protocol != 6 /* IPPROTO_TCP */)
+    struct tcpstates_owner *o = owner_lookup(sk);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (owner_io_same(o, tgid) || !owner_sk_is_tcp(sk))
         return 0;
-    bpf_probe_read_kernel(&type, sizeof(type), (char *)sk + TCPSTATES_OFF_SOCK_SK_TYPE);
-#endif
-    if (protocol != 6 /* IPPROTO_TCP */ || type != 1 /* SOCK_STREAM */)
-        return 0;
-    return owner_io_tcp(sk);
+    return owner_io_changed(sk, o, tgid);
 }
 
 /* bcc attaches a function by its raw_tracepoint__<event> name */
@@ -625,7 +637,7 @@ int tracepoint__syscalls__sys_exit_accept(void *ctx)
 static __always_inline int owner_close_enter(long fd)
 {
     char *file = owner_fd_file(fd), *inode = NULL, *sock = NULL;
-    u16 mode = 0, protocol = 0;
+    u16 mode = 0;
     u64 sk = 0;
     s64 refs = 0;
     if (!file)
@@ -645,8 +657,7 @@ static __always_inline int owner_close_enter(long fd)
     bpf_probe_read_kernel(&sk, sizeof(sk), sock + TCPSTATES_OFF_SOCKET_SK);
     if (!sk)
         return 0;
-    bpf_probe_read_kernel(&protocol, sizeof(protocol), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
-    if (protocol != 6 /* IPPROTO_TCP */)
+    if (!owner_sk_is_tcp(sk))
         return 0;
     u8 state = 0;
     bpf_probe_read_kernel(&state, sizeof(state), (char *)sk + TCPSTATES_OFF_SOCK_SKC_STATE);

@@ -3,8 +3,9 @@ entry: a netlink socket of family NETLINK_XFRM (6), which any user may open,
 passes the send/recv probes' `protocol == IPPROTO_TCP` test. Its sends filled
 the owner LRU (max_sockets) with entries for sockets that never change TCP
 state, so an unprivileged user could evict the owners of real connections:
-their later records said "unknown". The real CLI, a real server and client
-on loopback, the flood as nobody."""
+their later records said "unknown". The close probe had the same hole: closing
+a second descriptor of such a socket made an entry (an owner letting go).
+The real CLI, a real server and client on loopback, the flood as nobody."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ print("closed", flush=True)
 
 # as nobody: many netlink sockets of protocol 6, each sending once
 FLOOD = r"""
-import resource, socket, sys
+import os, resource, socket, sys
 n = int(sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64), hard))
@@ -57,13 +58,20 @@ for _ in range(n):
             s.sendto(b"\0" * 16, (0, 0))
         except OSError:
             pass                                                # refused or not: it was traced
+    try:
+        s.connect((0, 0))            # connected (state 1): an unconnected one reads TCP_CLOSE (7)
+    except OSError:
+        pass
+    for _ in range(2):               # a descriptor closed while another holds it: the close probe
+        os.close(os.dup(s.fileno())) # (the second close finds the entry: referenced)
     held.append(s)
 print("sent", len(held), flush=True)
 sys.stdin.readline()                 # held open (distinct sockets) until the test is done
 """
 
 FLOODS, PER_FLOOD = 4, 16384   # 64 times max_sockets
-PROBES = {"raw": (), "tracepoint": ('kernel_io_probe="tracepoint", ',)}
+# close-only: no send/recv probes, so only the close probe could make the flood's entries
+PROBES = {"raw": (), "tracepoint": ('kernel_io_probe="tracepoint", ',), "close-only": ("kernel_io=false, ",)}
 
 
 @pytest.mark.parametrize("probe", sorted(PROBES))

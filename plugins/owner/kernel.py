@@ -47,6 +47,8 @@ CLOSE_FIELDS = {
     "FILE_F_INODE": ("file", "f_inode"),
     "INODE_I_MODE": ("inode", "i_mode"),
     "SOCK_SKC_STATE": ("sock", "__sk_common.skc_state"),
+    # a descriptor of a NETLINK_XFRM socket (protocol 6 too) must not make an owner entry
+    "SOCK_SK_TYPE": ("sock", "sk_type"),
 }
 # a file's reference count: file_ref_t f_ref (Linux >= 6.13) reads 0 with one
 # reference, the atomic f_count before it 1 (TCPSTATES_FILE_REF_ONE)
