@@ -496,19 +496,16 @@ static __always_inline int owner_io_tcp(u64 sk)
  * when BTF gives sock.sk_protocol's offset): the kernel calls the program
  * with the tracepoint's arguments (args[0] = struct sock *) without first
  * building the event record the perf-event path fills for every send/recv
- * on the host. The map first, the socket after: a send/recv by the process
- * an entry already names (a busy connection's every call but its first)
- * costs one lookup and no read of the socket. That early return writes
- * nothing, so it needs no type check; only a write does (entries exist only
- * for TCP sockets, and a lookup of a unix or UDP socket misses:
- * bench/iocost.py measures both orders' cost). */
+ * on the host. The socket first, the map after: most of a host's sends and
+ * receives may be on unix or UDP sockets, which then cost one read and no
+ * lookup. (The other order, lookup first and the type read only before a
+ * write, saved a busy TCP connection ~17 ns per call and cost every unix or
+ * UDP call ~30 ns, a lookup that misses the cache: bench/README.md, run 13.) */
 static __always_inline int owner_io_raw(u64 sk)
 {
-    struct tcpstates_owner *o = owner_lookup(sk);
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (owner_io_same(o, tgid) || !owner_sk_is_tcp(sk))
+    if (!owner_sk_is_tcp(sk))
         return 0;
-    return owner_io_changed(sk, o, tgid);
+    return owner_io_tcp(sk);
 }
 
 /* bcc attaches a function by its raw_tracepoint__<event> name */
