@@ -15,6 +15,8 @@ For each load rate it runs, in one invocation and one after the other:
                    range per old state): removes the load's known ESTABLISHED spans
                    in the kernel (the rest is printed)
   bcc              Debian's tcpstates-bpfcc, when installed and it runs
+(with --bracket, set by --owner-cost: the load untraced again after every traced
+run, each traced run's ratio taken against the mean of its two neighbours)
 and reports per run: load rate and its ratio to untraced, events printed for
 the load's port vs the kernel's own count (bench/truth.py), reported drops
 and kernel misses, tracer CPU per event, startup time, peak RSS.
@@ -90,6 +92,7 @@ def peak_rss_mb(pid: int) -> float:
 LOAD_THREADS = 1
 MESSAGES = 0          # round trips per connection (0: connect and close only)
 BPF_STATS = False     # read the tracer's per-program in-kernel cost (bpfstats.py)
+BRACKET = False       # an untraced run after every traced run too: each ratio against both neighbours
 CHURN_PERIOD: float | None = None   # move the load into a fresh cgroup this often (churn.py)
 
 
@@ -217,10 +220,8 @@ def reported_losses(name: str, err: str) -> tuple[int, int, int | None]:
             int(m.group(4)) if m.group(4) else None)
 
 
-def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple[str, list[str]]],
-                workdir: Path, env: dict) -> list[dict]:
-    conns = max_conns if rate == 0 else min(max_conns, int(rate * seconds))
-    results = []
+def untraced_point(rate: float, seconds: float, conns: int) -> dict:
+    """One run of the load alone (the ftrace truth count on, as in every run)."""
     port = free_port()
     truth = TracepointCounter(port, conns * 10 + 10)     # on in every run: same cost for all
     busy0 = host_busy_s()
@@ -228,10 +229,21 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
     base_load_cpu = (host_busy_s() - busy0) / max(1, base["connections"])
     recorded, overrun = truth.stop()
     truth.close()
-    results.append({"tracer": "untraced", "rate": base["rate"], "ratio": 1.0,
-                    "load_cpu_us_per_conn": round(base_load_cpu * 1e6, 1), "load_cpu_ratio": 1.0,
-                    "connections": base["connections"], "truth": recorded, "truth_overrun": overrun,
-                    "cgroups_created": base.get("cgroups_created")})
+    return {"tracer": "untraced", "rate": base["rate"], "ratio": 1.0,
+            "load_cpu_us_per_conn": round(base_load_cpu * 1e6, 1), "load_cpu_ratio": 1.0,
+            "connections": base["connections"], "truth": recorded, "truth_overrun": overrun,
+            "cgroups_created": base.get("cgroups_created")}
+
+
+def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple[str, list[str]]],
+                workdir: Path, env: dict) -> list[dict]:
+    conns = max_conns if rate == 0 else min(max_conns, int(rate * seconds))
+    results = [untraced_point(rate, seconds, conns)]
+    # the untraced run(s) each traced run is compared with: the one before it,
+    # and with BRACKET the one after it too (this shared VM's speed drifts
+    # between runs a minute apart: a ratio against one baseline taken before
+    # every tracer's run moved by up to ±0.5 within a cell)
+    refs: list[tuple[dict, list[dict]]] = []
     for name, argv in tracers:
         if name in UNRUNNABLE:
             continue
@@ -275,11 +287,12 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
         rescued = re.search(r"; (\d+) rescued when nested", err)
         conn_mode = "--connections" in argv
         expected = 2 * load["connections"] if conn_mode else recorded
+        before = [r for r in results if r["tracer"] == "untraced"][-1]
         results.append({
-            "tracer": name, "rate": load["rate"], "ratio": round(load["rate"] / base["rate"], 3),
-            # host CPU per connection outside the tracer process, against the untraced run's
+            "tracer": name, "rate": load["rate"],
+            # host CPU per connection outside the tracer process (its ratio to the
+            # untraced runs' is filled in below, with the rate's)
             "load_cpu_us_per_conn": round(load_cpu * 1e6, 1),
-            "load_cpu_ratio": round(load_cpu / base_load_cpu, 3) if base_load_cpu > 0 else None,
             "connections": load["connections"], "truth": recorded, "truth_overrun": overrun,
             "cgroups_created": load.get("cgroups_created"),
             "container_named": count_lines_with(t.out_path, port, b'"container_id"') if CHURN_PERIOD else None,
@@ -312,8 +325,18 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
             "sends": load.get("sends", 0), "recvs": load.get("recvs", 0),
             **(kernel_cost(progs, load) if progs is not None else {}),
         })
+        refs.append((results[-1], [before]))
+        if BRACKET:
+            after = untraced_point(rate, seconds, conns)
+            results.append(after)
+            refs[-1][1].append(after)
         for p in (t.out_path, t.err_path):
             p.unlink()
+    for row, bases in refs:
+        base_rate = sum(b["rate"] for b in bases) / len(bases)
+        base_cpu = sum(b["load_cpu_us_per_conn"] for b in bases) / len(bases)
+        row["ratio"] = round(row["rate"] / base_rate, 3) if base_rate > 0 else None
+        row["load_cpu_ratio"] = round(row["load_cpu_us_per_conn"] / base_cpu, 3) if base_cpu > 0 else None
     return results
 
 
@@ -429,6 +452,9 @@ def main() -> int:
                    "(kernel.bpf_stats_enabled off: its accounting costs every program run ~75 ns here, "
                    "and the owner adds ~45 runs per connection); one more pass with it on gives the "
                    "per-program figures (rows with stats=on; --bpf-stats: every pass on)")
+    p.add_argument("--bracket", action="store_true",
+                   help="run the load untraced after every traced run too and compare each traced run "
+                   "with the mean of the untraced runs just before and after it (set by --owner-cost)")
     p.add_argument("--io-probe-too", action="store_true",
                    help="with --owner-cost: also jsonl with the owner's send/recv probes as perf-event "
                    "tracepoints (kernel_io_probe=tracepoint) beside the default raw tracepoints")
@@ -441,7 +467,7 @@ def main() -> int:
     if a.smoke:
         a.rates, a.seconds, a.max_connections = "max,500", 0.5, 300
     if a.owner_cost:
-        a.rates, a.threads, a.modes, a.no_bcc = "max", "1,2", "connect,data", True
+        a.rates, a.threads, a.modes, a.no_bcc, a.bracket = "max", "1,2", "connect,data", True, True
     if a.container_churn:
         a.rates, a.no_bcc = "max", True
     modes = a.modes.split(",")
@@ -496,6 +522,8 @@ def main() -> int:
         tracers.append(("bcc", [BCC_TOOL]))
         if not a.only_too and not a.owner_cost:
             tracers.append(("bcc -L", [BCC_TOOL, "-L", "{OTHER}"]))   # bcc's filtered case
+    global BRACKET
+    BRACKET = a.bracket
     rows = []
     # one entry per pass: whether kernel.bpf_stats_enabled is on for it
     stats_passes = [a.bpf_stats] * max(1, a.repeat)

@@ -71,12 +71,20 @@ def _port_rows(text: str, sink: str, port: int) -> int:
 
 def test_benchmark_smoke_run(tmp_path):
     result = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--json", str(result)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--bracket",
+                        "--json", str(result)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(result.read_text())
     tracers = {row["tracer"] for row in rows}
     assert {"untraced", "tcpstates", "tcpstates -L"} <= tracers
+    # --bracket: every traced run sits between two untraced runs of its point,
+    # and its ratio is taken against their mean
+    for i, row in enumerate(rows):
+        if row["tracer"] != "untraced":
+            before, after = rows[i - 1], rows[i + 1]
+            assert before["tracer"] == after["tracer"] == "untraced", [x["tracer"] for x in rows]
+            assert before["point"] == row["point"] == after["point"]
+            assert row["ratio"] == round(row["rate"] / ((before["rate"] + after["rate"]) / 2), 3)
     for row in rows:
         if row["tracer"] == "tcpstates":
             assert row["truth"] > 0 and row["truth_overrun"] == 0
