@@ -8,9 +8,13 @@
  * what a probe adds stands out. KIND-close: CALLS times "dup the descriptor,
  * close the copy" (the owner's close probe runs for every close() on the
  * host); the kind `file` is /dev/null, a descriptor that is no socket.
+ * syscall: CALLS getppid() calls, which no probe of ours traces: what attaching
+ * any syscall tracepoint (the owner's accept and close probes) adds to every
+ * system call of every process on the host (the syscall-tracing slow path).
  *
  *   iocost tcp|unix|udp[-eagain|-close] CALLS
  *   iocost file-close CALLS
+ *   iocost syscall CALLS
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -20,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -35,6 +40,10 @@ static int pair(const char *kind, int *a, int *b)
     int sv[2];
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t len = sizeof(addr);
+    if (!strcmp(kind, "syscall")) {
+        *a = *b = -1;
+        return 0;
+    }
     if (!strcmp(kind, "file")) {
         *a = *b = open("/dev/null", O_RDWR);
         return *a < 0 ? -1 : 0;
@@ -74,10 +83,19 @@ int main(int argc, char **argv)
     if (argc == 3)
         snprintf(kind, sizeof(kind), "%.*s", dash ? (int)(dash - argv[1]) : (int)strlen(argv[1]), argv[1]);
     if (calls < 1 || calls > 100000000 || (dash && !eagain && !closing) || (!strcmp(kind, "file") && !closing)
-        || pair(kind, &a, &b)) {
-        fprintf(stderr, "usage: iocost tcp|unix|udp[-eagain|-close] CALLS, iocost file-close CALLS "
-                        "(1..100000000)\n");
+        || (!strcmp(kind, "syscall") && dash) || pair(kind, &a, &b)) {
+        fprintf(stderr, "usage: iocost tcp|unix|udp[-eagain|-close] CALLS, iocost file-close CALLS, "
+                        "iocost syscall CALLS (1..100000000)\n");
         return 2;
+    }
+    if (a < 0) {                            /* syscall */
+        for (long i = 0; i < 10000; i++)
+            syscall(SYS_getppid);
+        long long t0 = cpu_ns();
+        for (long i = 0; i < calls; i++)
+            syscall(SYS_getppid);
+        printf("%.1f\n", (double)(cpu_ns() - t0) / calls);
+        return 0;
     }
     if (closing) {
         for (long i = 0; i < 10000; i++)

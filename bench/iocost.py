@@ -11,7 +11,10 @@ here with cc):
     (tcp, unix, udp), or N receives on an empty socket that end in EAGAIN
     (*-eagain: little kernel work per call, so what a probe adds stands out), or
     N times dup() and close() a descriptor (*-close: a TCP socket's, or /dev/null's
-    for file-close: what a probe on close() adds to every close on the host)
+    for file-close: what a probe on close() adds to every close on the host), or
+    N getppid() calls (syscall: nothing of ours traces it, so what it pays is
+    what attaching any syscall tracepoint, the owner's accept and close probes,
+    adds to every system call on the host: the kernel's syscall-tracing path)
 
 with no tracer, with the tracer and the owner off (no send/recv probes), and with
 the owner's probes attached as raw tracepoints (the default where BTF allows) or
@@ -44,7 +47,7 @@ VARIANTS: dict[str, list[str] | None] = {
     "owner, raw tracepoints": OURS + ["--sink", "jsonl"],
     "owner, perf-event tracepoints": OURS + ["--sink", "jsonl", "-o", OWNER_TP],
 }
-KINDS = ("tcp", "unix", "udp", "tcp-eagain", "unix-eagain", "udp-eagain", "tcp-close", "file-close")
+KINDS = ("tcp", "unix", "udp", "tcp-eagain", "unix-eagain", "udp-eagain", "tcp-close", "file-close", "syscall")
 
 
 def ns_per_call(binary: Path, kind: str, calls: int) -> float:

@@ -101,4 +101,4 @@ def test_iocost_benchmark_smoke_run():
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {line[:30].strip(): line[30:].split() for line in r.stdout.splitlines()[2:] if line[:1] != "s"}
     assert set(rows) == {"no tracer", "owner off", "owner, raw tracepoints", "owner, perf-event tracepoints"}
-    assert all(len([c for c in cells if not c.startswith("(")]) == 8 for cells in rows.values()), r.stdout
+    assert all(len([c for c in cells if not c.startswith("(")]) == 9 for cells in rows.values()), r.stdout
