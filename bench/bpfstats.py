@@ -23,6 +23,14 @@ _BPF_OBJ_GET_INFO_BY_FD = 15
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def is_on() -> bool:
+    """Whether the kernel counts program run time now (whoever turned it on)."""
+    try:
+        return SYSCTL.read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def enabled() -> Iterator[bool]:
     """Turn the statistics on for the block; yields False when that is not possible."""
@@ -35,7 +43,7 @@ def enabled() -> Iterator[bool]:
     try:
         yield True
     finally:
-        SYSCTL.write_text(old)      # the stats cost ~20 ns per run host-wide: never leave them on
+        SYSCTL.write_text(old)      # the stats cost every program run host-wide ~75 ns on the test VM: never leave them on
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:

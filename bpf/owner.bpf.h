@@ -521,11 +521,17 @@ int raw_tracepoint__sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
 #else
 static __always_inline int owner_io(u64 sk, u16 family, u16 protocol)
 {
-    /* the family too: a NETLINK_XFRM socket's protocol is 6 as well (a raw
-     * IPPROTO_TCP socket, which needs CAP_NET_RAW, is told apart only by the
-     * raw form, which reads sk_type) */
+    /* the family too: a NETLINK_XFRM socket's protocol is 6 as well */
     if (protocol != 6 /* IPPROTO_TCP */ || (family != 2 /* AF_INET */ && family != 10 /* AF_INET6 */))
         return 0;
+#ifdef TCPSTATES_OFF_SOCK_SK_TYPE
+    /* and the type where BTF gives its offset: a raw IPPROTO_TCP socket has
+     * this family and protocol, and any user may open one in a user namespace
+     * of their own (CAP_NET_RAW is checked against the socket's network
+     * namespace). Without BTF such sockets can still fill the map (docs/events.md). */
+    if (!owner_sk_is_tcp(sk))
+        return 0;
+#endif
     return owner_io_tcp(sk);
 }
 

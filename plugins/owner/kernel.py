@@ -169,6 +169,8 @@ def owner_support(max_sockets: int, btf_path: str = VMLINUX,
     _netns(s, btf)
     if s.io and io_probe != "tracepoint":
         _raw_io(s, btf)
+    elif s.io:
+        _io_type(s, btf)
     # process exits (group_dead: Linux >= 6.13), only needed with the send/recv owners
     exits = _field_offsets(tracefs, EXIT_TRACEPOINTS, {"group_dead": 1}) if s.io else None
     if exits is not None:
@@ -260,6 +262,18 @@ def _file_refs(btf: BTF) -> list[str]:
             raise BTFError(f"file.{member} is {size} bytes, expected {SIZES['FILE_F_REF']}")
         return [f"-DTCPSTATES_OFF_FILE_F_REF={off}", f"-DTCPSTATES_FILE_REF_ONE={one}"]
     raise BTFError("struct file has neither f_ref nor f_count")
+
+
+def _io_type(s: OwnerSupport, btf: BTF) -> None:
+    """The perf-event send/recv probes see a socket's family and protocol in
+    the tracepoint's record, not its type: a raw IPPROTO_TCP socket (any user's,
+    in a user namespace of their own) passes both. Where BTF gives the type's
+    offset they read it too."""
+    try:
+        s.cflags += [f for f in _offsets(btf, RAW_IO_FIELDS, SIZES) if f not in s.cflags]
+    except BTFError as exc:
+        s.missing.append(f"sock.sk_protocol/sk_type in BTF ({exc}): the perf-event send/recv probes "
+                         f"cannot tell a raw IPPROTO_TCP socket from TCP (its sends can evict owners)")
 
 
 def _raw_io(s: OwnerSupport, btf: BTF) -> None:
