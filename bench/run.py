@@ -241,8 +241,8 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
     results = [untraced_point(rate, seconds, conns)]
     # the untraced run(s) each traced run is compared with: the one before it,
     # and with BRACKET the one after it too (this shared VM's speed drifts
-    # between runs a minute apart: a ratio against one baseline taken before
-    # every tracer's run moved by up to ±0.5 within a cell)
+    # between runs a minute apart: the untraced runs of one cell differed by
+    # up to 2.6x in bench/README.md's run 15)
     refs: list[tuple[dict, list[dict]]] = []
     for name, argv in tracers:
         if name in UNRUNNABLE:
