@@ -142,6 +142,9 @@ static __always_inline char *owner_leader(void)
     char *leader = NULL;
 #ifdef TCPSTATES_OWNER_TASK
     char *task = (char *)bpf_get_current_task();
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if ((u32)pid_tgid == pid_tgid >> 32)
+        return task;          /* the leader itself (a single-threaded process): no read */
     bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
 #endif
     return leader;
@@ -436,12 +439,12 @@ static __always_inline void owner_fill(struct tcpstates_event *e, u64 sk, int ol
 static __always_inline int owner_sk_is_tcp(u64 sk)
 {
     u16 protocol = 0, type = 0;
-#if TCPSTATES_OFF_SOCK_SK_TYPE + 2 == TCPSTATES_OFF_SOCK_SK_PROTOCOL
+#if TCPSTATES_OFF_SOCK_SK_TYPE + 2 == TCPSTATES_OFF_SOCK_SK_PROTOCOL && !defined(TCPSTATES_SEPARATE_READS)
     u16 pair[2] = {};
     bpf_probe_read_kernel(pair, sizeof(pair), (char *)sk + TCPSTATES_OFF_SOCK_SK_TYPE);
     type = pair[0];
     protocol = pair[1];
-#elif TCPSTATES_OFF_SOCK_SK_PROTOCOL + 2 == TCPSTATES_OFF_SOCK_SK_TYPE
+#elif TCPSTATES_OFF_SOCK_SK_PROTOCOL + 2 == TCPSTATES_OFF_SOCK_SK_TYPE && !defined(TCPSTATES_SEPARATE_READS)
     u16 pair[2] = {};
     bpf_probe_read_kernel(pair, sizeof(pair), (char *)sk + TCPSTATES_OFF_SOCK_SK_PROTOCOL);
     protocol = pair[0];
@@ -571,10 +574,21 @@ static __always_inline char *owner_fd_file(long fd)
     bpf_probe_read_kernel(&fdt, sizeof(fdt), files + TCPSTATES_OFF_FILES_FDT);
     if (!fdt)
         return 0;
+#if TCPSTATES_OFF_FDTABLE_MAX_FDS == 0 && TCPSTATES_OFF_FDTABLE_FD == 8 && !defined(TCPSTATES_SEPARATE_READS)
+    /* neighbours (struct fdtable begins with them): one read takes both, on
+     * every close() on the host */
+    struct { u32 max_fds; u32 pad; char **fd; } head = {};
+    bpf_probe_read_kernel(&head, sizeof(head), fdt);
+    max_fds = head.max_fds;
+    fdarr = head.fd;
+    if (fd < 0 || fd >= max_fds)
+        return 0;
+#else
     bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + TCPSTATES_OFF_FDTABLE_MAX_FDS);
     if (fd < 0 || fd >= max_fds)
         return 0;
     bpf_probe_read_kernel(&fdarr, sizeof(fdarr), fdt + TCPSTATES_OFF_FDTABLE_FD);
+#endif
     if (!fdarr)
         return 0;
     bpf_probe_read_kernel(&file, sizeof(file), fdarr + fd);
@@ -645,7 +659,15 @@ static __always_inline int owner_close_enter(long fd)
     s64 refs = 0;
     if (!file)
         return 0;
+#if TCPSTATES_OFF_FILE_PRIVATE_DATA + 8 == TCPSTATES_OFF_FILE_F_INODE && !defined(TCPSTATES_SEPARATE_READS)
+    /* neighbours in struct file (Linux >= 6.12): one read takes both */
+    char *pair[2] = {};
+    bpf_probe_read_kernel(pair, sizeof(pair), file + TCPSTATES_OFF_FILE_PRIVATE_DATA);
+    sock = pair[0];
+    inode = pair[1];
+#else
     bpf_probe_read_kernel(&inode, sizeof(inode), file + TCPSTATES_OFF_FILE_F_INODE);
+#endif
     if (!inode)
         return 0;
     bpf_probe_read_kernel(&mode, sizeof(mode), inode + TCPSTATES_OFF_INODE_I_MODE);
@@ -654,7 +676,9 @@ static __always_inline int owner_close_enter(long fd)
     bpf_probe_read_kernel(&refs, sizeof(refs), file + TCPSTATES_OFF_FILE_F_REF);
     if (refs <= TCPSTATES_FILE_REF_ONE)
         return 0;                             /* the last reference: tcp_close names the closer */
+#if TCPSTATES_OFF_FILE_PRIVATE_DATA + 8 != TCPSTATES_OFF_FILE_F_INODE || defined(TCPSTATES_SEPARATE_READS)
     bpf_probe_read_kernel(&sock, sizeof(sock), file + TCPSTATES_OFF_FILE_PRIVATE_DATA);
+#endif
     if (!sock)
         return 0;
     bpf_probe_read_kernel(&sk, sizeof(sk), sock + TCPSTATES_OFF_SOCKET_SK);

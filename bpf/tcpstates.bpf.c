@@ -53,6 +53,9 @@
  *                             not with TCPSTATES_CONNECTIONS
  *   TCPSTATES_NO_EVENTS       (with TCPSTATES_AGGREGATES) no consumer needs the
  *                             records: aggregate and return, nothing reserved
+ *   TCPSTATES_SEPARATE_READS  read each kernel member on its own, never several
+ *                             neighbours in one read (what a kernel whose layout
+ *                             parts them gets; set by the tests only)
  *   TCPSTATES_STATE_RAW       attach as a raw tracepoint (the kernel calls the
  *                             program without filling a perf-event record, and
  *                             only its own nesting on a CPU can make it skip a
@@ -232,15 +235,23 @@ struct tcpstates_lpm_key {
     u8 addr[16];
 };
 #endif
+/* Copying an address out of the tracepoint's fields: the raw form keeps them in
+ * its own map value (state_args), which the program reads directly; the
+ * perf-event form's are in the tracepoint record, read with the helper. */
+#ifdef TCPSTATES_STATE_RAW
+#define TCPSTATES_ARGS_COPY(dst, src, n) __builtin_memcpy((dst), (src), (n))
+#else
+#define TCPSTATES_ARGS_COPY(dst, src, n) bpf_probe_read_kernel((dst), (n), (src))
+#endif
 /* The key of one tracepoint address (a macro: the args struct has no name yet). */
 #define LPM_KEY(k, args, a4, a6) do {                                    \
     (k)->prefixlen = 160;                                                \
     if ((args)->family == TCPSTATES_AF_INET) {                           \
         (k)->tag = 4;                                                    \
-        bpf_probe_read_kernel((k)->addr, 4, (args)->a4);                 \
+        TCPSTATES_ARGS_COPY((k)->addr, (args)->a4, 4);                   \
     } else {                                                             \
         (k)->tag = 6;                                                    \
-        bpf_probe_read_kernel((k)->addr, 16, (args)->a6);                \
+        TCPSTATES_ARGS_COPY((k)->addr, (args)->a6, 16);                  \
     }                                                                    \
 } while (0)
 #if defined(TCPSTATES_FILTER_LADDR) || defined(TCPSTATES_FILTER_RADDR)
@@ -357,11 +368,11 @@ static __always_inline int port_allowed(void *map_lookup_result)
     if ((args)->family == TCPSTATES_AF_INET) {                           \
         __builtin_memset((e)->saddr, 0, sizeof((e)->saddr));             \
         __builtin_memset((e)->daddr, 0, sizeof((e)->daddr));             \
-        bpf_probe_read_kernel((e)->saddr, 4, (args)->saddr);             \
-        bpf_probe_read_kernel((e)->daddr, 4, (args)->daddr);             \
+        TCPSTATES_ARGS_COPY((e)->saddr, (args)->saddr, 4);               \
+        TCPSTATES_ARGS_COPY((e)->daddr, (args)->daddr, 4);               \
     } else {                                                             \
-        bpf_probe_read_kernel((e)->saddr, 16, (args)->saddr_v6);         \
-        bpf_probe_read_kernel((e)->daddr, 16, (args)->daddr_v6);         \
+        TCPSTATES_ARGS_COPY((e)->saddr, (args)->saddr_v6, 16);           \
+        TCPSTATES_ARGS_COPY((e)->daddr, (args)->daddr_v6, 16);           \
     }                                                                    \
     bpf_get_current_comm((e)->comm, sizeof((e)->comm));                  \
     TCPSTATES_OWNER_FILL(e, args, sk);                                   \
@@ -375,11 +386,11 @@ static __always_inline int port_allowed(void *map_lookup_result)
     if ((args)->family == TCPSTATES_AF_INET) {                           \
         __builtin_memset((x)->saddr, 0, sizeof((x)->saddr));             \
         __builtin_memset((x)->daddr, 0, sizeof((x)->daddr));             \
-        bpf_probe_read_kernel((x)->saddr, 4, (args)->saddr);             \
-        bpf_probe_read_kernel((x)->daddr, 4, (args)->daddr);             \
+        TCPSTATES_ARGS_COPY((x)->saddr, (args)->saddr, 4);               \
+        TCPSTATES_ARGS_COPY((x)->daddr, (args)->daddr, 4);               \
     } else {                                                             \
-        bpf_probe_read_kernel((x)->saddr, 16, (args)->saddr_v6);         \
-        bpf_probe_read_kernel((x)->daddr, 16, (args)->daddr_v6);         \
+        TCPSTATES_ARGS_COPY((x)->saddr, (args)->saddr_v6, 16);           \
+        TCPSTATES_ARGS_COPY((x)->daddr, (args)->daddr_v6, 16);           \
     }                                                                    \
 } while (0)
 
@@ -533,10 +544,42 @@ static __always_inline u16 tcpstates_ntohs(u16 x)
 #endif
 }
 
+/* Where members the program reads lie together in the socket, one read takes
+ * them all: a bpf_probe_read_kernel costs ~30 ns here whatever its size up to
+ * a few dozen bytes (bench/README.md, "State-change program"), and the state
+ * change is the hottest path. Whether they lie together is known at compile
+ * time from their BTF offsets (-D flags); where they do not, each is read on
+ * its own. */
+#define TCPSTATES_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define TCPSTATES_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define TCPSTATES_SPAN_BUF 32
+#ifdef TCPSTATES_SEPARATE_READS
+#define TCPSTATES_SPAN_MAX 0     /* each member on its own (the tests' switch for the other layout) */
+#else
+#define TCPSTATES_SPAN_MAX TCPSTATES_SPAN_BUF
+#endif
+/* sock_common's head: skc_daddr, skc_dport, skc_family */
+#define TCPSTATES_HEAD_LO TCPSTATES_MIN(TCPSTATES_OFF_SOCK_SKC_DADDR, \
+    TCPSTATES_MIN(TCPSTATES_OFF_SOCK_SKC_DPORT, TCPSTATES_OFF_SOCK_SKC_FAMILY))
+#define TCPSTATES_HEAD_HI TCPSTATES_MAX(TCPSTATES_OFF_SOCK_SKC_DADDR + 4, \
+    TCPSTATES_MAX(TCPSTATES_OFF_SOCK_SKC_DPORT + 2, TCPSTATES_OFF_SOCK_SKC_FAMILY + 2))
+/* inet_sock's inet_saddr and inet_sport */
+#define TCPSTATES_INET_LO TCPSTATES_MIN(TCPSTATES_OFF_INET_SOCK_SADDR, TCPSTATES_OFF_INET_SOCK_SPORT)
+#define TCPSTATES_INET_HI TCPSTATES_MAX(TCPSTATES_OFF_INET_SOCK_SADDR + 4, TCPSTATES_OFF_INET_SOCK_SPORT + 2)
+/* the two IPv6 addresses */
+#define TCPSTATES_V6_LO TCPSTATES_MIN(TCPSTATES_OFF_SOCK_SKC_V6_DADDR, TCPSTATES_OFF_SOCK_SKC_V6_RCV_SADDR)
+#define TCPSTATES_V6_HI (TCPSTATES_MAX(TCPSTATES_OFF_SOCK_SKC_V6_DADDR, TCPSTATES_OFF_SOCK_SKC_V6_RCV_SADDR) + 16)
+
+/* Member `off` (n bytes) of a span read from the socket at `lo` into buf
+ * (u64-aligned, so a member's own alignment holds for the compiler). */
+#define TCPSTATES_FROM_SPAN(dst, buf, lo, off, n) \
+    __builtin_memcpy((dst), (char *)(buf) + ((off) - (lo)), (n))
+
 /* What include/trace/events/sock.h's TP_fast_assign stores, read from the
  * same members: inet_sport, inet_saddr (inet_sock), skc_dport, skc_daddr,
  * the v6 addresses for AF_INET6 and the v4-mapped form otherwise. Returns 0
- * for a protocol other than TCP (nothing else is read then). */
+ * for a protocol other than TCP (nothing else is read then). A read that
+ * fails leaves zeroes (as before: each buffer starts zeroed). */
 static __always_inline int read_state_args(struct bpf_raw_tracepoint_args *ctx,
                                            struct tcpstates_state_args *a)
 {
@@ -550,20 +593,46 @@ static __always_inline int read_state_args(struct bpf_raw_tracepoint_args *ctx,
     a->newstate = (int)ctx->args[2];
     a->protocol = protocol;
     a->family = 0;
+#if TCPSTATES_HEAD_HI - TCPSTATES_HEAD_LO <= TCPSTATES_SPAN_MAX
+    {
+        u64 head[TCPSTATES_SPAN_BUF / 8] = {};
+        bpf_probe_read_kernel(head, TCPSTATES_HEAD_HI - TCPSTATES_HEAD_LO, sk + TCPSTATES_HEAD_LO);
+        TCPSTATES_FROM_SPAN(&a->family, head, TCPSTATES_HEAD_LO, TCPSTATES_OFF_SOCK_SKC_FAMILY, 2);
+        TCPSTATES_FROM_SPAN(&be_dport, head, TCPSTATES_HEAD_LO, TCPSTATES_OFF_SOCK_SKC_DPORT, 2);
+        TCPSTATES_FROM_SPAN(a->daddr, head, TCPSTATES_HEAD_LO, TCPSTATES_OFF_SOCK_SKC_DADDR, 4);
+    }
+#else
     bpf_probe_read_kernel(&a->family, sizeof(a->family), sk + TCPSTATES_OFF_SOCK_SKC_FAMILY);
-    bpf_probe_read_kernel(&be_sport, sizeof(be_sport), sk + TCPSTATES_OFF_INET_SOCK_SPORT);
     bpf_probe_read_kernel(&be_dport, sizeof(be_dport), sk + TCPSTATES_OFF_SOCK_SKC_DPORT);
-    a->sport = tcpstates_ntohs(be_sport);
-    a->dport = tcpstates_ntohs(be_dport);
-    if (bpf_probe_read_kernel(a->saddr, 4, sk + TCPSTATES_OFF_INET_SOCK_SADDR))
-        __builtin_memset(a->saddr, 0, 4);
     if (bpf_probe_read_kernel(a->daddr, 4, sk + TCPSTATES_OFF_SOCK_SKC_DADDR))
         __builtin_memset(a->daddr, 0, 4);
+#endif
+#if TCPSTATES_INET_HI - TCPSTATES_INET_LO <= TCPSTATES_SPAN_MAX
+    {
+        u64 inet[TCPSTATES_SPAN_BUF / 8] = {};
+        bpf_probe_read_kernel(inet, TCPSTATES_INET_HI - TCPSTATES_INET_LO, sk + TCPSTATES_INET_LO);
+        TCPSTATES_FROM_SPAN(&be_sport, inet, TCPSTATES_INET_LO, TCPSTATES_OFF_INET_SOCK_SPORT, 2);
+        TCPSTATES_FROM_SPAN(a->saddr, inet, TCPSTATES_INET_LO, TCPSTATES_OFF_INET_SOCK_SADDR, 4);
+    }
+#else
+    bpf_probe_read_kernel(&be_sport, sizeof(be_sport), sk + TCPSTATES_OFF_INET_SOCK_SPORT);
+    if (bpf_probe_read_kernel(a->saddr, 4, sk + TCPSTATES_OFF_INET_SOCK_SADDR))
+        __builtin_memset(a->saddr, 0, 4);
+#endif
+    a->sport = tcpstates_ntohs(be_sport);
+    a->dport = tcpstates_ntohs(be_dport);
     if (a->family == TCPSTATES_AF_INET6) {
+#if TCPSTATES_V6_HI - TCPSTATES_V6_LO <= TCPSTATES_SPAN_MAX
+        u64 v6[TCPSTATES_SPAN_BUF / 8] = {};
+        bpf_probe_read_kernel(v6, TCPSTATES_V6_HI - TCPSTATES_V6_LO, sk + TCPSTATES_V6_LO);
+        TCPSTATES_FROM_SPAN(a->saddr_v6, v6, TCPSTATES_V6_LO, TCPSTATES_OFF_SOCK_SKC_V6_RCV_SADDR, 16);
+        TCPSTATES_FROM_SPAN(a->daddr_v6, v6, TCPSTATES_V6_LO, TCPSTATES_OFF_SOCK_SKC_V6_DADDR, 16);
+#else
         if (bpf_probe_read_kernel(a->saddr_v6, 16, sk + TCPSTATES_OFF_SOCK_SKC_V6_RCV_SADDR))
             __builtin_memset(a->saddr_v6, 0, 16);
         if (bpf_probe_read_kernel(a->daddr_v6, 16, sk + TCPSTATES_OFF_SOCK_SKC_V6_DADDR))
             __builtin_memset(a->daddr_v6, 0, 16);
+#endif
     } else {
         __builtin_memset(a->saddr_v6, 0, 16);
         __builtin_memset(a->daddr_v6, 0, 16);

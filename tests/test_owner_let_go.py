@@ -102,11 +102,14 @@ def _records(t, out, port: int) -> list[dict]:
     return [r for r in map(orjson.loads, out.read_bytes().splitlines()) if r["lport"] == port]
 
 
-@pytest.mark.parametrize("mode", ["fork", "scm"])
-def test_accepter_that_let_go_is_never_named(tracer, tmp_path, mode):
+# "separate": the accept and close probes read each kernel member on their own
+# (TCPSTATES_TEST_SEPARATE_READS), as where this kernel's neighbours are parted
+@pytest.mark.parametrize("mode,reads", [("fork", "combined"), ("scm", "combined"), ("scm", "separate")])
+def test_accepter_that_let_go_is_never_named(tracer, tmp_path, mode, reads):
     port = free_port()
     out = tmp_path / "e.jsonl"
-    t = tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}")
+    env = {"TCPSTATES_TEST_SEPARATE_READS": "1"} if reads == "separate" else {}
+    t = tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", env=env)
     lines = _run(LET_GO, str(port), mode, str(N))
     assert not wait_port_settled(port), "the connections never settled"
     recs = _records(t, out, port)

@@ -209,6 +209,11 @@ class KernelProbe:
         if lose.isascii() and lose.isdigit() and int(lose) > 0:
             out.append(f"-DTCPSTATES_TEST_LOSE_EVERY={int(lose)}")
             named.append("TCPSTATES_TEST_LOSE_EVERY")
+        if os.environ.get("TCPSTATES_TEST_SEPARATE_READS") == "1":
+            # every kernel member read on its own, as on a kernel whose layout
+            # parts the neighbours read together here (same events, more cost)
+            out.append("-DTCPSTATES_SEPARATE_READS")
+            named.append("TCPSTATES_TEST_SEPARATE_READS")
         if os.environ.get("TCPSTATES_TEST_REUSE") == "1":
             out.append("-DTCPSTATES_TEST_REUSE")
             named.append("TCPSTATES_TEST_REUSE")
