@@ -14,7 +14,10 @@ here with cc):
     for file-close: what a probe on close() adds to every close on the host), or
     N getppid() calls (syscall: nothing of ours traces it, so what it pays is
     what attaching any syscall tracepoint, the owner's accept and close probes,
-    adds to every system call on the host: the kernel's syscall-tracing path)
+    adds to every system call on the host: the kernel's syscall-tracing path),
+    or N / 10 loopback connections made, accepted and closed one at a time
+    (connect: wall ns per connection, 8 state changes each; what the
+    state-change program and the owner's probes add to a connection)
 
 with no tracer, with the tracer and the owner off (no send/recv probes), and with
 the owner's probes attached as raw tracepoints (the default where BTF allows) or
@@ -47,11 +50,16 @@ VARIANTS: dict[str, list[str] | None] = {
     "owner, raw tracepoints": OURS + ["--sink", "jsonl"],
     "owner, perf-event tracepoints": OURS + ["--sink", "jsonl", "-o", OWNER_TP],
 }
-KINDS = ("tcp", "unix", "udp", "tcp-eagain", "unix-eagain", "udp-eagain", "tcp-close", "file-close", "syscall")
+KINDS = ("tcp", "unix", "udp", "tcp-eagain", "unix-eagain", "udp-eagain", "tcp-close", "file-close", "syscall",
+         "connect")
+# a connection is ~30 µs of kernel work, a call ~0.1-5 µs: fewer of them
+CALLS_DIVISOR = {"connect": 10}
 
 
 def ns_per_call(binary: Path, kind: str, calls: int) -> float:
-    """The loop's CPU ns per call (a send or a receive; a dup and close)."""
+    """The loop's CPU ns per call (a send or a receive; a dup and close), or
+    wall ns per connection (connect)."""
+    calls = max(1, calls // CALLS_DIVISOR.get(kind, 1))
     out = subprocess.run([str(binary), kind, str(calls)], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError(f"iocost {kind}: {out.stderr.strip() or out.returncode}")
@@ -97,7 +105,8 @@ def main() -> int:
                 print(f"iocost: round {r + 1} {name}: " + ", ".join(
                     f"{k} {runs[(name, k)][-1]:.0f} ns" for k in KINDS), file=sys.stderr, flush=True)
     base = {k: statistics.median(runs[("no tracer", k)]) for k in KINDS}
-    print(f"CPU ns per send or receive (medians of {a.rounds} rounds, {a.calls} round trips per kind); "
+    print(f"CPU ns per send or receive (medians of {a.rounds} rounds, {a.calls} round trips per kind; "
+          f"connect: wall ns per connection, {max(1, a.calls // CALLS_DIVISOR['connect'])} connections); "
           "in brackets: added to each call against no tracer")
     print(f"{'variant':30}" + "".join(f"{k:>15}" for k in KINDS))
     for name in names:

@@ -45,6 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bpfstats  # noqa: E402
+import netns  # noqa: E402
 from churn import Churn  # noqa: E402
 from portstate import free_port  # noqa: E402
 from truth import TracepointCounter  # noqa: E402
@@ -94,6 +95,7 @@ MESSAGES = 0          # round trips per connection (0: connect and close only)
 BPF_STATS = False     # read the tracer's per-program in-kernel cost (bpfstats.py)
 BRACKET = False       # an untraced run after every traced run too: each ratio against both neighbours
 CHURN_PERIOD: float | None = None   # move the load into a fresh cgroup this often (churn.py)
+TIME_WAIT = "fresh"   # each run's network namespace (netns.py): fresh, none (no TIME_WAIT) or host
 
 
 def run_load(port: int, connections: int, rate: float, seconds: float) -> dict:
@@ -222,6 +224,8 @@ def reported_losses(name: str, err: str) -> tuple[int, int, int | None]:
 
 def untraced_point(rate: float, seconds: float, conns: int) -> dict:
     """One run of the load alone (the ftrace truth count on, as in every run)."""
+    netns.enter_fresh(TIME_WAIT)
+    tw_at_start = netns.time_wait_count()
     port = free_port()
     truth = TracepointCounter(port, conns * 10 + 10)     # on in every run: same cost for all
     busy0 = host_busy_s()
@@ -232,7 +236,7 @@ def untraced_point(rate: float, seconds: float, conns: int) -> dict:
     return {"tracer": "untraced", "rate": base["rate"], "ratio": 1.0,
             "load_cpu_us_per_conn": round(base_load_cpu * 1e6, 1), "load_cpu_ratio": 1.0,
             "connections": base["connections"], "truth": recorded, "truth_overrun": overrun,
-            "cgroups_created": base.get("cgroups_created")}
+            "cgroups_created": base.get("cgroups_created"), "tw_at_start": tw_at_start}
 
 
 def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple[str, list[str]]],
@@ -240,13 +244,16 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
     conns = max_conns if rate == 0 else min(max_conns, int(rate * seconds))
     results = [untraced_point(rate, seconds, conns)]
     # the untraced run(s) each traced run is compared with: the one before it,
-    # and with BRACKET the one after it too (this shared VM's speed drifts
-    # between runs a minute apart: the untraced runs of one cell differed by
-    # up to 2.6x in bench/README.md's run 15)
+    # and with BRACKET the one after it too. (The untraced runs of one cell
+    # differed by up to 2.6x in bench/README.md's run 15: the TIME_WAIT sockets
+    # earlier runs left in the host's namespace, which each run now starts
+    # without, netns.py.)
     refs: list[tuple[dict, list[dict]]] = []
     for name, argv in tracers:
         if name in UNRUNNABLE:
             continue
+        netns.enter_fresh(TIME_WAIT)      # the tracer's namespace is the load's, as on a host
+        tw_at_start = netns.time_wait_count()
         port = free_port()
         full = [a.replace("{OTHER}", str(free_port())) for a in argv]
         try:
@@ -294,7 +301,7 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
             # untraced runs' is filled in below, with the rate's)
             "load_cpu_us_per_conn": round(load_cpu * 1e6, 1),
             "connections": load["connections"], "truth": recorded, "truth_overrun": overrun,
-            "cgroups_created": load.get("cgroups_created"),
+            "cgroups_created": load.get("cgroups_created"), "tw_at_start": tw_at_start,
             "container_named": count_lines_with(t.out_path, port, b'"container_id"') if CHURN_PERIOD else None,
             "printed": printed, "aggregated": int(aggregated.group(1)) if aggregated else None,
             "missing": expected - printed if not filtered else None,
@@ -377,7 +384,7 @@ def kernel_cost(progs: list[dict], load: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["point", "threads", "tracer", "mode", "stats", "rate", "ratio", "cgroups_created", "container_named", "load_cpu_ratio", "truth", "printed", "unclosed", "aggregated", "missing",
+    cols = ["point", "threads", "tracer", "mode", "stats", "tw_at_start", "rate", "ratio", "cgroups_created", "container_named", "load_cpu_ratio", "truth", "printed", "unclosed", "aggregated", "missing",
             "dropped", "kernel_misses", "rescued", "reported_unaccounted", "unaccounted", "cpu_us_per_event", "user_us", "sys_us",
             "minflt_per_1k", "startup_s", "peak_rss_mb", "helper_peak_mb", "bpf_ns_per_conn", "bpf_ns_state", "bpf_ns_sendrecv", "bpf_ns_accept"]
     widths = {c: max(len(c), *(len("" if r.get(c) is None else str(r.get(c))) for r in rows)) for c in cols}
@@ -455,6 +462,12 @@ def main() -> int:
     p.add_argument("--bracket", action="store_true",
                    help="run the load untraced after every traced run too and compare each traced run "
                    "with the mean of the untraced runs just before and after it (set by --owner-cost)")
+    p.add_argument("--time-wait", choices=netns.MODES, default="fresh",
+                   help="each run's network namespace: fresh (default: a new one per run, shared by the "
+                   "tracer and the load, so no run inherits the TIME_WAIT sockets of earlier ones), none "
+                   "(fresh, and no close leaves a TIME_WAIT: the cheapest connections, as on a host whose "
+                   "TIME_WAIT table is full), host (the host's own: the load's speed then depends on "
+                   "what earlier runs left, up to 1.8x here)")
     p.add_argument("--io-probe-too", action="store_true",
                    help="with --owner-cost: also jsonl with the owner's send/recv probes as perf-event "
                    "tracepoints (kernel_io_probe=tracepoint) beside the default raw tracepoints")
@@ -522,8 +535,13 @@ def main() -> int:
         tracers.append(("bcc", [BCC_TOOL]))
         if not a.only_too and not a.owner_cost:
             tracers.append(("bcc -L", [BCC_TOOL, "-L", "{OTHER}"]))   # bcc's filtered case
-    global BRACKET
+    global BRACKET, TIME_WAIT
     BRACKET = a.bracket
+    TIME_WAIT = a.time_wait
+    try:
+        netns.enter_fresh(TIME_WAIT)      # can the kernel give one at all? (one line, exit 2 if not)
+    except OSError as exc:
+        p.error(f"--time-wait {TIME_WAIT}: {exc}; use --time-wait host")
     rows = []
     # one entry per pass: (turn kernel.bpf_stats_enabled on for it, the pass is only for that)
     stats_passes = [(a.bpf_stats, False)] * max(1, a.repeat)
