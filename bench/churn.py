@@ -1,5 +1,6 @@
-"""Container churn under the load: the load generator is moved into a fresh
-docker-style cgroup every `period` seconds and the one it left is removed.
+"""Container churn under the load: the load generator (its worker processes
+with it) is moved into a fresh docker-style cgroup every `period` seconds and
+the one it left is removed.
 
 So every few hundred connections the load's events carry a cgroup id the
 tracer's container enricher has never seen, and the cgroups of earlier events
@@ -11,7 +12,9 @@ containers all the time does to the tracer. Used by `bench/run.py
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -34,9 +37,38 @@ def _cgroup_of(root: Path, pid: int) -> Path | None:
     return None
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, parents first (the load generator forks one
+    process per worker: a container's processes move together)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:          # exited meanwhile: nothing under it to move
+            pass
+    return out
+
+
+def move_tree(cgroup: Path, pid: int) -> bool:
+    """Moves `pid` and its descendants into `cgroup`; False once `pid` is gone.
+    A descendant that exited between the listing and the move is skipped; one
+    forked after the listing is born where its parent is and moves next time."""
+    procs = cgroup / "cgroup.procs"
+    for i, p in enumerate(process_tree(pid)):
+        try:
+            procs.write_text(str(p))
+        except OSError:
+            if i == 0:           # the load itself has exited
+                return False
+    return True
+
+
 class Churn:
-    """Moves process `pid` between fresh scopes under its own slice until
-    stop(); every cgroup it made is removed (also on error)."""
+    """Moves process `pid` and its descendants between fresh scopes under its
+    own slice until stop(); every cgroup it made is removed (also on error)."""
 
     def __init__(self, pid: int, period: float = 0.02) -> None:
         root = cgroup2_mount()
@@ -59,9 +91,7 @@ class Churn:
             scope = self.base / f"docker-{os.urandom(32).hex()}.scope"
             scope.mkdir()
             self.created += 1
-            try:
-                (scope / "cgroup.procs").write_text(str(self.pid))
-            except OSError:          # the load has exited
+            if not move_tree(scope, self.pid):      # the load has exited
                 scope.rmdir()
                 self.removed += 1
                 return
@@ -83,12 +113,23 @@ class Churn:
         self._stop.set()
         self._thread.join()
         if self.home is not None:
+            move_tree(self.home, self.pid)      # exited (ESRCH): nothing to move
+        # a killed load's workers die a moment after it (their parent-death
+        # signal is delivered asynchronously): their scope empties shortly
+        deadline = time.monotonic() + 5
+        while True:
+            self._retire(self._current)
+            for leftover in self.base.iterdir():
+                if leftover.is_dir():
+                    self._retire(leftover)
             try:
-                (self.home / "cgroup.procs").write_text(str(self.pid))
-            except OSError:      # exited (ESRCH): nothing holds the scope
-                pass
-        self._retire(self._current)
-        for leftover in self.base.iterdir():
-            if leftover.is_dir():
-                self._retire(leftover)
-        self.base.rmdir()
+                self.base.rmdir()
+                return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    # not raised: stop() runs in a finally, and the run's own
+                    # error is the one to see
+                    print(f"bench: could not remove {self.base} ({e.strerror}); "
+                          f"remove it once its processes have exited", file=sys.stderr)
+                    return
+                time.sleep(0.05)

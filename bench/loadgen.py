@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 
 
@@ -67,11 +68,11 @@ def worker(addr: tuple[str, int], count: int, rate: float, deadline: float, list
     return made
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int) -> None:
     """A worker must not outlive a load that was killed (SIGTERM, Ctrl-C, timeout)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)          # PR_SET_PDEATHSIG
-    if os.getppid() == 1:                           # the parent died before prctl
+    if os.getppid() != parent:                      # the parent died before prctl
         os._exit(1)
 
 
@@ -87,24 +88,31 @@ def run_workers(port: int, counts: list[int], rate: float, deadline: float,
     for i in range(len(counts)):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((f"127.0.0.{i + 1}", port))
+        try:
+            s.bind((f"127.0.0.{i + 1}", port))
+        except OSError as e:
+            print(f"loadgen: cannot listen on 127.0.0.{i + 1}:{port} ({e.strerror}): "
+                  "choose another --port", file=sys.stderr)
+            raise SystemExit(2) from None
         s.listen(4096)
         listeners.append(s)
     go_r, go_w = os.pipe()
     res_r, res_w = os.pipe()
     pids = []
+    parent = os.getpid()
     for i, n in enumerate(counts):
         pid = os.fork()
         if pid == 0:                                # the worker
             code = 1
             try:
-                die_with_parent()
+                die_with_parent(parent)
                 os.close(go_w)
                 os.close(res_r)
                 for j, other in enumerate(listeners):
                     if j != i:
                         other.close()
-                os.read(go_r, 1)
+                if os.read(go_r, 1) != b"g":        # the parent is gone: no load
+                    raise ConnectionAbortedError("no start signal")
                 made = worker((f"127.0.0.{i + 1}", port), n, rate, deadline, listeners[i], messages, size)
                 listeners[i].close()
                 os.write(res_w, f"{made}\n".encode())

@@ -222,11 +222,31 @@ def reported_losses(name: str, err: str) -> tuple[int, int, int | None]:
             int(m.group(4)) if m.group(4) else None)
 
 
+def enter_run_netns() -> None:
+    """A run's own network namespace (netns.py); a refusal mid-benchmark is one
+    line, not a traceback."""
+    try:
+        netns.enter_fresh(TIME_WAIT)
+    except OSError as e:
+        raise SystemExit(f"bench: no network namespace for the next run ({e.strerror}): "
+                         "see user.max_net_namespaces, or run with --time-wait host") from None
+
+
+def load_port() -> int:
+    """A port free here and in the host's namespace: the truth count and the
+    tracer see every namespace's events for it."""
+    for _ in range(50):
+        port = free_port()
+        if not netns.host_port_in_use(port):
+            return port
+    raise SystemExit("bench: no port found that the host's namespace does not use: try again")
+
+
 def untraced_point(rate: float, seconds: float, conns: int) -> dict:
     """One run of the load alone (the ftrace truth count on, as in every run)."""
-    netns.enter_fresh(TIME_WAIT)
+    enter_run_netns()
     tw_at_start = netns.time_wait_count()
-    port = free_port()
+    port = load_port()
     truth = TracepointCounter(port, conns * 10 + 10)     # on in every run: same cost for all
     busy0 = host_busy_s()
     base = run_load(port, conns, rate, seconds * 3)
@@ -252,10 +272,10 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
     for name, argv in tracers:
         if name in UNRUNNABLE:
             continue
-        netns.enter_fresh(TIME_WAIT)      # the tracer's namespace is the load's, as on a host
+        enter_run_netns()      # the tracer's namespace is the load's, as on a host
         tw_at_start = netns.time_wait_count()
-        port = free_port()
-        full = [a.replace("{OTHER}", str(free_port())) for a in argv]
+        port = load_port()
+        full = [a.replace("{OTHER}", str(load_port())) for a in argv]
         try:
             t = TracerRun(name, full, workdir, env)
         except RuntimeError as exc:

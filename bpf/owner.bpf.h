@@ -144,7 +144,7 @@ static __always_inline char *owner_leader(void)
     char *task = (char *)bpf_get_current_task();
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if ((u32)pid_tgid == pid_tgid >> 32)
-        return task;          /* the leader itself (a single-threaded process): no read */
+        return task;          /* the caller is the leader thread itself: no read */
     bpf_probe_read_kernel(&leader, sizeof(leader), task + TCPSTATES_OFF_TASK_GROUP_LEADER);
 #endif
     return leader;

@@ -151,7 +151,7 @@ def _traffic(port4: int, port6: int, refused_port: int) -> None:
 @pytest.mark.kernel
 @pytest.mark.parametrize("reads", ["combined", "separate"])
 def test_raw_and_perf_event_tracepoints_record_the_same_fields(tmp_path, tracer, reads):
-    env = {"TCPSTATES_TEST_SEPARATE_READS": "1"} if reads == "separate" else {}
+    env = {"TCPSTATES_TEST_SEPARATE_READS": "1" if reads == "separate" else "0"}   # "0": not inherited
     for _attempt in range(3):
         port4, port6, refused_port = free_port(), free_port(), free_port()
         ports = {port4, port6, refused_port}

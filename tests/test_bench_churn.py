@@ -58,3 +58,34 @@ def test_churn_after_the_load_exited_removes_every_cgroup():
     churn.stop()
     assert not churn.base.exists()
     assert churn.created == churn.removed and churn.created > 0
+
+
+def test_churn_moves_the_load_workers_with_the_load():
+    """Review of 0b7a5fb: the load generator's workers are processes; moving only
+    its PID left every connection in the cgroup it was born in, while
+    `cgroups_created` still counted up."""
+    # a parent that forks a worker and waits for it, as bench/loadgen.py does
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import os, time\n"
+                             "pid = os.fork()\n"
+                             "if pid == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+                             "print(pid, flush=True)\nos.waitpid(pid, 0)\n"],
+                            stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    try:
+        home = _cgroup(worker)
+        churn = Churn(proc.pid, 0.01)
+        try:
+            _wait(lambda: churn.created >= 3, "the load was never moved")
+            seen = set()
+            # the worker follows the load into every new scope
+            _wait(lambda: (seen.add(_cgroup(worker)) or len(seen) >= 2)
+                  and _cgroup(worker).startswith(f"/{churn.base.name}/docker-"),
+                  "the worker stayed where it was born")
+        finally:
+            churn.stop()
+        assert not churn.base.exists()
+        assert _cgroup(worker) == home
+    finally:
+        os.kill(worker, 9)
+        proc.wait()

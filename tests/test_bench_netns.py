@@ -4,6 +4,7 @@ closed by their client, in a child process: the namespace is the process's)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,31 @@ def test_an_unknown_mode_is_refused():
     p = subprocess.run([sys.executable, "-c", CHILD, str(BENCH), "sometimes"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode != 0 and "one of fresh, none, host" in p.stderr
+
+
+HOST_PORT_CHILD = r"""
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+import netns
+port = int(sys.argv[2])
+netns.enter_fresh("fresh")
+with socket.socket() as s:          # free in the fresh namespace ...
+    s.bind(("127.0.0.1", port))
+print(netns.host_port_in_use(port), netns.host_port_in_use(1))
+"""
+
+
+@pytest.mark.kernel
+def test_a_port_the_host_uses_is_seen_from_a_fresh_namespace():
+    """The truth count and the tracer see every namespace's events for a port:
+    a port free in the run's namespace but used in the host's must not be
+    taken (review of c4b2a8b)."""
+    with socket.socket() as host:
+        host.bind(("127.0.0.1", 0))
+        host.listen(1)
+        port = host.getsockname()[1]
+        p = subprocess.run([sys.executable, "-c", HOST_PORT_CHILD, str(BENCH), str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    # ... but not in the host's; port 1 (tcpmux) is nobody's here
+    assert p.stdout.split() == ["True", "False"]

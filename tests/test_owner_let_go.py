@@ -108,7 +108,7 @@ def _records(t, out, port: int) -> list[dict]:
 def test_accepter_that_let_go_is_never_named(tracer, tmp_path, mode, reads):
     port = free_port()
     out = tmp_path / "e.jsonl"
-    env = {"TCPSTATES_TEST_SEPARATE_READS": "1"} if reads == "separate" else {}
+    env = {"TCPSTATES_TEST_SEPARATE_READS": "1" if reads == "separate" else "0"}   # "0": not inherited
     t = tracer("--sink", "jsonl", "-o", f"sinks.jsonl.path={out}", env=env)
     lines = _run(LET_GO, str(port), mode, str(N))
     assert not wait_port_settled(port), "the connections never settled"
