@@ -35,6 +35,8 @@ import socket
 import struct
 from pathlib import Path
 
+from portstate import row_ports, tcp_rows
+
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 TW_BUCKETS = Path("/proc/sys/net/ipv4/tcp_max_tw_buckets")
@@ -64,27 +66,9 @@ def enter_fresh(mode: str) -> None:
 def host_port_in_use(port: int) -> bool:
     """Does any socket of the host's namespace (PID 1's) use `port`, locally or
     as its peer's? (False where that namespace cannot be read.)"""
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/1/net/{name}") as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if port in (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)):
-                        return True
-        except OSError:
-            pass
-    return False
+    return any(port in row_ports(f) for f in tcp_rows("/proc/1/net"))
 
 
 def time_wait_count() -> int:
     """TIME_WAIT sockets of this namespace now (its /proc/net/tcp and tcp6)."""
-    n = 0
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/net/{name}") as f:
-                next(f, None)
-                n += sum(1 for line in f if line.split()[3:4] == ["06"])   # TCP_TIME_WAIT
-        except OSError:
-            pass
-    return n
+    return sum(1 for f in tcp_rows("/proc/net") if f[3:4] == ["06"])   # TCP_TIME_WAIT

@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # /proc/net/tcp{,6} state codes: a TIME_WAIT socket makes no more state
@@ -63,6 +64,25 @@ def free_port(family: int = socket.AF_INET) -> int:
     raise RuntimeError(f"no free port found outside the ephemeral range {low}-{high} in 200 tries")
 
 
+def tcp_rows(net: str = "/proc/net") -> Iterator[list[str]]:
+    """The fields of every TCP socket row of a namespace's tcp and tcp6 tables
+    (`net`: /proc/net for this process's namespace, /proc/1/net for the
+    host's); a table that cannot be read gives none."""
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"{net}/{name}") as f:
+                next(f, None)
+                rows = [line.split() for line in f]
+        except OSError:
+            continue
+        yield from rows
+
+
+def row_ports(fields: list[str]) -> tuple[int, int]:
+    """(local port, remote port) of a tcp_rows() row."""
+    return int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)
+
+
 def wait_port_settled(port: int, timeout: float = 10.0) -> list[str]:
     """Return once no socket on `port` can still change state by itself (only
     TIME_WAIT and LISTEN entries left in /proc/net/tcp and tcp6); returns the sockets
@@ -72,18 +92,9 @@ def wait_port_settled(port: int, timeout: float = 10.0) -> list[str]:
     in ksoftirqd: when the load's last call returns, the last connection's
     final transitions may not have happened yet. The kernel's socket table is
     the readiness signal; the wait is bounded."""
-    hexport = f"{port:04X}"
     deadline = time.monotonic() + timeout
     while True:
-        busy = []
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    local, remote, state = fields[1], fields[2], fields[3]
-                    if state not in _SETTLED and hexport in (local.rsplit(":", 1)[1], remote.rsplit(":", 1)[1]):
-                        busy.append(line.strip())
+        busy = [" ".join(f) for f in tcp_rows() if f[3] not in _SETTLED and port in row_ports(f)]
         if not busy or time.monotonic() > deadline:
             return busy
         time.sleep(0.001)   # polling the socket table: there is no notification for it

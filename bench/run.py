@@ -222,14 +222,15 @@ def reported_losses(name: str, err: str) -> tuple[int, int, int | None]:
             int(m.group(4)) if m.group(4) else None)
 
 
-def enter_run_netns() -> None:
-    """A run's own network namespace (netns.py); a refusal mid-benchmark is one
-    line, not a traceback."""
+def enter_run_netns() -> int:
+    """A run's own network namespace (netns.py); returns the TIME_WAIT sockets
+    it starts with. A refusal mid-benchmark is one line, not a traceback."""
     try:
         netns.enter_fresh(TIME_WAIT)
     except OSError as e:
         raise SystemExit(f"bench: no network namespace for the next run ({e.strerror}): "
                          "see user.max_net_namespaces, or run with --time-wait host") from None
+    return netns.time_wait_count()
 
 
 def load_port() -> int:
@@ -244,8 +245,7 @@ def load_port() -> int:
 
 def untraced_point(rate: float, seconds: float, conns: int) -> dict:
     """One run of the load alone (the ftrace truth count on, as in every run)."""
-    enter_run_netns()
-    tw_at_start = netns.time_wait_count()
+    tw_at_start = enter_run_netns()
     port = load_port()
     truth = TracepointCounter(port, conns * 10 + 10)     # on in every run: same cost for all
     busy0 = host_busy_s()
@@ -272,8 +272,7 @@ def bench_point(rate: float, seconds: float, max_conns: int, tracers: list[tuple
     for name, argv in tracers:
         if name in UNRUNNABLE:
             continue
-        enter_run_netns()      # the tracer's namespace is the load's, as on a host
-        tw_at_start = netns.time_wait_count()
+        tw_at_start = enter_run_netns()      # the tracer's namespace is the load's, as on a host
         port = load_port()
         full = [a.replace("{OTHER}", str(load_port())) for a in argv]
         try:
