@@ -90,3 +90,23 @@ def test_close_tracking_can_be_turned_off():
     assert not s.closes and "-DTCPSTATES_OWNER_CLOSE=1" not in s.cflags
     assert kernel.CLOSE_OFF in s.missing
 
+
+
+@pytest.mark.parametrize("probe,says", [
+    ("auto", "send/recv probes attach as perf-event tracepoints"),
+    ("tracepoint", "cannot tell a raw IPPROTO_TCP socket from TCP")])
+def test_without_the_sockets_type_in_btf_each_probe_form_says_what_it_loses(monkeypatch, probe, says):
+    # this machine's real tracefs and BTF, except that BTF is made to lack
+    # sock.sk_protocol/sk_type (older or stripped BTF)
+    if not kernel.owner_support(1024).io:
+        pytest.skip("no sock:sock_send_length/sock_recv_length (Linux >= 6.4)")
+    real = kernel._offsets
+
+    def offsets(btf, fields, sizes):
+        if fields is kernel.RAW_IO_FIELDS:
+            raise kernel.BTFError("struct sock has no member sk_type")
+        return real(btf, fields, sizes)
+    monkeypatch.setattr(kernel, "_offsets", offsets)
+    s = kernel.owner_support(1024, io_probe=probe)
+    assert s.io and not s.io_raw and "-DTCPSTATES_OWNER_IO_RAW=1" not in s.cflags
+    assert [why for why in s.missing if says in why and "sk_type" in why], s.missing

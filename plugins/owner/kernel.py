@@ -167,10 +167,8 @@ def owner_support(max_sockets: int, btf_path: str = VMLINUX,
         s.missing.append(f"task offsets in BTF ({exc}): owner identity is the PID only")
         return s
     _netns(s, btf)
-    if s.io and io_probe != "tracepoint":
-        _raw_io(s, btf)
-    elif s.io:
-        _io_type(s, btf)
+    if s.io:
+        _io_socket_type(s, btf, raw=io_probe != "tracepoint")
     # process exits (group_dead: Linux >= 6.13), only needed with the send/recv owners
     exits = _field_offsets(tracefs, EXIT_TRACEPOINTS, {"group_dead": 1}) if s.io else None
     if exits is not None:
@@ -264,28 +262,24 @@ def _file_refs(btf: BTF) -> list[str]:
     raise BTFError("struct file has neither f_ref nor f_count")
 
 
-def _io_type(s: OwnerSupport, btf: BTF) -> None:
-    """The perf-event send/recv probes see a socket's family and protocol in
-    the tracepoint's record, not its type: a raw IPPROTO_TCP socket (any user's,
-    in a user namespace of their own) passes both. Where BTF gives the type's
-    offset they read it too."""
+def _io_socket_type(s: OwnerSupport, btf: BTF, *, raw: bool) -> None:
+    """What the send/recv probes read of the socket itself (sk_protocol and
+    sk_type, from BTF). raw: attach them as raw tracepoints, which the kernel
+    calls without first filling the perf-event record of every send/recv on
+    the host, and which need both offsets. Otherwise (perf-event tracepoints)
+    the record gives family and protocol but not the type: a raw IPPROTO_TCP
+    socket (any user's, in a user namespace of their own) passes both, so the
+    type is read too where BTF gives it."""
     try:
-        s.cflags += [f for f in _offsets(btf, RAW_IO_FIELDS, SIZES) if f not in s.cflags]
+        fields = [f for f in _offsets(btf, RAW_IO_FIELDS, SIZES) if f not in s.cflags]
     except BTFError as exc:
-        s.missing.append(f"sock.sk_protocol/sk_type in BTF ({exc}): the perf-event send/recv probes "
-                         f"cannot tell a raw IPPROTO_TCP socket from TCP (its sends can evict owners)")
-
-
-def _raw_io(s: OwnerSupport, btf: BTF) -> None:
-    """Attach the send/recv probes as raw tracepoints: the kernel then calls
-    them without first filling the perf-event record of every send/recv on the
-    host; what they need of the socket (protocol, type) comes from BTF."""
-    try:
-        fields = _offsets(btf, RAW_IO_FIELDS, SIZES)
-    except BTFError as exc:
-        s.missing.append(f"sock.sk_protocol/sk_type in BTF ({exc}): send/recv probes attach "
-                         f"as perf-event tracepoints (more kernel time per send/recv)")
+        s.missing.append(f"sock.sk_protocol/sk_type in BTF ({exc}): " + (
+            "send/recv probes attach as perf-event tracepoints (more kernel time per send/recv)" if raw else
+            "the perf-event send/recv probes cannot tell a raw IPPROTO_TCP socket from TCP "
+            "(its sends can evict owners)"))
         return
-    s.io_raw = True
-    s.cflags += ["-DTCPSTATES_OWNER_IO_RAW=1", *fields]
+    if raw:
+        s.io_raw = True
+        fields.insert(0, "-DTCPSTATES_OWNER_IO_RAW=1")
+    s.cflags += fields
 
