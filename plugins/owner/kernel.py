@@ -273,10 +273,11 @@ def _io_socket_type(s: OwnerSupport, btf: BTF, *, raw: bool) -> None:
     try:
         fields = [f for f in _offsets(btf, RAW_IO_FIELDS, SIZES) if f not in s.cflags]
     except BTFError as exc:
+        # the raw form falls back to the perf-event one, which then lacks the type too
         s.missing.append(f"sock.sk_protocol/sk_type in BTF ({exc}): " + (
-            "send/recv probes attach as perf-event tracepoints (more kernel time per send/recv)" if raw else
-            "the perf-event send/recv probes cannot tell a raw IPPROTO_TCP socket from TCP "
-            "(its sends can evict owners)"))
+            "send/recv probes attach as perf-event tracepoints (more kernel time per send/recv) and " if raw else
+            "the perf-event send/recv probes ") + "cannot tell a raw IPPROTO_TCP socket from TCP "
+            "(its sends can evict owners)")
         return
     if raw:
         s.io_raw = True
