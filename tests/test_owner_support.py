@@ -114,3 +114,12 @@ def test_without_the_sockets_type_in_btf_each_probe_form_says_what_it_loses(monk
     # one line says it, whole, and nothing else is said of the socket's members
     assert [why for why in s.missing if "sk_type" in why] == [
         f"sock.sk_protocol/sk_type in BTF (struct sock has no member sk_type): {says}"], s.missing
+
+
+@pytest.mark.parametrize("probe", ["auto", "tracepoint"])
+def test_every_compile_flag_is_given_once(probe):
+    # this machine's real tracefs and BTF: the send/recv, accept and close probes
+    # share member offsets (sock.sk_type, the descriptor table); each -D once
+    s = kernel.owner_support(1024, io_probe=probe)
+    names = [f.split("=", 1)[0] for f in s.cflags]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

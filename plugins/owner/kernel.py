@@ -246,7 +246,8 @@ def _closes(s: OwnerSupport, btf: BTF, tracefs: Path | None) -> None:
                          "the new holder uses it")
         return
     s.closes = True
-    s.cflags += [*fields, "-DTCPSTATES_OWNER_CLOSE=1", f"-DTCPSTATES_TP_CLOSE_FD={fd['fd']}"]
+    s.cflags += [*(f for f in fields if f not in s.cflags), "-DTCPSTATES_OWNER_CLOSE=1",
+                 f"-DTCPSTATES_TP_CLOSE_FD={fd['fd']}"]
 
 
 def _file_refs(btf: BTF) -> list[str]:
