@@ -91,7 +91,6 @@ def test_close_tracking_can_be_turned_off():
     assert kernel.CLOSE_OFF in s.missing
 
 
-
 @pytest.mark.parametrize("probe,says", [
     ("auto", "send/recv probes attach as perf-event tracepoints (more kernel time per send/recv) and "
              "cannot tell a raw IPPROTO_TCP socket from TCP (its sends can evict owners)"),

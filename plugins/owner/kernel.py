@@ -91,6 +91,11 @@ class OwnerSupport:
     closes: bool = False      # an owner's close() of one descriptor of a socket still held is seen
     missing: list[str] = dataclasses.field(default_factory=list)
 
+    def add(self, *flags: str) -> None:
+        """Append -D flags; one the probes share (a member offset two of them
+        read) and already given is not given again."""
+        self.cflags += [f for f in flags if f not in self.cflags]
+
 
 def _tracefs() -> Path | None:
     for root in TRACEFS:
@@ -148,9 +153,9 @@ def owner_support(max_sockets: int, btf_path: str = VMLINUX,
         s.missing.append(IO_OFF)
     elif offsets is not None:
         s.io = True
-        s.cflags += ["-DTCPSTATES_OWNER_IO=1", f"-DTCPSTATES_TP_IO_SK={offsets['sk']}",
-                     f"-DTCPSTATES_TP_IO_FAMILY={offsets['family']}",
-                     f"-DTCPSTATES_TP_IO_PROTOCOL={offsets['protocol']}"]
+        s.add("-DTCPSTATES_OWNER_IO=1", f"-DTCPSTATES_TP_IO_SK={offsets['sk']}",
+              f"-DTCPSTATES_TP_IO_FAMILY={offsets['family']}",
+              f"-DTCPSTATES_TP_IO_PROTOCOL={offsets['protocol']}")
     else:
         s.missing.append("sock:sock_send_length/sock_recv_length tracepoints (Linux >= 6.4): "
                          "hand-offs and pre-fork children are only seen at accept/close")
@@ -161,7 +166,7 @@ def owner_support(max_sockets: int, btf_path: str = VMLINUX,
                          f"no start times (owner identity is the PID only)")
         return s
     try:
-        s.cflags += _offsets(btf, TASK_FIELDS, SIZES) + ["-DTCPSTATES_OWNER_TASK=1"]
+        s.add(*_offsets(btf, TASK_FIELDS, SIZES), "-DTCPSTATES_OWNER_TASK=1")
         s.identity = True
     except BTFError as exc:
         s.missing.append(f"task offsets in BTF ({exc}): owner identity is the PID only")
@@ -173,14 +178,14 @@ def owner_support(max_sockets: int, btf_path: str = VMLINUX,
     exits = _field_offsets(tracefs, EXIT_TRACEPOINTS, {"group_dead": 1}) if s.io else None
     if exits is not None:
         s.exits = True
-        s.cflags += ["-DTCPSTATES_OWNER_EXIT=1", f"-DTCPSTATES_TP_EXIT_GROUP_DEAD={exits['group_dead']}"]
+        s.add("-DTCPSTATES_OWNER_EXIT=1", f"-DTCPSTATES_TP_EXIT_GROUP_DEAD={exits['group_dead']}")
         if _pid_max() <= GEN_SLOTS:
             # each PID has its own exit counter: a moved count proves the exit,
             # even of a process the LRU of exits no longer remembers
-            s.cflags.append("-DTCPSTATES_OWNER_SLOT_PER_PID=1")
+            s.add("-DTCPSTATES_OWNER_SLOT_PER_PID=1")
         # exec renames a process: its owner entries' names are read again at its next send/recv
         if tracefs is not None and (tracefs / "events" / "sched" / "sched_process_exec" / "format").is_file():
-            s.cflags.append("-DTCPSTATES_OWNER_EXEC=1")
+            s.add("-DTCPSTATES_OWNER_EXEC=1")
         else:
             s.missing.append("sched:sched_process_exec: an owner that execs keeps its old name")
     elif s.io:
@@ -192,8 +197,8 @@ def owner_support(max_sockets: int, btf_path: str = VMLINUX,
                          "accepted sockets are named only once used")
         return s
     try:
-        s.cflags += [f for f in _offsets(btf, FD_FIELDS, SIZES) if f not in s.cflags] + [
-            "-DTCPSTATES_OWNER_ACCEPT=1", f"-DTCPSTATES_TP_EXIT_RET={exit_ret['ret']}"]
+        s.add(*_offsets(btf, FD_FIELDS, SIZES), "-DTCPSTATES_OWNER_ACCEPT=1",
+              f"-DTCPSTATES_TP_EXIT_RET={exit_ret['ret']}")
         s.accept = True
     except BTFError as exc:
         s.missing.append(f"file offsets in BTF ({exc}): accepted sockets are named only once used")
@@ -229,7 +234,7 @@ def _netns(s: OwnerSupport, btf: BTF) -> None:
                          f"same port in this one")
         return
     s.netns = True
-    s.cflags += [*fields, f"-DTCPSTATES_OWNER_HOME_NETNS={home}U"]
+    s.add(*fields, f"-DTCPSTATES_OWNER_HOME_NETNS={home}U")
 
 
 def _closes(s: OwnerSupport, btf: BTF, tracefs: Path | None) -> None:
@@ -246,8 +251,7 @@ def _closes(s: OwnerSupport, btf: BTF, tracefs: Path | None) -> None:
                          "the new holder uses it")
         return
     s.closes = True
-    s.cflags += [*(f for f in fields if f not in s.cflags), "-DTCPSTATES_OWNER_CLOSE=1",
-                 f"-DTCPSTATES_TP_CLOSE_FD={fd['fd']}"]
+    s.add(*fields, "-DTCPSTATES_OWNER_CLOSE=1", f"-DTCPSTATES_TP_CLOSE_FD={fd['fd']}")
 
 
 def _file_refs(btf: BTF) -> list[str]:
@@ -272,7 +276,7 @@ def _io_socket_type(s: OwnerSupport, btf: BTF, *, raw: bool) -> None:
     socket (any user's, in a user namespace of their own) passes both, so the
     type is read too where BTF gives it."""
     try:
-        fields = [f for f in _offsets(btf, RAW_IO_FIELDS, SIZES) if f not in s.cflags]
+        fields = _offsets(btf, RAW_IO_FIELDS, SIZES)
     except BTFError as exc:
         # the raw form falls back to the perf-event one, which then lacks the type too
         s.missing.append(f"sock.sk_protocol/sk_type in BTF ({exc}): " + (
@@ -282,6 +286,6 @@ def _io_socket_type(s: OwnerSupport, btf: BTF, *, raw: bool) -> None:
         return
     if raw:
         s.io_raw = True
-        fields.insert(0, "-DTCPSTATES_OWNER_IO_RAW=1")
-    s.cflags += fields
+        s.add("-DTCPSTATES_OWNER_IO_RAW=1")
+    s.add(*fields)
 
